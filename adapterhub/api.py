@@ -1,0 +1,70 @@
+"""Identify, load and inspect adapter files through the registered plugins."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from adapterhub.errors import AdapterError
+from adapterhub.io import AdapterFile, open_adapter_file
+from adapterhub.plugins import adapter_types
+from adapterhub.types import Adapter, AdapterType, Sniff
+
+
+def sniff(file: AdapterFile) -> tuple[AdapterType, Sniff]:
+    """Ask every registered type to score the file; the best score wins."""
+    best: tuple[AdapterType, Sniff] | None = None
+    for adapter_type in adapter_types().values():
+        result = adapter_type.sniff(file)
+        if result is not None and (best is None or result.score > best[1].score):
+            best = (adapter_type, result)
+    if best is None:
+        sample = ", ".join(list(file.keys)[:3]) or "no tensors"
+        raise AdapterError(file.path, f"not a recognised adapter file (keys: {sample})")
+    return best
+
+
+def identify(path: str | os.PathLike) -> tuple[AdapterFile, AdapterType, Sniff]:
+    """Open a file (headers only where possible) and name its type and layout."""
+    file = open_adapter_file(path)
+    adapter_type, result = sniff(file)
+    return file, adapter_type, result
+
+
+def load(path: str | os.PathLike) -> Adapter:
+    """Open, identify and parse an adapter file into an :class:`Adapter`."""
+    file, adapter_type, result = identify(path)
+    adapter = adapter_type.parse(file, result)
+    adapter.path = Path(path)
+    adapter.file = file
+    return adapter
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for p in files:
+        with open(p, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def inspect(path: str | os.PathLike, with_hash: bool = True) -> dict:
+    """The facts ``adapterhub inspect`` prints: type, format, base, rank, alpha, targets, metadata..."""
+    adapter = load(path)
+    facts = {
+        "path": str(path),
+        "name": adapter.name,
+        "type": adapter.type,
+        "format": adapter.format,
+        "base": adapter.base,
+        "family": adapter.family,
+        "targets": len(adapter.patches),
+    }
+    facts.update(adapter.info())
+    facts["metadata"] = adapter.metadata
+    if with_hash:
+        facts["sha256"] = sha256_file(path)
+    return facts

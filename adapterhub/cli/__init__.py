@@ -1,0 +1,66 @@
+"""The ``adapterhub`` command: a thin click group; each command lives in its own module.
+
+Commands are imported lazily (``COMMANDS`` maps a name to ``module:attribute``) so that
+``adapterhub --help`` stays fast and one command's imports never slow another's start.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from adapterhub.errors import AdapterhubError
+
+COMMANDS = {
+    "demo": "adapterhub.cli.demo:demo",
+    "inspect": "adapterhub.cli.inspect:inspect_cmd",
+    "merge": "adapterhub.cli.merge:merge_cmd",
+    "plugins": "adapterhub.cli.plugins:plugins_cmd",
+    "catalog": "adapterhub.cli.catalog:catalog",
+    "dataset": "adapterhub.cli.dataset:dataset",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(n for n in COMMANDS if self._available(n))
+
+    @staticmethod
+    def _available(name: str) -> bool:
+        module = COMMANDS[name].split(":")[0]
+        return importlib.util.find_spec(module) is not None
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS or not self._available(name):
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="adapterhub")
+def cli():
+    """Inspect, merge, stack, train and sample Stable Diffusion adapters."""
+
+
+def main(argv=None) -> int:
+    """Console entry point: known errors become one line on stderr and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="adapterhub", standalone_mode=False)
+    except AdapterhubError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The one output helper of the CLI: JSON for scripts, rich tables for people, progress bars.
+
+Commands build plain data (dicts and lists) and hand it here; nothing else in ``cli/`` prints.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+import click
+
+
+def _default(obj: Any):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=_default, ensure_ascii=False))
+
+
+def table(rows: Iterable[dict], columns: list[str] | None = None, title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = list(rows)
+    columns = columns or (list(rows[0]) if rows else [])
+    t = Table(title=title, show_lines=False)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+    Console().print(t)
+
+
+def key_values(data: dict, title: str | None = None) -> None:
+    """A two-column table of a dict (nested values as compact JSON)."""
+    rows = [{"field": k, "value": v if isinstance(v, (str, int, float)) or v is None
+             else json.dumps(v, default=_default, ensure_ascii=False)} for k, v in data.items()]
+    table(rows, ["field", "value"], title)
+
+
+def emit(data: Any, as_json: bool, render=None) -> None:
+    """JSON when asked, else ``render(data)`` (default: a key/value table)."""
+    if as_json:
+        emit_json(data)
+    elif render is not None:
+        render(data)
+    else:
+        key_values(data)
+
+
+@contextmanager
+def progress(description: str, total: int | None = None) -> Iterator:
+    """A rich progress bar; yields ``advance(n=1)``. Goes to stderr so JSON on stdout stays clean."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)

@@ -1,0 +1,183 @@
+"""Core types shared by every plugin and service: Patch, Adapter, AdapterType, Sniff.
+
+An :class:`Adapter` is what a plugin's ``parse`` makes of a file: target module path -> :class:`Patch`.
+A weight-space patch knows its float32 delta for the target's weight (``Patch.delta``); the weight
+engine (:mod:`adapterhub.weights`) adds ``multiplier x delta`` in place and can put everything back.
+Types that are not weight deltas (hypernetworks, ControlNet, T2I, textual inversion) implement
+``AdapterType.attach`` instead and return a :class:`Handle`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from adapterhub.errors import AdapterError
+from adapterhub.io import AdapterFile
+
+
+@dataclass(frozen=True)
+class Sniff:
+    """A plugin's claim on a file: ``score`` in (0, 1], the layout name and a few facts found."""
+
+    score: float
+    format: str
+    facts: dict = field(default_factory=dict)
+
+
+class Patch:
+    """A change to one module's parameters. Subclasses implement :meth:`delta`.
+
+    ``target`` is the canonical module path (``unet.down_blocks.0...to_q``), ``source`` the module
+    name in the file, ``param`` the parameter it changes (``weight`` or ``bias``).
+    """
+
+    kind: ClassVar[str] = "patch"
+    linear_in_multiplier: ClassVar[bool] = True  # W' = W + m * delta(W)
+
+    def __init__(self, target: str, source: str, tensors: dict[str, torch.Tensor], param: str = "weight"):
+        self.target = target
+        self.source = source
+        self.tensors = tensors
+        self.param = param
+
+    # facts used by inspect; subclasses override where they know better
+    rank: int | None = None
+    alpha: float | None = None
+
+    @property
+    def in_features(self) -> int | None:
+        return None
+
+    @property
+    def out_features(self) -> int | None:
+        return None
+
+    @property
+    def is_conv_kxk(self) -> bool:
+        return False
+
+    def expected_shape(self) -> tuple[int, ...] | None:
+        """The target weight's shape as far as the tensors determine it (None: unknown)."""
+        return None
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether this patch applies to a parameter of ``shape`` (1x1 conv and Linear are alike)."""
+        expected = self.expected_shape()
+        if expected is None or tuple(expected) == tuple(shape):
+            return True
+        squeeze = lambda s: tuple(d for i, d in enumerate(s) if not (i >= 2 and d == 1))  # noqa: E731
+        return squeeze(expected) == squeeze(shape)
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """The float32 change to ``weight`` at multiplier 1 (same shape as ``weight``)."""
+        raise NotImplementedError
+
+
+@dataclass
+class Adapter:
+    """An adapter in memory: its type, layout, patches by target, metadata and source file."""
+
+    type: str
+    format: str
+    patches: dict[str, Patch]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+    file: AdapterFile | None = None
+    base: str = "unknown"
+    family: str = "stable-diffusion"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        if self.path is None:
+            return "adapter"
+        return self.path.stem if self.path.suffix else self.path.name
+
+    @property
+    def plugin(self) -> AdapterType:
+        from adapterhub.plugins import adapter_type
+
+        return adapter_type(self.type)
+
+    # -- the Python API -------------------------------------------------------------------
+    def merge_into(self, pipe, weight: float = 1.0) -> None:
+        """Bake this adapter into ``pipe``'s weights for good (validated first: all or nothing)."""
+        self.plugin.merge_into(self, pipe, weight)
+
+    def attach(self, pipe, weight: float = 1.0) -> Handle:
+        """Apply at run time; the handle changes the weight or detaches (bit-exact restore)."""
+        return self.plugin.attach(self, pipe, weight)
+
+    def save(self, path, format: str | None = None) -> Path:
+        return self.plugin.save(self, Path(path), format)
+
+    def info(self) -> dict:
+        return self.plugin.info(self)
+
+
+class Handle:
+    """What ``attach`` returns: ``set_weight(w)`` and ``detach()``."""
+
+    def set_weight(self, weight: float) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def detach(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+
+class AdapterType:
+    """Base class of a registered adapter type. A type declares its data and overrides a few methods.
+
+    ``capabilities`` lists what the type can do: ``inspect``, ``merge``, ``attach``, ``save``,
+    ``train``. Weight-space types (``weight_space = True``) get ``merge_into`` and ``attach`` from the
+    shared weight engine and only implement ``sniff``, ``parse`` and ``save``.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    formats: ClassVar[tuple[str, ...]] = ()
+    capabilities: ClassVar[tuple[str, ...]] = ("inspect",)
+    weight_space: ClassVar[bool] = False
+    source: Any = None  # filled by the registry: which distribution registered the type
+
+    def sniff(self, file: AdapterFile) -> Sniff | None:
+        """Score ``file`` from keys, shapes and metadata only (no tensor reads)."""
+        return None
+
+    def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
+        raise AdapterError(file.path, f"{self.name}: parsing is not supported")
+
+    def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
+        raise AdapterError(path, f"{self.name}: saving is not supported")
+
+    def info(self, adapter: Adapter) -> dict:
+        """Facts for ``inspect`` beyond the common ones."""
+        return {}
+
+    def example(self, model, path: Path, seed: int = 0, **options) -> Path:
+        """Write a small random adapter of this type for ``model`` (demo, tests, benchmarks)."""
+        raise AdapterError(path, f"{self.name}: no example writer")
+
+    def merge_into(self, adapter: Adapter, pipe, weight: float) -> None:
+        if not self.weight_space:
+            raise AdapterError(adapter.path, f"{self.name} is not a weight delta and cannot be merged; "
+                                             "attach it instead")
+        from adapterhub.weights import merge
+
+        merge(pipe, [(adapter, weight)])
+
+    def attach(self, adapter: Adapter, pipe, weight: float) -> Handle:
+        if not self.weight_space:
+            raise AdapterError(adapter.path, f"{self.name}: attaching is not supported")
+        from adapterhub.weights import attach
+
+        return attach(pipe, adapter, weight)

@@ -1,0 +1,223 @@
+"""The one weight engine: validate, change weights in place, put them back bit for bit.
+
+``merge`` (bake for good), ``attach`` (reversible, with ``set_weight``), and later the Stack and the
+compiled sampling backend all go through :class:`WeightPatcher`:
+
+* every adapter is bound to the model first (every target module found, every shape right); only
+  then does the first weight change: all or nothing;
+* deltas are computed in float32, summed per parameter, added to the pristine float32 weight and
+  cast once; the result is written with ``param.data.copy_`` (never a new tensor, so compiled graphs
+  and CUDA graphs stay valid);
+* the pristine copy of each touched tensor is kept until nothing patches it any more, then copied
+  back, so removal restores the original exactly.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from adapterhub.errors import AdapterError
+from adapterhub.keymaps import canonical, underscored
+from adapterhub.types import Adapter, Handle, Patch
+
+
+def component(model, name: str):
+    """A pipeline's component (``unet``, ``text_encoder`` ...); a dict of modules works too."""
+    if isinstance(model, dict):
+        return model.get(name)
+    return getattr(model, name, None)
+
+
+def architecture_of(model) -> str:
+    """sd1 / sd2 / sdxl / tiny-* / unknown, from the UNet's cross-attention width."""
+    from adapterhub.archs import arch_from_context_width
+
+    unet = component(model, "unet")
+    width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+    return arch_from_context_width(width) if width else "unknown"
+
+
+class _ModuleIndex:
+    """Module lookup for one component: dotted names, then the ``_``-joined form (kohya style)."""
+
+    def __init__(self, root: nn.Module):
+        self.modules = dict(root.named_modules())
+        self.by_underscore = {underscored(k): m for k, m in self.modules.items() if k}
+        cfg = getattr(root, "config", None)
+        self.layers_per_block = getattr(cfg, "layers_per_block", 2) if cfg is not None else 2
+
+    def find(self, rest: str, source: str) -> nn.Module | None:
+        if rest in self.modules:
+            return self.modules[rest]
+        if self.layers_per_block != 2:  # sgm names depend on layers_per_block
+            again = canonical(source, self.layers_per_block).split(".", 1)[1]
+            if again in self.modules:
+                return self.modules[again]
+        return self.by_underscore.get(underscored(rest))
+
+
+@dataclass
+class Binding:
+    """One patch bound to the parameter it changes."""
+
+    adapter: Adapter
+    patch: Patch
+    param: torch.Tensor
+
+
+def bind(model, adapter: Adapter) -> list[Binding]:
+    """Find the parameter of every patch and check its shape, before anything changes."""
+    if adapter.family != "stable-diffusion":
+        raise AdapterError(adapter.path, f"this is a {adapter.family} adapter, not a Stable Diffusion one")
+    model_arch = architecture_of(model)
+    indexes: dict[str, _ModuleIndex] = {}
+    bindings: list[Binding] = []
+    for patch in adapter.patches.values():
+        comp, _, rest = patch.target.partition(".")
+        root = component(model, comp) if comp != "?" else None
+        if root is None:
+            what = f"a {comp} component" if comp != "?" else "a module outside the Stable Diffusion components"
+            hint = f" (adapter base {adapter.base}, model {model_arch})" if adapter.base != "unknown" else ""
+            raise AdapterError(adapter.path, f"targets {what}, which the model does not have{hint}", patch.source)
+        index = indexes.get(comp) or indexes.setdefault(comp, _ModuleIndex(root))
+        module = index.find(rest, patch.source)
+        if module is None:
+            raise AdapterError(adapter.path, f"no module {patch.target} in the model", patch.source)
+        param = getattr(module, patch.param, None)
+        if not isinstance(param, torch.Tensor):
+            raise AdapterError(adapter.path, f"module {patch.target} has no {patch.param}", patch.source)
+        if not patch.fits(tuple(param.shape)):
+            expected = patch.expected_shape() or "?"
+            hint = ""
+            if adapter.base != "unknown" and model_arch != "unknown" and adapter.base != model_arch:
+                hint = f"; the adapter is for {adapter.base}, the model is {model_arch}"
+            raise AdapterError(adapter.path, f"shape {expected} does not fit {patch.target}."
+                                             f"{patch.param} {tuple(param.shape)}{hint}", patch.source)
+        bindings.append(Binding(adapter, patch, param))
+    return bindings
+
+
+def _delta(binding: Binding, base: torch.Tensor) -> torch.Tensor:
+    delta = binding.patch.delta(base)
+    if delta.shape != base.shape:
+        delta = delta.reshape(base.shape)
+    return delta
+
+
+def _sum_deltas(entries: Iterable[tuple[Binding, float]], base: torch.Tensor) -> torch.Tensor | None:
+    total = None
+    for binding, weight in entries:
+        if weight == 0:
+            continue
+        d = _delta(binding, base)
+        total = d.mul_(weight) if total is None else total.add_(d, alpha=weight)
+    return total
+
+
+def _write(param: torch.Tensor, base32: torch.Tensor, total: torch.Tensor | None, pristine: torch.Tensor) -> None:
+    with torch.no_grad():
+        if total is None:
+            param.copy_(pristine)
+        else:
+            param.copy_(base32.add_(total).to(param.dtype))
+
+
+def merge(model, entries: list[tuple[Adapter, float]]) -> None:
+    """Bake ``(adapter, weight)`` pairs into the model's weights for good: all bound first."""
+    all_bindings = [(b, w) for adapter, w in entries for b in bind(model, adapter)]
+    by_param: dict[int, list[tuple[Binding, float]]] = {}
+    for binding, w in all_bindings:
+        by_param.setdefault(id(binding.param), []).append((binding, w))
+    with torch.no_grad():
+        for group in by_param.values():
+            param = group[0][0].param
+            base = param.detach().to(torch.float32)
+            total = _sum_deltas(group, base)
+            if total is not None:
+                param.copy_(base.clone().add_(total).to(param.dtype))
+
+
+class WeightPatcher:
+    """Reversible in-place patching of one model by any number of weighted contributions."""
+
+    _ids = itertools.count()
+
+    def __init__(self):
+        self.pristine: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(param) -> (param, copy)
+        self.contributions: dict[int, tuple[list[Binding], float]] = {}  # handle id -> (bindings, weight)
+
+    def _params_of(self, bindings: list[Binding]) -> dict[int, torch.Tensor]:
+        return {id(b.param): b.param for b in bindings}
+
+    def _refresh(self, params: dict[int, torch.Tensor]) -> None:
+        per_param: dict[int, list[tuple[Binding, float]]] = {pid: [] for pid in params}
+        for bindings, weight in self.contributions.values():
+            for b in bindings:
+                if id(b.param) in per_param:
+                    per_param[id(b.param)].append((b, weight))
+        with torch.no_grad():
+            for pid, group in per_param.items():
+                param, pristine = self.pristine[pid]
+                base = pristine.to(device=param.device, dtype=torch.float32)
+                if not group:
+                    param.copy_(pristine)
+                    del self.pristine[pid]
+                    continue
+                _write(param, base.clone() if base is pristine else base, _sum_deltas(group, base), pristine)
+
+    def add(self, bindings: list[Binding], weight: float) -> int:
+        key = next(self._ids)
+        for pid, param in self._params_of(bindings).items():
+            if pid not in self.pristine:
+                self.pristine[pid] = (param, param.detach().clone())
+        self.contributions[key] = (bindings, float(weight))
+        self._refresh(self._params_of(bindings))
+        return key
+
+    def set_weight(self, key: int, weight: float) -> None:
+        bindings, _ = self.contributions[key]
+        self.contributions[key] = (bindings, float(weight))
+        self._refresh(self._params_of(bindings))
+
+    def remove(self, key: int) -> None:
+        bindings, _ = self.contributions.pop(key)
+        self._refresh(self._params_of(bindings))
+
+
+_patchers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def patcher_for(model) -> WeightPatcher:
+    """The patcher that owns ``model``'s weights (one per model, so contributions combine)."""
+    owner = component(model, "unet") if component(model, "unet") is not None else model
+    try:
+        return _patchers.setdefault(owner, WeightPatcher())
+    except TypeError:  # not weak-referenceable (a plain dict): keep it on nothing, per call
+        return WeightPatcher()
+
+
+class WeightHandle(Handle):
+    def __init__(self, patcher: WeightPatcher, key: int):
+        self.patcher, self.key, self.attached = patcher, key, True
+
+    def set_weight(self, weight: float) -> None:
+        if not self.attached:
+            raise RuntimeError("adapter is detached")
+        self.patcher.set_weight(self.key, weight)
+
+    def detach(self) -> None:
+        if self.attached:
+            self.patcher.remove(self.key)
+            self.attached = False
+
+
+def attach(model, adapter: Adapter, weight: float = 1.0) -> WeightHandle:
+    """Apply ``adapter`` reversibly; the handle sets the weight or detaches (exact restore)."""
+    bindings = bind(model, adapter)
+    patcher = patcher_for(model)
+    return WeightHandle(patcher, patcher.add(bindings, weight))

@@ -1,0 +1,1 @@
+"""Built-in catalog enrichers: trigger words, training facts, sidecars."""
