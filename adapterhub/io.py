@@ -86,6 +86,7 @@ class AdapterFile:
     raw: Any = None
     weight_file: Path | None = None
     header_bytes: int = 0
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # plugins' per-file scratch
     _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     # -- tensors -----------------------------------------------------------------------------

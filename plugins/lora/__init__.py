@@ -1,0 +1,110 @@
+"""The LoRA family: LoRA, LoCon, LoHa, LoKr and AdaLoRA, in every key layout users have.
+
+Registered through the entry-point group ``adapterhub`` like any third-party plugin. Each type
+declares its name and formats; sniffing, parsing and saving are shared (the classification of a file
+decides which type claims it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapterhub.hookspecs import hookimpl
+from adapterhub.io import AdapterFile
+from adapterhub.types import Adapter, AdapterType, Sniff
+
+from . import keys, parse, save
+
+LAYOUTS = ("kohya", "lycoris", "diffusers", "diffusers-attnproc", "peft")
+
+
+def classify(file: AdapterFile) -> tuple[str, str] | None:
+    """(type, layout) from keys and shapes only; cached on the file for the other types' sniffs."""
+    if "lora_family" not in file.cache:
+        grouped = keys.group_keys(file.keys)
+        result = None
+        if grouped.modules:
+            kind = keys.adapter_type_of(grouped)
+            result = (kind, keys.layout_of(file, grouped, kind))
+        file.cache["lora_family"] = result
+    return file.cache["lora_family"]
+
+
+class LoRAFamilyType(AdapterType):
+    formats = LAYOUTS
+    capabilities = ("inspect", "merge", "attach", "save", "example")
+    weight_space = True
+    conv = False
+
+    def sniff(self, file: AdapterFile) -> Sniff | None:
+        found = classify(file)
+        if found is None or found[0] != self.name:
+            return None
+        return Sniff(0.9, found[1])
+
+    def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
+        return parse.parse(file, self.name)
+
+    def info(self, adapter: Adapter) -> dict:
+        return parse.summary(adapter)
+
+    def merge_into(self, adapter, pipe, weight):
+        parse.refuse_if_unsupported(adapter)
+        super().merge_into(adapter, pipe, weight)
+
+    def attach(self, adapter, pipe, weight):
+        parse.refuse_if_unsupported(adapter)
+        return super().attach(adapter, pipe, weight)
+
+    def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
+        return save.save(adapter, path, format or "kohya")
+
+    def example(self, model, path: Path, seed: int = 0, **options) -> Path:
+        return save.write_example(self.name, model, Path(path), seed, **options)
+
+
+class LoRAType(LoRAFamilyType):
+    name = "lora"
+    description = "LoRA: low-rank deltas on linear and 1x1 conv layers (kohya, diffusers, PEFT)"
+
+
+class LoConType(LoRAFamilyType):
+    name = "locon"
+    description = "LoCon: LoRA that also targets 3x3 convs (kohya conv_dim, LyCORIS, CP/Tucker lora_mid)"
+    conv = True
+
+
+class LoHaType(LoRAFamilyType):
+    name = "loha"
+    description = "LoHa: Hadamard product of two low-rank products (LyCORIS hada_*)"
+    formats = ("lycoris", "peft")
+    conv = True
+
+
+class LoKrType(LoRAFamilyType):
+    name = "lokr"
+    description = "LoKr: Kronecker product of two factors (LyCORIS lokr_*)"
+    formats = ("lycoris", "peft")
+    capabilities = ("inspect", "merge", "attach", "save")
+
+
+class AdaLoRAType(LoRAFamilyType):
+    name = "adalora"
+    description = "AdaLoRA: PEFT's SVD-form triplets lora_A / lora_E / lora_B"
+    formats = ("peft",)
+
+
+class RefusedVariantType(LoRAFamilyType):
+    """Variants recognised by name and shown by inspect, but not merged: their math is not a plain
+    additive delta of the kind our engine applies exactly, or is not settled across the reference tools."""
+
+    capabilities = ("inspect",)
+
+    def __init__(self, name: str, description: str):
+        self.name, self.description = name, description
+
+
+@hookimpl
+def adapterhub_adapter_types():
+    refused = [RefusedVariantType(kind, f"{label}: recognised, inspected, not merged")
+               for kind, label in keys.REFUSED.items() if kind != "bundle_emb"]
+    return [LoRAType(), LoConType(), LoHaType(), LoKrType(), AdaLoRAType(), *refused]

@@ -1,0 +1,203 @@
+"""The LoRA family's patches: declared tensors, a scale rule, and a call into ``math``."""
+from __future__ import annotations
+
+import math as pymath
+
+import torch
+
+from adapterhub.types import Patch
+
+from . import math as lmath
+
+
+def _prod(shape) -> int:
+    return pymath.prod(shape) if shape else 1
+
+
+class ScaledPatch(Patch):
+    """A low-rank patch with ``scale = alpha / rank`` (no alpha: scale 1), the rule everyone shares."""
+
+    def __init__(self, target, source, tensors, alpha: float | None = None, scale: float | None = None):
+        super().__init__(target, source, tensors)
+        self.alpha = alpha
+        self._scale = scale
+
+    @property
+    def scale(self) -> float:
+        if self._scale is not None:
+            return self._scale
+        if self.alpha is None or not self.rank:
+            return 1.0
+        return self.alpha / self.rank
+
+    def factor(self, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        moved = {k: v.to(weight.device) for k, v in self.tensors.items()}
+        saved, self.tensors = self.tensors, moved
+        try:
+            d = self.factor(weight)
+        finally:
+            self.tensors = saved
+        return d.reshape(weight.shape).mul_(self.scale)
+
+
+class LoRAPatch(ScaledPatch):
+    kind = "lora"
+
+    @property
+    def rank(self):
+        return self.tensors["down"].shape[0]
+
+    @property
+    def in_features(self):
+        return self.tensors["down"].shape[1]
+
+    @property
+    def is_conv_kxk(self):
+        d = self.tensors["down"]
+        return "mid" in self.tensors or (d.dim() == 4 and d.shape[2] * d.shape[3] > 1)
+
+    def expected_shape(self):
+        up, down = self.tensors["up"], self.tensors["down"]
+        if "mid" in self.tensors:
+            return (up.shape[0], down.shape[1], *self.tensors["mid"].shape[2:])
+        return (up.shape[0], *down.shape[1:])
+
+    def factor(self, weight):
+        t = self.tensors
+        return lmath.lora(t["up"], t["down"], t.get("mid"))
+
+
+class AdaLoRAPatch(ScaledPatch):
+    """PEFT AdaLoRA: ``B @ (A * E) * lora_alpha / (ranknum + 1e-5)``; ranknum = the saved rank."""
+
+    kind = "adalora"
+
+    def __init__(self, target, source, tensors, lora_alpha: float):
+        super().__init__(target, source, tensors)
+        self.lora_alpha = lora_alpha
+        self.alpha = lora_alpha
+
+    @property
+    def rank(self):
+        return self.tensors["down"].shape[0]
+
+    @property
+    def in_features(self):
+        return self.tensors["down"].shape[1]
+
+    @property
+    def scale(self):
+        rank = self.rank
+        scaling = self.lora_alpha if self.lora_alpha > 0 else float(rank)
+        return scaling / (rank + 1e-5)
+
+    def expected_shape(self):
+        return (self.tensors["up"].shape[0], self.tensors["down"].shape[1])
+
+    def fits(self, shape):
+        return shape[0] == self.tensors["up"].shape[0] and _prod(shape[1:]) == self.tensors["down"].shape[1]
+
+    def factor(self, weight):
+        t = self.tensors
+        return lmath.adalora(t["down"], t["E"], t["up"])
+
+
+class LoHaPatch(ScaledPatch):
+    kind = "loha"
+
+    @property
+    def cp(self):
+        return "hada_t1" in self.tensors
+
+    @property
+    def rank(self):
+        return self.tensors["hada_w1_b"].shape[0]
+
+    @property
+    def out_features(self):
+        a = self.tensors["hada_w1_a"]
+        return a.shape[1] if self.cp else a.shape[0]
+
+    @property
+    def in_features(self):
+        return self.tensors["hada_w1_b"].shape[1]
+
+    @property
+    def is_conv_kxk(self):
+        return self.cp
+
+    def expected_shape(self):
+        if self.cp:
+            return (self.out_features, self.in_features, *self.tensors["hada_t1"].shape[2:])
+        return None
+
+    def fits(self, shape):
+        if self.cp:
+            return tuple(shape) == self.expected_shape()
+        return shape[0] == self.out_features and _prod(shape[1:]) == self.in_features
+
+    def factor(self, weight):
+        t = self.tensors
+        return lmath.loha(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"],
+                          t.get("hada_t1"), t.get("hada_t2"))
+
+
+class LoKrPatch(ScaledPatch):
+    """LoKr: rank from ``w1_b`` else ``w2_b``; both factors whole means no rank and scale 1."""
+
+    kind = "lokr"
+
+    @property
+    def rank(self):
+        for k in ("lokr_w1_b", "lokr_w2_b"):
+            if k in self.tensors:
+                return self.tensors[k].shape[0]
+        return None
+
+    def _factor_dims(self):
+        t = self.tensors
+        w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
+        if "lokr_w2" in t:
+            w2 = (t["lokr_w2"].shape[0], _prod(t["lokr_w2"].shape[1:]))
+        elif "lokr_t2" in t:
+            w2 = (t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1] * _prod(t["lokr_t2"].shape[2:]))
+        else:
+            w2 = (t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1])
+        return w1, w2
+
+    @property
+    def in_features(self):
+        (l, m), (k, n) = self._factor_dims()
+        return m * n
+
+    @property
+    def is_conv_kxk(self):
+        t = self.tensors
+        return "lokr_t2" in t or ("lokr_w2" in t and t["lokr_w2"].dim() == 4 and _prod(t["lokr_w2"].shape[2:]) > 1)
+
+    def fits(self, shape):
+        (l, m), (k, n) = self._factor_dims()
+        return shape[0] == l * k and _prod(shape[1:]) == m * n
+
+    def factor(self, weight):
+        t = self.tensors
+        return lmath.lokr(t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"), t.get("lokr_w2"),
+                          t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2"))
+
+
+class DiffPatch(Patch):
+    """A full difference (LyCORIS ``full``: ``diff``/``diff_b``; ``train_norm``: ``w_norm``/``b_norm``)."""
+
+    kind = "diff"
+
+    def __init__(self, target, source, tensors, param="weight"):
+        super().__init__(target, source, tensors, param=param)
+
+    def expected_shape(self):
+        return tuple(self.tensors["diff"].shape)
+
+    def delta(self, weight):
+        return self.tensors["diff"].to(device=weight.device, dtype=torch.float32).reshape(weight.shape).clone()
