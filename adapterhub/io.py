@@ -225,10 +225,11 @@ def _open_pickle(path: Path) -> AdapterFile:
 def _sniff_container(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "pickle"
+    # safetensors first: a header length whose low byte is 0x80 looks like a pickle's first byte
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "pickle"
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return "safetensors"

@@ -5,7 +5,6 @@ The built-in plugins are found through the same entry points (declared in our ow
 """
 from __future__ import annotations
 
-import importlib.metadata as md
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -42,23 +41,29 @@ def plugin_source(plugin: object) -> PluginSource:
     return PluginSource(module, "(registered in code)", builtin=False)
 
 
-def _collect(hook_results: list[list]) -> list:
-    return [obj for result in hook_results for obj in (result or [])]
+def registered(hook_name: str) -> dict[str, tuple[object, PluginSource]]:
+    """name -> (object, where it came from) for a registration hook, over every plugin.
+
+    Names must be unique: a second plugin registering a taken name is an error, not a silent override.
+    """
+    caller = getattr(manager().hook, hook_name)
+    found: dict[str, tuple[object, PluginSource]] = {}
+    for impl in reversed(caller.get_hookimpls()):  # registration order
+        for obj in impl.function() or []:
+            if obj.name in found:
+                raise AdapterhubError(f"plugin {impl.plugin_name}: {hook_name} name {obj.name!r} is already registered")
+            found[obj.name] = (obj, plugin_source(impl.plugin))
+    return found
 
 
 @lru_cache(maxsize=1)
 def adapter_types() -> dict:
     """name -> AdapterType, over every registered plugin, in registration order."""
-    pm = manager()
-    found: dict = {}
-    for impl in reversed(pm.hook.adapterhub_adapter_types.get_hookimpls()):
-        for adapter_type in impl.function() or []:
-            if adapter_type.name in found:
-                raise AdapterhubError(
-                    f"plugin {impl.plugin_name}: adapter type {adapter_type.name!r} is already registered")
-            adapter_type.source = plugin_source(impl.plugin)
-            found[adapter_type.name] = adapter_type
-    return found
+    types = {}
+    for name, (adapter_type, source) in registered("adapterhub_adapter_types").items():
+        adapter_type.source = source
+        types[name] = adapter_type
+    return types
 
 
 def adapter_type(name: str):
@@ -69,15 +74,14 @@ def adapter_type(name: str):
 
 
 def captioners() -> dict:
-    return {c.name: c for c in _collect(manager().hook.adapterhub_captioners())}
+    return {name: obj for name, (obj, _) in registered("adapterhub_captioners").items()}
 
 
 def sampler_backends() -> dict:
-    return {b.name: b for b in _collect(manager().hook.adapterhub_sampler_backends())}
+    return {name: obj for name, (obj, _) in registered("adapterhub_sampler_backends").items()}
 
 
 def reset() -> None:
     """Forget the cached manager (tests that install a plugin distribution call this)."""
     manager.cache_clear()
     adapter_types.cache_clear()
-    md.distributions.cache_clear() if hasattr(md.distributions, "cache_clear") else None

@@ -163,6 +163,9 @@ class AdapterType:
         """Facts for ``inspect`` beyond the common ones."""
         return {}
 
+    def validate(self, adapter: Adapter) -> None:
+        """Raise :class:`AdapterError` if ``adapter`` must not be applied (called before binding)."""
+
     def example(self, model, path: Path, seed: int = 0, **options) -> Path:
         """Write a small random adapter of this type for ``model`` (demo, tests, benchmarks)."""
         raise AdapterError(path, f"{self.name}: no example writer")

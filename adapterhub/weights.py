@@ -58,6 +58,10 @@ class _ModuleIndex:
             again = canonical(source, self.layers_per_block).split(".", 1)[1]
             if again in self.modules:
                 return self.modules[again]
+        # transformers >= 5 flattens CLIPTextModel (no ``text_model.``); files name it either way
+        other = rest.removeprefix("text_model.") if rest.startswith("text_model.") else f"text_model.{rest}"
+        if other in self.modules:
+            return self.modules[other]
         return self.by_underscore.get(underscored(rest))
 
 
@@ -74,6 +78,7 @@ def bind(model, adapter: Adapter) -> list[Binding]:
     """Find the parameter of every patch and check its shape, before anything changes."""
     if adapter.family != "stable-diffusion":
         raise AdapterError(adapter.path, f"this is a {adapter.family} adapter, not a Stable Diffusion one")
+    adapter.plugin.validate(adapter)
     model_arch = architecture_of(model)
     indexes: dict[str, _ModuleIndex] = {}
     bindings: list[Binding] = []

@@ -47,13 +47,8 @@ class LoRAFamilyType(AdapterType):
     def info(self, adapter: Adapter) -> dict:
         return parse.summary(adapter)
 
-    def merge_into(self, adapter, pipe, weight):
+    def validate(self, adapter: Adapter) -> None:
         parse.refuse_if_unsupported(adapter)
-        super().merge_into(adapter, pipe, weight)
-
-    def attach(self, adapter, pipe, weight):
-        parse.refuse_if_unsupported(adapter)
-        return super().attach(adapter, pipe, weight)
 
     def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
         return save.save(adapter, path, format or "kohya")

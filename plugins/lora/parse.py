@@ -37,28 +37,57 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _config_alpha(cfg: dict, module: str) -> tuple[float | None, bool]:
-    """(alpha, rslora) for ``module`` from a PEFT config; (None, False) without a config."""
-    if not cfg or "lora_alpha" not in cfg:
-        return None, False
+def _component_config(cfg: dict, module: str) -> tuple[dict, str]:
+    """(config, module path inside its model) for ``module``.
+
+    diffusers' ``save_lora_weights`` writes one LoraConfig per component into one JSON object, each
+    key prefixed with the component (``unet.lora_alpha``, ``text_encoder.r``); PEFT matches patterns
+    against the path inside the component's model, so the prefix is removed from the path too.
+    """
     path = module.removeprefix("base_model.model.")
-    alpha = _pattern_value(cfg.get("alpha_pattern"), path, cfg["lora_alpha"])
+    if not cfg or "lora_alpha" in cfg or "alpha" in cfg:
+        return cfg, path
+    component, _, rest = path.partition(".")
+    sub = {k[len(component) + 1:]: v for k, v in cfg.items() if k.startswith(component + ".")}
+    return sub, rest
+
+
+def _config_alpha(cfg: dict, module: str) -> tuple[float | None, bool]:
+    """(alpha, rslora) for ``module`` from a PEFT config; (None, False) without a config.
+
+    LoRA configs name it ``lora_alpha``, LoHa/LoKr configs ``alpha``."""
+    cfg, path = _component_config(cfg, module)
+    default = cfg.get("lora_alpha", cfg.get("alpha")) if cfg else None
+    if default is None:
+        return None, False
+    alpha = _pattern_value(cfg.get("alpha_pattern"), path, default)
     return float(alpha), bool(cfg.get("use_rslora"))
 
 
+def _config_rank(cfg: dict, module: str) -> int | None:
+    cfg, path = _component_config(cfg, module)
+    if not cfg or "r" not in cfg:
+        return None
+    return int(_pattern_value(cfg.get("rank_pattern"), path, cfg["r"]))
+
+
 def _make_patch(kind: str, target: str, name: str, t: dict, alpha, cfg: dict) -> Patch:
+    module_cfg, _ = _component_config(cfg, name)
     if kind == "lora":
         tensors = {k: t[k] for k in ("up", "down", "mid") if k in t}
         patch = LoRAPatch(target, name, tensors, alpha=alpha)
-        if alpha is not None and cfg.get("use_rslora"):
+        if alpha is not None and module_cfg.get("use_rslora"):
             patch._scale = alpha / (patch.rank ** 0.5)
         return patch
     if kind == "adalora":
-        return AdaLoRAPatch(target, name, {k: t[k] for k in ("up", "down", "E")}, float(cfg.get("lora_alpha", 0)))
+        return AdaLoRAPatch(target, name, {k: t[k] for k in ("up", "down", "E")}, float(module_cfg.get("lora_alpha", 0)))
     if kind == "loha":
         return LoHaPatch(target, name, {k: v for k, v in t.items() if k.startswith("hada_")}, alpha=alpha)
     if kind == "lokr":
         patch = LoKrPatch(target, name, {k: v for k, v in t.items() if k.startswith("lokr_")}, alpha=alpha)
+        rank = _config_rank(cfg, name)
+        if patch.rank is None and alpha is not None and "alpha" not in t and rank:
+            patch._scale = alpha / rank  # PEFT keeps alpha / r even when both factors are whole
         return patch
     raise AssertionError(kind)
 

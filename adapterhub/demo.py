@@ -1,0 +1,80 @@
+"""The main job on the embedded default: build the tiny base, write one adapter of each example-able
+type, inspect them, merge them, and render an image before and after (the service behind ``demo``)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adapterhub.api import inspect, load
+from adapterhub.plugins import adapter_types
+from adapterhub.types import AdapterType
+
+PROMPT = "a watercolor painting of a lighthouse at dusk"
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    adapters: list[dict] = field(default_factory=list)
+    image: Path | None = None
+    seconds: float = 0.0
+
+
+def exampleable(kinds: tuple[str, ...] | None = None) -> list[AdapterType]:
+    types = [t for t in adapter_types().values() if "example" in t.capabilities]
+    return [t for t in types if kinds is None or t.name in kinds]
+
+
+def render(pipe, seed: int = 0, steps: int = 8, size: int = 256):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return pipe(PROMPT, num_inference_steps=steps, height=size, width=size, generator=generator,
+                    guidance_scale=7.0).images[0]
+
+
+def side_by_side(left, right, labels=("base", "merged")):
+    from PIL import Image, ImageDraw
+
+    w, h = left.size
+    sheet = Image.new("RGB", (2 * w, h + 20), "white")
+    sheet.paste(left, (0, 20))
+    sheet.paste(right, (w, 20))
+    draw = ImageDraw.Draw(sheet)
+    for i, label in enumerate(labels):
+        draw.text((i * w + 4, 4), label, fill="black")
+    return sheet
+
+
+def run_demo(out: Path, base: str = "tiny-sd1", weight: float = 0.5, seed: int = 0,
+             progress=lambda message: None) -> DemoResult:
+    from adapterhub.base import load_base
+    from adapterhub.io import atomic_path
+    from adapterhub.merge import merge_adapters
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    progress(f"building the embedded base {base}")
+    pipe = load_base(base)
+    result = DemoResult(out)
+    entries = []
+    for adapter_type in exampleable():
+        suffix = "" if adapter_type.name == "adalora" else ".safetensors"
+        path = adapter_type.example(pipe, out / "adapters" / f"demo_{adapter_type.name}{suffix}", seed=seed)
+        facts = inspect(path)
+        progress(f"wrote {path.name}: {facts['type']} / {facts['format']} / {facts['targets']} targets")
+        result.adapters.append({k: facts.get(k) for k in ("name", "type", "format", "base", "rank", "alpha", "targets")})
+        entries.append((load(path), weight))
+    progress("rendering the base")
+    before = render(pipe, seed)
+    progress(f"merging {len(entries)} adapters at weight {weight}")
+    merge_adapters(pipe, entries)
+    progress("rendering the merged model")
+    after = render(pipe, seed)
+    result.image = out / "demo.png"
+    with atomic_path(result.image, suffix=".png") as tmp:
+        side_by_side(before, after).save(tmp, format="PNG")
+    result.seconds = time.perf_counter() - start
+    return result
