@@ -28,22 +28,27 @@ def exampleable(kinds: tuple[str, ...] | None = None) -> list[AdapterType]:
     return [t for t in types if kinds is None or t.name in kinds]
 
 
-def render(pipe, seed: int = 0, steps: int = 8, size: int = 256):
+def render(pipe, seed: int = 0, steps: int = 6, size: int = 256):
     generator = torch.Generator().manual_seed(seed)
+    pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         return pipe(PROMPT, num_inference_steps=steps, height=size, width=size, generator=generator,
                     guidance_scale=7.0).images[0]
 
 
-def side_by_side(left, right, labels=("base", "merged")):
+def contact_sheet(before, after, gain: float = 8.0):
+    """base | merged | |merged - base| x gain: the merge's effect, visible even on a random model."""
+    import numpy as np
     from PIL import Image, ImageDraw
 
-    w, h = left.size
-    sheet = Image.new("RGB", (2 * w, h + 20), "white")
-    sheet.paste(left, (0, 20))
-    sheet.paste(right, (w, 20))
+    diff = np.abs(np.asarray(after, dtype=np.float32) - np.asarray(before, dtype=np.float32)) * gain
+    panels = [(before, "base"), (after, "merged"), (Image.fromarray(diff.clip(0, 255).astype("uint8")),
+                                                     f"|difference| x{gain:g}")]
+    w, h = before.size
+    sheet = Image.new("RGB", (len(panels) * w, h + 20), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, label in enumerate(labels):
+    for i, (image, label) in enumerate(panels):
+        sheet.paste(image, (i * w, 20))
         draw.text((i * w + 4, 4), label, fill="black")
     return sheet
 
@@ -75,6 +80,6 @@ def run_demo(out: Path, base: str = "tiny-sd1", weight: float = 0.5, seed: int =
     after = render(pipe, seed)
     result.image = out / "demo.png"
     with atomic_path(result.image, suffix=".png") as tmp:
-        side_by_side(before, after).save(tmp, format="PNG")
+        contact_sheet(before, after).save(tmp, format="PNG")
     result.seconds = time.perf_counter() - start
     return result

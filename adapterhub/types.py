@@ -75,6 +75,14 @@ class Patch:
         """The float32 change to ``weight`` at multiplier 1 (same shape as ``weight``)."""
         raise NotImplementedError
 
+    def add_to(self, acc: torch.Tensor, multiplier: float) -> None:
+        """``acc += multiplier * delta`` in place on a float32 accumulator of the weight's shape.
+
+        Types with a cheaper fused form (a LoRA's ``addmm_``) override this; the result must equal
+        the default within float32 rounding.
+        """
+        acc.add_(self.delta(acc).reshape(acc.shape), alpha=multiplier)
+
 
 @dataclass
 class Adapter:

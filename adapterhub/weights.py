@@ -107,44 +107,42 @@ def bind(model, adapter: Adapter) -> list[Binding]:
     return bindings
 
 
-def _delta(binding: Binding, base: torch.Tensor) -> torch.Tensor:
-    delta = binding.patch.delta(base)
-    if delta.shape != base.shape:
-        delta = delta.reshape(base.shape)
-    return delta
+def _accumulate(acc: torch.Tensor, group: Iterable[tuple[Binding, float]]) -> None:
+    for binding, weight in group:
+        if weight:
+            binding.patch.add_to(acc, weight)
 
 
-def _sum_deltas(entries: Iterable[tuple[Binding, float]], base: torch.Tensor) -> torch.Tensor | None:
-    total = None
-    for binding, weight in entries:
-        if weight == 0:
-            continue
-        d = _delta(binding, base)
-        total = d.mul_(weight) if total is None else total.add_(d, alpha=weight)
-    return total
+def _apply(param: torch.Tensor, source: torch.Tensor, group: list[tuple[Binding, float]]) -> None:
+    """``param <- cast(float32(source) + sum(w * delta))``, written in place.
+
+    A float32 parameter is its own accumulator (no temporary the size of the weight); others are
+    accumulated in a float32 copy and cast once.
+    """
+    if param.dtype == torch.float32 and param.is_contiguous():
+        if source is not param:
+            param.copy_(source)
+        _accumulate(param, group)
+        return
+    acc = source.to(device=param.device, dtype=torch.float32, copy=True)
+    _accumulate(acc, group)
+    param.copy_(acc)
 
 
-def _write(param: torch.Tensor, base32: torch.Tensor, total: torch.Tensor | None, pristine: torch.Tensor) -> None:
-    with torch.no_grad():
-        if total is None:
-            param.copy_(pristine)
-        else:
-            param.copy_(base32.add_(total).to(param.dtype))
+def _by_param(pairs: Iterable[tuple[Binding, float]]) -> dict[int, list[tuple[Binding, float]]]:
+    groups: dict[int, list[tuple[Binding, float]]] = {}
+    for binding, weight in pairs:
+        groups.setdefault(id(binding.param), []).append((binding, weight))
+    return groups
 
 
 def merge(model, entries: list[tuple[Adapter, float]]) -> None:
     """Bake ``(adapter, weight)`` pairs into the model's weights for good: all bound first."""
-    all_bindings = [(b, w) for adapter, w in entries for b in bind(model, adapter)]
-    by_param: dict[int, list[tuple[Binding, float]]] = {}
-    for binding, w in all_bindings:
-        by_param.setdefault(id(binding.param), []).append((binding, w))
+    groups = _by_param((b, w) for adapter, w in entries for b in bind(model, adapter))
     with torch.no_grad():
-        for group in by_param.values():
+        for group in groups.values():
             param = group[0][0].param
-            base = param.detach().to(torch.float32)
-            total = _sum_deltas(group, base)
-            if total is not None:
-                param.copy_(base.clone().add_(total).to(param.dtype))
+            _apply(param, param, group)
 
 
 class WeightPatcher:
@@ -160,20 +158,18 @@ class WeightPatcher:
         return {id(b.param): b.param for b in bindings}
 
     def _refresh(self, params: dict[int, torch.Tensor]) -> None:
-        per_param: dict[int, list[tuple[Binding, float]]] = {pid: [] for pid in params}
-        for bindings, weight in self.contributions.values():
-            for b in bindings:
-                if id(b.param) in per_param:
-                    per_param[id(b.param)].append((b, weight))
+        """Recompute the given parameters from their pristine copies and every live contribution,
+        in contribution order, so the result equals a fresh merge of the same entries bit for bit."""
+        pairs = ((b, w) for bindings, w in self.contributions.values() for b in bindings if id(b.param) in params)
+        groups = _by_param(pairs)
         with torch.no_grad():
-            for pid, group in per_param.items():
+            for pid in params:
                 param, pristine = self.pristine[pid]
-                base = pristine.to(device=param.device, dtype=torch.float32)
-                if not group:
+                if pid not in groups:
                     param.copy_(pristine)
                     del self.pristine[pid]
-                    continue
-                _write(param, base.clone() if base is pristine else base, _sum_deltas(group, base), pristine)
+                else:
+                    _apply(param, pristine, groups[pid])
 
     def add(self, bindings: list[Binding], weight: float) -> int:
         key = next(self._ids)

@@ -26,6 +26,6 @@ def demo(out, base, weight, as_json):
     def render(d):
         output.table(d["adapters"], ["name", "type", "format", "base", "rank", "alpha", "targets"],
                      title="example adapters (inspected, then merged)")
-        click.echo(f"image (base | merged): {d['image']}   total {d['seconds']} s")
+        click.echo(f"image (base | merged | difference): {d['image']}   total {d['seconds']} s")
 
     output.emit(data, as_json, render)

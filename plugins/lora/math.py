@@ -29,6 +29,12 @@ def lora(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None = None) 
     return delta
 
 
+def lora_add_(acc2d: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
+    """``acc2d += scale * flat(up) @ flat(down)`` in one fused ``addmm_`` (no delta-sized temporary)."""
+    device = acc2d.device
+    acc2d.addmm_(flat(up).to(device, F32), flat(down).to(device, F32), alpha=scale)
+
+
 def tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """LyCORIS CP/Tucker rebuild: ``einsum('i j k l, j r, i p -> p r k l', core, b, a)``."""
     return torch.einsum("ijkl,jr,ip->prkl", core.to(F32), b.to(F32), a.to(F32))
@@ -53,7 +59,7 @@ def lokr(w1=None, w1_a=None, w1_b=None, w2=None, w2_a=None, w2_b=None, t2=None) 
         right = tucker(t2, w2_a, w2_b)
     else:
         right = w2_a.to(F32) @ w2_b.to(F32)
-    return torch.kron(left, flat(right))
+    return torch.kron(left, flat(right).contiguous())  # kron views its inputs; a Tucker rebuild is strided
 
 
 def adalora(lora_a: torch.Tensor, lora_e: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:

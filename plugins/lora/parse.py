@@ -80,7 +80,8 @@ def _make_patch(kind: str, target: str, name: str, t: dict, alpha, cfg: dict) ->
             patch._scale = alpha / (patch.rank ** 0.5)
         return patch
     if kind == "adalora":
-        return AdaLoRAPatch(target, name, {k: t[k] for k in ("up", "down", "E")}, float(module_cfg.get("lora_alpha", 0)))
+        return AdaLoRAPatch(target, name, {k: t[k] for k in ("up", "down", "E")}, float(module_cfg.get("lora_alpha", 0)),
+                            ranknum=module_cfg.get("init_r"))
     if kind == "loha":
         return LoHaPatch(target, name, {k: v for k, v in t.items() if k.startswith("hada_")}, alpha=alpha)
     if kind == "lokr":

@@ -69,16 +69,27 @@ class LoRAPatch(ScaledPatch):
         t = self.tensors
         return lmath.lora(t["up"], t["down"], t.get("mid"))
 
+    def add_to(self, acc, multiplier):
+        t = self.tensors
+        if "mid" in t or not acc.is_contiguous():
+            return super().add_to(acc, multiplier)
+        lmath.lora_add_(acc.view(acc.shape[0], -1), t["up"], t["down"], multiplier * self.scale)
+
 
 class AdaLoRAPatch(ScaledPatch):
-    """PEFT AdaLoRA: ``B @ (A * E) * lora_alpha / (ranknum + 1e-5)``; ranknum = the saved rank."""
+    """PEFT AdaLoRA: ``B @ (A * E) * lora_alpha / (ranknum + 1e-5)``.
+
+    ``ranknum`` is the config's ``init_r``: PEFT keeps it when the rank allocator's ``rank_pattern``
+    slices the saved triplets to fewer ranks (``resize_modules_by_rank_pattern``); without a config,
+    the saved rank."""
 
     kind = "adalora"
 
-    def __init__(self, target, source, tensors, lora_alpha: float):
+    def __init__(self, target, source, tensors, lora_alpha: float, ranknum: int | None = None):
         super().__init__(target, source, tensors)
         self.lora_alpha = lora_alpha
         self.alpha = lora_alpha
+        self.ranknum = ranknum
 
     @property
     def rank(self):
@@ -92,7 +103,7 @@ class AdaLoRAPatch(ScaledPatch):
     def scale(self):
         rank = self.rank
         scaling = self.lora_alpha if self.lora_alpha > 0 else float(rank)
-        return scaling / (rank + 1e-5)
+        return scaling / ((self.ranknum or rank) + 1e-5)
 
     def expected_shape(self):
         return (self.tensors["up"].shape[0], self.tensors["down"].shape[1])
