@@ -8,7 +8,7 @@ real architecture.
 from __future__ import annotations
 
 CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 64: "tiny-sd1", 96: "tiny-sdxl"}
-TEXT_WIDTH = {768: "sd1", 1024: "sd2", 64: "tiny-sd1"}  # the (first) text encoder's hidden size
+TEXT_WIDTH = {768: "sd1", 1024: "sd2", 64: "tiny-sd1", 32: "tiny-sdxl"}  # the (first) text encoder's hidden size
 TEXT2_WIDTH = {1280: "sdxl", 64: "tiny-sdxl"}  # the second text encoder of sdxl-shaped models
 # kohya / modelspec metadata values
 METADATA_ARCH = (

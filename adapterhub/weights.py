@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from adapterhub.errors import AdapterError
-from adapterhub.keymaps import canonical, underscored
+from adapterhub.keymaps import canonical, text_model_path, underscored
 from adapterhub.types import Adapter, Handle, Patch
 
 
@@ -46,7 +46,7 @@ class _ModuleIndex:
     """Module lookup for one component: dotted names, then the ``_``-joined form (kohya style)."""
 
     def __init__(self, root: nn.Module):
-        self.modules = dict(root.named_modules())
+        self.modules = {text_model_path(k): m for k, m in root.named_modules()}
         self.by_underscore = {underscored(k): m for k, m in self.modules.items() if k}
         cfg = getattr(root, "config", None)
         self.layers_per_block = getattr(cfg, "layers_per_block", 2) if cfg is not None else 2

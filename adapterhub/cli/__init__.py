@@ -47,7 +47,7 @@ def cli():
 def main(argv=None) -> int:
     """Console entry point: known errors become one line on stderr and exit code 2."""
     try:
-        cli.main(args=argv, prog_name="adapterhub", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="adapterhub", standalone_mode=False)
     except AdapterhubError as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -177,9 +177,22 @@ def underscored(path: str) -> str:
     return path.replace(".", "_")
 
 
+CLIP_TEXT_ROOTS = ("encoder", "embeddings", "final_layer_norm")
+
+
+def text_model_path(name: str) -> str:
+    """Module names inside a CLIP text model always carry ``text_model.``: transformers >= 5 flattens
+    ``CLIPTextModel`` (``encoder.layers.0``) while files and ``CLIPTextModelWithProjection`` keep it."""
+    if name.split(".", 1)[0] in CLIP_TEXT_ROOTS:
+        return f"text_model.{name}"
+    return name
+
+
 def kohya_name(path: str, sdxl: bool = False) -> str:
     """The kohya module name for a canonical path (diffusers block names, as sd-scripts SD1/2 write)."""
     component, rest = path.split(".", 1)
+    if component != "unet":
+        rest = text_model_path(rest)
     prefix = {"unet": "lora_unet", "text_encoder": "lora_te1" if sdxl else "lora_te",
               "text_encoder_2": "lora_te2"}[component]
     return f"{prefix}_{underscored(rest)}"

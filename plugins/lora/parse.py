@@ -139,7 +139,7 @@ def detect_base(file: AdapterFile, grouped: Grouped) -> str:
         target, width = canonical(name), _input_width(mod)
         if width is None:
             continue
-        if target.startswith("unet.") and target.endswith("attn2.to_k") and width in CONTEXT_WIDTH:
+        if target.startswith("unet.") and target.endswith(("attn2.to_k", "attn2.to_v")) and width in CONTEXT_WIDTH:
             return CONTEXT_WIDTH[width]
         if target.endswith("self_attn.q_proj"):
             if target.startswith("text_encoder_2."):

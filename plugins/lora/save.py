@@ -131,7 +131,7 @@ def _write_adalora(model, targets, path: Path, gen, rank: int) -> Path:
         tensors[f"{base}.lora_A"] = _randn(gen, rank, fan_in, std=1 / fan_in ** 0.5)
         tensors[f"{base}.lora_E"] = _randn(gen, rank, 1, std=1.0)
         tensors[f"{base}.lora_B"] = _randn(gen, out, rank, std=0.5)
-        names.append(path_in_unet.rsplit(".", 1)[-1])
+        names.append(path_in_unet)  # whole paths: a last part like "0" (to_out.0) also names other modules
     config = {"peft_type": "ADALORA", "r": rank, "init_r": rank, "target_r": max(1, rank // 2),
               "lora_alpha": float(rank), "target_modules": sorted(set(names)), "total_step": 100,
               "task_type": None, "base_model_name_or_path": "tiny"}

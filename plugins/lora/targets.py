@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from adapterhub.keymaps import text_model_path
 from adapterhub.weights import component
 
 UNET_ATTENTION_BLOCKS = ("Transformer2DModel",)
@@ -16,7 +17,7 @@ def _children(root: nn.Module, prefix: str, block_names: tuple[str, ...]):
             continue
         for child_name, child in module.named_modules():
             if child_name and isinstance(child, (nn.Linear, nn.Conv2d)):
-                yield f"{prefix}.{name}.{child_name}", child
+                yield f"{prefix}.{text_model_path(name)}.{child_name}", child
 
 
 def target_modules(model, conv: bool = False, text: bool = True) -> dict[str, nn.Module]:
