@@ -19,11 +19,12 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator
 
 from adapterhub.errors import AdapterError
+
+if TYPE_CHECKING:  # torch is imported where tensors are touched, so that reading headers stays light
+    import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 SAFETENSORS_SUFFIXES = {".safetensors", ".pti", ".sft"}
@@ -37,12 +38,6 @@ FOLDER_WEIGHT_FILES = (
 )
 FOLDER_CONFIG_FILES = ("adapter_config.json", "config.json")
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-    "F8_E5M2": getattr(torch, "float8_e5m2", None),
-}
 _ST_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
                 "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -60,11 +55,14 @@ class TensorInfo:
         return n
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, dt in _ST_DTYPES.items():
-        if dt == dtype:
-            return name
-    return str(dtype).removeprefix("torch.")
+_TORCH_DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                      "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+                      "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+def _dtype_name(dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    return _TORCH_DTYPE_NAMES.get(name, name)
 
 
 @dataclass
@@ -179,6 +177,8 @@ def _open_safetensors(path: Path) -> AdapterFile:
 # --------------------------------------------------------------------------------------------
 def safe_torch_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``; a pickle that needs code is refused by name."""
+    import torch
+
     if path.stat().st_size == 0:
         raise AdapterError(path, "empty file")
     try:
@@ -194,6 +194,8 @@ def safe_torch_load(path: Path) -> Any:
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict, extra: dict) -> None:
+    import torch
+
     if isinstance(obj, torch.Tensor):
         tensors[prefix or "tensor"] = obj
     elif isinstance(obj, dict):

@@ -44,8 +44,18 @@ def cli():
     """Inspect, merge, stack, train and sample Stable Diffusion adapters."""
 
 
+def _quiet_libraries() -> None:
+    """The CLI reports its own progress: silence the libraries' loading bars and warnings."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
 def main(argv=None) -> int:
     """Console entry point: known errors become one line on stderr and exit code 2."""
+    _quiet_libraries()
     try:
         rc = cli.main(args=argv, prog_name="adapterhub", standalone_mode=False)
     except AdapterhubError as exc:

@@ -26,11 +26,7 @@ def split_weight(spec: str, default: float = 1.0) -> tuple[str, float]:
         try:
             return head, float(tail)
         except ValueError:
-            if Path(spec).exists() or not _looks_numeric(tail):
+            if Path(spec).exists() or not Path(head).exists():
                 return spec, default
             raise AdapterhubError(f"{spec}: weight {tail!r} is not a number") from None
     return spec, default
-
-
-def _looks_numeric(text: str) -> bool:
-    return bool(text) and all(c in "0123456789.-+eE" for c in text)

@@ -98,9 +98,12 @@ def scan_cmd(dirs, jobs, force, as_json, batch_size):
 LIST_COLUMNS = ["name", "type", "base", "rank", "size", "tags", "rating", "status"]
 
 
+def _status(entry: dict) -> str:
+    return "missing" if entry["missing"] else entry["status"]
+
+
 def _rows(entries: list[dict]) -> list[dict]:
-    return [{**e, "size": human_size(e["size"]), "tags": ", ".join(e["tags"]),
-             "status": "missing" if e["missing"] else e["status"] if e["status"] == "ok" else f"unreadable: {e['error']}"}
+    return [{**e, "size": human_size(e["size"]), "tags": ", ".join(e["tags"]), "status": _status(e)}
             for e in entries]
 
 
@@ -141,9 +144,9 @@ def search_cmd(query, limit, as_json):
     with _open() as cat:
         entries = search(cat, " ".join(query), limit=limit)
     columns = ["name", "type", "base", "tags", "trigger_words", "path"]
-    render = lambda es: output.table([{**r, "trigger_words": ", ".join(e["trigger_words"][:5])}  # noqa: E731
-                                      for r, e in zip(_rows(es), es)], columns)
-    output.emit(_without_metadata(entries), as_json, render)
+    rows = [{**row, "trigger_words": ", ".join(e["trigger_words"][:5])}
+            for row, e in zip(_rows(entries), entries, strict=True)]
+    output.emit(_without_metadata(entries), as_json, lambda _: output.table(rows, columns))
 
 
 def _pretty(value: str) -> str:
@@ -228,16 +231,17 @@ def prune_cmd(as_json):
 
     with _open() as cat:
         removed = prune(cat)
+    numbered = {str(i + 1): path for i, path in enumerate(removed)}
     output.emit({"removed": len(removed), "paths": removed}, as_json,
-                lambda d: output.key_values({"removed": d["removed"], **{str(i + 1): p for i, p in enumerate(d["paths"])}}))
+                lambda d: output.key_values({"removed": d["removed"], **numbered}))
 
 
 # ------------------------------------------------------------------------------------------------
 # overview, export, import
 # ------------------------------------------------------------------------------------------------
 def _render_dupes(groups: list[dict]) -> None:
-    rows = [{"kind": g["kind"], "hash": g["hash"], "name": e["name"], "path": e["path"] + (" (missing)" if e["missing"] else "")}
-            for g in groups for e in g["entries"]]
+    rows = [{"kind": g["kind"], "hash": g["hash"], "name": e["name"],
+             "path": e["path"] + (" (missing)" if e["missing"] else "")} for g in groups for e in g["entries"]]
     output.table(rows, ["kind", "hash", "name", "path"], title=f"{len(groups)} groups of duplicates")
 
 

@@ -18,6 +18,7 @@ def demo(out, base, weight, as_json):
     """Build the tiny base, write an adapter of each type, inspect, merge and render an image."""
     from adapterhub.demo import run_demo
 
+    output.quiet_model_loading()
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     result = run_demo(Path(out), base=base, weight=weight, progress=say)
     data = {"out": str(result.out), "image": str(result.image), "seconds": round(result.seconds, 1),

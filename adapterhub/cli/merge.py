@@ -19,6 +19,7 @@ def merge_cmd(base, out, dtype, as_json, adapters):
 
     from adapterhub.merge import merge_files
 
+    output.quiet_model_loading()
     specs = []
     for spec in adapters:
         name, weight = split_weight(spec)

@@ -62,3 +62,10 @@ def progress(description: str, total: int | None = None) -> Iterator:
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+def quiet_model_loading() -> None:
+    """Commands that load models show their own progress: silence diffusers' loading bars."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
