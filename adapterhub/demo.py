@@ -28,11 +28,11 @@ def exampleable(kinds: tuple[str, ...] | None = None) -> list[AdapterType]:
     return [t for t in types if kinds is None or t.name in kinds]
 
 
-def render(pipe, seed: int = 0, steps: int = 6, size: int = 256):
+def render(pipe, seed: int = 0, steps: int = 6, size: int = 256, prompt: str = PROMPT):
     generator = torch.Generator().manual_seed(seed)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        return pipe(PROMPT, num_inference_steps=steps, height=size, width=size, generator=generator,
+        return pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=generator,
                     guidance_scale=7.0).images[0]
 
 
@@ -66,18 +66,26 @@ def run_demo(out: Path, base: str = "tiny-sd1", weight: float = 0.5, seed: int =
     result = DemoResult(out)
     entries = []
     for adapter_type in exampleable():
-        suffix = "" if adapter_type.name == "adalora" else ".safetensors"
-        path = adapter_type.example(pipe, out / "adapters" / f"demo_{adapter_type.name}{suffix}", seed=seed)
+        name = f"demo_{adapter_type.name}{adapter_type.example_suffix}"
+        path = adapter_type.example(pipe, out / "adapters" / name, seed=seed)
         facts = inspect(path)
         progress(f"wrote {path.name}: {facts['type']} / {facts['format']} / {facts['targets']} targets")
         result.adapters.append({k: facts.get(k) for k in ("name", "type", "format", "base", "rank", "alpha", "targets")})
         entries.append((load(path), weight))
     progress("rendering the base")
     before = render(pipe, seed)
-    progress(f"merging {len(entries)} adapters at weight {weight}")
-    merge_adapters(pipe, entries)
-    progress("rendering the merged model")
-    after = render(pipe, seed)
+    mergeable = [(a, w) for a, w in entries if "merge" in a.plugin.capabilities]
+    attached = [(a, w) for a, w in entries if "merge" not in a.plugin.capabilities]
+    progress(f"merging {len(mergeable)} adapters at weight {weight}"
+             + (f", attaching {len(attached)} ({', '.join(a.type for a, _ in attached)})" if attached else ""))
+    merge_adapters(pipe, mergeable)
+    handles = [a.attach(pipe, w) for a, w in attached]
+    tokens = [a.info().get("token") for a, _ in entries if a.info().get("token")]
+    prompt = ", ".join([PROMPT, *tokens])
+    progress(f"rendering the merged model: {prompt!r}")
+    after = render(pipe, seed, prompt=prompt)
+    for handle in handles:
+        handle.detach()
     result.image = out / "demo.png"
     with atomic_path(result.image, suffix=".png") as tmp:
         contact_sheet(before, after).save(tmp, format="PNG")

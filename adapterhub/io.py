@@ -182,7 +182,8 @@ def safe_torch_load(path: Path) -> Any:
     if path.stat().st_size == 0:
         raise AdapterError(path, "empty file")
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load must not pick a reader by the name's suffix
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")

@@ -83,6 +83,14 @@ class Patch:
         """
         acc.add_(self.delta(acc).reshape(acc.shape), alpha=multiplier)
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(up, down, scale)``, float32, with ``delta == scale * (up @ down)`` reshaped to the weight:
+        ``up`` (out, r), ``down`` (r, in*kh*kw). Patches that are a low-rank product (LoRA, LoCon,
+        AdaLoRA) return them so the LoRA algebra (:mod:`adapterhub.algebra`) can concatenate factors
+        exactly; the others (LoHa, LoKr, full diffs) return None and are re-factorised by SVD.
+        """
+        return None
+
 
 @dataclass
 class Adapter:
@@ -135,6 +143,10 @@ class Handle:
     def detach(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def rewrite_prompt(self, prompt: str) -> str:
+        """The prompt this attachment needs (a textual inversion expands its multi-vector names)."""
+        return prompt
+
     def __enter__(self):
         return self
 
@@ -155,6 +167,7 @@ class AdapterType:
     formats: ClassVar[tuple[str, ...]] = ()
     capabilities: ClassVar[tuple[str, ...]] = ("inspect",)
     weight_space: ClassVar[bool] = False
+    example_suffix: ClassVar[str] = ".safetensors"  # what ``example`` writes ("" for a folder)
     source: Any = None  # filled by the registry: which distribution registered the type
 
     def sniff(self, file: AdapterFile) -> Sniff | None:
@@ -177,6 +190,18 @@ class AdapterType:
     def example(self, model, path: Path, seed: int = 0, **options) -> Path:
         """Write a small random adapter of this type for ``model`` (demo, tests, benchmarks)."""
         raise AdapterError(path, f"{self.name}: no example writer")
+
+    def from_factors(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+                     metadata: dict[str, str] | None = None, base: str = "unknown") -> Adapter:
+        """An adapter of this type from low-rank factors by target path: ``(up, down, alpha)`` in kohya
+        shapes (Linear: up (out, r), down (r, in); conv: up (out, r, 1, 1), down (r, in, kh, kw)).
+        The LoRA algebra writes its results through this, without importing a plugin."""
+        raise AdapterError(None, f"{self.name}: cannot be built from low-rank factors")
+
+    def target_modules(self, model, text: bool = True) -> dict:
+        """Canonical path -> module for every module this type targets in ``model`` (text encoders too
+        with ``text``); used by ``adapterhub lora extract``."""
+        raise AdapterError(None, f"{self.name}: does not declare the modules it targets")
 
     def merge_into(self, adapter: Adapter, pipe, weight: float) -> None:
         if not self.weight_space:

@@ -21,6 +21,12 @@ _CACHE_ENV = "ADAPTERHUB_CACHE"
 
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # one worker per core: two torch threads per worker oversubscribe the CPU (20x slower steps)
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
     kept = os.environ.get("ADAPTERHUB_TEST_CACHE")
     folder = kept or tempfile.mkdtemp(prefix="adapterhub-test-cache-")
     config._adapterhub_cache = (folder, not kept, os.environ.get(_CACHE_ENV))

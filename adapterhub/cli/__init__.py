@@ -19,6 +19,7 @@ COMMANDS = {
     "plugins": "adapterhub.cli.plugins:plugins_cmd",
     "catalog": "adapterhub.cli.catalog:catalog",
     "dataset": "adapterhub.cli.dataset:dataset",
+    "lora": "adapterhub.cli.lora:lora",
 }
 
 

@@ -189,7 +189,7 @@ def show_cmd(ref, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @catalog_option
 def tag_cmd(ref, action, tags, as_json):
-    """Add or remove tags: ``catalog tag NAME add|rm TAG...``."""
+    """Add or remove tags: catalog tag NAME add|rm TAG..."""
     from adapterhub.catalog import tag
 
     with _open() as cat:

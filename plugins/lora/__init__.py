@@ -13,6 +13,7 @@ from adapterhub.io import AdapterFile
 from adapterhub.types import Adapter, AdapterType, Sniff
 
 from . import keys, parse, save
+from .patches import LoRAPatch
 
 LAYOUTS = ("kohya", "lycoris", "diffusers", "diffusers-attnproc", "peft")
 
@@ -56,6 +57,21 @@ class LoRAFamilyType(AdapterType):
     def example(self, model, path: Path, seed: int = 0, **options) -> Path:
         return save.write_example(self.name, model, Path(path), seed, **options)
 
+    def target_modules(self, model, text: bool = True) -> dict:
+        """Attention-block Linear/1x1 layers, resnet and sampler convs for types with ``conv``, and the
+        text encoders' attention and MLP layers with ``text`` (kohya / LyCORIS targets)."""
+        from .targets import target_modules
+
+        return target_modules(model, conv=self.conv, text=text)
+
+    def from_factors(self, factors, metadata=None, base: str = "unknown") -> Adapter:
+        """A LoRA / LoCon from ``{target: (up, down, alpha)}`` (kohya shapes); see ``AdapterType``."""
+        if self.name not in ("lora", "locon"):
+            return super().from_factors(factors, metadata, base)
+        patches = {target: LoRAPatch(target, target, {"up": up, "down": down}, alpha=float(alpha))
+                   for target, (up, down, alpha) in factors.items()}
+        return Adapter(type=self.name, format="kohya", patches=patches, metadata=dict(metadata or {}), base=base)
+
 
 class LoRAType(LoRAFamilyType):
     name = "lora"
@@ -86,6 +102,7 @@ class AdaLoRAType(LoRAFamilyType):
     name = "adalora"
     description = "AdaLoRA: PEFT's SVD-form triplets lora_A / lora_E / lora_B"
     formats = ("peft",)
+    example_suffix = ""  # a PEFT folder: adapter_model.safetensors + adapter_config.json
 
 
 class RefusedVariantType(LoRAFamilyType):

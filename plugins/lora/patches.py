@@ -75,6 +75,15 @@ class LoRAPatch(ScaledPatch):
             return super().add_to(acc, multiplier)
         lmath.lora_add_(acc.view(acc.shape[0], -1), t["up"], t["down"], multiplier * self.scale)
 
+    def low_rank_factors(self):
+        """Flattened ``(up, down, scale)``; a CP/Tucker core is folded into ``down`` (exact:
+        ``down'[n] = sum_m mid[n, m] * down[m]`` per kernel tap), so LoCon-CP concatenates too."""
+        t = self.tensors
+        up, down = lmath.flat(t["up"].float()), t["down"].float()
+        if "mid" in t:
+            down = torch.einsum("nmkl,mj->njkl", t["mid"].float(), lmath.flat(down))
+        return up, lmath.flat(down), float(self.scale)
+
 
 class AdaLoRAPatch(ScaledPatch):
     """PEFT AdaLoRA: ``B @ (A * E) * lora_alpha / (ranknum + 1e-5)``.
@@ -114,6 +123,10 @@ class AdaLoRAPatch(ScaledPatch):
     def factor(self, weight):
         t = self.tensors
         return lmath.adalora(t["down"], t["E"], t["up"])
+
+    def low_rank_factors(self):
+        t = self.tensors
+        return t["up"].float(), t["down"].float() * t["E"].float(), float(self.scale)
 
 
 class LoHaPatch(ScaledPatch):

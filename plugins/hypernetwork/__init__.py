@@ -1,0 +1,52 @@
+"""Hypernetworks in the AUTOMATIC1111 format: per-context-width MLP pairs on the attention context.
+
+Not a weight delta: ``attach`` installs an attention processor that feeds ``to_k`` / ``to_v`` with
+``context + mlp(context) * multiplier`` (see ``processor``); ``merge`` refuses, with the reason.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapterhub.errors import AdapterError
+from adapterhub.hookspecs import hookimpl
+from adapterhub.io import AdapterFile
+from adapterhub.types import Adapter, AdapterType, Sniff
+
+from . import formats, processor
+
+
+class HypernetworkType(AdapterType):
+    name = "hypernetwork"
+    description = "Hypernetwork (AUTOMATIC1111 .pt): MLPs on the cross-attention context; attached, never merged"
+    formats = (formats.FORMAT,)
+    capabilities = ("inspect", "attach", "save", "example")
+    example_suffix = ".pt"
+    weight_space = False
+
+    def sniff(self, file: AdapterFile) -> Sniff | None:
+        return formats.sniff(file)
+
+    def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
+        return formats.parse(file, sniff, self.name)
+
+    def info(self, adapter: Adapter) -> dict:
+        return formats.summary(adapter)
+
+    def attach(self, adapter: Adapter, pipe, weight: float = 1.0) -> processor.HypernetworkHandle:
+        return processor.attach(adapter, pipe, weight)
+
+    def merge_into(self, adapter: Adapter, pipe, weight: float = 1.0) -> None:
+        raise AdapterError(adapter.path, "a hypernetwork cannot be merged: it transforms the attention context "
+                                         "(context + mlp(context) x multiplier before to_k/to_v), which no weight "
+                                         "change reproduces; attach it instead")
+
+    def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
+        return formats.save(adapter, Path(path), format)
+
+    def example(self, model, path: Path, seed: int = 0, **options) -> Path:
+        return formats.example(model, Path(path), seed, **options)
+
+
+@hookimpl
+def adapterhub_adapter_types():
+    return [HypernetworkType()]

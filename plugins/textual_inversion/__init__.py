@@ -1,0 +1,100 @@
+"""Textual inversion: learned token embeddings, in every layout users have (see ``formats``).
+
+Attach adds the tokens to the tokenizer(s) and token table(s) as diffusers ``load_textual_inversion``
+does (same token ids, same prompt embeddings); detach removes them and restores the tables exactly.
+Merge leaves them in, so saving the pipeline afterwards bakes them into its tokenizer and text encoder.
+The weight scales the vectors (1 = the file's vectors, bit for bit).
+
+Also here: the aesthetic-gradients embedding (a bare pickled CLIP image embedding), recognised and
+named for what it is rather than mistaken for a textual inversion.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adapterhub.archs import TEXT_WIDTH
+from adapterhub.errors import AdapterError
+from adapterhub.hookspecs import hookimpl
+from adapterhub.io import AdapterFile
+from adapterhub.types import Adapter, AdapterType, Sniff
+
+from . import formats, vocab
+
+
+class TextualInversionType(AdapterType):
+    name = "textual_inversion"
+    description = "Textual inversion: learned token embeddings (A1111 .pt/.safetensors, diffusers, SDXL clip_l/clip_g)"
+    formats = formats.FORMATS
+    capabilities = ("inspect", "attach", "merge", "save", "example")
+    weight_space = False
+
+    def sniff(self, file: AdapterFile) -> Sniff | None:
+        return formats.sniff(file)
+
+    def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
+        return formats.parse(file, sniff, self.name)
+
+    def info(self, adapter: Adapter) -> dict:
+        return formats.summary(adapter)
+
+    def attach(self, adapter: Adapter, pipe, weight: float = 1.0) -> vocab.EmbeddingHandle:
+        return vocab.attach(adapter, pipe, weight)
+
+    def merge_into(self, adapter: Adapter, pipe, weight: float = 1.0) -> None:
+        """Add the tokens for good: a pipeline saved afterwards carries them in tokenizer and encoder."""
+        vocab.attach(adapter, pipe, weight)
+
+    def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
+        return formats.save(adapter, Path(path), format)
+
+    def example(self, model, path: Path, seed: int = 0, **options) -> Path:
+        return formats.example(model, Path(path), seed, **options)
+
+
+class AestheticEmbeddingType(AdapterType):
+    """vicgalle/stable-diffusion-aesthetic-gradients: ``torch.save`` of a (1, d) mean CLIP image embedding.
+
+    It is not a token: the extension fine-tunes the text encoder toward it for a few steps per prompt.
+    """
+
+    name = "aesthetic_embedding"
+    description = "Aesthetic-gradients embedding: a bare (1, d) CLIP image embedding; recognised, not applied"
+    formats = ("aesthetic-gradients",)
+    capabilities = ("inspect",)
+
+    def sniff(self, file: AdapterFile) -> Sniff | None:
+        raw = file.raw
+        if not isinstance(raw, torch.Tensor) or not raw.is_floating_point():
+            return None
+        if raw.dim() == 2 and raw.shape[0] == 1 or raw.dim() == 1:
+            return Sniff(0.5, "aesthetic-gradients", {"width": int(raw.shape[-1])})
+        return None
+
+    def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
+        raw = file.raw.reshape(1, -1)
+        width = int(raw.shape[-1])
+        extra = {"width": width, "vectors": 1, "norm": round(float(raw.float().norm()), 4),
+                 "dtype": str(raw.dtype).removeprefix("torch.")}
+        return Adapter(type=self.name, format=sniff.format, patches={}, path=file.path, file=file,
+                       base=TEXT_WIDTH.get(width, "unknown"), extra=extra)
+
+    def info(self, adapter: Adapter) -> dict:
+        return dict(adapter.extra)
+
+    def _refuse(self, adapter: Adapter):
+        raise AdapterError(adapter.path, "an aesthetic-gradients embedding steers a per-prompt fine-tune of the "
+                                         "text encoder; it is not a token embedding or a weight delta, and is "
+                                         "not applied")
+
+    def attach(self, adapter, pipe, weight=1.0):
+        self._refuse(adapter)
+
+    def merge_into(self, adapter, pipe, weight=1.0):
+        self._refuse(adapter)
+
+
+@hookimpl
+def adapterhub_adapter_types():
+    return [TextualInversionType(), AestheticEmbeddingType()]
