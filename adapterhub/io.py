@@ -125,8 +125,9 @@ class AdapterFile:
 # --------------------------------------------------------------------------------------------
 # safetensors
 # --------------------------------------------------------------------------------------------
-def read_safetensors_header(path: Path, cap: int = MAX_HEADER_BYTES) -> tuple[dict, dict, int]:
+def read_safetensors_header(path: Path, cap: int | None = None) -> tuple[dict, dict, int]:
     """Return (tensor entries, metadata, header length), validated against the file size."""
+    cap = MAX_HEADER_BYTES if cap is None else cap
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)

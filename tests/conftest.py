@@ -20,6 +20,20 @@ import pytest
 _CACHE_ENV = "ADAPTERHUB_CACHE"
 
 
+def _wild_adapters() -> Path:
+    """The real-world adapter files (``shared/wild-adapters``): $ADAPTERHUB_WILD_ADAPTERS, else beside the
+    checkout (``../shared``), else the workplace's copy."""
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (os.environ.get("ADAPTERHUB_WILD_ADAPTERS"), here.parent / "shared" / "wild-adapters",
+                      Path("/work/shared/wild-adapters")):
+        if candidate and Path(candidate, "MANIFEST.tsv").is_file():
+            return Path(candidate)
+    return here.parent / "shared" / "wild-adapters"
+
+
+WILD_ADAPTERS = _wild_adapters()
+
+
 def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # one worker per core: two torch threads per worker oversubscribe the CPU (20x slower steps)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 PG_ENV = "ADAPTERHUB_TEST_POSTGRES_URL"
-WILD = Path(os.environ.get("ADAPTERHUB_WILD_ADAPTERS", "/work/shared/wild-adapters"))
+from conftest import WILD_ADAPTERS as WILD  # noqa: E402
 needs_wild = pytest.mark.skipif(not WILD.is_dir(), reason=f"wild adapter files not found at {WILD}")
 
 # The CLI in a subprocess, with the built-in catalog enrichers registered even before the

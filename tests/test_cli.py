@@ -10,7 +10,7 @@ import torch
 from adapterhub.base import load_base
 from adapterhub.plugins import adapter_type
 
-WILD = Path(__file__).resolve().parents[2] / "shared" / "wild-adapters"
+from conftest import WILD_ADAPTERS as WILD  # noqa: E402
 CLI = [sys.executable, "-m", "adapterhub"]
 
 

@@ -20,6 +20,7 @@ from lora_helpers import (
     assert_same_weights, diffusers_fused, diffusers_to_sgm, kohya_targets, kohya_te_name, ours_merged, parts,
     quiet, randomize_, safetensors_header_keys, snapshot, weights,
 )
+from lora_helpers import one_torch_thread  # noqa: F401 - autouse fixture
 
 quiet()
 
@@ -314,7 +315,8 @@ def _lycoris_network(model, tmp_path, seed, **kwargs):
 
 LYCORIS_CASES = {
     # name: (arch, create_network kwargs, a key suffix that must appear, expected type)
-    "lora-conv": ("tiny-sd1", dict(algo="lora", dim=4, alpha=2, conv_dim=3, conv_alpha=1.5), ".lora_down.weight", "locon"),
+    "lora-conv": ("tiny-sd1", dict(algo="lora", dim=4, alpha=2, conv_dim=3, conv_alpha=1.5), ".lora_down.weight",
+                  "locon"),
     "locon-tucker": ("tiny-sd1", dict(algo="locon", dim=4, alpha=4, conv_dim=3, conv_alpha=6, use_tucker=True),
                      ".lora_mid.weight", "locon"),
     "loha": ("tiny-sd1", dict(algo="loha", dim=4, alpha=4, conv_dim=3, conv_alpha=3), ".hada_w1_a", "loha"),

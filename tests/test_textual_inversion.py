@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import adapterhub
 from adapterhub.errors import AdapterError
 
-WILD = Path("/work/shared/wild-adapters")
+from conftest import WILD_ADAPTERS as WILD  # noqa: E402
 PROMPT = "a photo of {} on a beach, best quality"
 
 

@@ -19,9 +19,10 @@ from adapterhub.errors import AdapterError
 from adapterhub.weights import bind
 
 from lora_helpers import parts, quiet
+from lora_helpers import one_torch_thread  # noqa: F401 - autouse fixture
 
 quiet()
-WILD = Path("/work/shared/wild-adapters")
+from conftest import WILD_ADAPTERS as WILD  # noqa: E402
 ROWS = list(csv.DictReader(open(WILD / "MANIFEST.tsv", encoding="utf-8"), delimiter="\t")) \
     if (WILD / "MANIFEST.tsv").is_file() else []
 pytestmark = pytest.mark.skipif(not ROWS, reason="shared/wild-adapters is not available")

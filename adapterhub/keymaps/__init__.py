@@ -140,7 +140,7 @@ def split_prefix(module_name: str) -> tuple[str | None, str, bool]:
 
 
 def _guess_component(rest: str) -> str | None:
-    if rest.startswith(("text_model.", "text_projection")):
+    if rest.startswith(("text_model.", "text_projection", "encoder.layers.", "embeddings.", "final_layer_norm")):
         return "text_encoder"
     if rest.split(".")[0] in {"down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out",
                               "time_embedding", "add_embedding", "conv_norm_out",
@@ -163,6 +163,8 @@ def canonical(module_name: str, layers_per_block: int = 2) -> str:
         rest = rest.replace(old, new)
     if component is None:
         component = _guess_component(rest)
+    if component in ("text_encoder", "text_encoder_2"):
+        rest = text_model_path(rest)
     if component == "unet" and rest.split(".")[0] in {"input_blocks", "middle_block", "output_blocks",
                                                        "time_embed", "label_emb", "out"}:
         rest = sgm_to_diffusers(rest, layers_per_block)
