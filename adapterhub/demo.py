@@ -20,6 +20,7 @@ class DemoResult:
     out: Path
     adapters: list[dict] = field(default_factory=list)
     image: Path | None = None
+    catalog: dict = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -53,9 +54,17 @@ def contact_sheet(before, after, gain: float = 8.0):
     return sheet
 
 
-def run_demo(out: Path, base: str = "tiny-sd1", weight: float = 0.5, seed: int = 0,
+def register_in_catalog(folder: Path, catalog: str | None) -> dict:
+    from adapterhub.catalog import open_catalog, scan
+
+    with open_catalog(catalog, create=True) as cat:
+        return scan(cat, [folder], jobs=1).as_dict()
+
+
+def run_demo(out: Path, base: str = "tiny-sd1", weight: float = 0.5, seed: int = 0, catalog: str | None = None,
              progress=lambda message: None) -> DemoResult:
     from adapterhub.base import load_base
+    from adapterhub.catalog import resolve_adapter_arg
     from adapterhub.io import atomic_path
     from adapterhub.merge import merge_adapters
 
@@ -72,6 +81,9 @@ def run_demo(out: Path, base: str = "tiny-sd1", weight: float = 0.5, seed: int =
         progress(f"wrote {path.name}: {facts['type']} / {facts['format']} / {facts['targets']} targets")
         result.adapters.append({k: facts.get(k) for k in ("name", "type", "format", "base", "rank", "alpha", "targets")})
         entries.append((load(path), weight))
+    progress(f"cataloguing the examples ({catalog or 'catalog.db'})")
+    result.catalog = register_in_catalog(out / "adapters", catalog)
+    entries = [(load(resolve_adapter_arg(a.name, catalog)), w) for a, w in entries]  # by catalog name
     progress("rendering the base")
     before = render(pipe, seed)
     mergeable = [(a, w) for a, w in entries if "merge" in a.plugin.capabilities]

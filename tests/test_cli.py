@@ -115,10 +115,22 @@ def test_merge_missing_file_and_bad_weight(tmp_path, sd1_lora):
 
 
 def test_demo_runs_offline(tmp_path):
-    res = run("demo", "--out", tmp_path / "demo", "--json")
+    res = run("demo", "--out", tmp_path / "demo", "--catalog", tmp_path / "catalog.db", "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(res.stdout)
-    assert {a["type"] for a in data["adapters"]} >= {"lora", "locon", "loha", "adalora"}
+    assert {a["type"] for a in data["adapters"]} >= {"lora", "locon", "loha", "adalora", "textual_inversion",
+                                                    "hypernetwork"}
+    listed = json.loads(run("catalog", "--catalog", tmp_path / "catalog.db", "list", "--json", check=True).stdout)
+    assert {e["type"] for e in listed} >= {"lora", "locon", "loha", "adalora"}
+    # every command that takes an adapter file takes a catalog name too
+    import os
+
+    env = dict(os.environ, ADAPTERHUB_CATALOG=str(tmp_path / "catalog.db"))
+    by_name = subprocess.run(CLI + ["inspect", "demo_loha", "--json"], capture_output=True, text=True, env=env)
+    assert by_name.returncode == 0, by_name.stderr
+    assert json.loads(by_name.stdout)["type"] == "loha"
+    unknown = subprocess.run(CLI + ["inspect", "no_such_adapter"], capture_output=True, text=True, env=env)
+    assert unknown.returncode == 2 and "no_such_adapter" in unknown.stderr
     from PIL import Image
 
     image = Image.open(data["image"])

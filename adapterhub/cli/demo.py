@@ -13,16 +13,17 @@ from adapterhub.cli import output
               help="Folder for the example adapters and the image.")
 @click.option("--base", default="tiny-sd1", show_default=True, help="The base to run on.")
 @click.option("--weight", default=0.5, show_default=True, help="Weight of each adapter in the merge.")
+@click.option("--catalog", default=None, help="Catalog to register the examples in (default: $ADAPTERHUB_CATALOG or ./catalog.db).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def demo(out, base, weight, as_json):
+def demo(out, base, weight, catalog, as_json):
     """Build the tiny base, write an adapter of each type, inspect, merge and render an image."""
     from adapterhub.demo import run_demo
 
     output.quiet_model_loading()
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
-    result = run_demo(Path(out), base=base, weight=weight, progress=say)
+    result = run_demo(Path(out), base=base, weight=weight, catalog=catalog, progress=say)
     data = {"out": str(result.out), "image": str(result.image), "seconds": round(result.seconds, 1),
-            "adapters": result.adapters}
+            "adapters": result.adapters, "catalog": result.catalog}
 
     def render(d):
         output.table(d["adapters"], ["name", "type", "format", "base", "rank", "alpha", "targets"],
