@@ -282,3 +282,19 @@ def test_caption_model_matches_independent_generation(demo, tiny_blip, tmp_path)
     bad = CaptionConfig(dir=demo, captioner="caption", model=str(tmp_path / "missing"), mode="overwrite")
     assert main(["dataset", "caption", str(demo), "--captioner", "caption", "--mode", "overwrite",
                  "--model", str(bad.model)]) == 2
+
+
+def test_two_process_launch_equals_single_run(demo, tiny_clip, vocab, tmp_path, reference):
+    """A real two-process launch (torchrun sets RANK / WORLD_SIZE as accelerate launch does)."""
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [str(torchrun), "--nproc_per_node", "2", "-m", "adapterhub", "dataset", "caption", str(demo),
+            "--model", f"local-dir:{tiny_clip}", "--vocab", vocab[0], "--vocab", vocab[1],
+            "--top-k", "colors=1,things=3", "--mode", "overwrite", "--batch-size", "3", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0", "--json"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count('"shard": "1/2"') == 1 and out.stdout.count('"shard": "2/2"') == 1
+    assert snapshot(demo) == snapshot(reference[0])
