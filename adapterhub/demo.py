@@ -91,7 +91,7 @@ def run_demo(out: Path, base: str = "tiny-sd1", weight: float = 0.5, seed: int =
     progress(f"merging {len(mergeable)} adapters at weight {weight}"
              + (f", attaching {len(attached)} ({', '.join(a.type for a, _ in attached)})" if attached else ""))
     merge_adapters(pipe, mergeable)
-    handles = [a.attach(pipe, w) for a, w in attached]
+    handles = [a.attach(pipe, w, **a.plugin.example_options(pipe)) for a, w in attached]
     tokens = [a.info().get("token") for a, _ in entries if a.info().get("token")]
     prompt = ", ".join([PROMPT, *tokens])
     progress(f"rendering the merged model: {prompt!r}")

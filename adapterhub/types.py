@@ -123,9 +123,9 @@ class Adapter:
         """Bake this adapter into ``pipe``'s weights for good (validated first: all or nothing)."""
         self.plugin.merge_into(self, pipe, weight)
 
-    def attach(self, pipe, weight: float = 1.0) -> Handle:
+    def attach(self, pipe, weight: float = 1.0, **options) -> Handle:
         """Apply at run time; the handle changes the weight or detaches (bit-exact restore)."""
-        return self.plugin.attach(self, pipe, weight)
+        return self.plugin.attach(self, pipe, weight, **options)
 
     def save(self, path, format: str | None = None) -> Path:
         return self.plugin.save(self, Path(path), format)
@@ -152,6 +152,54 @@ class Handle:
 
     def __exit__(self, *exc):
         self.detach()
+
+
+class Trainable:
+    """The part of an adapter that trains, as the one training loop (``adapterhub.train``) sees it.
+
+    Returned by :meth:`AdapterType.make_trainable`. The loop optimises ``param_groups`` (each a dict
+    with ``params`` and a ``name``: ``unet``, ``text_encoder``, ``text_encoder_2`` or the type's own;
+    the loop sets each group's learning rate from the name), passes every caption through
+    ``caption``, adds ``extra_loss()`` to the diffusion loss, calls ``after_step()`` after each
+    optimiser step and writes the result with ``save``. ``trains_text`` says whether the text
+    encoders' output changes while training (then it is not cached). ``metadata`` holds the type's
+    own training metadata (kohya ``ss_network_*``; ``modelspec.architecture`` may name only the
+    adapter part, ``lora``, and the loop prefixes the base's). Nothing else about the type is known
+    to the loop.
+    """
+
+    def __init__(self, param_groups: list[dict], trains_text: bool = False, metadata: dict[str, str] | None = None):
+        self.param_groups = param_groups
+        self.trains_text = trains_text
+        self.metadata = dict(metadata or {})
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def caption(self, text: str) -> str:
+        """The caption the text encoder sees (a textual inversion inserts its token)."""
+        return text
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A regulariser added to the diffusion loss (None: nothing)."""
+        return None
+
+    def after_step(self) -> None:
+        """Called after every optimiser step (a textual inversion restores the rows it does not train)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a resumable checkpoint keeps of the trained tensors (default: every parameter)."""
+        return {str(i): p.detach().clone() for i, p in enumerate(self.parameters)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, p in enumerate(self.parameters):
+                p.copy_(state[str(i)])
+
+    def save(self, path: Path, metadata: dict[str, str]) -> Path:
+        """Write the trained adapter to ``path`` in the type's usual layout, with ``metadata``."""
+        raise NotImplementedError
 
 
 class AdapterType:
@@ -203,6 +251,13 @@ class AdapterType:
         with ``text``); used by ``adapterhub lora extract``."""
         raise AdapterError(None, f"{self.name}: does not declare the modules it targets")
 
+    def make_trainable(self, model, config) -> Trainable:
+        """Add this type's trainable modules to ``model`` (a pipeline whose weights are all frozen) and
+        return them as a :class:`Trainable`. ``config`` is the training config
+        (:class:`adapterhub.train.TrainConfig`), read by attribute (``rank``, ``alpha``, ``conv_rank``,
+        ``train_text_encoder``, ``token`` ...). Types that train list ``train`` in ``capabilities``."""
+        raise AdapterError(None, f"{self.name}: training is not supported")
+
     def merge_into(self, adapter: Adapter, pipe, weight: float) -> None:
         if not self.weight_space:
             raise AdapterError(adapter.path, f"{self.name} is not a weight delta and cannot be merged; "
@@ -211,9 +266,15 @@ class AdapterType:
 
         merge(pipe, [(adapter, weight)])
 
-    def attach(self, adapter: Adapter, pipe, weight: float) -> Handle:
+    def attach(self, adapter: Adapter, pipe, weight: float, **options) -> Handle:
         if not self.weight_space:
             raise AdapterError(adapter.path, f"{self.name}: attaching is not supported")
+        if options:
+            raise AdapterError(adapter.path, f"{self.name}: attach takes no options ({', '.join(options)})")
         from adapterhub.weights import attach
 
         return attach(pipe, adapter, weight)
+
+    def example_options(self, model) -> dict:
+        """Options ``attach`` needs for this type's example on ``model`` (a conditioning image ...)."""
+        return {}

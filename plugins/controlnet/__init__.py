@@ -1,0 +1,60 @@
+"""ControlNet: diffusers ``ControlNetModel`` folders and original (lllyasviel) single-file checkpoints.
+
+Not a weight delta: ``attach(adapter, pipe, weight, image=..., start=0.0, end=1.0)`` hooks the UNet
+call so the ControlNet adds its residuals at every step (see ``runtime``); several attached at once
+SUM, each with its own image, weight and guidance window, exactly like diffusers'
+``MultiControlNetModel``. ``detach`` removes the hook and leaves the UNet as it was, bit for bit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapterhub.errors import AdapterError
+from adapterhub.hookspecs import hookimpl
+from adapterhub.io import AdapterFile
+from adapterhub.types import Adapter, AdapterType, Handle, Sniff
+
+from . import formats, runtime
+
+
+class ControlNetType(AdapterType):
+    name = "controlnet"
+    description = "ControlNet (diffusers folder, original .safetensors/.pth): residuals from a conditioning image"
+    formats = (formats.DIFFUSERS, formats.LDM)
+    # no "example" capability yet: ``demo`` attaches every example without options, and a ControlNet
+    # needs its conditioning image (``example`` itself works)
+    capabilities = ("inspect", "attach", "save", "example")
+    example_suffix = ""
+    weight_space = False
+
+    def sniff(self, file: AdapterFile) -> Sniff | None:
+        return formats.sniff(file)
+
+    def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
+        return formats.parse(file, sniff, self.name)
+
+    def info(self, adapter: Adapter) -> dict:
+        return formats.summary(adapter)
+
+    def attach(self, adapter: Adapter, pipe, weight: float = 1.0, **options) -> Handle:
+        return runtime.attach(adapter, pipe, weight, **options)
+
+    def example_options(self, model) -> dict:
+        from adapterhub.conditioning import example_condition_image
+
+        return {"image": example_condition_image(model)}
+
+    def merge_into(self, adapter: Adapter, pipe, weight: float = 1.0) -> None:
+        raise AdapterError(adapter.path, "a ControlNet cannot be merged: it is a second network fed with a "
+                                         "conditioning image at every step; attach it instead")
+
+    def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
+        return formats.save(adapter, Path(path), format)
+
+    def example(self, model, path: Path, seed: int = 0, **options) -> Path:
+        return formats.example(model, Path(path), seed, **options)
+
+
+@hookimpl
+def adapterhub_adapter_types():
+    return [ControlNetType()]

@@ -1,0 +1,60 @@
+"""T2I-Adapter: diffusers ``T2IAdapter`` folders / safetensors and TencentARC's original ``.pth`` files.
+
+Not a weight delta: ``attach(adapter, pipe, weight, image=..., start=0.0, end=1.0)`` hooks the UNet call
+so the adapter's features (computed once per generation size) are added inside the down blocks at every
+step (see ``runtime``). Several attached at once SUM, ``sum_i w_i x F_i``: diffusers' ``MultiAdapter``
+with ``adapter_conditioning_scale=[w_1, ...]``; its default weights average, i.e. ``w_i = 1/N`` here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapterhub.errors import AdapterError
+from adapterhub.hookspecs import hookimpl
+from adapterhub.io import AdapterFile
+from adapterhub.types import Adapter, AdapterType, Handle, Sniff
+
+from . import formats, runtime
+
+
+class T2IAdapterType(AdapterType):
+    name = "t2i_adapter"
+    description = "T2I-Adapter (diffusers folder, TencentARC .pth): image features added inside the UNet"
+    formats = (formats.DIFFUSERS, formats.TENCENTARC)
+    # no "example" capability yet: ``demo`` attaches every example without options, and a T2I-Adapter
+    # needs its conditioning image (``example`` itself works)
+    capabilities = ("inspect", "attach", "save", "example")
+    example_suffix = ""
+    weight_space = False
+
+    def sniff(self, file: AdapterFile) -> Sniff | None:
+        return formats.sniff(file)
+
+    def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
+        return formats.parse(file, sniff, self.name)
+
+    def info(self, adapter: Adapter) -> dict:
+        return formats.summary(adapter)
+
+    def attach(self, adapter: Adapter, pipe, weight: float = 1.0, **options) -> Handle:
+        return runtime.attach(adapter, pipe, weight, **options)
+
+    def example_options(self, model) -> dict:
+        from adapterhub.conditioning import example_condition_image
+
+        return {"image": example_condition_image(model)}
+
+    def merge_into(self, adapter: Adapter, pipe, weight: float = 1.0) -> None:
+        raise AdapterError(adapter.path, "a T2I-Adapter cannot be merged: its features come from a conditioning "
+                                         "image at run time; attach it instead")
+
+    def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
+        return formats.save(adapter, Path(path), format)
+
+    def example(self, model, path: Path, seed: int = 0, **options) -> Path:
+        return formats.example(model, Path(path), seed, **options)
+
+
+@hookimpl
+def adapterhub_adapter_types():
+    return [T2IAdapterType()]
