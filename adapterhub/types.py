@@ -216,6 +216,9 @@ class AdapterType:
     capabilities: ClassVar[tuple[str, ...]] = ("inspect",)
     weight_space: ClassVar[bool] = False
     example_suffix: ClassVar[str] = ".safetensors"  # what ``example`` writes ("" for a folder)
+    # whether a merge can be written as an original-layout single file (a textual inversion's new
+    # tokens need the tokenizer and a larger embedding table, which only a diffusers folder holds)
+    single_file_merge: ClassVar[bool] = True
     source: Any = None  # filled by the registry: which distribution registered the type
 
     def sniff(self, file: AdapterFile) -> Sniff | None:

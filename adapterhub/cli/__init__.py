@@ -20,6 +20,9 @@ COMMANDS = {
     "catalog": "adapterhub.cli.catalog:catalog",
     "dataset": "adapterhub.cli.dataset:dataset",
     "lora": "adapterhub.cli.lora:lora",
+    "train": "adapterhub.cli.train:train_cmd",
+    "sample": "adapterhub.cli.sample:sample_cmd",
+    "png-info": "adapterhub.cli.sample:png_info_cmd",
 }
 
 

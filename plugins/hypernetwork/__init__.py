@@ -19,12 +19,18 @@ class HypernetworkType(AdapterType):
     name = "hypernetwork"
     description = "Hypernetwork (AUTOMATIC1111 .pt): MLPs on the cross-attention context; attached, never merged"
     formats = (formats.FORMAT,)
-    capabilities = ("inspect", "attach", "save", "example")
+    capabilities = ("inspect", "attach", "save", "example", "train")
     example_suffix = ".pt"
     weight_space = False
 
     def sniff(self, file: AdapterFile) -> Sniff | None:
         return formats.sniff(file)
+
+    def make_trainable(self, model, config):
+        """A1111 MLP pairs per context width (``config.hn_*``), attached for training; see ``train``."""
+        from .train import make_trainable
+
+        return make_trainable(model, config)
 
     def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
         return formats.parse(file, sniff, self.name)

@@ -64,6 +64,12 @@ class LoRAFamilyType(AdapterType):
 
         return target_modules(model, conv=self.conv, text=text)
 
+    def make_trainable(self, model, config):
+        """PEFT LoRA / LoCon / LoHa layers on this type's targets (see ``train``); others refuse."""
+        from .train import make_trainable
+
+        return make_trainable(self.name, model, config)
+
     def from_factors(self, factors, metadata=None, base: str = "unknown") -> Adapter:
         """A LoRA / LoCon from ``{target: (up, down, alpha)}`` (kohya shapes); see ``AdapterType``."""
         if self.name not in ("lora", "locon"):
@@ -75,17 +81,20 @@ class LoRAFamilyType(AdapterType):
 
 class LoRAType(LoRAFamilyType):
     name = "lora"
+    capabilities = LoRAFamilyType.capabilities + ("train",)
     description = "LoRA: low-rank deltas on linear and 1x1 conv layers (kohya, diffusers, PEFT)"
 
 
 class LoConType(LoRAFamilyType):
     name = "locon"
+    capabilities = LoRAFamilyType.capabilities + ("train",)
     description = "LoCon: LoRA that also targets 3x3 convs (kohya conv_dim, LyCORIS, CP/Tucker lora_mid)"
     conv = True
 
 
 class LoHaType(LoRAFamilyType):
     name = "loha"
+    capabilities = LoRAFamilyType.capabilities + ("train",)
     description = "LoHa: Hadamard product of two low-rank products (LyCORIS hada_*)"
     formats = ("lycoris", "peft")
     conv = True

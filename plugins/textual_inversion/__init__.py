@@ -27,11 +27,18 @@ class TextualInversionType(AdapterType):
     name = "textual_inversion"
     description = "Textual inversion: learned token embeddings (A1111 .pt/.safetensors, diffusers, SDXL clip_l/clip_g)"
     formats = formats.FORMATS
-    capabilities = ("inspect", "attach", "merge", "save", "example")
+    capabilities = ("inspect", "attach", "merge", "save", "example", "train")
+    single_file_merge = False
     weight_space = False
 
     def sniff(self, file: AdapterFile) -> Sniff | None:
         return formats.sniff(file)
+
+    def make_trainable(self, model, config):
+        """New token rows (``config.token``, ``num_vectors``, ``init_word``); see ``train``."""
+        from .train import make_trainable
+
+        return make_trainable(model, config)
 
     def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
         return formats.parse(file, sniff, self.name)

@@ -1,0 +1,136 @@
+"""``adapterhub train``: one command for every trainable adapter type.
+
+Every option comes from :class:`adapterhub.train.config.TrainConfig` (declared once there); each flag
+is also a key of the ``--config`` TOML file, and flags given on the command line override the file.
+``--print-config`` writes the resolved configuration as TOML and trains nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+
+from adapterhub.cli.output import emit, key_values, table
+
+
+def _click_type(hint, meta):
+    from adapterhub.train.config import _base_type
+
+    if meta.get("choices"):
+        return click.Choice(meta["choices"])
+    hint = _base_type(hint)
+    if typing.get_origin(hint) is tuple:
+        return str  # a comma-separated list, parsed by the config
+    if hint is Path:
+        return click.Path(path_type=Path)
+    return {int: int, float: float, str: str}.get(hint, str)
+
+
+def config_options(fn):
+    """One click option per TrainConfig field; all default to None, so only what was typed overrides."""
+    from adapterhub.train.config import fields, hints
+
+    types_ = hints()
+    for f in reversed(list(fields().values())):
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = f" [default: {default}]" if default not in (None, ()) else ""
+        help_text = f"{meta['help']}{shown}"
+        if types_[f.name] is bool:
+            off = "--no-" + flag[2:]
+            fn = click.option(f"{flag}/{off}", f.name, default=None, help=help_text)(fn)
+        else:
+            fn = click.option(flag, f.name, type=_click_type(types_[f.name], meta), default=None, help=help_text)(fn)
+    return fn
+
+
+class _Progress:
+    """Renders training events: a progress bar over steps with the running loss, and a few lines."""
+
+    def __init__(self, stack: ExitStack, quiet: bool):
+        self.stack, self.quiet, self.bar, self.task, self.cache_task = stack, quiet, None, None, None
+
+    def _progress(self):
+        if self.bar is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.bar = self.stack.enter_context(Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=Console(stderr=True)))
+        return self.bar
+
+    def __call__(self, kind: str, **data) -> None:
+        if kind == "skipped":  # a warning: shown with --json too (stderr)
+            click.echo(f"skipped {data['file']}: {data['problem']}", err=True)
+        if self.quiet:
+            return
+        if kind == "cache":
+            bar = self._progress()
+            if self.cache_task is None:
+                self.cache_task = bar.add_task("caching latents", total=data["total"], info="")
+            bar.advance(self.cache_task, data["n"])
+        elif kind == "start":
+            bar = self._progress()
+            trained = ", ".join(f"{k} {v:,}" for k, v in data["trainable"].items())
+            bar.console.print(f"training {data['images']} images ({data['with_repeats']} with repeats, "
+                              f"{data['validation']} held out) for {data['steps']} steps on {data['device']}; "
+                              f"trainable parameters: {trained}; text conditioning "
+                              f"{'cached' if data['text_cached'] else 'computed each step'}; seed {data['seed']}")
+            self.task = bar.add_task("training", total=data["steps"], info="")
+        elif kind == "resumed":
+            self._progress().console.print(f"resumed at step {data['step']} from {data['state']}")
+            if self.task is not None:
+                self.bar.update(self.task, completed=data["step"])
+        elif kind == "step" and self.task is not None:
+            info = f"loss {data['loss']:.4f}  lr {data['lr']:.3g}"
+            if data.get("val_loss") is not None:
+                info += f"  val {data['val_loss']:.4f}"
+            self.bar.update(self.task, completed=data["step"], info=info)
+        elif kind == "checkpoint":
+            self._progress().console.print(f"checkpoint step {data['step']}: {data['adapter']}")
+
+
+@click.command("train")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="TOML file of options (the flags' names); flags override it")
+@click.option("--print-config", is_flag=True, help="print the resolved configuration as TOML and exit")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@config_options
+def train_cmd(config_file, print_config, as_json, **options):
+    """Train a LoRA, LoCon, LoHa, textual inversion or hypernetwork on a dataset folder.
+
+    \b
+    adapterhub train --type lora --base tiny-sd1 --dataset datasets/demo --out demo.safetensors \\
+        --resolution 64 --bucket-step 32 --max-steps 100
+    adapterhub train --config run.toml --lr 5e-5
+    adapterhub train --resume demo-step000050-state
+    """
+    from adapterhub.train.config import resolve, to_toml
+
+    cfg = resolve(config_file, options, check=not print_config)
+    if print_config:
+        click.echo(to_toml(cfg), nl=False)
+        return
+    from adapterhub.cli.output import quiet_model_loading
+    from adapterhub.train import train
+
+    quiet_model_loading()
+    with ExitStack() as stack:
+        result = train(cfg, on_event=_Progress(stack, as_json))
+    emit(result, as_json, _render)
+
+
+def _render(result: dict) -> None:
+    shown = {k: result[k] for k in ("out", "type", "base", "steps", "epochs", "images", "first_loss", "last_loss",
+                                    "validation_loss", "seed", "seconds") if result.get(k) is not None}
+    shown["checkpoints"] = len(result["checkpoints"])
+    shown["logs"] = ", ".join(result["logs"])
+    key_values(shown, title="trained")
+    if result["skipped"]:
+        table(result["skipped"], ["file", "problem"], title="skipped images")

@@ -1,0 +1,470 @@
+"""The one training loop: (latents, text conditioning, noise, timesteps) -> loss, for every adapter type.
+
+An adapter type contributes only a :class:`adapterhub.types.Trainable` (its parameters, its caption
+rewrite, its extra loss, its per-step hook and its writer), through ``AdapterType.make_trainable``.
+Nothing here names a type.
+
+Per optimiser step: ``gradient_accumulation`` batches, each one bucket; latents drawn from the cached
+distribution and scaled; noise (plus ``noise_offset``) and uniform timesteps from one generator; the
+UNet predicts epsilon or v (the base's scheduler decides); MSE per sample, weighted by min-SNR-gamma
+when asked; the trainable's extra loss added. Accelerate places the models, runs the backward pass and
+clips. Progress goes to ``on_event(kind, **data)``; nothing here prints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from adapterhub.errors import AdapterhubError
+from adapterhub.train import data as D
+from adapterhub.train import metadata as M
+from adapterhub.train import state as S
+from adapterhub.train.conditioning import TextConditioner, time_ids
+from adapterhub.train.config import TrainConfig, validate
+from adapterhub.train.schedule import LrFactor, a1111_end, parse_a1111
+
+DEFAULT_STEPS = 1600  # kohya's --max_train_steps default
+VALIDATION_SEED_OFFSET = 7919
+
+
+class TrainingInterrupted(AdapterhubError):
+    """Ctrl-C: a resumable checkpoint was written; the message says where."""
+
+    exit_code = 130
+
+
+@dataclasses.dataclass
+class Progress:
+    step: int = 0
+    micro: int = 0  # batches consumed (the data position)
+    history: list = dataclasses.field(default_factory=list)  # {"step", "loss", "lr"[, "val_loss"]}
+
+
+def _silent(kind: str, **data) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# setup
+# --------------------------------------------------------------------------------------------
+def trainable_type(name: str):
+    from adapterhub.plugins import adapter_type, adapter_types
+
+    trainable = sorted(n for n, t in adapter_types().items() if "train" in t.capabilities)
+    if name not in adapter_types() or "train" not in adapter_type(name).capabilities:
+        raise AdapterhubError(f"cannot train {name!r}: trainable types are {', '.join(trainable)}")
+    return adapter_type(name)
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise AdapterhubError(f"--device {cfg.device}: CUDA is not available")
+    if cfg.device.startswith("cuda:"):
+        torch.cuda.set_device(int(cfg.device.split(":", 1)[1]))
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps its settings in a process-wide singleton that refuses a second run with another
+    # precision (the Python API may train several times in one process); the distributed part is kept
+    reset = getattr(AcceleratorState, "_reset_state", None)
+    if reset is not None:
+        reset(reset_partial_state=False)
+    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+
+
+def _freeze(pipe) -> None:
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
+
+
+def _optimizer(cfg: TrainConfig, trainable, a1111) -> torch.optim.Optimizer:
+    groups = []
+    for group in trainable.param_groups:
+        lr = cfg.lr
+        if group.get("name", "").startswith("text_encoder") and cfg.text_encoder_lr:
+            lr = cfg.text_encoder_lr
+        groups.append({**group, "lr": 1.0 if a1111 else lr})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _total_steps(cfg: TrainConfig, steps_per_epoch: int, a1111) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    if cfg.epochs:
+        return cfg.epochs * steps_per_epoch
+    if a1111 and a1111_end(a1111):
+        return a1111_end(a1111)
+    return DEFAULT_STEPS
+
+
+class Ema:
+    """An exponential moving average of the trained tensors, swapped in for saving."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    @contextmanager
+    def swapped(self):
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+
+
+@contextmanager
+def _sigint_flag():
+    """First Ctrl-C sets the flag (the loop checkpoints and stops); a second one interrupts at once."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig, on_event=None):
+        validate(cfg)
+        self.emit = on_event or _silent
+        self.adapter_type = trainable_type(cfg.type)
+        if cfg.seed is None:
+            cfg = dataclasses.replace(cfg, seed=random.SystemRandom().randrange(2 ** 31))
+        self.cfg = cfg
+        self.resumed = S.read_state(cfg.resume) if cfg.resume else None
+        self.data = D.collect(cfg)
+        self.started = time.time()
+        self.session_id = random.SystemRandom().randrange(2 ** 32)
+        self.progress = Progress()
+
+    # -- models ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from diffusers import DDPMScheduler
+
+        from adapterhub.base import cache_dir, load_base
+        from adapterhub.weights import architecture_of
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.emit("load", base=cfg.base)
+        self.accelerator = _accelerator(cfg)
+        self.device = self.accelerator.device
+        self.pipe = load_base(cfg.base, device=str(self.device))
+        self.arch = architecture_of(self.pipe)
+        _freeze(self.pipe)
+        self.trainable = self.adapter_type.make_trainable(self.pipe, cfg)
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.v_prediction = self.noise_scheduler.config.prediction_type == "v_prediction"
+        vae = self.pipe.vae
+        self.latent_scale = (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "latents"
+        report = D.cache_latents(self.data, vae, cache, self.device,
+                                 on_progress=lambda n, total: self.emit("cache", n=n, total=total))
+        for skipped in self.data.skipped:
+            self.emit("skipped", **skipped)
+        frozen_text = not self.trainable.trains_text
+        self.conditioner = TextConditioner(self.pipe, cfg.clip_skip, self.device,
+                                           cache=frozen_text and not D.captions_vary(cfg))
+        self.conditioner.warm(self.trainable.caption(s.caption) for s in self.data.samples + self.data.validation)
+        self._schedule()
+        self.emit("start", images=len(self.data.samples), with_repeats=self.data.images_with_repeats,
+                  skipped=len(self.data.skipped), validation=len(self.data.validation), steps=self.total,
+                  epochs=self.epochs, batches_per_epoch=self.bpe, latents=report,
+                  trainable={g["name"]: sum(p.numel() for p in g["params"]) for g in self.trainable.param_groups},
+                  text_cached=bool(self.conditioner.cache), device=str(self.device), seed=cfg.seed)
+
+    def _schedule(self) -> None:
+        from torch.optim.lr_scheduler import LambdaLR
+
+        cfg = self.cfg
+        self.bpe = D.batches_per_epoch(self.data.samples, cfg.batch_size)
+        steps_per_epoch = math.ceil(self.bpe / cfg.gradient_accumulation)
+        self.a1111 = parse_a1111(cfg.lr_schedule) if cfg.lr_schedule else None
+        self.total = _total_steps(cfg, steps_per_epoch, self.a1111)
+        self.epochs = math.ceil(self.total / steps_per_epoch)
+        self.params = self.trainable.parameters
+        optimizer = _optimizer(cfg, self.trainable, self.a1111)
+        self.lr_scheduler = LambdaLR(optimizer, LrFactor(cfg.lr_scheduler, cfg.lr_warmup_steps, self.total, self.a1111))
+        self.optimizer = optimizer
+        self.unet = self.accelerator.prepare_model(self.pipe.unet)
+        self.accel_optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self.noise = torch.Generator().manual_seed(cfg.seed)
+        self.captions = random.Random(cfg.seed)
+        self.ema = Ema(self.params, cfg.ema_decay) if cfg.ema_decay else None
+        if cfg.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+        self._epoch_cache: dict[int, list[list[int]]] = {}
+
+    def _restore(self) -> None:
+        trained, state = self.resumed
+        self.trainable.load_state_dict(trained)
+        self.optimizer.load_state_dict(state["optimizer"])
+        scheduler_state = dict(state["scheduler"])
+        scheduler_state["lr_lambdas"] = [None] * len(self.lr_scheduler.lr_lambdas)
+        self.lr_scheduler.load_state_dict(scheduler_state)
+        S.restore_rng(state["rng"], self.noise, self.captions)
+        self.progress = Progress(state["step"], state["micro"], list(state["history"]))
+        self.started, self.session_id = state["started"], state["session_id"]
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.shadow = [t.to(self.device) for t in state["ema"]]
+        self.emit("resumed", step=self.progress.step, state=str(self.cfg.resume))
+
+    # -- one step -------------------------------------------------------------------------------
+    def _batch(self, micro: int) -> list[D.Sample]:
+        epoch, index = divmod(micro, self.bpe)
+        if epoch not in self._epoch_cache:
+            self._epoch_cache = {epoch: D.epoch_batches(self.data.samples, self.cfg.batch_size, self.cfg.seed, epoch)}
+        return [self.data.samples[i] for i in self._epoch_cache[epoch][index]]
+
+    def _loss(self, samples: list[D.Sample], gen: torch.Generator, captions: list[str], grad: bool) -> torch.Tensor:
+        mean, std = D.load_latents(samples)
+        latents = mean + std * torch.randn(mean.shape, generator=gen)
+        scale, shift = self.latent_scale
+        latents = ((latents - shift) if shift is not None else latents) * scale
+        noise = torch.randn(latents.shape, generator=gen)
+        if self.cfg.noise_offset:
+            noise = noise + self.cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen)
+        steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(samples),), generator=gen)
+        latents, noise, steps = latents.to(self.device), noise.to(self.device), steps.to(self.device)
+        hidden, pooled = self.conditioner(captions, grad=grad and self.trainable.trains_text)
+        extra = {}
+        if pooled is not None:
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids(samples).to(self.device)}
+        noisy = self.noise_scheduler.add_noise(latents, noise, steps)
+        with self.accelerator.autocast():
+            prediction = self.unet(noisy, steps, hidden, **extra).sample
+        target = self.noise_scheduler.get_velocity(latents, noise, steps) if self.v_prediction else noise
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.cfg.min_snr_gamma:
+            loss = loss * self._snr_weight(steps)
+        return loss.mean()
+
+    def _snr_weight(self, steps: torch.Tensor) -> torch.Tensor:
+        alpha_bar = self.noise_scheduler.alphas_cumprod.to(self.device)[steps].float()
+        snr = alpha_bar / (1 - alpha_bar)
+        clipped = torch.clamp(snr, max=self.cfg.min_snr_gamma)
+        return clipped / (snr + 1) if self.v_prediction else clipped / snr
+
+    def _captions(self, samples: list[D.Sample]) -> list[str]:
+        return [self.trainable.caption(D.process_caption(s.caption, self.cfg, self.captions)) for s in samples]
+
+    def step(self) -> tuple[float, float]:
+        cfg, total_loss = self.cfg, 0.0
+        for _ in range(cfg.gradient_accumulation):
+            samples = self._batch(self.progress.micro)
+            loss = self._loss(samples, self.noise, self._captions(samples), grad=True)
+            extra = self.trainable.extra_loss()
+            if extra is not None:
+                loss = loss + extra
+            if not torch.isfinite(loss):
+                raise AdapterhubError(f"step {self.progress.step + 1}: the loss is {loss.item()} (try a lower "
+                                      "--lr, or --mixed-precision no / bf16)")
+            self.accelerator.backward(loss / cfg.gradient_accumulation)
+            total_loss += loss.item() / cfg.gradient_accumulation
+            self.progress.micro += 1
+        if cfg.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.accel_optimizer.step()
+        self.lr_scheduler.step()
+        self.accel_optimizer.zero_grad(set_to_none=True)
+        self.trainable.after_step()
+        if self.ema is not None:
+            self.ema.update()
+        self.progress.step += 1
+        return total_loss, lr
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        """Mean loss over the held-out images with fixed noise and timesteps (comparable across steps)."""
+        if not self.data.validation:
+            return None
+        gen = torch.Generator().manual_seed(self.cfg.seed + VALIDATION_SEED_OFFSET)
+        by_bucket: dict = {}
+        for s in sorted(self.data.validation, key=lambda s: s.rel):
+            by_bucket.setdefault(s.bucket, []).append(s)
+        total, count = 0.0, 0
+        for bucket in sorted(by_bucket):
+            group = by_bucket[bucket]
+            for i in range(0, len(group), self.cfg.batch_size):
+                chunk = group[i:i + self.cfg.batch_size]
+                captions = [self.trainable.caption(s.caption) for s in chunk]
+                total += self._loss(chunk, gen, captions, grad=False).item() * len(chunk)
+                count += len(chunk)
+        return total / count
+
+    # -- saving ---------------------------------------------------------------------------------
+    def _run_facts(self) -> dict:
+        from adapterhub.train.metadata import base_facts
+
+        if not hasattr(self, "_base_facts"):
+            self._base_facts = base_facts(self.cfg.base, self.arch, self.v_prediction)
+        return {"session_id": self.session_id, "started": self.started, "step": self.progress.step,
+                "epoch": math.ceil(self.progress.micro / self.bpe), "epochs": self.epochs, "total_steps": self.total,
+                "batches_per_epoch": self.bpe, "optimizer": type(self.optimizer).__name__,
+                "base_facts": self._base_facts}
+
+    def metadata(self) -> dict[str, str]:
+        return M.training_metadata(self.cfg, self._run_facts(), self.data, self.trainable.metadata, self.arch,
+                                   self.v_prediction)
+
+    def write_adapter(self, target: Path) -> Path:
+        """The adapter at the current step, written to a hidden file then finished into ``target``."""
+        target = Path(target)
+        partial = target.with_name(f".{target.stem}.partial{target.suffix}")
+        meta = self.metadata()
+        try:
+            with self.ema.swapped() if self.ema else _nothing():
+                self.trainable.save(partial, meta)
+            if target.suffix.lower() == ".safetensors":
+                M.finish_safetensors(partial, target)
+                partial.unlink(missing_ok=True)
+            else:
+                os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
+
+    def checkpoint(self) -> tuple[Path, Path]:
+        adapter_path, state_dir = S.checkpoint_paths(self.cfg.out, self.progress.step)
+        self.write_adapter(adapter_path)
+        scheduler_state = dict(self.lr_scheduler.state_dict())
+        scheduler_state.pop("lr_lambdas", None)
+        state = {"step": self.progress.step, "micro": self.progress.micro, "history": self.progress.history,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": scheduler_state,
+                 "rng": S.rng_state(self.noise, self.captions), "started": self.started,
+                 "session_id": self.session_id, "ema": self.ema.shadow if self.ema else None}
+        S.write_state(state_dir, self.cfg.as_dict(), self.trainable.state_dict(), state)
+        if self.cfg.keep_last:
+            S.prune(self.cfg.out, self.cfg.keep_last)
+        self.emit("checkpoint", step=self.progress.step, adapter=str(adapter_path), state=str(state_dir))
+        return adapter_path, state_dir
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.setup()
+        if self.resumed:
+            self._restore()
+        self.pipe.unet.train()
+        checkpoints = []
+        with _sigint_flag() as interrupted:
+            while self.progress.step < self.total:
+                if interrupted["set"]:
+                    _, state_dir = self.checkpoint()
+                    write_loss_log(self.cfg.out, self.progress.history)
+                    raise TrainingInterrupted(f"interrupted at step {self.progress.step}; resume with "
+                                              f"adapterhub train --resume '{state_dir}'")
+                loss, lr = self.step()
+                row = {"step": self.progress.step, "loss": loss, "lr": lr}
+                if self._validate_now():
+                    row["val_loss"] = self.validation_loss()
+                self.progress.history.append(row)
+                self.emit("step", total=self.total, **row)
+                if self.cfg.save_every and self.progress.step % self.cfg.save_every == 0 \
+                        and self.progress.step < self.total:
+                    checkpoints.append([str(p) for p in self.checkpoint()])
+        out = self.write_adapter(self.cfg.out)
+        logs = write_loss_log(self.cfg.out, self.progress.history)
+        result = self.result(out, checkpoints, logs)
+        if self.cfg.register:
+            result["catalog"] = register(out)
+        self.emit("saved", path=str(out))
+        return result
+
+    def _validate_now(self) -> bool:
+        if not self.data.validation:
+            return False
+        every = self.cfg.save_every or max(1, self.total // 10)
+        return self.progress.step % every == 0 or self.progress.step == self.total
+
+    def result(self, out: Path, checkpoints: list, logs: list[Path]) -> dict:
+        history = self.progress.history
+        head = [r["loss"] for r in history[: max(1, len(history) // 10)]]
+        tail = [r["loss"] for r in history[-max(1, len(history) // 10):]]
+        vals = [r["val_loss"] for r in history if r.get("val_loss") is not None]
+        return {"out": str(out), "type": self.cfg.type, "base": self.cfg.base, "steps": self.progress.step,
+                "epochs": self.epochs, "images": len(self.data.samples), "skipped": self.data.skipped,
+                "first_loss": sum(head) / len(head) if head else None,
+                "last_loss": sum(tail) / len(tail) if tail else None,
+                "validation_loss": vals[-1] if vals else None, "checkpoints": checkpoints,
+                "logs": [str(p) for p in logs], "seed": self.cfg.seed, "seconds": round(time.time() - self.started, 2)}
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def write_loss_log(out: Path, history: list[dict]) -> list[Path]:
+    """``NAME.loss.csv`` (step, loss, lr, val_loss) and ``NAME.loss.png`` beside the output."""
+    from adapterhub.io import atomic_path
+    from adapterhub.train.plot import loss_png
+
+    out = Path(out)
+    csv = out.with_name(out.stem + ".loss.csv")
+    lines = ["step,loss,lr,val_loss"] + [f"{r['step']},{r['loss']:.6g},{r['lr']:.6g},"
+                                         f"{'' if r.get('val_loss') is None else format(r['val_loss'], '.6g')}"
+                                         for r in history]
+    with atomic_path(csv, suffix=".csv") as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    written = [csv]
+    if history:
+        written.append(loss_png(out.with_name(out.stem + ".loss.png"), history))
+    return written
+
+
+def register(path: Path) -> dict:
+    """Add the output to the catalog (``$ADAPTERHUB_CATALOG`` or ./catalog.db)."""
+    from adapterhub.catalog import open_catalog, scan
+
+    with open_catalog(None, create=True) as catalog:
+        return scan(catalog, [Path(path)], jobs=1).as_dict()
+
+
+def train(config: TrainConfig, on_event=None) -> dict:
+    """Train ``config.type`` on ``config.dataset`` and write ``config.out``; returns a summary dict.
+
+    ``on_event(kind, **data)`` receives ``load``, ``cache``, ``skipped``, ``start``, ``resumed``,
+    ``step``, ``checkpoint`` and ``saved`` events. Ctrl-C (SIGINT) writes a resumable checkpoint and
+    raises :class:`TrainingInterrupted`.
+    """
+    return Trainer(config, on_event).run()
