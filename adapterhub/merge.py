@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-from adapterhub.api import load
-from adapterhub.errors import AdapterhubError
+from adapterhub.errors import AdapterError, AdapterhubError
 from adapterhub.types import Adapter
 from adapterhub.weights import merge
 
@@ -35,22 +34,31 @@ def merge_adapters(pipe, entries: list[tuple[Adapter, float]]) -> None:
             adapter.merge_into(pipe, weight)
 
 
-def merge_files(base: str, specs: list[tuple[Path, float]], out: Path, dtype: str | None = None,
+def merge_files(base: str, specs, out: Path, dtype: str | None = None,
                 progress=lambda message: None) -> MergeResult:
+    """``specs``: ``(path, weight)`` pairs, or stack entries / a :class:`~adapterhub.stack.Stack` (separate
+    text-encoder and UNet multipliers, block weights); applied as a stack in ``merge`` mode."""
     from adapterhub.base import load_base
     from adapterhub.checkpoint import save_pipeline
+    from adapterhub.stack import Stack
 
     if dtype is not None and dtype not in DTYPES:
         raise AdapterhubError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     start = time.perf_counter()
-    progress(f"reading {len(specs)} adapter(s)")
-    entries = [(load(path), weight) for path, weight in specs]
+    stack = specs if isinstance(specs, Stack) else Stack(specs)
+    progress(f"reading {len(stack)} adapter(s)")
+    stack.load()
+    if Path(out).suffix == ".safetensors":
+        for entry in stack.entries:
+            adapter = entry.adapter
+            if not adapter.plugin.single_file_merge:
+                raise AdapterError(adapter.path, f"a {adapter.type} cannot be baked into a single-file checkpoint "
+                                                 "(its tokens need a tokenizer): write a diffusers folder instead")
     progress(f"loading base {base}")
     pipe = load_base(base)
     progress("merging")
-    merge_adapters(pipe, entries)
+    stack.apply(pipe, mode="merge")
     progress(f"writing {out}")
     save_pipeline(pipe, out, dtype=DTYPES[dtype] if dtype else None)
-    adapters = [{"path": str(a.path), "type": a.type, "format": a.format, "weight": w, "targets": len(a.patches)}
-                for a, w in entries]
+    adapters = [entry.summary() for entry in stack.entries]
     return MergeResult(Path(out), base, adapters, time.perf_counter() - start)

@@ -9,14 +9,19 @@ compiled sampling backend all go through :class:`WeightPatcher`:
   cast once; the result is written with ``param.data.copy_`` (never a new tensor, so compiled graphs
   and CUDA graphs stay valid);
 * the pristine copy of each touched tensor is kept until nothing patches it any more, then copied
-  back, so removal restores the original exactly.
+  back, so removal restores the original exactly;
+* a weight is one float, or one per target module path (TE / UNet multipliers, block weights), and
+  :meth:`WeightPatcher.change` swaps whole sets of contributions at once, recomputing only the
+  parameters whose contributions change.
 """
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Union
 
 import torch
 from torch import nn
@@ -107,6 +112,30 @@ def bind(model, adapter: Adapter) -> list[Binding]:
     return bindings
 
 
+# A contribution's weight: one multiplier for every patch, or one per target module path (a mapping
+# that names every target, or a function of the target): TE/UNet multipliers and block weights.
+Weight = Union[float, Mapping[str, float], Callable[[str], float]]
+
+
+def resolve_weights(bindings: list[Binding], weight: Weight) -> list[float]:
+    """One float multiplier per binding; raises before anything changes if one is missing or not finite."""
+    if isinstance(weight, Mapping):
+        missing = next((b for b in bindings if b.patch.target not in weight), None)
+        if missing is not None:
+            raise AdapterError(missing.adapter.path, f"no weight given for {missing.patch.target}", missing.patch.source)
+        values = [float(weight[b.patch.target]) for b in bindings]
+    elif callable(weight):
+        values = [float(weight(b.patch.target)) for b in bindings]
+    else:  # a number (float, int, numpy or 0-d tensor), as before
+        values = [float(weight)] * len(bindings)
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is not None:
+        b = bindings[bad]
+        raise AdapterError(b.adapter.path, f"weight {values[bad]} for {b.patch.target} is not a finite number",
+                           b.patch.source)
+    return values
+
+
 def _accumulate(acc: torch.Tensor, group: Iterable[tuple[Binding, float]]) -> None:
     for binding, weight in group:
         if weight:
@@ -136,9 +165,12 @@ def _by_param(pairs: Iterable[tuple[Binding, float]]) -> dict[int, list[tuple[Bi
     return groups
 
 
-def merge(model, entries: list[tuple[Adapter, float]]) -> None:
-    """Bake ``(adapter, weight)`` pairs into the model's weights for good: all bound first."""
-    groups = _by_param((b, w) for adapter, w in entries for b in bind(model, adapter))
+def merge(model, entries: list[tuple[Adapter, Weight]]) -> None:
+    """Bake ``(adapter, weight)`` pairs into the model's weights for good: all bound first.
+
+    A weight is a float, or per target module path a mapping / function (see :data:`Weight`)."""
+    bound = [(bindings, resolve_weights(bindings, w)) for bindings, w in ((bind(model, a), w) for a, w in entries)]
+    groups = _by_param(pair for bindings, values in bound for pair in zip(bindings, values))
     with torch.no_grad():
         for group in groups.values():
             param = group[0][0].param
@@ -152,16 +184,22 @@ class WeightPatcher:
 
     def __init__(self):
         self.pristine: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(param) -> (param, copy)
-        self.contributions: dict[int, tuple[list[Binding], float]] = {}  # handle id -> (bindings, weight)
+        self.contributions: dict[int, tuple[list[Binding], Weight]] = {}  # handle id -> (bindings, weight)
+        self.resolved: dict[int, list[float]] = {}  # handle id -> one multiplier per binding
 
     def _params_of(self, bindings: list[Binding]) -> dict[int, torch.Tensor]:
         return {id(b.param): b.param for b in bindings}
 
-    def _refresh(self, params: dict[int, torch.Tensor]) -> None:
+    def _groups(self, params: dict[int, torch.Tensor]) -> dict[int, list[tuple[Binding, float]]]:
+        """Per parameter, its live (binding, multiplier) pairs in contribution order."""
+        return _by_param((b, w) for key, (bindings, _) in self.contributions.items()
+                         for b, w in zip(bindings, self.resolved[key]) if id(b.param) in params)
+
+    def _refresh(self, params: dict[int, torch.Tensor], groups=None, fresh: frozenset = frozenset()) -> None:
         """Recompute the given parameters from their pristine copies and every live contribution,
-        in contribution order, so the result equals a fresh merge of the same entries bit for bit."""
-        pairs = ((b, w) for bindings, w in self.contributions.values() for b in bindings if id(b.param) in params)
-        groups = _by_param(pairs)
+        in contribution order, so the result equals a fresh merge of the same entries bit for bit.
+        A ``fresh`` parameter (copied just now) still equals its pristine copy: no copy back needed."""
+        groups = self._groups(params) if groups is None else groups
         with torch.no_grad():
             for pid in params:
                 param, pristine = self.pristine[pid]
@@ -169,25 +207,67 @@ class WeightPatcher:
                     param.copy_(pristine)
                     del self.pristine[pid]
                 else:
-                    _apply(param, pristine, groups[pid])
+                    _apply(param, param if pid in fresh else pristine, groups[pid])
 
-    def add(self, bindings: list[Binding], weight: float) -> int:
-        key = next(self._ids)
-        for pid, param in self._params_of(bindings).items():
-            if pid not in self.pristine:
-                self.pristine[pid] = (param, param.detach().clone())
-        self.contributions[key] = (bindings, float(weight))
-        self._refresh(self._params_of(bindings))
-        return key
+    def add(self, bindings: list[Binding], weight: Weight) -> int:
+        return self.change(add=[(bindings, weight)])[0]
 
-    def set_weight(self, key: int, weight: float) -> None:
-        bindings, _ = self.contributions[key]
-        self.contributions[key] = (bindings, float(weight))
-        self._refresh(self._params_of(bindings))
+    def set_weight(self, key: int, weight: Weight) -> None:
+        self.change(update={key: weight})
 
     def remove(self, key: int) -> None:
-        bindings, _ = self.contributions.pop(key)
-        self._refresh(self._params_of(bindings))
+        self.change(remove=[key])
+
+    def change(self, remove: Iterable[int] = (), add: Iterable[tuple[list[Binding], Weight]] = (),
+               update: Mapping[int, Weight] | None = None) -> list[int]:
+        """Remove, add and re-weight contributions in one step; returns the keys of the added ones.
+
+        Every weight is checked before the first change. Only parameters whose ordered list of
+        (patch, multiplier) changes are recomputed (once each, from the pristine copy), so switching
+        from one set of contributions to another leaves the parameters they share unchanged, and a
+        parameter touched by neither is never read or written.
+        """
+        remove, add, update = list(remove), list(add), dict(update or {})
+        for key in [*remove, *update]:
+            if key not in self.contributions:
+                raise KeyError(f"no contribution {key}")
+        new_values = {key: resolve_weights(self.contributions[key][0], w) for key, w in update.items()}
+        added = [(bindings, w, resolve_weights(bindings, w)) for bindings, w in add]
+        affected: dict[int, torch.Tensor] = {}
+        for key in remove:
+            affected.update(self._params_of(self.contributions[key][0]))
+        for key, values in new_values.items():
+            bindings = self.contributions[key][0]
+            affected.update((id(b.param), b.param) for b, old, new in zip(bindings, self.resolved[key], values)
+                            if old != new)
+        for bindings, _, _ in added:
+            affected.update(self._params_of(bindings))
+        before = self._groups(affected)
+        for key in remove:
+            del self.contributions[key], self.resolved[key]
+        for key, w in update.items():
+            self.contributions[key] = (self.contributions[key][0], w)
+            self.resolved[key] = new_values[key]
+        keys, fresh = [], set()
+        for bindings, w, values in added:
+            key = next(self._ids)
+            for pid, param in self._params_of(bindings).items():
+                if pid not in self.pristine:
+                    self.pristine[pid] = (param, param.detach().clone())
+                    fresh.add(pid)
+            self.contributions[key], self.resolved[key] = (bindings, w), values
+            keys.append(key)
+        after = self._groups(affected)
+        changed = {pid: p for pid, p in affected.items() if not _same_group(before.get(pid), after.get(pid))}
+        self._refresh(changed, {pid: g for pid, g in after.items() if pid in changed}, frozenset(fresh))
+        return keys
+
+
+def _same_group(a: list[tuple[Binding, float]] | None, b: list[tuple[Binding, float]] | None) -> bool:
+    """Whether two parameter groups give the same result: the same patches, in order, at the same weights."""
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(x.patch is y.patch and wx == wy for (x, wx), (y, wy) in zip(a, b))
 
 
 _patchers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

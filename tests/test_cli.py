@@ -135,3 +135,14 @@ def test_demo_runs_offline(tmp_path):
 
     image = Image.open(data["image"])
     assert image.size[0] == 3 * image.size[1] - 60  # three 256 px panels under a 20 px caption strip
+
+
+def test_textual_inversion_merges_into_a_folder_not_a_single_file(tmp_path, tiny_sd1):
+    ti = adapter_type("textual_inversion").example(tiny_sd1, tmp_path / "zzqtoken.safetensors", seed=1)
+    res = run("merge", "--base", "tiny-sd1", "--out", tmp_path / "m.safetensors", ti)
+    assert res.returncode == 2 and "single-file" in res.stderr and "zzqtoken.safetensors" in res.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+    res = run("merge", "--base", "tiny-sd1", "--out", tmp_path / "m", ti)
+    assert res.returncode == 0, res.stderr
+    merged = load_base(str(tmp_path / "m"))
+    assert merged.tokenizer.convert_tokens_to_ids("zzqtoken") >= 49408

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from adapterhub.cli import output
-from adapterhub.cli.args import resolve_adapter
+from adapterhub.names import resolve_adapter
 
 
 def _render(facts: dict) -> None:

@@ -6,7 +6,7 @@ from contextlib import ExitStack
 import click
 
 from adapterhub.cli import output
-from adapterhub.cli.args import resolve_adapter, split_weight
+from adapterhub.names import resolve_adapter, split_weight
 
 COLUMNS = ["module", "rank", "fro %", "energy %", "error"]
 # module paths shortened for the table only (--json has them whole)

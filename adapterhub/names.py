@@ -1,4 +1,6 @@
-"""Argument parsing shared by commands: ``FILE[:WEIGHT]`` specs and adapter names."""
+"""The one rule for naming adapters: a path, a catalog name or hash prefix, and ``FILE[:WEIGHT]`` specs.
+
+Used by the CLI and by services (the Stack); it sits below both."""
 from __future__ import annotations
 
 import importlib.util

@@ -1,0 +1,173 @@
+"""The webui's ``parameters`` text ("infotext"): writing it, reading it back, and the hashes it names.
+
+Layout, quoting and key order follow AUTOMATIC1111 v1.9/1.10 ``create_infotext`` and
+``infotext_utils.parse_generation_parameters`` (sampling.md §1): the prompt as typed (``<lora:…>`` tags
+included), an optional ``Negative prompt:`` line, then ``Key: value, …`` with ``Steps`` first; a value
+containing ``,``, ``:`` or a newline is JSON-quoted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # infotext_utils.re_param_code
+RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+KEY_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash",
+             "VAE", "Clip skip", "ENSD", "RNG", "Tiling", "Lora hashes", "TI hashes", "Emphasis", "Version")
+DEFAULTS = {"Clip skip": "1", "RNG": "GPU", "Schedule type": "Automatic"}
+
+
+def quote(text: Any) -> Any:
+    """``infotext_utils.quote``: JSON-quote a value containing ``,``, ``\\n`` or ``:``."""
+    s = str(text)
+    if "," not in s and "\n" not in s and ":" not in s:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def unquote(text: str) -> str:
+    if len(text) == 0 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def number(value: float) -> str:
+    """A float the way real infotexts show it: ``7`` for 7.0, else Python's shortest repr."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def ordered(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The webui's key order; unknown keys keep their order, before ``Version``."""
+    known = {k: params[k] for k in KEY_ORDER if k in params and k != "Version"}
+    extra = {k: v for k, v in params.items() if k not in KEY_ORDER}
+    tail = {"Version": params["Version"]} if "Version" in params else {}
+    return {**known, **extra, **tail}
+
+
+def create(prompt: str, negative: str, params: Mapping[str, Any]) -> str:
+    """The ``parameters`` text, exactly as ``create_infotext`` joins it (``None`` values skipped)."""
+    line = ", ".join(k if k == v else f"{k}: {quote(v)}" for k, v in ordered(params).items() if v is not None)
+    negative_text = f"\nNegative prompt: {negative}" if negative else ""
+    return f"{prompt}{negative_text}\n{line}".strip()
+
+
+def parse(text: str, defaults: bool = True) -> dict[str, Any]:
+    """``parse_generation_parameters``: ``Prompt``, ``Negative prompt`` and every key (strings, quoted
+    values unquoted; ``Size`` also as ``Size-1``/``Size-2``). The last line counts as parameters only
+    when the webui's regex finds at least three ``key: value`` pairs on it."""
+    res: dict[str, Any] = {}
+    prompt, negative = "", ""
+    done_with_prompt = False
+    *lines, lastline = text.strip().split("\n")
+    if len(RE_PARAM.findall(lastline)) < 3:
+        lines.append(lastline)
+        lastline = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt = True
+            line = line[16:].strip()
+        if done_with_prompt:
+            negative += ("" if negative == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    res["Prompt"], res["Negative prompt"] = prompt, negative
+    for key, value in RE_PARAM.findall(lastline):
+        value = unquote(value.strip())
+        m = RE_SIZE.match(value) if isinstance(value, str) else None
+        if m:
+            res[f"{key}-1"], res[f"{key}-2"] = m.group(1), m.group(2)
+        res[key] = value
+    if defaults:
+        for key, value in DEFAULTS.items():
+            res.setdefault(key, value)
+    return res
+
+
+def hashes_text(pairs: Mapping[str, str]) -> str | None:
+    """``name: hash, …`` with ``:`` and ``,`` removed from names (``Lora hashes``, ``TI hashes``)."""
+    drop = str.maketrans("", "", ":,")
+    text = ", ".join(f"{k.translate(drop)}: {v}" for k, v in pairs.items() if v)
+    return text or None
+
+
+def parse_hashes(text: str) -> dict[str, str]:
+    out = {}
+    for item in text.split(","):
+        name, sep, value = item.strip().rpartition(":")
+        if sep:
+            out[name.strip()] = value.strip()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# hashes (sampling.md §1.6)
+# ---------------------------------------------------------------------------------------------
+def _sha256(path: Path, start: int = 0) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        with open(p, "rb") as f:
+            f.seek(start if p == path else 0)
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def model_hash(path: str | Path) -> str:
+    """``Model hash`` (AutoV2): sha256 of the whole checkpoint, first 10 hex digits. For a diffusers
+    folder (which the webui cannot load) the sha256 of its files in path order."""
+    return _sha256(Path(path))[:10]
+
+
+def addnet_hash(path: str | Path) -> str:
+    """sha256 of a safetensors file's tensor data (the bytes after the header): metadata-independent."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+    return _sha256(path, start=8 + header_len)
+
+
+def lora_hash(path: str | Path, metadata: Mapping[str, str] | None = None) -> str:
+    """``Lora hashes`` entry: ``sshs_model_hash`` from kohya metadata, else the addnet hash of a
+    ``.safetensors`` file, else the sha256 of the file; 12 hex digits."""
+    if metadata and metadata.get("sshs_model_hash"):
+        return str(metadata["sshs_model_hash"])[:12]
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        return addnet_hash(path)[:12]
+    return _sha256(path)[:12]
+
+
+def embedding_hash(path: str | Path) -> str:
+    """``TI hashes`` entry: sha256 of the embedding file, 12 hex digits."""
+    return _sha256(Path(path))[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG text chunks
+# ---------------------------------------------------------------------------------------------
+def pnginfo(parameters: str):
+    """A ``PngInfo`` with the ``parameters`` chunk (Pillow writes iTXt when the text is not Latin-1)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    return info
+
+
+def read_png(path: str | Path) -> str | None:
+    """The ``parameters`` text of an image (tEXt or iTXt), or None."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        text = image.info.get("parameters")
+    return str(text) if text is not None else None

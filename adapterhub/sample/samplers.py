@@ -1,0 +1,228 @@
+"""AUTOMATIC1111 sampler names and schedule types, mapped onto diffusers schedulers.
+
+The webui's v1.9+ form: a bare sampler name (``DPM++ 2M``) plus a ``Schedule type`` (``Automatic``,
+``Karras``, ``Exponential`` ...). ``Automatic`` is the sampler's own default: Karras for the DPM
+samplers, Exponential for the SDE multistep ones, the model's discrete schedule for Euler, Euler a,
+LMS and Heun (sampling.md §3.1). Older combined names (``DPM++ 2M Karras``) and k-diffusion aliases
+(``k_dpmpp_2m``) are accepted too.
+
+k-diffusion samplers run with ``timestep_spacing="linspace"``, so the schedule spans the model's
+whole sigma table (σmax at t=999, σmin at t=0, then 0) and the initial noise is scaled by σmax, as
+the webui does; Karras (rho 7) and Exponential use those end points. The timestep samplers (DDIM,
+PLMS, UniPC, LCM) use the webui's DDIM timesteps (``leading``, offset 1) and take no schedule type.
+Where diffusers has no exact counterpart the mapping is the nearest one, and ``note`` says so.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass, field
+
+from adapterhub.errors import AdapterhubError
+
+DISCRETE = "discrete"  # the model's own schedule: what "Automatic" means for Euler, Euler a, LMS, Heun
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str  # the webui's label
+    scheduler: str  # diffusers class name
+    config: dict = field(default_factory=dict)
+    default_schedule: str = DISCRETE  # what "Automatic" resolves to
+    timestep_based: bool = False  # DDIM/PLMS/UniPC/LCM: no schedule type
+    aliases: tuple[str, ...] = ()
+    requires: str | None = None  # a module diffusers needs for this scheduler
+    note: str = ""
+
+
+_SDE = {"algorithm_type": "sde-dpmsolver++"}
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
+            "karras", aliases=("k_dpmpp_2m",)),
+    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", {}, "karras", aliases=("k_dpmpp_sde",), requires="torchsde"),
+    Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler", {**_SDE, "solver_order": 2}, "exponential",
+            aliases=("k_dpmpp_2m_sde",)),
+    Sampler("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler", {**_SDE, "solver_order": 2, "solver_type": "heun"},
+            "exponential", aliases=("k_dpmpp_2m_sde_heun",)),
+    Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
+            "karras", aliases=("k_dpmpp_2s_a",),
+            note="diffusers has no ancestral single-step solver: deterministic DPM-Solver++(2S)"),
+    Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler", {**_SDE, "solver_order": 3}, "exponential",
+            aliases=("k_dpmpp_3m_sde",), note="without the webui's discard of the penultimate sigma"),
+    Sampler("Euler a", "EulerAncestralDiscreteScheduler", aliases=("k_euler_a", "k_euler_ancestral")),
+    Sampler("Euler", "EulerDiscreteScheduler", aliases=("k_euler",)),
+    Sampler("LMS", "LMSDiscreteScheduler", aliases=("k_lms",), requires="scipy"),
+    Sampler("Heun", "HeunDiscreteScheduler", aliases=("k_heun",)),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", {}, "karras", aliases=("k_dpm_2",),
+            note="without the webui's discard of the penultimate sigma"),
+    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, "karras", aliases=("k_dpm_2_a",),
+            note="without the webui's discard of the penultimate sigma"),
+    Sampler("DDIM", "DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False, "eta": 0.0},
+            timestep_based=True),
+    Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": False}, timestep_based=True),
+    Sampler("UniPC", "UniPCMultistepScheduler", {}, timestep_based=True),
+    Sampler("LCM", "LCMScheduler", {}, timestep_based=True),
+)}
+NOT_IN_DIFFUSERS = ("DPM fast", "DPM adaptive", "Restart", "DDIM CFG++")
+
+# schedule type: (label, diffusers flags). None: not available through diffusers' schedulers.
+SCHEDULES: dict[str, tuple[str, dict | None]] = {
+    "automatic": ("Automatic", {}),
+    "uniform": ("Uniform", {}),
+    "karras": ("Karras", {"use_karras_sigmas": True}),
+    "exponential": ("Exponential", {"use_exponential_sigmas": True}),
+    "sgm_uniform": ("SGM Uniform", {"timestep_spacing": "trailing"}),
+    "beta": ("Beta", {"use_beta_sigmas": True}),
+    "polyexponential": ("Polyexponential", None),
+    "kl_optimal": ("KL Optimal", None),
+    "align_your_steps": ("Align Your Steps", None),
+    "simple": ("Simple", None),
+    "normal": ("Normal", None),
+    "ddim": ("DDIM", None),
+}
+_SCHEDULE_ALIASES = {"sgmuniform": "sgm_uniform"}
+_BASE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+              "steps_offset", "rescale_betas_zero_snr")
+_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", text.strip().lower())
+
+
+_BY_KEY = {_key(n): s for n, s in SAMPLERS.items()} | {_key(a): s for s in SAMPLERS.values() for a in s.aliases}
+
+
+def sampler_names() -> list[str]:
+    return list(SAMPLERS)
+
+
+def schedule_names() -> list[str]:
+    return [label for label, flags in SCHEDULES.values() if flags is not None]
+
+
+def _schedule_key(text: str) -> str | None:
+    k = _key(text).replace(" ", "_")
+    k = _SCHEDULE_ALIASES.get(k, k)
+    if k in SCHEDULES:
+        return k
+    for name, (label, _) in SCHEDULES.items():
+        if _key(label) == _key(text):
+            return name
+    return None
+
+
+def resolve_sampler(name: str, schedule: str | None = None) -> tuple[Sampler, str]:
+    """``(sampler, schedule key)`` for a webui sampler name (old ``… Karras`` forms too) and schedule
+    type; raises one line listing the valid names."""
+    text = str(name or "").strip()
+    sampler = _BY_KEY.get(_key(text))
+    suffix = None
+    if sampler is None:  # "DPM++ 2M Karras": the pre-1.9 label carried the schedule
+        for words in range(1, 4):
+            head, tail = " ".join(text.split()[:-words]), " ".join(text.split()[-words:])
+            if _key(head) in _BY_KEY and _schedule_key(tail):
+                sampler, suffix = _BY_KEY[_key(head)], _schedule_key(tail)
+                break
+    if sampler is None:
+        if any(_key(text) == _key(n) for n in NOT_IN_DIFFUSERS):
+            raise AdapterhubError(f"sampler {text!r} has no diffusers scheduler; available: {', '.join(SAMPLERS)}")
+        raise AdapterhubError(f"unknown sampler {text!r}; valid: {', '.join(SAMPLERS)}")
+    key = _schedule_key(schedule) if schedule else (suffix or "automatic")
+    if key is None:
+        raise AdapterhubError(f"unknown schedule type {schedule!r}; valid: {', '.join(schedule_names())}")
+    if suffix and schedule and key != suffix and key != "automatic":
+        raise AdapterhubError(f"sampler {text!r} names schedule {SCHEDULES[suffix][0]} but schedule type is "
+                              f"{SCHEDULES[key][0]}")
+    key = suffix if key == "automatic" and suffix else key
+    if SCHEDULES[key][1] is None:
+        raise AdapterhubError(f"schedule type {SCHEDULES[key][0]!r} has no diffusers equivalent; valid: "
+                              f"{', '.join(schedule_names())}")
+    if sampler.timestep_based and key != "automatic":
+        raise AdapterhubError(f"{sampler.name} is a timestep sampler and takes no schedule type "
+                              f"(got {SCHEDULES[key][0]}; use Automatic)")
+    return sampler, key
+
+
+def resolved_schedule(sampler: Sampler, key: str) -> str:
+    """The key a schedule resolves to: Automatic becomes the sampler's default (discrete for some)."""
+    if key == "automatic" and not sampler.timestep_based:
+        return sampler.default_schedule
+    if key == "uniform":
+        return DISCRETE
+    return key
+
+
+def schedule_label(sampler: Sampler, key: str) -> str:
+    """What the webui writes as ``Schedule type``: the resolved label, ``Automatic`` when none applies."""
+    resolved = resolved_schedule(sampler, key)
+    if resolved in (DISCRETE, "automatic"):
+        return "Uniform" if key == "uniform" else "Automatic"
+    return SCHEDULES[resolved][0]
+
+
+def _require(sampler: Sampler, module: str | None) -> None:
+    if module and importlib.util.find_spec(module) is None:
+        raise AdapterhubError(f"sampler {sampler.name} needs the {module} package (pip install {module})")
+
+
+def scheduler_config(sampler: Sampler, key: str, base_config) -> tuple[str, dict]:
+    """The diffusers class name and config for ``sampler`` with schedule ``key`` on a base whose
+    scheduler config is ``base_config`` (betas, training steps, prediction type are kept)."""
+    config = {k: base_config[k] for k in _BASE_KEYS if k in base_config}
+    config.update({k: v for k, v in sampler.config.items() if k != "eta"})
+    resolved = resolved_schedule(sampler, key)
+    if sampler.timestep_based:
+        if sampler.scheduler in ("DDIMScheduler", "PNDMScheduler", "LCMScheduler"):
+            config.update(timestep_spacing="leading", steps_offset=1)
+        return sampler.scheduler, config
+    config.update(timestep_spacing="linspace")  # steps_offset only shifts "leading" spacing
+    if resolved != DISCRETE:
+        config.update(SCHEDULES[resolved][1])
+    if sampler.scheduler == "EulerDiscreteScheduler":
+        config.update(interpolation_type="linear")
+    return sampler.scheduler, config
+
+
+def make_scheduler(sampler: Sampler | str, key: str = "automatic", base_config=None):
+    """A fresh diffusers scheduler for a webui sampler and schedule type."""
+    import diffusers
+
+    if isinstance(sampler, str):
+        sampler, key = resolve_sampler(sampler, key)
+    _require(sampler, sampler.requires)
+    resolved = resolved_schedule(sampler, key)
+    if resolved == "beta":
+        _require(sampler, "scipy")
+    cls_name, config = scheduler_config(sampler, key, dict(base_config or _SD_DEFAULT))
+    cls = getattr(diffusers, cls_name)
+    flags = {k: config.pop(k) for k in _FLAGS if k in config}
+    accepted = _init_params(cls)
+    supported = {k: v for k, v in flags.items() if k in accepted}
+    scheduler = cls.from_config({k: v for k, v in config.items() if k in accepted}, **supported)
+    missing = {k: v for k, v in flags.items() if k not in accepted and v}
+    if missing:  # e.g. Euler a has no Karras flag: borrow the sigmas of an Euler scheduler with it
+        donor = diffusers.EulerDiscreteScheduler.from_config(
+            {k: v for k, v in config.items() if k in _init_params(diffusers.EulerDiscreteScheduler)}, **missing)
+        scheduler._adapterhub_sigma_donor = donor
+    return scheduler
+
+
+def _init_params(cls) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+def set_timesteps(scheduler, steps: int, device=None) -> None:
+    """``scheduler.set_timesteps(steps)``, then the donor's sigmas where the class lacks the flag."""
+    scheduler.set_timesteps(steps, device=device)
+    donor = getattr(scheduler, "_adapterhub_sigma_donor", None)
+    if donor is not None:
+        donor.set_timesteps(steps, device=device)
+        scheduler.sigmas = donor.sigmas.clone()
+        scheduler.timesteps = donor.timesteps.clone()
+
+
+_SD_DEFAULT = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+               "prediction_type": "epsilon"}

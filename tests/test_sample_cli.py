@@ -1,0 +1,157 @@
+"""``adapterhub sample`` and ``adapterhub png-info`` through the real console entry point (in process).
+
+Until ``adapterhub/cli/__init__.py`` lists them in ``COMMANDS`` the two commands are added here for the
+duration of each test."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from adapterhub import cli
+from adapterhub.sample import infotext
+
+SMALL = ["--base", "tiny-sd1", "--size", "64x64", "--steps", "2", "--sampler", "Euler a"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backends_registered():
+    import adapterhub.plugins as plugins
+    import adapterhub_plugins.backends as module
+
+    pm = plugins.manager()
+    added = not pm.is_registered(module) and "eager" not in plugins.sampler_backends()
+    if added:
+        pm.register(module)
+    yield
+    if added:
+        pm.unregister(module)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def commands():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(cli.COMMANDS, "sample", "adapterhub.cli.sample:sample_cmd")
+        mp.setitem(cli.COMMANDS, "png-info", "adapterhub.cli.sample:png_info_cmd")
+        yield
+
+
+def run(capsys, *args):
+    rc = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, tiny_sd1, tiny_sdxl):
+    from adapterhub.plugins import adapter_type
+
+    folder = tmp_path_factory.mktemp("cli_loras")
+    adapter_type("lora").example(tiny_sd1, folder / "style.safetensors", seed=3)
+    adapter_type("lora").example(tiny_sdxl, folder / "xl.safetensors", seed=3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory, lora_dir, commands):
+    """One run shared by the read-back tests: 3 images in batches of 2, a LoRA tag, a grid."""
+    out = tmp_path_factory.mktemp("sampled")
+    rc = cli.main(["sample", *SMALL, "--prompt", "a (castle:1.2) <lora:style:0.8>, dusk", "--negative", "fog, rain",
+                   "--adapter-dir", str(lora_dir), "--seed", "5", "--batch", "2", "--images", "3", "--grid",
+                   "--cfg", "6.5", "--out", str(out), "--json"])
+    assert rc == 0
+    return out
+
+
+def test_sample_writes_images_with_infotext(sampled, lora_dir):
+    names = sorted(p.name for p in sampled.glob("*.png"))
+    assert names == ["00000-5.png", "00001-6.png", "00002-7.png", "grid-00000.png"]
+    text = infotext.read_png(sampled / "00001-6.png")
+    lines = text.splitlines()
+    assert lines[0] == "a (castle:1.2) <lora:style:0.8>, dusk"
+    assert lines[1] == "Negative prompt: fog, rain"
+    fields = infotext.parse(text)
+    assert (fields["Steps"], fields["Sampler"], fields["Schedule type"], fields["CFG scale"], fields["Seed"]) == \
+        ("2", "Euler a", "Automatic", "6.5", "6")
+    assert fields["Size"] == "64x64" and fields["Model"] == "tiny-sd1" and len(fields["Model hash"]) == 10
+    assert fields["Lora hashes"] == f"style: {infotext.lora_hash(lora_dir / 'style.safetensors')}"
+    keys = [k for k, _ in infotext.RE_PARAM.findall(lines[-1])]
+    assert keys[0] == "Steps" and keys[-1] == "Version"
+    assert keys == [k for k in infotext.KEY_ORDER if k in keys]
+    from PIL import Image
+
+    assert Image.open(sampled / "grid-00000.png").size == (128, 128)  # 3 images: 2 rows of 2
+
+
+def test_png_info_prints_and_parses(sampled, capsys):
+    rc, out, _ = run(capsys, "png-info", sampled / "00000-5.png")
+    assert rc == 0 and out.rstrip("\n") == infotext.read_png(sampled / "00000-5.png")
+    rc, out, _ = run(capsys, "png-info", sampled / "00000-5.png", "--json")
+    data = json.loads(out)
+    assert data["Seed"] == "5" and data["Prompt"].startswith("a (castle:1.2)")
+    assert list(data["Lora hashes"]) == ["style"]
+
+
+def test_sd_parsers_reads_our_images(sampled):
+    sd_parsers = pytest.importorskip("sd_parsers")
+    info = sd_parsers.ParserManager().parse(io.BytesIO((sampled / "00002-7.png").read_bytes()))
+    sampler = info.samplers[0]
+    assert info.generator.name == "AUTOMATIC1111"
+    assert sampler.name == "Euler a"
+    assert sampler.parameters == {"scheduler": "Automatic", "cfg_scale": "6.5", "seed": "7", "steps": "2"}
+    assert sampler.model.name == "tiny-sd1"
+    assert [p.value for p in info.prompts] == ["a (castle:1.2) <lora:style:0.8>, dusk"]
+    assert [p.value for p in info.negative_prompts] == ["fog, rain"]
+
+
+def test_from_png_reproduces_the_image(sampled, lora_dir, tmp_path, capsys):
+    from PIL import Image
+
+    # 00002-7 was alone in its batch (3 images in batches of 2), so a batch of one reproduces it exactly
+    rc, out, err = run(capsys, "sample", "--base", "tiny-sd1", "--from-png", sampled / "00002-7.png",
+                       "--adapter-dir", lora_dir, "--out", tmp_path, "--json")
+    assert rc == 0, err
+    made = json.loads(out)["images"]
+    assert [r["seed"] for r in made] == [7]
+    again = made[0]["path"]
+    assert infotext.read_png(again) == infotext.read_png(sampled / "00002-7.png")
+    assert list(Image.open(again).getdata()) == list(Image.open(sampled / "00002-7.png").getdata())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sampler", "Eulr"], "unknown sampler 'Eulr'; valid: DPM++ 2M"),
+    (["--size", "100x64"], "multiples of 8"),
+    (["--size", "big"], "WIDTHxHEIGHT"),
+    (["--prompt", "a <lora:nosuchthing:0.8>"], "nosuchthing"),
+    (["--prompt", "a <lora:style:heavy>"], "not a number"),
+    (["--stack", "nosuchfile.safetensors:0.5"], "nosuchfile"),
+    (["--schedule", "Karass"], "unknown schedule type"),
+    (["--backend", "warp"], "unknown sampler backend 'warp'"),
+    (["--prompt", "a <lora:xl:1>"], "xl.safetensors: "),  # found after the base loads; still nothing written
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(capsys, tmp_path, lora_dir, extra, message):
+    out = tmp_path / "never"
+    args = [*SMALL, "--prompt", "a cat", "--adapter-dir", lora_dir, "--out", out, *extra]
+    rc, stdout, err = run(capsys, "sample", *args)
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert not out.exists()
+
+
+def test_png_info_without_parameters(capsys, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(path)
+    rc, _, err = run(capsys, "png-info", path)
+    assert rc == 2 and "no parameters" in err and err.count("\n") == 1

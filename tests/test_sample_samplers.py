@@ -1,0 +1,116 @@
+"""Webui sampler names and schedule types -> diffusers schedulers; sigma tables against sampling.md §3.4."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from adapterhub.errors import AdapterhubError
+from adapterhub.sample.samplers import (SAMPLERS, make_scheduler, resolve_sampler, sampler_names, schedule_label,
+                                        set_timesteps)
+
+# sampling.md §3.4, computed with numpy from SD1 scaled_linear betas (0.00085 -> 0.012, 1000 steps)
+KARRAS_5 = [14.614641, 4.796535, 1.2741, 0.24795, 0.029167, 0.0]
+DISCRETE_5 = [14.614641, 4.086081, 1.61558, 0.69515, 0.029167, 0.0]
+SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading"}
+
+# the diffusers class of every webui name (the table of diffusers' scheduler overview, §3.4)
+EXPECTED = {
+    "DPM++ 2M": "DPMSolverMultistepScheduler", "DPM++ SDE": "DPMSolverSDEScheduler",
+    "DPM++ 2M SDE": "DPMSolverMultistepScheduler", "DPM++ 2M SDE Heun": "DPMSolverMultistepScheduler",
+    "DPM++ 2S a": "DPMSolverSinglestepScheduler", "DPM++ 3M SDE": "DPMSolverMultistepScheduler",
+    "Euler a": "EulerAncestralDiscreteScheduler", "Euler": "EulerDiscreteScheduler", "LMS": "LMSDiscreteScheduler",
+    "Heun": "HeunDiscreteScheduler", "DPM2": "KDPM2DiscreteScheduler", "DPM2 a": "KDPM2AncestralDiscreteScheduler",
+    "DDIM": "DDIMScheduler", "PLMS": "PNDMScheduler", "UniPC": "UniPCMultistepScheduler", "LCM": "LCMScheduler",
+}
+AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",
+             "DPM++ 2M SDE Heun": "Exponential", "DPM++ 2S a": "Karras", "DPM++ 3M SDE": "Exponential",
+             "Euler a": "Automatic", "Euler": "Automatic", "LMS": "Automatic", "Heun": "Automatic", "DPM2": "Karras",
+             "DPM2 a": "Karras", "DDIM": "Automatic", "PLMS": "Automatic", "UniPC": "Automatic", "LCM": "Automatic"}
+
+
+def test_every_name_is_listed():
+    assert sorted(sampler_names()) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_each_sampler_maps_to_its_scheduler(name):
+    sampler, key = resolve_sampler(name)
+    assert sampler.scheduler == EXPECTED[name]
+    assert schedule_label(sampler, key) == AUTOMATIC[name]
+    if sampler.requires and importlib.util.find_spec(sampler.requires) is None:
+        with pytest.raises(AdapterhubError, match=f"needs the {sampler.requires} package"):
+            make_scheduler(name, "Automatic", SD_BETAS)
+        return
+    scheduler = make_scheduler(name, "Automatic", SD_BETAS)
+    assert type(scheduler).__name__ == EXPECTED[name]
+    set_timesteps(scheduler, 6)
+    assert len(scheduler.timesteps) >= 5
+    for key in ("algorithm_type", "solver_order", "solver_type"):
+        if key in sampler.config:
+            assert scheduler.config[key] == sampler.config[key]
+
+
+@pytest.mark.parametrize("name, schedule, table", [
+    ("DPM++ 2M", "Automatic", KARRAS_5), ("DPM++ 2M", "Karras", KARRAS_5), ("Euler", "Karras", KARRAS_5),
+    ("Euler a", "Karras", KARRAS_5), ("Heun", "Karras", KARRAS_5), ("DPM2", "Automatic", KARRAS_5),
+    ("Euler", "Automatic", DISCRETE_5), ("Euler a", "Automatic", DISCRETE_5), ("Heun", "Automatic", DISCRETE_5),
+    ("Euler", "Uniform", DISCRETE_5),
+])
+def test_sigma_tables_equal_the_reference(name, schedule, table):
+    scheduler = make_scheduler(name, schedule, SD_BETAS)
+    set_timesteps(scheduler, 5)
+    sigmas = [float(s) for s in torch.unique_consecutive(scheduler.sigmas)]
+    assert sigmas == pytest.approx(table, rel=1e-4, abs=1e-6)
+
+
+def test_exponential_is_log_uniform_between_the_table_ends():
+    scheduler = make_scheduler("DPM++ 2M SDE", "Automatic", SD_BETAS)
+    set_timesteps(scheduler, 5)
+    sigmas = scheduler.sigmas[:-1].double()
+    want = torch.linspace(torch.tensor(14.614641).log(), torch.tensor(0.029167).log(), 5, dtype=torch.float64).exp()
+    torch.testing.assert_close(sigmas, want, rtol=1e-4, atol=1e-6)
+
+
+def test_k_samplers_start_from_sigma_max_noise():
+    scheduler = make_scheduler("Euler a", "Automatic", SD_BETAS)
+    set_timesteps(scheduler, 20)
+    assert float(scheduler.init_noise_sigma) == pytest.approx(14.614641, rel=1e-5)  # x = noise * sigmas[0]
+
+
+def test_ddim_uses_the_webui_timesteps():
+    scheduler = make_scheduler("DDIM", "Automatic", SD_BETAS)
+    set_timesteps(scheduler, 5)
+    assert scheduler.timesteps.tolist() == [801, 601, 401, 201, 1]  # range(0, 1000, 1000 // 5) + 1, reversed
+
+
+@pytest.mark.parametrize("text, name, schedule", [
+    ("DPM++ 2M Karras", "DPM++ 2M", "Karras"), ("dpm++ 2m", "DPM++ 2M", "Karras"),
+    ("k_euler_a", "Euler a", "Automatic"), ("Euler a", "Euler a", "Automatic"),
+    ("DPM++ 2M SDE Exponential", "DPM++ 2M SDE", "Exponential"), ("DPM++ 2M SDE Karras", "DPM++ 2M SDE", "Karras"),
+    ("Euler Karras", "Euler", "Karras"),
+])
+def test_old_combined_names_and_aliases(text, name, schedule):
+    sampler, key = resolve_sampler(text)
+    assert (sampler.name, schedule_label(sampler, key)) == (name, schedule)
+
+
+def test_unknown_sampler_lists_the_valid_ones():
+    with pytest.raises(AdapterhubError) as err:
+        resolve_sampler("Eulr")
+    message = str(err.value)
+    assert "\n" not in message and "unknown sampler 'Eulr'" in message
+    for name in SAMPLERS:
+        assert name in message
+
+
+@pytest.mark.parametrize("name, schedule, match", [
+    ("DPM fast", None, "no diffusers scheduler"), ("Euler", "Karass", "unknown schedule type"),
+    ("Euler", "Align Your Steps", "no diffusers equivalent"), ("DDIM", "Karras", "timestep sampler"),
+])
+def test_refusals_are_one_line(name, schedule, match):
+    with pytest.raises(AdapterhubError, match=match) as err:
+        resolve_sampler(name, schedule)
+    assert "\n" not in str(err.value)
