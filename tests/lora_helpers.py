@@ -14,7 +14,6 @@ import re
 import struct
 from pathlib import Path
 
-import pytest
 import torch
 
 SEED = 4321
@@ -36,16 +35,6 @@ def quiet() -> None:
         transformers.logging.set_verbosity_error()
     except Exception:  # noqa: BLE001 - cosmetic only
         pass
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tensors here are tiny: one intra-op thread is as fast, and on a busy machine it does not
-    spin against other processes (2-3x faster there). Imported by each test module; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------

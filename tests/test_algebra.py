@@ -36,15 +36,6 @@ TO_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # (32,
 CONV = "unet.down_blocks.1.resnets.0.conv1"  # (64, 32, 3, 3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny SVDs are fastest on one thread (and many threads thrash a busy 2-core runner)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_sd1):
     """Example adapters for tiny-sd1: LoRA rank 4 and 2, LoCon rank 3 (3x3 convs), LoHa rank 2."""

@@ -16,7 +16,6 @@ from adapterhub.plugins import adapter_type
 from adapterhub.weights import attach, merge
 
 from lora_helpers import parts, quiet, safetensors_header_keys, snapshot, weights
-from lora_helpers import one_torch_thread  # noqa: F401 - autouse fixture
 
 quiet()
 

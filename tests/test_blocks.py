@@ -30,14 +30,6 @@ OUTALL:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1
 ALL0.5:0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5"""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def parts(arch: str, device: str = "cpu"):
     from adapterhub.base import build_preset
 

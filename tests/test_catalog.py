@@ -19,7 +19,7 @@ from adapterhub import catalog as cat_api
 from adapterhub.catalog import CatalogError, hashing, open_catalog, resolve_adapter_arg
 from adapterhub.catalog.schema import VERSION
 
-catalog_url, catalog_plugin = support.catalog_url, support.catalog_plugin  # shared fixtures
+catalog_url = support.catalog_url  # a shared fixture
 
 KOHYA_META = {
     "ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "4.0",

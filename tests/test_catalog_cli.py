@@ -10,7 +10,7 @@ from test_catalog_support import make_lora
 
 from adapterhub.cli import main
 
-catalog_url, catalog_plugin = support.catalog_url, support.catalog_plugin  # shared fixtures
+catalog_url = support.catalog_url  # a shared fixture
 
 
 def run(capsys, *args) -> tuple[int, str, str]:

@@ -17,7 +17,7 @@ from test_catalog_support import make_lora
 from adapterhub import catalog as cat_api
 from adapterhub.catalog import open_catalog
 
-catalog_url, catalog_plugin = support.catalog_url, support.catalog_plugin  # shared fixtures
+catalog_url = support.catalog_url  # a shared fixture
 
 FORK = multiprocessing.get_context("fork")
 

@@ -26,19 +26,6 @@ BOOT = ("import sys; from adapterhub.plugins import manager; import adapterhub_p
 CLI = [sys.executable, "-c", BOOT]
 
 
-@pytest.fixture(autouse=True)
-def catalog_plugin():
-    """Make sure the built-in enrichers are registered (as the entry point will do once installed)."""
-    import adapterhub_plugins.catalog as enrichers
-
-    from adapterhub.plugins import manager
-
-    pm = manager()
-    if pm.get_plugin("catalog") is None and not pm.is_registered(enrichers):
-        pm.register(enrichers, name="catalog")
-    yield
-
-
 def _postgres_url(base: str, schema: str) -> str:
     sep = "&" if "?" in base else "?"
     return f"{base}{sep}options=-csearch_path%3D{schema}"

@@ -26,31 +26,6 @@ PROMPT = "a lighthouse on a cliff"
 SIZE = 128  # 16x16 latents: every step is cheap, every block still sees a 2x2 map or larger
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is many times faster than two on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    import adapterhub.plugins as plugins
-    import adapterhub_plugins.controlnet as plugin
-
-    pm = plugins.manager()
-    added = not pm.is_registered(plugin) and "controlnet" not in plugins.adapter_types()
-    if added:
-        pm.register(plugin)
-    plugins.adapter_types.cache_clear()
-    yield
-    if added:
-        pm.unregister(plugin)
-        plugins.adapter_types.cache_clear()
-
-
 @pytest.fixture(scope="module")
 def sd1(tiny_sd1):
     """A module-private copy of the tiny SD1 base (hooks come and go on it)."""

@@ -22,31 +22,6 @@ CONTEXT = 64  # the tiny UNet's text width (tiny-sd1)
 SELF_WIDTHS = (16, 32)  # its self-attention widths
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is many times faster than two on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    import adapterhub.plugins as plugins
-    import adapterhub_plugins.hypernetwork as plugin
-
-    pm = plugins.manager()
-    added = not pm.is_registered(plugin) and "hypernetwork" not in plugins.adapter_types()
-    if added:
-        pm.register(plugin)
-    plugins.adapter_types.cache_clear()
-    yield
-    if added:
-        pm.unregister(plugin)
-        plugins.adapter_types.cache_clear()
-
-
 @pytest.fixture(scope="module")
 def unet():
     from diffusers import UNet2DConditionModel

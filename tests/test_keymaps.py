@@ -17,7 +17,6 @@ from adapterhub_plugins.lora.keys import split_key
 from adapterhub_plugins.lora.patches import LoRAPatch
 
 from lora_helpers import diffusers_to_sgm, kohya_te_name, linear_or_conv, parts, quiet
-from lora_helpers import one_torch_thread  # noqa: F401 - autouse fixture
 
 quiet()
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")

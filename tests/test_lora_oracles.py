@@ -20,7 +20,6 @@ from lora_helpers import (
     assert_same_weights, diffusers_fused, diffusers_to_sgm, kohya_targets, kohya_te_name, ours_merged, parts,
     quiet, randomize_, safetensors_header_keys, snapshot, weights,
 )
-from lora_helpers import one_torch_thread  # noqa: F401 - autouse fixture
 
 quiet()
 

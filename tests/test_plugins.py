@@ -22,6 +22,20 @@ def test_builtin_types_come_from_the_entry_points():
         assert types[name].source.module.startswith("adapterhub_plugins.")
 
 
+def test_every_builtin_plugin_is_registered_through_its_entry_point():
+    from adapterhub.plugins import captioners, manager, sampler_backends
+
+    names = {ep.name for _, dist in manager().list_plugin_distinfo()
+             for ep in dist.entry_points if ep.group == "adapterhub"}
+    assert {"lora", "textual_inversion", "hypernetwork", "controlnet", "t2i_adapter", "captioners",
+            "catalog", "backends"} <= names
+    types = adapter_types()
+    assert {"textual_inversion", "hypernetwork", "controlnet", "t2i_adapter"} <= set(types)
+    assert {"clip-tags", "caption"} <= set(captioners())
+    assert {"eager", "compiled"} <= set(sampler_backends())
+    assert manager().get_plugin("catalog") is not None
+
+
 def test_plugins_cli_json_lists_capabilities_and_origin():
     out = subprocess.run(ADAPTERHUB + ["plugins", "--json"], capture_output=True, text=True, check=True)
     rows = {r["name"]: r for r in json.loads(out.stdout)}

@@ -1,49 +1,15 @@
-"""``adapterhub sample`` and ``adapterhub png-info`` through the real console entry point (in process).
-
-Until ``adapterhub/cli/__init__.py`` lists them in ``COMMANDS`` the two commands are added here for the
-duration of each test."""
+"""``adapterhub sample`` and ``adapterhub png-info`` through the real console entry point (in process)."""
 from __future__ import annotations
 
 import io
 import json
 
 import pytest
-import torch
 
 from adapterhub import cli
 from adapterhub.sample import infotext
 
 SMALL = ["--base", "tiny-sd1", "--size", "64x64", "--steps", "2", "--sampler", "Euler a"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def backends_registered():
-    import adapterhub.plugins as plugins
-    import adapterhub_plugins.backends as module
-
-    pm = plugins.manager()
-    added = not pm.is_registered(module) and "eager" not in plugins.sampler_backends()
-    if added:
-        pm.register(module)
-    yield
-    if added:
-        pm.unregister(module)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def commands():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(cli.COMMANDS, "sample", "adapterhub.cli.sample:sample_cmd")
-        mp.setitem(cli.COMMANDS, "png-info", "adapterhub.cli.sample:png_info_cmd")
-        yield
 
 
 def run(capsys, *args):
@@ -63,7 +29,7 @@ def lora_dir(tmp_path_factory, tiny_sd1, tiny_sdxl):
 
 
 @pytest.fixture(scope="module")
-def sampled(tmp_path_factory, lora_dir, commands):
+def sampled(tmp_path_factory, lora_dir):
     """One run shared by the read-back tests: 3 images in batches of 2, a LoRA tag, a grid."""
     out = tmp_path_factory.mktemp("sampled")
     rc = cli.main(["sample", *SMALL, "--prompt", "a (castle:1.2) <lora:style:0.8>, dusk", "--negative", "fog, rain",

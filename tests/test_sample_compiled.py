@@ -9,33 +9,10 @@ import copy
 import os
 
 import pytest
-import torch
 
 from adapterhub.errors import AdapterhubError
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def backends_registered():
-    import adapterhub.plugins as plugins
-    import adapterhub_plugins.backends as module
-
-    pm = plugins.manager()
-    added = not pm.is_registered(module) and "compiled" not in plugins.sampler_backends()
-    if added:
-        pm.register(module)
-    yield
-    if added:
-        pm.unregister(module)
 
 
 @pytest.fixture(scope="module")

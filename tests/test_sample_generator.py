@@ -13,28 +13,6 @@ from adapterhub.sample.samplers import make_scheduler, resolve_sampler
 SIZE, STEPS = 64, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def backends_registered():
-    import adapterhub.plugins as plugins
-    import adapterhub_plugins.backends as module
-
-    pm = plugins.manager()
-    added = not pm.is_registered(module) and "eager" not in plugins.sampler_backends()
-    if added:
-        pm.register(module)
-    yield
-    if added:
-        pm.unregister(module)
-
-
 def with_norm_bias(pipe):
     """The tiny base's final layer norm has no bias, so a chunk's mean is 0 and the webui's emphasis
     re-normalisation is undefined; real encoders have one. Give the copy one."""

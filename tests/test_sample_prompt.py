@@ -12,14 +12,6 @@ from adapterhub.sample.conditioning import PromptEncoder
 from adapterhub.sample.prompt import parse_prompt_attention, tokenize_prompt, vocabulary_of
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # modules/prompt_parser.py doctests and the extra cases of sampling.md §4.1, literally
 ATTENTION_CASES = [
     ("normal text", [["normal text", 1.0]]),

@@ -20,14 +20,6 @@ PARTS = {"tiny-sd1": ("unet", "text_encoder"), "tiny-sdxl": ("unet", "text_encod
 TI_NAME = "zqxwv"  # not a word the tokenizer knows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def parts(arch: str = "tiny-sd1", dtype: torch.dtype | None = None):
     from adapterhub.base import build_preset
 

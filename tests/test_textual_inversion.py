@@ -25,31 +25,6 @@ PROMPT = "a photo of {} on a beach, best quality"
 # --------------------------------------------------------------------------------------------
 # fixtures: registration, tokenizers, tiny text encoders
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is many times faster than two on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    import adapterhub.plugins as plugins
-    import adapterhub_plugins.textual_inversion as plugin
-
-    pm = plugins.manager()
-    added = not pm.is_registered(plugin) and "textual_inversion" not in plugins.adapter_types()
-    if added:
-        pm.register(plugin)
-    plugins.adapter_types.cache_clear()
-    yield
-    if added:
-        pm.unregister(plugin)
-        plugins.adapter_types.cache_clear()
-
-
 def _local_tokenizer(pad: str):
     """A character-level CLIP tokenizer, for when adapterhub.tokenizer is not there."""
     from transformers import CLIPTokenizer

@@ -30,14 +30,6 @@ DEMO = Path(__file__).resolve().parents[1] / "datasets" / "demo" / "10_demo subj
 SMALL = dict(base="tiny-sd1", resolution=64, bucket_step=32, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_dataset(root: Path, names=("cat", "coffee", "rocket", "retina"), folder="5_demo subject") -> Path:
     sub = root / folder
     sub.mkdir(parents=True, exist_ok=True)

@@ -5,26 +5,11 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from adapterhub.cli import COMMANDS, main
+from adapterhub.cli import main
 from adapterhub.train.config import TrainConfig, build, load_toml, resolve, to_toml
 
 from test_train import DEMO, make_dataset
-
-
-@pytest.fixture(autouse=True)
-def train_command(monkeypatch):
-    """The command as ``adapterhub.cli`` registers it (``COMMANDS['train']``)."""
-    monkeypatch.setitem(COMMANDS, "train", "adapterhub.cli.train:train_cmd")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
@@ -45,7 +30,7 @@ def test_config_file_flags_override_json_and_register(tmp_path, capsys, monkeypa
     monkeypatch.setenv("ADAPTERHUB_CATALOG", str(tmp_path / "catalog.db"))
     data = make_dataset(tmp_path / "data", names=("cat", "rocket"))
     config = tmp_path / "run.toml"
-    config.write_text(f"""
+    config.write_text("""
 [run]
 type = "lora"
 base = "tiny-sd1"

@@ -12,7 +12,6 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from adapterhub.train import TrainConfig, TrainingInterrupted, resolve, train
@@ -23,14 +22,6 @@ RUN = dict(type="locon", max_steps=6, batch_size=2, rank=2, alpha=1, conv_rank=2
            lr_scheduler="cosine", lr_warmup_steps=2, gradient_accumulation=2, shuffle_tags=True, keep_tokens=1,
            tag_dropout=0.2, caption_dropout=0.2, noise_offset=0.05, min_snr_gamma=5.0, ema_decay=0.9,
            validation_split=0.25, **SMALL)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _losses(csv: Path) -> list[str]:

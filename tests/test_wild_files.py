@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,6 @@ from adapterhub.errors import AdapterError
 from adapterhub.weights import bind
 
 from lora_helpers import parts, quiet
-from lora_helpers import one_torch_thread  # noqa: F401 - autouse fixture
 
 quiet()
 from conftest import WILD_ADAPTERS as WILD  # noqa: E402
