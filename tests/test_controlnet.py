@@ -4,9 +4,6 @@ The oracle is ``StableDiffusion[XL]ControlNetPipeline`` / ``MultiControlNetModel
 base's components and a ``ControlNetModel.from_pretrained`` of the same folder; the latents must be
 identical, bit for bit. Original (lllyasviel) checkpoints are written here from a diffusers model by
 inverting the key mapping, so the conversion is checked against an independent spelling of it.
-
-Until ``pyproject.toml`` lists the entry point (``controlnet = "adapterhub_plugins.controlnet"``) the
-plugin is registered by the ``registered`` fixture below.
 """
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
 """Hypernetworks (AUTOMATIC1111 .pt): files written here with known MLPs, checked against the formula.
-
-Until ``pyproject.toml`` lists the entry point (``hypernetwork = "adapterhub_plugins.hypernetwork"``) the
-plugin is registered by the ``registered`` fixture below.
 """
 from __future__ import annotations
 

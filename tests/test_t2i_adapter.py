@@ -8,10 +8,6 @@ mapping (the flat ``body.{k}`` list), independently of the plugin.
 Composition: several adapters SUM, ``sum_i w_i F_i``, which is ``MultiAdapter`` with
 ``adapter_conditioning_scale=[w_1, ...]``; ``MultiAdapter``'s default weights average, so ``1/N`` each
 here reproduces that default.
-
-Until ``pyproject.toml`` lists the entry point (``t2i_adapter = "adapterhub_plugins.t2i_adapter"``) the
-plugin is registered by the ``registered`` fixture below (with ``controlnet``, for the test that
-attaches both kinds at once).
 """
 from __future__ import annotations
 

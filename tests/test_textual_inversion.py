@@ -1,7 +1,4 @@
 """Textual inversion: every layout, attach/detach/merge, diffusers ``load_textual_inversion`` as the oracle.
-
-Until ``pyproject.toml`` lists the entry point (``textual_inversion = "adapterhub_plugins.textual_inversion"``)
-the plugin is registered by the ``registered`` fixture below.
 """
 from __future__ import annotations
 
