@@ -21,8 +21,6 @@ class ControlNetType(AdapterType):
     name = "controlnet"
     description = "ControlNet (diffusers folder, original .safetensors/.pth): residuals from a conditioning image"
     formats = (formats.DIFFUSERS, formats.LDM)
-    # no "example" capability yet: ``demo`` attaches every example without options, and a ControlNet
-    # needs its conditioning image (``example`` itself works)
     capabilities = ("inspect", "attach", "save", "example")
     example_suffix = ""
     weight_space = False

@@ -21,8 +21,6 @@ class T2IAdapterType(AdapterType):
     name = "t2i_adapter"
     description = "T2I-Adapter (diffusers folder, TencentARC .pth): image features added inside the UNet"
     formats = (formats.DIFFUSERS, formats.TENCENTARC)
-    # no "example" capability yet: ``demo`` attaches every example without options, and a T2I-Adapter
-    # needs its conditioning image (``example`` itself works)
     capabilities = ("inspect", "attach", "save", "example")
     example_suffix = ""
     weight_space = False
