@@ -256,3 +256,42 @@ def example_condition_image(model):
     bars = (xx * 6 % 1 < 0.1) & (yy > 0.7)
     edges = ((rings | bars) * 255).astype("uint8")
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
+
+
+# --------------------------------------------------------------------------------------------
+# the control model itself: materialise from a state dict, write as a diffusers folder
+# --------------------------------------------------------------------------------------------
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def materialise(adapter, state: dict, model, label: str):
+    """Load ``state`` strictly into ``model`` (built on the meta device), cache it on the adapter."""
+    if any(t.device.type == "meta" for t in state.values()):
+        raise AdapterError(adapter.path, "the file was opened shape-only; open it with tensors to attach it")
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise AdapterError(adapter.path, f"cannot load the {label}: {str(exc).splitlines()[0][:200]}") from None
+    adapter.extra["model"] = model.eval().requires_grad_(False)
+    return adapter.extra["model"]
+
+
+def write_model_folder(model, path, metadata: dict[str, str] | None = None):
+    """A diffusers model folder (``config.json`` + safetensors), written atomically."""
+    from adapterhub.io import atomic_dir, save_safetensors
+
+    with atomic_dir(path) as tmp:
+        model.save_config(tmp)
+        save_safetensors(model.state_dict(), tmp / DIFFUSERS_WEIGHTS, {"format": "pt", **(metadata or {})})
+    return path
+
+
+def save_model_folder(adapter, model, path, format: str | None, label: str):
+    """``save`` for control types: a diffusers folder only, the adapter's metadata and base kept."""
+    from adapterhub.base import METADATA_KEY
+
+    if format not in (None, "diffusers"):
+        raise AdapterError(path, f"a {label} is saved as a diffusers folder only (format 'diffusers'), not {format!r}")
+    metadata = {k: v for k, v in adapter.metadata.items() if k != "format"}
+    metadata.setdefault(METADATA_KEY, adapter.base)
+    return write_model_folder(model, path, metadata)

@@ -29,14 +29,14 @@ import torch
 from adapterhub.archs import arch_from_context_width, arch_from_metadata
 from adapterhub.base import METADATA_KEY, PRESETS, recipe
 from adapterhub.errors import AdapterError
-from adapterhub.io import AdapterFile, atomic_dir, save_safetensors
+from adapterhub.io import AdapterFile
 from adapterhub.types import Adapter, Sniff
 
-from adapterhub.conditioning import check_state, control_kind
+from adapterhub.conditioning import (check_state, control_kind, materialise, save_model_folder,
+                                     write_model_folder)
 
 DIFFUSERS, LDM = "diffusers", "ldm"
 CLASS_NAME = "ControlNetModel"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 LDM_PREFIX = "control_model."
 WRAPPERS = ("", "state_dict.")  # a pickle's ``{"state_dict": {...}}`` opens with this prefix
 # SDXL's added conditioning, which diffusers' converter leaves out
@@ -249,32 +249,11 @@ def load_model(adapter: Adapter):
     state = {k[len(prefix):]: v for k, v in file.tensors([k for k in file.keys if k.startswith(prefix)]).items()}
     if adapter.extra["layout"] == LDM:
         state, _ = ldm_to_diffusers(state, config["layers_per_block"])
-    if any(t.device.type == "meta" for t in state.values()):
-        raise AdapterError(adapter.path, "the file was opened shape-only; open it with tensors to attach it")
-    model = meta_model(config)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise AdapterError(adapter.path, f"cannot load the ControlNet: {str(exc).splitlines()[0][:200]}") from None
-    adapter.extra["model"] = model.eval().requires_grad_(False)
-    return adapter.extra["model"]
-
-
-def write_folder(model, path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """A diffusers ``ControlNetModel`` folder (``config.json`` + safetensors), written atomically."""
-    with atomic_dir(path) as tmp:
-        model.save_config(tmp)
-        save_safetensors(model.state_dict(), tmp / WEIGHTS_NAME, {"format": "pt", **(metadata or {})})
-    return path
+    return materialise(adapter, state, meta_model(config), "ControlNet")
 
 
 def save(adapter: Adapter, path: Path, format: str | None) -> Path:
-    if format not in (None, DIFFUSERS):
-        raise AdapterError(path, f"a ControlNet is saved as a diffusers folder only (format {DIFFUSERS!r}), "
-                                 f"not {format!r}")
-    metadata = {k: v for k, v in adapter.metadata.items() if k != "format"}
-    metadata.setdefault(METADATA_KEY, adapter.base)
-    return write_folder(load_model(adapter), path, metadata)
+    return save_model_folder(adapter, load_model(adapter), path, format, "ControlNet")
 
 
 def example(model, path: Path, seed: int = 0, **options) -> Path:
@@ -298,4 +277,4 @@ def example(model, path: Path, seed: int = 0, **options) -> Path:
             for conv in zero:
                 conv.weight.normal_(0.0, options.get("scale", 0.02))
                 conv.bias.normal_(0.0, options.get("scale", 0.02))
-    return write_folder(controlnet, Path(path), {METADATA_KEY: architecture_of(model)})
+    return write_model_folder(controlnet, Path(path), {METADATA_KEY: architecture_of(model)})

@@ -26,13 +26,13 @@ import torch
 from adapterhub.archs import arch_from_metadata
 from adapterhub.base import METADATA_KEY, PRESETS
 from adapterhub.errors import AdapterError
-from adapterhub.io import AdapterFile, atomic_dir, save_safetensors
+from adapterhub.io import AdapterFile
 from adapterhub.types import Adapter, Sniff
-from adapterhub.conditioning import check_state, control_kind
+from adapterhub.conditioning import (check_state, control_kind, materialise, save_model_folder,
+                                     write_model_folder)
 
 DIFFUSERS, TENCENTARC = "diffusers", "tencentarc"
 CLASS_NAME = "T2IAdapter"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WRAPPERS = ("", "state_dict.")
 FULL, FULL_XL, LIGHT = "full_adapter", "full_adapter_xl", "light_adapter"
 CONFIG_KEYS = ("in_channels", "channels", "num_res_blocks", "downscale_factor", "adapter_type")
@@ -259,32 +259,11 @@ def load_model(adapter: Adapter):
         raise AdapterError(adapter.path, "the T2I-Adapter's file is not open")
     tensors = file.tensors(source.values())
     state = {k: tensors[v] for k, v in source.items()}
-    if any(t.device.type == "meta" for t in state.values()):
-        raise AdapterError(adapter.path, "the file was opened shape-only; open it with tensors to attach it")
-    model = meta_model(adapter.extra["config"])
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise AdapterError(adapter.path, f"cannot load the T2I-Adapter: {str(exc).splitlines()[0][:200]}") from None
-    adapter.extra["model"] = model.eval().requires_grad_(False)
-    return adapter.extra["model"]
-
-
-def write_folder(model, path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """A diffusers ``T2IAdapter`` folder (``config.json`` + safetensors), written atomically."""
-    with atomic_dir(path) as tmp:
-        model.save_config(tmp)
-        save_safetensors(model.state_dict(), tmp / WEIGHTS_NAME, {"format": "pt", **(metadata or {})})
-    return path
+    return materialise(adapter, state, meta_model(adapter.extra["config"]), "T2I-Adapter")
 
 
 def save(adapter: Adapter, path: Path, format: str | None) -> Path:
-    if format not in (None, DIFFUSERS):
-        raise AdapterError(path, f"a T2I-Adapter is saved as a diffusers folder only (format {DIFFUSERS!r}), "
-                                 f"not {format!r}")
-    metadata = {k: v for k, v in adapter.metadata.items() if k != "format"}
-    metadata.setdefault(METADATA_KEY, adapter.base)
-    return write_folder(load_model(adapter), path, metadata)
+    return save_model_folder(adapter, load_model(adapter), path, format, "T2I-Adapter")
 
 
 def example_config(unet_config, vae_scale: int = 8) -> dict:
@@ -318,5 +297,5 @@ def example(model, path: Path, seed: int = 0, **options) -> Path:
         with torch.no_grad():  # keep the features small next to the UNet's activations
             for param in adapter.parameters():
                 param.mul_(options.get("scale", 0.5))
-    return write_folder(adapter, Path(path), {METADATA_KEY: architecture_of(model)})
+    return write_model_folder(adapter, Path(path), {METADATA_KEY: architecture_of(model)})
 
