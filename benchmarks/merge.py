@@ -13,39 +13,17 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _common import DTYPES, sync, timed, write_loras  # noqa: F401 - benchmarks/ is on sys.path
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def make_unet(device: str, dtype: torch.dtype):
     from adapterhub.base import build_preset
 
     return build_preset("sd1", device=device, dtype=dtype, components=("unet",), seed=0).unet
-
-
-def write_loras(unet, folder: Path, rank: int, count: int) -> list[Path]:
-    from adapterhub.plugins import adapter_type
-
-    cpu_view = {"unet": unet}
-    return [adapter_type("lora").example(cpu_view, folder / f"r{rank}_{i}.safetensors", seed=i, rank=rank, text=False)
-            for i in range(count)]
 
 
 def snapshot(unet) -> dict[str, torch.Tensor]:

@@ -19,34 +19,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _common import DTYPES, sync, timed, write_loras  # noqa: F401 - benchmarks/ is on sys.path
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTS_A = [0.8, 0.6, 0.4]
 WEIGHTS_B = [0.3, 0.9, 0.5]
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def write_loras(unet, folder: Path, rank: int, count: int) -> list[Path]:
-    from adapterhub.plugins import adapter_type
-
-    return [adapter_type("lora").example({"unet": unet}, folder / f"lora{i}.safetensors", seed=i, rank=rank,
-                                         text=False) for i in range(count)]
 
 
 def targeted(files: list[Path]) -> list[str]:
