@@ -69,6 +69,8 @@ def adapterhub_enrich_catalog_entry(entry: dict, file: AdapterFile) -> None:
     Called for every file the catalog identifies, after the adapter type filled the standard
     fields. Implementations must only read ``file`` (its header, metadata and sidecars).
 
-    :param entry: the dict that becomes the catalog row; add or update keys.
+    :param entry: the dict that becomes the catalog row; add or update keys. It also carries
+        ``sidecars`` (the files beside the adapter that the scan found), ``warnings`` (append
+        messages) and ``skip``.
     :param file: the opened adapter file.
     """

@@ -576,11 +576,7 @@ class Stack:
         """The prompt the attached entries need (textual inversions spell out multi-vector names)."""
         if self._applied is not None:
             for i in sorted(self._applied.handles):
-                handle = self._applied.handles[i]
-                if type(handle).rewrite_prompt is Handle.rewrite_prompt and hasattr(handle, "expand_prompt"):
-                    prompt = handle.expand_prompt(prompt)  # a handle from before ``rewrite_prompt`` existed
-                else:
-                    prompt = handle.rewrite_prompt(prompt)
+                prompt = self._applied.handles[i].rewrite_prompt(prompt)
         return prompt
 
     def __enter__(self):

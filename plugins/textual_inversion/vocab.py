@@ -261,6 +261,8 @@ class EmbeddingHandle(Handle):
         """The prompt as the text encoder must see it (multi-vector names spelled out)."""
         return expand_prompt(prompt, self.slots[0].tokenizer) if self.slots else prompt
 
+    rewrite_prompt = expand_prompt  # the Handle contract's name for it
+
     def set_weight(self, weight: float) -> None:
         if not self.attached:
             raise RuntimeError("embedding is detached")
