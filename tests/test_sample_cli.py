@@ -121,3 +121,41 @@ def test_png_info_without_parameters(capsys, tmp_path):
     Image.new("RGB", (8, 8)).save(path)
     rc, _, err = run(capsys, "png-info", path)
     assert rc == 2 and "no parameters" in err and err.count("\n") == 1
+
+
+def test_control_flag_attaches_a_controlnet_with_its_image(tmp_path, tiny_sd1):
+    import numpy as np
+    from PIL import Image
+
+    from adapterhub.conditioning import example_condition_image
+    from adapterhub.plugins import adapter_type
+    from adapterhub.sample.generator import Generator, Request
+    from adapterhub.stack import Entry, Stack
+
+    cn = adapter_type("controlnet").example(tiny_sd1, tmp_path / "cn", seed=1)
+    edges = tmp_path / "edges.png"
+    example_condition_image(tiny_sd1).resize((64, 64)).save(edges)
+    plain, ctrl = tmp_path / "plain", tmp_path / "ctrl"
+    assert cli.main(["sample", *SMALL, "--prompt", "a house", "--seed", "3", "--out", str(plain)]) == 0
+    assert cli.main(["sample", *SMALL, "--prompt", "a house", "--seed", "3", "--control", f"{edges}:{cn}:0.9:0:1",
+                     "--out", str(ctrl)]) == 0
+    with_control = np.asarray(Image.open(ctrl / "00000-3.png"))
+    assert not np.array_equal(np.asarray(Image.open(plain / "00000-3.png")), with_control)
+    # the flag means exactly a stack entry whose attach options carry the image and the window
+    entry = Entry(str(cn), te=0.9, options={"image": Image.open(edges).convert("RGB"), "start": 0.0, "end": 1.0})
+    request = Request("a house", seed=3, width=64, height=64, steps=2, sampler="Euler a", stack=Stack([entry]))
+    assert np.array_equal(np.asarray(Generator("tiny-sd1").generate(request).images[0]), with_control)
+
+
+@pytest.mark.parametrize("spec", ["missing.png:cn:0.5", "{edges}:{cn}", "{edges}:{cn}:heavy"])
+def test_bad_control_specs_fail_before_anything_is_written(tmp_path, tiny_sd1, capsys, spec):
+    from adapterhub.conditioning import example_condition_image
+    from adapterhub.plugins import adapter_type
+
+    cn = adapter_type("controlnet").example(tiny_sd1, tmp_path / "cn", seed=1)
+    edges = tmp_path / "edges.png"
+    example_condition_image(tiny_sd1).save(edges)
+    out = tmp_path / "out"
+    rc = cli.main(["sample", *SMALL, "--prompt", "x", "--control", spec.format(edges=edges, cn=cn), "--out", str(out)])
+    assert rc == 2 and "--control" in capsys.readouterr().err
+    assert not out.exists()

@@ -58,6 +58,39 @@ def _next_index(out: Path) -> int:
     return max(found, default=-1) + 1
 
 
+def _control_entries(specs: tuple[str, ...], kind: str) -> list:
+    """``IMAGE:MODEL:WEIGHT[:START:END]`` (``--control``) or ``IMAGE:MODEL:WEIGHT`` (``--adapter``) as stack
+    entries whose attach options carry the conditioning image and the guidance window."""
+    from PIL import Image, UnidentifiedImageError
+
+    from adapterhub.stack import Entry
+
+    entries = []
+    for spec in specs:
+        parts = spec.split(":")
+        most = 5 if kind == "--control" else 3
+        if not 3 <= len(parts) <= most:
+            form = "IMAGE:MODEL:WEIGHT[:START:END]" if kind == "--control" else "IMAGE:T2I:WEIGHT"
+            raise AdapterhubError(f"{kind} {spec!r}: expected {form}")
+        image_path, model, *numbers = parts
+        try:
+            values = [float(v) for v in numbers]
+        except ValueError:
+            raise AdapterhubError(f"{kind} {spec!r}: weight, start and end must be numbers") from None
+        try:
+            with Image.open(image_path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise AdapterhubError(f"{kind} {spec!r}: cannot read the image {image_path}: {exc}") from None
+        options = {"image": image}
+        if len(values) > 1:
+            options["start"] = values[1]
+        if len(values) > 2:
+            options["end"] = values[2]
+        entries.append(Entry(model, te=values[0], options=options))
+    return entries
+
+
 def _save(image, path: Path, text: str) -> None:
     """Atomic: a temp name in the same folder, then rename."""
     from adapterhub.sample import infotext
@@ -74,6 +107,10 @@ def _save(image, path: Path, text: str) -> None:
 @click.option("--negative", default="", help="The negative prompt.")
 @click.option("--stack", "stacks", multiple=True,
               help="Adapters: NAME[:W[:UNET]][:te=W][:unet=W][:lbw=...], comma-separated.")
+@click.option("--control", "controls", multiple=True,
+              help="IMAGE:MODEL:WEIGHT[:START:END]: a ControlNet with its conditioning image and guidance window.")
+@click.option("--adapter", "t2i_adapters", multiple=True,
+              help="IMAGE:T2I:WEIGHT: a T2I-Adapter with its conditioning image.")
 @click.option("--adapter-dir", "adapter_dirs", multiple=True, type=click.Path(file_okay=False),
               help="Where <lora:name> tags and stack names are looked up by file stem (then the catalog).")
 @click.option("--steps", default=20, show_default=True, type=int)
@@ -112,12 +149,19 @@ def sample_cmd(ctx, **options):
     if not options["prompt"] and options["prompt"] != "":
         raise AdapterhubError("give --prompt (or --from-png IMAGE)")
     width, height = _size(options["size"])
-    request = Request(options["prompt"], negative=options["negative"] or "", stack=", ".join(options["stacks"]),
+    dirs = [Path(d) for d in options["adapter_dirs"]]
+    stack_spec = ", ".join(options["stacks"])
+    controls = _control_entries(options["controls"], "--control") + _control_entries(options["t2i_adapters"],
+                                                                                     "--adapter")
+    if controls:
+        from adapterhub.stack import Stack
+
+        stack_spec = Stack([*(Stack.parse(stack_spec, dirs=dirs).entries if stack_spec.strip() else []), *controls])
+    request = Request(options["prompt"], negative=options["negative"] or "", stack=stack_spec,
                       seed=options["seed"], width=width, height=height, steps=options["steps"],
                       sampler=options["sampler"], schedule=options["schedule"], cfg=options["cfg"],
                       batch=options["batch"], images=options["images"], clip_skip=options["clip_skip"],
                       emphasis=options["emphasis"])
-    dirs = [Path(d) for d in options["adapter_dirs"]]
     check_request(request, dirs)  # bad input fails here: no model loaded, nothing written
     output.quiet_model_loading()
     _quiet_transformers()

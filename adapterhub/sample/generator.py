@@ -207,7 +207,9 @@ class Generator:
 
     @staticmethod
     def _key(stack) -> tuple:
-        return tuple((id(e.adapter), e.te, e.unet, e.lbw) for e in stack.entries)
+        # attach options (a control image) count by identity: a new image re-attaches, the same one does not
+        return tuple((id(e.adapter), e.te, e.unet, e.lbw, tuple(sorted((k, id(v)) for k, v in e.options.items())))
+                     for e in stack.entries)
 
     def use_stack(self, stack) -> None:
         """Switch the pipeline to ``stack`` (nothing changes when it equals the applied one)."""
