@@ -52,7 +52,8 @@ class Recipe:
     scheduler: tuple[str, dict]
 
     def fingerprint(self) -> str:
-        parts = [self.pipeline, self.unet, self.vae, self.text_encoders, self.pads, self.scheduler, TINY_SEED]
+        parts = [self.pipeline, self.unet, self.vae, self.text_encoders, self.pads, self.scheduler, TINY_SEED,
+                 "trained-looking text norms"]  # the init recipe: a change rebuilds cached bases
         blob = json.dumps(parts, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -191,7 +192,20 @@ def _build_part(rec: Recipe, name: str, device: str, seed: int | None):
     with torch.random.fork_rng(devices=[]), torch.device(device):
         if seed is not None:
             torch.manual_seed(seed + COMPONENTS.index(name))
-        return _build_module(rec, name).eval()
+        module = _build_module(rec, name).eval()
+        if seed is not None and device != "meta" and name.startswith("text_encoder"):
+            _trained_looking_norms(module)
+        return module
+
+
+def _trained_looking_norms(encoder) -> None:
+    """Fresh LayerNorms are weight 1, bias 0, so every output token has mean exactly 0 and A1111's
+    emphasis re-normalisation (a ratio of means) is 0/0; trained encoders' norms are not like that."""
+    with torch.no_grad():
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.1)
+                module.bias.normal_(0.0, 0.1)
 
 
 def build_preset(name: str, device: str = "meta", dtype: torch.dtype | None = None,
