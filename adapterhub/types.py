@@ -281,3 +281,27 @@ class AdapterType:
     def example_options(self, model) -> dict:
         """Options ``attach`` needs for this type's example on ``model`` (a conditioning image ...)."""
         return {}
+
+
+class ModuleBackedType(AdapterType):
+    """A type whose file handling lives in one module (``impl``, the plugin's ``formats``) with the
+    functions ``sniff(file)``, ``parse(file, sniff, type_name)``, ``summary(adapter)``,
+    ``save(adapter, path, format)`` and ``example(model, path, seed, **options)``; the type itself
+    declares its data and only the run-time methods (``attach``, ``merge_into``...)."""
+
+    impl: ClassVar[Any] = None
+
+    def sniff(self, file: AdapterFile) -> Sniff | None:
+        return self.impl.sniff(file)
+
+    def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
+        return self.impl.parse(file, sniff, self.name)
+
+    def info(self, adapter: Adapter) -> dict:
+        return self.impl.summary(adapter)
+
+    def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
+        return self.impl.save(adapter, Path(path), format)
+
+    def example(self, model, path: Path, seed: int = 0, **options) -> Path:
+        return self.impl.example(model, Path(path), seed, **options)

@@ -5,38 +5,27 @@ Not a weight delta: ``attach`` installs an attention processor that feeds ``to_k
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from adapterhub.errors import AdapterError
 from adapterhub.hookspecs import hookimpl
-from adapterhub.io import AdapterFile
-from adapterhub.types import Adapter, AdapterType, Sniff
+from adapterhub.types import Adapter, ModuleBackedType
 
 from . import formats, processor
 
 
-class HypernetworkType(AdapterType):
+class HypernetworkType(ModuleBackedType):
     name = "hypernetwork"
+    impl = formats
     description = "Hypernetwork (AUTOMATIC1111 .pt): MLPs on the cross-attention context; attached, never merged"
     formats = (formats.FORMAT,)
     capabilities = ("inspect", "attach", "save", "example", "train")
     example_suffix = ".pt"
     weight_space = False
 
-    def sniff(self, file: AdapterFile) -> Sniff | None:
-        return formats.sniff(file)
-
     def make_trainable(self, model, config):
         """A1111 MLP pairs per context width (``config.hn_*``), attached for training; see ``train``."""
         from .train import make_trainable
 
         return make_trainable(model, config)
-
-    def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
-        return formats.parse(file, sniff, self.name)
-
-    def info(self, adapter: Adapter) -> dict:
-        return formats.summary(adapter)
 
     def attach(self, adapter: Adapter, pipe, weight: float = 1.0) -> processor.HypernetworkHandle:
         return processor.attach(adapter, pipe, weight)
@@ -45,12 +34,6 @@ class HypernetworkType(AdapterType):
         raise AdapterError(adapter.path, "a hypernetwork cannot be merged: it transforms the attention context "
                                          "(context + mlp(context) x multiplier before to_k/to_v), which no weight "
                                          "change reproduces; attach it instead")
-
-    def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
-        return formats.save(adapter, Path(path), format)
-
-    def example(self, model, path: Path, seed: int = 0, **options) -> Path:
-        return formats.example(model, Path(path), seed, **options)
 
 
 @hookimpl

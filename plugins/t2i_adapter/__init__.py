@@ -7,32 +7,21 @@ with ``adapter_conditioning_scale=[w_1, ...]``; its default weights average, i.e
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from adapterhub.errors import AdapterError
 from adapterhub.hookspecs import hookimpl
-from adapterhub.io import AdapterFile
-from adapterhub.types import Adapter, AdapterType, Handle, Sniff
+from adapterhub.types import Adapter, Handle, ModuleBackedType
 
 from . import formats, runtime
 
 
-class T2IAdapterType(AdapterType):
+class T2IAdapterType(ModuleBackedType):
     name = "t2i_adapter"
+    impl = formats
     description = "T2I-Adapter (diffusers folder, TencentARC .pth): image features added inside the UNet"
     formats = (formats.DIFFUSERS, formats.TENCENTARC)
     capabilities = ("inspect", "attach", "save", "example")
     example_suffix = ""
     weight_space = False
-
-    def sniff(self, file: AdapterFile) -> Sniff | None:
-        return formats.sniff(file)
-
-    def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
-        return formats.parse(file, sniff, self.name)
-
-    def info(self, adapter: Adapter) -> dict:
-        return formats.summary(adapter)
 
     def attach(self, adapter: Adapter, pipe, weight: float = 1.0, **options) -> Handle:
         return runtime.attach(adapter, pipe, weight, **options)
@@ -45,12 +34,6 @@ class T2IAdapterType(AdapterType):
     def merge_into(self, adapter: Adapter, pipe, weight: float = 1.0) -> None:
         raise AdapterError(adapter.path, "a T2I-Adapter cannot be merged: its features come from a conditioning "
                                          "image at run time; attach it instead")
-
-    def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
-        return formats.save(adapter, Path(path), format)
-
-    def example(self, model, path: Path, seed: int = 0, **options) -> Path:
-        return formats.example(model, Path(path), seed, **options)
 
 
 @hookimpl

@@ -10,29 +10,25 @@ named for what it is rather than mistaken for a textual inversion.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from adapterhub.archs import TEXT_WIDTH
 from adapterhub.errors import AdapterError
 from adapterhub.hookspecs import hookimpl
 from adapterhub.io import AdapterFile
-from adapterhub.types import Adapter, AdapterType, Sniff
+from adapterhub.types import Adapter, AdapterType, ModuleBackedType, Sniff
 
 from . import formats, vocab
 
 
-class TextualInversionType(AdapterType):
+class TextualInversionType(ModuleBackedType):
     name = "textual_inversion"
+    impl = formats
     description = "Textual inversion: learned token embeddings (A1111 .pt/.safetensors, diffusers, SDXL clip_l/clip_g)"
     formats = formats.FORMATS
     capabilities = ("inspect", "attach", "merge", "save", "example", "train")
     single_file_merge = False
     weight_space = False
-
-    def sniff(self, file: AdapterFile) -> Sniff | None:
-        return formats.sniff(file)
 
     def make_trainable(self, model, config):
         """New token rows (``config.token``, ``num_vectors``, ``init_word``); see ``train``."""
@@ -40,24 +36,12 @@ class TextualInversionType(AdapterType):
 
         return make_trainable(model, config)
 
-    def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
-        return formats.parse(file, sniff, self.name)
-
-    def info(self, adapter: Adapter) -> dict:
-        return formats.summary(adapter)
-
     def attach(self, adapter: Adapter, pipe, weight: float = 1.0) -> vocab.EmbeddingHandle:
         return vocab.attach(adapter, pipe, weight)
 
     def merge_into(self, adapter: Adapter, pipe, weight: float = 1.0) -> None:
         """Add the tokens for good: a pipeline saved afterwards carries them in tokenizer and encoder."""
         vocab.attach(adapter, pipe, weight)
-
-    def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
-        return formats.save(adapter, Path(path), format)
-
-    def example(self, model, path: Path, seed: int = 0, **options) -> Path:
-        return formats.example(model, Path(path), seed, **options)
 
 
 class AestheticEmbeddingType(AdapterType):
