@@ -166,12 +166,38 @@ class Trainable:
     own training metadata (kohya ``ss_network_*``; ``modelspec.architecture`` may name only the
     adapter part, ``lora``, and the loop prefixes the base's). Nothing else about the type is known
     to the loop.
+
+    Optional parts, each with a do-nothing default:
+
+    * a param group may carry ``lr_scale`` (its learning rate is the group's base rate times this;
+      LoRA+ gives the up matrices ``loraplus_lr_ratio``) and ``weight_decay``;
+    * ``before_zero_grad(step)`` runs after the optimiser and scheduler steps while the gradients
+      still exist (PEFT AdaLoRA's ``update_and_allocate``);
+    * ``conditioning = True`` asks the loop for a conditioning image per sample (sidecar or
+      preprocessor, ``adapterhub.train.control``); ``unet_kwargs(...)`` returns extra keyword
+      arguments for the UNet call (ControlNet residuals, T2I-Adapter features);
+    * ``modules`` lists modules outside the frozen pipeline that train (a ControlNet), put in train
+      mode by the loop; ``save_dtype`` is set by the loop (``--save-precision``) before ``save``.
     """
+
+    conditioning: bool = False
 
     def __init__(self, param_groups: list[dict], trains_text: bool = False, metadata: dict[str, str] | None = None):
         self.param_groups = param_groups
         self.trains_text = trains_text
         self.metadata = dict(metadata or {})
+        self.modules: list[torch.nn.Module] = []
+        self.save_dtype = torch.float32
+
+    def before_zero_grad(self, step: int) -> None:
+        """Called after ``optimizer.step()`` and the scheduler step, before the gradients are cleared;
+        ``step`` counts optimiser steps from 1."""
+
+    def unet_kwargs(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
+                    added_cond_kwargs: dict | None, cond: torch.Tensor | None) -> dict:
+        """Extra keyword arguments for the UNet call of this batch. ``cond`` is the conditioning
+        images, (B, 3, H, W) in [0, 1] at the batch's bucket size, when ``conditioning`` is set."""
+        return {}
 
     @property
     def parameters(self) -> list[torch.nn.Parameter]:

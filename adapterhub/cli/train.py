@@ -29,6 +29,12 @@ def _click_type(hint, meta):
     return {int: int, float: float, str: str}.get(hint, str)
 
 
+def _base_type_of(hint):
+    from adapterhub.train.config import _base_type
+
+    return _base_type(hint)
+
+
 def config_options(fn):
     """One click option per TrainConfig field; all default to None, so only what was typed overrides."""
     from adapterhub.train.config import fields, hints
@@ -40,6 +46,12 @@ def config_options(fn):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = f" [default: {default}]" if default not in (None, ()) else ""
         help_text = f"{meta['help']}{shown}"
+        if f.name == "datasets":
+            continue  # TOML [[datasets]] tables only
+        hint = _base_type_of(types_[f.name])
+        if typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
+            fn = click.option(flag, f.name, multiple=True, default=None, help=help_text + " (repeatable)")(fn)
+            continue
         if types_[f.name] is bool:
             off = "--no-" + flag[2:]
             fn = click.option(f"{flag}/{off}", f.name, default=None, help=help_text)(fn)

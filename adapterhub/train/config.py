@@ -22,7 +22,8 @@ from pathlib import Path
 
 from adapterhub.errors import AdapterhubError
 
-SECTIONS = ("run", "network", "optimizer", "data", "loss", "checkpoints", "textual_inversion", "hypernetwork")
+SECTIONS = ("run", "network", "optimizer", "data", "loss", "checkpoints", "dreambooth", "sampling", "adalora",
+            "control", "textual_inversion", "hypernetwork")
 
 
 def opt(default, help: str, section: str, *, choices: tuple | None = None, flag: str | None = None):
@@ -35,17 +36,21 @@ def opt(default, help: str, section: str, *, choices: tuple | None = None, flag:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     # -- run ---------------------------------------------------------------------------------
-    type: str | None = opt(None, "adapter type to train: lora, locon, loha, textual_inversion, hypernetwork", "run")
+    type: str | None = opt(None, "adapter type to train: lora, locon, loha, adalora, textual_inversion, "
+                                 "hypernetwork, t2i_adapter, controlnet, full (hyphens also accepted)", "run")
     base: str | None = opt(None, "base model: tiny-sd1, tiny-sdxl, a diffusers folder, a single-file "
                                  "checkpoint or a hub id in the local cache", "run")
     dataset: Path | None = opt(None, "dataset folder (kohya 'N_trigger class' subfolders allowed)", "run")
-    out: Path | None = opt(None, "output file (.safetensors; a hypernetwork writes .pt)", "run")
+    out: Path | None = opt(None, "output file (.safetensors; a hypernetwork writes .pt; controlnet, t2i_adapter and "
+                                 "full write a diffusers folder, or a single file when OUT ends in .safetensors)",
+                           "run")
     max_steps: int | None = opt(None, "optimiser steps (default 1600 when --epochs is not given)", "run")
     epochs: int | None = opt(None, "passes over the dataset (images x repeats); instead of --max-steps", "run")
     seed: int | None = opt(None, "random seed (default: drawn, then recorded in the metadata)", "run")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N", "run")
     mixed_precision: str = opt("no", "autocast precision", "run", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute UNet activations in the backward pass", "run")
+    save_precision: str = opt("fp32", "dtype of the saved tensors", "run", choices=("fp32", "fp16", "bf16"))
     cache_dir: Path | None = opt(None, "latent cache folder (default: ADAPTERHUB_CACHE/latents)", "run")
     comment: str | None = opt(None, "free text stored as ss_training_comment", "run")
     trigger: str | None = opt(None, "trigger phrase stored as modelspec.trigger_phrase (default: the "
@@ -59,6 +64,10 @@ class TrainConfig:
     dropout: float = opt(0.0, "dropout inside the adapter layers", "network")
     train_text_encoder: bool = opt(False, "train the text encoder(s) too (their output is then not cached)",
                                    "network")
+    loraplus_lr_ratio: float | None = opt(None, "LoRA+: the up (B) matrices learn this many times faster than the "
+                                                "down (A) ones (e.g. 16)", "network")
+    max_norm: float | None = opt(None, "max-norm regularisation: rescale each module's delta to at most this norm "
+                                       "after every step (kohya --scale_weight_norms, e.g. 1)", "network")
     # -- optimizer -------------------------------------------------------------------------------
     lr: float = opt(1e-4, "learning rate", "optimizer")
     text_encoder_lr: float | None = opt(None, "learning rate of text-encoder parameters (default: --lr)",
@@ -69,13 +78,18 @@ class TrainConfig:
     lr_schedule: str | None = opt(None, "AUTOMATIC1111 schedule 'rate:until_step, ...' (e.g. '5e-5:100, "
                                         "5e-6:1500'); overrides --lr and --lr-scheduler and ends the run "
                                         "where it ends", "optimizer")
-    optimizer: str = opt("adamw", "optimiser", "optimizer", choices=("adamw", "sgd"))
+    optimizer: str = opt("adamw", "optimiser (adamw8bit needs bitsandbytes, prodigy needs prodigyopt: pip install "
+                                  "'adapterhub[optimizers]'; prodigy wants --lr 1)", "optimizer",
+                         choices=("adamw", "sgd", "adamw8bit", "prodigy"))
     weight_decay: float = opt(0.01, "AdamW weight decay", "optimizer")
     max_grad_norm: float = opt(1.0, "gradient-norm clip (0: none)", "optimizer")
     gradient_accumulation: int = opt(1, "batches per optimiser step", "optimizer")
     ema_decay: float | None = opt(None, "keep an exponential moving average of the trained weights and save "
                                         "it (e.g. 0.999)", "optimizer")
     # -- data ------------------------------------------------------------------------------------
+    datasets: tuple[dict, ...] = opt((), "several folders, each with its own repeats, resolution and caption "
+                                         "extension (TOML [[datasets]] tables: dir, repeats, resolution, caption_ext, "
+                                         "class_tokens); used with or instead of --dataset", "data")
     batch_size: int = opt(1, "images per batch (one bucket per batch)", "data")
     resolution: int = opt(512, "training resolution (bucket area = resolution²)", "data")
     min_bucket: int | None = opt(None, "smallest bucket side (default: resolution / 2, kohya's 256 at 512)", "data")
@@ -101,6 +115,38 @@ class TrainConfig:
     resume: Path | None = opt(None, "continue from a checkpoint's state folder (NAME-stepNNNNNN-state)",
                               "checkpoints")
     register: bool = opt(False, "add the output to the catalog", "checkpoints")
+    # -- dreambooth -------------------------------------------------------------------------------
+    class_prompt: str | None = opt(None, "DreamBooth prior preservation: the class prompt (e.g. 'a photo of a dog')",
+                                   "dreambooth")
+    class_dir: Path | None = opt(None, "folder of class images (missing ones are generated with the base and kept "
+                                       "there; default: OUT's folder/class_images)", "dreambooth")
+    num_class_images: int = opt(100, "class images wanted in --class-dir", "dreambooth")
+    prior_loss_weight: float = opt(1.0, "weight of the class images' loss", "dreambooth")
+    class_steps: int = opt(25, "sampling steps for generated class images", "dreambooth")
+    # -- sampling during training -------------------------------------------------------------------
+    sample_every: int | None = opt(None, "write validation images every N steps (and at the end)", "sampling")
+    sample_prompt: tuple[str, ...] = opt((), "prompt(s) for --sample-every images (repeat the flag; default: the "
+                                             "first caption)", "sampling")
+    sample_steps: int = opt(20, "sampling steps of the validation images", "sampling")
+    sample_sampler: str = opt("Euler a", "sampler of the validation images (A1111 name)", "sampling")
+    # -- adalora --------------------------------------------------------------------------------------
+    adalora_init_rank: int | None = opt(None, "AdaLoRA: starting rank of every module (default: 1.5 x --rank)",
+                                        "adalora")
+    adalora_tinit: int | None = opt(None, "AdaLoRA: steps before rank pruning starts (default: 10% of the run)",
+                                    "adalora")
+    adalora_tfinal: int | None = opt(None, "AdaLoRA: steps at the end with the final budget fixed (default: 20%)",
+                                     "adalora")
+    adalora_delta_t: int = opt(1, "AdaLoRA: steps between budget allocations", "adalora")
+    adalora_orth_reg: float = opt(0.1, "AdaLoRA: weight of the orthogonality regulariser", "adalora")
+    # -- control (t2i_adapter, controlnet) ------------------------------------------------------------
+    conditioning: str = opt("sidecar", "conditioning image source: 'sidecar' (IMG.cond.png beside each image) or a "
+                                       "preprocessor (canny)", "control", choices=("sidecar", "canny"))
+    cond_suffix: str = opt(".cond", "sidecar name: IMAGE_STEM + this + an image extension", "control")
+    canny_low: float = opt(100.0, "canny lower threshold (0-255 scale)", "control")
+    canny_high: float = opt(200.0, "canny upper threshold (0-255 scale)", "control")
+    t2i_channels: tuple[int, ...] = opt((), "T2I-Adapter channels (default: the UNet's block widths)", "control")
+    t2i_adapter_type: str = opt("full_adapter", "T2I-Adapter architecture", "control",
+                                choices=("full_adapter", "light_adapter", "full_adapter_xl"))
     # -- textual inversion -----------------------------------------------------------------------
     token: str | None = opt(None, "textual inversion: the new token (default: the output file's stem)",
                             "textual_inversion")
@@ -128,15 +174,41 @@ class TrainConfig:
 
 # Options a resume may change; every other option comes from the checkpoint.
 CHANGEABLE_ON_RESUME = ("out", "max_steps", "epochs", "device", "cache_dir", "save_every", "keep_last", "resume",
-                        "register", "comment")
-REQUIRED = ("type", "base", "dataset", "out")
+                        "register", "comment", "save_precision", "sample_every", "sample_prompt", "sample_steps",
+                        "sample_sampler")
+REQUIRED = ("type", "base", "out")
+DATASET_KEYS = {"dir": Path, "repeats": int, "resolution": int, "caption_ext": str, "class_tokens": str}
+
+
+def _dataset_entries(value, where: str) -> tuple[dict, ...]:
+    """``[[datasets]]`` tables, checked: ``dir`` required, the other keys optional."""
+    if isinstance(value, dict):
+        value = [value]
+    entries = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise AdapterhubError(f"{where}: datasets[{i}] must be a table with a dir")
+        entry = {k.replace("-", "_"): v for k, v in entry.items()}
+        unknown = sorted(set(entry) - set(DATASET_KEYS))
+        if unknown:
+            raise AdapterhubError(f"{where}: datasets[{i}]: unknown key {unknown[0]!r} (known: "
+                                  f"{', '.join(DATASET_KEYS)})")
+        if "dir" not in entry:
+            raise AdapterhubError(f"{where}: datasets[{i}] has no dir")
+        try:
+            entries.append({k: DATASET_KEYS[k](v) for k, v in entry.items()})
+        except (TypeError, ValueError):
+            raise AdapterhubError(f"{where}: datasets[{i}]: bad value in {entry}") from None
+    return tuple(entries)
 
 
 def _plain(value):
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, tuple):
-        return list(value)
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
@@ -163,6 +235,11 @@ def coerce(name: str, value, where: str = "config"):
     try:
         if typing.get_origin(hint) is tuple:
             inner = typing.get_args(hint)[0]
+            if inner is dict:
+                return _dataset_entries(value, where)
+            if inner is str:  # prompts may hold commas: one string is one item
+                items = [value] if isinstance(value, str) else list(value)
+                return tuple(str(v) for v in items if str(v).strip() != "")
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(inner(v) for v in items if str(v).strip() != "")
         if hint is bool:
@@ -176,6 +253,8 @@ def coerce(name: str, value, where: str = "config"):
         if hint is Path:
             return Path(value).expanduser()
         result = hint(value)
+        if name == "type" and isinstance(result, str):
+            result = result.replace("-", "_")
     except (TypeError, ValueError):
         raise AdapterhubError(f"{where}: {name} = {value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
     choices = fields()[name].metadata.get("choices")
@@ -204,7 +283,9 @@ def load_toml(path: Path) -> dict:
         raise AdapterhubError(f"{path}: not valid TOML: {str(exc).splitlines()[0]}") from None
     flat = {}
     for key, value in data.items():
-        if isinstance(value, dict):
+        if key == "datasets" and isinstance(value, list):
+            flat["datasets"] = value
+        elif isinstance(value, dict):
             for inner, v in value.items():
                 flat[_key(inner, str(path))] = v
         else:
@@ -213,8 +294,11 @@ def load_toml(path: Path) -> dict:
     out = {}
     for name, value in flat.items():
         value = coerce(name, value, str(path))
-        if isinstance(value, Path) and not value.is_absolute() and name in ("dataset", "out", "cache_dir", "resume"):
+        if isinstance(value, Path) and not value.is_absolute() and name in ("dataset", "out", "cache_dir", "resume",
+                                                                            "class_dir"):
             value = base / value  # paths in a file are relative to the file
+        if name == "datasets":
+            value = tuple({**e, "dir": e["dir"] if e["dir"].is_absolute() else base / e["dir"]} for e in value)
         out[name] = value
     return out
 
@@ -227,7 +311,8 @@ def build(options: dict, check: bool = True) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
-    missing = [n for n in REQUIRED if getattr(cfg, n) in (None, "")]
+    missing = [n for n in ("type", "base", "dataset", "out") if getattr(cfg, n) in (None, "")
+               and not (n == "dataset" and cfg.datasets)]
     if missing:
         raise AdapterhubError(f"missing option{'s' if len(missing) > 1 else ''}: "
                               f"{', '.join('--' + m.replace('_', '-') for m in missing)}")
@@ -247,13 +332,21 @@ def validate(cfg: TrainConfig) -> None:
         raise AdapterhubError("--ema-decay must be in (0, 1)")
     if cfg.lr <= 0:
         raise AdapterhubError("--lr must be positive")
+    for name in ("loraplus_lr_ratio", "max_norm", "prior_loss_weight", "adalora_init_rank", "sample_every",
+                 "num_class_images", "class_steps", "sample_steps", "adalora_delta_t"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise AdapterhubError(f"--{name.replace('_', '-')} must be positive, not {value}")
+    for i, entry in enumerate(cfg.datasets):
+        if entry.get("repeats", 1) <= 0 or entry.get("resolution", 1) <= 0:
+            raise AdapterhubError(f"datasets[{i}] ({entry['dir']}): repeats and resolution must be positive")
 
 
 def resolve(config_file: Path | None = None, overrides: dict | None = None, check: bool = True) -> TrainConfig:
     """Defaults < the TOML file < ``overrides`` (explicit flags); with ``resume`` (in either), the
     checkpoint's saved configuration replaces the defaults and the file."""
     options = load_toml(config_file) if config_file else {}
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None and v != ()}
     options.update(overrides)
     resume = options.get("resume")
     if resume:
@@ -303,10 +396,16 @@ def to_toml(cfg: TrainConfig) -> str:
         lines.append(f"[{section}]")
         for f in fs:
             value = getattr(cfg, f.name)
+            if f.name == "datasets":
+                continue  # written as [[datasets]] tables at the end
             lines.append(f"# {f.metadata['help']}")
             if value is None:
                 lines.append(f"# {f.name} =")
             else:
                 lines.append(f"{f.name} = {_toml_value(_plain(value))}")
+        lines.append("")
+    for entry in cfg.datasets:
+        lines.append("[[datasets]]")
+        lines.extend(f"{k} = {_toml_value(_plain(v))}" for k, v in entry.items())
         lines.append("")
     return "\n".join(lines)

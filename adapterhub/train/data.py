@@ -48,6 +48,8 @@ class Sample:
     resized: tuple[int, int] = (0, 0)
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)  # left, top, right, bottom in the resized image
     latent_file: Path | None = None
+    loss_weight: float = 1.0  # DreamBooth class images: --prior-loss-weight
+    is_reg: bool = False  # a class (regularisation) image
 
 
 @dataclass
@@ -71,21 +73,38 @@ def bucket_sides(cfg) -> tuple[int, int]:
     return low, high
 
 
-def bucketer_for(cfg) -> Bucketer:
+def bucketer_for(cfg, resolution: int | None = None, root: Path | None = None) -> Bucketer:
     low, high = bucket_sides(cfg)
-    return Bucketer(BucketConfig(dir=cfg.dataset, resolution=cfg.resolution, min=low, max=high, step=cfg.bucket_step,
-                                 no_upscale=cfg.no_upscale))
+    resolution = resolution or cfg.resolution
+    if resolution != cfg.resolution:  # a [[datasets]] entry with its own resolution scales its sides
+        low = cfg.min_bucket if cfg.min_bucket is not None else max(cfg.bucket_step,
+                                                                      (resolution // 2) // cfg.bucket_step * cfg.bucket_step)
+        high = cfg.max_bucket if cfg.max_bucket is not None else resolution * 2
+    return Bucketer(BucketConfig(dir=root or cfg.dataset, resolution=resolution, min=low, max=high,
+                                 step=cfg.bucket_step, no_upscale=cfg.no_upscale))
 
 
-def collect(cfg) -> Data:
-    """Scan, caption-check and bucket the dataset (image headers only; nothing is decoded yet)."""
-    root = Path(cfg.dataset)
-    ds = scan(root, cfg.caption_ext)
-    if not ds.items:
+def sources(cfg) -> list[dict]:
+    """The dataset folders of a run: ``--dataset`` and the ``[[datasets]]`` entries."""
+    out = [{"dir": Path(cfg.dataset)}] if cfg.dataset else []
+    return out + [dict(e) for e in cfg.datasets]
+
+
+def _collect_source(source: dict, cfg, samples: list, skipped: list) -> None:
+    from adapterhub.train.control import is_sidecar
+
+    root = Path(source["dir"])
+    if not root.is_dir():
+        raise AdapterhubError(f"{root}: no such dataset folder")
+    caption_ext = source.get("caption_ext") or cfg.caption_ext
+    default = source.get("class_tokens") or cfg.caption_default
+    ds = scan(root, caption_ext)
+    items = [i for i in ds.items if not is_sidecar(i.path, cfg.cond_suffix)]
+    if not items:
         raise AdapterhubError(f"{root}: empty dataset: no images found ({', '.join(sorted(IMAGE_EXTS))})")
-    bucketer = bucketer_for(cfg)
-    samples, skipped, uncaptioned = [], [], []
-    for item in ds.items:
+    bucketer = bucketer_for(cfg, source.get("resolution"), root)
+    uncaptioned = []
+    for item in items:
         try:
             size = image_size(item.path)
         except ImageReadError as exc:
@@ -93,24 +112,60 @@ def collect(cfg) -> Data:
             continue
         caption = item.caption().first_line
         if not caption:
-            if cfg.caption_default is None:
+            if default is None:
                 uncaptioned.append(item.rel)
                 continue
-            caption = cfg.caption_default
+            caption = default
         folder = Path(item.subset.rel).name if item.subset.rel else root.resolve().name
+        repeats = item.subset.repeats or source.get("repeats") or 1
         placement = bucketer.place(*size)
-        samples.append(Sample(item.path, item.rel, folder, item.subset.repeats or 1, item.subset.class_tokens,
-                              caption, size, placement.bucket, placement.resized, placement.crop_ltrb))
+        samples.append(Sample(item.path, item.rel, folder, repeats, item.subset.class_tokens or
+                              source.get("class_tokens"), caption, size, placement.bucket, placement.resized,
+                              placement.crop_ltrb))
     if uncaptioned:
-        raise AdapterhubError(f"{root}: {len(uncaptioned)} of {len(ds.items)} images have no caption (first: "
-                              f"{uncaptioned[0]}); write {cfg.caption_ext} files (adapterhub dataset caption) or "
+        raise AdapterhubError(f"{root}: {len(uncaptioned)} of {len(items)} images have no caption (first: "
+                              f"{uncaptioned[0]}); write {caption_ext} files (adapterhub dataset caption) or "
                               f"pass --caption-default TEXT")
+
+
+def collect(cfg) -> Data:
+    """Scan, caption-check and bucket the dataset folders (image headers only; nothing is decoded yet)."""
+    samples, skipped = [], []
+    for source in sources(cfg):
+        _collect_source(source, cfg, samples, skipped)
+    root = Path(sources(cfg)[0]["dir"])
     if not samples:
         raise AdapterhubError(f"{root}: no readable image ({len(skipped)} unreadable, first: {skipped[0]['file']}: "
                               f"{skipped[0]['problem']})")
     data = Data(root, samples, skipped, bucket_sides=bucket_sides(cfg))
     split_validation(data, cfg.validation_split, cfg.seed or 0)
     return data
+
+
+def add_class_images(data: Data, cfg, class_dir: Path) -> int:
+    """DreamBooth prior preservation: the class images join the samples with the class prompt as their
+    caption and ``prior_loss_weight`` as their loss weight, repeated so that an epoch sees about as
+    many class images as training images (kohya's balancing). Returns how many were added."""
+    ds = scan(class_dir, cfg.caption_ext)
+    paths = sorted(i.path for i in ds.items)[: cfg.num_class_images]
+    if not paths:
+        raise AdapterhubError(f"{class_dir}: no class images")
+    bucketer = bucketer_for(cfg, None, class_dir)
+    train_total = sum(s.repeats for s in data.samples)
+    repeats = max(1, round(train_total / len(paths)))
+    added = 0
+    for path in paths:
+        try:
+            size = image_size(path)
+        except ImageReadError as exc:
+            data.skipped.append({"file": str(path), "problem": str(exc)})
+            continue
+        placement = bucketer.place(*size)
+        data.samples.append(Sample(path, f"class/{path.name}", class_dir.name, repeats, None, cfg.class_prompt, size,
+                                   placement.bucket, placement.resized, placement.crop_ltrb,
+                                   loss_weight=float(cfg.prior_loss_weight), is_reg=True))
+        added += 1
+    return added
 
 
 def split_validation(data: Data, fraction: float, seed: int) -> None:

@@ -34,6 +34,7 @@ from adapterhub.train.config import TrainConfig, validate
 from adapterhub.train.schedule import LrFactor, a1111_end, parse_a1111
 
 DEFAULT_STEPS = 1600  # kohya's --max_train_steps default
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VALIDATION_SEED_OFFSET = 7919
 
 
@@ -91,15 +92,36 @@ def _freeze(pipe) -> None:
             module.requires_grad_(False).eval()
 
 
+OPTIONAL_OPTIMIZERS = {"adamw8bit": ("bitsandbytes", "bitsandbytes.optim", "AdamW8bit"),
+                       "prodigy": ("prodigyopt", "prodigyopt", "Prodigy")}
+
+
 def _optimizer(cfg: TrainConfig, trainable, a1111) -> torch.optim.Optimizer:
+    """One optimiser over the trainable's groups; a group's rate is --lr (--text-encoder-lr for text
+    encoder groups) times its ``lr_scale`` (LoRA+). With an A1111 schedule the rates are factors of 1."""
+    import importlib
+
     groups = []
     for group in trainable.param_groups:
         lr = cfg.lr
         if group.get("name", "").startswith("text_encoder") and cfg.text_encoder_lr:
             lr = cfg.text_encoder_lr
-        groups.append({**group, "lr": 1.0 if a1111 else lr})
+        scale = float(group.get("lr_scale", 1.0))
+        clean = {k: v for k, v in group.items() if k != "lr_scale"}
+        groups.append({**clean, "lr": (1.0 if a1111 else lr) * scale})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr)
+    if cfg.optimizer in OPTIONAL_OPTIMIZERS:
+        package, module, cls = OPTIONAL_OPTIMIZERS[cfg.optimizer]
+        try:
+            optim_cls = getattr(importlib.import_module(module), cls)
+        except ImportError:
+            raise AdapterhubError(f"--optimizer {cfg.optimizer} needs the {package} package: pip install "
+                                  f"'adapterhub[optimizers]' (or pip install {package})") from None
+        except Exception as exc:  # bitsandbytes without a usable backend raises on import
+            raise AdapterhubError(f"--optimizer {cfg.optimizer}: {package} cannot run here: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        return optim_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -188,10 +210,26 @@ class Trainer:
         self.emit("load", base=cfg.base)
         self.accelerator = _accelerator(cfg)
         self.device = self.accelerator.device
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if cfg.class_prompt:
+            from adapterhub.train.prior import class_folder, ensure_class_images
+
+            self.class_dir = class_folder(cfg)
+            if self.accelerator.is_main_process:
+                ensure_class_images(cfg, self.class_dir, self.emit)
+            self.accelerator.wait_for_everyone()
+            added = D.add_class_images(self.data, cfg, self.class_dir)
+            self.emit("class_images", folder=str(self.class_dir), count=added)
         self.pipe = load_base(cfg.base, device=str(self.device))
         self.arch = architecture_of(self.pipe)
         _freeze(self.pipe)
         self.trainable = self.adapter_type.make_trainable(self.pipe, cfg)
+        for module in self.trainable.modules:
+            module.to(self.device)
+        if self.trainable.conditioning:
+            from adapterhub.train.control import check
+
+            check(self.data.samples + self.data.validation, cfg)
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.v_prediction = self.noise_scheduler.config.prediction_type == "v_prediction"
         vae = self.pipe.vae
@@ -216,7 +254,8 @@ class Trainer:
         from torch.optim.lr_scheduler import LambdaLR
 
         cfg = self.cfg
-        self.bpe = D.batches_per_epoch(self.data.samples, cfg.batch_size)
+        self.batch = cfg.batch_size * self.world  # the combined batch; each process trains its share
+        self.bpe = D.batches_per_epoch(self.data.samples, self.batch)
         steps_per_epoch = math.ceil(self.bpe / cfg.gradient_accumulation)
         self.a1111 = parse_a1111(cfg.lr_schedule) if cfg.lr_schedule else None
         self.total = _total_steps(cfg, steps_per_epoch, self.a1111)
@@ -225,7 +264,9 @@ class Trainer:
         optimizer = _optimizer(cfg, self.trainable, self.a1111)
         self.lr_scheduler = LambdaLR(optimizer, LrFactor(cfg.lr_scheduler, cfg.lr_warmup_steps, self.total, self.a1111))
         self.optimizer = optimizer
-        self.unet = self.accelerator.prepare_model(self.pipe.unet)
+        # gradients are summed across processes by hand (``_sync_gradients``), which covers parameters
+        # outside the UNet too (text encoders, a ControlNet), so the UNet is not wrapped in DDP
+        self.unet = self.pipe.unet
         self.accel_optimizer = self.accelerator.prepare_optimizer(optimizer)
         self.noise = torch.Generator().manual_seed(cfg.seed)
         self.captions = random.Random(cfg.seed)
@@ -252,10 +293,22 @@ class Trainer:
     def _batch(self, micro: int) -> list[D.Sample]:
         epoch, index = divmod(micro, self.bpe)
         if epoch not in self._epoch_cache:
-            self._epoch_cache = {epoch: D.epoch_batches(self.data.samples, self.cfg.batch_size, self.cfg.seed, epoch)}
+            self._epoch_cache = {epoch: D.epoch_batches(self.data.samples, self.batch, self.cfg.seed, epoch)}
         return [self.data.samples[i] for i in self._epoch_cache[epoch][index]]
 
-    def _loss(self, samples: list[D.Sample], gen: torch.Generator, captions: list[str], grad: bool) -> torch.Tensor:
+    def _shard(self, n: int, shard: bool) -> slice:
+        """This process's part of a combined batch of ``n`` (all of it in one process)."""
+        if not shard or self.world == 1:
+            return slice(0, n)
+        per = math.ceil(n / self.world)
+        return slice(min(n, self.rank * per), min(n, (self.rank + 1) * per))
+
+    def _loss(self, samples: list[D.Sample], gen: torch.Generator, captions: list[str], grad: bool,
+              shard: bool = False) -> torch.Tensor:
+        """Sum of this process's per-sample losses divided by the whole batch's size: summed over the
+        processes it is the combined batch's mean. Every random draw is made for the whole batch, so
+        each process sees exactly the numbers one process would."""
+        full = len(samples)
         mean, std = D.load_latents(samples)
         latents = mean + std * torch.randn(mean.shape, generator=gen)
         scale, shift = self.latent_scale
@@ -264,19 +317,31 @@ class Trainer:
         if self.cfg.noise_offset:
             noise = noise + self.cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen)
         steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(samples),), generator=gen)
+        part = self._shard(full, shard)
+        samples, captions = samples[part], captions[part]
+        if not samples:  # more processes than samples in this batch: contribute nothing
+            return sum(p.sum() * 0.0 for p in self.params)
+        latents, noise, steps = latents[part], noise[part], steps[part]
         latents, noise, steps = latents.to(self.device), noise.to(self.device), steps.to(self.device)
         hidden, pooled = self.conditioner(captions, grad=grad and self.trainable.trains_text)
         extra = {}
         if pooled is not None:
             extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids(samples).to(self.device)}
         noisy = self.noise_scheduler.add_noise(latents, noise, steps)
+        cond = None
+        if self.trainable.conditioning:
+            from adapterhub.train.control import condition_batch
+
+            cond = condition_batch(samples, self.cfg).to(self.device)
         with self.accelerator.autocast():
+            extra.update(self.trainable.unet_kwargs(noisy, steps, hidden, extra.get("added_cond_kwargs"), cond))
             prediction = self.unet(noisy, steps, hidden, **extra).sample
         target = self.noise_scheduler.get_velocity(latents, noise, steps) if self.v_prediction else noise
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.cfg.min_snr_gamma:
             loss = loss * self._snr_weight(steps)
-        return loss.mean()
+        weights = torch.tensor([s.loss_weight for s in samples], dtype=loss.dtype, device=loss.device)
+        return (loss * weights).sum() / full
 
     def _snr_weight(self, steps: torch.Tensor) -> torch.Tensor:
         alpha_bar = self.noise_scheduler.alphas_cumprod.to(self.device)[steps].float()
@@ -287,25 +352,57 @@ class Trainer:
     def _captions(self, samples: list[D.Sample]) -> list[str]:
         return [self.trainable.caption(D.process_caption(s.caption, self.cfg, self.captions)) for s in samples]
 
+    def _sync_gradients(self) -> None:
+        """Sum every trained gradient over the processes (each process's loss is its share of the
+        combined batch's mean, so the sum is the combined batch's gradient)."""
+        if self.world == 1:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.accelerator.reduce(flat, reduction="sum")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def step(self) -> tuple[float, float]:
+        try:
+            return self._step()
+        except torch.OutOfMemoryError:
+            raise AdapterhubError(
+                f"out of memory on {self.device} at step {self.progress.step + 1} (batch {self.cfg.batch_size}, "
+                f"resolution {self.cfg.resolution}); reduce memory with --batch-size 1 (and "
+                "--gradient-accumulation N to keep the effective batch), --gradient-checkpointing, "
+                "--mixed-precision bf16 (or fp16), a lower --resolution or --max-bucket, --optimizer adamw8bit, "
+                "or without --train-text-encoder") from None
+
+    def _step(self) -> tuple[float, float]:
         cfg, total_loss = self.cfg, 0.0
         for _ in range(cfg.gradient_accumulation):
             samples = self._batch(self.progress.micro)
-            loss = self._loss(samples, self.noise, self._captions(samples), grad=True)
+            loss = self._loss(samples, self.noise, self._captions(samples), grad=True, shard=True)
             extra = self.trainable.extra_loss()
             if extra is not None:
-                loss = loss + extra
+                loss = loss + extra / self.world
             if not torch.isfinite(loss):
                 raise AdapterhubError(f"step {self.progress.step + 1}: the loss is {loss.item()} (try a lower "
                                       "--lr, or --mixed-precision no / bf16)")
             self.accelerator.backward(loss / cfg.gradient_accumulation)
-            total_loss += loss.item() / cfg.gradient_accumulation
+            value = loss.detach() / cfg.gradient_accumulation
+            if self.world > 1:
+                value = self.accelerator.reduce(value.reshape(1), reduction="sum")[0]
+            total_loss += value.item()
             self.progress.micro += 1
+        self._sync_gradients()
         if cfg.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.accel_optimizer.step()
         self.lr_scheduler.step()
+        self.trainable.before_zero_grad(self.progress.step + 1)
         self.accel_optimizer.zero_grad(set_to_none=True)
         self.trainable.after_step()
         if self.ema is not None:
@@ -349,24 +446,39 @@ class Trainer:
 
     def write_adapter(self, target: Path) -> Path:
         """The adapter at the current step, written to a hidden file then finished into ``target``."""
+        import shutil
+
         target = Path(target)
+        if not self.accelerator.is_main_process:
+            return target
         partial = target.with_name(f".{target.stem}.partial{target.suffix}")
         meta = self.metadata()
+        self.trainable.save_dtype = SAVE_DTYPES[self.cfg.save_precision]
         try:
             with self.ema.swapped() if self.ema else _nothing():
                 self.trainable.save(partial, meta)
-            if target.suffix.lower() == ".safetensors":
-                M.finish_safetensors(partial, target)
-                partial.unlink(missing_ok=True)
+            if partial.is_dir():  # a diffusers folder: swap it in whole
+                old = target.with_name(f".{target.name}.old")
+                if target.exists():
+                    os.replace(target, old)
+                os.replace(partial, target)
+                shutil.rmtree(old, ignore_errors=True)
+            elif target.suffix.lower() == ".safetensors":
+                M.finish_safetensors(partial, target, self.trainable.save_dtype)
             else:
                 os.replace(partial, target)
         finally:
-            partial.unlink(missing_ok=True)
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
         return target
 
     def checkpoint(self) -> tuple[Path, Path]:
         adapter_path, state_dir = S.checkpoint_paths(self.cfg.out, self.progress.step)
         self.write_adapter(adapter_path)
+        if not self.accelerator.is_main_process:
+            return adapter_path, state_dir
         scheduler_state = dict(self.lr_scheduler.state_dict())
         scheduler_state.pop("lr_lambdas", None)
         state = {"step": self.progress.step, "micro": self.progress.micro, "history": self.progress.history,
@@ -385,7 +497,9 @@ class Trainer:
         if self.resumed:
             self._restore()
         self.pipe.unet.train()
-        checkpoints = []
+        for module in self.trainable.modules:
+            module.train()
+        checkpoints, self.sample_files = [], []
         with _sigint_flag() as interrupted:
             while self.progress.step < self.total:
                 if interrupted["set"]:
@@ -402,13 +516,29 @@ class Trainer:
                 if self.cfg.save_every and self.progress.step % self.cfg.save_every == 0 \
                         and self.progress.step < self.total:
                     checkpoints.append([str(p) for p in self.checkpoint()])
+                if self.cfg.sample_every and (self.progress.step % self.cfg.sample_every == 0
+                                              or self.progress.step == self.total):
+                    self.write_samples()
         out = self.write_adapter(self.cfg.out)
+        if not self.accelerator.is_main_process:
+            return self.result(out, checkpoints, [])
         logs = write_loss_log(self.cfg.out, self.progress.history)
         result = self.result(out, checkpoints, logs)
         if self.cfg.register:
             result["catalog"] = register(out)
         self.emit("saved", path=str(out))
         return result
+
+    def write_samples(self) -> None:
+        """Validation images of the model as it is now (``--sample-every``), beside the output."""
+        if not self.accelerator.is_main_process:
+            return
+        from adapterhub.train.samples import write_samples
+
+        with self.ema.swapped() if self.ema else _nothing():
+            files = write_samples(self, self.progress.step)
+        self.sample_files.extend(str(f) for f in files)
+        self.emit("samples", step=self.progress.step, files=[str(f) for f in files])
 
     def _validate_now(self) -> bool:
         if not self.data.validation:
@@ -426,6 +556,7 @@ class Trainer:
                 "first_loss": sum(head) / len(head) if head else None,
                 "last_loss": sum(tail) / len(tail) if tail else None,
                 "validation_loss": vals[-1] if vals else None, "checkpoints": checkpoints,
+                "samples": list(getattr(self, "sample_files", [])),
                 "logs": [str(p) for p in logs], "seed": self.cfg.seed, "seconds": round(time.time() - self.started, 2)}
 
 

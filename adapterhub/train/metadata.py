@@ -138,14 +138,17 @@ def sshs_hashes(tensors: dict, metadata: dict[str, str]) -> dict[str, str]:
             "sshs_legacy_hash": hashlib.sha256(blob[LEGACY_START:LEGACY_START + LEGACY_LEN]).hexdigest()[:8]}
 
 
-def finish_safetensors(written: Path, target: Path) -> Path:
-    """Re-write ``written`` (a plugin's output) to ``target`` with the sshs hashes added; atomic."""
+def finish_safetensors(written: Path, target: Path, dtype=None) -> Path:
+    """Re-write ``written`` (a plugin's output) to ``target`` with floating tensors cast to ``dtype``
+    (``--save-precision``) and the sshs hashes added; atomic."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(written), framework="pt") as f:
         metadata = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if dtype is not None:
+        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
     metadata.update(sshs_hashes(tensors, metadata))
     with atomic_path(target, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -1,0 +1,102 @@
+"""Conditioning images for ControlNet and T2I-Adapter training.
+
+Two sources, chosen by ``--conditioning``:
+
+* ``sidecar`` (default): beside ``photo.png`` lies ``photo.cond.png`` (any image extension; the
+  ``.cond`` part is ``--cond-suffix``), the control image the model learns to follow: an edge map,
+  a depth map, a pose skeleton. Sidecars are never training images themselves (the dataset scan
+  drops an image whose name is another image's stem plus the suffix).
+* ``canny``: the conditioning is computed from the image itself with scikit-image's Canny detector
+  (thresholds on the 0-255 scale, as OpenCV's and the ControlNet annotators' are), white edges on
+  black, three channels.
+
+Either way the conditioning image is resized and cropped exactly as its training image was for its
+bucket, so pixels line up with the latents; values are in [0, 1], shape (3, h, w), as the diffusers
+ControlNet / T2I-Adapter pipelines feed them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adapterhub.dataset.folder import IMAGE_EXTS
+from adapterhub.dataset.images import ImageReadError, load_rgb
+from adapterhub.errors import AdapterhubError
+
+
+def sidecar_of(image: Path, suffix: str) -> Path | None:
+    """The conditioning sidecar of ``image`` (``STEM + suffix + any image extension``), or None."""
+    image = Path(image)
+    for ext in sorted(IMAGE_EXTS):
+        for candidate in (image.with_name(image.stem + suffix + ext), image.with_name(image.stem + suffix + ext.upper())):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def is_sidecar(path: Path, suffix: str) -> bool:
+    """Whether ``path`` is another image's conditioning sidecar (``x.cond.png`` beside ``x.png``)."""
+    path = Path(path)
+    if not suffix or not path.stem.endswith(suffix):
+        return False
+    stem = path.stem[: -len(suffix)]
+    return any(path.with_name(stem + ext).is_file() or path.with_name(stem + ext.upper()).is_file()
+               for ext in IMAGE_EXTS)
+
+
+def canny(image, low: float, high: float):
+    """White-on-black Canny edges of a PIL image, as an RGB PIL image (scikit-image's detector)."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        from skimage.feature import canny as sk_canny
+    except ImportError:  # pragma: no cover - scikit-image is a dependency
+        raise AdapterhubError("--conditioning canny needs scikit-image (pip install scikit-image)") from None
+    gray = np.asarray(image.convert("L"), dtype=np.float64)
+    edges = sk_canny(gray, sigma=1.0, low_threshold=float(low), high_threshold=float(high))
+    array = (edges.astype(np.uint8) * 255)[..., None].repeat(3, axis=2)
+    return Image.fromarray(array, "RGB")
+
+
+def check(samples, cfg) -> None:
+    """Fail before training when a sample has no sidecar (one line naming the first such image)."""
+    if cfg.conditioning != "sidecar":
+        return
+    missing = [s for s in samples if sidecar_of(s.path, cfg.cond_suffix) is None]
+    if missing:
+        first = missing[0]
+        raise AdapterhubError(f"{first.path}: no conditioning image ({first.path.stem}{cfg.cond_suffix}.png beside "
+                              f"it; {len(missing)} of {len(samples)} images lack one); write sidecars or pass "
+                              "--conditioning canny")
+
+
+def condition_image(sample, cfg):
+    """The sample's conditioning image as a PIL image at the sample's resized-and-cropped bucket size."""
+    from PIL import Image
+
+    if cfg.conditioning == "sidecar":
+        path = sidecar_of(sample.path, cfg.cond_suffix)
+        if path is None:
+            raise AdapterhubError(f"{sample.path}: no conditioning image")
+        try:
+            image = load_rgb(path)
+        except ImageReadError as exc:
+            raise AdapterhubError(f"{path}: unreadable conditioning image: {exc}") from None
+    else:
+        image = load_rgb(sample.path)
+    if image.size != tuple(sample.resized):
+        image = image.resize(tuple(sample.resized), Image.BICUBIC)
+    image = image.crop(tuple(sample.crop))
+    if cfg.conditioning == "canny":
+        image = canny(image, cfg.canny_low, cfg.canny_high)
+    return image
+
+
+def condition_batch(samples, cfg) -> torch.Tensor:
+    """(B, 3, h, w) float conditioning in [0, 1] for a batch of one bucket."""
+    import numpy as np
+
+    arrays = [np.asarray(condition_image(s, cfg), dtype=np.float32) / 255.0 for s in samples]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
