@@ -250,6 +250,31 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+COMPONENT_FOLDERS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _open_component_folders(path: Path) -> AdapterFile:
+    """A folder of PEFT adapters, one per pipeline component (``unet/``, ``text_encoder/`` ..., what
+    ``adapterhub convert --to peft`` writes), opened as one file: keys ``<component>.<module>...`` (PEFT's
+    ``base_model.model.`` dropped), each component's config under its prefix (as diffusers'
+    ``lora_adapter_metadata``), ``extra["peft_components"]`` naming the folders."""
+    keys: dict[str, TensorInfo] = {}
+    tensors: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+    metadata: dict[str, str] = {}
+    found = [c for c in COMPONENT_FOLDERS if (path / c).is_dir()]
+    for component in found:
+        part = open_adapter_file(path / component)
+        for key, tensor in part.tensors().items():
+            name = f"{component}.{key.removeprefix('base_model.model.')}"
+            keys[name], tensors[name] = part.keys[key], tensor
+        config.setdefault("peft_type", (part.config or {}).get("peft_type"))
+        config.update({f"{component}.{k}": v for k, v in (part.config or {}).items()})
+        metadata.update(part.metadata)
+    return AdapterFile(path=path, container="safetensors", keys=keys, metadata=metadata, config=config,
+                       extra={"peft_components": found}, _tensors=tensors)
+
+
 def open_adapter_file(path: str | os.PathLike) -> AdapterFile:
     """Open an adapter file or folder, reading only headers (safetensors) or the weights-only pickle."""
     path = Path(path)
@@ -259,6 +284,8 @@ def open_adapter_file(path: str | os.PathLike) -> AdapterFile:
     weight_file = path
     if path.is_dir():
         weight_file = next((path / n for n in FOLDER_WEIGHT_FILES if (path / n).is_file()), None)
+        if weight_file is None and any((path / c / "adapter_config.json").is_file() for c in COMPONENT_FOLDERS):
+            return _open_component_folders(path)
         if weight_file is None:
             raise AdapterError(path, "folder holds no known weight file "
                                      f"({', '.join(FOLDER_WEIGHT_FILES[:3])}, ...)")
@@ -290,12 +317,26 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file gets the usual mode
     try:
         yield tmp_path
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask is process-wide, not safe to flip from threads
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 @contextmanager
@@ -306,6 +347,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if target.exists():

@@ -173,14 +173,18 @@ class Trainable:
       LoRA+ gives the up matrices ``loraplus_lr_ratio``) and ``weight_decay``;
     * ``before_zero_grad(step)`` runs after the optimiser and scheduler steps while the gradients
       still exist (PEFT AdaLoRA's ``update_and_allocate``);
+    * ``set_total_steps(total)`` gives the run's length in optimiser steps before the optimiser is
+      built (AdaLoRA's budget schedule);
     * ``conditioning = True`` asks the loop for a conditioning image per sample (sidecar or
       preprocessor, ``adapterhub.train.control``); ``unet_kwargs(...)`` returns extra keyword
       arguments for the UNet call (ControlNet residuals, T2I-Adapter features);
     * ``modules`` lists modules outside the frozen pipeline that train (a ControlNet), put in train
-      mode by the loop; ``save_dtype`` is set by the loop (``--save-precision``) before ``save``.
+      mode by the loop; ``save_dtype`` is set by the loop (``--save-precision``) before ``save``;
+    * ``default_lr`` is the learning rate used when the run gives none (recorded in the metadata).
     """
 
     conditioning: bool = False
+    default_lr: float = 1e-4  # the learning rate when --lr is not given
 
     def __init__(self, param_groups: list[dict], trains_text: bool = False, metadata: dict[str, str] | None = None):
         self.param_groups = param_groups
@@ -192,6 +196,10 @@ class Trainable:
     def before_zero_grad(self, step: int) -> None:
         """Called after ``optimizer.step()`` and the scheduler step, before the gradients are cleared;
         ``step`` counts optimiser steps from 1."""
+
+    def set_total_steps(self, total: int) -> None:
+        """Called once the run's length is known, before the optimiser is built: ``total`` optimiser
+        steps (PEFT AdaLoRA's ``total_step``)."""
 
     def unet_kwargs(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
                     added_cond_kwargs: dict | None, cond: torch.Tensor | None) -> dict:

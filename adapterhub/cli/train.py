@@ -106,6 +106,15 @@ class _Progress:
             self.bar.update(self.task, completed=data["step"], info=info)
         elif kind == "checkpoint":
             self._progress().console.print(f"checkpoint step {data['step']}: {data['adapter']}")
+        elif kind == "class_images_generated":
+            bar = self._progress()
+            if getattr(self, "class_task", None) is None:
+                self.class_task = bar.add_task("class images", total=data["total"], info="")
+            bar.update(self.class_task, completed=data["n"])
+        elif kind == "class_images":
+            self._progress().console.print(f"prior preservation: {data['count']} class images from {data['folder']}")
+        elif kind == "samples":
+            self._progress().console.print(f"samples step {data['step']}: {', '.join(data['files'])}")
 
 
 @click.command("train")

@@ -69,7 +69,8 @@ class TrainConfig:
     max_norm: float | None = opt(None, "max-norm regularisation: rescale each module's delta to at most this norm "
                                        "after every step (kohya --scale_weight_norms, e.g. 1)", "network")
     # -- optimizer -------------------------------------------------------------------------------
-    lr: float = opt(1e-4, "learning rate", "optimizer")
+    lr: float | None = opt(None, "learning rate (default: the type's: 1e-4 for the LoRA family, 5e-3 textual "
+                                 "inversion, 1e-5 hypernetwork, ControlNet and T2I-Adapter, 5e-6 full)", "optimizer")
     text_encoder_lr: float | None = opt(None, "learning rate of text-encoder parameters (default: --lr)",
                                         "optimizer")
     lr_scheduler: str = opt("constant", "learning-rate schedule", "optimizer",
@@ -330,7 +331,7 @@ def validate(cfg: TrainConfig) -> None:
         raise AdapterhubError("--validation-split must be in [0, 1)")
     if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
         raise AdapterhubError("--ema-decay must be in (0, 1)")
-    if cfg.lr <= 0:
+    if cfg.lr is not None and cfg.lr <= 0:
         raise AdapterhubError("--lr must be positive")
     for name in ("loraplus_lr_ratio", "max_norm", "prior_loss_weight", "adalora_init_rank", "sample_every",
                  "num_class_images", "class_steps", "sample_steps", "adalora_delta_t"):

@@ -10,9 +10,11 @@ Two sources, chosen by ``--conditioning``:
   (thresholds on the 0-255 scale, as OpenCV's and the ControlNet annotators' are), white edges on
   black, three channels.
 
-Either way the conditioning image is resized and cropped exactly as its training image was for its
-bucket, so pixels line up with the latents; values are in [0, 1], shape (3, h, w), as the diffusers
-ControlNet / T2I-Adapter pipelines feed them.
+Either way the conditioning image is resized (Lanczos) and cropped exactly as its training image was
+for its bucket (:func:`adapterhub.train.data.pixels`), so pixels line up with the latents and a Canny
+map is computed from the very pixels the VAE encoded; values are in [0, 1], shape (3, h, w), as the
+diffusers ControlNet / T2I-Adapter pipelines feed them. :func:`check` refuses, before any training,
+an image without a sidecar, an unreadable sidecar and one whose aspect ratio is not its image's.
 """
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ from pathlib import Path
 import torch
 
 from adapterhub.dataset.folder import IMAGE_EXTS
-from adapterhub.dataset.images import ImageReadError, load_rgb
+from adapterhub.dataset.images import ImageReadError, image_size, load_rgb
 from adapterhub.errors import AdapterhubError
+
+# a sidecar may differ from its image's aspect ratio by this fraction (rounding of a rescaled copy)
+ASPECT_TOLERANCE = 0.02
 
 
 def sidecar_of(image: Path, suffix: str) -> Path | None:
@@ -61,7 +66,8 @@ def canny(image, low: float, high: float):
 
 
 def check(samples, cfg) -> None:
-    """Fail before training when a sample has no sidecar (one line naming the first such image)."""
+    """Fail before training when a sample has no usable sidecar: one line naming the first such image
+    (missing), or the sidecar (unreadable, or another aspect ratio than its image's)."""
     if cfg.conditioning != "sidecar":
         return
     missing = [s for s in samples if sidecar_of(s.path, cfg.cond_suffix) is None]
@@ -70,28 +76,44 @@ def check(samples, cfg) -> None:
         raise AdapterhubError(f"{first.path}: no conditioning image ({first.path.stem}{cfg.cond_suffix}.png beside "
                               f"it; {len(missing)} of {len(samples)} images lack one); write sidecars or pass "
                               "--conditioning canny")
+    for sample in samples:
+        path = sidecar_of(sample.path, cfg.cond_suffix)
+        try:
+            width, height = image_size(path)
+        except ImageReadError as exc:
+            raise AdapterhubError(f"{path}: unreadable conditioning image: {exc}") from None
+        w, h = sample.size
+        if abs(width * h - height * w) > ASPECT_TOLERANCE * w * height:
+            raise AdapterhubError(f"{path}: conditioning image is {width}x{height}, its image {sample.path.name} is "
+                                  f"{w}x{h}; a sidecar must have its image's aspect ratio (it is resized and "
+                                  "cropped the same way)")
+
+
+def fit_to_bucket(image, sample):
+    """``image`` resized to the sample's ``resized`` size and cropped to its bucket, as the training
+    image itself (``adapterhub.train.data.pixels``: Lanczos, then the bucket crop)."""
+    from PIL import Image
+
+    if image.size != tuple(sample.resized):
+        image = image.resize(tuple(sample.resized), Image.LANCZOS)
+    return image.crop(tuple(sample.crop))
 
 
 def condition_image(sample, cfg):
     """The sample's conditioning image as a PIL image at the sample's resized-and-cropped bucket size."""
-    from PIL import Image
-
     if cfg.conditioning == "sidecar":
         path = sidecar_of(sample.path, cfg.cond_suffix)
         if path is None:
             raise AdapterhubError(f"{sample.path}: no conditioning image")
         try:
-            image = load_rgb(path)
+            return fit_to_bucket(load_rgb(path), sample)
         except ImageReadError as exc:
             raise AdapterhubError(f"{path}: unreadable conditioning image: {exc}") from None
-    else:
-        image = load_rgb(sample.path)
-    if image.size != tuple(sample.resized):
-        image = image.resize(tuple(sample.resized), Image.BICUBIC)
-    image = image.crop(tuple(sample.crop))
-    if cfg.conditioning == "canny":
-        image = canny(image, cfg.canny_low, cfg.canny_high)
-    return image
+    try:
+        image = fit_to_bucket(load_rgb(sample.path), sample)
+    except ImageReadError as exc:
+        raise AdapterhubError(f"{sample.path}: unreadable image: {exc}") from None
+    return canny(image, cfg.canny_low, cfg.canny_high)
 
 
 def condition_batch(samples, cfg) -> torch.Tensor:

@@ -62,6 +62,7 @@ def trainable_type(name: str):
     from adapterhub.plugins import adapter_type, adapter_types
 
     trainable = sorted(n for n, t in adapter_types().items() if "train" in t.capabilities)
+    name = str(name).replace("-", "_")
     if name not in adapter_types() or "train" not in adapter_type(name).capabilities:
         raise AdapterhubError(f"cannot train {name!r}: trainable types are {', '.join(trainable)}")
     return adapter_type(name)
@@ -224,6 +225,8 @@ class Trainer:
         self.arch = architecture_of(self.pipe)
         _freeze(self.pipe)
         self.trainable = self.adapter_type.make_trainable(self.pipe, cfg)
+        if cfg.lr is None:  # the type's default, recorded like a given one (metadata, checkpoints)
+            cfg = self.cfg = dataclasses.replace(cfg, lr=float(self.trainable.default_lr))
         for module in self.trainable.modules:
             module.to(self.device)
         if self.trainable.conditioning:
@@ -259,6 +262,7 @@ class Trainer:
         steps_per_epoch = math.ceil(self.bpe / cfg.gradient_accumulation)
         self.a1111 = parse_a1111(cfg.lr_schedule) if cfg.lr_schedule else None
         self.total = _total_steps(cfg, steps_per_epoch, self.a1111)
+        self.trainable.set_total_steps(self.total)
         self.epochs = math.ceil(self.total / steps_per_epoch)
         self.params = self.trainable.parameters
         optimizer = _optimizer(cfg, self.trainable, self.a1111)
@@ -437,7 +441,7 @@ class Trainer:
             self._base_facts = base_facts(self.cfg.base, self.arch, self.v_prediction)
         return {"session_id": self.session_id, "started": self.started, "step": self.progress.step,
                 "epoch": math.ceil(self.progress.micro / self.bpe), "epochs": self.epochs, "total_steps": self.total,
-                "batches_per_epoch": self.bpe, "optimizer": type(self.optimizer).__name__,
+                "batches_per_epoch": self.bpe, "optimizer": type(self.optimizer).__name__, "world": self.world,
                 "base_facts": self._base_facts}
 
     def metadata(self) -> dict[str, str]:

@@ -60,12 +60,15 @@ def training_metadata(cfg, run: dict, data, trainable_meta: dict[str, str], arch
     from adapterhub.train.data import bucket_info, dataset_dirs, tag_frequency
 
     low, high = data.bucket_sides
+    train = [x for x in data.samples if not x.is_reg]
+    reg = [x for x in data.samples if x.is_reg]
+    world = int(run.get("world", 1))
     meta = {
         "ss_session_id": str(run["session_id"]), "ss_training_started_at": str(run["started"]),
         "ss_training_finished_at": str(time.time()), "ss_output_name": cfg.output_name,
         "ss_learning_rate": str(cfg.lr), "ss_unet_lr": str(cfg.lr),
         "ss_text_encoder_lr": str(cfg.text_encoder_lr or cfg.lr),
-        "ss_num_train_images": str(data.images_with_repeats), "ss_num_reg_images": "0",
+        "ss_num_train_images": str(sum(x.repeats for x in train)), "ss_num_reg_images": str(len(reg)),
         "ss_num_validation_images": str(len(data.validation)),
         "ss_num_batches_per_epoch": str(run["batches_per_epoch"]), "ss_num_epochs": str(run["epochs"]),
         "ss_epoch": str(run["epoch"]), "ss_steps": str(run["step"]), "ss_max_train_steps": str(run["total_steps"]),
@@ -81,16 +84,19 @@ def training_metadata(cfg, run: dict, data, trainable_meta: dict[str, str], arch
         "ss_caption_dropout_rate": str(cfg.caption_dropout), "ss_caption_tag_dropout_rate": str(cfg.tag_dropout),
         "ss_shuffle_caption": str(cfg.shuffle_tags), "ss_keep_tokens": str(cfg.keep_tokens),
         "ss_resolution": str((cfg.resolution, cfg.resolution)), "ss_batch_size_per_device": str(cfg.batch_size),
-        "ss_total_batch_size": str(cfg.batch_size * cfg.gradient_accumulation),
+        "ss_total_batch_size": str(cfg.batch_size * cfg.gradient_accumulation * world),
         "ss_enable_bucket": "True", "ss_min_bucket_reso": str(low), "ss_max_bucket_reso": str(high),
-        "ss_bucket_no_upscale": str(cfg.no_upscale), "ss_bucket_info": _json(bucket_info(data.samples)),
+        "ss_bucket_no_upscale": str(cfg.no_upscale), "ss_bucket_info": _json(bucket_info(train)),
         "ss_color_aug": "False", "ss_flip_aug": "False", "ss_random_crop": "False",
-        "ss_dataset_dirs": _json(dataset_dirs(data.samples)), "ss_reg_dataset_dirs": "{}",
-        "ss_tag_frequency": _json(tag_frequency(data.samples)),
+        "ss_dataset_dirs": _json(dataset_dirs(train)), "ss_reg_dataset_dirs": _json(dataset_dirs(reg)),
+        "ss_tag_frequency": _json(tag_frequency(train)),
+        "ss_prior_loss_weight": str(cfg.prior_loss_weight if reg else 1.0),
         "ss_validation_split": str(cfg.validation_split), "ss_validation_seed": str(cfg.seed),
         "ss_training_comment": str(cfg.comment), "ss_sd_scripts_commit_hash": "(adapterhub)",
         **run["base_facts"],
     }
+    if cfg.class_prompt:
+        meta["ss_class_prompt"] = cfg.class_prompt
     meta.update({k: v for k, v in trainable_meta.items() if k.startswith("ss_")})
     meta.update(modelspec(cfg, run, data, trainable_meta, arch, v_prediction))
     return meta

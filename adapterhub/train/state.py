@@ -58,7 +58,10 @@ def prune(out: Path, keep: int) -> list[Path]:
     removed = []
     for step in steps[:-keep] if keep else []:
         adapter, state_dir = checkpoint_paths(out, step)
-        adapter.unlink(missing_ok=True)
+        if adapter.is_dir():  # a diffusers-folder output (ControlNet, T2I-Adapter, full)
+            shutil.rmtree(adapter, ignore_errors=True)
+        else:
+            adapter.unlink(missing_ok=True)
         shutil.rmtree(state_dir, ignore_errors=True)
         removed += [adapter, state_dir]
     return removed

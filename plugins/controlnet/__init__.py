@@ -19,9 +19,15 @@ class ControlNetType(ModuleBackedType):
     impl = formats
     description = "ControlNet (diffusers folder, original .safetensors/.pth): residuals from a conditioning image"
     formats = (formats.DIFFUSERS, formats.LDM)
-    capabilities = ("inspect", "attach", "save", "example")
+    capabilities = ("inspect", "attach", "save", "example", "train")
     example_suffix = ""
     weight_space = False
+
+    def make_trainable(self, model, config):
+        """``ControlNetModel.from_unet`` of the frozen UNet, trained on conditioning images; see ``train``."""
+        from .train import make_trainable
+
+        return make_trainable(model, config)
 
     def attach(self, adapter: Adapter, pipe, weight: float = 1.0, **options) -> Handle:
         return runtime.attach(adapter, pipe, weight, **options)

@@ -253,7 +253,21 @@ def load_model(adapter: Adapter):
 
 
 def save(adapter: Adapter, path: Path, format: str | None) -> Path:
+    """``diffusers``: a ``ControlNetModel`` folder. ``a1111``: one .safetensors file of the same tensors,
+    what the webui's ControlNet extension (``convert_from_diffuser_state_dict``) and ComfyUI load; the base
+    goes into the metadata, and the config is read back from the shapes (:func:`derive_config`)."""
+    if format == "a1111":
+        return save_single_file(adapter, load_model(adapter).state_dict(), path)
     return save_model_folder(adapter, load_model(adapter), path, format, "ControlNet")
+
+
+def save_single_file(adapter: Adapter, state: dict, path: Path) -> Path:
+    """``state`` as one safetensors file, the adapter's metadata and base kept."""
+    from adapterhub.io import save_safetensors
+
+    metadata = {k: v for k, v in adapter.metadata.items() if k != "format"}
+    metadata.setdefault(METADATA_KEY, adapter.base)
+    return save_safetensors(state, path, {"format": "pt", **metadata})
 
 
 def example(model, path: Path, seed: int = 0, **options) -> Path:

@@ -46,6 +46,8 @@ def _normal_init(module: HyperModule) -> None:
 
 
 class HypernetworkTrainable(Trainable):
+    default_lr = 1e-5  # AUTOMATIC1111's hypernetwork learning rate
+
     def __init__(self, layers: dict, hconfig: Config, handle, metadata: dict[str, str]):
         params = [p for pair in layers.values() for m in pair for p in m.parameters()]
         super().__init__([{"name": "hypernetwork", "params": params}], trains_text=False, metadata=metadata)

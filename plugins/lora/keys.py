@@ -142,8 +142,8 @@ def layout_of(file: AdapterFile, grouped: Grouped, adapter_type: str) -> str:
     keys = [k for m in grouped.modules.values() for k in m.roles.values()]
     if any(".processor." in k and "_lora." in k for k in keys):
         return "diffusers-attnproc"
-    if names and all(n.startswith("base_model.model.") for n in names):
-        return "peft"
+    if names and (all(n.startswith("base_model.model.") for n in names) or file.extra.get("peft_components")):
+        return "peft"  # a PEFT folder, or one per component (``unet/``, ``text_encoder/``: see ``adapterhub.io``)
     if names and all(n.startswith(KOHYA_PREFIXES) or n.startswith("lycoris_") for n in names):
         module = file.metadata.get("ss_network_module", "")
         if (adapter_type in ("loha", "lokr") or module.startswith("lycoris")

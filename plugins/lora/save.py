@@ -1,8 +1,30 @@
-"""Writing LoRA-family files: the kohya/LyCORIS layout (what AUTOMATIC1111, ComfyUI and diffusers load)
-and, for AdaLoRA, the PEFT layout. Also the small random example adapters for demo and tests."""
+"""Writing LoRA-family files in every layout that exists for them, and the small random examples.
+
+* ``kohya`` / ``lycoris`` / ``a1111`` (the same tensors): ``lora_unet_…`` / ``lora_te_…`` names with
+  ``lora_down`` / ``lora_up`` / ``alpha`` (LoHa / LoKr: the LyCORIS ``hada_*`` / ``lokr_*`` names). What
+  AUTOMATIC1111, ComfyUI and diffusers load.
+* ``diffusers``: the layout diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` reads,
+  ``unet.<module path>.lora_A.weight`` / ``lora_B.weight``, ``text_encoder.…`` and ``text_encoder_2.…``.
+  Each module's ``alpha / rank`` is baked into ``lora_B``: without a ``lora_adapter_metadata`` config,
+  diffusers (and ComfyUI, InvokeAI) take ``alpha = rank`` for this layout, so every reader then gets
+  the same delta. A baked tensor keeps the source's dtype where that is exact and is float32 otherwise.
+* ``peft``: a folder with one PEFT adapter per component, ``unet/``, ``text_encoder/``,
+  ``text_encoder_2/``, each ``adapter_config.json`` (written by PEFT's own ``LoraConfig`` / ``LoHaConfig``)
+  + ``adapter_model.safetensors`` with ``base_model.model.<module path>.lora_A.weight`` keys; load one with
+  ``PeftModel.from_pretrained(pipe.unet, folder, subfolder="unet")``. Per-module ranks and alphas go to
+  ``rank_pattern`` / ``alpha_pattern``; alphas stay as they were (PEFT scales by ``alpha / r`` too).
+  Text-encoder paths are written without ``text_model.`` (transformers 5 flattens ``CLIPTextModel``; the
+  patterns still match the older nesting, whose names end the same way).
+
+LoRA, LoCon (a CP/Tucker ``lora_mid`` core is folded into ``lora_A`` exactly) and AdaLoRA (written as
+the LoRA it equals, ``A * E``) have every layout; LoHa has the LyCORIS and PEFT ones; LoKr and full
+diffs (``diff`` / ``w_norm``) only the LyCORIS one.
+"""
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -17,6 +39,10 @@ from .targets import target_modules
 
 NETWORK_MODULE = {"lora": "networks.lora", "locon": "networks.lora", "loha": "lycoris.kohya",
                   "lokr": "lycoris.kohya", "adalora": "networks.lora"}
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+KOHYA_LAYOUTS = ("kohya", "lycoris", "a1111")
+SAVE_LAYOUTS = (*KOHYA_LAYOUTS, "diffusers", "peft")
+STALE_METADATA = ("lora_adapter_metadata",)  # a config for the layout read, wrong for the one written
 
 
 def _alpha(patch) -> torch.Tensor:
@@ -63,16 +89,155 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
         meta.setdefault("ss_base_model_version", "sdxl_base_v1-0")
     elif adapter.base == "sd2":
         meta.setdefault("ss_v2", "True")
-    meta.pop("lora_adapter_metadata", None)
+    for key in STALE_METADATA:
+        meta.pop(key, None)
     return meta
 
 
+# ---------------------------------------------------------------------------------------------
+# diffusers and PEFT
+# ---------------------------------------------------------------------------------------------
+def _split_target(adapter: Adapter, patch) -> tuple[str, str]:
+    """(component, module path inside it); only Stable Diffusion components have these layouts."""
+    component, _, path = patch.target.partition(".")
+    if component not in COMPONENTS or patch.param != "weight":
+        raise AdapterError(adapter.path, f"{patch.target}#{patch.param} is not a weight of a Stable Diffusion "
+                                         "UNet or text encoder; only the kohya layout can carry it", patch.source)
+    return component, path
+
+
+def low_rank(adapter: Adapter, patch, layout: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(up, down, scale)`` in the shapes PEFT's LoRA layers hold: Linear up (out, r), down (r, in);
+    conv up (out, r, 1, 1), down (r, in, kh, kw). The file's own tensors where they already are that
+    (dtype kept); a LoCon CP core folded into ``down`` and an AdaLoRA ``A * E``, float32."""
+    if isinstance(patch, LoRAPatch) and "mid" not in patch.tensors:
+        return patch.tensors["up"], patch.tensors["down"], float(patch.scale)
+    if isinstance(patch, (LoRAPatch, AdaLoRAPatch)):
+        up, down, scale = patch.low_rank_factors()
+        shape = tuple(patch.expected_shape())
+        ones = (1,) * (len(shape) - 2)
+        return up.reshape(up.shape[0], up.shape[1], *ones), down.reshape(down.shape[0], *shape[1:]), scale
+    raise AdapterError(adapter.path, f"a {patch.kind} module has no {layout} layout (only LoRA, LoCon and AdaLoRA "
+                                     "modules do); write it as kohya", patch.source)
+
+
+def baked(up: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * up``: in ``up``'s dtype when that is exact, else float32 (a delta must not move)."""
+    if scale == 1.0:
+        return up
+    scaled = up.float() * scale
+    if up.dtype != torch.float32:
+        cast = scaled.to(up.dtype)
+        if torch.equal(cast.float(), scaled):
+            return cast
+    return scaled
+
+
+def diffusers_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for patch in adapter.patches.values():
+        _split_target(adapter, patch)
+        up, down, scale = low_rank(adapter, patch, "diffusers")
+        out[f"{patch.target}.lora_A.weight"] = down.contiguous()
+        out[f"{patch.target}.lora_B.weight"] = baked(up, scale).contiguous()
+    return out
+
+
+def diffusers_metadata(adapter: Adapter) -> dict[str, str]:
+    meta = {k: v for k, v in adapter.metadata.items() if k not in STALE_METADATA}
+    meta.setdefault("format", "pt")
+    return meta
+
+
+def peft_path(component: str, path: str) -> str:
+    """The module name inside the component's model that PEFT matches (see the module docstring)."""
+    return path.removeprefix("text_model.") if component == "text_encoder" else path
+
+
+def _patterns(values: dict[str, float], default) -> dict[str, float]:
+    return {re.escape(path): value for path, value in sorted(values.items()) if value != default}
+
+
+def _lora_component(adapter: Adapter, patches: dict[str, object]):
+    from peft import LoraConfig
+
+    tensors, ranks, alphas = {}, {}, {}
+    for path, patch in patches.items():
+        up, down, scale = low_rank(adapter, patch, "peft")
+        rank = int(down.shape[0])
+        exact = isinstance(patch, LoRAPatch) and patch._scale is None and patch.alpha is not None
+        ranks[path], alphas[path] = rank, float(patch.alpha) if exact else scale * rank
+        tensors[f"base_model.model.{path}.lora_A.weight"] = down.contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = up.contiguous()
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(patches), rank_pattern=_patterns(ranks, r),
+                        alpha_pattern=_patterns(alphas, alpha), init_lora_weights=True)
+    return tensors, config
+
+
+def _loha_component(adapter: Adapter, patches: dict[str, LoHaPatch]):
+    from peft import LoHaConfig
+
+    tensors, ranks, alphas = {}, {}, {}
+    for path, patch in patches.items():
+        ranks[path] = int(patch.rank)
+        alphas[path] = float(patch.alpha) if patch._scale is None and patch.alpha is not None \
+            else float(patch.scale) * patch.rank
+        tensors.update({f"base_model.model.{path}.{role}": t.contiguous() for role, t in patch.tensors.items()})
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    # PEFT decides CP (``hada_t1``) per layer from this one flag: every kxk conv, never a 1x1 or Linear
+    config = LoHaConfig(r=r, alpha=alpha, target_modules=sorted(patches), rank_pattern=_patterns(ranks, r),
+                        alpha_pattern=_patterns(alphas, alpha), init_weights=True,
+                        use_effective_conv2d=any(p.cp for p in patches.values()))
+    return tensors, config
+
+
+def peft_components(adapter: Adapter) -> dict[str, tuple[dict[str, torch.Tensor], object]]:
+    """component -> (tensors, PEFT config) for each component the adapter changes."""
+    grouped: dict[str, dict[str, object]] = {}
+    for patch in adapter.patches.values():
+        component, path = _split_target(adapter, patch)
+        grouped.setdefault(component, {})[peft_path(component, path)] = patch
+    out = {}
+    for component, patches in grouped.items():
+        if all(isinstance(p, LoHaPatch) for p in patches.values()):
+            out[component] = _loha_component(adapter, patches)
+        elif any(isinstance(p, (LoHaPatch, LoKrPatch)) for p in patches.values()):
+            first = next(p for p in patches.values() if isinstance(p, (LoHaPatch, LoKrPatch)))
+            why = ("PEFT's LoKr chooses its factor shapes from its own config and cannot hold a LyCORIS file's"
+                   if isinstance(first, LoKrPatch) else "a PEFT adapter holds one method per model")
+            raise AdapterError(adapter.path, f"a {first.kind} module has no peft layout here ({why}); "
+                                             "write it as kohya", first.source)
+        else:
+            out[component] = _lora_component(adapter, patches)
+    return out
+
+
+def write_peft(adapter: Adapter, path: Path) -> Path:
+    components = peft_components(adapter)
+    if not components:
+        raise AdapterError(adapter.path, "no modules to write")
+    meta = diffusers_metadata(adapter)
+    with atomic_dir(path) as tmp:
+        for component, (tensors, config) in components.items():
+            folder = tmp / component
+            folder.mkdir()
+            save_safetensors(tensors, folder / "adapter_model.safetensors", meta)
+            config.save_pretrained(str(folder))
+    return path
+
+
 def save(adapter: Adapter, path: Path, format: str) -> Path:
-    if format in ("kohya", "lycoris"):
+    if format in KOHYA_LAYOUTS:
         return save_safetensors(kohya_tensors(adapter), path, kohya_metadata(adapter))
-    if format == "peft" and adapter.type == "adalora":
-        raise AdapterError(path, "re-writing AdaLoRA in the PEFT layout is not supported yet; use --format kohya")
-    raise AdapterError(path, f"cannot save a {adapter.type} in the {format!r} layout (supported: kohya)")
+    if format == "diffusers":
+        return save_safetensors(diffusers_tensors(adapter), path, diffusers_metadata(adapter))
+    if format == "peft":
+        return write_peft(adapter, Path(path))
+    raise AdapterError(path, f"cannot save a {adapter.type} in the {format!r} layout "
+                             f"(layouts: {', '.join(SAVE_LAYOUTS)})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,9 +19,15 @@ class T2IAdapterType(ModuleBackedType):
     impl = formats
     description = "T2I-Adapter (diffusers folder, TencentARC .pth): image features added inside the UNet"
     formats = (formats.DIFFUSERS, formats.TENCENTARC)
-    capabilities = ("inspect", "attach", "save", "example")
+    capabilities = ("inspect", "attach", "save", "example", "train")
     example_suffix = ""
     weight_space = False
+
+    def make_trainable(self, model, config):
+        """a new ``T2IAdapter`` shaped for the UNet (``config.t2i_*``), trained on conditioning images; see ``train``."""
+        from .train import make_trainable
+
+        return make_trainable(model, config)
 
     def attach(self, adapter: Adapter, pipe, weight: float = 1.0, **options) -> Handle:
         return runtime.attach(adapter, pipe, weight, **options)

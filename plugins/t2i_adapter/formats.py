@@ -263,7 +263,58 @@ def load_model(adapter: Adapter):
 
 
 def save(adapter: Adapter, path: Path, format: str | None) -> Path:
+    """``diffusers``: a ``T2IAdapter`` folder. ``a1111`` (or ``tencentarc``): one file in TencentARC's
+    original layout, what the webui's ControlNet extension loads (.safetensors, or a weights-only
+    pickle for .pth/.pt); SD1-shaped adapters only, as TencentARC published no other."""
+    if format in ("a1111", TENCENTARC):
+        return _save_tencentarc(adapter, path)
     return save_model_folder(adapter, load_model(adapter), path, format, "T2I-Adapter")
+
+
+def original_names(state_keys, config: dict) -> dict[str, str]:
+    """TencentARC key -> diffusers key: the inverse of :func:`tencentarc_names`, checked against it."""
+    per_stage = config["num_res_blocks"]
+    names = {}
+    for key in state_keys:
+        m = re.fullmatch(r"adapter\.(?:(conv_in\..+)|body\.(\d+)\.(in_conv|out_conv)\.(.+)"
+                         r"|body\.(\d+)\.resnets\.(\d+)\.(block[12]\..+))", key)
+        if m is None:
+            raise ValueError(f"no TencentARC name for {key}")
+        if m[1]:
+            names[m[1]] = key
+        elif m[2] is not None:
+            block = int(m[2]) if config["adapter_type"] == LIGHT else int(m[2]) * per_stage
+            names[f"body.{block}.{m[3]}.{m[4]}"] = key
+        elif config["adapter_type"] == LIGHT:
+            names[f"body.{m[5]}.body.{m[6]}.{m[7]}"] = key
+        else:
+            names[f"body.{int(m[5]) * per_stage + int(m[6])}.{m[7]}"] = key
+    back, unused = tencentarc_names(names)
+    if unused or len(back) != len(names) or any(names[original] != key for key, original in back.items()):
+        raise ValueError("the TencentARC names do not read back to the same tensors")
+    return names
+
+
+def _save_tencentarc(adapter: Adapter, path: Path) -> Path:
+    from adapterhub.io import atomic_path, save_safetensors
+
+    config = adapter.extra["config"]
+    if config["adapter_type"] == FULL_XL:
+        raise AdapterError(path, "an SDXL T2I-Adapter has no TencentARC (a1111) layout; write it as diffusers")
+    state = load_model(adapter).state_dict()
+    try:
+        names = original_names(state, config)
+    except ValueError as exc:
+        raise AdapterError(path, f"cannot write the TencentARC layout: {exc}") from None
+    tensors = {original: state[key].contiguous() for original, key in names.items()}
+    path = Path(path)
+    if path.suffix.lower() in (".pth", ".pt", ".ckpt", ".bin"):
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            torch.save(tensors, str(tmp))
+        return path
+    metadata = {k: v for k, v in adapter.metadata.items() if k != "format"}
+    metadata.setdefault(METADATA_KEY, adapter.base)
+    return save_safetensors(tensors, path, {"format": "pt", **metadata})
 
 
 def example_config(unet_config, vae_scale: int = 8) -> dict:

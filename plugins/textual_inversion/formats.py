@@ -25,6 +25,7 @@ from adapterhub.io import AdapterFile, atomic_path, save_safetensors
 from adapterhub.types import Adapter, Patch, Sniff
 
 FORMATS = ("a1111-pt", "a1111-safetensors", "diffusers", "sdxl", "cog-sdxl")
+# ``save`` also takes ``a1111`` (and ``diffusers`` for SDXL vectors): see ``layout_for``
 # text encoder -> (component, tokenizer, module path of its token table)
 ENCODERS = {
     "clip_l": ("text_encoder", "tokenizer"),
@@ -213,10 +214,12 @@ def write(vectors: dict[str, torch.Tensor], path: Path, fmt: str, token: str | N
         return save_safetensors(tensors, path, metadata)
     vec = vectors["clip_l"]
     if fmt == "a1111-pt":
-        return _torch_save({"string_to_token": {"*": A1111_TOKEN_ID}, "string_to_param": {"*": vec},
-                            "name": extra.get("internal_name", token or path.stem), "step": extra.get("step", 0),
-                            "sd_checkpoint": extra.get("sd_checkpoint"),
-                            "sd_checkpoint_name": extra.get("sd_checkpoint_name")}, path)
+        data = {"string_to_token": {"*": A1111_TOKEN_ID}, "string_to_param": {"*": vec},
+                "name": extra.get("internal_name", token or path.stem), "step": extra.get("step", 0),
+                "sd_checkpoint": extra.get("sd_checkpoint"), "sd_checkpoint_name": extra.get("sd_checkpoint_name")}
+        if metadata:  # the webui reads only the keys above; adapterhub.io reads this one back
+            data["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        return _torch_save(data, path)
     if fmt == "a1111-safetensors":
         return save_safetensors({"emb_params": vec}, path, metadata)
     if fmt == "diffusers":
@@ -225,10 +228,24 @@ def write(vectors: dict[str, torch.Tensor], path: Path, fmt: str, token: str | N
     raise AdapterError(path, f"unknown textual-inversion format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
+def layout_for(fmt: str, vectors: dict, path: Path) -> str:
+    """The layout a generic name means for these vectors: ``a1111`` is what the webui loads (``emb_params``
+    in a .safetensors, ``string_to_param`` in a .pt; SDXL ``clip_l`` + ``clip_g``); ``diffusers`` is
+    ``learned_embeds`` (one ``<token>`` key) for one encoder and ``clip_l`` + ``clip_g`` for SDXL, the file
+    diffusers' documentation loads into each encoder with ``load_textual_inversion``."""
+    two = "clip_g" in vectors
+    if fmt == "a1111":
+        return "sdxl" if two else ("a1111-pt" if _is_pickle_path(path) else "a1111-safetensors")
+    if fmt == "diffusers" and two:
+        return "sdxl"
+    return fmt
+
+
 def save(adapter: Adapter, path: Path, fmt: str | None) -> Path:
-    fmt = fmt or adapter.format
     vectors = {p.encoder: p.vectors for p in adapter.patches.values()}
-    token = adapter.extra.get("token") if adapter.format == "diffusers" else None
+    fmt = layout_for(fmt or adapter.format, vectors, Path(path))
+    # the name the source is called by: its diffusers token, or (A1111) its file name
+    token = adapter.extra.get("token") if fmt == "diffusers" else None
     return write(vectors, Path(path), fmt, token, adapter.extra, adapter.metadata)
 
 

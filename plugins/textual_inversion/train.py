@@ -33,6 +33,8 @@ def _init_vectors(tokenizer, encoder, word: str, n: int) -> torch.Tensor:
 
 
 class EmbeddingTrainable(Trainable):
+    default_lr = 5e-3  # AUTOMATIC1111's embedding learning rate
+
     def __init__(self, token: str, encoders: list[str], slots: list, handle, metadata: dict[str, str]):
         tables = [slot.text_encoder.get_input_embeddings() for slot in slots]
         for table in tables:

@@ -1,0 +1,117 @@
+"""Training a ControlNet: diffusers' ``train_controlnet.py`` / ``train_controlnet_sdxl.py`` recipe on the one loop.
+
+The ControlNet is ``ControlNetModel.from_unet`` of the frozen UNet: its encoder and mid block start as
+copies of the UNet's, its conditioning embedding is new and its zero convolutions are zero, so before
+the first step the UNet's prediction is exactly the base's. Per batch the loop hands over the
+conditioning images (pixels in [0, 1] at the bucket size, ``adapterhub.train.control``); the ControlNet
+runs on the UNet's own noisy latents, timesteps, text embeddings and (SDXL) added conditioning, and its
+residuals go into the UNet call as ``down_block_additional_residuals`` / ``mid_block_additional_residual``,
+as in the diffusers examples. Only the ControlNet trains.
+
+Written as a diffusers ``ControlNetModel`` folder, or (OUT ending in ``.safetensors``) as one file with
+the same diffusers-named tensors, the layout ``formats`` reads back (its configuration derived from the
+shapes and the ``adapterhub.base`` metadata; ComfyUI and the webui's ControlNet extension convert it on
+load). ``sampling(pipe, image)`` attaches the ControlNet being trained exactly as a loaded one is
+attached (``runtime.attach``), for the loop's validation images.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adapterhub.base import METADATA_KEY
+from adapterhub.conditioning import DIFFUSERS_WEIGHTS, ControlHandle
+from adapterhub.errors import AdapterhubError
+from adapterhub.io import atomic_dir, save_safetensors
+from adapterhub.types import Adapter, Trainable
+from adapterhub.weights import architecture_of, component
+
+from . import formats, runtime
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+def check_out(config) -> None:
+    """Refuse, before training, an OUT naming a file layout this writer does not make."""
+    out = Path(getattr(config, "out", None) or "")
+    if out.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterhubError(f"--out {out}: a ControlNet is written as a diffusers folder (OUT without a suffix) or "
+                              "one .safetensors file")
+
+
+def write_model(model: torch.nn.Module, path: Path, metadata: dict[str, str], dtype: torch.dtype) -> Path:
+    """``model`` as a diffusers folder (config.json + safetensors) or, for a ``.safetensors`` path, one file
+    with the same tensor names; floating tensors cast to ``dtype``; atomic either way."""
+    state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()) for k, v in model.state_dict().items()}
+    metadata = {"format": "pt", **metadata}
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        return save_safetensors(state, path, metadata)
+    with atomic_dir(path) as tmp:
+        model.save_config(tmp)
+        save_safetensors(state, tmp / DIFFUSERS_WEIGHTS, metadata)
+    return path
+
+
+def control_metadata(config, base: str) -> dict[str, str]:
+    """What a trained control file says of itself beyond the loop's metadata: its base architecture (so a
+    single file parses without a config) and, for a preprocessor, the control kind ``inspect`` shows."""
+    meta = {METADATA_KEY: base}
+    if getattr(config, "conditioning", "sidecar") != "sidecar":
+        meta["adapterhub.control"] = str(config.conditioning)
+    return meta
+
+
+class ControlNetTrainable(Trainable):
+    """A ``ControlNetModel`` trained beside the frozen UNet."""
+
+    conditioning = True
+    # the rate the diffusers ControlNet examples train with (README; their argparse default is 5e-6); the
+    # loop still uses --lr (default 1e-4) until it reads per-type defaults
+    default_lr = 1e-5
+
+    def __init__(self, controlnet, base: str, extra_metadata: dict[str, str]):
+        super().__init__([{"name": "controlnet", "params": list(controlnet.parameters())}],
+                         metadata={"modelspec.architecture": "controlnet"})
+        self.controlnet, self.base, self.extra_metadata = controlnet, base, extra_metadata
+        self.modules = [controlnet]
+
+    def unet_kwargs(self, noisy, timesteps, hidden, added_cond_kwargs, cond) -> dict:
+        if cond is None:
+            raise AdapterhubError("controlnet: the loop gave no conditioning images")
+        down, mid = self.controlnet(noisy, timesteps, encoder_hidden_states=hidden,
+                                    controlnet_cond=cond.to(dtype=self.controlnet.dtype),
+                                    added_cond_kwargs=added_cond_kwargs, return_dict=False)
+        return {"down_block_additional_residuals": list(down), "mid_block_additional_residual": mid}
+
+    def save(self, path: Path, metadata: dict[str, str]) -> Path:
+        return write_model(self.controlnet, Path(path), {**metadata, **self.extra_metadata}, self.save_dtype)
+
+    def as_adapter(self) -> Adapter:
+        """The ControlNet being trained as an in-memory :class:`Adapter` (what ``runtime.attach`` takes)."""
+        config = {k: v for k, v in dict(self.controlnet.config).items() if not k.startswith("_")}
+        return Adapter(type="controlnet", format=formats.DIFFUSERS, patches={}, base=self.base,
+                       metadata=dict(self.extra_metadata),
+                       extra={"layout": formats.DIFFUSERS, "config": config, "model": self.controlnet})
+
+    def sampling(self, pipe, cond_image, weight: float = 1.0) -> ControlHandle:
+        """Attach the ControlNet as it is now to ``pipe`` with ``cond_image``, exactly as a loaded one is
+        attached; use it as a context manager (leaving it detaches: the UNet is as before)."""
+        return runtime.attach(self.as_adapter(), pipe, weight, image=cond_image)
+
+
+def make_trainable(model, config) -> ControlNetTrainable:
+    from diffusers import ControlNetModel
+
+    check_out(config)
+    unet = component(model, "unet")
+    if unet is None:
+        raise AdapterhubError("controlnet: the model has no UNet to build a ControlNet from")
+    param = next(unet.parameters())
+    controlnet = ControlNetModel.from_unet(unet).to(param.device)  # float32: built, then loaded from the UNet
+    controlnet.requires_grad_(True).train()
+    if getattr(config, "gradient_checkpointing", False):
+        controlnet.enable_gradient_checkpointing()
+    base = architecture_of(model)
+    return ControlNetTrainable(controlnet, base, control_metadata(config, base))
