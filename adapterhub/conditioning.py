@@ -21,6 +21,7 @@ import inspect
 import re
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -276,13 +277,20 @@ def materialise(adapter, state: dict, model, label: str):
     return adapter.extra["model"]
 
 
-def write_model_folder(model, path, metadata: dict[str, str] | None = None):
-    """A diffusers model folder (``config.json`` + safetensors), written atomically."""
+def write_model_folder(model, path, metadata: dict[str, str] | None = None, dtype=None):
+    """``model`` as a diffusers folder (``config.json`` + safetensors), or for a ``.safetensors`` path one
+    file with the same tensor names; floating tensors cast to ``dtype`` when given; atomic either way."""
     from adapterhub.io import atomic_dir, save_safetensors
 
+    state = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
+             for k, v in model.state_dict().items()}
+    metadata = {"format": "pt", **(metadata or {})}
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        return save_safetensors(state, path, metadata)
     with atomic_dir(path) as tmp:
         model.save_config(tmp)
-        save_safetensors(model.state_dict(), tmp / DIFFUSERS_WEIGHTS, {"format": "pt", **(metadata or {})})
+        save_safetensors(state, tmp / DIFFUSERS_WEIGHTS, metadata)
     return path
 
 

@@ -124,7 +124,8 @@ class _Progress:
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @config_options
 def train_cmd(config_file, print_config, as_json, **options):
-    """Train a LoRA, LoCon, LoHa, textual inversion or hypernetwork on a dataset folder.
+    """Train an adapter (lora, locon, loha, adalora, textual-inversion, hypernetwork, t2i-adapter, controlnet)
+    or the whole UNet (full) on a dataset folder.
 
     \b
     adapterhub train --type lora --base tiny-sd1 --dataset datasets/demo --out demo.safetensors \\

@@ -109,11 +109,49 @@ def condition_image(sample, cfg):
             return fit_to_bucket(load_rgb(path), sample)
         except ImageReadError as exc:
             raise AdapterhubError(f"{path}: unreadable conditioning image: {exc}") from None
+    cached = _cache_file(sample, cfg)
+    if cached is not None and cached.is_file():
+        from PIL import Image
+
+        try:
+            with Image.open(cached) as im:
+                return im.convert("RGB")
+        except OSError:
+            pass  # a damaged cache entry is recomputed
     try:
         image = fit_to_bucket(load_rgb(sample.path), sample)
     except ImageReadError as exc:
         raise AdapterhubError(f"{sample.path}: unreadable image: {exc}") from None
-    return canny(image, cfg.canny_low, cfg.canny_high)
+    edges = canny(image, cfg.canny_low, cfg.canny_high)
+    if cached is not None:
+        from adapterhub.io import atomic_path
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cached, suffix=".png") as tmp:
+            edges.save(tmp, format="PNG")
+    return edges
+
+
+def _cache_file(sample, cfg) -> Path | None:
+    """Where a preprocessed conditioning image is kept (beside the latent cache): computed once per
+    (image file, bucket, crop, preprocessor settings) instead of every step."""
+    import hashlib
+    import json
+
+    try:
+        stat = Path(sample.path).stat()
+    except OSError:
+        return None
+    if cfg.cache_dir:
+        root = Path(cfg.cache_dir)
+    else:
+        from adapterhub.base import cache_dir
+
+        root = cache_dir() / "latents"
+    key = hashlib.sha256(json.dumps([str(Path(sample.path).resolve()), stat.st_mtime_ns, stat.st_size,
+                                     list(sample.bucket), list(sample.resized), list(sample.crop), cfg.conditioning,
+                                     cfg.canny_low, cfg.canny_high]).encode()).hexdigest()
+    return root / "conditioning" / key[:2] / f"{key}.png"
 
 
 def condition_batch(samples, cfg) -> torch.Tensor:

@@ -65,7 +65,7 @@ class LoRAFamilyType(AdapterType):
         return target_modules(model, conv=self.conv, text=text)
 
     def make_trainable(self, model, config):
-        """PEFT LoRA / LoCon / LoHa layers on this type's targets (see ``train``); others refuse."""
+        """PEFT LoRA / LoCon / LoHa / AdaLoRA layers on this type's targets (see ``train``); others refuse."""
         from .train import make_trainable
 
         return make_trainable(self.name, model, config)
@@ -111,6 +111,7 @@ class AdaLoRAType(LoRAFamilyType):
     name = "adalora"
     description = "AdaLoRA: PEFT's SVD-form triplets lora_A / lora_E / lora_B"
     formats = ("peft",)
+    capabilities = LoRAFamilyType.capabilities + ("train",)
     example_suffix = ""  # a PEFT folder: adapter_model.safetensors + adapter_config.json
 
 

@@ -1,22 +1,51 @@
-"""Training LoRA, LoCon and LoHa: PEFT layers on the kohya / LyCORIS targets, written in the kohya layout.
+"""Training LoRA, LoCon, LoHa and AdaLoRA: PEFT layers on the kohya / LyCORIS targets.
 
 The targets are the ones the files of each type carry (``targets.target_modules``): attention-block
-Linear and 1x1 layers for LoRA; for LoCon and LoHa also the resnet and sampler convs, where kxk convs
-take ``conv_rank`` / ``conv_alpha`` (PEFT ``rank_pattern`` / ``alpha_pattern``), as kohya's
-``conv_dim`` / ``conv_alpha`` do. PEFT's own initialisation (LoRA: ``B = 0``; LoHa: ``w2_b = 0``) makes
-the first step start from the base model. Saving reads the factors back into our patches and writes
-them with ``save.save`` (``lora_unet_…`` / ``lora_te_…``; ``lora_down``/``lora_up``/``alpha``; LoHa
-``hada_*``).
+Linear and 1x1 layers for LoRA and AdaLoRA; for LoCon and LoHa also the resnet and sampler convs, where
+kxk convs take ``conv_rank`` / ``conv_alpha`` (PEFT ``rank_pattern`` / ``alpha_pattern``), as kohya's
+``conv_dim`` / ``conv_alpha`` do. PEFT's own initialisation (LoRA: ``B = 0``; LoHa: ``w2_b = 0``;
+AdaLoRA: ``E = 0``) makes the first step start from the base model. LoRA, LoCon and LoHa are written in
+the kohya layout (``lora_unet_…`` / ``lora_te_…``; ``lora_down``/``lora_up``/``alpha``; LoHa ``hada_*``).
+
+Two kohya options:
+
+* LoRA+ (``loraplus_lr_ratio``; kohya network arg ``loraplus_lr_ratio``, recorded in ``ss_network_args``):
+  each component's up matrices (PEFT ``lora_B``) form their own param group ``<component>_up`` with
+  ``lr_scale = R``, so ``--text-encoder-lr`` still applies to ``text_encoder*_up``. Refused for LoHa:
+  sd-scripts and LyCORIS select the up matrices by the name ``lora_up``, which a LoHa does not have.
+* max-norm (``max_norm``; kohya ``--scale_weight_norms``, recorded as ``ss_scale_weight_norms``): after
+  every optimiser step a module whose delta has a Frobenius norm ``n`` above N is scaled to N. LoRA /
+  LoCon multiply up and down by ``sqrt(N / n)`` (sd-scripts ``apply_max_norm_regularization``); LoHa
+  multiplies ``hada_w1_a`` by ``N / n`` (LyCORIS scales its ``scalar``, which it folds into ``hada_w1_a``
+  when saving). Refused for AdaLoRA, which no reference defines it for.
+
+AdaLoRA goes through PEFT itself: a ``PeftModel`` with an ``AdaLoraConfig`` on the UNet (its
+``base_model`` is PEFT's ``AdaLoraModel``, whose rank allocator ``update_and_allocate`` runs in
+``before_zero_grad``; the loop calls it after the optimiser step, before the gradients are cleared, as
+PEFT asks). ``target_r`` is ``--rank``, ``init_r`` ``--adalora-init-rank`` (1.5 x rank); ``tinit`` /
+``tfinal`` default to 10% / 20% of the run, whose length the loop gives ``set_total_steps``. PEFT adds
+the orthogonality regulariser only to a model output that carries ``.loss`` (a UNet's does not), so
+``extra_loss`` computes PEFT's formula itself. Only the UNet is adapted (PEFT's AdaLoRA trains one model).
+Output, when OUT names a folder: PEFT's layout (``adapter_config.json`` with the ``rank_pattern``,
+``adapter_model.safetensors`` with the pruned triplets sliced out, as ``PeftModel.save_pretrained``
+writes them) and ``<name>.kohya.safetensors``, the same deltas as an ordinary kohya LoRA of each module's
+surviving rank r, for the tools that do not read PEFT: ``up = B``, ``down = (A * E) * s * r / lora_alpha``
+with PEFT's scale ``s = lora_alpha / (init_r + 1e-5)``, and the one ``alpha = lora_alpha`` for every module
+(diffusers' kohya loader misplaces per-module alphas of attention layers). When OUT ends in
+``.safetensors`` only that kohya file is written.
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from adapterhub.errors import AdapterhubError
+from adapterhub.io import atomic_dir, save_safetensors
 from adapterhub.types import Adapter, Trainable
 from adapterhub.weights import architecture_of, component
 
@@ -24,8 +53,10 @@ from . import save as lora_save
 from .patches import LoHaPatch, LoRAPatch
 from .targets import target_modules
 
-TRAINABLE_KINDS = ("lora", "locon", "loha")
+TRAINABLE_KINDS = ("lora", "locon", "loha", "adalora")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+ADAPTER = "default"  # the PEFT adapter name
+UP_NAMES = ("lora_B",)  # PEFT's name of the up matrices (LoRA, LoCon, AdaLoRA)
 
 
 def _is_kxk(module: nn.Module) -> bool:
@@ -61,25 +92,96 @@ def _peft_config(kind: str, names: list[str], kxk: list[str], config):
                       lora_dropout=float(config.dropout or 0.0), init_lora_weights=True)
 
 
+def _refuse_options(kind: str, config) -> None:
+    if getattr(config, "loraplus_lr_ratio", None) and kind == "loha":
+        raise AdapterhubError("loha: --loraplus-lr-ratio is not defined for LoHa (LoRA+ scales the up matrices, "
+                              "lora_up; LoHa has none); use lora or locon")
+    if getattr(config, "max_norm", None) and kind == "adalora":
+        raise AdapterhubError("adalora: --max-norm is not supported (it is defined for kohya LoRA and LyCORIS "
+                              "modules); use lora, locon or loha")
+    if kind == "adalora" and getattr(config, "train_text_encoder", False):
+        raise AdapterhubError("adalora: --train-text-encoder is not supported (PEFT's AdaLoRA adapts one model, "
+                              "the UNet)")
+
+
+def _groups(name: str, params: list[tuple[str, nn.Parameter]], loraplus: float | None) -> list[dict]:
+    """One param group per component; with LoRA+ the up matrices in a second one, ``<name>_up``."""
+    if not loraplus:
+        return [{"name": name, "params": [p for _, p in params]}]
+    up = [p for n, p in params if any(u in n for u in UP_NAMES)]
+    rest = [p for n, p in params if not any(u in n for u in UP_NAMES)]
+    return [{"name": name, "params": rest}, {"name": f"{name}_up", "params": up, "lr_scale": float(loraplus)}]
+
+
+def _ratio_text(value: float) -> str:
+    return f"{float(value):g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# max-norm regularisation
+# ---------------------------------------------------------------------------------------------
+def max_norm_ratio(norm: float, max_norm: float) -> float:
+    """sd-scripts' factor: ``min(n, N) / n`` with ``n`` clamped below at ``N / 2`` (1 for small deltas)."""
+    clamped = max(norm, max_norm / 2)
+    return min(clamped, max_norm) / clamped
+
+
+@torch.no_grad()
+def _lora_max_norm(layer, max_norm: float) -> tuple[bool, float]:
+    down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    scale = float(layer.scaling[ADAPTER])
+    norm = (up.float().reshape(up.shape[0], -1) @ down.float().reshape(down.shape[0], -1)).norm().item() * scale
+    ratio = max_norm_ratio(norm, max_norm)
+    if ratio != 1:
+        up.mul_(ratio ** 0.5)
+        down.mul_(ratio ** 0.5)
+    return ratio != 1, norm * ratio
+
+
+@torch.no_grad()
+def _loha_max_norm(layer, max_norm: float) -> tuple[bool, float]:
+    w1_a = layer.hada_w1_a[ADAPTER]
+    norm = layer.get_delta_weight(ADAPTER).float().norm().item()  # PEFT's delta includes alpha / r
+    ratio = max_norm_ratio(norm, max_norm)
+    if ratio != 1:
+        w1_a.mul_(ratio)
+    return ratio != 1, norm * ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA, LoCon, LoHa
+# ---------------------------------------------------------------------------------------------
 class LoRATrainable(Trainable):
-    """PEFT layers injected into the model; ``layers`` maps each canonical target to its PEFT layer."""
+    """PEFT layers injected into the model; ``layers`` maps each canonical target to its PEFT layer.
+
+    ``norm_stats`` holds the last max-norm pass as sd-scripts logs it: (modules scaled, mean norm, max norm).
+    """
 
     def __init__(self, kind: str, layers: dict[str, nn.Module], groups: list[dict], trains_text: bool,
-                 metadata: dict[str, str], base: str):
+                 metadata: dict[str, str], base: str, max_norm: float | None = None):
         super().__init__(groups, trains_text, metadata)
-        self.kind, self.layers, self.base = kind, layers, base
+        self.kind, self.layers, self.base, self.max_norm = kind, layers, base, max_norm
+        self.norm_stats: tuple[int, float, float] | None = None
+
+    def after_step(self) -> None:
+        if not self.max_norm:
+            return
+        clip = _loha_max_norm if self.kind == "loha" else _lora_max_norm
+        results = [clip(layer, self.max_norm) for layer in self.layers.values()]
+        norms = [n for _, n in results]
+        self.norm_stats = (sum(s for s, _ in results), sum(norms) / len(norms), max(norms))
 
     def adapter(self) -> Adapter:
         patches = {}
         for target, layer in self.layers.items():
-            alpha = float(layer.alpha["default"] if self.kind == "loha" else layer.lora_alpha["default"])
+            alpha = float(layer.alpha[ADAPTER] if self.kind == "loha" else layer.lora_alpha[ADAPTER])
             if self.kind == "loha":
-                tensors = {k: getattr(layer, k)["default"].detach().float().clone()
+                tensors = {k: getattr(layer, k)[ADAPTER].detach().float().clone()
                            for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
                 patches[target] = LoHaPatch(target, target, tensors, alpha=alpha)
             else:
-                down = layer.lora_A["default"].weight.detach().float().clone()
-                up = layer.lora_B["default"].weight.detach().float().clone()
+                down = layer.lora_A[ADAPTER].weight.detach().float().clone()
+                up = layer.lora_B[ADAPTER].weight.detach().float().clone()
                 patches[target] = LoRAPatch(target, target, {"up": up, "down": down}, alpha=alpha)
         return Adapter(type=self.kind, format="lycoris" if self.kind == "loha" else "kohya", patches=patches,
                        metadata={}, base=self.base)
@@ -95,20 +197,25 @@ def network_metadata(kind: str, config, has_conv: bool) -> dict[str, str]:
     args: dict[str, str] = {"algo": kind} if kind == "loha" else {}
     if has_conv:
         args.update({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)})
+    if getattr(config, "loraplus_lr_ratio", None):
+        args["loraplus_lr_ratio"] = _ratio_text(config.loraplus_lr_ratio)
     meta = {"ss_network_module": lora_save.NETWORK_MODULE[kind], "ss_network_dim": str(rank),
             "ss_network_alpha": str(alpha), "ss_network_dropout": str(config.dropout or 0.0),
-            "modelspec.architecture": "lora"}
+            "ss_scale_weight_norms": str(getattr(config, "max_norm", None)), "modelspec.architecture": "lora"}
     if args:
         meta["ss_network_args"] = json.dumps(args)
     return meta
 
 
-def make_trainable(kind: str, model, config) -> LoRATrainable:
-    """Inject ``kind`` (lora, locon, loha) layers on every target of ``model``; see the module doc."""
+def make_trainable(kind: str, model, config) -> Trainable:
+    """Inject ``kind`` (lora, locon, loha, adalora) layers on every target of ``model``; see the module doc."""
     from peft import inject_adapter_in_model
 
     if kind not in TRAINABLE_KINDS:
         raise AdapterhubError(f"{kind}: training is not supported (trainable: {', '.join(TRAINABLE_KINDS)})")
+    _refuse_options(kind, config)
+    if kind == "adalora":
+        return make_adalora(model, config)
     text = bool(getattr(config, "train_text_encoder", False))
     targets = target_modules(model, conv=kind != "lora", text=text)
     if kind == "lora":  # LoRA proper: linear and 1x1 layers only (a kxk conv makes a file LoCon)
@@ -122,13 +229,227 @@ def make_trainable(kind: str, model, config) -> LoRATrainable:
         real = _real_names(root, own)
         kxk = [real[t] for t, m in own.items() if _is_kxk(m)]
         has_conv = has_conv or bool(kxk)
-        inject_adapter_in_model(_peft_config(kind, sorted(real.values()), kxk, config), root, adapter_name="default")
-        params = [p for n, p in root.named_parameters() if ("lora_" in n or "hada_" in n)]
-        for p in params:
+        inject_adapter_in_model(_peft_config(kind, sorted(real.values()), kxk, config), root, adapter_name=ADAPTER)
+        params = [(n, p) for n, p in root.named_parameters() if ("lora_" in n or "hada_" in n)]
+        for _, p in params:
             p.requires_grad_(True)
-        groups.append({"name": name, "params": params})
+        groups += _groups(name, params, getattr(config, "loraplus_lr_ratio", None))
         layers.update({t: root.get_submodule(real[t]) for t in own})
     if not layers:
         raise AdapterhubError(f"{kind}: the model has no module this type targets")
     return LoRATrainable(kind, layers, groups, trains_text=text, metadata=network_metadata(kind, config, has_conv),
-                         base=architecture_of(model))
+                         base=architecture_of(model), max_norm=getattr(config, "max_norm", None))
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaLoRA
+# ---------------------------------------------------------------------------------------------
+def adalora_ranks(config) -> tuple[int, int]:
+    """(init_r, target_r): ``--adalora-init-rank`` (default 1.5 x ``--rank``) and ``--rank``."""
+    target = int(config.rank)
+    init = config.adalora_init_rank if config.adalora_init_rank is not None else max(target, round(1.5 * target))
+    if target <= 0 or init < target:
+        raise AdapterhubError(f"adalora: --adalora-init-rank ({init}) must be at least --rank ({target}), and "
+                              "--rank positive")
+    return int(init), target
+
+
+def adalora_schedule(config, total: int) -> tuple[int, int]:
+    """(tinit, tfinal) for a run of ``total`` steps: the options, else 10% / 20% of the run."""
+    tinit = config.adalora_tinit if config.adalora_tinit is not None else int(0.1 * total)
+    tfinal = config.adalora_tfinal if config.adalora_tfinal is not None else int(0.2 * total)
+    if tinit < 0 or tfinal < 0:
+        raise AdapterhubError("adalora: --adalora-tinit and --adalora-tfinal must not be negative")
+    if tinit >= total - tfinal:
+        raise AdapterhubError(f"adalora: --adalora-tinit {tinit} and --adalora-tfinal {tfinal} leave no rank-pruning "
+                              f"phase in a run of {total} steps (tinit must be below steps - tfinal)")
+    return int(tinit), int(tfinal)
+
+
+def orthogonal_regulariser(layers) -> torch.Tensor:
+    """PEFT ``AdaLoraModel.forward``'s term before its weight: the mean over every ``lora_A`` and ``lora_B``
+    of ``||A Aᵀ - I||_F`` and ``||Bᵀ B - I||_F``."""
+    terms = []
+    for layer in layers:
+        for name in ("lora_A", "lora_B"):
+            p = getattr(layer, name)[ADAPTER]
+            cov = p @ p.T if name == "lora_A" else p.T @ p
+            terms.append(torch.norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype), p="fro"))
+    return sum(terms) / len(terms)
+
+
+def _allocator_state(allocator, config) -> dict[str, torch.Tensor]:
+    state = {}
+    for label, table in (("ipt", allocator.ipt), ("avg_ipt", allocator.exp_avg_ipt),
+                         ("avg_unc", allocator.exp_avg_unc)):
+        state.update({f"adalora.{label}.{n}": t.detach().clone() for n, t in table.items()})
+    for n, keep in (config.rank_pattern or {}).items():
+        state[f"adalora.rank_pattern.{n}"] = torch.as_tensor(keep, dtype=torch.bool).reshape(-1)
+    return state
+
+
+class AdaLoRATrainable(Trainable):
+    """A ``PeftModel`` (AdaLoRA) around the UNet; ``layers`` maps each canonical target to its SVD layer."""
+
+    def __init__(self, peft_model, layers: dict[str, nn.Module], groups: list[dict], metadata: dict[str, str],
+                 base: str, config):
+        super().__init__(groups, False, metadata)
+        self.peft, self.layers, self.base, self.options = peft_model, layers, base, config
+        self.total: int | None = None
+        if config.max_steps:
+            self.set_total_steps(int(config.max_steps))
+
+    @property
+    def peft_config(self):
+        return self.peft.peft_config[ADAPTER]
+
+    def set_total_steps(self, total: int) -> None:
+        tinit, tfinal = adalora_schedule(self.options, total)
+        cfg = self.peft_config
+        cfg.total_step, cfg.tinit, cfg.tfinal = int(total), tinit, tfinal
+        self.peft.base_model.rankallocator.set_total_step(int(total))
+        self.total = int(total)
+        self.metadata["ss_network_args"] = json.dumps(self._network_args())
+
+    def _network_args(self) -> dict[str, str]:
+        cfg = self.peft_config
+        args = {"adalora_init_rank": str(cfg.init_r), "adalora_target_rank": str(cfg.target_r),
+                "adalora_tinit": str(cfg.tinit), "adalora_tfinal": str(cfg.tfinal),
+                "adalora_delta_t": str(cfg.deltaT), "adalora_orth_reg": str(cfg.orth_reg_weight)}
+        if getattr(self.options, "loraplus_lr_ratio", None):
+            args["loraplus_lr_ratio"] = _ratio_text(self.options.loraplus_lr_ratio)
+        return args
+
+    # -- the training hooks ---------------------------------------------------------------------
+    def extra_loss(self) -> torch.Tensor | None:
+        weight = float(self.peft_config.orth_reg_weight)
+        return weight * orthogonal_regulariser(self.layers.values()) if weight else None
+
+    @torch.no_grad()
+    def before_zero_grad(self, step: int) -> None:
+        if self.total is None:
+            raise AdapterhubError("adalora: the run's step count is unknown (set_total_steps was not called)")
+        grads = [p.grad for p in self.parameters]
+        if any(g is None for g in grads) or not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            return  # a skipped (overflowed) step must not feed the importance scores
+        self.peft.base_model.update_and_allocate(step)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters and the rank allocator (importance averages, rank pattern), for an exact resume."""
+        state = super().state_dict()
+        state.update(_allocator_state(self.peft.base_model.rankallocator, self.peft_config))
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        allocator = self.peft.base_model.rankallocator
+        allocator.reset_ipt()
+        tables = {"ipt": allocator.ipt, "avg_ipt": allocator.exp_avg_ipt, "avg_unc": allocator.exp_avg_unc}
+        pattern = {}
+        for key, value in state.items():
+            if not key.startswith("adalora."):
+                continue
+            _, label, name = key.split(".", 2)
+            if label == "rank_pattern":
+                pattern[name] = value.bool().tolist()
+            else:
+                tables[label][name] = value.clone()
+        self.peft_config.rank_pattern = pattern or None
+
+    # -- writing --------------------------------------------------------------------------------
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """PEFT's saved state dict (``base_model.model.<path>.lora_A|E|B``, pruned ranks sliced out)."""
+        import warnings
+
+        from peft import get_peft_model_state_dict
+
+        with warnings.catch_warnings():  # modules pruned to rank 0 hold empty tensors, as PEFT means them to
+            warnings.filterwarnings("ignore", message=".*invalid shape.*")
+            return get_peft_model_state_dict(self.peft, adapter_name=ADAPTER)
+
+    def export(self, state: dict[str, torch.Tensor] | None = None) -> Adapter:
+        """The deltas as an ordinary LoRA of each module's surviving rank (modules left with none are omitted)."""
+        state = self.peft_state() if state is None else state
+        patches = {}
+        for target, layer in self.layers.items():
+            prefix = f"base_model.model.{target.split('.', 1)[1]}"
+            a, e, b = (state[f"{prefix}.{k}"].detach().float() for k in ("lora_A", "lora_E", "lora_B"))
+            rank = a.shape[0]
+            if rank == 0:
+                continue
+            shape = layer.get_base_layer().weight.shape
+            alpha = float(layer.scaling[ADAPTER])  # lora_alpha (or init_r): the same for every module
+            scale = alpha / (float(layer.ranknum[ADAPTER]) + 1e-5)
+            # one alpha for all modules, each module's own scale folded into down: diffusers' kohya loader
+            # mis-names the per-module alphas of attention layers and would apply the most common one
+            down = ((a * e) * (scale * rank / alpha)).reshape(rank, *shape[1:])
+            up = b.reshape(shape[0], rank, *(1,) * (len(shape) - 2))
+            patches[target] = LoRAPatch(target, target, {"up": up.contiguous(), "down": down.contiguous()},
+                                        alpha=alpha)
+        return Adapter(type="lora", format="kohya", patches=patches, metadata={}, base=self.base)
+
+    def save(self, path: Path, metadata: dict[str, str]) -> Path:
+        path = Path(path)
+        metadata = {**self.metadata, **metadata}
+        state = self.peft_state()  # also turns the rank pattern's names into PEFT's saved form
+        if path.suffix.lower() == ".safetensors":
+            return self._save_kohya(path, state, metadata)
+        config = copy.deepcopy(self.peft_config)
+        config.inference_mode = True
+        config.base_model_name_or_path = metadata.get("ss_sd_model_name")
+        name = metadata.get("ss_output_name") or path.name
+        with atomic_dir(path) as tmp:
+            save_safetensors(self._cast(state), tmp / "adapter_model.safetensors", {"format": "pt", **metadata})
+            config.save_pretrained(str(tmp))
+            self._save_kohya(tmp / f"{name}.kohya.safetensors", state, metadata)
+        return path
+
+    def _cast(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to(self.save_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+    def _save_kohya(self, path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+        adapter = self.export(state)
+        for patch in adapter.patches.values():
+            patch.tensors = self._cast(patch.tensors)
+        ranks = {p.rank for p in adapter.patches.values()}
+        dim = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
+        alpha = next((p.alpha for p in adapter.patches.values()), None)
+        adapter.metadata = {**metadata, "ss_network_module": lora_save.NETWORK_MODULE["lora"], "ss_network_dim": dim,
+                            "ss_network_alpha": str(alpha)}
+        return lora_save.save(adapter, path, "kohya")
+
+
+def make_adalora(model, config) -> AdaLoRATrainable:
+    """PEFT AdaLoRA on the UNet's LoRA targets (attention-block Linear and 1x1 layers); see the module doc."""
+    from peft import AdaLoraConfig, PeftModel
+
+    init_r, target_r = adalora_ranks(config)
+    if config.adalora_orth_reg < 0:
+        raise AdapterhubError("adalora: --adalora-orth-reg must not be negative")
+    if config.max_steps:  # refuse a bad schedule before the model is touched (else set_total_steps does)
+        adalora_schedule(config, int(config.max_steps))
+    unet = component(model, "unet")
+    own = {t: m for t, m in target_modules(model, conv=False, text=False).items()
+           if t.startswith("unet.") and not _is_kxk(m)}
+    if unet is None or not own:
+        raise AdapterhubError("adalora: the model has no module this type targets")
+    real = _real_names(unet, own)
+    try:
+        peft_config = AdaLoraConfig(  # total_step, tinit and tfinal are placeholders until set_total_steps
+            init_r=init_r, target_r=target_r, lora_alpha=float(config.alpha),
+            lora_dropout=float(config.dropout or 0.0), target_modules=sorted(real.values()), total_step=1, tinit=0,
+            tfinal=0, deltaT=int(config.adalora_delta_t), orth_reg_weight=float(config.adalora_orth_reg),
+            init_lora_weights=True)
+    except ValueError as exc:  # PEFT's own checks (a negative --adalora-orth-reg ...)
+        raise AdapterhubError(f"adalora: {str(exc).splitlines()[0]}") from None
+    peft_model = PeftModel(unet, peft_config, adapter_name=ADAPTER)
+    params = [(n, p) for n, p in unet.named_parameters() if "lora_" in n]
+    for _, p in params:
+        p.requires_grad_(True)
+    groups = _groups("unet", params, getattr(config, "loraplus_lr_ratio", None))
+    layers = {t: unet.get_submodule(real[t]) for t in own}
+    rank, alpha = int(config.rank), float(config.alpha)
+    metadata = {"ss_network_module": lora_save.NETWORK_MODULE["adalora"], "ss_network_dim": str(rank),
+                "ss_network_alpha": str(alpha), "ss_network_dropout": str(config.dropout or 0.0),
+                "ss_scale_weight_norms": "None", "modelspec.architecture": "lora"}
+    return AdaLoRATrainable(peft_model, layers, groups, metadata, architecture_of(model), config)

@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from adapterhub.base import METADATA_KEY
-from adapterhub.conditioning import DIFFUSERS_WEIGHTS, ControlHandle
+from adapterhub.conditioning import ControlHandle, write_model_folder
 from adapterhub.errors import AdapterhubError
-from adapterhub.io import atomic_dir, save_safetensors
 from adapterhub.types import Adapter, Trainable
 from adapterhub.weights import architecture_of, component
 
@@ -44,17 +43,8 @@ def check_out(config) -> None:
 
 
 def write_model(model: torch.nn.Module, path: Path, metadata: dict[str, str], dtype: torch.dtype) -> Path:
-    """``model`` as a diffusers folder (config.json + safetensors) or, for a ``.safetensors`` path, one file
-    with the same tensor names; floating tensors cast to ``dtype``; atomic either way."""
-    state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()) for k, v in model.state_dict().items()}
-    metadata = {"format": "pt", **metadata}
-    path = Path(path)
-    if path.suffix.lower() == ".safetensors":
-        return save_safetensors(state, path, metadata)
-    with atomic_dir(path) as tmp:
-        model.save_config(tmp)
-        save_safetensors(state, tmp / DIFFUSERS_WEIGHTS, metadata)
-    return path
+    """A diffusers folder, or one ``.safetensors`` file with the same tensor names (the shared writer)."""
+    return write_model_folder(model, path, metadata, dtype)
 
 
 def control_metadata(config, base: str) -> dict[str, str]:
