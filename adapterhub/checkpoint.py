@@ -226,15 +226,18 @@ def _cast_folder(folder: Path, dtype: torch.dtype) -> None:
         save_file(_cast(tensors, dtype), str(path), metadata=metadata)
 
 
-def save_pipeline(pipe, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+def save_pipeline(pipe, out: str | Path, dtype: torch.dtype | None = None,
+                  metadata: dict[str, str] | None = None) -> Path:
     """Save ``pipe`` atomically: ``*.safetensors`` as one original-layout checkpoint, anything else as a
-    diffusers folder. ``dtype`` casts the floating tensors written (the pipeline itself is untouched)."""
+    diffusers folder. ``dtype`` casts the floating tensors written (the pipeline itself is untouched);
+    ``metadata`` goes into a single file's header (training metadata), under our architecture keys."""
     out = Path(out)
     if any(p.device.type == "meta" for p in pipe.unet.parameters()):
         raise AdapterhubError(f"{out}: cannot save a model built on the meta device (it has no weights)")
     if out.suffix.lower() == ".safetensors":
         arch = detect_architecture(pipe)
-        save_safetensors(_cast(original_state_dict(pipe, arch), dtype), out, _checkpoint_metadata(arch))
+        save_safetensors(_cast(original_state_dict(pipe, arch), dtype), out,
+                         {**(metadata or {}), **_checkpoint_metadata(arch)})
         return out
     if out.suffix.lower() in {".ckpt", ".pt", ".pth", ".bin", ".sft"}:
         raise AdapterhubError(f"{out}: single-file checkpoints are written as .safetensors only")

@@ -180,11 +180,13 @@ class Trainable:
       arguments for the UNet call (ControlNet residuals, T2I-Adapter features);
     * ``modules`` lists modules outside the frozen pipeline that train (a ControlNet), put in train
       mode by the loop; ``save_dtype`` is set by the loop (``--save-precision``) before ``save``;
-    * ``default_lr`` is the learning rate used when the run gives none (recorded in the metadata).
+    * ``default_lr`` is the learning rate used when the run gives none (recorded in the metadata);
+      ``formats`` the output layouts ``--format`` may choose.
     """
 
     conditioning: bool = False
     default_lr: float = 1e-4  # the learning rate when --lr is not given
+    formats: tuple[str, ...] = ()  # output layouts ``--format`` may pick (the default layout needs none)
 
     def __init__(self, param_groups: list[dict], trains_text: bool = False, metadata: dict[str, str] | None = None):
         self.param_groups = param_groups

@@ -290,7 +290,7 @@ def test_two_process_launch_equals_single_run(demo, tiny_clip, vocab, tmp_path, 
     import sys
 
     torchrun = Path(sys.executable).with_name("torchrun")
-    args = [str(torchrun), "--nproc_per_node", "2", "-m", "adapterhub", "dataset", "caption", str(demo),
+    args = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "adapterhub", "dataset", "caption", str(demo),
             "--model", f"local-dir:{tiny_clip}", "--vocab", vocab[0], "--vocab", vocab[1],
             "--top-k", "colors=1,things=3", "--mode", "overwrite", "--batch-size", "3", "--device", "cpu",
             "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0", "--json"]

@@ -214,20 +214,21 @@ def test_out_of_memory_names_the_options_that_reduce_memory(tmp_path, monkeypatc
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_combined_batch(tmp_path):
-    """torchrun, gloo on CPU: batch 1 on each of two processes == batch 2 in one process."""
+    """torchrun, gloo on CPU: batch 1 on each of two processes == batch 2 in one process. SGD: the gradients
+    agree to rounding (1e-8), which Adam would amplify into lr-sized steps where a gradient is ~0."""
     data = make_dataset(tmp_path / "d", names=("cat", "coffee", "rocket", "retina"), folder="1_x")
     common = ["--type", "locon", "--base", "tiny-sd1", "--dataset", str(data), "--resolution", "64",
               "--bucket-step", "64", "--min-bucket", "64", "--max-bucket", "64", "--max-steps", "3", "--seed", "1",
-              "--lr", "1e-2", "--rank", "2", "--optimizer", "adamw", "--caption-dropout", "0.2", "--noise-offset", "0.05",
+              "--lr", "0.5", "--rank", "2", "--optimizer", "sgd", "--caption-dropout", "0.2", "--noise-offset", "0.05",
               "--cache-dir", str(tmp_path / "cache")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one.safetensors"
     two = tmp_path / "two.safetensors"
     subprocess.run([sys.executable, "-m", "adapterhub", "train", *common, "--batch-size", "2", "--out", str(one)],
-                   check=True, env=env, capture_output=True)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "0", "-m", "adapterhub", "train", *common, "--batch-size", "1", "--out", str(two)],
-                          env=env, capture_output=True, text=True)
+                   check=True, env=env, capture_output=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "adapterhub", "train", *common, "--batch-size", "1", "--out", str(two)],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = tensors_of(one), tensors_of(two)
     assert a.keys() == b.keys()
@@ -236,3 +237,57 @@ def test_two_processes_equal_one_process_with_the_combined_batch(tmp_path):
     moved = max((a[k]).abs().max().item() for k in a if "lora_up" in k)
     assert moved > 1e-4  # the runs trained something
     assert metadata_of(two)["ss_total_batch_size"] == "2"
+
+
+# --------------------------------------------------------------------------------------------
+# output layout choice, TensorBoard
+# --------------------------------------------------------------------------------------------
+def test_textual_inversion_format_diffusers_loads_in_diffusers(tmp_path, fresh_sd1):
+    data = make_dataset(tmp_path / "d", names=("cat",), folder="1_cat")
+    out = tmp_path / "learned_embeds.safetensors"
+    train(TrainConfig(type="textual-inversion", dataset=data, out=out, max_steps=2, token="<zqx>", num_vectors=1,
+                      format="diffusers", **SMALL))
+    tensors = tensors_of(out)
+    assert list(tensors) == ["<zqx>"] and tensors["<zqx>"].shape[0] == 1
+    fresh_sd1.load_textual_inversion(str(out))  # diffusers reads the token from the file
+    ids = fresh_sd1.tokenizer("<zqx>", add_special_tokens=False).input_ids
+    row = fresh_sd1.text_encoder.get_input_embeddings().weight[ids[0]]
+    assert torch.equal(row, tensors["<zqx>"][0])
+    with pytest.raises(AdapterhubError, match="--format diffusers: lora writes one layout only"):
+        train(TrainConfig(type="lora", dataset=data, out=tmp_path / "l.safetensors", max_steps=1, format="diffusers",
+                          **SMALL))
+    assert not (tmp_path / "l.safetensors").exists()
+
+
+def test_tensorboard_log_through_accelerate_trackers(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = make_dataset(tmp_path / "d", names=("cat",), folder="1_cat")
+    out = tmp_path / "o.safetensors"
+    result = train(TrainConfig(type="lora", dataset=data, out=out, max_steps=3, log_with="tensorboard", **SMALL))
+    logs = tmp_path / "o-logs"
+    assert str(logs) in result["logs"]
+    events = EventAccumulator(str(next(p.parent for p in logs.rglob("events.out.tfevents.*"))))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    csv = (tmp_path / "o.loss.csv").read_text().splitlines()[1:]
+    assert losses == pytest.approx([float(line.split(",")[1]) for line in csv], rel=1e-5)
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("kind, rate", [("lora", 1e-4), ("textual_inversion", 5e-3), ("full", 5e-6),
+                                        ("controlnet", 1e-5)])
+def test_learning_rate_defaults_per_type_and_is_recorded(kind, rate, tmp_path):
+    data = make_dataset(tmp_path / "d", names=("cat",), folder="1_cat")
+    out = tmp_path / ("zqxout" if kind in ("full", "controlnet") else "zqxout.safetensors")
+    extra = {"conditioning": "canny"} if kind == "controlnet" else {}
+    trainer = Trainer(TrainConfig(type=kind, dataset=data, out=out, max_steps=1, **SMALL, **extra))
+    assert trainer.cfg.lr is None
+    trainer.setup()
+    assert trainer.cfg.lr == rate
+    assert {g["lr"] for g in trainer.optimizer.param_groups} == {rate}
+    assert trainer.metadata()["ss_learning_rate"] == str(rate)
+    given = Trainer(TrainConfig(type=kind, dataset=data, out=out, max_steps=1, lr=3e-4, **SMALL, **extra))
+    given.setup()
+    assert {g["lr"] for g in given.optimizer.param_groups} == {3e-4}

@@ -23,6 +23,7 @@ COMMANDS = {
     "train": "adapterhub.cli.train:train_cmd",
     "sample": "adapterhub.cli.sample:sample_cmd",
     "png-info": "adapterhub.cli.sample:png_info_cmd",
+    "bench": "adapterhub.cli.bench:bench",
     "convert": "adapterhub.cli.convert:convert_cmd",
 }
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -12,7 +13,8 @@ from adapterhub.errors import AdapterhubError
 # --from-png: infotext key -> (option name, converter)
 FROM_PNG = {"Prompt": ("prompt", str), "Negative prompt": ("negative", str), "Steps": ("steps", int),
             "Sampler": ("sampler", str), "Schedule type": ("schedule", str), "CFG scale": ("cfg", float),
-            "Seed": ("seed", int), "Clip skip": ("clip_skip", int)}
+            "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Hires upscale": ("hires", float),
+            "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str)}
 
 
 def _size(text: str | None) -> tuple[int | None, int | None]:
@@ -40,6 +42,14 @@ def _from_png(path: str, options: dict, given: set[str]) -> dict:
             raise AdapterhubError(f"{path}: {key} {params[key]!r} is not a valid value") from None
     if "size" not in given and "Size-1" in params:
         options["size"] = f"{params['Size-1']}x{params['Size-2']}"
+    # "Denoising strength": the hires pass's in a txt2img infotext, else img2img's (used with --init-image)
+    strength = "hires_denoise" if "Hires upscale" in params else "denoise" if options.get("init_image") else None
+    if strength and strength not in given and "Denoising strength" in params:
+        try:
+            options[strength] = float(params["Denoising strength"])
+        except ValueError:
+            raise AdapterhubError(f"{path}: Denoising strength {params['Denoising strength']!r} is not a valid "
+                                  "value") from None
     return options
 
 
@@ -54,8 +64,9 @@ def _quiet_transformers() -> None:
 
 
 def _next_index(out: Path) -> int:
-    found = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))] if out.is_dir() else []
-    return max(found, default=-1) + 1
+    """One past the highest ``NNNNN-`` (image) or ``xyz-NNNNN`` (plot grid) number in ``out``."""
+    names = (re.match(r"(?:xyz-)?(\d{5})(?:-|\.png$)", p.name) for p in out.glob("*.png")) if out.is_dir() else ()
+    return max((int(m.group(1)) for m in names if m), default=-1) + 1
 
 
 def _control_entries(specs: tuple[str, ...], kind: str) -> list:
@@ -100,6 +111,172 @@ def _save(image, path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _with_controls(text: str, generator) -> str:
+    """The applied stack's ControlNet / T2I units added to an infotext, as sd-webui-controlnet writes them."""
+    from adapterhub.sample import infotext
+
+    units = infotext.control_units(generator.stack)
+    return infotext.insert(text, units) if units else text
+
+
+# ---------------------------------------------------------------------------------------------
+# --prompts FILE and X/Y/Z plots
+# ---------------------------------------------------------------------------------------------
+def _plot_axes(options: dict) -> list:
+    from adapterhub.sample.xy import parse_axis
+
+    axes = [parse_axis(options[f"{k}_axis"], option=f"--{k}") if options[f"{k}_axis"] else None for k in "xyz"]
+    if axes[0] is None and any(axes):
+        raise AdapterhubError("--y and --z need --x (the first axis of the plot)")
+    return axes
+
+
+def _jobs(options: dict, request, dirs: list[Path]) -> tuple[list, dict]:
+    """Every job (and its plot) checked, in every process, before a model loads."""
+    from adapterhub.sample import promptfile
+    from adapterhub.sample.generator import check_request
+    from adapterhub.sample.xy import plan_plot
+
+    axes = _plot_axes(options)
+    source = options["prompts_file"]
+    jobs = promptfile.read_prompts(source, request) if source else [promptfile.Job(0, 0, request)]
+    plans = {}
+    for job in jobs:
+        try:
+            check_request(job.request, dirs)
+            if axes[0] is not None:
+                plans[job.index] = plan_plot(job.request, *axes, adapter_dirs=dirs)
+        except AdapterhubError as err:
+            raise (AdapterhubError(f"{source}:{job.line}: {err}") if source else err) from None
+    return jobs, plans
+
+
+def _distributed(world: int):
+    """accelerate's PartialState when launched as several processes (a barrier and each process's device).
+    With only ``WORLD_SIZE`` / ``RANK`` set by hand, each process takes its share and nothing else."""
+    import os
+
+    if world <= 1 or "MASTER_ADDR" not in os.environ:
+        return None
+    try:
+        from accelerate import PartialState
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return None
+    return PartialState()
+
+
+@contextmanager
+def _bar(enabled: bool, description: str, total: int):
+    if not enabled:
+        yield lambda n=1: None
+        return
+    with output.progress(description, total=total) as advance:
+        yield advance
+
+
+def _save_plot(plot, out: Path, index: int, cells: bool) -> dict:
+    """The cells (``NNNNN-SEED.png``, numbered from ``index``) and the grid (``xyz-NNNNN.png``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, cell in enumerate(plot.cells):
+        row = {"position": list(cell.position), "values": cell.values, "seed": cell.seed,
+               "label": ", ".join(label for label in cell.labels if label)}
+        if cells:
+            path = out / f"{index + k:05d}-{cell.seed}.png"
+            _save(cell.image, path, cell.infotext)
+            row["path"] = str(path)
+        row["parameters"] = cell.infotext
+        rows.append(row)
+    grid_path = out / f"xyz-{index:05d}.png"
+    _save(plot.grid, grid_path, plot.infotext)
+    return {"grid": str(grid_path), "parameters": plot.infotext, "shape": list(plot.shape), "cells": rows,
+            "stack_switches": plot.stack_switches, "seconds": round(plot.seconds, 2)}
+
+
+def _save_images(result, generator, out: Path, index: int, grid: bool) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    texts = [_with_controls(text, generator) for text in result.infotexts]
+    rows = []
+    for i, (image, text, seed) in enumerate(zip(result.images, texts, result.seeds)):
+        path = out / f"{index + i:05d}-{seed}.png"
+        _save(image, path, text)
+        rows.append({"path": str(path), "seed": seed})
+    job = {"images": rows, "parameters": texts[0] if texts else None}
+    if grid and result.images:
+        from adapterhub.sample.grid import make_grid
+
+        job["grid"] = str(out / f"grid-{index:05d}.png")
+        _save(make_grid(result.images), Path(job["grid"]), texts[0])
+    return job
+
+
+def _files(summary_jobs: list[dict]) -> list[dict]:
+    rows = []
+    for job in summary_jobs:
+        for cell in job.get("cells", []):
+            rows.append({"path": cell.get("path", ""), "seed": cell["seed"], "cell": cell["label"]})
+        rows += [{**row, "cell": ""} for row in job.get("images", [])]
+        if job.get("grid"):
+            rows.append({"path": job["grid"], "seed": "", "cell": "grid"})
+    return rows
+
+
+def _sample_many(options: dict, request, dirs: list[Path]) -> None:
+    """``--prompts`` and/or ``--x``: every job and plot checked before the model loads; this process's
+    share generated (one model, stacks switched in place); file numbers from each job's position in
+    the whole run, the same in every process."""
+    import time
+
+    from adapterhub.sample import promptfile
+    from adapterhub.sample.generator import Generator
+    from adapterhub.sample.xy import run_plot
+
+    jobs, plans = _jobs(options, request, dirs)
+    rank, world, _ = promptfile.process()
+    mine = promptfile.shard(jobs, rank, world)
+    out = Path(options["out"])
+    state = _distributed(world)
+    try:
+        device = options["device"] or (str(state.device) if state is not None else None)
+        base = _next_index(out)
+        if state is not None:
+            state.wait_for_everyone()  # every process has numbered from the same folder before anyone writes
+        firsts = promptfile.first_indices(
+            jobs, lambda j: (1 if options["no_cells"] else len(plans[j.index].cells)) if j.index in plans
+            else j.image_count)
+        output.quiet_model_loading()
+        _quiet_transformers()
+        start = time.perf_counter()
+        generator = Generator(options["base"], backend=options["backend"], dtype=options["dtype"], device=device,
+                              adapter_dirs=dirs)
+        total = sum(len(plans[j.index].cells) if j.index in plans else j.image_count for j in mine)
+        done, warnings = [], {}
+        with _bar(not options["as_json"], "cells" if plans else "prompts", total) as advance:
+            for job in mine:
+                index = base + firsts[job.index]
+                if job.index in plans:
+                    plot = run_plot(generator, plans[job.index], progress=lambda _d, _t: advance(1))
+                    entry, found = _save_plot(plot, out, index, not options["no_cells"]), plot.warnings
+                else:
+                    result = generator.generate(job.request)
+                    advance(job.image_count)
+                    entry, found = _save_images(result, generator, out, index, options["grid"]), result.warnings
+                warnings.update(dict.fromkeys(found))
+                done.append({"line": job.line, "prompt": job.request.prompt, **entry} if options["prompts_file"]
+                            else entry)
+    finally:
+        if state is not None:
+            state.destroy_process_group()
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    extra = {"seconds": round(time.perf_counter() - start, 2), "backend": options["backend"],
+             "warnings": list(warnings)}
+    summary = {"jobs": done, "rank": rank, "world": world, **extra} if options["prompts_file"] else {**done[0], **extra}
+    rows = _files(done)
+    output.emit(summary, options["as_json"],
+                lambda d: output.table(rows, ["path", "seed", "cell"], title=f"{len(rows)} file(s) in {d['seconds']} s"))
+
+
 @click.command("sample")
 @click.option("--base", required=True,
               help="tiny-sd1, tiny-sdxl, a diffusers folder, a .safetensors checkpoint or a hub id.")
@@ -126,6 +303,17 @@ def _save(image, path: Path, text: str) -> None:
 @click.option("--clip-skip", default=1, show_default=True, type=int, help="1 = last layer (webui convention).")
 @click.option("--emphasis", default="Original", show_default=True,
               type=click.Choice(["Original", "No norm", "Ignore", "None"]))
+@click.option("--init-image", "init_image", default=None, metavar="FILE",
+              help="img2img: start from this image (resized to --size; default size: the image's own).")
+@click.option("--denoise", default=None, type=float, help="img2img denoising strength, in (0, 1] (default 0.75).")
+@click.option("--hires", default=None, type=float, metavar="SCALE",
+              help="Hires fix: the first pass at --size, then upscaled by SCALE and denoised again.")
+@click.option("--hires-steps", default=0, show_default=True, type=int, help="Steps of the hires pass (0: --steps).")
+@click.option("--hires-denoise", default=0.7, show_default=True, type=float,
+              help="Denoising strength of the hires pass, in (0, 1].")
+@click.option("--hires-upscaler", default="Latent", show_default=True,
+              help="Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), Latent (nearest), "
+                   "Latent (nearest-exact), None, Lanczos or Nearest.")
 @click.option("--backend", default="eager", show_default=True, help="A registered sampler backend: eager, compiled ...")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Default: fp16 on CUDA, fp32 on CPU.")
@@ -134,6 +322,15 @@ def _save(image, path: Path, text: str) -> None:
               help="Take prompt, negative, steps, sampler, schedule, CFG, seed, size and clip skip from an "
                    "image's infotext; options given on the command line override.")
 @click.option("--grid", is_flag=True, help="Also write a contact sheet of the images.")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
+              help="A file of prompts, one a line (# comments; a line may carry webui-style options such as "
+                   "--prompt ... --seed 5 --steps 20). Split across processes under accelerate launch.")
+@click.option("--x", "x_axis", default=None, metavar="AXIS=VALUES",
+              help="X/Y/Z plot axis: weight, weight:NAME, adapter, steps, cfg, seed, sampler, prompt-sr, schedule, "
+                   "clip-skip; values as in the webui (a,b,\"c, d\"; 1-5; 1-9 (+2); 1-10 [4]).")
+@click.option("--y", "y_axis", default=None, metavar="AXIS=VALUES", help="Second plot axis (rows).")
+@click.option("--z", "z_axis", default=None, metavar="AXIS=VALUES", help="Third plot axis (one grid per value).")
+@click.option("--no-cells", is_flag=True, help="With --x: write only the grid, not each cell's image.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder (created).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.pass_context
@@ -141,13 +338,18 @@ def sample_cmd(ctx, **options):
     """Generate images; every PNG carries the webui's `parameters` text."""
     import time
 
-    from adapterhub.sample.generator import Generator, Request, check_request
+    from adapterhub.sample.generator import (
+        Generator,
+        Request,
+        check_request,
+        sampling_steps,
+    )
 
     given = {name for name in options if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if options["from_png"]:
         options = _from_png(options["from_png"], options, given)
-    if not options["prompt"] and options["prompt"] != "":
-        raise AdapterhubError("give --prompt (or --from-png IMAGE)")
+    if options["prompt"] is None and not options["prompts_file"]:
+        raise AdapterhubError("give --prompt (or --prompts FILE, or --from-png IMAGE)")
     width, height = _size(options["size"])
     dirs = [Path(d) for d in options["adapter_dirs"]]
     stack_spec = ", ".join(options["stacks"])
@@ -157,19 +359,27 @@ def sample_cmd(ctx, **options):
         from adapterhub.stack import Stack
 
         stack_spec = Stack([*(Stack.parse(stack_spec, dirs=dirs).entries if stack_spec.strip() else []), *controls])
-    request = Request(options["prompt"], negative=options["negative"] or "", stack=stack_spec,
+    request = Request(options["prompt"] or "", negative=options["negative"] or "", stack=stack_spec,
                       seed=options["seed"], width=width, height=height, steps=options["steps"],
                       sampler=options["sampler"], schedule=options["schedule"], cfg=options["cfg"],
                       batch=options["batch"], images=options["images"], clip_skip=options["clip_skip"],
-                      emphasis=options["emphasis"])
+                      emphasis=options["emphasis"], init_image=options["init_image"],
+                      denoising_strength=0.75 if options["denoise"] is None else options["denoise"],
+                      hr_scale=options["hires"], hr_steps=options["hires_steps"], hr_denoise=options["hires_denoise"],
+                      hr_upscaler=options["hires_upscaler"])
+    if options["denoise"] is not None and not options["init_image"]:
+        raise AdapterhubError("--denoise is the img2img strength: give --init-image (the hires pass takes "
+                              "--hires-denoise)")
     check_request(request, dirs)  # bad input fails here: no model loaded, nothing written
+    if options["prompts_file"] or options["x_axis"] or options["y_axis"] or options["z_axis"]:
+        return _sample_many(options, request, dirs)
     output.quiet_model_loading()
     _quiet_transformers()
     start = time.perf_counter()
     generator = Generator(options["base"], backend=options["backend"], dtype=options["dtype"], device=options["device"],
                           adapter_dirs=dirs)
     generator.apply_stack(request)  # an adapter that does not fit the base fails here, before the progress bar
-    total = request.steps * (request.images or request.batch)
+    total = sampling_steps(request) * (request.images or request.batch)
     if options["as_json"]:
         result = generator.generate(request)
     else:
@@ -185,6 +395,7 @@ def sample_cmd(ctx, **options):
     out.mkdir(parents=True, exist_ok=True)
     index = _next_index(out)
     rows = []
+    result.infotexts = [_with_controls(text, generator) for text in result.infotexts]
     for i, (image, text, seed) in enumerate(zip(result.images, result.infotexts, result.seeds)):
         path = out / f"{index + i:05d}-{seed}.png"
         _save(image, path, text)
@@ -223,4 +434,5 @@ def png_info_cmd(image, as_json):
     for key in ("Lora hashes", "TI hashes"):
         if key in fields:
             fields[key] = infotext.parse_hashes(fields[key])
+    fields.update(infotext.control_units_of(fields))  # "ControlNet N" units as the extension reads them
     output.emit_json({"parameters": text, **fields})

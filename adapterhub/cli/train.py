@@ -52,7 +52,7 @@ def config_options(fn):
         if typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
             fn = click.option(flag, f.name, multiple=True, default=None, help=help_text + " (repeatable)")(fn)
             continue
-        if types_[f.name] is bool:
+        if hint is bool:
             off = "--no-" + flag[2:]
             fn = click.option(f"{flag}/{off}", f.name, default=None, help=help_text)(fn)
         else:

@@ -12,25 +12,67 @@ the parameters whose contributions change are rewritten), the prompts are encode
 generators), used for its initial noise and for its ancestral/SDE noise. The denoising loop is
 diffusers' own, step for step, so with the same scheduler, seeds and embeddings it gives the same
 latents bit for bit.
+
+The webui's other prompt features and passes (AUTOMATIC1111 ``prompt_parser``, ``sd_samplers_cfg_denoiser``,
+``processing``):
+
+* prompt editing ``[from:to:when]`` and alternation ``[a|b]`` (:func:`adapterhub.sample.prompt.prompt_schedule`):
+  every text of a prompt's schedule is encoded once, before the loop, and sampler call ``i`` (counted from
+  0, over ``steps x scheduler.order`` calls as the webui counts a second-order sampler's calls) uses the
+  first entry that ends at ``i`` or later. (DPM++ 2S a: diffusers' single-step solver makes one call per step
+  where the webui's makes two, so its schedule counts steps.) The texts of one schedule are encoded as one batch, as the webui
+  does: emphasis is re-normalised over the whole batch and shorter texts get empty chunks.
+* ``AND`` (composable diffusion): every sub-prompt is its own conditioning with its weight, and the
+  guidance is ``uncond + sum_i (cond_i - uncond) x weight_i x cfg`` (``combine_denoised``; computed on the
+  noise prediction, which is the same affine combination). The negative prompt is one prompt.
+* img2img (``init_image``): the image is resized to the request's size (Lanczos), encoded with the VAE
+  (the posterior's mean: the webui draws a sample with an unseeded generator), noised with the image's
+  seed to the schedule point of ``denoising_strength`` and denoised from there. The webui's convention
+  (``setup_img2img_steps``): ``int(min(d, 0.999) x steps) + 1`` steps of a ``steps``-step schedule; diffusers'
+  img2img pipeline runs ``int(steps x d)`` steps instead, one fewer.
+* hires fix (``hr_scale``): the first pass, then the latents upscaled (``Latent …`` upscalers: interpolation
+  of the latents) or decoded, resized as 8-bit images and encoded again, then an img2img pass of exactly
+  ``hr_steps`` steps on a schedule of ``int(hr_steps / min(hr_denoise, 0.999))`` steps, with fresh noise
+  from the same seeds and the prompt's hires schedule.
 """
 from __future__ import annotations
 
 import math
 import random
+import sys
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from adapterhub.errors import AdapterhubError
 from adapterhub.sample import infotext
-from adapterhub.sample.conditioning import Conditioning, PromptEncoder, add_time_ids
-from adapterhub.sample.samplers import make_scheduler, resolve_sampler, schedule_label, set_timesteps
+from adapterhub.sample.conditioning import (
+    Conditioning,
+    PromptEncoder,
+    _pad_after_end,
+    add_time_ids,
+    apply_emphasis,
+)
+from adapterhub.sample.prompt import prompt_schedule, schedule_index, split_and
+from adapterhub.sample.samplers import (
+    make_scheduler,
+    resolve_sampler,
+    schedule_label,
+    set_timesteps,
+)
 
 MAX_SEED = 4294967294  # the webui draws random seeds below this
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# the webui's hires upscalers that need no model: shared.latent_upscale_modes (interpolation mode, antialias)
+# and the built-in image upscalers (PIL filters; "None" is a plain Lanczos resize)
+LATENT_UPSCALERS = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
+                    "Latent (bicubic)": ("bicubic", False), "Latent (bicubic antialiased)": ("bicubic", True),
+                    "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
+IMAGE_UPSCALERS = ("None", "Lanczos", "Nearest")
 
 
 @dataclass
@@ -51,6 +93,12 @@ class Request:
     images: int | None = None
     clip_skip: int = 1
     emphasis: str = "Original"
+    init_image: Any = None  # img2img: a PIL image or an image file
+    denoising_strength: float = 0.75  # img2img: how far into the schedule the init image is noised, (0, 1]
+    hr_scale: float | None = None  # hires fix: the first pass at width x height, then this scale (>= 1)
+    hr_steps: int = 0  # steps of the hires pass (0: as many as ``steps``)
+    hr_denoise: float = 0.7  # denoising strength of the hires pass, (0, 1]
+    hr_upscaler: str = "Latent"  # a ``Latent …`` mode or an image upscaler: None, Lanczos, Nearest
 
 
 @dataclass
@@ -66,8 +114,44 @@ class Result:
         return infotext.pnginfo(self.infotexts[i])
 
 
+def _load_image(value, what: str = "init image"):
+    """A PIL image (RGB) from an image or a path; one line naming it if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    try:
+        with Image.open(value) as opened:
+            return opened.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, TypeError) as exc:
+        raise AdapterhubError(f"{what} {value}: cannot read it as an image ({exc.__class__.__name__})") from None
+
+
+def hires_upscaler(name: str) -> str:
+    """The canonical name of a hires upscaler (case-insensitive), or one line listing them."""
+    known = [*LATENT_UPSCALERS, *IMAGE_UPSCALERS]
+    for k in known:
+        if str(name).strip().lower() == k.lower():
+            return k
+    raise AdapterhubError(f"hires upscaler {name!r}: choose one of {', '.join(known)} (model upscalers such as "
+                          "ESRGAN are not available here)")
+
+
+def _strength_problem(name: str, value) -> str | None:
+    try:
+        ok = 0.0 < float(value) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    return None if ok else f"{name} {value}: must be more than 0 and at most 1"
+
+
 def _check_request(req: Request, default_size: int) -> Request:
-    width, height = req.width or default_size, req.height or default_size
+    init = _load_image(req.init_image) if req.init_image is not None else None
+    if init is not None and (req.width is None or req.height is None):
+        default_w, default_h = init.width // 8 * 8, init.height // 8 * 8
+    else:
+        default_w = default_h = default_size
+    width, height = req.width or default_w, req.height or default_h
     problems = []
     if width % 8 or height % 8 or width <= 0 or height <= 0:
         problems.append(f"size {width}x{height}: width and height must be positive multiples of 8")
@@ -80,10 +164,107 @@ def _check_request(req: Request, default_size: int) -> Request:
         problems.append(f"cfg {req.cfg}: not a finite number")
     if int(req.clip_skip) < 1:
         problems.append(f"clip skip {req.clip_skip}: must be 1 or more")
+    upscaler = req.hr_upscaler
+    if init is not None:
+        problems.append(_strength_problem("denoising strength", req.denoising_strength))
+    if req.hr_scale is not None:
+        if init is not None:
+            problems.append("hires fix is a txt2img pass (as in the webui): not with an init image")
+        if not (isinstance(req.hr_scale, (int, float)) and math.isfinite(req.hr_scale) and req.hr_scale >= 1):
+            problems.append(f"hires scale {req.hr_scale}: must be a number, 1 or more")
+        if int(req.hr_steps) < 0:
+            problems.append(f"hires steps {req.hr_steps}: must be 0 (as many as steps) or more")
+        problems.append(_strength_problem("hires denoising strength", req.hr_denoise))
+        upscaler = hires_upscaler(req.hr_upscaler)
+    problems = [p for p in problems if p]
     if problems:
         raise AdapterhubError(problems[0])
     seed = int(req.seed) if req.seed is not None and int(req.seed) >= 0 else random.randrange(MAX_SEED)
-    return replace(req, width=width, height=height, seed=seed, images=int(req.images or req.batch))
+    return replace(req, width=width, height=height, seed=seed, images=int(req.images or req.batch), init_image=init,
+                   hr_upscaler=upscaler)
+
+
+def img2img_steps(steps: int, strength: float, fixed: bool = False) -> tuple[int, int]:
+    """``(schedule length, steps run)`` of an img2img pass: the webui's ``setup_img2img_steps``. Plain
+    img2img runs ``int(min(d, 0.999) x steps) + 1`` steps of a ``steps``-step schedule; ``fixed`` (the hires
+    pass) runs exactly ``steps`` steps of a schedule of ``int(steps / min(d, 0.999))``."""
+    strength = min(float(strength), 0.999)
+    if fixed:
+        return int(steps / strength), steps
+    return steps, int(strength * steps) + 1
+
+
+def sampling_steps(req: Request) -> int:
+    """The steps one image of ``req`` is denoised for (both passes of a hires fix)."""
+    if req.init_image is not None:
+        return img2img_steps(req.steps, req.denoising_strength)[1]
+    if req.hr_scale is not None:
+        return req.steps + (req.hr_steps or req.steps)
+    return req.steps
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The hires target, ``int(size x scale)`` as the webui computes it, down to a multiple of 8 (the
+    latent grid the webui's ``Latent`` upscalers also land on)."""
+    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+
+
+def resize_image(image, width: int, height: int, upscaler: str = "None"):
+    """The webui's ``images.resize_image`` ("Just resize") with a built-in upscaler: ``None`` resizes with
+    Lanczos; ``Lanczos``/``Nearest`` first scale by ``max(w/W, h/H)`` with their filter when that enlarges,
+    to a size floored to a multiple of 8 (``Upscaler.upscale``), then Lanczos to the exact size."""
+    from PIL import Image
+
+    lanczos = Image.Resampling.LANCZOS
+    if upscaler == "None":
+        return image.resize((width, height), resample=lanczos)
+    scale = max(width / image.width, height / image.height)
+    if scale > 1.0:
+        dest = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
+        resample = lanczos if upscaler == "Lanczos" else Image.Resampling.NEAREST
+        image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
+        if image.size != dest:
+            image = image.resize(dest, resample=lanczos)
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=lanczos)
+    return image
+
+
+@dataclass
+class Scheduled:
+    """One prompt's conditioning over the sampler calls: ``conds[i]`` up to call ``ends[i]`` (the webui's
+    list of ``ScheduledPromptConditioning``; one entry for a prompt without editing or alternation)."""
+
+    ends: list[int]
+    conds: list[Conditioning]
+
+    def index(self, step: int) -> int:
+        return schedule_index(self.ends, step)
+
+
+@dataclass
+class Prompts:
+    """What a denoising pass needs from the prompts: the ``AND`` sub-prompts with their weights, and the
+    negative prompt."""
+
+    conds: list[tuple[Scheduled, float]]
+    uncond: Scheduled
+
+    @classmethod
+    def constant(cls, cond: Conditioning, uncond: Conditioning) -> Prompts:
+        return cls([(Scheduled([sys.maxsize], [cond]), 1.0)], Scheduled([sys.maxsize], [uncond]))
+
+    @property
+    def plain(self) -> bool:
+        """One prompt of weight 1: with CFG 1 the unconditional prediction is not needed."""
+        return len(self.conds) == 1 and self.conds[0][1] == 1.0
+
+
+def _stack_conds(embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sub-prompts of different lengths padded by repeating their last vector (``stack_conds``)."""
+    longest = max(e.shape[1] for e in embeds)
+    return [e if e.shape[1] == longest else torch.cat([e, e[:, -1:].repeat(1, longest - e.shape[1], 1)], dim=1)
+            for e in embeds]
 
 
 def check_request(req: Request, adapter_dirs: Sequence[str | Path] = ()) -> None:
@@ -92,7 +273,7 @@ def check_request(req: Request, adapter_dirs: Sequence[str | Path] = ()) -> None
     before it loads a base or writes anything."""
     from adapterhub.stack import Stack
 
-    _check_request(req, 512)
+    _check_request(req, 512)  # the init image too: an unreadable one fails here
     resolve_sampler(req.sampler, req.schedule)
     Stack.from_prompt(req.prompt, dirs=adapter_dirs)
     if isinstance(req.stack, str) and req.stack.strip():
@@ -237,6 +418,60 @@ class Generator:
             uncond = self.encoder.encode(negative, clip_skip, emphasis)
         return cond, uncond
 
+    def prompts(self, prompt: str, negative: str, steps: int, hires_steps: int | None = None, clip_skip: int = 1,
+                emphasis: str = "Original", cache: dict | None = None) -> Prompts:
+        """The conditioning of one pass: ``prompt`` split at ``AND``, every sub-prompt and the negative prompt
+        scheduled over ``steps`` sampler calls (with ``hires_steps``: the hires pass of that many calls,
+        ``steps`` being the first pass's). ``cache`` shares encodings between passes."""
+        cache = {} if cache is None else cache
+
+        def scheduled(text: str, negative: bool = False) -> Scheduled:
+            schedule = prompt_schedule(text, steps, hires_steps)
+            texts = tuple(self.stack.rewrite_prompt(t) if self.stack is not None else t for _, t in schedule)
+            key = (texts, negative, clip_skip, emphasis)
+            if key not in cache:
+                cache[key] = self._encode_texts(texts, clip_skip, emphasis)
+                if negative and self.is_xl and all(t == "" for t in texts) and \
+                        self.pipe.config.get("force_zeros_for_empty_prompt", False):
+                    cache[key] = [c.zeros() for c in cache[key]]  # the webui and diffusers zero it
+            return Scheduled([end for end, _ in schedule], cache[key])
+
+        return Prompts([(scheduled(text), weight) for text, weight in split_and(prompt)], scheduled(negative, True))
+
+    def _encode_texts(self, texts: Sequence[str], clip_skip: int, emphasis: str) -> list[Conditioning]:
+        """The texts of one prompt's schedule, encoded as the webui encodes them: as one batch, in which a
+        text with fewer chunks gets empty chunks (BOS, then EOS) and emphasis re-normalises each chunk by the
+        mean over the whole batch (``sd_hijack_clip``, ``sd_emphasis``). One text: ``PromptEncoder.encode``."""
+        if len(texts) == 1:
+            return [self.encoder.encode(texts[0], clip_skip, emphasis)]
+        unique = list(dict.fromkeys(texts))
+        rows = [unique.index(t) for t in texts]  # the batch, duplicates included, as rows of ``unique``
+        tokenized = [self.encoder.tokenize(t, emphasis) for t in unique]
+        per_encoder, pooled = [], None
+        for k, (tokenizer, encoder) in enumerate(self.encoder.pairs):
+            empty = [tokenizer.bos_token_id] + [tokenizer.eos_token_id] * 76
+            chunks = max(len(tok[k].chunks) for tok in tokenized)
+            zs = []
+            for c in range(chunks):
+                picked = [tok[k].chunks[c] if c < len(tok[k].chunks) else None for tok in tokenized]
+                ids = torch.tensor([p.tokens if p else empty for p in picked], device=encoder.device)
+                mults = torch.tensor([p.multipliers if p else [1.0] * 77 for p in picked], device=encoder.device)
+                with torch.no_grad():
+                    z, pool = self.encoder._hidden(encoder, _pad_after_end(ids, tokenizer), clip_skip)
+                    z = apply_emphasis(z[rows], mults[rows].to(z.dtype), emphasis)
+                zs.append(z)
+                if c == 0 and pool is not None:
+                    pooled = pool[rows]  # each text's first chunk, as the webui
+            per_encoder.append(torch.cat(zs, dim=1))
+        embeds = torch.cat(per_encoder, dim=-1) if len(per_encoder) > 1 else per_encoder[0]
+        first = {t: texts.index(t) for t in unique}
+        counts = {t: tokenized[i][0].token_count for i, t in enumerate(unique)}
+        out = []
+        for t in texts:
+            i = first[t]
+            out.append(Conditioning(embeds[i:i + 1], pooled[i:i + 1] if pooled is not None else None, counts[t]))
+        return out
+
     # -- sampling ---------------------------------------------------------------------------------
     def __call__(self, prompt: str, **options) -> Result:
         return self.generate(Request(prompt, **options))
@@ -246,25 +481,45 @@ class Generator:
         """Run one request. ``output="latent"`` returns the final latents and no images."""
         req = _check_request(req, self.default_size)
         sampler, schedule = resolve_sampler(req.sampler, req.schedule)
-        make_scheduler(sampler, schedule, self.pipe.scheduler.config)  # missing packages fail here
+        # missing packages fail here; ``order``: UNet calls per step, as the webui counts a second-order sampler's
+        order = make_scheduler(sampler, schedule, self.pipe.scheduler.config).order
         stack, prompt = self.apply_stack(req)
-        cond, uncond = self.encode(prompt, req.negative, req.clip_skip, req.emphasis)
+        cache: dict = {}
+        first = self.prompts(prompt, req.negative, req.steps * order, None, req.clip_skip, req.emphasis, cache)
+        hires = None
+        if req.hr_scale is not None:
+            hr_steps = req.hr_steps or req.steps
+            hires = self.prompts(prompt, req.negative, req.steps * order, hr_steps * order, req.clip_skip,
+                                 req.emphasis, cache)
+        init = self.encode_image(resize_image(req.init_image, req.width, req.height)) \
+            if req.init_image is not None else None
         seeds = [req.seed + i for i in range(req.images)]
-        total = req.steps * req.images
+        total = sampling_steps(req) * req.images
         done = 0
-        images, latents_out = [], []
-        for start in range(0, len(seeds), req.batch):
-            batch_seeds = seeds[start:start + req.batch]
-            scheduler = make_scheduler(sampler, schedule, self.pipe.scheduler.config)
 
-            def step_done(_i, n=len(batch_seeds)):
+        def counter(n: int) -> Callable[[int], None]:
+            def step_done(_i: int) -> None:
                 nonlocal done
                 done += n
                 if progress is not None:
                     progress(done, total)
+            return step_done
 
-            latents = self.sample(cond, uncond, scheduler, req.steps, req.cfg, batch_seeds, req.width, req.height,
-                                  on_step=step_done)
+        images, latents_out = [], []
+        for start in range(0, len(seeds), req.batch):
+            batch_seeds = seeds[start:start + req.batch]
+            step_done = counter(len(batch_seeds))
+            scheduler = make_scheduler(sampler, schedule, self.pipe.scheduler.config)
+            init_batch = None if init is None else init.repeat(len(batch_seeds), 1, 1, 1)
+            latents = self.denoise(first, scheduler, req.steps, req.cfg, batch_seeds, req.width, req.height,
+                                   on_step=step_done, init=init_batch, strength=req.denoising_strength)
+            if hires is not None:
+                width, height = hires_size(req.width, req.height, req.hr_scale)
+                upscaled = self.upscale(latents, width, height, req.hr_upscaler)
+                scheduler = make_scheduler(sampler, schedule, self.pipe.scheduler.config)
+                latents = self.denoise(hires, scheduler, req.hr_steps or req.steps, req.cfg, batch_seeds, width,
+                                       height, on_step=step_done, init=upscaled, strength=req.hr_denoise,
+                                       fixed_steps=True)
             if output == "latent":
                 latents_out.append(latents)
             else:
@@ -276,6 +531,9 @@ class Generator:
             warnings.append("clip skip is recorded but, as in the webui, not applied to SDXL")
         if sampler.note:
             warnings.append(f"{sampler.name}: {sampler.note}")
+        if sampler.timestep_based and (req.init_image is not None or req.hr_scale is not None):
+            warnings.append(f"{sampler.name}: img2img follows the k-diffusion samplers' convention here (noised to "
+                            "the first step it runs); the webui's timestep samplers noise one step above it")
         latents = torch.cat(latents_out) if latents_out else None
         return Result(images, texts, seeds, latents, warnings, req)
 
@@ -292,37 +550,84 @@ class Generator:
     def sample(self, cond: Conditioning, uncond: Conditioning, scheduler, steps: int, cfg: float,
                seeds: Sequence[int], width: int, height: int,
                on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-        """The denoising loop (diffusers' own, step for step); returns the final latents."""
+        """The denoising loop for one fixed prompt and negative prompt; returns the final latents."""
+        return self.denoise(Prompts.constant(cond, uncond), scheduler, steps, cfg, seeds, width, height, on_step)
+
+    def denoise(self, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: Sequence[int], width: int,
+                height: int, on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
+                strength: float = 1.0, fixed_steps: bool = False) -> torch.Tensor:
+        """The denoising loop (diffusers' own, step for step); returns the final latents.
+
+        From noise, or with ``init`` latents (one per seed) from the point of the schedule that
+        ``strength`` gives (:func:`img2img_steps`: ``fixed_steps`` for the hires pass), the latents noised
+        there with each image's generator, as diffusers' img2img pipeline does (``add_noise``)."""
         batch = len(seeds)
         dtype, device = self.dtype, self.device
         noise, generators = self.noise(seeds, width, height)
-        set_timesteps(scheduler, steps, device=device)
-        latents = noise.to(device=device, dtype=dtype) * scheduler.init_noise_sigma
-        guided = float(cfg) != 1.0
-        together = guided and cond.embeds.shape == uncond.embeds.shape  # else two UNet calls, as the webui
-        conds = self._unet_inputs(cond, batch, width, height)
-        unconds = self._unet_inputs(uncond, batch, width, height) if guided else None
-        if together:
-            embeds = torch.cat([unconds[0], conds[0]])
-            added = {k: torch.cat([unconds[1][k], conds[1][k]]) for k in conds[1]} if conds[1] else None
+        noise = noise.to(device=device, dtype=dtype)
+        if init is None:
+            set_timesteps(scheduler, steps, device=device)
+            timesteps = scheduler.timesteps
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            length, run = img2img_steps(steps, strength, fixed_steps)
+            set_timesteps(scheduler, length, device=device)
+            begin = (length - run) * scheduler.order
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(begin)
+            timesteps = scheduler.timesteps[begin:]
+            latents = scheduler.add_noise(init.to(device=device, dtype=dtype), noise, timesteps[:1].repeat(batch))
+        guided = float(cfg) != 1.0 or not prompts.plain
+        weights = [w for _, w in prompts.conds]
         extra = {"generator": generators} if "generator" in _step_params(scheduler) else {}
+        built, inputs = None, None
         with torch.inference_mode():
-            for i, t in enumerate(scheduler.timesteps):
-                if together:
-                    x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-                    noise_pred = self.runner(x, t, embeds, added)
-                    noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + cfg * (noise_text - noise_uncond)
-                else:
-                    x = scheduler.scale_model_input(latents, t)
-                    noise_pred = self.runner(x, t, *conds)
-                    if guided:
-                        noise_uncond = self.runner(x, t, *unconds)
-                        noise_pred = noise_uncond + cfg * (noise_pred - noise_uncond)
+            for i, t in enumerate(timesteps):
+                key = (tuple(s.index(i) for s, _ in prompts.conds), prompts.uncond.index(i) if guided else None)
+                if key != built:  # the conditioning changes only where a schedule does
+                    inputs, built = self._step_inputs(prompts, key, batch, width, height), key
+                noise_pred = self._guided(latents, t, scheduler, inputs, weights, cfg, batch)
                 latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
                 if on_step is not None:
                     on_step(i)
         return latents
+
+    def _step_inputs(self, prompts: Prompts, key: tuple, batch: int, width: int, height: int) -> dict:
+        """The UNet inputs for one choice of schedule entries: the sub-prompts (padded to one length, each
+        repeated over the batch), the negative, and whether they go through the UNet as one batch."""
+        chosen = [s.conds[k] for (s, _), k in zip(prompts.conds, key[0])]
+        embeds = _stack_conds([c.embeds for c in chosen])
+        parts = [self._unet_inputs(Conditioning(e, c.pooled, c.token_count), batch, width, height)
+                 for e, c in zip(embeds, chosen)]
+        conds = (torch.cat([p[0] for p in parts]),
+                 {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]} if parts[0][1] else None)
+        if key[1] is None:
+            return {"conds": conds, "unconds": None, "together": None}
+        unconds = self._unet_inputs(prompts.uncond.conds[key[1]], batch, width, height)
+        together = None
+        if unconds[0].shape[1] == conds[0].shape[1]:  # else two UNet calls, as the webui
+            together = (torch.cat([unconds[0], conds[0]]),
+                        {k: torch.cat([unconds[1][k], conds[1][k]]) for k in conds[1]} if conds[1] else None)
+        return {"conds": conds, "unconds": unconds, "together": together}
+
+    def _guided(self, latents, t, scheduler, inputs: dict, weights: list[float], cfg: float, batch: int):
+        """The noise prediction with classifier-free guidance over the ``AND`` sub-prompts: the webui's
+        ``combine_denoised``, ``uncond + sum_i (cond_i - uncond) x (weight_i x cfg)``."""
+        n = len(weights)
+        if inputs["together"] is not None:
+            x = scheduler.scale_model_input(torch.cat([latents] * (n + 1)), t)
+            out = self.runner(x, t, *inputs["together"])
+            uncond, cond = out[:batch], out[batch:]
+        else:
+            x = scheduler.scale_model_input(latents, t)
+            cond = self.runner(torch.cat([x] * n) if n > 1 else x, t, *inputs["conds"])
+            if inputs["unconds"] is None:
+                return cond
+            uncond = self.runner(x, t, *inputs["unconds"])
+        pred = uncond
+        for i, weight in enumerate(weights):
+            pred = pred + (cond[i * batch:(i + 1) * batch] - uncond) * (weight * cfg)
+        return pred
 
     def _unet_inputs(self, c: Conditioning, batch: int, width: int, height: int):
         embeds = c.embeds.to(device=self.device, dtype=self.dtype).repeat(batch, 1, 1)
@@ -331,14 +636,52 @@ class Generator:
         pooled = c.pooled.to(device=self.device, dtype=self.dtype).repeat(batch, 1)
         return embeds, {"text_embeds": pooled, "time_ids": add_time_ids(width, height, batch, self.dtype, self.device)}
 
-    def decode(self, latents: torch.Tensor) -> list:
+    def _vae(self):
         vae = self.pipe.vae
         if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
             vae.to(torch.float32)
+        return vae
+
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, H, W), as the VAE decodes them."""
+        vae = self._vae()
         with torch.inference_mode():
-            z = latents.to(vae.dtype) / vae.config.scaling_factor
-            image = vae.decode(z, return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(image, output_type="pil")
+            return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> list:
+        return self.pipe.image_processor.postprocess(self.decode_tensor(latents), output_type="pil")
+
+    def encode_image(self, image) -> torch.Tensor:
+        """A PIL image as latents (1, C, H/8, W/8): pixels / 255 mapped to [-1, 1] (the webui's and diffusers'
+        preprocessing), the VAE posterior's mean, times the scaling factor."""
+        import numpy as np
+
+        vae = self._vae()
+        pixels = torch.from_numpy(np.array(image.convert("RGB")).astype(np.float32).transpose(2, 0, 1)[None] / 255.0)
+        with torch.inference_mode():
+            z = vae.encode((pixels * 2.0 - 1.0).to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        # contiguous: the VAE returns channels-last strides, and the UNet's kernels round by memory layout
+        return (z * vae.config.scaling_factor).to(device=self.device, dtype=self.dtype).contiguous()
+
+    def upscale(self, latents: torch.Tensor, width: int, height: int, upscaler: str = "Latent") -> torch.Tensor:
+        """The hires fix's upscale to ``width`` x ``height`` (``sample_hr_pass``): a ``Latent …`` mode
+        interpolates the latents; an image upscaler decodes them, makes 8-bit images as the webui does
+        (``clamp((x + 1) / 2) x 255``, truncated), resizes them (:func:`resize_image`) and encodes them again."""
+        import numpy as np
+        from PIL import Image
+
+        upscaler = hires_upscaler(upscaler)
+        scale = self.pipe.vae_scale_factor
+        if upscaler in LATENT_UPSCALERS:
+            mode, antialias = LATENT_UPSCALERS[upscaler]
+            return torch.nn.functional.interpolate(latents, size=(height // scale, width // scale), mode=mode,
+                                                   antialias=antialias)
+        decoded = torch.clamp((self.decode_tensor(latents).float() + 1.0) / 2.0, min=0.0, max=1.0)
+        out = []
+        for x in decoded:
+            pixels = (255.0 * np.moveaxis(x.cpu().numpy(), 0, 2)).astype(np.uint8)
+            out.append(self.encode_image(resize_image(Image.fromarray(pixels), width, height, upscaler)))
+        return torch.cat(out)
 
     # -- infotext ---------------------------------------------------------------------------------
     def parameters(self, req: Request, sampler, schedule: str, stack) -> dict[str, Any]:
@@ -347,13 +690,19 @@ class Generator:
             else None
         from adapterhub import __version__
 
+        denoise = infotext.number(req.denoising_strength) if req.init_image is not None else None
+        hires = {}
+        if req.hr_scale is not None:  # the webui's txt2img writes the hires denoising as "Denoising strength"
+            denoise = infotext.number(req.hr_denoise)
+            hires = {"Hires upscale": infotext.number(req.hr_scale), "Hires steps": req.hr_steps or None,
+                     "Hires upscaler": req.hr_upscaler}
         return {
             "Steps": req.steps, "Sampler": sampler.name, "Schedule type": schedule_label(sampler, schedule),
             "CFG scale": infotext.number(req.cfg), "Seed": req.seed, "Size": f"{req.width}x{req.height}",
-            "Model hash": self.model_hash, "Model": self.model_name,
-            "Clip skip": req.clip_skip if req.clip_skip > 1 else None, "RNG": "CPU",
+            "Model hash": self.model_hash, "Model": self.model_name, "Denoising strength": denoise,
+            "Clip skip": req.clip_skip if req.clip_skip > 1 else None, "RNG": "CPU", **hires,
             "Lora hashes": infotext.hashes_text(lora), "TI hashes": infotext.hashes_text(ti),
-            "Emphasis": emphasis, "Version": f"adapterhub {__version__}",
+            "Emphasis": emphasis, **infotext.control_units(stack), "Version": f"adapterhub {__version__}",
         }
 
     def _adapter_hashes(self, stack, text: str) -> tuple[dict[str, str], dict[str, str]]:

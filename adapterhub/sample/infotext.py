@@ -4,19 +4,28 @@ Layout, quoting and key order follow AUTOMATIC1111 v1.9/1.10 ``create_infotext``
 ``infotext_utils.parse_generation_parameters`` (sampling.md §1): the prompt as typed (``<lora:…>`` tags
 included), an optional ``Negative prompt:`` line, then ``Key: value, …`` with ``Steps`` first; a value
 containing ``,``, ``:`` or a newline is JSON-quoted.
+
+ControlNet and T2I-Adapter entries are written as the sd-webui-controlnet extension writes its units
+(``ControlNetUnit.serialize``): one ``ControlNet N`` key per unit whose value is ``Field: value, …``
+(``Module``, ``Model`` as ``name [hash]``, ``Weight``, ``Resize Mode``, ``Guidance Start``, ``Guidance End``,
+``Pixel Perfect``, ``Control Mode``), so the whole value is JSON-quoted like any value with commas.
+No preprocessor runs here, so ``Module`` is ``none`` and the preprocessor's resolution and thresholds
+are left out (the extension fills its defaults when it reads such a unit).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # infotext_utils.re_param_code
 RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 KEY_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash",
-             "VAE", "Clip skip", "ENSD", "RNG", "Tiling", "Lora hashes", "TI hashes", "Emphasis", "Version")
+             "VAE", "Denoising strength", "Clip skip", "ENSD", "RNG", "Tiling", "Hires upscale", "Hires steps",
+             "Hires upscaler", "Lora hashes", "TI hashes", "Emphasis", "Version")
 DEFAULTS = {"Clip skip": "1", "RNG": "GPU", "Schedule type": "Automatic"}
 
 
@@ -91,6 +100,27 @@ def parse(text: str, defaults: bool = True) -> dict[str, Any]:
     return res
 
 
+def split(text: str) -> tuple[str, str]:
+    """(the prompt and negative lines, the parameter line), by :func:`parse`'s rule; the parameter
+    line is ``""`` when the last line has fewer than three ``key: value`` pairs."""
+    text = text.strip()
+    head, _, last = text.rpartition("\n")
+    if len(RE_PARAM.findall(last)) < 3:
+        return text, ""
+    return head, last
+
+
+def insert(text: str, params: Mapping[str, Any]) -> str:
+    """``text`` with ``params`` added to its parameter line: a key already there keeps its place and
+    takes the new value (None removes it), a new key goes in the webui's order (before ``Version``).
+    Values already there are re-quoted exactly as :func:`create` quoted them."""
+    head, line = split(text)
+    current: dict[str, Any] = {key: unquote(value.strip()) for key, value in RE_PARAM.findall(line)}
+    current.update(params)
+    joined = ", ".join(k if k == v else f"{k}: {quote(v)}" for k, v in ordered(current).items() if v is not None)
+    return f"{head}\n{joined}".strip()
+
+
 def hashes_text(pairs: Mapping[str, str]) -> str | None:
     """``name: hash, …`` with ``:`` and ``,`` removed from names (``Lora hashes``, ``TI hashes``)."""
     drop = str.maketrans("", "", ":,")
@@ -149,6 +179,100 @@ def lora_hash(path: str | Path, metadata: Mapping[str, str] | None = None) -> st
 def embedding_hash(path: str | Path) -> str:
     """``TI hashes`` entry: sha256 of the embedding file, 12 hex digits."""
     return _sha256(Path(path))[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# ControlNet units (sd-webui-controlnet ``ControlNetUnit.serialize`` / ``parse``)
+# ---------------------------------------------------------------------------------------------
+CONTROL_TYPES = ("controlnet", "t2i_adapter")
+CONTROL_KEY = re.compile(r"^ControlNet (\d+)$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
+
+def short_hash(path: str | Path) -> str:
+    """The webui's old ``sd_models.model_hash`` (8 hex digits of the sha256 of the 64 KiB at 1 MiB),
+    which the ControlNet extension puts after a model's name. For a diffusers folder: of its
+    largest weights file."""
+    path = Path(path)
+    if path.is_dir():
+        weights = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES]
+        if not weights:
+            return "NOFILE"
+        path = max(weights, key=lambda p: (p.stat().st_size, str(p)))
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def _text(value: float) -> str:
+    return str(float(value))
+
+
+def control_unit(entry) -> str | None:
+    """One stack entry as a ControlNet unit's value, or None if it is not a ControlNet / T2I-Adapter."""
+    adapter = entry.adapter
+    if adapter is None or adapter.type not in CONTROL_TYPES:
+        return None
+    path = Path(entry.path or adapter.path)
+    name = (path.stem if path.suffix.lower() in WEIGHT_SUFFIXES else path.name).translate(
+        str.maketrans("", "", ":,"))
+    options = entry.options
+    guess = options.get("guess_mode")
+    if guess is None and adapter.type == "controlnet":
+        guess = (adapter.extra.get("config") or {}).get("global_pool_conditions")
+    fields = {"Module": "none", "Model": f"{name} [{short_hash(path)}]", "Weight": _text(entry.weight),
+              "Resize Mode": "Just Resize", "Guidance Start": _text(options.get("start", 0.0)),
+              "Guidance End": _text(options.get("end", 1.0)), "Pixel Perfect": "False",
+              "Control Mode": "ControlNet is more important" if guess else "Balanced"}
+    return ", ".join(f"{key}: {value}" for key, value in fields.items())
+
+
+def control_units(stack) -> dict[str, str]:
+    """``ControlNet 0``, ``ControlNet 1`` … for the ControlNet and T2I-Adapter entries of ``stack``
+    (applied, so that its adapters are loaded), in stack order."""
+    units: dict[str, str] = {}
+    for entry in getattr(stack, "entries", None) or ():
+        value = control_unit(entry)
+        if value is not None:
+            units[f"ControlNet {len(units)}"] = value
+    return units
+
+
+def _typed(value: str) -> Any:
+    if value in ("True", "False"):
+        return value == "True"
+    for convert in (int, float):
+        try:
+            return convert(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_control_unit(text: str) -> dict[str, Any]:
+    """A unit's value as the extension reads it: items split at ``,``, each at ``": "``, display names
+    to field names (``Guidance Start`` -> ``guidance_start``), values typed (bool, int, float, str).
+    ValueError when an item is not ``Field: value``."""
+    unit: dict[str, Any] = {}
+    for item in text.split(","):
+        parts = item.strip().split(": ")
+        if len(parts) != 2:
+            raise ValueError(f"ControlNet unit item {item.strip()!r} is not 'Field: value'")
+        key, value = parts
+        unit["_".join(word.lower() for word in key.split(" "))] = _typed(value)
+    return unit
+
+
+def control_units_of(fields: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The parsed ``ControlNet N`` units of :func:`parse`'s result (a malformed unit is skipped)."""
+    units = {}
+    for key, value in fields.items():
+        if CONTROL_KEY.match(key) and isinstance(value, str):
+            try:
+                units[key] = parse_control_unit(value)
+            except ValueError:
+                continue
+    return units
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,8 +50,14 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu, cuda, cuda:N", "run")
     mixed_precision: str = opt("no", "autocast precision", "run", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute UNet activations in the backward pass", "run")
+    format: str | None = opt(None, "output layout where a type has several: textual inversion 'a1111' (default) or "
+                                   "'diffusers' (learned_embeds; SDXL writes clip_l/clip_g either way); other layouts: "
+                                   "adapterhub convert", "run", choices=("a1111", "diffusers"))
     save_precision: str = opt("fp32", "dtype of the saved tensors", "run", choices=("fp32", "fp16", "bf16"))
     cache_dir: Path | None = opt(None, "latent cache folder (default: ADAPTERHUB_CACHE/latents)", "run")
+    log_with: str = opt("auto", "loss log besides NAME.loss.csv: TensorBoard events in NAME-logs/ through accelerate's "
+                                "trackers ('auto': when tensorboard is installed)", "run",
+                        choices=("auto", "tensorboard", "none"))
     comment: str | None = opt(None, "free text stored as ss_training_comment", "run")
     trigger: str | None = opt(None, "trigger phrase stored as modelspec.trigger_phrase (default: the "
                                     "class tokens of kohya folders)", "run")
@@ -115,7 +121,8 @@ class TrainConfig:
     keep_last: int | None = opt(None, "keep only the last N numbered checkpoints", "checkpoints")
     resume: Path | None = opt(None, "continue from a checkpoint's state folder (NAME-stepNNNNNN-state)",
                               "checkpoints")
-    register: bool = opt(False, "add the output to the catalog", "checkpoints")
+    register: bool | None = opt(None, "add the output to the catalog with its training facts (default: when "
+                                      "$ADAPTERHUB_CATALOG names a catalog)", "checkpoints")
     # -- dreambooth -------------------------------------------------------------------------------
     class_prompt: str | None = opt(None, "DreamBooth prior preservation: the class prompt (e.g. 'a photo of a dog')",
                                    "dreambooth")
@@ -175,7 +182,7 @@ class TrainConfig:
 
 # Options a resume may change; every other option comes from the checkpoint.
 CHANGEABLE_ON_RESUME = ("out", "max_steps", "epochs", "device", "cache_dir", "save_every", "keep_last", "resume",
-                        "register", "comment", "save_precision", "sample_every", "sample_prompt", "sample_steps",
+                        "register", "comment", "save_precision", "log_with", "sample_every", "sample_prompt", "sample_steps",
                         "sample_sampler")
 REQUIRED = ("type", "base", "out")
 DATASET_KEYS = {"dir": Path, "repeats": int, "resolution": int, "caption_ext": str, "class_tokens": str}

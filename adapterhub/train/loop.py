@@ -83,7 +83,27 @@ def _accelerator(cfg: TrainConfig):
     reset = getattr(AcceleratorState, "_reset_state", None)
     if reset is not None:
         reset(reset_partial_state=False)
-    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    tracker = _tracker(cfg)
+    if tracker is None:
+        return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, log_with=tracker, project_dir=str(logs_dir(cfg.out)))
+
+
+def logs_dir(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + "-logs")
+
+
+def _tracker(cfg: TrainConfig) -> str | None:
+    """accelerate's tracker for the loss log: TensorBoard when asked for, or (auto) when installed."""
+    import importlib.util
+
+    if cfg.log_with == "none":
+        return None
+    installed = importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+    if cfg.log_with == "tensorboard" and not installed:
+        raise AdapterhubError("--log-with tensorboard needs the tensorboard package (pip install tensorboard)")
+    return "tensorboard" if installed else None
 
 
 def _freeze(pipe) -> None:
@@ -210,6 +230,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.emit("load", base=cfg.base)
         self.accelerator = _accelerator(cfg)
+        self.tracking = bool(self.accelerator.log_with)  # trackers start with the loop (nothing left on a failed setup)
         self.device = self.accelerator.device
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         if cfg.class_prompt:
@@ -225,6 +246,10 @@ class Trainer:
         self.arch = architecture_of(self.pipe)
         _freeze(self.pipe)
         self.trainable = self.adapter_type.make_trainable(self.pipe, cfg)
+        if cfg.format and cfg.format not in self.trainable.formats:
+            raise AdapterhubError(f"--format {cfg.format}: {cfg.type} writes "
+                                  f"{', '.join(self.trainable.formats) or 'one layout only'} (other layouts: "
+                                  "adapterhub convert)")
         if cfg.lr is None:  # the type's default, recorded like a given one (metadata, checkpoints)
             cfg = self.cfg = dataclasses.replace(cfg, lr=float(self.trainable.default_lr))
         for module in self.trainable.modules:
@@ -500,6 +525,9 @@ class Trainer:
         self.setup()
         if self.resumed:
             self._restore()
+        if self.tracking:
+            scalars = {k: v for k, v in self.cfg.as_dict().items() if isinstance(v, (int, float, str, bool))}
+            self.accelerator.init_trackers(self.cfg.output_name, config=scalars)
         self.pipe.unet.train()
         for module in self.trainable.modules:
             module.train()
@@ -517,6 +545,9 @@ class Trainer:
                     row["val_loss"] = self.validation_loss()
                 self.progress.history.append(row)
                 self.emit("step", total=self.total, **row)
+                if self.tracking:
+                    self.accelerator.log({k: v for k, v in row.items() if k != "step" and v is not None},
+                                         step=self.progress.step)
                 if self.cfg.save_every and self.progress.step % self.cfg.save_every == 0 \
                         and self.progress.step < self.total:
                     checkpoints.append([str(p) for p in self.checkpoint()])
@@ -524,12 +555,16 @@ class Trainer:
                                               or self.progress.step == self.total):
                     self.write_samples()
         out = self.write_adapter(self.cfg.out)
+        if self.tracking:  # every process: end_training waits for the others
+            self.accelerator.end_training()
         if not self.accelerator.is_main_process:
             return self.result(out, checkpoints, [])
         logs = write_loss_log(self.cfg.out, self.progress.history)
         result = self.result(out, checkpoints, logs)
-        if self.cfg.register:
+        if self.cfg.register or (self.cfg.register is None and os.environ.get("ADAPTERHUB_CATALOG")):
             result["catalog"] = register(out)
+        if self.tracking:
+            result["logs"].append(str(logs_dir(self.cfg.out)))
         self.emit("saved", path=str(out))
         return result
 

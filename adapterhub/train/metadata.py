@@ -111,7 +111,8 @@ def trigger_phrase(cfg, data) -> str | None:
 
 def modelspec(cfg, run: dict, data, trainable_meta: dict[str, str], arch: str, v_prediction: bool) -> dict[str, str]:
     kind = trainable_meta.get("modelspec.architecture", "lora")
-    architecture = kind if "/" in kind else f"{MODELSPEC_ARCH.get(arch, 'stable-diffusion-v1')}/{kind}"
+    whole_model = kind in MODELSPEC_ARCH.values()  # a full fine-tune names the base's architecture itself
+    architecture = kind if "/" in kind or whole_model else f"{MODELSPEC_ARCH.get(arch, 'stable-diffusion-v1')}/{kind}"
     sdxl = "xl" in architecture
     spec = {
         "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": architecture,

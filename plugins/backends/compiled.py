@@ -1,17 +1,49 @@
 """``compiled``: ``torch.compile`` of the UNet, with adapter stacks switched without recompiling.
 
-The UNet is compiled once. Weight-delta adapters (LoRA, LoCon, LoHa, LoKr ...) reach it only through
-the weight engine, which rewrites the parameters it already holds in place (``copy_``): a compiled
-graph takes the parameters as inputs, so a switch is a memory write, never a recompile. Textual
-inversions change only the text encoder, which is not compiled. Adapters that change the UNet's code
-(hypernetworks, ControlNet, T2I) are refused: use the eager backend for those.
+Weight deltas (LoRA, LoCon, LoHa, LoKr ...) reach the UNet only through the weight engine, which
+rewrites the parameters it already holds in place (``copy_``): a compiled graph takes the parameters
+as inputs, so a switch is a memory write, never a recompile. Textual inversions change only the text
+encoder, which is not compiled.
+
+ControlNet and T2I-Adapter attach as a forward pre-hook on the UNet (:class:`adapterhub.conditioning.
+UNetControl`) that adds residuals to the call's keyword arguments. The runner calls the UNet module as
+usual, so ``torch.nn.Module`` runs the hooks eagerly (step gating, image preparation, the sum of several
+controls: plain Python, never traced), with the module's ``forward`` replaced for that call by a
+function that hands the resulting arguments to a compiled ``forward``. The residuals are tensor inputs of
+that graph: a new control image, a new weight or another control of the same shapes changes values, not
+the graph. Which residual kinds are present (none, ControlNet, T2I, both) changes the graph's signature,
+so each kind has its own compiled entry with its own code object (dynamo caches per code object): going
+from a plain request to a controlled one, or a control gated off for some steps, is the first compile of
+another entry, not a recompile of the one in use.
+
+The control models' own forwards are compiled the same way, for the duration of the UNet call: the
+ControlNet with its conditioning image and ``conditioning_scale`` as tensor inputs (a weight change is
+a new input value; with float32 weights the product is the same as with the Python number), the
+T2I-Adapter on its image (the weight multiplies its features outside, in the control). Dynamo inlines
+built-in ``nn.Module`` calls and lifts their parameters as graph inputs (``inline_inbuilt_nn_modules``,
+always on in torch 2.14), so a second ControlNet of the same architecture reuses the graph compiled for
+the first, no recompile (checked by the tests; the T2I-Adapter entry takes its model the same way).
+
+Hypernetworks are refused: they replace the UNet's attention processors, Python objects inside the
+traced code that carry their MLP modules and Python-number multipliers, so every attach, detach or
+weight change would invalidate the graph's guards and recompile, the opposite of what this backend is
+for. Use ``--backend eager`` for them.
+
+Compilation is paid once per machine: unless ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` are set,
+inductor's and Triton's on-disk caches go to ``<adapterhub cache>/compile``, with inductor's FX graph
+cache and the AOTAutograd cache on, so another process compiling the same UNet loads the kernels.
 
 On CUDA, ``ADAPTERHUB_COMPILE_MODE=reduce-overhead`` adds CUDA graphs (the parameters keep their
-addresses, so the graphs stay valid across switches as well).
+addresses, so the graphs stay valid across switches as well); ``ADAPTERHUB_COMPILE_BACKEND`` picks the
+dynamo backend (``inductor`` by default; the tests use ``aot_eager``).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -20,42 +52,225 @@ from adapterhub.errors import AdapterhubError
 from adapterhub.sample.backend import Runner, SamplerBackend
 
 UNET_UNTOUCHED = ("textual_inversion",)  # non-weight types that leave the UNet alone
+UNET_CONTROLS = ("controlnet", "t2i_adapter")  # forward pre-hooks adding residuals: run eagerly, fed to the graph
+DOWN, MID, INTRA = ("down_block_additional_residuals", "mid_block_additional_residual",
+                    "down_intrablock_additional_residuals")
+
+
+# --------------------------------------------------------------------------------------------
+# compiled entries: one ``def`` (one code object, one dynamo cache) per graph signature
+# --------------------------------------------------------------------------------------------
+def _unet_plain(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs):
+    return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                              added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+
+
+def _unet_controlnet(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, down, mid):
+    return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                              added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid, return_dict=False)[0]
+
+
+def _unet_t2i(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, intrablock):
+    return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                              added_cond_kwargs=added_cond_kwargs, down_intrablock_additional_residuals=intrablock,
+                              return_dict=False)[0]
+
+
+def _unet_both(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, down, mid, intrablock):
+    return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                              added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid, down_intrablock_additional_residuals=intrablock,
+                              return_dict=False)[0]
+
+
+def _controlnet(model, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale,
+                added_cond_kwargs):
+    return type(model).forward(model, sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                               controlnet_cond=controlnet_cond, conditioning_scale=conditioning_scale,
+                               guess_mode=False, added_cond_kwargs=added_cond_kwargs, return_dict=False)
+
+
+def _controlnet_guess(model, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale,
+                      added_cond_kwargs):
+    return type(model).forward(model, sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                               controlnet_cond=controlnet_cond, conditioning_scale=conditioning_scale,
+                               guess_mode=True, added_cond_kwargs=added_cond_kwargs, return_dict=False)
+
+
+def _t2i_adapter(model, x):
+    return type(model).forward(model, x)
+
+
+UNET_INPUTS = ("self", "sample", "timestep", "encoder_hidden_states", "added_cond_kwargs", "return_dict", DOWN, MID,
+               INTRA)
+CONTROLNET_INPUTS = ("self", "sample", "timestep", "encoder_hidden_states", "controlnet_cond", "conditioning_scale",
+                     "guess_mode", "added_cond_kwargs", "return_dict")
+UNET_ENTRIES = {(False, False): _unet_plain, (True, False): _unet_controlnet, (False, True): _unet_t2i,
+                (True, True): _unet_both}
+ENTRIES = (*UNET_ENTRIES.values(), _controlnet, _controlnet_guess, _t2i_adapter)
+
+
+# --------------------------------------------------------------------------------------------
+# compile caches
+# --------------------------------------------------------------------------------------------
+def use_project_caches() -> dict[str, str]:
+    """Point inductor's and Triton's on-disk caches at ``<adapterhub cache>/compile`` unless the user set
+    ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR``, and turn on the FX graph and AOTAutograd caches (a
+    ``TORCHINDUCTOR_FX_GRAPH_CACHE`` / ``TORCHINDUCTOR_AUTOGRAD_CACHE`` the user set still wins: torch reads
+    them first). Returns the two folders in use."""
+    import torch._functorch.config
+    import torch._inductor.config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from adapterhub.base import cache_dir
+
+    root = cache_dir() / "compile"
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # torch writes its default back into the environment once it has resolved it: that is no user's choice
+    if not inductor or os.path.abspath(inductor) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    return {k: os.environ[k] for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+
+
+# --------------------------------------------------------------------------------------------
+# the runner
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _forward_replaced(module: torch.nn.Module, forward: Callable) -> Iterator[None]:
+    """``module.forward`` is ``forward`` inside the block (an instance attribute, as accelerate's hooks
+    set it), put back as it was after: ``module(...)`` still runs its hooks, then ``forward``."""
+    own = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+
+@functools.cache
+def _signature(function: Callable) -> inspect.Signature:
+    return inspect.signature(function)
+
+
+def _bind(function: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of a call of the unbound ``function`` by name (``self`` None, defaults left out)."""
+    return dict(_signature(function).bind(None, *args, **kwargs).arguments)
 
 
 class CompiledRunner(Runner):
     def __init__(self, pipe, mode: str | None = None, backend: str = "inductor"):
         super().__init__(pipe)
-        self.mode = mode
-        self.compiled = torch.compile(pipe.unet, mode=mode, backend=backend, dynamic=False)
-        self.backend = backend
+        self.mode, self.backend = mode, backend
+        self.caches = use_project_caches()
+        self.compiled = {entry: torch.compile(entry, mode=mode, backend=backend, dynamic=False) for entry in ENTRIES}
         self.calls = 0
 
+    # -- the step ---------------------------------------------------------------------------------
     def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
         self.calls += 1
         if not isinstance(timestep, torch.Tensor):
             timestep = torch.tensor(timestep, device=sample.device)
-        return self.compiled(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                             added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+        unet = self.pipe.unet
+        with contextlib.ExitStack() as scope:
+            for control in self._controls(unet):
+                self._compile_control_model(control, scope)
+            scope.enter_context(_forward_replaced(unet, lambda *a, **kw: (self._unet(unet, a, kw),)))
+            return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                        added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
+    def _unet(self, unet, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The compiled entry for the residual kinds the hooks added, called with the hooked arguments."""
+        call = _bind(type(unet).forward, args, kwargs)
+        extra = [k for k, v in call.items() if v is not None and k not in UNET_INPUTS]
+        if extra:
+            raise AdapterhubError(f"a hook on the UNet passes {', '.join(extra)}, which the compiled backend does "
+                                  "not feed to its graph; use --backend eager")
+        down, mid, intrablock = call.get(DOWN), call.get(MID), call.get(INTRA)
+        controlnet, t2i = down is not None or mid is not None, intrablock is not None
+        inputs = [call["sample"], call["timestep"], call.get("encoder_hidden_states"), call.get("added_cond_kwargs")]
+        if controlnet:
+            inputs += [list(down) if down is not None else None, mid]
+        if t2i:
+            inputs.append(list(intrablock))  # the UNet pops from this list: a copy of its own
+        return self.compiled[UNET_ENTRIES[controlnet, t2i]](unet, *inputs)
+
+    @staticmethod
+    def _controls(unet) -> list:
+        from adapterhub.conditioning import UNetControl
+
+        return [hook for hook in unet._forward_pre_hooks.values() if isinstance(hook, UNetControl)]
+
+    def _compile_control_model(self, control, scope: contextlib.ExitStack) -> None:
+        """For this UNet call, ``control.model(...)`` runs its compiled forward (a ControlNet or T2I-Adapter
+        from diffusers; any other model runs as it is)."""
+        model = getattr(control, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            return
+        if type(model).__name__ == "ControlNetModel":
+            scope.enter_context(_forward_replaced(model, self._controlnet_forward(model)))
+        elif type(model).__name__ == "T2IAdapter":
+            compiled = self.compiled[_t2i_adapter]
+            scope.enter_context(_forward_replaced(model, lambda x: compiled(model, x)))
+
+    def _controlnet_forward(self, model) -> Callable:
+        def forward(*args, **kwargs):
+            call = _bind(type(model).forward, args, kwargs)
+            if call.get("return_dict", True) or any(v is not None for k, v in call.items()
+                                                    if k not in CONTROLNET_INPUTS):
+                return type(model).forward(model, *args, **kwargs)  # arguments the entries do not take
+            scale = call.get("conditioning_scale", 1.0)
+            if not isinstance(scale, torch.Tensor):  # an input, not a constant: a new weight is a new value
+                scale = torch.tensor(float(scale), dtype=torch.float32, device=call["sample"].device)
+            entry = _controlnet_guess if call.get("guess_mode") else _controlnet
+            down, mid = self.compiled[entry](model, call["sample"], call["timestep"], call["encoder_hidden_states"],
+                                             call["controlnet_cond"], scale, call.get("added_cond_kwargs"))
+            return down, mid
+
+        return forward
+
+    # -- the contract -----------------------------------------------------------------------------
     def check_stack(self, stack) -> None:
+        """Weight deltas, textual inversions, ControlNets and T2I-Adapters pass; anything else that is not a
+        weight delta (a hypernetwork: attention processors swapped inside the traced code) is refused."""
         for entry in stack.entries:
             adapter = entry.adapter
-            if adapter is None or adapter.plugin.weight_space or adapter.type in UNET_UNTOUCHED:
+            if adapter is None or adapter.plugin.weight_space or adapter.type in UNET_UNTOUCHED + UNET_CONTROLS:
                 continue
-            raise AdapterhubError(f"{entry.label}: a {adapter.type} changes the UNet's code, not its weights; the "
-                                  "compiled backend cannot switch it in place (use --backend eager)")
+            raise AdapterhubError(f"{entry.label}: a {adapter.type} changes the UNet's code, not its weights or "
+                                  "inputs; the compiled backend would recompile at every switch (use --backend eager)")
+
+    def recompiles(self) -> int:
+        """Compiles beyond the first of each entry: the graphs dynamo had to build again (dynamo keeps them
+        per code object, so this counts every runner of the process; ``torch._dynamo.reset()`` clears them)."""
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return sum(max(0, len(_debug_get_cache_entry_list(entry)) - 1) for entry in ENTRIES)
 
     def stats(self) -> dict[str, Any]:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
         from torch._dynamo.utils import counters
 
+        entries = {entry.__name__.lstrip("_"): len(_debug_get_cache_entry_list(entry)) for entry in ENTRIES}
         return {"calls": self.calls, "frames_compiled": int(counters["stats"].get("unique_graphs", 0)),
-                "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0}
+                "graphs": {k: v for k, v in entries.items() if v}, "recompiles": self.recompiles(),
+                "cache_dir": self.caches["TORCHINDUCTOR_CACHE_DIR"]}
 
 
 class CompiledBackend(SamplerBackend):
     name = "compiled"
-    description = "torch.compile of the UNet; stacks of weight deltas switched in place, no recompiles"
+    description = ("torch.compile of the UNet (and ControlNet / T2I-Adapter); stacks, control images and weights "
+                   "switched without recompiling")
 
     def prepare(self, pipe) -> Runner:
         return CompiledRunner(pipe, mode=os.environ.get("ADAPTERHUB_COMPILE_MODE") or None,
                               backend=os.environ.get("ADAPTERHUB_COMPILE_BACKEND") or "inductor")
+
+

@@ -34,6 +34,8 @@ def _init_vectors(tokenizer, encoder, word: str, n: int) -> torch.Tensor:
 
 class EmbeddingTrainable(Trainable):
     default_lr = 5e-3  # AUTOMATIC1111's embedding learning rate
+    formats = ("a1111", "diffusers")
+    format = None
 
     def __init__(self, token: str, encoders: list[str], slots: list, handle, metadata: dict[str, str]):
         tables = [slot.text_encoder.get_input_embeddings() for slot in slots]
@@ -78,10 +80,12 @@ class EmbeddingTrainable(Trainable):
         path = Path(path)
         pickle = path.suffix.lower() in (".pt", ".bin")
         fmt = "sdxl" if "clip_g" in vectors else ("a1111-pt" if pickle else "a1111-safetensors")
+        if self.format == "diffusers" and fmt != "sdxl":
+            fmt = "diffusers"
         extra = {"internal_name": self.token, "step": int(metadata.get("ss_steps", 0) or 0),
                  "sd_checkpoint": metadata.get("ss_sd_model_hash"),
                  "sd_checkpoint_name": metadata.get("ss_sd_model_name")}
-        return formats.write(vectors, path, fmt, token=self.token, extra=extra,
+        return formats.write(vectors, path, fmt, token=self.token if fmt == "diffusers" else None, extra=extra,
                              metadata={**self.metadata, **metadata})
 
 
@@ -106,4 +110,7 @@ def make_trainable(model, config) -> EmbeddingTrainable:
                       base=architecture_of(model), extra={"token": token})
     handle = vocab.attach(adapter, model, 1.0)  # refuses a token the tokenizer already knows
     encoders = [p.encoder for p in adapter.patches.values()]  # attach makes one slot per patch, in order
-    return EmbeddingTrainable(token, encoders, handle.slots, handle, {"modelspec.architecture": "textual-inversion"})
+    trainable = EmbeddingTrainable(token, encoders, handle.slots, handle,
+                                   {"modelspec.architecture": "textual-inversion"})
+    trainable.format = getattr(config, "format", None)
+    return trainable

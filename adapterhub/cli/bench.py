@@ -1,0 +1,49 @@
+"""``adapterhub bench``: measurements that compare adapterhub with the reference libraries.
+
+``adapterhub bench sample`` runs :func:`adapterhub.sample.bench.bench_sample` (ms per step, images/s,
+stack-switch time, compile time) against diffusers' own pipeline in the same run and prints the
+ratios; ``--json`` prints the whole report. Further subcommands (``bench train`` ...) join the group.
+"""
+from __future__ import annotations
+
+import click
+
+from adapterhub.cli import output
+
+
+@click.group("bench")
+def bench():
+    """Measure adapterhub against the reference libraries (no timing is asserted: numbers to read)."""
+
+
+@bench.command("sample")
+@click.option("--base", default="tiny-sd1", show_default=True,
+              help="tiny-sd1, tiny-sdxl, a preset (sd1, sdxl: random weights), a diffusers folder or checkpoint.")
+@click.option("--backend", "backends", multiple=True, default=("eager",), show_default=True,
+              help="A registered sampler backend (eager, compiled ...); repeat to measure several.")
+@click.option("--steps", default=8, show_default=True, type=int)
+@click.option("--size", default=256, show_default=True, type=int, help="Image width and height in pixels.")
+@click.option("--repeat", default=4, show_default=True, type=int, help="Timed requests (and switch cycles) per path.")
+@click.option("--batch", default=1, show_default=True, type=int, help="Images per request.")
+@click.option("--sampler", default="DPM++ 2M", show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Default: fp16 on CUDA, fp32 on CPU.")
+@click.option("--no-lora-reference", is_flag=True, help="Skip diffusers + peft LoRAs (switches, steps with adapters).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+def bench_sample_cmd(base, backends, steps, size, repeat, batch, sampler, device, dtype, no_lora_reference, as_json):
+    """Sampling: adapterhub's generator vs diffusers' pipeline (ms/step, images/s, switches, compile)."""
+    from adapterhub.sample import bench as measure
+
+    cfg = measure.BenchConfig(base=base, backends=tuple(backends), steps=steps, size=size, repeat=repeat,
+                              batch=batch, sampler=sampler, device=device, dtype=dtype,
+                              lora_reference=not no_lora_reference)
+    measure.check_config(cfg)  # bad options fail before the model loads
+    output.quiet_model_loading()
+
+    def note(text: str) -> None:
+        if not as_json:
+            click.echo(f"... {text}", err=True)
+
+    report = measure.bench_sample(cfg, note)
+    output.emit(report, as_json, lambda data: click.echo(measure.format_report(data)))

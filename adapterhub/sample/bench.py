@@ -1,0 +1,289 @@
+"""Sampling throughput: adapterhub's generator against diffusers' own pipeline, measured in one run.
+
+    from adapterhub.sample.bench import BenchConfig, bench_sample, format_report
+    report = bench_sample(BenchConfig(base="tiny-sd1", backends=("eager",), steps=8, size=256, repeat=4))
+    print(format_report(report))
+
+The base is loaded once; every path runs on the same modules, one after the other:
+
+* adapterhub, per backend (one :class:`Generator` each): the first request (``compile_s`` for the
+  compiled backend is its time beyond a steady request), then ``repeat`` requests with no adapters
+  (ms per step, images/s), the switch between the stacks none, ``A:0.8``, ``A:0.8, B:0.5``, ``B:1``
+  (``apply_stack``: only the changed parameters are rewritten in place), and ``repeat`` requests with
+  ``A:0.8, B:0.5`` applied;
+* diffusers: ``StableDiffusion(XL)Pipeline.__call__`` with the same prompt embeddings, scheduler and
+  per-image CPU generators (``output_type="latent"``, like ours: no VAE decode), ``repeat`` requests;
+  with peft installed also the same two LoRAs through ``load_lora_weights`` / ``set_adapters``
+  (the switch, and steps with both active, unfused), unloaded afterwards.
+
+Ratios are diffusers' time over ours (above 1: adapterhub is faster). Each backend's latents for one
+seed are compared with diffusers' (bitwise for eager in float32; the compiled backend's fused kernels
+round differently, so its largest difference is reported). A timing is the wall time between two
+device synchronisations. A and B are random UNet LoRAs written by the LoRA plugin's ``example``
+(the UNet is what every step runs; the text encoders run once per request).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapterhub.errors import AdapterhubError
+
+STACKS = (None, "A:0.8", "A:0.8, B:0.5", "B:1")
+BOTH = "A:0.8, B:0.5"
+PEFT_STACKS = ((), (("A", 0.8),), (("A", 0.8), ("B", 0.5)), (("B", 1.0),))
+
+
+@dataclass
+class BenchConfig:
+    base: str = "tiny-sd1"
+    backends: tuple[str, ...] = ("eager",)
+    steps: int = 8
+    size: int | None = 256
+    repeat: int = 4
+    batch: int = 1
+    sampler: str = "DPM++ 2M"
+    device: str | None = None
+    dtype: str | None = None
+    prompt: str = "a castle on a hill, (masterpiece:1.2)"
+    negative: str = "blurry"
+    lora_reference: bool = True  # diffusers + peft LoRAs as the reference for switches and steps with adapters
+
+
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], Any], device) -> tuple[float, Any]:
+    sync(device)
+    start = time.perf_counter()
+    value = fn()
+    sync(device)
+    return time.perf_counter() - start, value
+
+
+def _request(cfg: BenchConfig, seed: int, stack=None, size: int | None = None):
+    from adapterhub.sample.generator import Request
+
+    return Request(cfg.prompt, negative=cfg.negative, stack=stack, seed=seed, steps=cfg.steps, sampler=cfg.sampler,
+                   width=size or cfg.size, height=size or cfg.size, batch=cfg.batch)
+
+
+def check_config(cfg: BenchConfig) -> None:
+    """Everything that needs no model (one-line AdapterhubError)."""
+    from adapterhub.sample.backend import backend
+    from adapterhub.sample.generator import DTYPES, check_request
+
+    for name in ("steps", "repeat", "batch"):
+        if int(getattr(cfg, name)) < 1:
+            raise AdapterhubError(f"--{name} {getattr(cfg, name)}: must be 1 or more")
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        raise AdapterhubError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if not cfg.backends:
+        raise AdapterhubError("no backend to measure")
+    for name in cfg.backends:
+        backend(name)
+    check_request(_request(cfg, 0, size=cfg.size or 512))
+
+
+def _per_step(cfg: BenchConfig, seconds: float) -> dict[str, float]:
+    return {"ms_per_step": 1000 * seconds / (cfg.repeat * cfg.steps),
+            "images_per_s": cfg.repeat * cfg.batch / seconds}
+
+
+def _ours(cfg: BenchConfig, pipe, name: str, folder: Path, size: int, note) -> tuple[dict, torch.Tensor]:
+    from adapterhub.sample.generator import Generator
+
+    gen = Generator(pipe, backend=name, adapter_dirs=[folder], hash_model=False)
+    device = gen.device
+    try:
+        note(f"{name}: first request")
+        first, result = _timed(lambda: gen.generate(_request(cfg, 0, size=size), output="latent"), device)
+        latents = result.latents
+        note(f"{name}: {cfg.repeat} requests")
+        plain, _ = _timed(lambda: [gen.generate(_request(cfg, i, size=size), output="latent")
+                                   for i in range(1, cfg.repeat + 1)], device)
+        for spec in STACKS:  # read the files once; the timed cycles switch loaded adapters
+            gen.apply_stack(_request(cfg, 0, spec, size))
+        note(f"{name}: stack switches")
+        switches = []
+        for _ in range(cfg.repeat):
+            for spec in STACKS:
+                seconds, _ = _timed(lambda spec=spec: gen.apply_stack(_request(cfg, 0, spec, size)), device)
+                switches.append(seconds)
+        gen.apply_stack(_request(cfg, 0, BOTH, size))
+        note(f"{name}: {cfg.repeat} requests with {BOTH}")
+        stacked, _ = _timed(lambda: [gen.generate(_request(cfg, i, BOTH, size), output="latent")
+                                     for i in range(1, cfg.repeat + 1)], device)
+        stats = gen.runner.stats()
+    finally:
+        gen.close()
+    steady = plain / cfg.repeat
+    row = {"backend": name, "first_s": first, "compile_s": max(first - steady, 0.0) if name != "eager" else None,
+           **_per_step(cfg, plain), "switch_ms": 1000 * sum(switches) / len(switches),
+           **{f"{k}_stack": v for k, v in _per_step(cfg, stacked).items()},
+           "graphs": stats.get("frames_compiled")}
+    return row, latents
+
+
+def _diffusers(cfg: BenchConfig, pipe, size: int, note):
+    """diffusers' pipeline call over the same modules, our embeddings and scheduler."""
+    from adapterhub.sample.conditioning import PromptEncoder
+    from adapterhub.sample.samplers import make_scheduler, resolve_sampler
+
+    encoder = PromptEncoder(pipe)
+    cond, uncond = encoder.encode(cfg.prompt), encoder.encode(cfg.negative)
+    sampler, schedule = resolve_sampler(cfg.sampler)
+    ref = type(pipe)(**{**pipe.components, "scheduler": make_scheduler(sampler, schedule, pipe.scheduler.config)})
+    ref.set_progress_bar_config(disable=True)
+    kw = {"prompt_embeds": cond.embeds, "negative_prompt_embeds": uncond.embeds}
+    if encoder.is_xl:
+        kw.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
+
+    def call(seed: int):
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(cfg.batch)]
+        return ref(**kw, num_inference_steps=cfg.steps, width=size, height=size, guidance_scale=7.0,
+                   num_images_per_prompt=cfg.batch, output_type="latent", generator=generators).images
+
+    device = pipe.unet.device
+    note("diffusers: first request")
+    first, latents = _timed(lambda: call(0), device)
+    note(f"diffusers: {cfg.repeat} requests")
+    plain, _ = _timed(lambda: [call(i) for i in range(1, cfg.repeat + 1)], device)
+    return ref, call, {"first_s": first, **_per_step(cfg, plain)}, latents
+
+
+def _diffusers_lora(cfg: BenchConfig, ref, call, folder: Path, note) -> dict:
+    """The same LoRAs through diffusers + peft: ``set_adapters`` switches, steps with both active."""
+    import warnings
+
+    device = ref.unet.device
+    note("diffusers: load_lora_weights")
+    with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        load, _ = _timed(lambda: [ref.load_lora_weights(str(folder / f"{n}.safetensors"), adapter_name=n)
+                                  for n in ("A", "B")], device)
+    try:
+        def switch(pairs) -> None:
+            if not pairs:
+                ref.disable_lora()
+                return
+            ref.enable_lora()
+            ref.set_adapters([n for n, _ in pairs], adapter_weights=[w for _, w in pairs])
+
+        for pairs in PEFT_STACKS:
+            switch(pairs)
+        switches = []
+        for _ in range(cfg.repeat):
+            for pairs in PEFT_STACKS:
+                seconds, _ = _timed(lambda pairs=pairs: switch(pairs), device)
+                switches.append(seconds)
+        switch(PEFT_STACKS[2])
+        note(f"diffusers: {cfg.repeat} requests with {BOTH} (peft, unfused)")
+        stacked, _ = _timed(lambda: [call(i) for i in range(1, cfg.repeat + 1)], device)
+    finally:
+        ref.unload_lora_weights()
+    return {"load_s": load, "switch_ms": 1000 * sum(switches) / len(switches),
+            **{f"{k}_stack": v for k, v in _per_step(cfg, stacked).items()}}
+
+
+def _ratio(theirs: float | None, ours: float | None) -> float | None:
+    return theirs / ours if theirs and ours else None
+
+
+def bench_sample(cfg: BenchConfig, note: Callable[[str], None] | None = None) -> dict:
+    """Measure (see the module docstring); returns plain data (seconds, ms, ratios)."""
+    from adapterhub.base import load_base
+    from adapterhub.plugins import adapter_type
+    from adapterhub.sample.generator import DTYPES
+
+    check_config(cfg)
+    note = note or (lambda _text: None)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[cfg.dtype] if cfg.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    note(f"loading {cfg.base}")
+    load_s, pipe = _timed(lambda: load_base(cfg.base, dtype=dtype, device=device), device)
+    pipe.set_progress_bar_config(disable=True)
+    size = cfg.size or int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    report: dict[str, Any] = {"config": {**asdict(cfg), "size": size, "device": device,
+                                         "dtype": str(dtype).split(".")[-1]}, "load_s": load_s}
+    with tempfile.TemporaryDirectory(prefix="adapterhub-bench-") as tmp:
+        folder = Path(tmp)
+        for name, seed in (("A", 1), ("B", 2)):
+            adapter_type("lora").example(pipe, folder / f"{name}.safetensors", seed=seed, text=False)
+        rows, latents = [], {}
+        for name in cfg.backends:
+            row, latents[name] = _ours(cfg, pipe, name, folder, size, note)
+            rows.append(row)
+        ref, call, theirs, reference = _diffusers(cfg, pipe, size, note)
+        if cfg.lora_reference:
+            try:
+                import peft  # noqa: F401
+            except ImportError:
+                theirs["lora"] = {"skipped": "peft is not installed"}
+            else:
+                theirs["lora"] = _diffusers_lora(cfg, ref, call, folder, note)
+    lora = theirs.get("lora") or {}
+    for row in rows:
+        ours = latents[row["backend"]]
+        row["latents_equal"] = bool(torch.equal(ours, reference))
+        row["max_abs_diff"] = float((ours.float() - reference.float()).abs().max())
+    report["adapterhub"], report["diffusers"] = rows, theirs
+    report["ratios"] = [{"backend": r["backend"], "step": _ratio(theirs["ms_per_step"], r["ms_per_step"]),
+                         "images_per_s": _ratio(r["images_per_s"], theirs["images_per_s"]),
+                         "step_with_stack": _ratio(lora.get("ms_per_step_stack"), r["ms_per_step_stack"]),
+                         "switch": _ratio(lora.get("switch_ms"), r["switch_ms"])} for r in rows]
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+# ---------------------------------------------------------------------------------------------
+def _fmt(value, digits: int = 2, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def rows(report: dict) -> list[dict[str, str]]:
+    """One table row per measured path; the ``x`` columns are diffusers' time over ours."""
+    theirs, lora = report["diffusers"], report["diffusers"].get("lora") or {}
+    out = []
+    for row, ratio in zip(report["adapterhub"], report["ratios"]):
+        out.append({"path": f"adapterhub {row['backend']}", "ms/step": _fmt(row["ms_per_step"]),
+                    "images/s": _fmt(row["images_per_s"]), "ms/step +stack": _fmt(row["ms_per_step_stack"]),
+                    "switch ms": _fmt(row["switch_ms"], 3), "compile s": _fmt(row["compile_s"]),
+                    "x step": _fmt(ratio["step"], suffix="x"), "x +stack": _fmt(ratio["step_with_stack"], suffix="x"),
+                    "x switch": _fmt(ratio["switch"], suffix="x")})
+    peft = " (peft)" if "switch_ms" in lora else ""
+    out.append({"path": f"diffusers{peft}", "ms/step": _fmt(theirs["ms_per_step"]),
+                "images/s": _fmt(theirs["images_per_s"]), "ms/step +stack": _fmt(lora.get("ms_per_step_stack")),
+                "switch ms": _fmt(lora.get("switch_ms"), 3), "compile s": "-", "x step": "1x", "x +stack": "1x",
+                "x switch": "1x"})
+    return out
+
+
+COLUMNS = ["path", "ms/step", "images/s", "ms/step +stack", "switch ms", "compile s", "x step", "x +stack", "x switch"]
+
+
+def title(report: dict) -> str:
+    c = report["config"]
+    return (f"{c['base']} on {c['device']} {c['dtype']}, {c['size']}px, {c['steps']} steps, batch {c['batch']}, "
+            f"{c['sampler']}, {c['repeat']} requests; stacks {' | '.join(s or 'none' for s in STACKS)}")
+
+
+def format_report(report: dict) -> str:
+    """Plain text: the title, a fixed-width table, the latents check."""
+    table = rows(report)
+    widths = {c: max(len(c), *(len(r[c]) for r in table)) for c in COLUMNS}
+    lines = [title(report), "  ".join(c.ljust(widths[c]) for c in COLUMNS)]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in COLUMNS) for r in table]
+    for row in report["adapterhub"]:
+        lines.append(f"{row['backend']} latents vs diffusers: bitwise equal {row['latents_equal']}, "
+                     f"max |diff| {row['max_abs_diff']:.3g}")
+    return "\n".join(lines)
