@@ -291,3 +291,31 @@ def test_learning_rate_defaults_per_type_and_is_recorded(kind, rate, tmp_path):
     given = Trainer(TrainConfig(type=kind, dataset=data, out=out, max_steps=1, lr=3e-4, **SMALL, **extra))
     given.setup()
     assert {g["lr"] for g in given.optimizer.param_groups} == {3e-4}
+
+
+@pytest.mark.parametrize("size, meta", [(10, {"ss_a": "1", "x": "é\n\"q"}),
+                                        (700_000, {"ss_tag_frequency": "ü" * 5000, "ss_b": "2", "t": "x"}),
+                                        (300_000, {})])
+def test_streamed_finish_gives_kohyas_hashes_and_the_same_tensors(size, meta, tmp_path):
+    """A file over 1 MiB puts kohya's legacy window in the tensor data; the streamed writer must hash
+    exactly what serialising the tensors with the ss_* metadata (kohya's recipe) hashes."""
+    from safetensors.torch import load_file, save_file
+
+    from adapterhub.train.metadata import finish_safetensors, sshs_hashes
+
+    g = torch.Generator().manual_seed(size)
+    tensors = {f"k{i}": torch.randn(size // 3 + i, generator=g) for i in range(3)}
+    tensors["h"] = torch.randn(size, generator=g).half()
+    src = tmp_path / "a.safetensors"
+    save_file(tensors, str(src), metadata=meta)
+    out = finish_safetensors(src, tmp_path / "b.safetensors")
+    written = metadata_of(out)
+    expected = sshs_hashes(tensors, meta)
+    assert {k: written[k] for k in expected} == expected
+    assert {k: written[k] for k in meta} == meta
+    back = load_file(str(out))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+    cast = finish_safetensors(src, tmp_path / "c.safetensors", torch.float16)  # a cast goes the in-memory way
+    assert all(t.dtype == torch.float16 for t in load_file(str(cast)).values())
+    assert metadata_of(cast)["sshs_model_hash"] == sshs_hashes({k: v.half() for k, v in tensors.items()},
+                                                               meta)["sshs_model_hash"]

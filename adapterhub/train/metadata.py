@@ -145,17 +145,77 @@ def sshs_hashes(tensors: dict, metadata: dict[str, str]) -> dict[str, str]:
             "sshs_legacy_hash": hashlib.sha256(blob[LEGACY_START:LEGACY_START + LEGACY_LEN]).hexdigest()[:8]}
 
 
+SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+COPY_BLOCK = 1 << 24
+
+
 def finish_safetensors(written: Path, target: Path, dtype=None) -> Path:
     """Re-write ``written`` (a plugin's output) to ``target`` with floating tensors cast to ``dtype``
-    (``--save-precision``) and the sshs hashes added; atomic."""
+    (``--save-precision``) and the sshs hashes added; atomic.
+
+    When no tensor needs a cast the file is streamed: the tensor-data section is hashed and copied in
+    blocks under a new header (a whole-model checkpoint never sits in memory twice). The hashes are
+    kohya's either way: the data section does not depend on the header, and the legacy window needs
+    only the length of the ``ss_*``-only header, which is computed as safetensors writes it.
+    """
+    written, target = Path(written), Path(target)
+    header_len, header = _read_header(written)
+    want = None if dtype is None else str(dtype).replace("torch.", "")
+    if want is not None and any(info["dtype"] in SAFETENSORS_FLOATS and SAFETENSORS_FLOATS[info["dtype"]] != want
+                                for key, info in header.items() if key != "__metadata__"):
+        return _finish_in_memory(written, target, dtype)
+    metadata = dict(header.get("__metadata__") or {})
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    ss_header = _header_bytes(entries, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    model, window = hashlib.sha256(), hashlib.sha256()
+    _window_update(window, ss_header, 0)
+    with open(written, "rb") as f:
+        f.seek(8 + header_len)
+        at = len(ss_header)
+        while block := f.read(COPY_BLOCK):
+            model.update(block)
+            _window_update(window, block, at)
+            at += len(block)
+    metadata.update({"sshs_model_hash": model.hexdigest(), "sshs_legacy_hash": window.hexdigest()[:8]})
+    with atomic_path(target, suffix=".safetensors") as tmp:
+        with open(written, "rb") as src, open(tmp, "wb") as out:
+            out.write(_header_bytes(entries, metadata))
+            src.seek(8 + header_len)
+            while block := src.read(COPY_BLOCK):
+                out.write(block)
+    return target
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return n, json.loads(f.read(n))
+
+
+def _header_bytes(entries: dict, metadata: dict[str, str] | None) -> bytes:
+    """Length prefix + JSON header as safetensors serialises it (compact, UTF-8, padded with spaces to a
+    multiple of 8); key order aside (the library's metadata order is a hash map's), byte for byte."""
+    head = {"__metadata__": metadata, **entries} if metadata is not None else dict(entries)
+    text = json.dumps(head, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _window_update(window, block: bytes, at: int) -> None:
+    """Feed the part of ``block`` (starting at file offset ``at``) inside kohya's legacy-hash window."""
+    lo, hi = max(at, LEGACY_START), min(at + len(block), LEGACY_START + LEGACY_LEN)
+    if lo < hi:
+        window.update(block[lo - at:hi - at])
+
+
+def _finish_in_memory(written: Path, target: Path, dtype) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(written), framework="pt") as f:
         metadata = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if dtype is not None:
-        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+    tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
     metadata.update(sshs_hashes(tensors, metadata))
     with atomic_path(target, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
