@@ -79,7 +79,7 @@ def test_print_config_round_trips(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--type", "lokr"], "cannot train 'lokr': trainable types are adalora, controlnet, full, hypernetwork, locon, loha, lora, t2i_adapter, textual_inversion"),
+    (["--type", "aesthetic_embedding"], "cannot train 'aesthetic_embedding': trainable types are adalora, controlnet, full, hypernetwork, locon, loha, lokr, lora, t2i_adapter, textual_inversion"),
     (["--type", "lora", "--max-steps", "3", "--epochs", "1"], "not both"),
     (["--type", "lora", "--rank", "0"], "--rank must be positive"),
 ])

@@ -36,7 +36,7 @@ def opt(default, help: str, section: str, *, choices: tuple | None = None, flag:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     # -- run ---------------------------------------------------------------------------------
-    type: str | None = opt(None, "adapter type to train: lora, locon, loha, adalora, textual_inversion, "
+    type: str | None = opt(None, "adapter type to train: lora, locon, loha, lokr, adalora, textual_inversion, "
                                  "hypernetwork, t2i_adapter, controlnet, full (hyphens also accepted)", "run")
     base: str | None = opt(None, "base model: tiny-sd1, tiny-sdxl, a diffusers folder, a single-file "
                                  "checkpoint or a hub id in the local cache", "run")
@@ -64,7 +64,7 @@ class TrainConfig:
     # -- network ---------------------------------------------------------------------------------
     rank: int = opt(4, "rank (kohya network_dim)", "network")
     alpha: float = opt(1.0, "alpha (kohya network_alpha); scale = alpha / rank", "network")
-    conv_rank: int | None = opt(None, "rank of kxk convs for locon/loha (default: --rank)", "network")
+    conv_rank: int | None = opt(None, "rank of kxk convs for locon, loha and lokr (default: --rank)", "network")
     conv_alpha: float | None = opt(None, "alpha of kxk convs (default: --alpha, or --conv-rank when that is "
                                          "given)", "network")
     dropout: float = opt(0.0, "dropout inside the adapter layers", "network")

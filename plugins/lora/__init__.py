@@ -65,7 +65,7 @@ class LoRAFamilyType(AdapterType):
         return target_modules(model, conv=self.conv, text=text)
 
     def make_trainable(self, model, config):
-        """PEFT LoRA / LoCon / LoHa / AdaLoRA layers on this type's targets (see ``train``); others refuse."""
+        """PEFT LoRA / LoCon / LoHa / LoKr / AdaLoRA layers on this type's targets (see ``train``); others refuse."""
         from .train import make_trainable
 
         return make_trainable(self.name, model, config)
@@ -104,7 +104,8 @@ class LoKrType(LoRAFamilyType):
     name = "lokr"
     description = "LoKr: Kronecker product of two factors (LyCORIS lokr_*)"
     formats = ("lycoris", "peft")
-    capabilities = ("inspect", "merge", "attach", "save")
+    capabilities = ("inspect", "merge", "attach", "save", "train")
+    conv = True
 
 
 class AdaLoRAType(LoRAFamilyType):

@@ -70,6 +70,8 @@ def kohya_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
             out.update({f"{name}.{k}": v for k, v in t.items()})
             if patch.rank:
                 out[f"{name}.alpha"] = _alpha(patch)
+            elif patch.alpha is not None:  # both LoKr factors whole: scale 1, but LyCORIS' loader needs an alpha
+                out[f"{name}.alpha"] = torch.tensor(float(patch.alpha), dtype=torch.float32)
         elif isinstance(patch, DiffPatch):
             out[f"{name}.{'diff' if patch.param == 'weight' else 'diff_b'}"] = t["diff"]
         else:  # pragma: no cover - every family patch is listed above

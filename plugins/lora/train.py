@@ -1,23 +1,35 @@
-"""Training LoRA, LoCon, LoHa and AdaLoRA: PEFT layers on the kohya / LyCORIS targets.
+"""Training LoRA, LoCon, LoHa, LoKr and AdaLoRA: PEFT layers on the kohya / LyCORIS targets.
 
 The targets are the ones the files of each type carry (``targets.target_modules``): attention-block
-Linear and 1x1 layers for LoRA and AdaLoRA; for LoCon and LoHa also the resnet and sampler convs, where
+Linear and 1x1 layers for LoRA and AdaLoRA; for LoCon, LoHa and LoKr also the resnet and sampler convs, where
 kxk convs take ``conv_rank`` / ``conv_alpha`` (PEFT ``rank_pattern`` / ``alpha_pattern``), as kohya's
 ``conv_dim`` / ``conv_alpha`` do. PEFT's own initialisation (LoRA: ``B = 0``; LoHa: ``w2_b = 0``;
-AdaLoRA: ``E = 0``) makes the first step start from the base model. LoRA, LoCon and LoHa are written in
-the kohya layout (``lora_unet_…`` / ``lora_te_…``; ``lora_down``/``lora_up``/``alpha``; LoHa ``hada_*``).
+AdaLoRA: ``E = 0``; LoKr: ``init_weights="lycoris"``, LyCORIS' own ``lokr_w2`` / ``lokr_w2_b = 0``) makes
+the first step start from the base model. LoRA, LoCon, LoHa and LoKr are written in the kohya layout
+(``lora_unet_…`` / ``lora_te_…``; ``lora_down``/``lora_up``/``alpha``; LoHa ``hada_*``; LoKr ``lokr_*``).
+
+LoKr uses LyCORIS' defaults, which are PEFT's: ``factor = -1`` (each dimension split as squarely as possible),
+``decompose_both`` off (``lokr_w1`` whole), ``lokr_w2`` whole when ``r >= max(k, n) / 2`` else
+``lokr_w2_a @ lokr_w2_b``, no Tucker core. PEFT scales every module by ``alpha / r``. The readers disagree on
+the scale of a file: A1111, ComfyUI and ours take ``alpha / r`` with ``r`` from ``lokr_w2_b`` but 1 when both
+factors are whole; lycoris-lora 4.1.3's ``merge_to`` applies ``alpha / r`` twice (``get_diff_weight``
+multiplies ``get_weight``'s scaled delta again). So every module is written with scale 1: PEFT's
+``alpha / r`` folded into ``lokr_w1`` and ``alpha = r`` (what LyCORIS writes for its own scale-1 modules);
+all of them then rebuild exactly PEFT's delta. ``ss_network_alpha`` keeps the alpha trained with.
 
 Two kohya options:
 
 * LoRA+ (``loraplus_lr_ratio``; kohya network arg ``loraplus_lr_ratio``, recorded in ``ss_network_args``):
   each component's up matrices (PEFT ``lora_B``) form their own param group ``<component>_up`` with
-  ``lr_scale = R``, so ``--text-encoder-lr`` still applies to ``text_encoder*_up``. Refused for LoHa:
-  sd-scripts and LyCORIS select the up matrices by the name ``lora_up``, which a LoHa does not have.
+  ``lr_scale = R``, so ``--text-encoder-lr`` still applies to ``text_encoder*_up``. Refused for LoHa and
+  LoKr: sd-scripts and LyCORIS select the up matrices by the name ``lora_up``, which neither has.
 * max-norm (``max_norm``; kohya ``--scale_weight_norms``, recorded as ``ss_scale_weight_norms``): after
   every optimiser step a module whose delta has a Frobenius norm ``n`` above N is scaled to N. LoRA /
   LoCon multiply up and down by ``sqrt(N / n)`` (sd-scripts ``apply_max_norm_regularization``); LoHa
   multiplies ``hada_w1_a`` by ``N / n`` (LyCORIS scales its ``scalar``, which it folds into ``hada_w1_a``
-  when saving). Refused for AdaLoRA, which no reference defines it for.
+  when saving); LoKr multiplies each of its factor tensors (``lokr_w1`` or ``w1_a``/``w1_b``, ``lokr_w2`` or
+  ``w2_a``/``w2_b``) by ``(N / n) ** (1 / count)`` (LyCORIS ``LokrModule.apply_max_norm``). Refused for
+  AdaLoRA, which no reference defines it for.
 
 AdaLoRA goes through PEFT itself: a ``PeftModel`` with an ``AdaLoraConfig`` on the UNet (its
 ``base_model`` is PEFT's ``AdaLoraModel``, whose rank allocator ``update_and_allocate`` runs in
@@ -50,10 +62,12 @@ from adapterhub.types import Adapter, Trainable
 from adapterhub.weights import architecture_of, component
 
 from . import save as lora_save
-from .patches import LoHaPatch, LoRAPatch
+from .patches import LoHaPatch, LoKrPatch, LoRAPatch
 from .targets import target_modules
 
-TRAINABLE_KINDS = ("lora", "locon", "loha", "adalora")
+TRAINABLE_KINDS = ("lora", "locon", "loha", "lokr", "adalora")
+LYCORIS_KINDS = ("loha", "lokr")  # written with LyCORIS tensor names; ss_network_args carries the algo
+LOKR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 ADAPTER = "default"  # the PEFT adapter name
 UP_NAMES = ("lora_B",)  # PEFT's name of the up matrices (LoRA, LoCon, AdaLoRA)
@@ -80,7 +94,7 @@ def _ranks(kind: str, config) -> tuple[int, float, int, float]:
 
 
 def _peft_config(kind: str, names: list[str], kxk: list[str], config):
-    from peft import LoHaConfig, LoraConfig
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     rank, alpha, conv_rank, conv_alpha = _ranks(kind, config)
     ranks = {re.escape(n): conv_rank for n in kxk}
@@ -88,17 +102,21 @@ def _peft_config(kind: str, names: list[str], kxk: list[str], config):
     if kind == "loha":
         return LoHaConfig(r=rank, alpha=alpha, target_modules=names, rank_pattern=ranks, alpha_pattern=alphas,
                           module_dropout=float(config.dropout or 0.0))
+    if kind == "lokr":  # factor -1, decompose_both off, no Tucker: LyCORIS' defaults and PEFT's
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=names, rank_pattern=ranks, alpha_pattern=alphas,
+                          module_dropout=float(config.dropout or 0.0), init_weights="lycoris")
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, rank_pattern=ranks, alpha_pattern=alphas,
                       lora_dropout=float(config.dropout or 0.0), init_lora_weights=True)
 
 
 def _refuse_options(kind: str, config) -> None:
-    if getattr(config, "loraplus_lr_ratio", None) and kind == "loha":
-        raise AdapterhubError("loha: --loraplus-lr-ratio is not defined for LoHa (LoRA+ scales the up matrices, "
-                              "lora_up; LoHa has none); use lora or locon")
+    if getattr(config, "loraplus_lr_ratio", None) and kind in LYCORIS_KINDS:
+        label = {"loha": "LoHa", "lokr": "LoKr"}[kind]
+        raise AdapterhubError(f"{kind}: --loraplus-lr-ratio is not defined for {label} (LoRA+ scales the up "
+                              f"matrices, lora_up; {label} has none); use lora or locon")
     if getattr(config, "max_norm", None) and kind == "adalora":
         raise AdapterhubError("adalora: --max-norm is not supported (it is defined for kohya LoRA and LyCORIS "
-                              "modules); use lora, locon or loha")
+                              "modules); use lora, locon, loha or lokr")
     if kind == "adalora" and getattr(config, "train_text_encoder", False):
         raise AdapterhubError("adalora: --train-text-encoder is not supported (PEFT's AdaLoRA adapts one model, "
                               "the UNet)")
@@ -148,8 +166,35 @@ def _loha_max_norm(layer, max_norm: float) -> tuple[bool, float]:
     return ratio != 1, norm * ratio
 
 
+def _lokr_factors(layer) -> list[nn.Parameter]:
+    return [getattr(layer, k)[ADAPTER] for k in LOKR_NAMES if ADAPTER in getattr(layer, k)]
+
+
+@torch.no_grad()
+def _lokr_max_norm(layer, max_norm: float) -> tuple[bool, float]:
+    norm = layer.get_delta_weight(ADAPTER).float().norm().item()  # PEFT's delta includes alpha / r
+    ratio = max_norm_ratio(norm, max_norm)
+    if ratio != 1:
+        factors = _lokr_factors(layer)
+        for t in factors:
+            t.mul_(ratio ** (1 / len(factors)))
+    return ratio != 1, norm * ratio
+
+
+MAX_NORM = {"loha": _loha_max_norm, "lokr": _lokr_max_norm}
+
+
+def lokr_patch(target: str, layer) -> LoKrPatch:
+    """A trained PEFT LoKr layer as our LoKr patch, giving PEFT's own ``get_delta_weight`` (see the module doc)."""
+    tensors = {k: getattr(layer, k)[ADAPTER].detach().float().clone() for k in LOKR_NAMES
+               if ADAPTER in getattr(layer, k)}
+    key = "lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a"
+    tensors[key] = tensors[key] * float(layer.scaling[ADAPTER])
+    return LoKrPatch(target, target, tensors, alpha=float(layer.r[ADAPTER]))  # scale 1 for every reader
+
+
 # ---------------------------------------------------------------------------------------------
-# LoRA, LoCon, LoHa
+# LoRA, LoCon, LoHa, LoKr
 # ---------------------------------------------------------------------------------------------
 class LoRATrainable(Trainable):
     """PEFT layers injected into the model; ``layers`` maps each canonical target to its PEFT layer.
@@ -166,7 +211,7 @@ class LoRATrainable(Trainable):
     def after_step(self) -> None:
         if not self.max_norm:
             return
-        clip = _loha_max_norm if self.kind == "loha" else _lora_max_norm
+        clip = MAX_NORM.get(self.kind, _lora_max_norm)
         results = [clip(layer, self.max_norm) for layer in self.layers.values()]
         norms = [n for _, n in results]
         self.norm_stats = (sum(s for s, _ in results), sum(norms) / len(norms), max(norms))
@@ -174,6 +219,9 @@ class LoRATrainable(Trainable):
     def adapter(self) -> Adapter:
         patches = {}
         for target, layer in self.layers.items():
+            if self.kind == "lokr":
+                patches[target] = lokr_patch(target, layer)
+                continue
             alpha = float(layer.alpha[ADAPTER] if self.kind == "loha" else layer.lora_alpha[ADAPTER])
             if self.kind == "loha":
                 tensors = {k: getattr(layer, k)[ADAPTER].detach().float().clone()
@@ -183,8 +231,8 @@ class LoRATrainable(Trainable):
                 down = layer.lora_A[ADAPTER].weight.detach().float().clone()
                 up = layer.lora_B[ADAPTER].weight.detach().float().clone()
                 patches[target] = LoRAPatch(target, target, {"up": up, "down": down}, alpha=alpha)
-        return Adapter(type=self.kind, format="lycoris" if self.kind == "loha" else "kohya", patches=patches,
-                       metadata={}, base=self.base)
+        return Adapter(type=self.kind, format="lycoris" if self.kind in LYCORIS_KINDS else "kohya",
+                       patches=patches, metadata={}, base=self.base)
 
     def save(self, path: Path, metadata: dict[str, str]) -> Path:
         adapter = self.adapter()
@@ -194,7 +242,9 @@ class LoRATrainable(Trainable):
 
 def network_metadata(kind: str, config, has_conv: bool) -> dict[str, str]:
     rank, alpha, conv_rank, conv_alpha = _ranks(kind, config)
-    args: dict[str, str] = {"algo": kind} if kind == "loha" else {}
+    args: dict[str, str] = {"algo": kind} if kind in LYCORIS_KINDS else {}
+    if kind == "lokr":  # LyCORIS' network args for the factorisation it was trained with
+        args.update({"factor": "-1", "decompose_both": "False", "use_tucker": "False"})
     if has_conv:
         args.update({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)})
     if getattr(config, "loraplus_lr_ratio", None):
@@ -208,7 +258,7 @@ def network_metadata(kind: str, config, has_conv: bool) -> dict[str, str]:
 
 
 def make_trainable(kind: str, model, config) -> Trainable:
-    """Inject ``kind`` (lora, locon, loha, adalora) layers on every target of ``model``; see the module doc."""
+    """Inject ``kind`` (lora, locon, loha, lokr, adalora) layers on every target of ``model``; see the module doc."""
     from peft import inject_adapter_in_model
 
     if kind not in TRAINABLE_KINDS:
@@ -230,7 +280,7 @@ def make_trainable(kind: str, model, config) -> Trainable:
         kxk = [real[t] for t, m in own.items() if _is_kxk(m)]
         has_conv = has_conv or bool(kxk)
         inject_adapter_in_model(_peft_config(kind, sorted(real.values()), kxk, config), root, adapter_name=ADAPTER)
-        params = [(n, p) for n, p in root.named_parameters() if ("lora_" in n or "hada_" in n)]
+        params = [(n, p) for n, p in root.named_parameters() if ("lora_" in n or "hada_" in n or "lokr_" in n)]
         for _, p in params:
             p.requires_grad_(True)
         groups += _groups(name, params, getattr(config, "loraplus_lr_ratio", None))
