@@ -6,7 +6,9 @@
 A thin script over :mod:`adapterhub.sample.bench` (also ``adapterhub bench sample``), which documents
 what is measured: ms per step and images/s with no adapters and with a stack of two random LoRAs,
 the stack-switch time, the compile time of the compiled backend, and the same through diffusers'
-own pipeline (and diffusers + peft LoRAs) in the same run, printed as ratios.
+own pipeline (diffusers + peft LoRAs unfused and fused, diffusers + ``torch.compile`` of the UNet) in the
+same run, printed as ratios; FLOPs per UNet step against the measured matmul peak (TFLOP/s, share of
+peak) and peak memory over requests alternating between two sizes.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8, help="timed requests (and switch cycles) per path")
     ap.add_argument("--backends", nargs="+", default=["eager"])
     ap.add_argument("--no-lora-reference", action="store_true")
+    ap.add_argument("--no-diffusers-fused", action="store_true", help="skip diffusers with the LoRAs fused")
+    ap.add_argument("--no-diffusers-compile", action="store_true", help="skip diffusers + torch.compile (slow on CPU)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak memory over alternating sizes")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -47,7 +52,9 @@ def main() -> None:
         plugins.manager().register(backends_module)
     cfg = BenchConfig(base=args.base, backends=tuple(args.backends), steps=args.steps, size=args.size,
                       repeat=args.requests, batch=args.batch, sampler=args.sampler, device=args.device,
-                      dtype=args.dtype, lora_reference=not args.no_lora_reference)
+                      dtype=args.dtype, lora_reference=not args.no_lora_reference,
+                      diffusers_fused=not args.no_diffusers_fused, diffusers_compile=not args.no_diffusers_compile,
+                      memory=not args.no_memory)
     report = bench_sample(cfg, note=None if args.json else lambda text: print(f"... {text}", flush=True))
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
 

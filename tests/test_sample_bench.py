@@ -1,6 +1,9 @@
 """``adapterhub bench sample`` and :mod:`adapterhub.sample.bench`: it runs, measures every path and
 prints the ratios (no timing is asserted). The check that cannot be tuned: the eager generator's
-latents equal diffusers' own pipeline's, bit for bit, in the same run."""
+latents equal diffusers' own pipeline's, bit for bit, in the same run. The added rows are checked the
+same way: diffusers with the two LoRAs fused against the same LoRAs unfused (peft), diffusers +
+``torch.compile`` (``aot_eager``: graph capture without C++ codegen) against eager diffusers, and the
+FLOPs per UNet step against ``FlopCounterMode`` run here on one UNet call."""
 from __future__ import annotations
 
 import json
@@ -19,12 +22,23 @@ def run(capsys, *args):
     return rc, captured.out, captured.err
 
 
+# fusing adds the LoRA products into the weights: the same sums rounded in another order. In float32 at
+# 2 steps the largest difference measured is ~2e-6 of the largest latent; allowed: 1e-5 of it.
+FUSED_RTOL = 1e-5
+
+
 @pytest.fixture(scope="module")
 def report(tiny_sd1):
+    import torch._dynamo
+
     from adapterhub.sample.bench import BenchConfig, bench_sample
 
     notes = []
-    data = bench_sample(BenchConfig(steps=1, size=64, repeat=1, sampler="Euler a"), notes.append)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")
+        mp.delenv("ADAPTERHUB_COMPILE_MODE", raising=False)
+        torch._dynamo.reset()
+        data = bench_sample(BenchConfig(steps=2, size=64, repeat=1, sampler="Euler a"), notes.append)
     data["_notes"] = notes
     return data
 
@@ -45,6 +59,52 @@ def test_every_path_is_measured_against_diffusers(report):
     json.dumps({k: v for k, v in report.items() if k != "_notes"})  # plain data
 
 
+def test_fused_lora_row_matches_the_unfused_one(report):
+    fused, lora = report["diffusers"]["lora_fused"], report["diffusers"]["lora"]
+    assert fused["fuse_s"] >= 0 and fused["ms_per_step"] > 0 and fused["images_per_s"] > 0
+    assert lora["ms_per_step_stack"] > 0  # the unfused row is still there
+    assert fused["max_abs_unfused"] > 1
+    assert fused["max_abs_diff"] <= FUSED_RTOL * fused["max_abs_unfused"]
+    assert isinstance(fused["unfuse_exact"], bool)
+
+
+def test_compiled_diffusers_row_reports_compile_apart(report):
+    comp = report["diffusers"]["compiled"]
+    assert comp["backend"] == "aot_eager" and comp["mode"] == "default"  # CPU: the default mode
+    assert comp["compile_s"] >= 0 and comp["first_s"] >= comp["compile_s"] and comp["ms_per_step"] > 0
+    # after fuse / unfuse / unload the weights are the clean base again: same latents as eager diffusers
+    assert comp["max_abs_diff"] < 1e-4
+    assert any("diffusers compiled (aot_eager, default)" in n for n in report["_notes"])
+
+
+def test_flops_equal_flop_counter_on_one_unet_call(report, tiny_sd1):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = tiny_sd1.unet
+    side = 64 // tiny_sd1.vae_scale_factor
+    sample = torch.randn(2, unet.config.in_channels, side, side)  # batch 1 and its negative prompt (CFG)
+    hidden = torch.randn(2, tiny_sd1.tokenizer.model_max_length, unet.config.cross_attention_dim)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(sample, torch.tensor(10), encoder_hidden_states=hidden)
+    flops = report["flops"]
+    assert flops["unet_step"] > 0 and flops["unet_step"] == counter.get_total_flops()
+    assert flops["unet_rows"] == 2 and flops["peak_tflops"] > 0
+    theirs = report["diffusers"]
+    for row in (report["adapterhub"][0], theirs, theirs["lora_fused"], theirs["compiled"]):
+        assert row["tflops"] == pytest.approx(flops["unet_step"] / (row["ms_per_step"] / 1000) / 1e12)
+        assert row["share_of_peak"] == pytest.approx(row["tflops"] / flops["peak_tflops"])
+    assert report["adapterhub"][0]["share_of_peak_stack"] > 0 and theirs["lora"]["tflops_stack"] > 0
+
+
+def test_memory_over_alternating_sizes(report):
+    mem = report["adapterhub"][0]["memory"]
+    assert mem["sizes"] == [64, 128] and mem["rounds"] == 2 and len(mem["peak_mb"]) == 2
+    assert mem["measure"] == "process peak RSS"
+    assert 0 < mem["peak_mb"][0] <= mem["peak_mb"][1]
+    assert any("alternating 64 / 128 px" in n for n in report["_notes"])
+
+
 def test_format_report_prints_the_ratios(report):
     from adapterhub.sample.bench import format_report
 
@@ -56,10 +116,15 @@ def test_format_report_prints_the_ratios(report):
     assert len(ratios) == 3
     assert float(ratios[0]) == pytest.approx(report["ratios"][0]["step"], abs=0.006)
     assert "eager latents vs diffusers: bitwise equal True" in text
+    assert [line.split("  ")[0].strip() for line in text.splitlines()[2:6]] == [
+        "adapterhub eager", "diffusers (peft)", "diffusers fused LoRA", "diffusers compiled"]
+    assert "TFLOP/s" in header and "GFLOP (2 rows, FlopCounterMode)" in text
+    assert "diffusers fused LoRA latents vs unfused: max |diff|" in text
+    assert "eager memory, alternating 64 / 128 px: peak MB after each round" in text
 
 
 def test_cli_bench_sample_prints_ratios(capsys, tiny_sd1):
-    rc, out, err = run(capsys, "bench", "sample", *TINY, "--no-lora-reference")
+    rc, out, err = run(capsys, "bench", "sample", *TINY, "--no-lora-reference", "--no-diffusers-compile", "--no-memory")
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0].startswith("tiny-sd1 on cpu float32, 64px, 1 steps")
@@ -67,6 +132,8 @@ def test_cli_bench_sample_prints_ratios(capsys, tiny_sd1):
     assert len(re.findall(r"\d+\.\d\dx", ours)) == 1  # the step ratio; no peft reference asked for
     assert any(line.startswith("diffusers") for line in lines)
     assert "bitwise equal True" in out and "... eager: stack switches" in err
+    assert "diffusers compiled" not in out and "diffusers fused" not in out and "memory" not in out
+    assert "GFLOP" in out  # FLOPs and peak are always measured
 
 
 def test_bench_is_a_group(capsys):
@@ -93,7 +160,8 @@ def test_compiled_backend_reports_its_compile_time(tiny_sd1, monkeypatch):
 
     monkeypatch.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")  # graph capture without C++ codegen
     torch._dynamo.reset()
-    data = bench_sample(BenchConfig(backends=("compiled",), steps=1, size=64, repeat=1, lora_reference=False))
+    data = bench_sample(BenchConfig(backends=("compiled",), steps=1, size=64, repeat=1, lora_reference=False,
+                                   diffusers_compile=False, memory=False))
     (row,) = data["adapterhub"]
     assert row["compile_s"] is not None and row["compile_s"] >= 0 and row["graphs"] >= 1
     assert row["max_abs_diff"] < 1e-3

@@ -1,8 +1,9 @@
 """``adapterhub bench``: measurements that compare adapterhub with the reference libraries.
 
 ``adapterhub bench sample`` runs :func:`adapterhub.sample.bench.bench_sample` (ms per step, images/s,
-stack-switch time, compile time) against diffusers' own pipeline in the same run and prints the
-ratios; ``--json`` prints the whole report. Further subcommands (``bench train`` ...) join the group.
+stack-switch time, compile time, TFLOP/s and share of the measured peak, peak memory over alternating
+sizes) against diffusers' own pipeline (eager, peft LoRAs unfused and fused, ``torch.compile``) in the
+same run and prints the ratios; ``--json`` prints the whole report. Further subcommands (``bench train`` ...) join the group.
 """
 from __future__ import annotations
 
@@ -30,14 +31,20 @@ def bench():
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Default: fp16 on CUDA, fp32 on CPU.")
 @click.option("--no-lora-reference", is_flag=True, help="Skip diffusers + peft LoRAs (switches, steps with adapters).")
+@click.option("--no-diffusers-fused", is_flag=True, help="Skip diffusers with the two LoRAs fused (fuse_lora).")
+@click.option("--no-diffusers-compile", is_flag=True,
+              help="Skip diffusers + torch.compile of the UNet (slow to compile on CPU).")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory rounds alternating two sizes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
-def bench_sample_cmd(base, backends, steps, size, repeat, batch, sampler, device, dtype, no_lora_reference, as_json):
+def bench_sample_cmd(base, backends, steps, size, repeat, batch, sampler, device, dtype, no_lora_reference,
+                     no_diffusers_fused, no_diffusers_compile, no_memory, as_json):
     """Sampling: adapterhub's generator vs diffusers' pipeline (ms/step, images/s, switches, compile)."""
     from adapterhub.sample import bench as measure
 
     cfg = measure.BenchConfig(base=base, backends=tuple(backends), steps=steps, size=size, repeat=repeat,
                               batch=batch, sampler=sampler, device=device, dtype=dtype,
-                              lora_reference=not no_lora_reference)
+                              lora_reference=not no_lora_reference, diffusers_fused=not no_diffusers_fused,
+                              diffusers_compile=not no_diffusers_compile, memory=not no_memory)
     measure.check_config(cfg)  # bad options fail before the model loads
     output.quiet_model_loading()
 

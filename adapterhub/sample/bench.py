@@ -14,7 +14,20 @@ The base is loaded once; every path runs on the same modules, one after the othe
 * diffusers: ``StableDiffusion(XL)Pipeline.__call__`` with the same prompt embeddings, scheduler and
   per-image CPU generators (``output_type="latent"``, like ours: no VAE decode), ``repeat`` requests;
   with peft installed also the same two LoRAs through ``load_lora_weights`` / ``set_adapters``
-  (the switch, and steps with both active, unfused), unloaded afterwards.
+  (the switch, and steps with both active, unfused); then the same two fused into the weights
+  (``fuse_lora``, ``lora_fused``: steps, and its latents against the unfused ones: fusing rounds
+  differently), unfused and unloaded afterwards, the base weights put back bit for bit;
+* diffusers + ``torch.compile`` of the UNet (``compiled``: mode ``reduce-overhead`` on CUDA, the default
+  mode on CPU, ``ADAPTERHUB_COMPILE_BACKEND`` / ``ADAPTERHUB_COMPILE_MODE`` as our compiled backend):
+  ``compile_s`` (the first request beyond a steady one) apart from the per-step time;
+* FLOPs of one UNet step (``torch.utils.flop_counter.FlopCounterMode`` over one UNet call with the
+  request's batch and classifier-free guidance, i.e. ``2 * batch`` rows) and the device's measured peak
+  (the best of a few square matmuls in the benchmark dtype, timed in the same run), giving achieved
+  TFLOP/s and the share of peak for every path (the base UNet's useful work: an unfused LoRA's extra
+  matmuls are not counted);
+* memory, per adapterhub backend: the peak (CUDA ``max_memory_allocated`` since the phase began; on CPU
+  the process' peak RSS) after each round of two requests alternating between ``size`` and
+  ``size + 64`` px: bounded memory shows as a list that stops growing.
 
 Ratios are diffusers' time over ours (above 1: adapterhub is faster). Each backend's latents for one
 seed are compared with diffusers' (bitwise for eager in float32; the compiled backend's fused kernels
@@ -24,6 +37,7 @@ device synchronisations. A and B are random UNet LoRAs written by the LoRA plugi
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -54,6 +68,9 @@ class BenchConfig:
     prompt: str = "a castle on a hill, (masterpiece:1.2)"
     negative: str = "blurry"
     lora_reference: bool = True  # diffusers + peft LoRAs as the reference for switches and steps with adapters
+    diffusers_fused: bool = True  # the same LoRAs fused into the weights (needs lora_reference)
+    diffusers_compile: bool = True  # diffusers + torch.compile of the UNet (slow to compile on CPU)
+    memory: bool = True  # peak memory over requests alternating between two sizes
 
 
 def sync(device) -> None:
@@ -123,14 +140,43 @@ def _ours(cfg: BenchConfig, pipe, name: str, folder: Path, size: int, note) -> t
         stacked, _ = _timed(lambda: [gen.generate(_request(cfg, i, BOTH, size), output="latent")
                                      for i in range(1, cfg.repeat + 1)], device)
         stats = gen.runner.stats()
+        memory = _memory(cfg, name, device, lambda i, px: gen.generate(_request(cfg, i, size=px), output="latent"),
+                         size, note) if cfg.memory else None
     finally:
         gen.close()
     steady = plain / cfg.repeat
     row = {"backend": name, "first_s": first, "compile_s": max(first - steady, 0.0) if name != "eager" else None,
            **_per_step(cfg, plain), "switch_ms": 1000 * sum(switches) / len(switches),
            **{f"{k}_stack": v for k, v in _per_step(cfg, stacked).items()},
-           "graphs": stats.get("frames_compiled")}
+           "graphs": stats.get("frames_compiled"), "memory": memory}
     return row, latents
+
+
+def _peak_mb(device) -> float:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _memory(cfg: BenchConfig, name: str, device, generate: Callable[[int, int], Any], size: int, note) -> dict:
+    """Peak memory after each round of two requests, ``size`` then ``size + 64`` px."""
+    sizes = (size, size + 64)
+    rounds = max(2, cfg.repeat)
+    note(f"{name}: {rounds} rounds alternating {sizes[0]} / {sizes[1]} px (memory)")
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    peaks = []
+    for i in range(rounds):
+        for px in sizes:
+            generate(i, px)
+        sync(device)
+        peaks.append(_peak_mb(device))
+    return {"sizes": list(sizes), "rounds": rounds, "peak_mb": peaks,
+            "measure": "cuda max_memory_allocated" if cuda else "process peak RSS"}
 
 
 def _diffusers(cfg: BenchConfig, pipe, size: int, note):
@@ -157,7 +203,45 @@ def _diffusers(cfg: BenchConfig, pipe, size: int, note):
     first, latents = _timed(lambda: call(0), device)
     note(f"diffusers: {cfg.repeat} requests")
     plain, _ = _timed(lambda: [call(i) for i in range(1, cfg.repeat + 1)], device)
-    return ref, call, {"first_s": first, **_per_step(cfg, plain)}, latents
+    flops = unet_flops(pipe.unet, *_unet_inputs(pipe, cfg, size, cond, uncond, encoder.is_xl))
+    return ref, call, {"first_s": first, **_per_step(cfg, plain)}, latents, flops
+
+
+def _unet_inputs(pipe, cfg: BenchConfig, size: int, cond, uncond, is_xl: bool) -> tuple:
+    """One UNet call's arguments: ``2 * batch`` rows (negative and positive prompt), noise of the request's size."""
+    unet, rows = pipe.unet, 2 * cfg.batch
+    side = size // pipe.vae_scale_factor
+    sample = torch.randn(rows, unet.config.in_channels, side, side, device=unet.device, dtype=unet.dtype)
+    embeds = torch.cat([uncond.embeds.expand(cfg.batch, -1, -1), cond.embeds.expand(cfg.batch, -1, -1)])
+    added = None
+    if is_xl:
+        pooled = torch.cat([uncond.pooled.expand(cfg.batch, -1), cond.pooled.expand(cfg.batch, -1)])
+        time_ids = torch.tensor([size, size, 0, 0, size, size], device=unet.device, dtype=embeds.dtype)
+        added = {"text_embeds": pooled, "time_ids": time_ids.expand(rows, -1)}
+    timestep = torch.tensor(500, device=unet.device)
+    return sample, timestep, embeds.to(unet.device, unet.dtype), added
+
+
+def unet_flops(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs=None) -> int:
+    """FLOPs of one UNet call as ``torch.utils.flop_counter.FlopCounterMode`` counts them (matmuls, convs, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+             return_dict=False)
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(device, dtype, n: int | None = None, repeat: int | None = None) -> dict:
+    """The device's measured peak: the best of ``repeat`` ``n x n`` matmuls in ``dtype`` (2 n^3 FLOPs each)."""
+    cuda = str(device).startswith("cuda")
+    n = n or (8192 if cuda else 1024)
+    repeat = repeat or (20 if cuda else 5)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    _timed(lambda: a @ b, device)  # warm-up (kernel selection, thread pool)
+    best = min(_timed(lambda: a @ b, device)[0] for _ in range(repeat))
+    return {"n": n, "repeat": repeat, "tflops": 2 * n**3 / best / 1e12}
 
 
 def _diffusers_lora(cfg: BenchConfig, ref, call, folder: Path, note) -> dict:
@@ -187,11 +271,59 @@ def _diffusers_lora(cfg: BenchConfig, ref, call, folder: Path, note) -> dict:
                 switches.append(seconds)
         switch(PEFT_STACKS[2])
         note(f"diffusers: {cfg.repeat} requests with {BOTH} (peft, unfused)")
-        stacked, _ = _timed(lambda: [call(i) for i in range(1, cfg.repeat + 1)], device)
+        stacked, results = _timed(lambda: [call(i) for i in range(1, cfg.repeat + 1)], device)
+        lora = {"load_s": load, "switch_ms": 1000 * sum(switches) / len(switches),
+                **{f"{k}_stack": v for k, v in _per_step(cfg, stacked).items()}}
+        fused = _diffusers_fused(cfg, ref, call, results[0], note) if cfg.diffusers_fused else None
     finally:
         ref.unload_lora_weights()
-    return {"load_s": load, "switch_ms": 1000 * sum(switches) / len(switches),
-            **{f"{k}_stack": v for k, v in _per_step(cfg, stacked).items()}}
+    return lora, fused
+
+
+def _diffusers_fused(cfg: BenchConfig, ref, call, unfused: torch.Tensor, note) -> dict:
+    """``fuse_lora`` of the active ``A:0.8, B:0.5``, steps, then ``unfuse_lora`` and the base weights put back.
+
+    Unfusing subtracts the product it added, which need not give back the same bits: the base weights
+    are saved before and copied back after (``unfuse_exact`` says whether that was needed)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    device = ref.unet.device
+    saved = [(param, param.detach().clone()) for module in ref.unet.modules() if isinstance(module, BaseTunerLayer)
+             for param in module.get_base_layer().parameters(recurse=False)]
+    note("diffusers: fuse_lora")
+    fuse, _ = _timed(lambda: ref.fuse_lora(components=["unet"], adapter_names=["A", "B"]), device)
+    try:
+        note(f"diffusers: {cfg.repeat} requests with {BOTH} (fused)")
+        seconds, results = _timed(lambda: [call(i) for i in range(1, cfg.repeat + 1)], device)
+    finally:
+        ref.unfuse_lora(components=["unet"])
+        exact = all(torch.equal(param, copy) for param, copy in saved)
+        with torch.no_grad():
+            for param, copy in saved:
+                param.copy_(copy)
+    fused = results[0]
+    return {"fuse_s": fuse, **_per_step(cfg, seconds), "unfuse_exact": exact,
+            "max_abs_diff": float((fused.float() - unfused.float()).abs().max()),
+            "max_abs_unfused": float(unfused.float().abs().max()), "latents": fused}
+
+
+def _diffusers_compiled(cfg: BenchConfig, ref, call, reference: torch.Tensor, note) -> dict:
+    """``torch.compile`` of the UNet inside diffusers' pipeline; ``compile_s`` apart from the steps."""
+    device = ref.unet.device
+    mode = os.environ.get("ADAPTERHUB_COMPILE_MODE") or ("reduce-overhead" if str(device).startswith("cuda") else None)
+    backend = os.environ.get("ADAPTERHUB_COMPILE_BACKEND") or "inductor"
+    unet = ref.unet
+    ref.unet = torch.compile(unet, mode=mode, backend=backend)
+    try:
+        note(f"diffusers compiled ({backend}, {mode or 'default'}): first request")
+        first, latents = _timed(lambda: call(0).clone(), device)
+        note(f"diffusers compiled: {cfg.repeat} requests")
+        plain, _ = _timed(lambda: [call(i) for i in range(1, cfg.repeat + 1)], device)
+    finally:
+        ref.unet = unet
+    steady = plain / cfg.repeat
+    return {"backend": backend, "mode": mode or "default", "first_s": first, "compile_s": max(first - steady, 0.0),
+            **_per_step(cfg, plain), "max_abs_diff": float((latents.float() - reference.float()).abs().max())}
 
 
 def _ratio(theirs: float | None, ours: float | None) -> float | None:
@@ -214,6 +346,8 @@ def bench_sample(cfg: BenchConfig, note: Callable[[str], None] | None = None) ->
     size = cfg.size or int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
     report: dict[str, Any] = {"config": {**asdict(cfg), "size": size, "device": device,
                                          "dtype": str(dtype).split(".")[-1]}, "load_s": load_s}
+    note(f"peak: matmuls in {report['config']['dtype']}")
+    peak = matmul_peak(device, dtype)
     with tempfile.TemporaryDirectory(prefix="adapterhub-bench-") as tmp:
         folder = Path(tmp)
         for name, seed in (("A", 1), ("B", 2)):
@@ -222,20 +356,32 @@ def bench_sample(cfg: BenchConfig, note: Callable[[str], None] | None = None) ->
         for name in cfg.backends:
             row, latents[name] = _ours(cfg, pipe, name, folder, size, note)
             rows.append(row)
-        ref, call, theirs, reference = _diffusers(cfg, pipe, size, note)
+        ref, call, theirs, reference, flops = _diffusers(cfg, pipe, size, note)
         if cfg.lora_reference:
             try:
                 import peft  # noqa: F401
             except ImportError:
                 theirs["lora"] = {"skipped": "peft is not installed"}
             else:
-                theirs["lora"] = _diffusers_lora(cfg, ref, call, folder, note)
+                theirs["lora"], fused = _diffusers_lora(cfg, ref, call, folder, note)
+                if fused is not None:
+                    fused.pop("latents")
+                    theirs["lora_fused"] = fused
+        if cfg.diffusers_compile:
+            theirs["compiled"] = _diffusers_compiled(cfg, ref, call, reference, note)
     lora = theirs.get("lora") or {}
     for row in rows:
         ours = latents[row["backend"]]
         row["latents_equal"] = bool(torch.equal(ours, reference))
         row["max_abs_diff"] = float((ours.float() - reference.float()).abs().max())
     report["adapterhub"], report["diffusers"] = rows, theirs
+    report["flops"] = {"unet_step": flops, "unet_rows": 2 * cfg.batch, "peak_tflops": peak["tflops"],
+                       "peak_matmul_n": peak["n"]}
+    for row in [*rows, theirs, lora, theirs.get("lora_fused") or {}, theirs.get("compiled") or {}]:
+        for suffix in ("", "_stack"):
+            if row.get(f"ms_per_step{suffix}"):
+                achieved = flops / (row[f"ms_per_step{suffix}"] / 1000) / 1e12
+                row[f"tflops{suffix}"], row[f"share_of_peak{suffix}"] = achieved, achieved / peak["tflops"]
     report["ratios"] = [{"backend": r["backend"], "step": _ratio(theirs["ms_per_step"], r["ms_per_step"]),
                          "images_per_s": _ratio(r["images_per_s"], theirs["images_per_s"]),
                          "step_with_stack": _ratio(lora.get("ms_per_step_stack"), r["ms_per_step_stack"]),
@@ -250,25 +396,47 @@ def _fmt(value, digits: int = 2, suffix: str = "") -> str:
     return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def _pct(share) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
 def rows(report: dict) -> list[dict[str, str]]:
-    """One table row per measured path; the ``x`` columns are diffusers' time over ours."""
+    """One table row per measured path; the ``x`` columns are diffusers' time over ours; TFLOP/s and
+    the share of the measured peak from the steps with no adapters (the fused row: with its fused stack)."""
     theirs, lora = report["diffusers"], report["diffusers"].get("lora") or {}
     out = []
     for row, ratio in zip(report["adapterhub"], report["ratios"]):
         out.append({"path": f"adapterhub {row['backend']}", "ms/step": _fmt(row["ms_per_step"]),
                     "images/s": _fmt(row["images_per_s"]), "ms/step +stack": _fmt(row["ms_per_step_stack"]),
                     "switch ms": _fmt(row["switch_ms"], 3), "compile s": _fmt(row["compile_s"]),
+                    "TFLOP/s": _fmt(row.get("tflops"), 4), "peak": _pct(row.get("share_of_peak")),
                     "x step": _fmt(ratio["step"], suffix="x"), "x +stack": _fmt(ratio["step_with_stack"], suffix="x"),
                     "x switch": _fmt(ratio["switch"], suffix="x")})
     peft = " (peft)" if "switch_ms" in lora else ""
     out.append({"path": f"diffusers{peft}", "ms/step": _fmt(theirs["ms_per_step"]),
                 "images/s": _fmt(theirs["images_per_s"]), "ms/step +stack": _fmt(lora.get("ms_per_step_stack")),
-                "switch ms": _fmt(lora.get("switch_ms"), 3), "compile s": "-", "x step": "1x", "x +stack": "1x",
-                "x switch": "1x"})
+                "switch ms": _fmt(lora.get("switch_ms"), 3), "compile s": "-", "TFLOP/s": _fmt(theirs.get("tflops"), 4),
+                "peak": _pct(theirs.get("share_of_peak")), "x step": "1x", "x +stack": "1x", "x switch": "1x"})
+    if "lora_fused" in theirs:
+        fused = theirs["lora_fused"]
+        out.append({"path": "diffusers fused LoRA", "ms/step": "-", "images/s": _fmt(fused["images_per_s"]),
+                    "ms/step +stack": _fmt(fused["ms_per_step"]), "switch ms": "-", "compile s": "-",
+                    "TFLOP/s": _fmt(fused.get("tflops"), 4), "peak": _pct(fused.get("share_of_peak")),
+                    "x step": "-", "x +stack": _fmt(_ratio(lora.get("ms_per_step_stack"), fused["ms_per_step"]), suffix="x"),
+                    "x switch": "-"})
+    if "compiled" in theirs:
+        comp = theirs["compiled"]
+        out.append({"path": "diffusers compiled", "ms/step": _fmt(comp["ms_per_step"]),
+                    "images/s": _fmt(comp["images_per_s"]), "ms/step +stack": "-", "switch ms": "-",
+                    "compile s": _fmt(comp["compile_s"]), "TFLOP/s": _fmt(comp.get("tflops"), 4),
+                    "peak": _pct(comp.get("share_of_peak")),
+                    "x step": _fmt(_ratio(theirs["ms_per_step"], comp["ms_per_step"]), suffix="x"),
+                    "x +stack": "-", "x switch": "-"})
     return out
 
 
-COLUMNS = ["path", "ms/step", "images/s", "ms/step +stack", "switch ms", "compile s", "x step", "x +stack", "x switch"]
+COLUMNS = ["path", "ms/step", "images/s", "ms/step +stack", "switch ms", "compile s", "TFLOP/s", "peak", "x step",
+           "x +stack", "x switch"]
 
 
 def title(report: dict) -> str:
@@ -278,7 +446,7 @@ def title(report: dict) -> str:
 
 
 def format_report(report: dict) -> str:
-    """Plain text: the title, a fixed-width table, the latents check."""
+    """Plain text: the title, a fixed-width table, the latents checks, FLOPs and peak, memory."""
     table = rows(report)
     widths = {c: max(len(c), *(len(r[c]) for r in table)) for c in COLUMNS}
     lines = [title(report), "  ".join(c.ljust(widths[c]) for c in COLUMNS)]
@@ -286,4 +454,25 @@ def format_report(report: dict) -> str:
     for row in report["adapterhub"]:
         lines.append(f"{row['backend']} latents vs diffusers: bitwise equal {row['latents_equal']}, "
                      f"max |diff| {row['max_abs_diff']:.3g}")
+    theirs = report["diffusers"]
+    if "lora_fused" in theirs:
+        fused = theirs["lora_fused"]
+        lines.append(f"diffusers fused LoRA latents vs unfused: max |diff| {fused['max_abs_diff']:.3g} "
+                     f"(of max |latent| {fused['max_abs_unfused']:.3g}); unfuse gave the weights back bitwise "
+                     f"{fused['unfuse_exact']} (restored from a copy)")
+    if "compiled" in theirs:
+        comp = theirs["compiled"]
+        lines.append(f"diffusers compiled ({comp['backend']}, {comp['mode']}) latents vs eager: "
+                     f"max |diff| {comp['max_abs_diff']:.3g}")
+    flops = report.get("flops")
+    if flops:
+        lines.append(f"UNet step: {flops['unet_step'] / 1e9:.4g} GFLOP ({flops['unet_rows']} rows, FlopCounterMode); "
+                     f"peak {flops['peak_tflops']:.3g} TFLOP/s ({flops['peak_matmul_n']}^2 matmul, "
+                     f"{report['config']['dtype']})")
+    for row in report["adapterhub"]:
+        mem = row.get("memory")
+        if mem:
+            peaks = ", ".join(f"{mb:.0f}" for mb in mem["peak_mb"])
+            lines.append(f"{row['backend']} memory, alternating {mem['sizes'][0]} / {mem['sizes'][1]} px: "
+                         f"peak MB after each round {peaks} ({mem['measure']})")
     return "\n".join(lines)
