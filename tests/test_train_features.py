@@ -172,7 +172,7 @@ def test_save_precision_fp16_writes_half_tensors_that_diffusers_loads(tmp_path):
 
 def test_prodigy_optimizer_and_missing_package_messages(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "d", names=("cat",), folder="1_cat")
-    pytest.importorskip("prodigyopt")
+    pytest.importorskip("prodigyopt")  # a test extra
     result = train(TrainConfig(type="lora", dataset=data, out=tmp_path / "p.safetensors", max_steps=2, lr=1.0,
                                optimizer="prodigy", **SMALL))
     assert metadata_of(Path(result["out"]))["ss_optimizer"] == "Prodigy"
