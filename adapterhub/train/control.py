@@ -160,3 +160,28 @@ def condition_batch(samples, cfg) -> torch.Tensor:
 
     arrays = [np.asarray(condition_image(s, cfg), dtype=np.float32) / 255.0 for s in samples]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# what ControlNet and T2I-Adapter trainables share
+# --------------------------------------------------------------------------------------------
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+def check_out(config, label: str) -> None:
+    """Refuse, before training, an OUT naming a file layout the control writers do not make."""
+    out = Path(getattr(config, "out", None) or "")
+    if out.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterhubError(f"--out {out}: {label} is written as a diffusers folder (OUT without a suffix) or "
+                              "one .safetensors file")
+
+
+def control_metadata(config, base: str) -> dict[str, str]:
+    """What a trained control file says of itself beyond the loop's metadata: its base architecture (so a
+    single file parses without a config) and, for a preprocessor, the control kind ``inspect`` shows."""
+    from adapterhub.base import METADATA_KEY
+
+    meta = {METADATA_KEY: base}
+    if getattr(config, "conditioning", "sidecar") != "sidecar":
+        meta["adapterhub.control"] = str(config.conditioning)
+    return meta

@@ -18,47 +18,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from adapterhub.base import METADATA_KEY
 from adapterhub.conditioning import ControlHandle, write_model_folder
 from adapterhub.errors import AdapterhubError
+from adapterhub.train.control import check_out, control_metadata
 from adapterhub.types import Adapter, Trainable
 from adapterhub.weights import architecture_of, component
 
 from . import formats, runtime
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
-
-
-def check_out(config) -> None:
-    """Refuse, before training, an OUT naming a file layout this writer does not make."""
-    out = Path(getattr(config, "out", None) or "")
-    if out.suffix.lower() in PICKLE_SUFFIXES:
-        raise AdapterhubError(f"--out {out}: a ControlNet is written as a diffusers folder (OUT without a suffix) or "
-                              "one .safetensors file")
-
-
-def write_model(model: torch.nn.Module, path: Path, metadata: dict[str, str], dtype: torch.dtype) -> Path:
-    """A diffusers folder, or one ``.safetensors`` file with the same tensor names (the shared writer)."""
-    return write_model_folder(model, path, metadata, dtype)
-
-
-def control_metadata(config, base: str) -> dict[str, str]:
-    """What a trained control file says of itself beyond the loop's metadata: its base architecture (so a
-    single file parses without a config) and, for a preprocessor, the control kind ``inspect`` shows."""
-    meta = {METADATA_KEY: base}
-    if getattr(config, "conditioning", "sidecar") != "sidecar":
-        meta["adapterhub.control"] = str(config.conditioning)
-    return meta
 
 
 class ControlNetTrainable(Trainable):
     """A ``ControlNetModel`` trained beside the frozen UNet."""
 
     conditioning = True
-    # the rate the diffusers ControlNet examples train with (README; their argparse default is 5e-6); the
-    # loop still uses --lr (default 1e-4) until it reads per-type defaults
+    # the rate the diffusers ControlNet examples train with (README; their argparse default is 5e-6); used
+    # when --lr is not given
     default_lr = 1e-5
 
     def __init__(self, controlnet, base: str, extra_metadata: dict[str, str]):
@@ -76,7 +50,7 @@ class ControlNetTrainable(Trainable):
         return {"down_block_additional_residuals": list(down), "mid_block_additional_residual": mid}
 
     def save(self, path: Path, metadata: dict[str, str]) -> Path:
-        return write_model(self.controlnet, Path(path), {**metadata, **self.extra_metadata}, self.save_dtype)
+        return write_model_folder(self.controlnet, Path(path), {**metadata, **self.extra_metadata}, self.save_dtype)
 
     def as_adapter(self) -> Adapter:
         """The ControlNet being trained as an in-memory :class:`Adapter` (what ``runtime.attach`` takes)."""
@@ -94,7 +68,7 @@ class ControlNetTrainable(Trainable):
 def make_trainable(model, config) -> ControlNetTrainable:
     from diffusers import ControlNetModel
 
-    check_out(config)
+    check_out(config, "a ControlNet")
     unet = component(model, "unet")
     if unet is None:
         raise AdapterhubError("controlnet: the model has no UNet to build a ControlNet from")

@@ -19,41 +19,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from adapterhub.base import METADATA_KEY
 from adapterhub.conditioning import ControlHandle, write_model_folder
 from adapterhub.errors import AdapterhubError
+from adapterhub.train.control import check_out, control_metadata
 from adapterhub.types import Adapter, Trainable
 from adapterhub.weights import architecture_of, component
 
 from . import formats, runtime
 from .formats import CONFIG_KEYS, FULL, FULL_XL, LIGHT, fit_problem
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 RES_BLOCKS = 2  # diffusers' and TencentARC's full adapters
-
-
-def check_out(config) -> None:
-    """Refuse, before training, an OUT naming a file layout this writer does not make."""
-    out = Path(getattr(config, "out", None) or "")
-    if out.suffix.lower() in PICKLE_SUFFIXES:
-        raise AdapterhubError(f"--out {out}: a T2I-Adapter is written as a diffusers folder (OUT without a suffix) or "
-                              "one .safetensors file")
-
-
-def write_model(model: torch.nn.Module, path: Path, metadata: dict[str, str], dtype: torch.dtype) -> Path:
-    """A diffusers folder, or one ``.safetensors`` file with the same tensor names (the shared writer)."""
-    return write_model_folder(model, path, metadata, dtype)
-
-
-def control_metadata(config, base: str) -> dict[str, str]:
-    """What a trained control file says of itself beyond the loop's metadata: its base architecture (so a
-    single file parses without a config) and, for a preprocessor, the control kind ``inspect`` shows."""
-    meta = {METADATA_KEY: base}
-    if getattr(config, "conditioning", "sidecar") != "sidecar":
-        meta["adapterhub.control"] = str(config.conditioning)
-    return meta
 
 
 def default_channels(kind: str, widths: list[int]) -> list[int]:
@@ -91,8 +66,8 @@ class T2IAdapterTrainable(Trainable):
     """A ``T2IAdapter`` trained beside the frozen UNet."""
 
     conditioning = True
-    # TencentARC's and the diffusers SDXL README's rate (the script's argparse default is 5e-6); the loop
-    # still uses --lr (default 1e-4) until it reads per-type defaults
+    # TencentARC's and the diffusers SDXL README's rate (the script's argparse default is 5e-6); used when
+    # --lr is not given
     default_lr = 1e-5
 
     def __init__(self, adapter, base: str, extra_metadata: dict[str, str]):
@@ -108,7 +83,7 @@ class T2IAdapterTrainable(Trainable):
         return {"down_intrablock_additional_residuals": list(features)}  # a new list: the UNet pops from it
 
     def save(self, path: Path, metadata: dict[str, str]) -> Path:
-        return write_model(self.adapter, Path(path), {**metadata, **self.extra_metadata}, self.save_dtype)
+        return write_model_folder(self.adapter, Path(path), {**metadata, **self.extra_metadata}, self.save_dtype)
 
     def as_adapter(self) -> Adapter:
         """The adapter being trained as an in-memory :class:`Adapter` (what ``runtime.attach`` takes)."""
@@ -127,7 +102,7 @@ class T2IAdapterTrainable(Trainable):
 def make_trainable(model, config) -> T2IAdapterTrainable:
     from diffusers import T2IAdapter
 
-    check_out(config)
+    check_out(config, "a T2I-Adapter")
     unet = component(model, "unet")
     if unet is None:
         raise AdapterhubError("t2i_adapter: the model has no UNet to build a T2I-Adapter for")
