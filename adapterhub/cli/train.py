@@ -100,7 +100,13 @@ class _Progress:
             if self.task is not None:
                 self.bar.update(self.task, completed=data["step"])
         elif kind == "step" and self.task is not None:
-            info = f"loss {data['loss']:.4f}  lr {data['lr']:.3g}"
+            import time
+
+            if getattr(self, "clock", None) is None:
+                self.clock = (time.perf_counter(), data["step"] - 1)
+            began, first = self.clock
+            rate = (data["step"] - first) / max(time.perf_counter() - began, 1e-9)
+            info = f"loss {data['loss']:.4f}  lr {data['lr']:.3g}  {rate:.2f} it/s"
             if data.get("val_loss") is not None:
                 info += f"  val {data['val_loss']:.4f}"
             self.bar.update(self.task, completed=data["step"], info=info)
