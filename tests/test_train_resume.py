@@ -58,6 +58,8 @@ def test_six_steps_equal_three_interrupt_resume_three(tmp_path):
 
     with pytest.raises(Exception, match="cannot change: rank"):
         resolve(overrides={"resume": state_dir, "rank": 8})
+    with pytest.raises(Exception, match="cannot change: base"):  # a base of another architecture
+        resolve(overrides={"resume": state_dir, "base": "tiny-sdxl"})
     cfg = resolve(overrides={"resume": state_dir})
     assert cfg.out == split and cfg.seed == 0 and cfg.rank == 2
     resumed = train(cfg)

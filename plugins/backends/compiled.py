@@ -53,6 +53,7 @@ from adapterhub.sample.backend import Runner, SamplerBackend
 
 UNET_UNTOUCHED = ("textual_inversion",)  # non-weight types that leave the UNet alone
 UNET_CONTROLS = ("controlnet", "t2i_adapter")  # forward pre-hooks adding residuals: run eagerly, fed to the graph
+UNET_HYPERNETWORKS = ("hypernetwork",)  # attention contexts: cross-attention ones precomputed, fed to the graph
 DOWN, MID, INTRA = ("down_block_additional_residuals", "mid_block_additional_residual",
                     "down_intrablock_additional_residuals")
 
@@ -84,6 +85,35 @@ def _unet_both(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs,
                               return_dict=False)[0]
 
 
+# the same four with a hypernetwork: ``hypernetwork`` (precomputed cross-attention contexts, self-attention MLPs and
+# multiplier tensors) reaches the fixed processors through ``cross_attention_kwargs``
+def _unet_hn_plain(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, hypernetwork):
+    return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                              added_cond_kwargs=added_cond_kwargs, cross_attention_kwargs={"hypernetwork": hypernetwork},
+                              return_dict=False)[0]
+
+
+def _unet_hn_controlnet(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, down, mid, hypernetwork):
+    return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                              added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid, cross_attention_kwargs={"hypernetwork": hypernetwork},
+                              return_dict=False)[0]
+
+
+def _unet_hn_t2i(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, intrablock, hypernetwork):
+    return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                              added_cond_kwargs=added_cond_kwargs, down_intrablock_additional_residuals=intrablock,
+                              cross_attention_kwargs={"hypernetwork": hypernetwork}, return_dict=False)[0]
+
+
+def _unet_hn_both(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, down, mid, intrablock,
+                  hypernetwork):
+    return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                              added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid, down_intrablock_additional_residuals=intrablock,
+                              cross_attention_kwargs={"hypernetwork": hypernetwork}, return_dict=False)[0]
+
+
 def _controlnet(model, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale,
                 added_cond_kwargs):
     return type(model).forward(model, sample, timestep, encoder_hidden_states=encoder_hidden_states,
@@ -108,7 +138,60 @@ CONTROLNET_INPUTS = ("self", "sample", "timestep", "encoder_hidden_states", "con
                      "guess_mode", "added_cond_kwargs", "return_dict")
 UNET_ENTRIES = {(False, False): _unet_plain, (True, False): _unet_controlnet, (False, True): _unet_t2i,
                 (True, True): _unet_both}
-ENTRIES = (*UNET_ENTRIES.values(), _controlnet, _controlnet_guess, _t2i_adapter)
+UNET_HN_ENTRIES = {(False, False): _unet_hn_plain, (True, False): _unet_hn_controlnet, (False, True): _unet_hn_t2i,
+                   (True, True): _unet_hn_both}
+ENTRIES = (*UNET_ENTRIES.values(), *UNET_HN_ENTRIES.values(), _controlnet, _controlnet_guess, _t2i_adapter)
+
+
+# --------------------------------------------------------------------------------------------
+# hypernetworks: fixed attention processors taking the contexts / MLPs as inputs
+# --------------------------------------------------------------------------------------------
+def _hypernetwork_layers(unet) -> list[tuple[torch.nn.Module, Any]]:
+    """(attention module, its attached hypernetwork processor) for every layer a hypernetwork is attached to."""
+    try:
+        from adapterhub_plugins.hypernetwork.processor import HypernetworkAttnProcessor
+    except ImportError:
+        return []
+    return [(m, m.processor) for m in unet.modules()
+            if isinstance(getattr(m, "processor", None), HypernetworkAttnProcessor)]
+
+
+@functools.cache
+def _fixed_processor_type() -> type:
+    from adapterhub_plugins.hypernetwork.processor import HypernetworkAttnProcessor
+
+    class FixedHypernetworkProcessor(HypernetworkAttnProcessor):
+        """The attached processor's attention, with the contexts from the call's ``hypernetwork`` input:
+        precomputed for cross-attention, the MLP chain with tensor multipliers for self-attention."""
+
+        def __init__(self, cross: bool, width: int):
+            super().__init__(None)
+            self.cross, self.width, self.inputs = cross, width, None
+
+        def contexts(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.cross:
+                return self.inputs["contexts"][self.width]
+            context_k = context_v = context
+            for mlp_k, mlp_v, multiplier in self.inputs["chains"][self.width]:
+                context_k, context_v = _mlp(mlp_k, context_k, multiplier), _mlp(mlp_v, context_v, multiplier)
+            return context_k, context_v
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                     hypernetwork=None):
+            self.inputs = hypernetwork
+            try:
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            finally:
+                self.inputs = None
+
+    return FixedHypernetworkProcessor
+
+
+def _mlp(module: torch.nn.Module, x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """``HyperModule.forward`` in float32 (as ``Hypernetwork._run``) with the multiplier a tensor input: a
+    float32 product, the same as with the Python number."""
+    x32 = x.to(torch.float32)
+    return (x32 + module.linear(x32) * multiplier.to(x.device)).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +283,49 @@ class CompiledRunner(Runner):
             inputs += [list(down) if down is not None else None, mid]
         if t2i:
             inputs.append(list(intrablock))  # the UNet pops from this list: a copy of its own
-        return self.compiled[UNET_ENTRIES[controlnet, t2i]](unet, *inputs)
+        layers = _hypernetwork_layers(unet)
+        if not layers:
+            return self.compiled[UNET_ENTRIES[controlnet, t2i]](unet, *inputs)
+        hypernetwork = self._hypernetwork_inputs(layers, call.get("encoder_hidden_states"))
+        with self._fixed_processors(layers):
+            return self.compiled[UNET_HN_ENTRIES[controlnet, t2i]](unet, *inputs, hypernetwork)
+
+    # -- hypernetworks ----------------------------------------------------------------------------
+    def _hypernetwork_inputs(self, layers: list, context: torch.Tensor | None) -> dict[str, dict]:
+        """The graph inputs of the attached hypernetworks: for cross-attention, the key and value contexts
+        computed here, once per width (they depend on the text context only); for self-attention, where the
+        context is the hidden state, each width's chain of (k MLP, v MLP, multiplier as a tensor)."""
+        contexts, chains, seen = {}, {}, {}
+        for module, processor in layers:
+            cross, width = module.is_cross_attention, module.to_k.in_features
+            chain = tuple(processor.hypernetworks)
+            if seen.setdefault((cross, width), chain) != chain:  # attach gives every layer of a width one chain
+                raise AdapterhubError(f"attention layers of width {width} run different hypernetworks; the compiled "
+                                      "backend needs one per width (use --backend eager)")
+            if cross and width not in contexts:
+                if context is None or module.norm_cross:
+                    raise AdapterhubError("a hypernetwork on a cross-attention layer without a plain text context; "
+                                          "use --backend eager")
+                contexts[width] = processor.contexts(context)
+            elif not cross and width not in chains:
+                chains[width] = [(*h.layers[width], torch.tensor(h.multiplier, dtype=torch.float32))
+                                 for h in chain if width in h.layers]
+        return {"contexts": contexts, "chains": chains}
+
+    @contextlib.contextmanager
+    def _fixed_processors(self, layers: list) -> Iterator[None]:
+        """Each hypernetwork layer runs its fixed processor (one object per layer for the runner's life, so the
+        graph's guards hold) for the compiled call; the attached processors are put back after."""
+        fixed = self.__dict__.setdefault("_fixed", {})
+        try:
+            for module, _ in layers:
+                if module not in fixed:
+                    fixed[module] = _fixed_processor_type()(module.is_cross_attention, module.to_k.in_features)
+                module.processor = fixed[module]
+            yield
+        finally:
+            for module, processor in layers:
+                module.processor = processor
 
     @staticmethod
     def _controls(unet) -> list:
@@ -242,7 +367,8 @@ class CompiledRunner(Runner):
         weight delta (a hypernetwork: attention processors swapped inside the traced code) is refused."""
         for entry in stack.entries:
             adapter = entry.adapter
-            if adapter is None or adapter.plugin.weight_space or adapter.type in UNET_UNTOUCHED + UNET_CONTROLS:
+            if adapter is None or adapter.plugin.weight_space or adapter.type in UNET_UNTOUCHED + UNET_CONTROLS + \
+                    UNET_HYPERNETWORKS:
                 continue
             raise AdapterhubError(f"{entry.label}: a {adapter.type} changes the UNet's code, not its weights or "
                                   "inputs; the compiled backend would recompile at every switch (use --backend eager)")
