@@ -10,8 +10,6 @@ import os
 
 import pytest
 
-from adapterhub.errors import AdapterhubError
-
 SIZE = 64
 
 
@@ -74,7 +72,7 @@ def test_switching_stacks_never_recompiles_inductor(tiny_sd1, loras):
     _switching("inductor", tiny_sd1, loras, 2e-3)
 
 
-def test_compiled_refuses_adapters_that_change_unet_code(tiny_sd1, tmp_path):
+def test_compiled_accepts_hypernetworks(tiny_sd1, tmp_path):
     from adapterhub.plugins import adapter_types
     from adapterhub.sample.backend import backend
     from adapterhub.stack import Stack
@@ -84,5 +82,4 @@ def test_compiled_refuses_adapters_that_change_unet_code(tiny_sd1, tmp_path):
     path = adapter_types()["hypernetwork"].example(tiny_sd1, tmp_path / "hn.pt", seed=0)
     runner = backend("compiled").prepare(copy.copy(tiny_sd1))  # torch.compile is lazy: nothing compiles here
     stack = Stack([(path, 1.0)]).load()
-    with pytest.raises(AdapterhubError, match="use --backend eager"):
-        runner.check_stack(stack)
+    runner.check_stack(stack)  # fed to the graph as inputs (tests/test_sample_compiled_hypernetwork.py)

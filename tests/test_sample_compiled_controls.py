@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterhub.errors import AdapterhubError
-
 SIZE = 64
 ENTRIES = {"unet_plain", "unet_controlnet", "unet_t2i", "unet_both", "controlnet", "controlnet_guess", "t2i_adapter"}
 
@@ -181,7 +179,7 @@ def test_recompiles_are_counted(generators):
     torch._dynamo.reset()  # leave no recompiled entry behind
 
 
-def test_compiled_accepts_controls_and_refuses_hypernetworks(tiny_sd1, files, tmp_path):
+def test_compiled_accepts_controls_and_hypernetworks(tiny_sd1, files, tmp_path):
     from adapterhub.plugins import adapter_types
     from adapterhub.sample.backend import backend
     from adapterhub.stack import Stack
@@ -193,8 +191,7 @@ def test_compiled_accepts_controls_and_refuses_hypernetworks(tiny_sd1, files, tm
                               _entry(files["t2i"], 1.0, image=files["edges"])]).load())
     if "hypernetwork" in types:
         hn = types["hypernetwork"].example(tiny_sd1, tmp_path / "hn.pt", seed=0)
-        with pytest.raises(AdapterhubError, match="hn: a hypernetwork changes the UNet's code.*use --backend eager"):
-            runner.check_stack(Stack([(hn, 1.0)]).load())
+        runner.check_stack(Stack([(hn, 1.0)]).load())
 
 
 def test_compile_caches_in_the_project_cache(tiny_sd1, tmp_path, monkeypatch):

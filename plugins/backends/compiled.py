@@ -24,10 +24,21 @@ built-in ``nn.Module`` calls and lifts their parameters as graph inputs (``inlin
 always on in torch 2.14), so a second ControlNet of the same architecture reuses the graph compiled for
 the first, no recompile (checked by the tests; the T2I-Adapter entry takes its model the same way).
 
-Hypernetworks are refused: they replace the UNet's attention processors, Python objects inside the
-traced code that carry their MLP modules and Python-number multipliers, so every attach, detach or
-weight change would invalidate the graph's guards and recompile, the opposite of what this backend is
-for. Use ``--backend eager`` for them.
+Hypernetworks (AUTOMATIC1111) replace the UNet's attention processors with Python objects that carry
+their MLP modules and Python-number multipliers: traced as they are, every attach, detach, switch or
+weight change would invalidate the graph's guards. Yet a hypernetwork only transforms the context that
+feeds ``to_k`` / ``to_v``. In a cross-attention layer that context is the text, so the runner computes the
+key and value contexts eagerly, once per UNet call and context width, with the attached processor's own
+``contexts`` (several hypernetworks chain in attach order, exactly as eager). In a self-attention layer the
+context is the hidden state; there the graph runs the MLPs itself, with the modules (parameters lifted as
+inputs) and the multipliers (float32 tensors: the same product as the Python number) as inputs. For the
+compiled call only, each hypernetwork layer runs a fixed processor (one object per layer for the runner's
+life, so the guards hold) that takes both from ``cross_attention_kwargs``; the attached processors are put
+back right after, and detaching the hypernetwork restores the originals as in eager. With a hypernetwork
+attached the UNet goes through entries of their own (``unet_hn_*``, one per residual kind): another file
+of the same widths and layer structure, a new multiplier, or the hypernetwork off then on again changes
+values, never the graph. A different number of chained hypernetworks or another layer structure changes
+the graph's signature and compiles that entry again.
 
 Compilation is paid once per machine: unless ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` are set,
 inductor's and Triton's on-disk caches go to ``<adapterhub cache>/compile``, with inductor's FX graph
@@ -191,7 +202,7 @@ def _mlp(module: torch.nn.Module, x: torch.Tensor, multiplier: torch.Tensor) -> 
     """``HyperModule.forward`` in float32 (as ``Hypernetwork._run``) with the multiplier a tensor input: a
     float32 product, the same as with the Python number."""
     x32 = x.to(torch.float32)
-    return (x32 + module.linear(x32) * multiplier.to(x.device)).to(x.dtype)
+    return (x32 + module.linear(x32) * multiplier).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +266,7 @@ class CompiledRunner(Runner):
         self.caches = use_project_caches()
         self.compiled = {entry: torch.compile(entry, mode=mode, backend=backend, dynamic=False) for entry in ENTRIES}
         self.calls = 0
+        self._fixed: dict[torch.nn.Module, Any] = {}  # attention module -> its fixed hypernetwork processor
 
     # -- the step ---------------------------------------------------------------------------------
     def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
@@ -308,7 +320,8 @@ class CompiledRunner(Runner):
                                           "use --backend eager")
                 contexts[width] = processor.contexts(context)
             elif not cross and width not in chains:
-                chains[width] = [(*h.layers[width], torch.tensor(h.multiplier, dtype=torch.float32))
+                device = module.to_k.weight.device
+                chains[width] = [(*h.layers[width], torch.tensor(h.multiplier, dtype=torch.float32, device=device))
                                  for h in chain if width in h.layers]
         return {"contexts": contexts, "chains": chains}
 
@@ -316,7 +329,7 @@ class CompiledRunner(Runner):
     def _fixed_processors(self, layers: list) -> Iterator[None]:
         """Each hypernetwork layer runs its fixed processor (one object per layer for the runner's life, so the
         graph's guards hold) for the compiled call; the attached processors are put back after."""
-        fixed = self.__dict__.setdefault("_fixed", {})
+        fixed = self._fixed
         try:
             for module, _ in layers:
                 if module not in fixed:
@@ -363,8 +376,8 @@ class CompiledRunner(Runner):
 
     # -- the contract -----------------------------------------------------------------------------
     def check_stack(self, stack) -> None:
-        """Weight deltas, textual inversions, ControlNets and T2I-Adapters pass; anything else that is not a
-        weight delta (a hypernetwork: attention processors swapped inside the traced code) is refused."""
+        """Weight deltas, textual inversions, ControlNets, T2I-Adapters and hypernetworks pass; anything else
+        that is not a weight delta (it may change the UNet's code, which the graph would bake in) is refused."""
         for entry in stack.entries:
             adapter = entry.adapter
             if adapter is None or adapter.plugin.weight_space or adapter.type in UNET_UNTOUCHED + UNET_CONTROLS + \
