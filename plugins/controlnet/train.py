@@ -16,53 +16,33 @@ attached (``runtime.attach``), for the loop's validation images.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from adapterhub.conditioning import ControlHandle, write_model_folder
 from adapterhub.errors import AdapterhubError
-from adapterhub.train.control import check_out, control_metadata
-from adapterhub.types import Adapter, Trainable
+from adapterhub.train.control import ControlTrainable, check_out, control_metadata
 from adapterhub.weights import architecture_of, component
 
-from . import formats, runtime
+from . import runtime
 
 
-class ControlNetTrainable(Trainable):
+class ControlNetTrainable(ControlTrainable):
     """A ``ControlNetModel`` trained beside the frozen UNet."""
 
-    conditioning = True
-    # the rate the diffusers ControlNet examples train with (README; their argparse default is 5e-6); used
-    # when --lr is not given
-    default_lr = 1e-5
+    type_name, architecture = "controlnet", "controlnet"
+    attach = staticmethod(runtime.attach)
 
-    def __init__(self, controlnet, base: str, extra_metadata: dict[str, str]):
-        super().__init__([{"name": "controlnet", "params": list(controlnet.parameters())}],
-                         metadata={"modelspec.architecture": "controlnet"})
-        self.controlnet, self.base, self.extra_metadata = controlnet, base, extra_metadata
-        self.modules = [controlnet]
+    @property
+    def controlnet(self):
+        return self.model
+
+    def model_config(self) -> dict:
+        return {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}
 
     def unet_kwargs(self, noisy, timesteps, hidden, added_cond_kwargs, cond) -> dict:
         if cond is None:
             raise AdapterhubError("controlnet: the loop gave no conditioning images")
-        down, mid = self.controlnet(noisy, timesteps, encoder_hidden_states=hidden,
-                                    controlnet_cond=cond.to(dtype=self.controlnet.dtype),
-                                    added_cond_kwargs=added_cond_kwargs, return_dict=False)
+        down, mid = self.model(noisy, timesteps, encoder_hidden_states=hidden,
+                               controlnet_cond=cond.to(dtype=self.model.dtype),
+                               added_cond_kwargs=added_cond_kwargs, return_dict=False)
         return {"down_block_additional_residuals": list(down), "mid_block_additional_residual": mid}
-
-    def save(self, path: Path, metadata: dict[str, str]) -> Path:
-        return write_model_folder(self.controlnet, Path(path), {**metadata, **self.extra_metadata}, self.save_dtype)
-
-    def as_adapter(self) -> Adapter:
-        """The ControlNet being trained as an in-memory :class:`Adapter` (what ``runtime.attach`` takes)."""
-        config = {k: v for k, v in dict(self.controlnet.config).items() if not k.startswith("_")}
-        return Adapter(type="controlnet", format=formats.DIFFUSERS, patches={}, base=self.base,
-                       metadata=dict(self.extra_metadata),
-                       extra={"layout": formats.DIFFUSERS, "config": config, "model": self.controlnet})
-
-    def sampling(self, pipe, cond_image, weight: float = 1.0) -> ControlHandle:
-        """Attach the ControlNet as it is now to ``pipe`` with ``cond_image``, exactly as a loaded one is
-        attached; use it as a context manager (leaving it detaches: the UNet is as before)."""
-        return runtime.attach(self.as_adapter(), pipe, weight, image=cond_image)
 
 
 def make_trainable(model, config) -> ControlNetTrainable:

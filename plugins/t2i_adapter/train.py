@@ -17,15 +17,11 @@ Written as a diffusers ``T2IAdapter`` folder, or (OUT ending in ``.safetensors``
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from adapterhub.conditioning import ControlHandle, write_model_folder
 from adapterhub.errors import AdapterhubError
-from adapterhub.train.control import check_out, control_metadata
-from adapterhub.types import Adapter, Trainable
+from adapterhub.train.control import ControlTrainable, check_out, control_metadata
 from adapterhub.weights import architecture_of, component
 
-from . import formats, runtime
+from . import runtime
 from .formats import CONFIG_KEYS, FULL, FULL_XL, LIGHT, fit_problem
 
 RES_BLOCKS = 2  # diffusers' and TencentARC's full adapters
@@ -62,41 +58,25 @@ def adapter_config(unet_config, config, vae_scale: int) -> dict:
     return adapter
 
 
-class T2IAdapterTrainable(Trainable):
-    """A ``T2IAdapter`` trained beside the frozen UNet."""
+class T2IAdapterTrainable(ControlTrainable):
+    """A ``T2IAdapter`` trained beside the frozen UNet (TencentARC's and the diffusers SDXL README's rate)."""
 
-    conditioning = True
-    # TencentARC's and the diffusers SDXL README's rate (the script's argparse default is 5e-6); used when
-    # --lr is not given
-    default_lr = 1e-5
+    type_name, architecture = "t2i_adapter", "t2i-adapter"
+    attach = staticmethod(runtime.attach)
 
-    def __init__(self, adapter, base: str, extra_metadata: dict[str, str]):
-        super().__init__([{"name": "t2i_adapter", "params": list(adapter.parameters())}],
-                         metadata={"modelspec.architecture": "t2i-adapter"})
-        self.adapter, self.base, self.extra_metadata = adapter, base, extra_metadata
-        self.modules = [adapter]
+    @property
+    def adapter(self):
+        return self.model
+
+    def model_config(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(self.model.config).items()
+                if k in CONFIG_KEYS}
 
     def unet_kwargs(self, noisy, timesteps, hidden, added_cond_kwargs, cond) -> dict:
         if cond is None:
             raise AdapterhubError("t2i_adapter: the loop gave no conditioning images")
-        features = self.adapter(cond.to(dtype=self.adapter.dtype))
+        features = self.model(cond.to(dtype=self.model.dtype))
         return {"down_intrablock_additional_residuals": list(features)}  # a new list: the UNet pops from it
-
-    def save(self, path: Path, metadata: dict[str, str]) -> Path:
-        return write_model_folder(self.adapter, Path(path), {**metadata, **self.extra_metadata}, self.save_dtype)
-
-    def as_adapter(self) -> Adapter:
-        """The adapter being trained as an in-memory :class:`Adapter` (what ``runtime.attach`` takes)."""
-        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(self.adapter.config).items()
-                  if k in CONFIG_KEYS}
-        return Adapter(type="t2i_adapter", format=formats.DIFFUSERS, patches={}, base=self.base,
-                       metadata=dict(self.extra_metadata),
-                       extra={"layout": formats.DIFFUSERS, "config": config, "model": self.adapter})
-
-    def sampling(self, pipe, cond_image, weight: float = 1.0) -> ControlHandle:
-        """Attach the adapter as it is now to ``pipe`` with ``cond_image``, exactly as a loaded one is
-        attached; use it as a context manager (leaving it detaches: the UNet is as before)."""
-        return runtime.attach(self.as_adapter(), pipe, weight, image=cond_image)
 
 
 def make_trainable(model, config) -> T2IAdapterTrainable:
