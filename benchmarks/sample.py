@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--no-diffusers-fused", action="store_true", help="skip diffusers with the LoRAs fused")
     ap.add_argument("--no-diffusers-compile", action="store_true", help="skip diffusers + torch.compile (slow on CPU)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak memory over alternating sizes")
+    ap.add_argument("--profile", type=int, default=0, help="top kernels of one request per backend (rows)")
+    ap.add_argument("--second-process", action="store_true", help="time a fresh process to its first image")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -54,7 +56,7 @@ def main() -> None:
                       repeat=args.requests, batch=args.batch, sampler=args.sampler, device=args.device,
                       dtype=args.dtype, lora_reference=not args.no_lora_reference,
                       diffusers_fused=not args.no_diffusers_fused, diffusers_compile=not args.no_diffusers_compile,
-                      memory=not args.no_memory)
+                      memory=not args.no_memory, profile=args.profile, second_process=args.second_process)
     report = bench_sample(cfg, note=None if args.json else lambda text: print(f"... {text}", flush=True))
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
 

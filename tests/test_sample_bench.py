@@ -160,9 +160,43 @@ def test_compiled_backend_reports_its_compile_time(tiny_sd1, monkeypatch):
 
     monkeypatch.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")  # graph capture without C++ codegen
     torch._dynamo.reset()
-    data = bench_sample(BenchConfig(backends=("compiled",), steps=1, size=64, repeat=1, lora_reference=False,
-                                   diffusers_compile=False, memory=False))
-    (row,) = data["adapterhub"]
-    assert row["compile_s"] is not None and row["compile_s"] >= 0 and row["graphs"] >= 1
-    assert row["max_abs_diff"] < 1e-3
+    data = bench_sample(BenchConfig(backends=("compiled", "compiled:fuse_qkv=0,channels_last=1"), steps=1, size=64,
+                                   repeat=1, lora_reference=False, diffusers_compile=False, memory=False))
+    fused, plain = data["adapterhub"]
+    assert plain["backend"] == "compiled:fuse_qkv=0,channels_last=1"
+    for row in (fused, plain):
+        assert row["compile_s"] is not None and row["compile_s"] >= 0 and row["graphs"] >= 1
+        assert row["max_abs_diff"] < 1e-3
     assert data["ratios"][0]["switch"] is None and data["ratios"][0]["step"] > 0
+    assert "ADAPTERHUB_COMPILE_FUSE_QKV" not in __import__("os").environ  # the options were set for the row only
+
+
+def test_backend_options_become_its_environment():
+    from adapterhub.errors import AdapterhubError
+    from adapterhub.sample.bench import backend_spec
+
+    assert backend_spec("compiled:fuse_qkv=0, channels_last=1,mode=reduce-overhead") == (
+        "compiled", {"ADAPTERHUB_COMPILE_FUSE_QKV": "0", "ADAPTERHUB_COMPILE_CHANNELS_LAST": "1",
+                     "ADAPTERHUB_COMPILE_MODE": "reduce-overhead"})
+    assert backend_spec("eager") == ("eager", {})
+    with pytest.raises(AdapterhubError, match="KEY=VALUE"):
+        backend_spec("compiled:fuse_qkv")
+
+
+def test_profile_and_second_process(tiny_sd1):
+    """``--profile N``: the top kernels of one request, by self time, shares summing to at most 1; ``--second-process``:
+    a fresh process makes its first image and reports the time."""
+    from adapterhub.sample.bench import BenchConfig, bench_sample, format_report
+
+    data = bench_sample(BenchConfig(backends=("eager",), steps=1, size=64, repeat=1, lora_reference=False,
+                                   diffusers_compile=False, memory=False, profile=4, second_process=True))
+    (row,) = data["adapterhub"]
+    profile = row["profile"]
+    assert 1 <= len(profile) <= 4 and all(p["self_ms"] > 0 and p["calls"] >= 1 for p in profile)
+    assert [p["self_ms"] for p in profile] == sorted((p["self_ms"] for p in profile), reverse=True)
+    assert 0 < sum(p["share"] for p in profile) <= 1 + 1e-9
+    second = row["second_process"]
+    assert "error" not in second, second
+    assert second["first_image_s"] >= second["load_s"] > 0
+    text = format_report(data)
+    assert "eager top kernels of one request" in text and "eager second process: first image after" in text

@@ -21,7 +21,8 @@ def bench():
 @click.option("--base", default="tiny-sd1", show_default=True,
               help="tiny-sd1, tiny-sdxl, a preset (sd1, sdxl: random weights), a diffusers folder or checkpoint.")
 @click.option("--backend", "backends", multiple=True, default=("eager",), show_default=True,
-              help="A registered sampler backend (eager, compiled ...); repeat to measure several.")
+              help="A registered sampler backend (eager, compiled ...), optionally with options as its environment "
+                   "variables: compiled:fuse_qkv=0,channels_last=1,mode=reduce-overhead. Repeat to measure several.")
 @click.option("--steps", default=8, show_default=True, type=int)
 @click.option("--size", default=256, show_default=True, type=int, help="Image width and height in pixels.")
 @click.option("--repeat", default=4, show_default=True, type=int, help="Timed requests (and switch cycles) per path.")
@@ -35,16 +36,21 @@ def bench():
 @click.option("--no-diffusers-compile", is_flag=True,
               help="Skip diffusers + torch.compile of the UNet (slow to compile on CPU).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory rounds alternating two sizes.")
+@click.option("--profile", default=0, show_default=True, type=int,
+              help="Print this many top kernels (torch.profiler) of one request per adapterhub backend.")
+@click.option("--second-process", is_flag=True,
+              help="Time a fresh process to its first image (compile caches warm), per adapterhub backend.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
 def bench_sample_cmd(base, backends, steps, size, repeat, batch, sampler, device, dtype, no_lora_reference,
-                     no_diffusers_fused, no_diffusers_compile, no_memory, as_json):
+                     no_diffusers_fused, no_diffusers_compile, no_memory, profile, second_process, as_json):
     """Sampling: adapterhub's generator vs diffusers' pipeline (ms/step, images/s, switches, compile)."""
     from adapterhub.sample import bench as measure
 
     cfg = measure.BenchConfig(base=base, backends=tuple(backends), steps=steps, size=size, repeat=repeat,
                               batch=batch, sampler=sampler, device=device, dtype=dtype,
                               lora_reference=not no_lora_reference, diffusers_fused=not no_diffusers_fused,
-                              diffusers_compile=not no_diffusers_compile, memory=not no_memory)
+                              diffusers_compile=not no_diffusers_compile, memory=not no_memory, profile=profile,
+                              second_process=second_process)
     measure.check_config(cfg)  # bad options fail before the model loads
     output.quiet_model_loading()
 

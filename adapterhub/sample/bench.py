@@ -6,7 +6,8 @@
 
 The base is loaded once; every path runs on the same modules, one after the other:
 
-* adapterhub, per backend (one :class:`Generator` each): the first request (``compile_s`` for the
+* adapterhub, per backend (one :class:`Generator` each; ``compiled:fuse_qkv=0,channels_last=1`` names a backend
+  with options, set as its ``ADAPTERHUB_COMPILE_*`` variables for that row only): the first request (``compile_s`` for the
   compiled backend is its time beyond a steady request), then ``repeat`` requests with no adapters
   (ms per step, images/s), the switch between the stacks none, ``A:0.8``, ``A:0.8, B:0.5``, ``B:1``
   (``apply_stack``: only the changed parameters are rewritten in place), and ``repeat`` requests with
@@ -37,6 +38,7 @@ device synchronisations. A and B are random UNet LoRAs written by the LoRA plugi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -71,6 +73,8 @@ class BenchConfig:
     diffusers_fused: bool = True  # the same LoRAs fused into the weights (needs lora_reference)
     diffusers_compile: bool = True  # diffusers + torch.compile of the UNet (slow to compile on CPU)
     memory: bool = True  # peak memory over requests alternating between two sizes
+    profile: int = 0  # top kernels (torch.profiler) of one request per adapterhub backend: this many rows
+    second_process: bool = False  # time to the first image in a fresh process (compile caches warm), per backend
 
 
 def sync(device) -> None:
@@ -97,6 +101,7 @@ def check_config(cfg: BenchConfig) -> None:
     """Everything that needs no model (one-line AdapterhubError)."""
     from adapterhub.sample.backend import backend
     from adapterhub.sample.generator import DTYPES, check_request
+    from adapterhub.sample import samplers
 
     for name in ("steps", "repeat", "batch"):
         if int(getattr(cfg, name)) < 1:
@@ -106,8 +111,41 @@ def check_config(cfg: BenchConfig) -> None:
     if not cfg.backends:
         raise AdapterhubError("no backend to measure")
     for name in cfg.backends:
-        backend(name)
+        backend(backend_spec(name)[0])
     check_request(_request(cfg, 0, size=cfg.size or 512))
+    sampler, schedule = samplers.resolve_sampler(cfg.sampler)
+    if sampler.scheduler == samplers.KDIFFUSION or samplers.resolved_schedule(sampler, schedule) in samplers.EXPLICIT:
+        raise AdapterhubError(f"--sampler {cfg.sampler!r}: diffusers' pipeline has no such scheduler to compare "
+                              "with; choose a sampler diffusers runs (DPM++ 2M, Euler a, ...)")
+
+
+def backend_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``compiled:fuse_qkv=0,channels_last=1`` -> ``("compiled", {"ADAPTERHUB_COMPILE_FUSE_QKV": "0", ...})``: a
+    backend with options, given to it as its environment variables while it is prepared (one row each, so
+    the gain of every option is measured in the same run)."""
+    name, _, options = spec.partition(":")
+    env = {}
+    for item in filter(None, (o.strip() for o in options.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise AdapterhubError(f"--backend {spec!r}: options are KEY=VALUE separated by commas")
+        prefix = "ADAPTERHUB_COMPILE_" if name.strip() == "compiled" else f"ADAPTERHUB_{name.strip().upper()}_"
+        env[prefix + key.strip().upper().replace("-", "_")] = value.strip()
+    return name.strip(), env
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _per_step(cfg: BenchConfig, seconds: float) -> dict[str, float]:
@@ -118,7 +156,9 @@ def _per_step(cfg: BenchConfig, seconds: float) -> dict[str, float]:
 def _ours(cfg: BenchConfig, pipe, name: str, folder: Path, size: int, note) -> tuple[dict, torch.Tensor]:
     from adapterhub.sample.generator import Generator
 
-    gen = Generator(pipe, backend=name, adapter_dirs=[folder], hash_model=False)
+    backend, env = backend_spec(name)
+    with _environment(env):
+        gen = Generator(pipe, backend=backend, adapter_dirs=[folder], hash_model=False)
     device = gen.device
     try:
         note(f"{name}: first request")
@@ -140,16 +180,78 @@ def _ours(cfg: BenchConfig, pipe, name: str, folder: Path, size: int, note) -> t
         stacked, _ = _timed(lambda: [gen.generate(_request(cfg, i, BOTH, size), output="latent")
                                      for i in range(1, cfg.repeat + 1)], device)
         stats = gen.runner.stats()
+        profile = _profile(cfg, device, lambda: gen.generate(_request(cfg, 1, BOTH, size), output="latent"), note,
+                           name) if cfg.profile else None
         memory = _memory(cfg, name, device, lambda i, px: gen.generate(_request(cfg, i, size=px), output="latent"),
                          size, note) if cfg.memory else None
     finally:
         gen.close()
     steady = plain / cfg.repeat
-    row = {"backend": name, "first_s": first, "compile_s": max(first - steady, 0.0) if name != "eager" else None,
+    row = {"backend": name, "first_s": first, "compile_s": max(first - steady, 0.0) if backend != "eager" else None,
            **_per_step(cfg, plain), "switch_ms": 1000 * sum(switches) / len(switches),
            **{f"{k}_stack": v for k, v in _per_step(cfg, stacked).items()},
-           "graphs": stats.get("frames_compiled"), "memory": memory}
+           "graphs": stats.get("frames_compiled"), "recompiles": stats.get("recompiles"), "memory": memory,
+           "profile": profile}
+    if cfg.second_process:
+        row["second_process"] = _second_process(cfg, name, size, note)
     return row, latents
+
+
+def _profile(cfg: BenchConfig, device, generate: Callable[[], Any], note, name: str) -> list[dict]:
+    """The top kernels of one request (``torch.profiler``; on CUDA by self device time, else self CPU time):
+    where the time goes, for the report of a missed goal."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = str(device).startswith("cuda")
+    note(f"{name}: profiling one request")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        generate()
+        sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    total = sum(getattr(e, key) for e in events) or 1
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [{"name": e.key, "calls": int(e.count), "self_ms": getattr(e, key) / 1000, "share": getattr(e, key) / total}
+            for e in events[:cfg.profile]]
+
+
+_SECOND = """
+import json, sys, time
+start = time.perf_counter()
+import torch
+from adapterhub.sample.generator import Generator, Request
+cfg = json.loads(sys.argv[1])
+gen = Generator(cfg["base"], backend=cfg["backend"], device=cfg["device"], dtype=cfg["dtype"], hash_model=False)
+ready = time.perf_counter()
+gen.generate(Request(cfg["prompt"], seed=0, steps=cfg["steps"], sampler=cfg["sampler"], width=cfg["size"],
+                     height=cfg["size"], batch=cfg["batch"]), output="latent")
+if cfg["device"].startswith("cuda"):
+    torch.cuda.synchronize()
+done = time.perf_counter()
+print(json.dumps({"load_s": ready - start, "first_image_s": done - start, "first_request_s": done - ready}))
+"""
+
+
+def _second_process(cfg: BenchConfig, name: str, size: int, note) -> dict:
+    """A fresh Python process builds the same generator and makes one image: with the compile caches this run
+    filled, the time to the first image (imports and model load included) is what a restarted server pays."""
+    import json
+    import subprocess
+    import sys
+
+    backend, env = backend_spec(name)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    payload = {"base": cfg.base, "backend": backend, "device": device, "dtype": cfg.dtype, "prompt": cfg.prompt,
+               "steps": cfg.steps, "sampler": cfg.sampler, "size": size, "batch": cfg.batch}
+    note(f"{name}: a second process, one request")
+    done = subprocess.run([sys.executable, "-c", _SECOND, json.dumps(payload)], capture_output=True, text=True,
+                          env={**os.environ, **env}, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _peak_mb(device) -> float:
@@ -469,6 +571,20 @@ def format_report(report: dict) -> str:
         lines.append(f"UNet step: {flops['unet_step'] / 1e9:.4g} GFLOP ({flops['unet_rows']} rows, FlopCounterMode); "
                      f"peak {flops['peak_tflops']:.3g} TFLOP/s ({flops['peak_matmul_n']}^2 matmul, "
                      f"{report['config']['dtype']})")
+    for row in report["adapterhub"]:
+        second = row.get("second_process")
+        if second:
+            lines.append(f"{row['backend']} second process: " + (
+                f"failed: {second['error']}" if "error" in second else
+                f"first image after {second['first_image_s']:.2f} s (model load {second['load_s']:.2f} s, "
+                f"request {second['first_request_s']:.2f} s)"))
+        if row.get("recompiles") is not None:
+            lines.append(f"{row['backend']} recompiles: {row['recompiles']}")
+    for row in report["adapterhub"]:
+        if row.get("profile"):
+            lines.append(f"{row['backend']} top kernels of one request ({BOTH}):")
+            lines += [f"  {p['share'] * 100:5.1f}%  {p['self_ms']:9.2f} ms  {p['calls']:6d}x  {p['name'][:90]}"
+                      for p in row["profile"]]
     for row in report["adapterhub"]:
         mem = row.get("memory")
         if mem:

@@ -44,6 +44,23 @@ Compilation is paid once per machine: unless ``TORCHINDUCTOR_CACHE_DIR`` / ``TRI
 inductor's and Triton's on-disk caches go to ``<adapterhub cache>/compile``, with inductor's FX graph
 cache and the AOTAutograd cache on, so another process compiling the same UNet loads the kernels.
 
+Fused QKV projections (diffusers' ``Attention.fuse_projections`` and ``FusedAttnProcessor2_0``: one
+matmul for q, k and v of a self-attention layer, one for k and v of a cross-attention layer) change what the
+weight engine must write to: the fused ``to_qkv`` / ``to_kv`` tensor. Rather than teach every adapter type
+about fused layouts, the runner re-points the ``to_q`` / ``to_k`` / ``to_v`` parameters, the same
+``Parameter`` objects the engine binds to, as row views of the fused weight: a merge written into ``to_k``
+lands in ``to_qkv`` in place, so a LoRA is merged into q, k and v first and the fused graph sees it, with
+no new tensor and no recompile. Only layers running diffusers' plain SDPA processor are fused (a
+hypernetwork's processor stays as it is; attached later, it reads the same views). ``channels_last`` puts
+the UNet's convolution weights, and the latents fed to the graph, in NHWC order (``Module.to`` keeps the
+``Parameter`` objects, so the engine's bindings stay valid). Both are on by default on CUDA, as diffusers'
+own guide to fast inference recommends; on CPU fused QKV is on and channels_last off
+(``ADAPTERHUB_COMPILE_FUSE_QKV`` / ``ADAPTERHUB_COMPILE_CHANNELS_LAST`` = 0 or 1 override). Both are set
+up at the first step (preparing a runner changes nothing); ``close`` restores the plain processors and the
+default memory format.
+
+Every entry is compiled with ``fullgraph=True``: a graph break would be an error, not a silent eager island.
+
 On CUDA, ``ADAPTERHUB_COMPILE_MODE=reduce-overhead`` adds CUDA graphs (the parameters keep their
 addresses, so the graphs stay valid across switches as well); ``ADAPTERHUB_COMPILE_BACKEND`` picks the
 dynamo backend (``inductor`` by default; the tests use ``aot_eager``).
@@ -206,6 +223,87 @@ def _mlp(module: torch.nn.Module, x: torch.Tensor, multiplier: torch.Tensor) -> 
 
 
 # --------------------------------------------------------------------------------------------
+# fused QKV projections and memory format
+# --------------------------------------------------------------------------------------------
+def _projections(module) -> tuple[str, tuple[str, ...]]:
+    """The fused projection of an attention layer and the projections it holds, in order."""
+    return ("to_kv", ("to_k", "to_v")) if module.is_cross_attention else ("to_qkv", ("to_q", "to_k", "to_v"))
+
+
+def _repoint(module) -> None:
+    """``to_q`` / ``to_k`` / ``to_v`` (their ``Parameter`` objects kept) become row views of the fused weight
+    and bias, so what the weight engine writes into them is written into the fused tensor."""
+    fused_name, names = _projections(module)
+    fused, start = getattr(module, fused_name), 0
+    for name in names:
+        linear = getattr(module, name)
+        rows = linear.weight.shape[0]
+        linear.weight.data = fused.weight.data[start:start + rows]
+        if linear.bias is not None:
+            linear.bias.data = fused.bias.data[start:start + rows]
+        start += rows
+
+
+def fuse_qkv_layers(unet) -> list[torch.nn.Module]:
+    """Fuse the projections of every attention layer that runs diffusers' plain SDPA processor (diffusers'
+    ``fuse_projections``, from the current, possibly merged, weights), re-point ``to_q``/``to_k``/``to_v`` as
+    views of the fused tensor and run ``FusedAttnProcessor2_0``. Returns the fused layers."""
+    from diffusers.models import attention_processor as ap
+
+    processor, fused = ap.FusedAttnProcessor2_0(), []
+    with torch.no_grad():
+        for module in unet.modules():
+            if not isinstance(module, ap.Attention) or type(module.processor) is not ap.AttnProcessor2_0:
+                continue
+            if getattr(module, "added_kv_proj_dim", None) is not None or module.to_k.in_features != \
+                    module.to_v.in_features:
+                continue
+            module.fuse_projections(fuse=True)
+            _repoint(module)
+            module.set_processor(processor)
+            fused.append(module)
+    return fused
+
+
+def fused_in_place(module) -> bool:
+    """Whether the layer's ``to_q``/``to_k``/``to_v`` still live inside its fused weight (a ``.to(dtype)`` or
+    ``.to(device)`` of the UNet since gives them storage of their own)."""
+    fused_name, names = _projections(module)
+    fused = getattr(module, fused_name, None)
+    if fused is None:
+        return False
+    base, rows = fused.weight.data_ptr(), 0
+    for name in names:
+        weight = getattr(module, name).weight
+        if weight.data_ptr() != base + rows * weight.stride(0) * weight.element_size():
+            return False
+        rows += weight.shape[0]
+    return True
+
+
+def unfuse_qkv_layers(layers: list[torch.nn.Module]) -> None:
+    """Put diffusers' plain SDPA processor back on the layers still running the fused one (the projection
+    weights keep their values: they are views of the fused tensor, which stays alive through them)."""
+    from diffusers.models import attention_processor as ap
+
+    for module in layers:
+        if isinstance(module.processor, ap.FusedAttnProcessor2_0):
+            module.set_processor(ap.AttnProcessor2_0())
+        module.fused_projections = False
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise AdapterhubError(f"{name}={os.environ[name]!r}: use 0 or 1")
+
+
+# --------------------------------------------------------------------------------------------
 # compile caches
 # --------------------------------------------------------------------------------------------
 def use_project_caches() -> dict[str, str]:
@@ -260,19 +358,63 @@ def _bind(function: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
 
 
 class CompiledRunner(Runner):
-    def __init__(self, pipe, mode: str | None = None, backend: str = "inductor"):
+    def __init__(self, pipe, mode: str | None = None, backend: str = "inductor", fuse_qkv: bool | None = None,
+                 channels_last: bool | None = None):
         super().__init__(pipe)
         self.mode, self.backend = mode, backend
+        cuda = pipe.unet.device.type == "cuda"
+        self.fuse_qkv = _flag("ADAPTERHUB_COMPILE_FUSE_QKV", True) if fuse_qkv is None else fuse_qkv
+        self.channels_last = _flag("ADAPTERHUB_COMPILE_CHANNELS_LAST", cuda) if channels_last is None \
+            else channels_last
         self.caches = use_project_caches()
-        self.compiled = {entry: torch.compile(entry, mode=mode, backend=backend, dynamic=False) for entry in ENTRIES}
+        self.compiled = {entry: torch.compile(entry, mode=mode, backend=backend, dynamic=False, fullgraph=True)
+                         for entry in ENTRIES}
         self.calls = 0
         self._fixed: dict[torch.nn.Module, Any] = {}  # attention module -> its fixed hypernetwork processor
+        self.fused: list[torch.nn.Module] = []
+        self._ready = False  # the UNet is changed at the first step, not here: preparing has no side effect
+
+    def _setup(self) -> None:
+        """channels_last and fused projections, from the weights as they are now (a stack already merged
+        stays merged: the fused tensor is built from them and the engine keeps writing through the views)."""
+        unet = self.pipe.unet
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors: the engine writes to them later
+            if self.channels_last:
+                unet.to(memory_format=torch.channels_last)
+            self.fused = fuse_qkv_layers(unet) if self.fuse_qkv else []
+        self._ready = True
+
+    def close(self) -> None:
+        """The plain attention processors and the default memory format back on the UNet (weights unchanged);
+        a later step sets them up again."""
+        if not self._ready:
+            return
+        unfuse_qkv_layers(self.fused)
+        self.fused = []
+        if self.channels_last:
+            self.pipe.unet.to(memory_format=torch.contiguous_format)
+        self._ready = False
+
+    def _check_fused(self) -> None:
+        """A UNet moved or cast since the fusion has projections with storage of their own: fuse again from
+        them (they hold the current weights: the engine writes there), so the graph never runs stale ones."""
+        if not self._ready:
+            self._setup()
+        elif self.fused and not fused_in_place(self.fused[0]):
+            with torch.inference_mode(False), torch.no_grad():
+                for module in self.fused:
+                    if not fused_in_place(module):
+                        module.fuse_projections(fuse=True)
+                        _repoint(module)
 
     # -- the step ---------------------------------------------------------------------------------
     def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
         self.calls += 1
         if not isinstance(timestep, torch.Tensor):
             timestep = torch.tensor(timestep, device=sample.device)
+        self._check_fused()
+        if self.channels_last:  # the graph's input layout is fixed: always NHWC
+            sample = sample.contiguous(memory_format=torch.channels_last)
         unet = self.pipe.unet
         with contextlib.ExitStack() as scope:
             for control in self._controls(unet):

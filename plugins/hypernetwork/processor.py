@@ -103,9 +103,12 @@ class HypernetworkAttnProcessor:
 
 
 def _replaceable():
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    """Processors a hypernetwork may stand in for: the standard ones, and diffusers' fused-projection one (the
+    compiled backend's fused QKV keeps ``to_q``/``to_k``/``to_v`` as views of the fused weight, so the
+    hypernetwork's separate projections read the same, current weights; detaching puts the fused one back)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
-    return (AttnProcessor, AttnProcessor2_0, HypernetworkAttnProcessor)
+    return (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0, HypernetworkAttnProcessor)
 
 
 def _on(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
