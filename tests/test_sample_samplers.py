@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from adapterhub.errors import AdapterhubError
-from adapterhub.sample.samplers import (SAMPLERS, make_scheduler, resolve_sampler, sampler_names, schedule_label,
-                                        set_timesteps)
+from adapterhub.sample.samplers import (
+    SAMPLERS,
+    make_scheduler,
+    resolve_sampler,
+    sampler_names,
+    schedule_label,
+    set_timesteps,
+)
 
 # sampling.md §3.4, computed with numpy from SD1 scaled_linear betas (0.00085 -> 0.012, 1000 steps)
 KARRAS_5 = [14.614641, 4.796535, 1.2741, 0.24795, 0.029167, 0.0]
@@ -24,11 +30,14 @@ EXPECTED = {
     "Euler a": "EulerAncestralDiscreteScheduler", "Euler": "EulerDiscreteScheduler", "LMS": "LMSDiscreteScheduler",
     "Heun": "HeunDiscreteScheduler", "DPM2": "KDPM2DiscreteScheduler", "DPM2 a": "KDPM2AncestralDiscreteScheduler",
     "DDIM": "DDIMScheduler", "PLMS": "PNDMScheduler", "UniPC": "UniPCMultistepScheduler", "LCM": "LCMScheduler",
+    # no diffusers scheduler: k-diffusion's algorithms behind a scheduler interface (test_sample_ksamplers.py)
+    "DPM fast": "KDiffusionScheduler", "DPM adaptive": "KDiffusionScheduler", "Restart": "KDiffusionScheduler",
 }
 AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",
              "DPM++ 2M SDE Heun": "Exponential", "DPM++ 2S a": "Karras", "DPM++ 3M SDE": "Exponential",
              "Euler a": "Automatic", "Euler": "Automatic", "LMS": "Automatic", "Heun": "Automatic", "DPM2": "Karras",
-             "DPM2 a": "Karras", "DDIM": "Automatic", "PLMS": "Automatic", "UniPC": "Automatic", "LCM": "Automatic"}
+             "DPM2 a": "Karras", "DDIM": "Automatic", "PLMS": "Automatic", "UniPC": "Automatic", "LCM": "Automatic",
+             "DPM fast": "Automatic", "DPM adaptive": "Automatic", "Restart": "Karras"}
 
 
 def test_every_name_is_listed():
@@ -47,6 +56,9 @@ def test_each_sampler_maps_to_its_scheduler(name):
     scheduler = make_scheduler(name, "Automatic", SD_BETAS)
     assert type(scheduler).__name__ == EXPECTED[name]
     set_timesteps(scheduler, 6)
+    if EXPECTED[name] == "KDiffusionScheduler":  # its calls are produced as it runs: the schedule is known
+        assert len(scheduler.sigmas) == 7 and float(scheduler.sigmas[-1]) == 0.0
+        return
     assert len(scheduler.timesteps) >= 5
     for key in ("algorithm_type", "solver_order", "solver_type"):
         if key in sampler.config:
@@ -57,7 +69,8 @@ def test_each_sampler_maps_to_its_scheduler(name):
     ("DPM++ 2M", "Automatic", KARRAS_5), ("DPM++ 2M", "Karras", KARRAS_5), ("Euler", "Karras", KARRAS_5),
     ("Euler a", "Karras", KARRAS_5), ("Heun", "Karras", KARRAS_5), ("DPM2", "Automatic", KARRAS_5),
     ("Euler", "Automatic", DISCRETE_5), ("Euler a", "Automatic", DISCRETE_5), ("Heun", "Automatic", DISCRETE_5),
-    ("Euler", "Uniform", DISCRETE_5),
+    ("Euler", "Uniform", DISCRETE_5), ("Restart", "Automatic", KARRAS_5), ("DPM fast", "Automatic", DISCRETE_5),
+    ("DPM adaptive", "Karras", KARRAS_5),
 ])
 def test_sigma_tables_equal_the_reference(name, schedule, table):
     scheduler = make_scheduler(name, schedule, SD_BETAS)
@@ -107,10 +120,54 @@ def test_unknown_sampler_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("name, schedule, match", [
-    ("DPM fast", None, "no diffusers scheduler"), ("Euler", "Karass", "unknown schedule type"),
-    ("Euler", "Align Your Steps", "no diffusers equivalent"), ("DDIM", "Karras", "timestep sampler"),
+    ("DDIM CFG++", None, "no diffusers scheduler"), ("Euler", "Karass", "unknown schedule type"),
+    ("Euler", "Sigmoid", "unknown schedule type"), ("DDIM", "Karras", "timestep sampler"),
 ])
 def test_refusals_are_one_line(name, schedule, match):
     with pytest.raises(AdapterhubError, match=match) as err:
         resolve_sampler(name, schedule)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("schedule", ["Polyexponential", "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM"])
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "DPM++ 2M", "Heun", "Restart"])
+def test_schedules_without_a_diffusers_flag_run_on_their_table(name, schedule):
+    """The webui's schedule types diffusers has no flag for: the scheduler evaluates the model at exactly the
+    table :func:`adapterhub.sample.schedules.sigmas` computes (tests/test_sample_schedules.py checks the tables
+    against k-diffusion and the webui's definitions, and the stepping against k-diffusion's samplers)."""
+    from adapterhub.sample import schedules
+    from adapterhub.sample.samplers import resolve_sampler, schedule_label
+
+    sampler, key = resolve_sampler(name, schedule)
+    assert schedule_label(sampler, key) == schedule  # what the infotext writes
+    scheduler = make_scheduler(name, schedule, SD_BETAS)
+    set_timesteps(scheduler, 6)
+    table = schedules.sigmas(key, 6, SD_BETAS)
+    evaluated = [float(s) for s in table if float(s) > 0]
+    got = torch.unique_consecutive(scheduler.sigmas.float())
+    if name != "Restart":  # Restart's own sigmas include its restarts; its starting point is the table's
+        assert [float(s) for s in got if float(s) > 0] == pytest.approx(evaluated, rel=1e-6)
+    if name != "DPM++ 2M":  # diffusers' DPM-Solver works on the variance-preserving scale: its noise is unit
+        assert float(scheduler.init_noise_sigma) == pytest.approx(float(table[0]), rel=1e-5)
+
+
+def test_align_your_steps_follows_the_architecture():
+    from adapterhub.sample import schedules
+
+    sd1, sdxl = (make_scheduler("Euler", "Align Your Steps", SD_BETAS, arch) for arch in ("sd1", "sdxl"))
+    for scheduler in (sd1, sdxl):  # NVIDIA's tables have 11 sigmas: the webui uses them as they are for 11 steps
+        set_timesteps(scheduler, 11)
+    assert [round(float(s), 3) for s in sd1.sigmas[:-1]] == list(schedules.AYS_SD1)
+    assert [round(float(s), 3) for s in sdxl.sigmas[:-1]] == list(schedules.AYS_SDXL)
+
+
+def test_generator_runs_an_explicit_schedule(tiny_sd1):
+    """End to end: the generator samples on the table and writes the webui's ``Schedule type``."""
+    from adapterhub.sample.generator import Generator, Request
+
+    gen = Generator(tiny_sd1, hash_model=False)
+    out = gen.generate(Request("a house", seed=3, steps=4, sampler="Euler a", schedule="KL Optimal", width=64,
+                               height=64))
+    other = gen.generate(Request("a house", seed=3, steps=4, sampler="Euler a", width=64, height=64))
+    assert "Sampler: Euler a, Schedule type: KL Optimal," in out.infotexts[0]
+    assert out.images[0].size == (64, 64) and out.images[0].tobytes() != other.images[0].tobytes()

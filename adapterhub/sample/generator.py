@@ -317,6 +317,7 @@ class Generator:
         self._adapters: OrderedDict = OrderedDict()  # (path, mtime, size) -> Adapter, most recent last
         self._hashes: dict = {}
         self.is_xl = self.encoder.is_xl
+        self.arch = "sdxl" if self.is_xl else "sd1"  # what the schedules tell apart (Align Your Steps' tables)
 
     # -- facts ------------------------------------------------------------------------------------
     @staticmethod
@@ -482,7 +483,7 @@ class Generator:
         req = _check_request(req, self.default_size)
         sampler, schedule = resolve_sampler(req.sampler, req.schedule)
         # missing packages fail here; ``order``: UNet calls per step, as the webui counts a second-order sampler's
-        order = make_scheduler(sampler, schedule, self.pipe.scheduler.config).order
+        order = make_scheduler(sampler, schedule, self.pipe.scheduler.config, self.arch).order
         stack, prompt = self.apply_stack(req)
         cache: dict = {}
         first = self.prompts(prompt, req.negative, req.steps * order, None, req.clip_skip, req.emphasis, cache)
@@ -509,14 +510,14 @@ class Generator:
         for start in range(0, len(seeds), req.batch):
             batch_seeds = seeds[start:start + req.batch]
             step_done = counter(len(batch_seeds))
-            scheduler = make_scheduler(sampler, schedule, self.pipe.scheduler.config)
+            scheduler = make_scheduler(sampler, schedule, self.pipe.scheduler.config, self.arch)
             init_batch = None if init is None else init.repeat(len(batch_seeds), 1, 1, 1)
             latents = self.denoise(first, scheduler, req.steps, req.cfg, batch_seeds, req.width, req.height,
                                    on_step=step_done, init=init_batch, strength=req.denoising_strength)
             if hires is not None:
                 width, height = hires_size(req.width, req.height, req.hr_scale)
                 upscaled = self.upscale(latents, width, height, req.hr_upscaler)
-                scheduler = make_scheduler(sampler, schedule, self.pipe.scheduler.config)
+                scheduler = make_scheduler(sampler, schedule, self.pipe.scheduler.config, self.arch)
                 latents = self.denoise(hires, scheduler, req.hr_steps or req.steps, req.cfg, batch_seeds, width,
                                        height, on_step=step_done, init=upscaled, strength=req.hr_denoise,
                                        fixed_steps=True)
@@ -588,7 +589,8 @@ class Generator:
                     inputs, built = self._step_inputs(prompts, key, batch, width, height), key
                 noise_pred = self._guided(latents, t, scheduler, inputs, weights, cfg, batch)
                 latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
-                if on_step is not None:
+                # the k-diffusion samplers (ksamplers) say how many steps a call finished: progress adds up to steps
+                for _ in range(getattr(scheduler, "completed_steps", 1) if on_step is not None else 0):
                     on_step(i)
         return latents
 
@@ -728,10 +730,12 @@ class Generator:
         return self._hashes[key]
 
     def close(self) -> None:
-        """Take the applied stack off the pipeline (every tensor restored)."""
+        """Take the applied stack off the pipeline (every tensor restored) and undo the backend's changes to it
+        (the compiled backend's fused projections and memory format; a later request sets them up again)."""
         if self.stack is not None:
             self.stack.remove()
         self.stack, self._stack_key = None, None
+        self.runner.close()
 
 
 def _step_params(scheduler) -> set[str]:

@@ -11,6 +11,11 @@ whole sigma table (σmax at t=999, σmin at t=0, then 0) and the initial noise i
 the webui does; Karras (rho 7) and Exponential use those end points. The timestep samplers (DDIM,
 PLMS, UniPC, LCM) use the webui's DDIM timesteps (``leading``, offset 1) and take no schedule type.
 Where diffusers has no exact counterpart the mapping is the nearest one, and ``note`` says so.
+
+DPM fast, DPM adaptive and Restart have no diffusers scheduler: they run k-diffusion's algorithms (the
+webui's Restart) through :class:`adapterhub.sample.ksamplers.KDiffusionScheduler`, a scheduler with the
+same interface, with the schedule types k-diffusion itself computes (Automatic, Uniform, Karras,
+Exponential).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from adapterhub.errors import AdapterhubError
 
 DISCRETE = "discrete"  # the model's own schedule: what "Automatic" means for Euler, Euler a, LMS, Heun
+KDIFFUSION = "KDiffusionScheduler"  # not a diffusers class: adapterhub.sample.ksamplers runs these samplers
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,15 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": False}, timestep_based=True),
     Sampler("UniPC", "UniPCMultistepScheduler", {}, timestep_based=True),
     Sampler("LCM", "LCMScheduler", {}, timestep_based=True),
+    Sampler("DPM fast", KDIFFUSION, {"function": "dpm_fast"}, aliases=("k_dpm_fast",)),
+    Sampler("DPM adaptive", KDIFFUSION, {"function": "dpm_adaptive"}, aliases=("k_dpm_ad",)),
+    Sampler("Restart", KDIFFUSION, {"function": "restart"}, "karras", aliases=("restart",)),
 )}
-NOT_IN_DIFFUSERS = ("DPM fast", "DPM adaptive", "Restart", "DDIM CFG++")
+NOT_IN_DIFFUSERS = ("DDIM CFG++",)
+# the webui's schedule types diffusers has no flag for: explicit tables (adapterhub.sample.schedules)
+EXPLICIT = frozenset({"polyexponential", "kl_optimal", "align_your_steps", "simple", "normal", "ddim"})
 
-# schedule type: (label, diffusers flags). None: not available through diffusers' schedulers.
+# schedule type: (label, diffusers flags); the EXPLICIT ones have none: their sigmas are set explicitly
 SCHEDULES: dict[str, tuple[str, dict | None]] = {
     "automatic": ("Automatic", {}),
     "uniform": ("Uniform", {}),
@@ -73,12 +84,12 @@ SCHEDULES: dict[str, tuple[str, dict | None]] = {
     "exponential": ("Exponential", {"use_exponential_sigmas": True}),
     "sgm_uniform": ("SGM Uniform", {"timestep_spacing": "trailing"}),
     "beta": ("Beta", {"use_beta_sigmas": True}),
-    "polyexponential": ("Polyexponential", None),
-    "kl_optimal": ("KL Optimal", None),
-    "align_your_steps": ("Align Your Steps", None),
-    "simple": ("Simple", None),
-    "normal": ("Normal", None),
-    "ddim": ("DDIM", None),
+    "polyexponential": ("Polyexponential", {}),
+    "kl_optimal": ("KL Optimal", {}),
+    "align_your_steps": ("Align Your Steps", {}),
+    "simple": ("Simple", {}),
+    "normal": ("Normal", {}),
+    "ddim": ("DDIM", {}),
 }
 _SCHEDULE_ALIASES = {"sgmuniform": "sgm_uniform"}
 _BASE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
@@ -135,12 +146,20 @@ def resolve_sampler(name: str, schedule: str | None = None) -> tuple[Sampler, st
         raise AdapterhubError(f"sampler {text!r} names schedule {SCHEDULES[suffix][0]} but schedule type is "
                               f"{SCHEDULES[key][0]}")
     key = suffix if key == "automatic" and suffix else key
-    if SCHEDULES[key][1] is None:
-        raise AdapterhubError(f"schedule type {SCHEDULES[key][0]!r} has no diffusers equivalent; valid: "
-                              f"{', '.join(schedule_names())}")
+    if sampler.scheduler == KDIFFUSION:  # k-diffusion samplers take every table the webui computes
+        from adapterhub.sample.schedules import SCHEDULES as TABLES
+
+        if key != "automatic" and key not in TABLES:
+            raise AdapterhubError(f"schedule type {SCHEDULES[key][0]!r} is not available for {sampler.name}; valid: "
+                                  f"{', '.join(SCHEDULES[k][0] for k in SCHEDULES if k in TABLES or k == 'automatic')}")
+        return sampler, key
     if sampler.timestep_based and key != "automatic":
         raise AdapterhubError(f"{sampler.name} is a timestep sampler and takes no schedule type "
                               f"(got {SCHEDULES[key][0]}; use Automatic)")
+    if key in EXPLICIT:
+        from adapterhub.sample.schedules import require_support
+
+        require_support(sampler.scheduler, sampler.name, SCHEDULES[key][0])
     return sampler, key
 
 
@@ -184,12 +203,20 @@ def scheduler_config(sampler: Sampler, key: str, base_config) -> tuple[str, dict
     return sampler.scheduler, config
 
 
-def make_scheduler(sampler: Sampler | str, key: str = "automatic", base_config=None):
-    """A fresh diffusers scheduler for a webui sampler and schedule type."""
+def make_scheduler(sampler: Sampler | str, key: str = "automatic", base_config=None, arch: str = "sd1"):
+    """A fresh diffusers scheduler for a webui sampler and schedule type (``arch``: ``sdxl`` picks SDXL's
+    Align Your Steps table, anything else SD 1.5's, as the webui)."""
+    import functools
+
     import diffusers
 
     if isinstance(sampler, str):
         sampler, key = resolve_sampler(sampler, key)
+    if sampler.scheduler == KDIFFUSION:
+        from adapterhub.sample import ksamplers
+
+        return ksamplers.make(sampler.config["function"], resolved_schedule(sampler, key),
+                              dict(base_config or _SD_DEFAULT), arch)
     _require(sampler, sampler.requires)
     resolved = resolved_schedule(sampler, key)
     if resolved == "beta":
@@ -205,6 +232,11 @@ def make_scheduler(sampler: Sampler | str, key: str = "automatic", base_config=N
         donor = diffusers.EulerDiscreteScheduler.from_config(
             {k: v for k, v in config.items() if k in _init_params(diffusers.EulerDiscreteScheduler)}, **missing)
         scheduler._adapterhub_sigma_donor = donor
+    if resolved in EXPLICIT:  # the table is computed per step count, in set_timesteps
+        from adapterhub.sample import schedules
+
+        scheduler._adapterhub_table = functools.partial(schedules.sigmas, resolved,
+                                                        base_config=dict(base_config or _SD_DEFAULT), arch=arch)
     return scheduler
 
 
@@ -215,7 +247,14 @@ def _init_params(cls) -> set[str]:
 
 
 def set_timesteps(scheduler, steps: int, device=None) -> None:
-    """``scheduler.set_timesteps(steps)``, then the donor's sigmas where the class lacks the flag."""
+    """``scheduler.set_timesteps(steps)``, then the donor's sigmas where the class lacks the flag; a schedule
+    diffusers has no flag for goes in as its explicit table (:func:`adapterhub.sample.schedules.set_sigmas`)."""
+    table = getattr(scheduler, "_adapterhub_table", None)
+    if table is not None:
+        from adapterhub.sample.schedules import set_sigmas
+
+        set_sigmas(scheduler, table(steps), device=device)
+        return
     scheduler.set_timesteps(steps, device=device)
     donor = getattr(scheduler, "_adapterhub_sigma_donor", None)
     if donor is not None:
