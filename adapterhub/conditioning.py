@@ -11,15 +11,19 @@ nothing else is changed.
 
 Guidance start/end gate a control per step with the diffusers pipelines' rule
 ``keep = 1 - [i/T < start or (i+1)/T > end]``. The step ``i`` of ``T`` comes from the pipeline's
-scheduler: its ``step_index`` where it keeps one (Euler, DPM-Solver...), else the position of the
-current timestep in ``scheduler.timesteps``; an img2img ``begin_index`` is subtracted. Classifier-free
+scheduler (the one a sampling loop declares with :func:`running`, else the pipeline's): its ``step_index``
+where it keeps one (Euler, DPM-Solver...), else the position of the current timestep in
+``scheduler.timesteps``; an img2img ``begin_index`` is subtracted. Classifier-free
 guidance batches both halves in one UNet call, so one call is one step whatever the batch.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import re
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,8 +69,25 @@ def weight_from(path, weight) -> float:
         raise AdapterError(path, f"weight must be a number, got {weight!r}") from None
 
 
+_RUNNING: contextvars.ContextVar = contextvars.ContextVar("adapterhub_running_scheduler", default=None)
+
+
+@contextlib.contextmanager
+def running(scheduler) -> Iterator[None]:
+    """Within the block, controls gate by ``scheduler``'s steps: a sampling loop that keeps its scheduler apart
+    from the pipeline's (adapterhub's generator) says which one runs; a diffusers pipeline runs its own."""
+    token = _RUNNING.set(scheduler)
+    try:
+        yield
+    finally:
+        _RUNNING.reset(token)
+
+
 def step_position(scheduler, timestep) -> tuple[int, int] | None:
     """``(i, T)``: which step of the scheduler's current schedule ``timestep`` is, or None if unknown."""
+    own = getattr(scheduler, "step_position", None)
+    if callable(own):  # a scheduler whose calls are not laid out ahead (adapterhub.sample.ksamplers)
+        return own(timestep)
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None or len(timesteps) == 0:
         return None
@@ -170,7 +191,7 @@ class UNetControl:
         return self.pipe_ref()
 
     def position(self, timestep) -> tuple[int, int] | None:
-        scheduler = getattr(self.pipe, "scheduler", None)
+        scheduler = _RUNNING.get() or getattr(self.pipe, "scheduler", None)
         return step_position(scheduler, timestep) if scheduler is not None else None
 
     def cfg(self) -> bool:

@@ -336,3 +336,38 @@ def test_cli_writes_a_png(tmp_path, capsys):
     assert [p.name for p in pngs] == ["00000-4.png"]
     fields = infotext.parse(infotext.read_png(pngs[0]))
     assert (fields["Sampler"], fields["Schedule type"], fields["Seed"]) == ("DPM fast", "Automatic", "4")
+
+
+# -- the diffusers-backed samplers, end to end, against the webui's k-diffusion path ------------------------
+def _discarded(sigmas):
+    return torch.cat([sigmas[:-2], sigmas[-1:]])
+
+
+WEBUI_PATHS = {  # sampler: (k-diffusion function, sigmas from the denoiser and steps, ancestral noise)
+    "Euler": ("sample_euler", lambda m, n: m.inner.get_sigmas(n), False),
+    "Euler a": ("sample_euler_ancestral", lambda m, n: m.inner.get_sigmas(n), True),
+    "Heun": ("sample_heun", lambda m, n: m.inner.get_sigmas(n), False),
+    "LMS": ("sample_lms", lambda m, n: m.inner.get_sigmas(n), False),
+    "DPM++ 2M": ("sample_dpmpp_2m", lambda m, n: K.sampling.get_sigmas_karras(n, m.sigmas[0].item(),
+                                                                              m.sigmas[-1].item()), False),
+    "DPM2": ("sample_dpm_2", lambda m, n: _discarded(K.sampling.get_sigmas_karras(n + 1, m.sigmas[0].item(),
+                                                                                   m.sigmas[-1].item())), False),
+}
+
+
+@needs_k
+@pytest.mark.parametrize("sampler", list(WEBUI_PATHS))
+def test_diffusers_samplers_follow_the_webui(gen, sampler):
+    """The samplers diffusers runs, on the webui's tables (``Automatic``: the model's log-linear discrete schedule,
+    Karras for DPM++ 2M, Karras with the penultimate sigma discarded for DPM2), give the latents of k-diffusion's
+    own function over the same UNet, CFG and per-image noise: only the order of float operations differs."""
+    fn, table, ancestral = WEBUI_PATHS[sampler]
+    steps, seeds = 5, [7, 8]
+    got = gen.generate(_request(sampler, steps=steps), output="latent").latents
+    model = WebuiDenoiser(gen, 5.0, len(seeds), cfg_on_output=True)
+    first, noise = _noise(seeds)
+    sigmas = table(model, steps)
+    kwargs = {"noise_sampler": noise} if ancestral else {}
+    with torch.no_grad():
+        want = getattr(K.sampling, fn)(model, first * sigmas[0], sigmas, disable=True, **kwargs)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))

@@ -65,9 +65,21 @@ def test_each_sampler_maps_to_its_scheduler(name):
             assert scheduler.config[key] == sampler.config[key]
 
 
+def _karras(n, lo=0.0291672, hi=14.614641, rho=7.0):
+    """k-diffusion's get_sigmas_karras, written out (the reference table above is its n=5 case)."""
+    ramp = [i / (n - 1) for i in range(n)]
+    return [(hi ** (1 / rho) + r * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for r in ramp] + [0.0]
+
+
+# the webui's DPM2 / DPM2 a / DPM++ 3M SDE: one step more, then the next-to-last sigma dropped
+KARRAS_6_DISCARDED = [*_karras(6)[:-2], 0.0]
+assert _karras(5) == pytest.approx(KARRAS_5, rel=1e-4)
+
+
 @pytest.mark.parametrize("name, schedule, table", [
     ("DPM++ 2M", "Automatic", KARRAS_5), ("DPM++ 2M", "Karras", KARRAS_5), ("Euler", "Karras", KARRAS_5),
-    ("Euler a", "Karras", KARRAS_5), ("Heun", "Karras", KARRAS_5), ("DPM2", "Automatic", KARRAS_5),
+    ("Euler a", "Karras", KARRAS_5), ("Heun", "Karras", KARRAS_5), ("DPM2", "Automatic", KARRAS_6_DISCARDED),
+    ("DPM2 a", "Karras", KARRAS_6_DISCARDED),
     ("Euler", "Automatic", DISCRETE_5), ("Euler a", "Automatic", DISCRETE_5), ("Heun", "Automatic", DISCRETE_5),
     ("Euler", "Uniform", DISCRETE_5), ("Restart", "Automatic", KARRAS_5), ("DPM fast", "Automatic", DISCRETE_5),
     ("DPM adaptive", "Karras", KARRAS_5),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +41,7 @@ def metadata_of(path: Path) -> dict[str, str]:
 # [[datasets]]
 # --------------------------------------------------------------------------------------------
 def test_datasets_tables_each_with_repeats_resolution_and_caption_ext(tmp_path):
-    a = make_dataset(tmp_path / "a", names=("cat", "coffee"), folder="plain")
+    make_dataset(tmp_path / "a", names=("cat", "coffee"), folder="plain")
     b = make_dataset(tmp_path / "b", names=("rocket",), folder="x")
     for txt in (b / "x").glob("*.txt"):
         txt.rename(txt.with_suffix(".caption2"))

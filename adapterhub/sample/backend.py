@@ -12,7 +12,8 @@ backend is small::
             return MyRunner(pipe)
 
 A :class:`Runner` predicts noise (``__call__``), may refuse a stack it cannot run (``check_stack``,
-before anything changes), reports counters (``stats``) and undoes its changes to the pipeline (``close``). Adapter stacks are applied by the
+before anything changes), reports counters (``stats``) and undoes its changes to the pipeline
+(``close``). Adapter stacks are applied by the
 generator through :mod:`adapterhub.stack`, which for weight deltas rewrites the UNet's parameters in
 place through the one weight engine: a runner that keeps references to those parameters (a compiled
 graph, CUDA graphs) sees every switch without rebuilding anything.

@@ -7,9 +7,9 @@
 The base is loaded once; every path runs on the same modules, one after the other:
 
 * adapterhub, per backend (one :class:`Generator` each; ``compiled:fuse_qkv=0,channels_last=1`` names a backend
-  with options, set as its ``ADAPTERHUB_COMPILE_*`` variables for that row only): the first request (``compile_s`` for the
-  compiled backend is its time beyond a steady request), then ``repeat`` requests with no adapters
-  (ms per step, images/s), the switch between the stacks none, ``A:0.8``, ``A:0.8, B:0.5``, ``B:1``
+  with options, set as its ``ADAPTERHUB_COMPILE_*`` variables for that row only): the first request
+  (``compile_s`` for the compiled backend is its time beyond a steady request), then ``repeat`` requests with
+  no adapters (ms per step, images/s), the switch between the stacks none, ``A:0.8``, ``A:0.8, B:0.5``, ``B:1``
   (``apply_stack``: only the changed parameters are rewritten in place), and ``repeat`` requests with
   ``A:0.8, B:0.5`` applied;
 * diffusers: ``StableDiffusion(XL)Pipeline.__call__`` with the same prompt embeddings, scheduler and
@@ -113,8 +113,8 @@ def check_config(cfg: BenchConfig) -> None:
     for name in cfg.backends:
         backend(backend_spec(name)[0])
     check_request(_request(cfg, 0, size=cfg.size or 512))
-    sampler, schedule = samplers.resolve_sampler(cfg.sampler)
-    if sampler.scheduler == samplers.KDIFFUSION or samplers.resolved_schedule(sampler, schedule) in samplers.EXPLICIT:
+    sampler, _ = samplers.resolve_sampler(cfg.sampler)
+    if sampler.scheduler == samplers.KDIFFUSION:
         raise AdapterhubError(f"--sampler {cfg.sampler!r}: diffusers' pipeline has no such scheduler to compare "
                               "with; choose a sampler diffusers runs (DPM++ 2M, Euler a, ...)")
 
@@ -325,7 +325,8 @@ def _unet_inputs(pipe, cfg: BenchConfig, size: int, cond, uncond, is_xl: bool) -
 
 
 def unet_flops(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs=None) -> int:
-    """FLOPs of one UNet call as ``torch.utils.flop_counter.FlopCounterMode`` counts them (matmuls, convs, attention)."""
+    """FLOPs of one UNet call as ``torch.utils.flop_counter.FlopCounterMode`` counts them (matmuls, convs,
+    attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -524,7 +525,8 @@ def rows(report: dict) -> list[dict[str, str]]:
         out.append({"path": "diffusers fused LoRA", "ms/step": "-", "images/s": _fmt(fused["images_per_s"]),
                     "ms/step +stack": _fmt(fused["ms_per_step"]), "switch ms": "-", "compile s": "-",
                     "TFLOP/s": _fmt(fused.get("tflops"), 4), "peak": _pct(fused.get("share_of_peak")),
-                    "x step": "-", "x +stack": _fmt(_ratio(lora.get("ms_per_step_stack"), fused["ms_per_step"]), suffix="x"),
+                    "x step": "-",
+                    "x +stack": _fmt(_ratio(lora.get("ms_per_step_stack"), fused["ms_per_step"]), suffix="x"),
                     "x switch": "-"})
     if "compiled" in theirs:
         comp = theirs["compiled"]

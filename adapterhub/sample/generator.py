@@ -20,8 +20,8 @@ The webui's other prompt features and passes (AUTOMATIC1111 ``prompt_parser``, `
   every text of a prompt's schedule is encoded once, before the loop, and sampler call ``i`` (counted from
   0, over ``steps x scheduler.order`` calls as the webui counts a second-order sampler's calls) uses the
   first entry that ends at ``i`` or later. (DPM++ 2S a: diffusers' single-step solver makes one call per step
-  where the webui's makes two, so its schedule counts steps.) The texts of one schedule are encoded as one batch, as the webui
-  does: emphasis is re-normalised over the whole batch and shorter texts get empty chunks.
+  where the webui's makes two, so its schedule counts steps.) The texts of one schedule are encoded as one batch,
+  as the webui does: emphasis is re-normalised over the whole batch and shorter texts get empty chunks.
 * ``AND`` (composable diffusion): every sub-prompt is its own conditioning with its weight, and the
   guidance is ``uncond + sum_i (cond_i - uncond) x weight_i x cfg`` (``combine_denoised``; computed on the
   noise prediction, which is the same affine combination). The negative prompt is one prompt.
@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from adapterhub.conditioning import running
 from adapterhub.errors import AdapterhubError
 from adapterhub.sample import infotext
 from adapterhub.sample.conditioning import (
@@ -582,7 +583,7 @@ class Generator:
         weights = [w for _, w in prompts.conds]
         extra = {"generator": generators} if "generator" in _step_params(scheduler) else {}
         built, inputs = None, None
-        with torch.inference_mode():
+        with torch.inference_mode(), running(scheduler):  # controls gate by this scheduler's steps
             for i, t in enumerate(timesteps):
                 key = (tuple(s.index(i) for s, _ in prompts.conds), prompts.uncond.index(i) if guided else None)
                 if key != built:  # the conditioning changes only where a schedule does

@@ -324,7 +324,8 @@ class KDiffusionScheduler:
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         from adapterhub.sample.schedules import sigmas
 
-        self._sigmas = sigmas(self.schedule, int(num_inference_steps), model=self.table, arch=self.arch).to(self._device)
+        table = sigmas(self.schedule, int(num_inference_steps), model=self.table, arch=self.arch)
+        self._sigmas = table.to(self._device)
         self._begin = 0
         self._from_image = False
         self._reset()
@@ -390,6 +391,12 @@ class KDiffusionScheduler:
             self._first = next(probe)[1]
             probe.close()
         return self._first
+
+    def step_position(self, timestep=None) -> tuple[int, int]:
+        """``(i, T)`` of the pending call for a control's guidance start/end: the step of the run it falls in
+        (DPM adaptive's calls are placed by the fraction of the run done)."""
+        done = self._request[2] if self._request is not None else 0.0
+        return min(int(done * self.steps + 1e-9), self.steps - 1), self.steps
 
     def current_sigma(self) -> torch.Tensor:
         return self._request[1] if self._request is not None else self._first_sigma()

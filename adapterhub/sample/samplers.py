@@ -39,6 +39,8 @@ class Sampler:
     aliases: tuple[str, ...] = ()
     requires: str | None = None  # a module diffusers needs for this scheduler
     note: str = ""
+    discard_penultimate: bool = False  # the webui's option for DPM2, DPM2 a, DPM++ 3M SDE: one step more, then
+    # the next-to-last sigma dropped
 
 
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
@@ -54,15 +56,16 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
             "karras", aliases=("k_dpmpp_2s_a",),
             note="diffusers has no ancestral single-step solver: deterministic DPM-Solver++(2S)"),
     Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler", {**_SDE, "solver_order": 3}, "exponential",
-            aliases=("k_dpmpp_3m_sde",), note="without the webui's discard of the penultimate sigma"),
+            aliases=("k_dpmpp_3m_sde",), discard_penultimate=True,
+            note="diffusers' third-order SDE DPM-Solver++, not k-diffusion's dpmpp_3m_sde step for step"),
     Sampler("Euler a", "EulerAncestralDiscreteScheduler", aliases=("k_euler_a", "k_euler_ancestral")),
     Sampler("Euler", "EulerDiscreteScheduler", aliases=("k_euler",)),
     Sampler("LMS", "LMSDiscreteScheduler", aliases=("k_lms",), requires="scipy"),
     Sampler("Heun", "HeunDiscreteScheduler", aliases=("k_heun",)),
     Sampler("DPM2", "KDPM2DiscreteScheduler", {}, "karras", aliases=("k_dpm_2",),
-            note="without the webui's discard of the penultimate sigma"),
+            discard_penultimate=True),
     Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, "karras", aliases=("k_dpm_2_a",),
-            note="without the webui's discard of the penultimate sigma"),
+            discard_penultimate=True),
     Sampler("DDIM", "DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False, "eta": 0.0},
             timestep_based=True),
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": False}, timestep_based=True),
@@ -205,8 +208,14 @@ def scheduler_config(sampler: Sampler, key: str, base_config) -> tuple[str, dict
 
 def make_scheduler(sampler: Sampler | str, key: str = "automatic", base_config=None, arch: str = "sd1"):
     """A fresh diffusers scheduler for a webui sampler and schedule type (``arch``: ``sdxl`` picks SDXL's
-    Align Your Steps table, anything else SD 1.5's, as the webui)."""
-    import functools
+    Align Your Steps table, anything else SD 1.5's, as the webui).
+
+    A k-diffusion-style sampler runs on the webui's own sigma table (:func:`adapterhub.sample.schedules.sigmas`:
+    the model's discrete schedule with k-diffusion's log-linear interpolation, Karras, Exponential, ... and the
+    discarded penultimate sigma of DPM2, DPM2 a and DPM++ 3M SDE): the scheduler's ``set_timesteps(n)`` lays out
+    that table, whoever calls it (our loop, or a diffusers pipeline given this scheduler), so diffusers' spacing
+    never stands in for the webui's."""
+    import types
 
     import diffusers
 
@@ -221,23 +230,56 @@ def make_scheduler(sampler: Sampler | str, key: str = "automatic", base_config=N
     resolved = resolved_schedule(sampler, key)
     if resolved == "beta":
         _require(sampler, "scipy")
-    cls_name, config = scheduler_config(sampler, key, dict(base_config or _SD_DEFAULT))
+    base = dict(base_config or _SD_DEFAULT)
+    cls_name, config = scheduler_config(sampler, key, base)
     cls = getattr(diffusers, cls_name)
     flags = {k: config.pop(k) for k in _FLAGS if k in config}
     accepted = _init_params(cls)
-    supported = {k: v for k, v in flags.items() if k in accepted}
+    table = _table(sampler, resolved, base, arch)
+    supported = {} if table is not None else {k: v for k, v in flags.items() if k in accepted}
     scheduler = cls.from_config({k: v for k, v in config.items() if k in accepted}, **supported)
+    if table is not None:
+        scheduler._adapterhub_table = table
+        scheduler.set_timesteps = types.MethodType(_set_timesteps_on_table, scheduler)
+        return scheduler
     missing = {k: v for k, v in flags.items() if k not in accepted and v}
-    if missing:  # e.g. Euler a has no Karras flag: borrow the sigmas of an Euler scheduler with it
-        donor = diffusers.EulerDiscreteScheduler.from_config(
+    if missing:  # e.g. Euler a has no Beta flag: borrow the sigmas of an Euler scheduler with it
+        scheduler._adapterhub_sigma_donor = diffusers.EulerDiscreteScheduler.from_config(
             {k: v for k, v in config.items() if k in _init_params(diffusers.EulerDiscreteScheduler)}, **missing)
-        scheduler._adapterhub_sigma_donor = donor
-    if resolved in EXPLICIT:  # the table is computed per step count, in set_timesteps
-        from adapterhub.sample import schedules
-
-        scheduler._adapterhub_table = functools.partial(schedules.sigmas, resolved,
-                                                        base_config=dict(base_config or _SD_DEFAULT), arch=arch)
+        scheduler.set_timesteps = types.MethodType(_set_timesteps_from_donor, scheduler)
     return scheduler
+
+
+def _table(sampler: Sampler, resolved: str, base: dict, arch: str):
+    """``steps -> sigma table`` for a k-diffusion-style sampler whose schedule the webui computes (None for
+    the timestep samplers, and for Beta, which diffusers' own flag gives)."""
+    import functools
+
+    from adapterhub.sample import schedules
+
+    name = "uniform" if resolved == DISCRETE else resolved
+    if sampler.timestep_based or name not in schedules.SCHEDULES or not schedules.supports(sampler.scheduler):
+        return None
+    return functools.partial(schedules.sigmas, name, base_config=base, arch=arch,
+                             discard_penultimate=sampler.discard_penultimate)
+
+
+def _set_timesteps_on_table(self, num_inference_steps=None, device=None, **kwargs):
+    """``set_timesteps`` of a scheduler made by :func:`make_scheduler`: the table for this many steps (explicit
+    ``timesteps`` / ``sigmas`` from the caller go to the class's own)."""
+    if kwargs or num_inference_steps is None:
+        return type(self).set_timesteps(self, num_inference_steps, device=device, **kwargs)
+    from adapterhub.sample.schedules import set_sigmas
+
+    set_sigmas(self, self._adapterhub_table(int(num_inference_steps)), device=device)
+
+
+def _set_timesteps_from_donor(self, num_inference_steps=None, device=None, **kwargs):
+    type(self).set_timesteps(self, num_inference_steps, device=device, **kwargs)
+    if not kwargs:
+        donor = self._adapterhub_sigma_donor
+        donor.set_timesteps(num_inference_steps, device=device)
+        self.sigmas, self.timesteps = donor.sigmas.clone(), donor.timesteps.clone()
 
 
 def _init_params(cls) -> set[str]:
@@ -247,20 +289,8 @@ def _init_params(cls) -> set[str]:
 
 
 def set_timesteps(scheduler, steps: int, device=None) -> None:
-    """``scheduler.set_timesteps(steps)``, then the donor's sigmas where the class lacks the flag; a schedule
-    diffusers has no flag for goes in as its explicit table (:func:`adapterhub.sample.schedules.set_sigmas`)."""
-    table = getattr(scheduler, "_adapterhub_table", None)
-    if table is not None:
-        from adapterhub.sample.schedules import set_sigmas
-
-        set_sigmas(scheduler, table(steps), device=device)
-        return
+    """``scheduler.set_timesteps(steps)`` (a scheduler from :func:`make_scheduler` lays out its webui table)."""
     scheduler.set_timesteps(steps, device=device)
-    donor = getattr(scheduler, "_adapterhub_sigma_donor", None)
-    if donor is not None:
-        donor.set_timesteps(steps, device=device)
-        scheduler.sigmas = donor.sigmas.clone()
-        scheduler.timesteps = donor.timesteps.clone()
 
 
 _SD_DEFAULT = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",

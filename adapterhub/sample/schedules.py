@@ -278,6 +278,10 @@ _LAYOUTS: dict[str, Callable[[object, torch.Tensor], None] | None] = {
 }
 
 
+# classes that work on the variance-preserving scale (x / sqrt(sigma^2 + 1)) and start from unit noise
+_VARIANCE_PRESERVING = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler")
+
+
 def supports(scheduler_class: str) -> bool:
     """Whether :func:`set_sigmas` can put a scheduler of this diffusers class on an explicit table."""
     return scheduler_class in _LAYOUTS
@@ -301,11 +305,14 @@ def set_sigmas(scheduler, table: torch.Tensor, device=None) -> None:
     if len(table) < 2 or not bool((table[:-1] > 0).all()) or not bool((table[1:] <= table[:-1]).all()):
         raise AdapterhubError(f"{name}: a sigma table must be at least 2 positive, non-increasing values "
                               f"(0 allowed last); got {[round(float(s), 6) for s in table]}")
+    own = type(scheduler).set_timesteps  # the class's: the instance's may be the one that called us
     if _LAYOUTS[name] is None:
-        scheduler.set_timesteps(sigmas=table.tolist(), device=device)
+        own(scheduler, sigmas=table.tolist(), device=device)
     else:
-        scheduler.set_timesteps(len(table) - 1, device=device)
+        own(scheduler, len(table) - 1, device=device)
         _LAYOUTS[name](scheduler, table)
+    if name in _VARIANCE_PRESERVING:  # x / sqrt(sigma^2 + 1): k-diffusion's first point, noise * sigma_max, there
+        scheduler.init_noise_sigma = float(table[0] / (table[0] ** 2 + 1) ** 0.5)
     # the step index starts at 0 rather than by looking the first timestep up: two sigmas clamped to the
     # table's end would share a timestep, and diffusers would then start at the second
     scheduler.set_begin_index(0)
