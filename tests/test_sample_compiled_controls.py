@@ -253,3 +253,36 @@ def test_second_process_finds_the_compile_cache(tmp_path):
     assert runs[0]["misses"] >= 1
     assert runs[1]["hits"] >= 1 and runs[1]["misses"] == 0 and runs[1]["aot_hits"] >= 1
     assert any((tmp_path / "hub" / "compile" / "inductor").iterdir())
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "Heun"])
+def test_guidance_window_counts_the_generators_steps(tiny_sd1, files, sampler):
+    """``START:END`` gates by the step of the schedule the generator runs (not by the pipeline's idle scheduler):
+    our latents equal diffusers' ControlNet pipeline with ``control_guidance_start/end`` and the same scheduler,
+    bit for bit (eager), over 6 steps of a first- and a second-order sampler."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from adapterhub.sample.generator import Generator, Request
+    from adapterhub.sample.samplers import make_scheduler, resolve_sampler
+    from adapterhub.stack import Stack
+
+    gen = Generator(copy.deepcopy(tiny_sd1), hash_model=False)
+    window = {"start": 0.2, "end": 0.6}
+    request = Request("a house", negative="blurry", stack=Stack([_entry(files["cn"], 0.9, image=files["edges"],
+                                                                       **window)]),
+                      seed=5, steps=6, sampler=sampler, width=SIZE, height=SIZE)
+    ours = gen.generate(request, output="latent").latents
+    gen.close()
+    cond, uncond = gen.encode("a house", "blurry")
+    pipe = StableDiffusionControlNetPipeline(**{**gen.pipe.components, "safety_checker": None,
+                                                "feature_extractor": None, "requires_safety_checker": False,
+                                                "scheduler": make_scheduler(*resolve_sampler(sampler),
+                                                                            gen.pipe.scheduler.config),
+                                                "controlnet": ControlNetModel.from_pretrained(files["cn"]).eval()})
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe(prompt_embeds=cond.embeds, negative_prompt_embeds=uncond.embeds, image=files["edges"],
+                    controlnet_conditioning_scale=0.9, control_guidance_start=window["start"],
+                    control_guidance_end=window["end"], num_inference_steps=6, guidance_scale=7.0, width=SIZE,
+                    height=SIZE, generator=[torch.Generator().manual_seed(5)], output_type="latent").images
+    assert torch.equal(ours, want)
