@@ -29,14 +29,16 @@ EXPECTED = {
     "DPM++ 2S a": "DPMSolverSinglestepScheduler", "DPM++ 3M SDE": "DPMSolverMultistepScheduler",
     "Euler a": "EulerAncestralDiscreteScheduler", "Euler": "EulerDiscreteScheduler", "LMS": "LMSDiscreteScheduler",
     "Heun": "HeunDiscreteScheduler", "DPM2": "KDPM2DiscreteScheduler", "DPM2 a": "KDPM2AncestralDiscreteScheduler",
-    "DDIM": "DDIMScheduler", "PLMS": "PNDMScheduler", "UniPC": "UniPCMultistepScheduler", "LCM": "LCMScheduler",
+    "DDIM": "DDIMScheduler", "DDIM CFG++": "DDIMScheduler", "PLMS": "PNDMScheduler",
+    "UniPC": "UniPCMultistepScheduler", "LCM": "LCMScheduler",
     # no diffusers scheduler: k-diffusion's algorithms behind a scheduler interface (test_sample_ksamplers.py)
     "DPM fast": "KDiffusionScheduler", "DPM adaptive": "KDiffusionScheduler", "Restart": "KDiffusionScheduler",
 }
 AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",
              "DPM++ 2M SDE Heun": "Exponential", "DPM++ 2S a": "Karras", "DPM++ 3M SDE": "Exponential",
              "Euler a": "Automatic", "Euler": "Automatic", "LMS": "Automatic", "Heun": "Automatic", "DPM2": "Karras",
-             "DPM2 a": "Karras", "DDIM": "Automatic", "PLMS": "Automatic", "UniPC": "Automatic", "LCM": "Automatic",
+             "DPM2 a": "Karras", "DDIM": "Automatic", "DDIM CFG++": "Automatic", "PLMS": "Automatic",
+             "UniPC": "Automatic", "LCM": "Automatic",
              "DPM fast": "Automatic", "DPM adaptive": "Automatic", "Restart": "Karras"}
 
 
@@ -54,7 +56,7 @@ def test_each_sampler_maps_to_its_scheduler(name):
             make_scheduler(name, "Automatic", SD_BETAS)
         return
     scheduler = make_scheduler(name, "Automatic", SD_BETAS)
-    assert type(scheduler).__name__ == EXPECTED[name]
+    assert EXPECTED[name] in [c.__name__ for c in type(scheduler).__mro__]  # DDIM CFG++: a DDIMScheduler
     set_timesteps(scheduler, 6)
     if EXPECTED[name] == "KDiffusionScheduler":  # its calls are produced as it runs: the schedule is known
         assert len(scheduler.sigmas) == 7 and float(scheduler.sigmas[-1]) == 0.0
@@ -132,7 +134,7 @@ def test_unknown_sampler_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("name, schedule, match", [
-    ("DDIM CFG++", None, "no diffusers scheduler"), ("Euler", "Karass", "unknown schedule type"),
+    ("DDIM CFG++", "Karras", "timestep sampler"), ("Euler", "Karass", "unknown schedule type"),
     ("Euler", "Sigmoid", "unknown schedule type"), ("DDIM", "Karras", "timestep sampler"),
 ])
 def test_refusals_are_one_line(name, schedule, match):
@@ -183,3 +185,43 @@ def test_generator_runs_an_explicit_schedule(tiny_sd1):
     other = gen.generate(Request("a house", seed=3, steps=4, sampler="Euler a", width=64, height=64))
     assert "Sampler: Euler a, Schedule type: KL Optimal," in out.infotexts[0]
     assert out.images[0].size == (64, 64) and out.images[0].tobytes() != other.images[0].tobytes()
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_ddim_cfg_pp_follows_the_webui(tiny_sd1, prediction):
+    """DDIM CFG++ against the webui's ``ddim_cfgpp`` loop written out here (modules/sd_samplers_timesteps_impl.py:
+    the CFG scale times 1/12.5 for the guided eps, ``x = sqrt(a_prev) x0(guided) + sqrt(1 - a_prev) eps_uncond``)
+    over the same tiny UNet, on the webui's DDIM timesteps (checked above against the webui's table)."""
+    import copy
+
+    from adapterhub.sample.generator import Generator, Request
+
+    pipe = copy.deepcopy(tiny_sd1)
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)
+    gen = Generator(pipe, hash_model=False)
+    steps, cfg, seeds = 4, 9.0, [3, 4]
+    got = gen.generate(Request("a house", negative="fog", seed=3, steps=steps, cfg=cfg, sampler="DDIM CFG++",
+                               width=64, height=64, batch=2), output="latent")
+    assert "Sampler: DDIM CFG++," in got.infotexts[0]
+    cond, uncond = gen.encode("a house", "fog")
+    embeds = torch.cat([uncond.embeds.repeat(2, 1, 1), cond.embeds.repeat(2, 1, 1)])
+    ddim = make_scheduler("DDIM", "Automatic", pipe.scheduler.config)
+    set_timesteps(ddim, steps)
+    ac = ddim.alphas_cumprod
+    x = torch.cat([torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            out = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=embeds).sample
+            a_t = ac[int(t)]
+            if prediction == "v_prediction":  # the webui's eps of a v model
+                out = a_t ** 0.5 * out + (1 - a_t) ** 0.5 * torch.cat([x, x])
+            e_uncond, e_cond = out.chunk(2)
+            e_t = e_uncond + (e_cond - e_uncond) * (cfg / 12.5)
+            prev = int(t) - 1000 // steps
+            a_prev = ac[prev] if prev >= 0 else ac[0]
+            x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
+            x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * e_uncond
+    torch.testing.assert_close(got.latents, x, rtol=1e-5, atol=1e-5)
+    plain = gen.generate(Request("a house", negative="fog", seed=3, steps=steps, cfg=cfg, sampler="DDIM", width=64,
+                                 height=64, batch=2), output="latent")
+    assert (plain.latents - got.latents).abs().max() > 1e-3  # CFG++ is not DDIM

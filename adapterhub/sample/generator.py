@@ -579,7 +579,11 @@ class Generator:
                 scheduler.set_begin_index(begin)
             timesteps = scheduler.timesteps[begin:]
             latents = scheduler.add_noise(init.to(device=device, dtype=dtype), noise, timesteps[:1].repeat(batch))
-        guided = float(cfg) != 1.0 or not prompts.plain
+        # DDIM CFG++ (the webui's): the scale shrunk by the scheduler's multiplier, the unconditional prediction
+        # handed to its step as well
+        cfg = float(cfg) * getattr(scheduler, "cfg_scale_multiplier", 1.0)
+        with_uncond = bool(getattr(scheduler, "wants_uncond", False))
+        guided = cfg != 1.0 or not prompts.plain or with_uncond
         weights = [w for _, w in prompts.conds]
         extra = {"generator": generators} if "generator" in _step_params(scheduler) else {}
         built, inputs = None, None
@@ -588,7 +592,10 @@ class Generator:
                 key = (tuple(s.index(i) for s, _ in prompts.conds), prompts.uncond.index(i) if guided else None)
                 if key != built:  # the conditioning changes only where a schedule does
                     inputs, built = self._step_inputs(prompts, key, batch, width, height), key
-                noise_pred = self._guided(latents, t, scheduler, inputs, weights, cfg, batch)
+                noise_pred = self._guided(latents, t, scheduler, inputs, weights, cfg, batch, with_uncond)
+                if with_uncond:
+                    noise_pred, uncond = noise_pred
+                    extra["uncond_output"] = uncond
                 latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
                 # the k-diffusion samplers (ksamplers) say how many steps a call finished: progress adds up to steps
                 for _ in range(getattr(scheduler, "completed_steps", 1) if on_step is not None else 0):
@@ -613,9 +620,11 @@ class Generator:
                         {k: torch.cat([unconds[1][k], conds[1][k]]) for k in conds[1]} if conds[1] else None)
         return {"conds": conds, "unconds": unconds, "together": together}
 
-    def _guided(self, latents, t, scheduler, inputs: dict, weights: list[float], cfg: float, batch: int):
+    def _guided(self, latents, t, scheduler, inputs: dict, weights: list[float], cfg: float, batch: int,
+                with_uncond: bool = False):
         """The noise prediction with classifier-free guidance over the ``AND`` sub-prompts: the webui's
-        ``combine_denoised``, ``uncond + sum_i (cond_i - uncond) x (weight_i x cfg)``."""
+        ``combine_denoised``, ``uncond + sum_i (cond_i - uncond) x (weight_i x cfg)`` (and the unconditional
+        prediction beside it when ``with_uncond``)."""
         n = len(weights)
         if inputs["together"] is not None:
             x = scheduler.scale_model_input(torch.cat([latents] * (n + 1)), t)
@@ -630,7 +639,7 @@ class Generator:
         pred = uncond
         for i, weight in enumerate(weights):
             pred = pred + (cond[i * batch:(i + 1) * batch] - uncond) * (weight * cfg)
-        return pred
+        return (pred, uncond) if with_uncond else pred
 
     def _unet_inputs(self, c: Conditioning, batch: int, width: int, height: int):
         embeds = c.embeds.to(device=self.device, dtype=self.dtype).repeat(batch, 1, 1)

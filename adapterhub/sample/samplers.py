@@ -19,6 +19,7 @@ Exponential).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class Sampler:
     note: str = ""
     discard_penultimate: bool = False  # the webui's option for DPM2, DPM2 a, DPM++ 3M SDE: one step more, then
     # the next-to-last sigma dropped
+    cfg_pp: bool = False  # DDIM CFG++: CFG scale / 12.5, the step's direction from the unconditional prediction
 
 
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
@@ -68,6 +70,8 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
             discard_penultimate=True),
     Sampler("DDIM", "DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False, "eta": 0.0},
             timestep_based=True),
+    Sampler("DDIM CFG++", "DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False, "eta": 0.0},
+            timestep_based=True, aliases=("ddim_cfgpp",), cfg_pp=True),
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": False}, timestep_based=True),
     Sampler("UniPC", "UniPCMultistepScheduler", {}, timestep_based=True),
     Sampler("LCM", "LCMScheduler", {}, timestep_based=True),
@@ -75,7 +79,7 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("DPM adaptive", KDIFFUSION, {"function": "dpm_adaptive"}, aliases=("k_dpm_ad",)),
     Sampler("Restart", KDIFFUSION, {"function": "restart"}, "karras", aliases=("restart",)),
 )}
-NOT_IN_DIFFUSERS = ("DDIM CFG++",)
+NOT_IN_DIFFUSERS: tuple[str, ...] = ()
 # the webui's schedule types diffusers has no flag for: explicit tables (adapterhub.sample.schedules)
 EXPLICIT = frozenset({"polyexponential", "kl_optimal", "align_your_steps", "simple", "normal", "ddim"})
 
@@ -237,6 +241,8 @@ def make_scheduler(sampler: Sampler | str, key: str = "automatic", base_config=N
     accepted = _init_params(cls)
     table = _table(sampler, resolved, base, arch)
     supported = {} if table is not None else {k: v for k, v in flags.items() if k in accepted}
+    if sampler.cfg_pp:
+        cls = _cfg_pp_class()
     scheduler = cls.from_config({k: v for k, v in config.items() if k in accepted}, **supported)
     if table is not None:
         scheduler._adapterhub_table = table
@@ -253,8 +259,6 @@ def make_scheduler(sampler: Sampler | str, key: str = "automatic", base_config=N
 def _table(sampler: Sampler, resolved: str, base: dict, arch: str):
     """``steps -> sigma table`` for a k-diffusion-style sampler whose schedule the webui computes (None for
     the timestep samplers, and for Beta, which diffusers' own flag gives)."""
-    import functools
-
     from adapterhub.sample import schedules
 
     name = "uniform" if resolved == DISCRETE else resolved
@@ -280,6 +284,43 @@ def _set_timesteps_from_donor(self, num_inference_steps=None, device=None, **kwa
         donor = self._adapterhub_sigma_donor
         donor.set_timesteps(num_inference_steps, device=device)
         self.sigmas, self.timesteps = donor.sigmas.clone(), donor.timesteps.clone()
+
+
+@functools.cache
+def _cfg_pp_class():
+    import diffusers
+
+    class DDIMCFGPPScheduler(diffusers.DDIMScheduler):
+        """The webui's DDIM CFG++ (``ddim_cfgpp``, after Chung et al., "CFG++"): the generator divides the CFG
+        scale by 12.5 (``cfg_scale_multiplier``) and hands the unconditional prediction to ``step``
+        (``wants_uncond``); x0 comes from the guided prediction, the direction to x_{t-1} from the unconditional
+        one: DDIM's step plus ``sqrt(1 - alpha_prev) x (eps_uncond - eps_guided)``."""
+
+        cfg_scale_multiplier = 1 / 12.5
+        wants_uncond = True
+
+        def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
+                 generator=None, variance_noise=None, return_dict: bool = True, uncond_output=None):
+            out = super().step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
+                               variance_noise, return_dict=True)
+            prev = out.prev_sample
+            if uncond_output is not None:
+                t = int(timestep)
+                before = t - self.config.num_train_timesteps // self.num_inference_steps
+                alpha_prev = self.alphas_cumprod[before] if before >= 0 else self.final_alpha_cumprod
+                difference = uncond_output - model_output
+                if self.config.prediction_type == "v_prediction":  # eps = sqrt(a_t) v + sqrt(1 - a_t) x
+                    difference = difference * self.alphas_cumprod[t] ** 0.5
+                elif self.config.prediction_type != "epsilon":
+                    raise AdapterhubError(f"DDIM CFG++ takes epsilon or v-prediction models, not "
+                                          f"{self.config.prediction_type}")
+                prev = prev + (1 - alpha_prev) ** 0.5 * difference
+            if not return_dict:
+                return (prev,)
+            out.prev_sample = prev
+            return out
+
+    return DDIMCFGPPScheduler
 
 
 def _init_params(cls) -> set[str]:
