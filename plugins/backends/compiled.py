@@ -117,8 +117,8 @@ def _unet_both(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs,
 # multiplier tensors) reaches the fixed processors through ``cross_attention_kwargs``
 def _unet_hn_plain(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, hypernetwork):
     return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                              added_cond_kwargs=added_cond_kwargs, cross_attention_kwargs={"hypernetwork": hypernetwork},
-                              return_dict=False)[0]
+                              added_cond_kwargs=added_cond_kwargs,
+                              cross_attention_kwargs={"hypernetwork": hypernetwork}, return_dict=False)[0]
 
 
 def _unet_hn_controlnet(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, down, mid, hypernetwork):
@@ -373,6 +373,10 @@ class CompiledRunner(Runner):
         self._fixed: dict[torch.nn.Module, Any] = {}  # attention module -> its fixed hypernetwork processor
         self.fused: list[torch.nn.Module] = []
         self._ready = False  # the UNet is changed at the first step, not here: preparing has no side effect
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        self._baseline = {entry: len(_debug_get_cache_entry_list(entry)) for entry in ENTRIES}
+        self._signatures: dict[Callable, set] = {}
 
     def _setup(self) -> None:
         """channels_last and fused projections, from the weights as they are now (a stack already merged
@@ -439,10 +443,10 @@ class CompiledRunner(Runner):
             inputs.append(list(intrablock))  # the UNet pops from this list: a copy of its own
         layers = _hypernetwork_layers(unet)
         if not layers:
-            return self.compiled[UNET_ENTRIES[controlnet, t2i]](unet, *inputs)
+            return self._call(UNET_ENTRIES[controlnet, t2i], unet, *inputs)
         hypernetwork = self._hypernetwork_inputs(layers, call.get("encoder_hidden_states"))
         with self._fixed_processors(layers):
-            return self.compiled[UNET_HN_ENTRIES[controlnet, t2i]](unet, *inputs, hypernetwork)
+            return self._call(UNET_HN_ENTRIES[controlnet, t2i], unet, *inputs, hypernetwork)
 
     # -- hypernetworks ----------------------------------------------------------------------------
     def _hypernetwork_inputs(self, layers: list, context: torch.Tensor | None) -> dict[str, dict]:
@@ -497,8 +501,7 @@ class CompiledRunner(Runner):
         if type(model).__name__ == "ControlNetModel":
             scope.enter_context(_forward_replaced(model, self._controlnet_forward(model)))
         elif type(model).__name__ == "T2IAdapter":
-            compiled = self.compiled[_t2i_adapter]
-            scope.enter_context(_forward_replaced(model, lambda x: compiled(model, x)))
+            scope.enter_context(_forward_replaced(model, lambda x: self._call(_t2i_adapter, model, x)))
 
     def _controlnet_forward(self, model) -> Callable:
         def forward(*args, **kwargs):
@@ -510,7 +513,7 @@ class CompiledRunner(Runner):
             if not isinstance(scale, torch.Tensor):  # an input, not a constant: a new weight is a new value
                 scale = torch.tensor(float(scale), dtype=torch.float32, device=call["sample"].device)
             entry = _controlnet_guess if call.get("guess_mode") else _controlnet
-            down, mid = self.compiled[entry](model, call["sample"], call["timestep"], call["encoder_hidden_states"],
+            down, mid = self._call(entry, model, call["sample"], call["timestep"], call["encoder_hidden_states"],
                                              call["controlnet_cond"], scale, call.get("added_cond_kwargs"))
             return down, mid
 
@@ -528,12 +531,26 @@ class CompiledRunner(Runner):
             raise AdapterhubError(f"{entry.label}: a {adapter.type} changes the UNet's code, not its weights or "
                                   "inputs; the compiled backend would recompile at every switch (use --backend eager)")
 
+    def _call(self, entry: Callable, module: torch.nn.Module, *inputs):
+        """The compiled ``entry``, noting the signature of its inputs (structure, shapes, dtypes, layouts): one
+        graph per entry and signature is expected, any more is a recompile."""
+        import torch.utils._pytree as pytree
+
+        leaves, spec = pytree.tree_flatten(inputs)
+        self._signatures.setdefault(entry, set()).add((str(spec), tuple(
+            (tuple(x.shape), x.dtype, x.device.type, x.stride()) if isinstance(x, torch.Tensor) else x
+            for x in leaves if not isinstance(x, torch.nn.Module))))
+        return self.compiled[entry](module, *inputs)
+
     def recompiles(self) -> int:
-        """Compiles beyond the first of each entry: the graphs dynamo had to build again (dynamo keeps them
-        per code object, so this counts every runner of the process; ``torch._dynamo.reset()`` clears them)."""
+        """Graphs this runner made dynamo build beyond one per entry and input signature (a new size or batch
+        compiles its own graph, as expected; a switch of stack, weight or control image must add none).
+        Dynamo keeps graphs per code object, shared by every runner of the process: counted from what each
+        entry held when this runner was made."""
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-        return sum(max(0, len(_debug_get_cache_entry_list(entry)) - 1) for entry in ENTRIES)
+        return sum(max(0, len(_debug_get_cache_entry_list(entry)) - self._baseline[entry] -
+                       len(self._signatures.get(entry, ()))) for entry in ENTRIES)
 
     def stats(self) -> dict[str, Any]:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
