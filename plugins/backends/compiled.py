@@ -373,10 +373,8 @@ class CompiledRunner(Runner):
         self._fixed: dict[torch.nn.Module, Any] = {}  # attention module -> its fixed hypernetwork processor
         self.fused: list[torch.nn.Module] = []
         self._ready = False  # the UNet is changed at the first step, not here: preparing has no side effect
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-        self._baseline = {entry: len(_debug_get_cache_entry_list(entry)) for entry in ENTRIES}
-        self._signatures: dict[Callable, set] = {}
+        self._signatures: set = set()
+        self._recompiles = 0
 
     def _setup(self) -> None:
         """channels_last and fused projections, from the weights as they are now (a stack already merged
@@ -532,25 +530,28 @@ class CompiledRunner(Runner):
                                   "inputs; the compiled backend would recompile at every switch (use --backend eager)")
 
     def _call(self, entry: Callable, module: torch.nn.Module, *inputs):
-        """The compiled ``entry``, noting the signature of its inputs (structure, shapes, dtypes, layouts): one
-        graph per entry and signature is expected, any more is a recompile."""
-        import torch.utils._pytree as pytree
+        """The compiled ``entry``. When the call compiled a graph, the signature of its inputs (structure, shapes,
+        dtypes, layouts) is noted: a graph built for a signature this runner had compiled before is a recompile
+        (a new size or batch compiles its own graph, as expected). Nothing extra is done on a call that runs a
+        graph already built."""
+        from torch._dynamo.utils import counters
 
-        leaves, spec = pytree.tree_flatten(inputs)
-        self._signatures.setdefault(entry, set()).add((str(spec), tuple(
-            (tuple(x.shape), x.dtype, x.device.type, x.stride()) if isinstance(x, torch.Tensor) else x
-            for x in leaves if not isinstance(x, torch.nn.Module))))
-        return self.compiled[entry](module, *inputs)
+        graphs = counters["stats"]["unique_graphs"]
+        out = self.compiled[entry](module, *inputs)
+        if counters["stats"]["unique_graphs"] != graphs:
+            import torch.utils._pytree as pytree
+
+            leaves, spec = pytree.tree_flatten(inputs)
+            signature = (entry, str(spec), tuple((tuple(x.shape), x.dtype, x.device.type, x.stride())
+                                                 if isinstance(x, torch.Tensor) else x for x in leaves))
+            self._recompiles += signature in self._signatures
+            self._signatures.add(signature)
+        return out
 
     def recompiles(self) -> int:
-        """Graphs this runner made dynamo build beyond one per entry and input signature (a new size or batch
-        compiles its own graph, as expected; a switch of stack, weight or control image must add none).
-        Dynamo keeps graphs per code object, shared by every runner of the process: counted from what each
-        entry held when this runner was made."""
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-        return sum(max(0, len(_debug_get_cache_entry_list(entry)) - self._baseline[entry] -
-                       len(self._signatures.get(entry, ()))) for entry in ENTRIES)
+        """Graphs this runner had dynamo build again for inputs of a signature it had compiled before (a switch
+        of stack, weight or control image must add none)."""
+        return self._recompiles
 
     def stats(self) -> dict[str, Any]:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
