@@ -6,16 +6,17 @@ samplers, Exponential for the SDE multistep ones, the model's discrete schedule 
 LMS and Heun (sampling.md §3.1). Older combined names (``DPM++ 2M Karras``) and k-diffusion aliases
 (``k_dpmpp_2m``) are accepted too.
 
-k-diffusion samplers run with ``timestep_spacing="linspace"``, so the schedule spans the model's
-whole sigma table (σmax at t=999, σmin at t=0, then 0) and the initial noise is scaled by σmax, as
-the webui does; Karras (rho 7) and Exponential use those end points. The timestep samplers (DDIM,
-PLMS, UniPC, LCM) use the webui's DDIM timesteps (``leading``, offset 1) and take no schedule type.
+The k-diffusion-style samplers run on the webui's own sigma table (:mod:`adapterhub.sample.schedules`):
+the model's whole sigma range (σmax at t=999, σmin at t=0, then 0), the initial noise scaled by σmax (on
+the variance-preserving scale for DPM-Solver), the model evaluated at the fractional timesteps the webui
+feeds its UNet. The table lives in the scheduler (its ``set_timesteps``), so a diffusers pipeline handed
+the scheduler runs it too. Only Beta comes from diffusers' own flag. The timestep samplers (DDIM, DDIM
+CFG++, PLMS, UniPC, LCM) use the webui's DDIM timesteps (``leading``, offset 1) and take no schedule type.
 Where diffusers has no exact counterpart the mapping is the nearest one, and ``note`` says so.
 
 DPM fast, DPM adaptive and Restart have no diffusers scheduler: they run k-diffusion's algorithms (the
 webui's Restart) through :class:`adapterhub.sample.ksamplers.KDiffusionScheduler`, a scheduler with the
-same interface, with the schedule types k-diffusion itself computes (Automatic, Uniform, Karras,
-Exponential).
+same interface, on the same tables (every schedule type but Beta).
 """
 from __future__ import annotations
 
@@ -79,7 +80,6 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("DPM adaptive", KDIFFUSION, {"function": "dpm_adaptive"}, aliases=("k_dpm_ad",)),
     Sampler("Restart", KDIFFUSION, {"function": "restart"}, "karras", aliases=("restart",)),
 )}
-NOT_IN_DIFFUSERS: tuple[str, ...] = ()
 # the webui's schedule types diffusers has no flag for: explicit tables (adapterhub.sample.schedules)
 EXPLICIT = frozenset({"polyexponential", "kl_optimal", "align_your_steps", "simple", "normal", "ddim"})
 
@@ -143,8 +143,6 @@ def resolve_sampler(name: str, schedule: str | None = None) -> tuple[Sampler, st
                 sampler, suffix = _BY_KEY[_key(head)], _schedule_key(tail)
                 break
     if sampler is None:
-        if any(_key(text) == _key(n) for n in NOT_IN_DIFFUSERS):
-            raise AdapterhubError(f"sampler {text!r} has no diffusers scheduler; available: {', '.join(SAMPLERS)}")
         raise AdapterhubError(f"unknown sampler {text!r}; valid: {', '.join(SAMPLERS)}")
     key = _schedule_key(schedule) if schedule else (suffix or "automatic")
     if key is None:
@@ -279,6 +277,7 @@ def _set_timesteps_on_table(self, num_inference_steps=None, device=None, **kwarg
 
 
 def _set_timesteps_from_donor(self, num_inference_steps=None, device=None, **kwargs):
+    """``set_timesteps`` of a scheduler whose class lacks the schedule's flag: the donor's sigmas."""
     type(self).set_timesteps(self, num_inference_steps, device=device, **kwargs)
     if not kwargs:
         donor = self._adapterhub_sigma_donor
