@@ -93,15 +93,20 @@ def parse_options(text: str, where: str = "line") -> dict[str, Any]:
             value, pos = " ".join(words[pos + 1:end]), end
         else:
             value, pos = words[pos + 1], pos + 2
-        try:
-            converted = convert(value)
-        except ValueError:
-            raise AdapterhubError(f"{where}: {word} {value!r} is not a valid value") from None
-        if target == "size":
-            out["width"], out["height"] = converted
-        else:
-            out[target] = converted
+        _put(out, target, convert, value, f"{where}: {word} {value!r}")
     return out
+
+
+def _put(out: dict[str, Any], target: str, convert, value, what: str) -> None:
+    """``out[target] = convert(value)`` (a size fills width and height); ``what`` names the value in the error."""
+    try:
+        converted = convert(value)
+    except (TypeError, ValueError):
+        raise AdapterhubError(f"{what} is not a valid value") from None
+    if target == "size":
+        out["width"], out["height"] = converted
+    else:
+        out[target] = converted
 
 
 def parse_json(text: str, where: str = "line") -> dict[str, Any]:
@@ -121,14 +126,8 @@ def parse_json(text: str, where: str = "line") -> dict[str, Any]:
         if name not in OPTIONS:
             raise AdapterhubError(f"{where}: unknown key {key!r} (known: {', '.join(OPTIONS)})")
         target, convert = OPTIONS[name]
-        try:
-            converted = convert(value if isinstance(value, str) or convert is not _size else str(value))
-        except (TypeError, ValueError):
-            raise AdapterhubError(f"{where}: {key} {value!r} is not a valid value") from None
-        if target == "size":
-            out["width"], out["height"] = converted
-        else:
-            out[target] = converted
+        _put(out, target, convert, value if isinstance(value, str) or convert is not _size else str(value),
+             f"{where}: {key} {value!r}")
     return out
 
 
