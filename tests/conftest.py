@@ -96,3 +96,22 @@ def fresh_sd1(tiny_sd1):
 def fresh_sdxl(tiny_sdxl):
     """A private deep copy of ``tiny_sdxl`` that a test may modify (about 1 s)."""
     return copy.deepcopy(tiny_sdxl)
+
+
+@pytest.fixture(scope="module")
+def generators(tiny_sd1):
+    """A compiled and an eager generator on copies of ``tiny_sd1``, compiled graphs from scratch (dynamo's
+    ``aot_eager``: the capture and guards of inductor without code generation, the aten ops run one by one)."""
+    import torch._dynamo
+
+    from adapterhub.sample.generator import Generator
+
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")
+        compiled = Generator(copy.deepcopy(tiny_sd1), backend="compiled", hash_model=False)
+    eager = Generator(copy.deepcopy(tiny_sd1), backend="eager", hash_model=False)
+    yield compiled, eager
+    compiled.close()
+    eager.close()
+    torch._dynamo.reset()

@@ -31,23 +31,6 @@ def files(tmp_path_factory, tiny_sd1):
     return {**{k: str(v) for k, v in made.items()}, "edges": edges}
 
 
-@pytest.fixture(scope="module")
-def generators(tiny_sd1):
-    import torch._dynamo
-
-    from adapterhub.sample.generator import Generator
-
-    torch._dynamo.reset()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")
-        compiled = Generator(copy.deepcopy(tiny_sd1), backend="compiled", hash_model=False)
-    eager = Generator(copy.deepcopy(tiny_sd1), backend="eager", hash_model=False)
-    yield compiled, eager
-    compiled.close()
-    eager.close()
-    torch._dynamo.reset()
-
-
 def _entry(path, weight, **options):
     from adapterhub.stack import Entry
 
