@@ -352,6 +352,9 @@ WEBUI_PATHS = {  # sampler: (k-diffusion function, sigmas from the denoiser and 
                                                                               m.sigmas[-1].item()), False),
     "DPM2": ("sample_dpm_2", lambda m, n: _discarded(K.sampling.get_sigmas_karras(n + 1, m.sigmas[0].item(),
                                                                                    m.sigmas[-1].item())), False),
+    # ours, not diffusers': the webui's is ancestral (eta 1), diffusers' single-step solver is not
+    "DPM++ 2S a": ("sample_dpmpp_2s_ancestral", lambda m, n: K.sampling.get_sigmas_karras(n, m.sigmas[0].item(),
+                                                                                         m.sigmas[-1].item()), True),
 }
 
 

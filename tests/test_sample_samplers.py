@@ -26,7 +26,7 @@ SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.01
 EXPECTED = {
     "DPM++ 2M": "DPMSolverMultistepScheduler", "DPM++ SDE": "DPMSolverSDEScheduler",
     "DPM++ 2M SDE": "DPMSolverMultistepScheduler", "DPM++ 2M SDE Heun": "DPMSolverMultistepScheduler",
-    "DPM++ 2S a": "DPMSolverSinglestepScheduler", "DPM++ 3M SDE": "DPMSolverMultistepScheduler",
+    "DPM++ 2S a": "KDiffusionScheduler", "DPM++ 3M SDE": "DPMSolverMultistepScheduler",
     "Euler a": "EulerAncestralDiscreteScheduler", "Euler": "EulerDiscreteScheduler", "LMS": "LMSDiscreteScheduler",
     "Heun": "HeunDiscreteScheduler", "DPM2": "KDPM2DiscreteScheduler", "DPM2 a": "KDPM2AncestralDiscreteScheduler",
     "DDIM": "DDIMScheduler", "DDIM CFG++": "DDIMScheduler", "PLMS": "PNDMScheduler",

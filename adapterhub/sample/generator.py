@@ -19,9 +19,8 @@ The webui's other prompt features and passes (AUTOMATIC1111 ``prompt_parser``, `
 * prompt editing ``[from:to:when]`` and alternation ``[a|b]`` (:func:`adapterhub.sample.prompt.prompt_schedule`):
   every text of a prompt's schedule is encoded once, before the loop, and sampler call ``i`` (counted from
   0, over ``steps x scheduler.order`` calls as the webui counts a second-order sampler's calls) uses the
-  first entry that ends at ``i`` or later. (DPM++ 2S a: diffusers' single-step solver makes one call per step
-  where the webui's makes two, so its schedule counts steps.) The texts of one schedule are encoded as one batch,
-  as the webui does: emphasis is re-normalised over the whole batch and shorter texts get empty chunks.
+  first entry that ends at ``i`` or later. The texts of one schedule are encoded as one batch, as the webui
+  does: emphasis is re-normalised over the whole batch and shorter texts get empty chunks.
 * ``AND`` (composable diffusion): every sub-prompt is its own conditioning with its weight, and the
   guidance is ``uncond + sum_i (cond_i - uncond) x weight_i x cfg`` (``combine_denoised``; computed on the
   noise prediction, which is the same affine combination). The negative prompt is one prompt.

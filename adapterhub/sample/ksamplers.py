@@ -1,4 +1,5 @@
-"""The webui's k-diffusion samplers that diffusers has no scheduler for: DPM fast, DPM adaptive, Restart.
+"""The webui's k-diffusion samplers that diffusers has no scheduler for: DPM fast, DPM adaptive, Restart,
+DPM++ 2S a (diffusers' single-step solver is deterministic; the webui's is ancestral).
 
 Each sampler is written as k-diffusion writes it, as a loop over noise levels, but as a Python generator
 (a coroutine): it yields ``(x, sigma, done)`` where it needs the denoiser's prediction of x at ``sigma``
@@ -49,8 +50,8 @@ import torch
 from adapterhub.errors import AdapterhubError
 
 # what the sampler functions are called in the webui's table, and the schedules they accept here
-FUNCTIONS = ("dpm_fast", "dpm_adaptive", "restart")
-ETA = 1.0  # the webui's opts.eta_ancestral default, passed to DPM fast and DPM adaptive
+FUNCTIONS = ("dpm_fast", "dpm_adaptive", "restart", "dpmpp_2s_ancestral")
+ETA = 1.0  # the webui's opts.eta_ancestral default, passed to DPM fast, DPM adaptive and DPM++ 2S a
 Call = tuple[torch.Tensor, torch.Tensor, float]  # (x, sigma, done)
 Sampler = Generator[Call, torch.Tensor, torch.Tensor]
 Noise = Callable[[torch.Tensor], torch.Tensor]
@@ -261,6 +262,31 @@ def restart(x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, s_noise: float 
     return x
 
 
+def dpmpp_2s_ancestral(x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, eta: float = ETA,
+                       s_noise: float = 1.0) -> Sampler:
+    """DPM-Solver++(2S) ancestral (k-diffusion's ``sample_dpmpp_2s_ancestral``): per step a second-order
+    single-step update to the ancestral step's ``sigma_down`` through the midpoint in log-sigma (an Euler
+    step when ``sigma_down`` is 0), then fresh noise of ``sigma_up``."""
+    steps = len(sigmas) - 1
+    for i in range(steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        done = i / steps
+        denoised = yield x, sigma, done
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        if sigma_down == 0:
+            x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        else:
+            t, t_next = _t(sigma), _t(sigma_down)
+            h = t_next - t
+            s = t + h / 2
+            x_2 = (_sigma(s) / _sigma(t)) * x - torch.expm1(-h / 2) * denoised
+            denoised_2 = yield x_2, _sigma(s), done
+            x = (_sigma(t_next) / _sigma(t)) * x - torch.expm1(-h) * denoised_2
+        if sigma_next > 0:
+            x = x + noise(x) * s_noise * sigma_up
+    return x
+
+
 # -- the scheduler --------------------------------------------------------------------------------
 class _Calls:
     """``scheduler.timesteps``: the UNet timestep of every model call, produced as the sampler asks."""
@@ -302,7 +328,7 @@ class KDiffusionScheduler:
         from diffusers.configuration_utils import FrozenDict
 
         self.config = FrozenDict(config or {})  # attribute access, as a diffusers scheduler's
-        self.order = 2 if function == "restart" else 1  # calls per step, as the webui counts them
+        self.order = 2 if function in ("restart", "dpmpp_2s_ancestral") else 1  # calls per step, as the webui counts
         self.completed_steps = 0
         self._sigmas: torch.Tensor | None = None
         self._begin = 0
@@ -366,6 +392,8 @@ class KDiffusionScheduler:
         sigmas = self.sigmas
         if self.function == "restart":
             return restart(x, sigmas, self._noise)
+        if self.function == "dpmpp_2s_ancestral":
+            return dpmpp_2s_ancestral(x, sigmas, self._noise)
         # txt2img: the model's sigma range; img2img: sigma_sched[0] and its last nonzero sigma
         low, high = (self.table.sigma_min, self.table.sigma_max) if not self._from_image else \
             (sigmas[-2].item(), sigmas[0].item())

@@ -14,9 +14,10 @@ the scheduler runs it too. Only Beta comes from diffusers' own flag. The timeste
 CFG++, PLMS, UniPC, LCM) use the webui's DDIM timesteps (``leading``, offset 1) and take no schedule type.
 Where diffusers has no exact counterpart the mapping is the nearest one, and ``note`` says so.
 
-DPM fast, DPM adaptive and Restart have no diffusers scheduler: they run k-diffusion's algorithms (the
-webui's Restart) through :class:`adapterhub.sample.ksamplers.KDiffusionScheduler`, a scheduler with the
-same interface, on the same tables (every schedule type but Beta).
+DPM fast, DPM adaptive, Restart and DPM++ 2S a have no diffusers scheduler (diffusers' single-step
+DPM-Solver++ is not ancestral): they run k-diffusion's algorithms (the webui's Restart) through
+:class:`adapterhub.sample.ksamplers.KDiffusionScheduler`, a scheduler with the same interface, on the same
+tables (every schedule type but Beta).
 """
 from __future__ import annotations
 
@@ -55,9 +56,7 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
             aliases=("k_dpmpp_2m_sde",)),
     Sampler("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler", {**_SDE, "solver_order": 2, "solver_type": "heun"},
             "exponential", aliases=("k_dpmpp_2m_sde_heun",)),
-    Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
-            "karras", aliases=("k_dpmpp_2s_a",),
-            note="diffusers has no ancestral single-step solver: deterministic DPM-Solver++(2S)"),
+    Sampler("DPM++ 2S a", KDIFFUSION, {"function": "dpmpp_2s_ancestral"}, "karras", aliases=("k_dpmpp_2s_a",)),
     Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler", {**_SDE, "solver_order": 3}, "exponential",
             aliases=("k_dpmpp_3m_sde",), discard_penultimate=True,
             note="diffusers' third-order SDE DPM-Solver++, not k-diffusion's dpmpp_3m_sde step for step"),
