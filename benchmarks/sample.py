@@ -2,13 +2,16 @@
 
     python benchmarks/sample.py                                  # tiny-sd1 on CPU, 256 px, 8 steps
     python benchmarks/sample.py --base sd1 --device cuda --dtype fp16 --size 512 --steps 20 --backends eager compiled
+    python benchmarks/sample.py --backends compiled compiled:fuse_qkv=0 compiled:channels_last=1 --profile 10
 
 A thin script over :mod:`adapterhub.sample.bench` (also ``adapterhub bench sample``), which documents
 what is measured: ms per step and images/s with no adapters and with a stack of two random LoRAs,
 the stack-switch time, the compile time of the compiled backend, and the same through diffusers'
 own pipeline (diffusers + peft LoRAs unfused and fused, diffusers + ``torch.compile`` of the UNet) in the
 same run, printed as ratios; FLOPs per UNet step against the measured matmul peak (TFLOP/s, share of
-peak) and peak memory over requests alternating between two sizes.
+peak) and peak memory over requests alternating between two sizes. A backend may carry options
+(``compiled:fuse_qkv=0,mode=reduce-overhead``) to measure each option's gain as its own row; ``--profile N``
+prints the top kernels of one request, ``--second-process`` the time a fresh process takes to its first image.
 """
 from __future__ import annotations
 
