@@ -28,6 +28,7 @@ import torch
 from adapterhub.base import METADATA_KEY, detect_architecture
 from adapterhub.errors import AdapterhubError
 from adapterhub.io import atomic_dir, save_safetensors
+from adapterhub.keymaps import SGM_RESNET, SGM_TOP, rename_first
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -45,25 +46,16 @@ MODELSPEC = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "
 # --------------------------------------------------------------------------------------------
 # UNet
 # --------------------------------------------------------------------------------------------
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
-           ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+# the keymaps' ldm/sgm -> diffusers tables, the other way round (one table for both directions)
+_UNET_TOP = {diffusers: ldm for ldm, diffusers in SGM_TOP.items()}
+_RESNET = tuple((diffusers, ldm) for ldm, diffusers in SGM_RESNET.items())
 _BLOCK = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")
 _MID = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
 
 
-def _rename_first(rest: str, table) -> str:
-    for old, new in table:
-        if rest == old or rest.startswith(old + "."):
-            return new + rest[len(old):]
-    return rest
-
-
 def unet_key_to_ldm(key: str, layers_per_block: int, up_has_attention: list[bool]) -> str:
     """``down_blocks.1.attentions.0.proj_in.weight`` -> ``input_blocks.4.1.proj_in.weight`` (no prefix)."""
-    top = _rename_first(key, _UNET_TOP.items())
+    top = rename_first(key, _UNET_TOP.items())
     if top != key:
         return top
     n = layers_per_block
@@ -77,13 +69,13 @@ def unet_key_to_ldm(key: str, layers_per_block: int, up_has_attention: list[bool
         index = block * (n + 1) + j + 1 if side == "down_blocks" else block * (n + 1) + j
         where = "input_blocks" if side == "down_blocks" else "output_blocks"
         if kind == "resnets":
-            return f"{where}.{index}.0.{_rename_first(rest, _RESNET)}"
+            return f"{where}.{index}.0.{rename_first(rest, _RESNET)}"
         return f"{where}.{index}.1.{rest}"
     m = _MID.match(key)
     if m:
         if m[1] == "attentions":
             return f"middle_block.1.{m[3]}"
-        return f"middle_block.{2 * int(m[2])}.{_rename_first(m[3], _RESNET)}"
+        return f"middle_block.{2 * int(m[2])}.{rename_first(m[3], _RESNET)}"
     raise AdapterhubError(f"cannot convert UNet key {key!r} to the original layout "
                           "(fuse or detach attached adapters before saving)")
 
@@ -113,12 +105,12 @@ def vae_key_to_ldm(key: str, num_up_blocks: int) -> str:
             block = num_up_blocks - 1 - block
         level = f"{part}.{'down' if part == 'encoder' else 'up'}.{block}"
         if kind == "resnets":
-            return f"{level}.block.{j}.{_rename_first(rest, [('conv_shortcut', 'nin_shortcut')])}"
+            return f"{level}.block.{j}.{rename_first(rest, [('conv_shortcut', 'nin_shortcut')])}"
         return f"{level}.{'downsample' if kind == 'downsamplers' else 'upsample'}.{rest}"
     m = _VAE_MID.match(key)
     if m:
         if m[2] == "attentions":
-            return f"{m[1]}.mid.attn_1.{_rename_first(m[4], _VAE_ATTENTION)}"
+            return f"{m[1]}.mid.attn_1.{rename_first(m[4], _VAE_ATTENTION)}"
         return f"{m[1]}.mid.block_{int(m[3]) + 1}.{m[4]}"
     return key.replace("conv_norm_out", "norm_out")
 
@@ -165,11 +157,11 @@ def openclip_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
             q = _QKV.match(m[2])
             qkv.setdefault((int(m[1]), q[2]), {})[q[1]] = value
         elif m:
-            out[f"{prefix}transformer.resblocks.{m[1]}.{_rename_first(m[2], _OPENCLIP_LAYER)}"] = value
+            out[f"{prefix}transformer.resblocks.{m[1]}.{rename_first(m[2], _OPENCLIP_LAYER)}"] = value
         elif key == "text_projection.weight":  # OpenCLIP multiplies x @ P; a Linear stores P transposed
             out[prefix + "text_projection"] = value.T.contiguous()
         else:
-            renamed = _rename_first(key, _OPENCLIP_TOP)
+            renamed = rename_first(key, _OPENCLIP_TOP)
             if renamed == key:
                 raise AdapterhubError(f"cannot convert text-encoder key {key!r} to the OpenCLIP layout")
             out[prefix + renamed] = value

@@ -85,11 +85,16 @@ def join_atoms(name: str) -> str:
     return ".".join(out)
 
 
+def rename_first(path: str, pairs) -> str:
+    """``path`` with the first ``(old, new)`` of ``pairs`` that is the path or a dotted prefix of it replaced."""
+    for old, new in pairs:
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    return path
+
+
 def _sgm_resnet(rest: str) -> str:
-    for old, new in SGM_RESNET.items():
-        if rest == old or rest.startswith(old + "."):
-            return new + rest[len(old):]
-    return rest
+    return rename_first(rest, SGM_RESNET.items())
 
 
 @lru_cache(maxsize=4096)
@@ -100,9 +105,9 @@ def sgm_to_diffusers(path: str, layers_per_block: int = 2, attn_blocks: tuple[bo
     but the first has them when it is not the lowest resolution (SD1/SDXL); it only matters for
     ``output_blocks.N.1`` of blocks without attention, which are then upsamplers.
     """
-    for old, new in SGM_TOP.items():
-        if path == old or path.startswith(old + "."):
-            return new + path[len(old):]
+    top = rename_first(path, SGM_TOP.items())
+    if top != path:
+        return top
     m = re.match(r"input_blocks\.(\d+)\.(\d+)\.?(.*)$", path)
     if m:
         n, k, rest = int(m[1]), int(m[2]), m[3]
