@@ -81,6 +81,17 @@ def weights(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def frozen_parameters(pipe, adapter_markers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Every base parameter of a PEFT-wrapped pipeline under its plain name: tensors whose names hold one of
+    ``adapter_markers`` (the adapter's own) left out, ``base_layer`` dropped from the names."""
+    out = {}
+    for comp in ("unet", "vae", "text_encoder"):
+        for name, p in getattr(pipe, comp).named_parameters():
+            if not any(marker in name for marker in adapter_markers):
+                out[f"{comp}.{name.replace('.base_layer', '')}"] = p.detach()
+    return out
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in weights(model).items()}
 

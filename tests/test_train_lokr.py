@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_helpers import ours_merged, parts, quiet, randomize_, snapshot
+from lora_helpers import frozen_parameters, ours_merged, parts, quiet, randomize_, snapshot
 from test_train import SMALL, fixed_batch_run, header, lycoris_matches, make_dataset
 from test_train_cli import one_line_error, run
 
@@ -35,23 +35,14 @@ def one_image(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("one"), names=("cat",), folder="1_cat")
 
 
-def frozen_parameters(pipe) -> dict[str, torch.Tensor]:
-    """Every base parameter under its plain name (PEFT's ``lokr_*`` tensors and ``base_layer`` left out)."""
-    out = {}
-    for comp in ("unet", "vae", "text_encoder"):
-        for name, p in getattr(pipe, comp).named_parameters():
-            if "lokr_" not in name:
-                out[f"{comp}.{name.replace('.base_layer', '')}"] = p.detach()
-    return out
-
-
 def test_fixed_batch_loss_falls_base_untouched_and_file_gives_peft_delta(one_image, tiny_sd1, tmp_path):
     # rank 4: lokr_w2 whole on the 32-wide layers, lokr_w2_a / lokr_w2_b on the wider ones; conv rank 2:
     # lokr_w2_a / lokr_w2_b on the 3x3 convs; alpha / r (0.5) folded into lokr_w1 on writing
     trainer, losses = fixed_batch_run("lokr", one_image, tmp_path / "lokr.safetensors", alpha=2, conv_rank=2,
                                       conv_alpha=1)
     assert losses[-1] < 0.4 * losses[0], losses
-    ours, base = frozen_parameters(trainer.pipe), frozen_parameters(tiny_sd1)
+    adapter = ("lokr_",)  # the adapter's own tensors, left out
+    ours, base = frozen_parameters(trainer.pipe, adapter), frozen_parameters(tiny_sd1, adapter)
     assert ours.keys() == base.keys()
     changed = [k for k in base if not torch.equal(ours[k], base[k])]
     assert not changed, changed[:5]

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lora_helpers import diffusers_fused, ours_merged, parts, quiet, randomize_, weights
+from lora_helpers import diffusers_fused, frozen_parameters, ours_merged, parts, quiet, randomize_, weights
 from safetensors import safe_open
 from test_train import SMALL, fixed_batch_run, make_dataset
 from test_train_cli import one_line_error, run
@@ -38,16 +38,6 @@ ADALORA = {"rank": 2, "alpha": 4, "adalora_init_rank": 4, "adalora_tinit": 3, "a
 @pytest.fixture(scope="module")
 def one_image(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("one"), names=("cat",), folder="1_cat")
-
-
-def frozen_parameters(pipe) -> dict[str, torch.Tensor]:
-    """Every base parameter under its plain name (PEFT's adapter tensors and ``base_layer`` left out)."""
-    out = {}
-    for comp in ("unet", "vae", "text_encoder"):
-        for name, p in getattr(pipe, comp).named_parameters():
-            if not any(s in name for s in ("lora_", "hada_", "ranknum")):
-                out[f"{comp}.{name.replace('.base_layer', '')}"] = p.detach()
-    return out
 
 
 def peft_merged(folder: Path) -> dict[str, torch.Tensor]:
@@ -88,7 +78,8 @@ def peft_orthogonal_loss(trainable) -> torch.Tensor:
 def test_adalora_prunes_ranks_and_writes_peft_and_kohya(one_image, tiny_sd1, tmp_path):
     trainer, losses = fixed_batch_run("adalora", one_image, tmp_path / "ada", steps=30, **ADALORA)
     assert losses[-1] < 0.6 * losses[0], losses
-    ours, base = frozen_parameters(trainer.pipe), frozen_parameters(tiny_sd1)
+    adapter = ("lora_", "hada_", "ranknum")  # the adapter's own tensors, left out
+    ours, base = frozen_parameters(trainer.pipe, adapter), frozen_parameters(tiny_sd1, adapter)
     assert ours.keys() == base.keys()
     assert not [k for k in base if not torch.equal(ours[k], base[k])]
 
