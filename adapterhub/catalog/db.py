@@ -5,7 +5,9 @@ team's shared catalog). Without one, ``ADAPTERHUB_CATALOG`` or ``./catalog.db`` 
 
 SQLite runs in WAL mode with a busy timeout; every write transaction starts with ``BEGIN
 IMMEDIATE`` so two writers queue instead of failing half-way. A catalog file without write
-permission is opened read-only: browsing works, writing says so in one line.
+permission, or in a folder without write permission, is opened read-only: browsing works (and writes
+nothing, not even SQLite's ``-wal`` / ``-shm`` files), writing says so in one line. A URL whose
+scheme no installed driver serves is one line naming the package to install.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.pool import QueuePool
 
 from adapterhub.errors import AdapterhubError
@@ -99,10 +101,20 @@ def _writable(path: Path) -> bool:
     return bool(mode & 0o222) and os.access(path, os.W_OK)
 
 
+def _immutable(path: Path) -> bool:
+    """Whether a read-only ``path`` must be opened immutable: in a folder nobody may write, SQLite can
+    create neither the ``-shm`` file a WAL read needs nor a journal, so no writer can change the file
+    either. Not when a ``-wal`` file holds changes not yet in the database (immutable would ignore them)."""
+    wal = path.with_name(path.name + "-wal")
+    return not _writable(path.parent) and not (wal.exists() and wal.stat().st_size > 0)
+
+
 def _sqlite_engine(path: Path, readonly: bool) -> Engine:
+    immutable = readonly and _immutable(path)
+
     def connect():
         if readonly:
-            uri = f"{path.as_uri()}?mode=ro"
+            uri = f"{path.as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
             return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
         return sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
 
@@ -128,13 +140,41 @@ def _sqlite_engine(path: Path, readonly: bool) -> Engine:
     return engine
 
 
+# the package that provides each database driver module (what ``pip install`` wants)
+DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "'psycopg[binary]'", "MySQLdb": "mysqlclient",
+                   "pymysql": "pymysql", "mysql": "mysql-connector-python", "oracledb": "oracledb",
+                   "pyodbc": "pyodbc", "pymssql": "pymssql", "asyncpg": "asyncpg", "aiosqlite": "aiosqlite"}
+
+
+def _shown(url: str) -> str:
+    """``url`` as a person may see it: no password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
 def make_engine(url: str, readonly: bool = False) -> Engine:
-    path = sqlite_path(url)
-    if path is not None:
-        return _sqlite_engine(path, readonly)
-    if make_url(url).get_backend_name() == "sqlite":
-        return create_engine(url)
-    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+    """An engine for ``url``; an unknown scheme, a malformed URL or a driver that is not installed is a
+    :class:`CatalogError` (the message names the package to install)."""
+    try:
+        path = sqlite_path(url)
+        if path is not None:
+            return _sqlite_engine(path, readonly)
+        if make_url(url).get_backend_name() == "sqlite":
+            return create_engine(url)
+        return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+    except NoSuchModuleError:
+        scheme = url.split("://", 1)[0]
+        raise CatalogError(f"catalog {_shown(url)}: unknown database scheme {scheme!r} (name an SQLite file, "
+                           "sqlite:///FILE or postgresql://USER@HOST/DB)") from None
+    except ImportError as exc:  # the dialect is known, its driver module is not installed
+        module = (exc.name or "").split(".")[0] or "its driver"
+        package = DRIVER_PACKAGES.get(module, f"the package that provides {module!r}")
+        raise CatalogError(f"catalog {_shown(url)}: the {make_url(url).get_backend_name()} driver ({module}) "
+                           f"is not installed; pip install {package}") from None
+    except (ArgumentError, ValueError) as exc:
+        raise CatalogError(f"catalog {_shown(url)}: not a valid database URL ({_message(exc)})") from None
 
 
 def open_catalog(value: str | os.PathLike | None = None, create: bool = False) -> Catalog:
@@ -150,8 +190,8 @@ def open_catalog(value: str | os.PathLike | None = None, create: bool = False) -
                 raise CatalogError(f"no catalog at {path} (make one with `adapterhub catalog scan DIR`, "
                                    f"or name another with --catalog or ${ENV_VAR})")
             path.parent.mkdir(parents=True, exist_ok=True)
-        elif not _writable(path):
-            readonly = True
+        elif not _writable(path) or not _writable(path.parent):
+            readonly = True  # a folder without write permission: SQLite could write neither WAL nor journal
     catalog = Catalog(make_engine(url, readonly), url, readonly)
     try:
         ensure_schema(catalog)

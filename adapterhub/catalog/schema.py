@@ -46,12 +46,26 @@ def _to_2(conn: Connection) -> None:
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _to_2}
 
 
+class DamagedSchema(Exception):
+    """``catalog_schema`` holds no version this code ever wrote (raised inside a transaction, which
+    rolls back; :func:`ensure_schema` turns it into a :class:`CatalogError` naming the catalog)."""
+
+
 def _version(conn: Connection) -> int | None:
-    """The catalog's schema version; None for an empty database."""
+    """The catalog's schema version; None for an empty database.
+
+    Raises :class:`DamagedSchema` when the version table exists but holds no whole number >= 1 in
+    exactly one row: such a file was not left so by adapterhub, and guessing would "upgrade" it blindly."""
     names = set(inspect(conn).get_table_names())
     if SCHEMA.name not in names:
         return 1 if ENTRIES.name in names else None
-    return conn.execute(select(SCHEMA.c.version)).scalar()
+    found = conn.execute(select(SCHEMA.c.version)).scalars().all()
+    if len(found) != 1:
+        raise DamagedSchema(f"{len(found)} schema version rows instead of one")
+    version = found[0]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise DamagedSchema(f"schema version {version!r} is not a version number")
+    return version
 
 
 def _upgrade(conn: Connection) -> int:
@@ -76,9 +90,16 @@ def _upgrade(conn: Connection) -> int:
 
 
 def ensure_schema(catalog: Catalog) -> int:
-    """Create or upgrade the catalog's tables; return the version found (before any upgrade)."""
-    with reading(catalog) as conn:
-        found = _version(conn)
+    """Create or upgrade the catalog's tables; return the version found (before any upgrade).
+
+    Raises :class:`CatalogError` for a version newer than this code, a damaged version table, and a
+    read-only catalog that needs creating or upgrading; nothing is written then."""
+    try:
+        with reading(catalog) as conn:
+            found = _version(conn)
+    except DamagedSchema as exc:
+        raise CatalogError(f"catalog {catalog.display}: damaged schema version table ({exc}); restore the "
+                           "file from a backup, or scan into a new catalog") from None
     if found is not None and found > VERSION:
         raise CatalogError(f"catalog {catalog.display} has schema version {found}, newer than this "
                            f"adapterhub understands ({VERSION}); upgrade adapterhub")
