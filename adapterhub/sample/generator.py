@@ -9,7 +9,9 @@ Per request: the adapter stack (``stack=`` plus the prompt's ``<lora:…>`` tags
 the parameters whose contributions change are rewritten), the prompts are encoded the webui's way
 (:mod:`adapterhub.sample.conditioning`), and every image n of the request gets its own CPU
 ``torch.Generator`` seeded ``seed + n`` (the webui with ``RNG: CPU``; diffusers with a list of
-generators), used for its initial noise and for its ancestral/SDE noise. The denoising loop is
+generators), used for its initial noise and for its ancestral/SDE noise. ``Request.rng`` picks the webui's
+other sources for the initial noise: ``GPU`` (a CUDA generator) or ``NV`` (its emulation of CUDA's noise on
+any device), :mod:`adapterhub.sample.rng`. The denoising loop is
 diffusers' own, step for step, so with the same scheduler, seeds and embeddings it gives the same
 latents bit for bit.
 
@@ -50,6 +52,7 @@ import torch
 from adapterhub.conditioning import running
 from adapterhub.errors import AdapterhubError
 from adapterhub.sample import infotext
+from adapterhub.sample import rng as noise_sources
 from adapterhub.sample.conditioning import (
     Conditioning,
     PromptEncoder,
@@ -99,6 +102,7 @@ class Request:
     hr_steps: int = 0  # steps of the hires pass (0: as many as ``steps``)
     hr_denoise: float = 0.7  # denoising strength of the hires pass, (0, 1]
     hr_upscaler: str = "Latent"  # a ``Latent …`` mode or an image upscaler: None, Lanczos, Nearest
+    rng: str = "CPU"  # the noise source (:mod:`adapterhub.sample.rng`): CPU, GPU (CUDA only) or NV
 
 
 @dataclass
@@ -176,12 +180,13 @@ def _check_request(req: Request, default_size: int) -> Request:
             problems.append(f"hires steps {req.hr_steps}: must be 0 (as many as steps) or more")
         problems.append(_strength_problem("hires denoising strength", req.hr_denoise))
         upscaler = hires_upscaler(req.hr_upscaler)
+    source = noise_sources.source(req.rng)
     problems = [p for p in problems if p]
     if problems:
         raise AdapterhubError(problems[0])
     seed = int(req.seed) if req.seed is not None and int(req.seed) >= 0 else random.randrange(MAX_SEED)
     return replace(req, width=width, height=height, seed=seed, images=int(req.images or req.batch), init_image=init,
-                   hr_upscaler=upscaler)
+                   hr_upscaler=upscaler, rng=source)
 
 
 def img2img_steps(steps: int, strength: float, fixed: bool = False) -> tuple[int, int]:
@@ -481,6 +486,7 @@ class Generator:
                  progress: Callable[[int, int], None] | None = None) -> Result:
         """Run one request. ``output="latent"`` returns the final latents and no images."""
         req = _check_request(req, self.default_size)
+        noise_sources.check_device(req.rng, self.device)
         sampler, schedule = resolve_sampler(req.sampler, req.schedule)
         # missing packages fail here; ``order``: UNet calls per step, as the webui counts a second-order sampler's
         order = make_scheduler(sampler, schedule, self.pipe.scheduler.config, self.arch).order
@@ -513,14 +519,14 @@ class Generator:
             scheduler = make_scheduler(sampler, schedule, self.pipe.scheduler.config, self.arch)
             init_batch = None if init is None else init.repeat(len(batch_seeds), 1, 1, 1)
             latents = self.denoise(first, scheduler, req.steps, req.cfg, batch_seeds, req.width, req.height,
-                                   on_step=step_done, init=init_batch, strength=req.denoising_strength)
+                                   on_step=step_done, init=init_batch, strength=req.denoising_strength, rng=req.rng)
             if hires is not None:
                 width, height = hires_size(req.width, req.height, req.hr_scale)
                 upscaled = self.upscale(latents, width, height, req.hr_upscaler)
                 scheduler = make_scheduler(sampler, schedule, self.pipe.scheduler.config, self.arch)
                 latents = self.denoise(hires, scheduler, req.hr_steps or req.steps, req.cfg, batch_seeds, width,
                                        height, on_step=step_done, init=upscaled, strength=req.hr_denoise,
-                                       fixed_steps=True)
+                                       fixed_steps=True, rng=req.rng)
             if output == "latent":
                 latents_out.append(latents)
             else:
@@ -532,21 +538,24 @@ class Generator:
             warnings.append("clip skip is recorded but, as in the webui, not applied to SDXL")
         if sampler.note:
             warnings.append(f"{sampler.name}: {sampler.note}")
+        if noise_sources.later_draws_note(req.rng, sampler.name):
+            warnings.append(noise_sources.later_draws_note(req.rng, sampler.name))
         if sampler.timestep_based and (req.init_image is not None or req.hr_scale is not None):
             warnings.append(f"{sampler.name}: img2img follows the k-diffusion samplers' convention here (noised to "
                             "the first step it runs); the webui's timestep samplers noise one step above it")
         latents = torch.cat(latents_out) if latents_out else None
         return Result(images, texts, seeds, latents, warnings, req)
 
-    def noise(self, seeds: Sequence[int], width: int, height: int) -> tuple[torch.Tensor, list[torch.Generator]]:
-        """Per image a CPU generator seeded with its seed, and the initial noise drawn from it
-        (shape (1, C, H/8, W/8) each, float32, as ``diffusers.utils.torch_utils.randn_tensor``)."""
+    def noise(self, seeds: Sequence[int], width: int, height: int,
+              rng: str = "CPU") -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Per image its initial noise (C, H/8, W/8), float32, from source ``rng`` seeded with its seed, and the
+        torch generators for the sampler's later draws (:func:`adapterhub.sample.rng.initial_noise`; ``CPU``
+        is ``diffusers.utils.torch_utils.randn_tensor`` with a list of CPU generators)."""
+        from adapterhub.sample.rng import initial_noise
+
         channels = self.pipe.unet.config.in_channels
         scale = self.pipe.vae_scale_factor
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        shape = (1, channels, height // scale, width // scale)
-        noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-        return noise, generators
+        return initial_noise(rng, seeds, (channels, height // scale, width // scale), self.device)
 
     def sample(self, cond: Conditioning, uncond: Conditioning, scheduler, steps: int, cfg: float,
                seeds: Sequence[int], width: int, height: int,
@@ -556,7 +565,7 @@ class Generator:
 
     def denoise(self, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: Sequence[int], width: int,
                 height: int, on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
-                strength: float = 1.0, fixed_steps: bool = False) -> torch.Tensor:
+                strength: float = 1.0, fixed_steps: bool = False, rng: str = "CPU") -> torch.Tensor:
         """The denoising loop (diffusers' own, step for step); returns the final latents.
 
         From noise, or with ``init`` latents (one per seed) from the point of the schedule that
@@ -564,7 +573,7 @@ class Generator:
         there with each image's generator, as diffusers' img2img pipeline does (``add_noise``)."""
         batch = len(seeds)
         dtype, device = self.dtype, self.device
-        noise, generators = self.noise(seeds, width, height)
+        noise, generators = self.noise(seeds, width, height, rng)
         noise = noise.to(device=device, dtype=dtype)
         if init is None:
             set_timesteps(scheduler, steps, device=device)
@@ -711,7 +720,8 @@ class Generator:
             "Steps": req.steps, "Sampler": sampler.name, "Schedule type": schedule_label(sampler, schedule),
             "CFG scale": infotext.number(req.cfg), "Seed": req.seed, "Size": f"{req.width}x{req.height}",
             "Model hash": self.model_hash, "Model": self.model_name, "Denoising strength": denoise,
-            "Clip skip": req.clip_skip if req.clip_skip > 1 else None, "RNG": "CPU", **hires,
+            "Clip skip": req.clip_skip if req.clip_skip > 1 else None, **hires,
+            "RNG": req.rng if req.rng != "GPU" else None,  # the webui leaves its default out
             "Lora hashes": infotext.hashes_text(lora), "TI hashes": infotext.hashes_text(ti),
             "Emphasis": emphasis, **infotext.control_units(stack), "Version": f"adapterhub {__version__}",
         }

@@ -409,7 +409,9 @@ class KDiffusionScheduler:
         if len(gens) != x.shape[0]:
             raise AdapterhubError(f"{len(gens)} generators for a batch of {x.shape[0]}")
         shape = (1, *x.shape[1:])
-        return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]).to(x.device)
+        # each on its generator's device: CUDA generators with RNG GPU (adapterhub.sample.rng)
+        return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32, device=g.device)
+                          for g in gens]).to(x.device)
 
     def _first_sigma(self) -> torch.Tensor:
         """The sigma of the first call, before the starting latents are known: the samplers decide it from
