@@ -1,8 +1,11 @@
-"""Shared fixtures: a private adapterhub cache for the run, and the embedded tiny bases.
+"""Shared fixtures: a private adapterhub cache for the run, a private working directory for each test,
+and the embedded tiny bases.
 
-The cache is redirected in ``pytest_configure`` (before any test module is imported), so nothing a
-test does can touch the user's ``~/.cache/adapterhub``. Set ``ADAPTERHUB_TEST_CACHE`` to a folder to
-keep the built tiny bases between runs.
+The caches are redirected in ``pytest_configure`` (before any test module is imported), so nothing a
+test does can touch the user's ``~/.cache/adapterhub`` or Hugging Face cache (the hub is offline), and
+``$ADAPTERHUB_CATALOG`` is not inherited. Every test runs in an empty directory of its own, so a
+``catalog.db`` or demo output where pytest was started changes nothing. Set ``ADAPTERHUB_TEST_CACHE`` to
+a folder to keep the built tiny bases between runs.
 
 ``tiny_sd1`` / ``tiny_sdxl`` are built once per session and shared: treat them as read-only. A test
 that changes weights, tokenizers or schedulers takes ``fresh_sd1`` / ``fresh_sdxl``, deep copies.
@@ -18,6 +21,8 @@ from pathlib import Path
 import pytest
 
 _CACHE_ENV = "ADAPTERHUB_CACHE"
+# variables set for the run (value) or removed from it (None); the user's values come back at the end
+_PRIVATE_ENV = {"ADAPTERHUB_CATALOG": None, "HF_HUB_OFFLINE": "1", "HF_HOME": "hf"}
 
 
 def _wild_adapters() -> Path:
@@ -45,9 +50,20 @@ def pytest_configure(config):
     folder = kept or tempfile.mkdtemp(prefix="adapterhub-test-cache-")
     config._adapterhub_cache = (folder, not kept, os.environ.get(_CACHE_ENV))
     os.environ[_CACHE_ENV] = folder
+    config._adapterhub_env = {name: os.environ.get(name) for name in _PRIVATE_ENV}
+    for name, value in _PRIVATE_ENV.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = os.path.join(folder, value) if name == "HF_HOME" else value
 
 
 def pytest_unconfigure(config):
+    for name, value in getattr(config, "_adapterhub_env", {}).items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     folder, remove, previous = getattr(config, "_adapterhub_cache", (None, False, None))
     if folder is None:
         return
@@ -57,6 +73,12 @@ def pytest_unconfigure(config):
         os.environ[_CACHE_ENV] = previous
     if remove:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _private_working_directory(tmp_path_factory, monkeypatch):
+    """Each test starts in an empty folder of its own (relative paths and ``./catalog.db`` land there)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ COMMANDS = {
     "png-info": "adapterhub.cli.sample:png_info_cmd",
     "bench": "adapterhub.cli.bench:bench",
     "convert": "adapterhub.cli.convert:convert_cmd",
+    "doctor": "adapterhub.cli.doctor:doctor_cmd",
 }
 
 

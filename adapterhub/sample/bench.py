@@ -39,6 +39,7 @@ device synchronisations. A and B are random UNet LoRAs written by the LoRA plugi
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import tempfile
 import time
@@ -347,6 +348,16 @@ def matmul_peak(device, dtype, n: int | None = None, repeat: int | None = None) 
     return {"n": n, "repeat": repeat, "tflops": 2 * n**3 / best / 1e12}
 
 
+def _lora_reference_unavailable() -> str | None:
+    """Why diffusers + peft cannot load LoRAs here (peft missing, or a known-bad transformers/peft pair,
+    which diffusers would report as a ValueError from deep inside transformers), else None."""
+    from adapterhub.compat import conflicts
+
+    if importlib.util.find_spec("peft") is None:
+        return "peft is not installed"
+    return next((c for c in conflicts() if "peft" in c), None)
+
+
 def _diffusers_lora(cfg: BenchConfig, ref, call, folder: Path, note) -> dict:
     """The same LoRAs through diffusers + peft: ``set_adapters`` switches, steps with both active."""
     import warnings
@@ -461,10 +472,10 @@ def bench_sample(cfg: BenchConfig, note: Callable[[str], None] | None = None) ->
             rows.append(row)
         ref, call, theirs, reference, flops = _diffusers(cfg, pipe, size, note)
         if cfg.lora_reference:
-            try:
-                import peft  # noqa: F401
-            except ImportError:
-                theirs["lora"] = {"skipped": "peft is not installed"}
+            skipped = _lora_reference_unavailable()
+            if skipped:
+                theirs["lora"] = {"skipped": skipped}
+                note(f"diffusers + peft LoRAs skipped: {skipped}")
             else:
                 theirs["lora"], fused = _diffusers_lora(cfg, ref, call, folder, note)
                 if fused is not None:
