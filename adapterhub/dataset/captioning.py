@@ -11,6 +11,9 @@ A captioner (registered through the hook ``adapterhub_captioners``) is an object
   object out) run in the data-loading workers, so that decoding and resizing overlap the model;
   ``caption`` then receives the transformed objects instead of PIL images.
 
+The run holds the folder's writer lock (:mod:`adapterhub.dataset.lock`) from reading the captions
+to writing the last one.
+
 Resuming: after each batch the finished images are appended to
 ``DIR/.adapterhub/caption-progress/<run fingerprint>.jsonl``; a rerun with the same settings skips
 them (``--mode skip`` also skips every image that already has a caption). Under
@@ -30,6 +33,7 @@ from adapterhub.dataset.config import CaptionConfig
 from adapterhub.dataset.folder import Item, encode_caption, join_tags, scan
 from adapterhub.dataset.images import ImageReadError, load_rgb
 from adapterhub.dataset.journal import Journal, state_dir, write_caption
+from adapterhub.dataset.lock import dataset_lock
 from adapterhub.dataset.tags import add
 from adapterhub.errors import AdapterhubError
 
@@ -204,6 +208,12 @@ def run_captioning(cfg: CaptionConfig, on_progress: Callable[[int, int], None] |
     captioner = get_captioner(cfg.captioner)
     options = resolve_options(cfg)
     rank, world, _ = shard()
+    # the shards of one launch write disjoint images: they share the lock, and exclude other writers
+    with dataset_lock(cfg.dir, f"caption {cfg.captioner}", shared=world > 1):
+        return _caption_folder(cfg, options, captioner, rank, world, on_progress)
+
+
+def _caption_folder(cfg, options, captioner, rank, world, on_progress) -> dict:
     ds = scan(cfg.dir, cfg.ext)
     report = CaptionReport(device=options.device, shard=f"{rank + 1}/{world}")
     progress = _Progress(cfg, rank, world)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from adapterhub.dataset.folder import Dataset, Item, encode_caption
+from adapterhub.dataset.folder import TEMP_SUFFIX, Dataset, Item, encode_caption
 from adapterhub.dataset.images import to_rgb
 from adapterhub.dataset.journal import Journal, state_dir, write_caption
 from adapterhub.io import atomic_path
@@ -30,7 +30,7 @@ def _fix_mode(ds: Dataset, item: Item, journal: Journal) -> bool:
         im.load()
         rgb = to_rgb(ImageOps.exif_transpose(im))
     backup = _backup_path(ds.root, journal, item.rel, "originals")
-    with atomic_path(item.path, suffix=item.path.suffix) as tmp:
+    with atomic_path(item.path, suffix=TEMP_SUFFIX) as tmp:  # a killed fix's leftover is recognisable
         rgb.save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
         after = tmp.read_bytes()
         shutil.copy2(item.path, backup)

@@ -19,6 +19,10 @@ from adapterhub.io import atomic_path
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jxl", ".avif"}
 STATE_DIR = ".adapterhub"
+# Every atomic write inside a dataset folder names its temp file ``.NAME.RANDOM`` + this suffix, so
+# that the leftovers of a killed write are recognisable (``lock.clean_temp_files``) and nothing
+# else is ever removed.
+TEMP_SUFFIX = ".adapterhub-tmp"
 _KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -141,7 +145,9 @@ def encode_caption(text: str) -> bytes:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    with atomic_path(path, suffix=".tmp") as tmp:
+    """Write ``data`` to a temp file beside ``path``, fsync, rename over ``path``. A symlink at
+    ``path`` is replaced by the file (what it points to is not changed)."""
+    with atomic_path(path, suffix=TEMP_SUFFIX) as tmp:
         tmp.write_bytes(data)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -8,7 +8,12 @@ file, appended and flushed *before* that file changes (write-ahead). A line reco
 * ``file``: an image replaced by a fix, its original moved to ``backup``; or
 * ``move``: a file moved to ``to`` (quarantine).
 
-``undo`` restores the newest operation in reverse order and moves its journal to ``journal/undone``.
+A ``caption`` or ``file`` that was a symlink also records the link's target (``link``): the edit
+replaces the link by a regular file (whatever it points to, perhaps shared with other datasets, is
+never changed) and undo puts the same link back.
+
+``undo`` restores the newest operation in reverse order and moves its journal to ``journal/undone``,
+holding the folder's writer lock (:mod:`adapterhub.dataset.lock`) like every edit.
 A file whose content is neither the recorded result nor the original was edited since; it is left
 alone unless ``force``. A torn last line (a crash while writing it) is ignored: its change was
 never made.
@@ -23,7 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapterhub.dataset.folder import STATE_DIR, sha256, write_bytes_atomic
+from adapterhub.dataset.folder import STATE_DIR, TEMP_SUFFIX, sha256, write_bytes_atomic
+from adapterhub.dataset.lock import dataset_lock
 from adapterhub.errors import AdapterhubError
 
 
@@ -61,12 +67,13 @@ class Journal:
 
     def caption(self, path: Path, before: bytes | None, after: bytes) -> None:
         b = None if before is None else base64.b64encode(before).decode("ascii")
-        self._write({"kind": "caption", "path": self.rel(path), "before": b, "after": sha256(after)})
+        self._write({"kind": "caption", "path": self.rel(path), "before": b, "after": sha256(after),
+                     **_link(path)})
         self.count += 1
 
     def file(self, path: Path, backup: Path, after: bytes) -> None:
         self._write({"kind": "file", "path": self.rel(path), "backup": self.rel(backup),
-                     "after": sha256(after)})
+                     "after": sha256(after), **_link(path)})
         self.count += 1
 
     def move(self, src: Path, dst: Path) -> None:
@@ -83,6 +90,23 @@ class Journal:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _link(path: Path) -> dict:
+    """``{"link": target}`` for a symlink (its text, relative or not, exactly), else nothing."""
+    return {"link": os.readlink(path)} if Path(path).is_symlink() else {}
+
+
+def _put_link(path: Path, target: str) -> None:
+    """Make ``path`` the symlink ``target`` atomically (a new link renamed over whatever is there)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
+def _is_link_to(path: Path, target: str) -> bool:
+    return path.is_symlink() and os.readlink(path) == target
 
 
 def write_caption(journal: Journal, path: Path, before: bytes | None, after: bytes) -> None:
@@ -127,14 +151,16 @@ def _current_sha(path: Path) -> str | None:
 
 
 def _restore_caption(root: Path, e: dict, force: bool) -> str:
-    path = root / e["path"]
+    path, link = root / e["path"], e.get("link")
     before = None if e["before"] is None else base64.b64decode(e["before"])
     now = _current_sha(path)
-    if now == sha256(before):
+    if _is_link_to(path, link) if link is not None else now == sha256(before):
         return "unchanged"
     if now != e["after"] and not force:
         return "conflict"
-    if before is None:
+    if link is not None:
+        _put_link(path, link)
+    elif before is None:
         path.unlink(missing_ok=True)
     else:
         write_bytes_atomic(path, before)
@@ -142,12 +168,16 @@ def _restore_caption(root: Path, e: dict, force: bool) -> str:
 
 
 def _restore_file(root: Path, e: dict, force: bool) -> str:
-    path, backup = root / e["path"], root / e["backup"]
+    path, backup, link = root / e["path"], root / e["backup"], e.get("link")
     if not backup.is_file():
         return "unchanged"
     if _current_sha(path) != e["after"] and not force:
         return "conflict"
-    os.replace(backup, path)
+    if link is not None:
+        _put_link(path, link)
+        backup.unlink()
+    else:
+        os.replace(backup, path)
     return "restored"
 
 
@@ -167,6 +197,11 @@ _RESTORERS = {"caption": _restore_caption, "file": _restore_file, "move": _resto
 
 def undo_last(root: Path, force: bool = False) -> dict:
     """Undo the newest operation; returns its summary and per-outcome counts."""
+    with dataset_lock(root, "undo"):
+        return _undo_newest(Path(root), force)
+
+
+def _undo_newest(root: Path, force: bool) -> dict:
     ops = operations(root)
     if not ops:
         raise AdapterhubError(f"{root}: nothing to undo")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from adapterhub.dataset.config import TagEditConfig
 from adapterhub.dataset.folder import Dataset, Item, encode_caption, norm_tag, scan, split_tags
 from adapterhub.dataset.journal import Journal, write_caption
+from adapterhub.dataset.lock import dataset_lock
 from adapterhub.errors import AdapterhubError
 
 
@@ -149,18 +150,38 @@ def plan(cfg: TagEditConfig, ds: Dataset | None = None) -> list[Change]:
 
 
 def apply(cfg: TagEditConfig, changes: list[Change]) -> int:
-    """Write the planned changes (journalled); returns how many files were written."""
+    """Write the planned changes (journalled, holding the folder's lock); returns how many files
+    were written. A caption that changed since ``plan`` read it stops the edit before anything is
+    written: applying a stale plan would silently undo that change."""
     if cfg.dry_run or not changes:
         return 0
     details = {"action": cfg.action, "values": list(cfg.values), "where": list(cfg.where)}
-    with Journal(cfg.dir, f"tags {cfg.action}", details) as journal:
-        for ch in changes:
-            cap = ch.item.caption()
-            write_caption(journal, cap.path, cap.raw, encode_caption(ch.after))
-            ch.item.forget_caption()
+    with dataset_lock(cfg.dir, f"tags {cfg.action}"):
+        _check_unchanged(changes)
+        with Journal(cfg.dir, f"tags {cfg.action}", details) as journal:
+            for ch in changes:
+                cap = ch.item.caption()
+                write_caption(journal, cap.path, cap.raw, encode_caption(ch.after))
+                ch.item.forget_caption()
     return len(changes)
 
 
+def _check_unchanged(changes: list[Change]) -> None:
+    for ch in changes:
+        cap = ch.item.caption()
+        try:
+            now = cap.path.read_bytes()
+        except FileNotFoundError:
+            now = None
+        if now != cap.raw:
+            raise AdapterhubError(f"{cap.path}: changed since the edit was planned; nothing was "
+                                  "written, run the edit again")
+
+
 def edit_tags(cfg: TagEditConfig) -> tuple[list[Change], int]:
-    changes = plan(cfg)
-    return changes, apply(cfg, changes)
+    """Plan and apply in one hold of the folder's lock (a preview takes no lock: it writes nothing)."""
+    if cfg.dry_run:
+        return plan(cfg), 0
+    with dataset_lock(cfg.dir, f"tags {cfg.action}"):
+        changes = plan(cfg)
+        return changes, apply(cfg, changes)

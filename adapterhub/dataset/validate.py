@@ -177,10 +177,14 @@ def check(cfg: ValidateConfig, ds: Dataset | None = None, on_progress=None) -> t
 def validate(cfg: ValidateConfig, on_progress=None) -> dict:
     """Check, then (with ``fix``) apply the safe fixes; ``ok`` is False when problems remain."""
     from adapterhub.dataset.fixes import apply_fixes
+    from adapterhub.dataset.lock import dataset_lock
 
-    ds, findings, facts = check(cfg, on_progress=on_progress)
-    if cfg.fix:
-        apply_fixes(ds, findings)
+    if cfg.fix:  # the checks the fixes act on must see the files the fixes change: one lock for both
+        with dataset_lock(cfg.dir, "validate --fix"):
+            ds, findings, _ = check(cfg, on_progress=on_progress)
+            apply_fixes(ds, findings)
+    else:
+        ds, findings, _ = check(cfg, on_progress=on_progress)
     open_ = [f for f in findings if not f.fixed]
     return {"images": len(ds.items), "findings": [f.row() for f in findings],
             "errors": sum(1 for f in open_ if f.severity == "error"),
