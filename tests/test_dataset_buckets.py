@@ -76,7 +76,7 @@ def test_prepare_writes_cropped_images_without_upscaling(demo, tmp_path):
     Image.new("RGB", (40, 40)).save(demo / "10_demo subject" / "tiny.png")
     (demo / "10_demo subject" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     out = tmp_path / "out"
-    r = prepare(PrepareConfig(dir=demo, out=out, resolution=512))
+    r = prepare(PrepareConfig(dir=demo, out=out, resolution=512, no_upscale=True))
     assert r["written"] == 8
     assert {s["file"] for s in r["skipped"]} == {"10_demo subject/tiny.png", "10_demo subject/broken.png"}
     with Image.open(out / "10_demo subject" / "cat.jpg") as im:
@@ -87,9 +87,9 @@ def test_prepare_writes_cropped_images_without_upscaling(demo, tmp_path):
     assert (out / "LICENSES.md").is_file()
 
 
-def test_prepare_upscale_and_format(demo, tmp_path):
+def test_prepare_upscales_by_default_as_bucket_and_train_do(demo, tmp_path):
     out = tmp_path / "up"
-    r = prepare(PrepareConfig(dir=demo, out=out, resolution=512, upscale=True, format="png"))
+    r = prepare(PrepareConfig(dir=demo, out=out, resolution=512, format="png"))
     assert r["buckets"] == ["512x512", "576x448", "640x384"]
     with Image.open(out / "10_demo subject" / "cat.png") as im:
         assert im.size == (640, 384) and im.format == "PNG"

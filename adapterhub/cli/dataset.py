@@ -178,14 +178,15 @@ def _render_buckets(r: dict) -> None:
     for w in r["warnings"]:
         click.echo(f"warning: {w}")
     if r["unreadable"]:
-        table(r["unreadable"], ["file", "problem"], title="unreadable")
+        table(r["unreadable"], ["file", "problem"], title="not bucketed")
 
 
 # ------------------------------------------------------------------------------------------------
 @dataset.command("prepare")
 @config_options(C.PrepareConfig)
 def prepare_cmd(as_json, **kwargs):
-    """Write resized and centre-cropped images with their captions to --out."""
+    """Write resized and centre-cropped images with their captions to --out (the buckets of
+    `dataset bucket` and `train` for the same flags; all or nothing)."""
     from adapterhub.dataset.prepare import prepare
 
     cfg = build(C.PrepareConfig, kwargs)

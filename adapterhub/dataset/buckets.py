@@ -5,6 +5,11 @@ for every width from min to max in steps the tallest height within the area, bot
 An image goes to its own size if that is a bucket, else to the bucket of least linear aspect-ratio
 error; it is scaled to cover the bucket and centre-cropped. With ``no_upscale`` the bucket is made
 from the image: shrunk to the area if larger, then floored to the step (crop, never pad).
+
+One rule for ``dataset bucket``, ``dataset prepare`` and ``train``: all three place images with
+:class:`Bucketer` and take the default smallest/largest side from :func:`bucket_sides`. An image
+whose bucket has a side under one step (a very wide or tall one under ``no_upscale``) is not
+usable (:func:`unusable`); each caller reports it instead of training on or writing it.
 """
 from __future__ import annotations
 
@@ -32,6 +37,15 @@ class Placement:
         return left, top, left + self.bucket[0], top + self.bucket[1]
 
 
+def bucket_sides(resolution: int, step: int, min_side: int | None = None,
+                 max_side: int | None = None) -> tuple[int, int]:
+    """(smallest, largest) bucket side: as given, else kohya's 256 / 1024 at 512 scaled with the
+    resolution: half of it floored to the step (at least one step), and twice it."""
+    low = min_side if min_side is not None else max(step, (resolution // 2) // step * step)
+    high = max_side if max_side is not None else resolution * 2
+    return low, high
+
+
 def make_bucket_resolutions(max_reso, min_size=256, max_size=1024, divisible=64) -> list[tuple[int, int]]:
     max_width, max_height = max_reso
     max_area = max_width * max_height
@@ -48,11 +62,11 @@ def make_bucket_resolutions(max_reso, min_size=256, max_size=1024, divisible=64)
 
 class Bucketer:
     def __init__(self, cfg: BucketConfig):
-        check(cfg)
+        low, high = check(cfg)
         self.step = cfg.step
         self.no_upscale = cfg.no_upscale
         self.max_area = cfg.max_reso[0] * cfg.max_reso[1]
-        lo, hi = cfg.min - cfg.min % cfg.step, cfg.max + (-cfg.max) % cfg.step
+        lo, hi = low - low % cfg.step, high + (-high) % cfg.step
         self.resos = make_bucket_resolutions(cfg.max_reso, lo, hi, cfg.step)
         self.reso_set = set(self.resos)
         self.ars = [w / h for w, h in self.resos]
@@ -82,19 +96,32 @@ class Bucketer:
         bh_w = max(self.step, self.round_to_steps(bw / ar))
         bh = self.round_to_steps(rh)
         bw_h = max(self.step, self.round_to_steps(bh * ar))
-        if abs(bw / bh_w - ar) < abs(bw_h / bh - ar):
+        # a very wide image's height rounds to 0 (kohya divides by it): only the width rounding is left
+        if bh == 0 or abs(bw / bh_w - ar) < abs(bw_h / bh - ar):
             return bw, int(bw / ar + 0.5)
         return int(bh * ar + 0.5), bh
 
 
-def check(cfg: BucketConfig) -> None:
-    if cfg.step <= 0 or cfg.resolution <= 0 or cfg.min <= 0 or cfg.max < cfg.min:
-        raise AdapterhubError("buckets: need step > 0, resolution > 0 and 0 < min <= max")
+def check(cfg: BucketConfig) -> tuple[int, int]:
+    """Reject settings that cannot bucket (one line); returns the (smallest, largest) side."""
+    if cfg.step <= 0 or cfg.resolution <= 0 or (cfg.height is not None and cfg.height <= 0):
+        raise AdapterhubError("buckets: need --step > 0 and --resolution (and --height) > 0")
+    low, high = bucket_sides(cfg.resolution, cfg.step, cfg.min, cfg.max)
+    if low <= 0 or high < low:
+        raise AdapterhubError(f"buckets: need 0 < --min <= --max (got --min {low}, --max {high})")
     if cfg.max_reso[0] < cfg.step or cfg.max_reso[1] < cfg.step:
         raise AdapterhubError(f"buckets: resolution must be at least the step ({cfg.step})")
-    if not cfg.no_upscale and (min(cfg.max_reso) < cfg.min or max(cfg.max_reso) > cfg.max):
-        raise AdapterhubError(f"buckets: resolution {cfg.max_reso} must lie within --min {cfg.min} "
-                              f"and --max {cfg.max}")
+    if not cfg.no_upscale and (min(cfg.max_reso) < low or max(cfg.max_reso) > high):
+        raise AdapterhubError(f"buckets: resolution {cfg.max_reso} must lie within --min {low} "
+                              f"and --max {high}")
+    return low, high
+
+
+def unusable(size: tuple[int, int], placement: Placement, step: int) -> str | None:
+    """Why an image cannot be bucketed (a bucket side under one step), or None."""
+    if min(placement.bucket) > 0:
+        return None
+    return f"{size[0]}x{size[1]} is smaller than one step ({step}) on a side after bucketing"
 
 
 def _placements(ds: Dataset, bucketer: Bucketer):
@@ -105,7 +132,12 @@ def _placements(ds: Dataset, bucketer: Bucketer):
         except ImageReadError as exc:
             failed.append({"file": item.rel, "problem": str(exc)})
             continue
-        placed.append((item, (w, h), bucketer.place(w, h)))
+        placement = bucketer.place(w, h)
+        problem = unusable((w, h), placement, bucketer.step)
+        if problem:
+            failed.append({"file": item.rel, "problem": problem})
+        else:
+            placed.append((item, (w, h), placement))
     return placed, failed
 
 

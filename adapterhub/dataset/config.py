@@ -90,8 +90,10 @@ class StatsConfig(FolderConfig):
 class BucketConfig(FolderConfig):
     resolution: int = opt(512, "training resolution (max area = resolution²)")
     height: int | None = opt(None, "training height, when not square")
-    min: int = opt(256, "smallest bucket side", flag="--min")
-    max: int = opt(1024, "largest bucket side", flag="--max")
+    min: int | None = opt(None, "smallest bucket side (default: resolution / 2 floored to the step, "
+                                "as train: 256 at 512)", flag="--min")
+    max: int | None = opt(None, "largest bucket side (default: resolution x 2, as train: 1024 at 512)",
+                          flag="--max")
     step: int = opt(64, "bucket sides are multiples of this")
     no_upscale: bool = opt(False, "kohya --bucket_no_upscale: buckets from each image, never upscale")
     batch_size: int = opt(1, "warn about buckets holding fewer images than a batch")
@@ -104,7 +106,6 @@ class BucketConfig(FolderConfig):
 @dataclass(frozen=True, kw_only=True)
 class PrepareConfig(BucketConfig):
     out: Path = opt(None, "output folder (must not be inside DIR)")
-    upscale: bool = opt(False, "allow upscaling small images to the predefined buckets")
     format: str = opt("keep", "image format written", choices=("keep", "png", "jpg", "webp"))
     quality: int = opt(95, "JPEG/WebP quality")
     overwrite: bool = opt(False, "write into an OUT folder that is not empty")

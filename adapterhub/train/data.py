@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from adapterhub.dataset.buckets import Bucketer
+from adapterhub.dataset.buckets import bucket_sides as dataset_bucket_sides
 from adapterhub.dataset.config import BucketConfig
 from adapterhub.dataset.folder import IMAGE_EXTS, scan
 from adapterhub.dataset.images import ImageReadError, image_size, load_rgb
@@ -65,21 +66,15 @@ class Data:
         return sum(s.repeats for s in self.samples)
 
 
-def bucket_sides(cfg) -> tuple[int, int]:
-    """(min, max) bucket side: as given, else kohya's 256/1024 at 512, scaled with the resolution."""
-    step = cfg.bucket_step
-    low = cfg.min_bucket if cfg.min_bucket is not None else max(step, (cfg.resolution // 2) // step * step)
-    high = cfg.max_bucket if cfg.max_bucket is not None else cfg.resolution * 2
-    return low, high
+def bucket_sides(cfg, resolution: int | None = None) -> tuple[int, int]:
+    """(min, max) bucket side: as given, else from the resolution by the rule ``dataset bucket`` and
+    ``dataset prepare`` use (:func:`adapterhub.dataset.buckets.bucket_sides`)."""
+    return dataset_bucket_sides(resolution or cfg.resolution, cfg.bucket_step, cfg.min_bucket, cfg.max_bucket)
 
 
 def bucketer_for(cfg, resolution: int | None = None, root: Path | None = None) -> Bucketer:
-    low, high = bucket_sides(cfg)
-    resolution = resolution or cfg.resolution
-    if resolution != cfg.resolution:  # a [[datasets]] entry with its own resolution scales its sides
-        low = cfg.min_bucket if cfg.min_bucket is not None else max(cfg.bucket_step,
-                                                                      (resolution // 2) // cfg.bucket_step * cfg.bucket_step)
-        high = cfg.max_bucket if cfg.max_bucket is not None else resolution * 2
+    resolution = resolution or cfg.resolution  # a [[datasets]] entry with its own resolution scales its sides
+    low, high = bucket_sides(cfg, resolution)
     return Bucketer(BucketConfig(dir=root or cfg.dataset, resolution=resolution, min=low, max=high,
                                  step=cfg.bucket_step, no_upscale=cfg.no_upscale))
 
