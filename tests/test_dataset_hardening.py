@@ -143,6 +143,21 @@ def test_killed_edit_leaves_temp_files_that_the_next_run_cleans(many):
     assert snapshot(many) == before
 
 
+def test_a_plan_made_stale_by_another_writer_is_refused_whole(many):
+    """``plan`` then ``apply`` (a preview, then confirm): another edit in between must not be lost."""
+    from adapterhub.dataset import TagEditConfig
+    from adapterhub.dataset.tags import apply, plan
+    from adapterhub.errors import AdapterhubError
+
+    cfg = TagEditConfig(dir=many, action="add", values=("mine",))
+    changes = plan(cfg)
+    assert main(["dataset", "tags", str(many), "add", "theirs", "--json"]) == 0
+    after_theirs = snapshot(many)
+    with pytest.raises(AdapterhubError, match="changed since the edit was planned"):
+        apply(cfg, changes)
+    assert snapshot(many) == after_theirs
+
+
 # ---------------------------------------------------------------------------------------------
 # issue 16 item 7 (part): symlinked captions
 
@@ -166,6 +181,25 @@ def test_undo_restores_a_symlinked_caption_exactly(tmp_path):
     assert main(["dataset", "undo", str(root), "--json"]) == 0
     assert snapshot(root) == before  # the link itself is back, same target
     assert snapshot(shared) == shared_before
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symlinks need privileges on Windows")
+def test_undo_of_a_fix_restores_a_symlinked_image_exactly(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    Image.new("RGBA", (300, 300), (255, 0, 0, 128)).save(shared / "red.png")
+    root = tmp_path / "set"
+    root.mkdir()
+    (root / "red.png").symlink_to(shared / "red.png")  # an absolute link this time
+    (root / "red.txt").write_bytes(b"red\n")
+    before, shared_before = snapshot(root), snapshot(shared)
+    main(["dataset", "validate", str(root), "--fix", "--json"])
+    assert not (root / "red.png").is_symlink()
+    with Image.open(root / "red.png") as im:
+        assert im.mode == "RGB"
+    assert snapshot(shared) == shared_before
+    assert main(["dataset", "undo", str(root), "--json"]) == 0
+    assert snapshot(root) == before and snapshot(shared) == shared_before
 
 
 # ---------------------------------------------------------------------------------------------
