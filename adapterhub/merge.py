@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from adapterhub.errors import AdapterError, AdapterhubError
+from adapterhub.outputs import check_writable, write_failed
 from adapterhub.types import Adapter
 from adapterhub.weights import merge
 
@@ -34,6 +35,20 @@ def merge_adapters(pipe, entries: list[tuple[Adapter, float]]) -> None:
             adapter.merge_into(pipe, weight)
 
 
+def check_target(out: Path) -> None:
+    """Before any work: ``out`` can be written, and writing it destroys nothing of the user's. A single
+    file is refused where a folder stands; a diffusers folder replaces only an earlier model (a folder
+    with ``model_index.json``) or an empty folder, never some other folder of files."""
+    if out.is_dir():
+        if out.suffix.lower() == ".safetensors":
+            raise AdapterhubError(f"--out {out}: is a folder; a single-file checkpoint cannot replace it "
+                                  "(name a file, or a folder without the .safetensors suffix)")
+        if not (out / "model_index.json").is_file() and any(out.iterdir()):
+            raise AdapterhubError(f"--out {out}: is a folder of other files, not a diffusers model; "
+                                  "refusing to replace it (name a new or empty folder)")
+    check_writable(out)
+
+
 def merge_files(base: str, specs, out: Path, dtype: str | None = None,
                 progress=lambda message: None) -> MergeResult:
     """``specs``: ``(path, weight)`` pairs, or stack entries / a :class:`~adapterhub.stack.Stack` (separate
@@ -44,6 +59,7 @@ def merge_files(base: str, specs, out: Path, dtype: str | None = None,
 
     if dtype is not None and dtype not in DTYPES:
         raise AdapterhubError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_target(Path(out))
     start = time.perf_counter()
     stack = specs if isinstance(specs, Stack) else Stack(specs)
     progress(f"reading {len(stack)} adapter(s)")
@@ -59,6 +75,9 @@ def merge_files(base: str, specs, out: Path, dtype: str | None = None,
     progress("merging")
     stack.apply(pipe, mode="merge")
     progress(f"writing {out}")
-    save_pipeline(pipe, out, dtype=DTYPES[dtype] if dtype else None)
+    try:
+        save_pipeline(pipe, out, dtype=DTYPES[dtype] if dtype else None)
+    except OSError as exc:  # a full disk, a read-only mount: the atomic write left the old output
+        raise write_failed(out, exc) from None
     adapters = [entry.summary() for entry in stack.entries]
     return MergeResult(Path(out), base, adapters, time.perf_counter() - start)

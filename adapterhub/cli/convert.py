@@ -1,10 +1,14 @@
 """``adapterhub convert FILE --to kohya|diffusers|peft|a1111 --out OUT [--force] [--json]``."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from adapterhub.cli import output
+from adapterhub.errors import AdapterhubError
 from adapterhub.names import resolve_adapter
+from adapterhub.outputs import check_writable, write_failed
 
 
 def _render(data: dict) -> None:
@@ -32,5 +36,29 @@ def convert_cmd(file: str, to: str, out: str, force: bool, as_json: bool):
     (adapterhub.converted_from, adapterhub.converted_from_sha256)."""
     from adapterhub.convert import convert
 
-    result = convert(resolve_adapter(file), to, out, force=force)
+    source = resolve_adapter(file)
+    _check_out(Path(out))
+    try:
+        result = convert(source, to, out, force=force)
+    except OSError as exc:
+        raise _os_error(exc, Path(out)) from None
     output.emit(result, as_json, _render)
+
+
+def _check_out(out: Path) -> None:
+    """Before any work: ``out`` can be written, and a file layout never replaces a folder (not even with
+    --force, which replaces an earlier output, not a folder that happens to have a file's name)."""
+    from adapterhub.convert import FILE_SUFFIXES
+
+    if out.is_dir() and not out.is_symlink() and out.suffix.lower() in FILE_SUFFIXES:
+        raise AdapterhubError(f"--out {out}: is a folder; a {out.suffix} file cannot replace it "
+                              "(name a file, or remove the folder)")
+    check_writable(out)
+
+
+def _os_error(exc: OSError, out: Path) -> AdapterhubError:
+    """A failed write names OUT (its staging copy is gone, an old OUT kept); a failed read, the file read."""
+    where = Path(exc.filename) if exc.filename else None
+    if where is None or where.absolute().is_relative_to(out.absolute().parent):
+        return write_failed(out, exc)
+    return AdapterhubError(f"{where}: cannot read: {exc.strerror or exc}")

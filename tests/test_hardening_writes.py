@@ -1,0 +1,206 @@
+"""Writes that fail: ``merge``, ``convert`` and ``train`` on a full disk, into a read-only folder, or onto a
+folder in the way; and ``train --resume`` from a damaged checkpoint.
+
+Each is one line naming the path and the problem, exit code 2, no traceback, and nothing half-written
+(an older output is kept as it was). A full disk is simulated: every write into one folder raises
+``OSError(ENOSPC)`` after writing a few bytes, as a real full disk does, while other folders stay
+writable. Tests run as root, which ignores permission bits; the read-only cases rely on the folder's
+mode bits counting (as they do for a read-only catalog), so they hold for root and everyone else.
+"""
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapterhub.cli import main
+from adapterhub.plugins import adapter_type
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    """The error is one line, the last one (a progress bar or progress lines may stand above it)."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _inside(path, folder: Path) -> bool:
+    try:
+        return Path(os.fsdecode(path)).resolve().is_relative_to(folder.resolve())
+    except (TypeError, ValueError):
+        return False
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """``full_disk(folder)``: from now on writes under ``folder`` fail with ENOSPC after a few bytes."""
+    import safetensors.torch
+
+    folders: list[Path] = []
+
+    def full(path) -> bool:
+        return any(_inside(path, f) for f in folders)
+
+    def enospc(path):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fsdecode(path))
+
+    real_open, real_save_file, real_torch_save = builtins.open, safetensors.torch.save_file, torch.save
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+") and full(file):
+            with real_open(file, mode, *args, **kwargs) as f:  # a few bytes land, then the disk is full
+                f.write(b"\0" * 8 if "b" in mode else " " * 8)
+            raise enospc(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def fake_save_file(tensors, filename, *args, **kwargs):
+        if full(filename):
+            Path(filename).write_bytes(b"\0" * 8) if not Path(filename).is_dir() else None
+            raise enospc(filename)
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    def fake_torch_save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and full(f):
+            raise enospc(f)
+        return real_torch_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(io, "open", fake_open)
+    monkeypatch.setattr(safetensors.torch, "save_file", fake_save_file)
+    monkeypatch.setattr(torch, "save", fake_torch_save)
+    return folders.append
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """``read_only(folder)``: chmod 0555 for the test (restored after, so tmp_path can be cleaned)."""
+    made = []
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o555)
+        made.append(folder)
+        return folder
+
+    yield make
+    for folder in made:
+        os.chmod(folder, 0o755)
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory, tiny_sd1):
+    return adapter_type("lora").example(tiny_sd1, tmp_path_factory.mktemp("adapters") / "style.safetensors", seed=5)
+
+
+# ------------------------------------------------------------------------------------------------
+# merge
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["merged.safetensors", "merged"])
+def test_merge_on_a_full_disk_keeps_the_old_output(name, lora, full_disk, tmp_path, capsys):
+    folder = tmp_path / "out"
+    out = folder / name
+    if out.suffix:
+        out.parent.mkdir(parents=True)
+        out.write_bytes(b"the previous merge")
+    full_disk(folder)
+    before = listing(folder) if folder.exists() else []
+    code, _, err = run(capsys, "merge", "--base", "tiny-sd1", "--out", out, lora, "--json")
+    assert code == 2
+    line = one_line(err)
+    assert str(out) in line and "No space left on device" in line, line
+    assert (listing(folder) if folder.exists() else []) == before  # no temp file, no partial folder
+    if out.suffix:
+        assert out.read_bytes() == b"the previous merge"
+
+
+def test_merge_into_a_read_only_folder(lora, read_only, tmp_path, capsys):
+    folder = read_only(tmp_path / "ro")
+    code, _, err = run(capsys, "merge", "--base", "tiny-sd1", "--out", folder / "merged.safetensors", lora, "--json")
+    assert code == 2
+    line = one_line(err)
+    assert str(folder) in line and "read-only" in line, line
+    assert listing(folder) == []
+
+
+def test_merge_onto_a_folder_in_the_way(lora, tmp_path, capsys):
+    """A single-file output named like an existing folder, and a diffusers output over a folder that holds
+    no diffusers model: refused, the folder kept."""
+    odd = tmp_path / "merged.safetensors"
+    (odd / "keep.txt").parent.mkdir()
+    (odd / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "merge", "--base", "tiny-sd1", "--out", odd, lora, "--json")
+    assert code == 2 and str(odd) in one_line(err) and "is a folder" in err, err
+    assert listing(tmp_path) == ["merged.safetensors", "merged.safetensors/keep.txt"]
+
+    photos = tmp_path / "photos"
+    (photos / "cat.jpg").parent.mkdir()
+    (photos / "cat.jpg").write_bytes(b"jpeg")
+    code, _, err = run(capsys, "merge", "--base", "tiny-sd1", "--out", photos, lora, "--json")
+    assert code == 2 and str(photos) in one_line(err) and "not a diffusers model" in err, err
+    assert (photos / "cat.jpg").read_bytes() == b"jpeg" and listing(photos) == ["cat.jpg"]
+
+
+def test_merge_replaces_an_earlier_diffusers_output(lora, tmp_path, capsys):
+    """The refusal above spares a folder of the user's; a folder an earlier merge wrote is still replaced."""
+    out = tmp_path / "merged"
+    assert run(capsys, "merge", "--base", "tiny-sd1", "--out", out, lora, "--json")[0] == 0
+    (out / "stale.txt").write_text("old")
+    code, _, err = run(capsys, "merge", "--base", "tiny-sd1", "--out", out, lora, "--json")
+    assert code == 0, err
+    assert (out / "model_index.json").is_file() and not (out / "stale.txt").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# convert
+# ------------------------------------------------------------------------------------------------
+def test_convert_on_a_full_disk_keeps_the_old_output(lora, full_disk, tmp_path, capsys):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "webui.safetensors"
+    out.write_bytes(b"the previous conversion")
+    full_disk(folder)
+    code, _, err = run(capsys, "convert", lora, "--to", "a1111", "--out", out, "--force")
+    assert code == 2
+    line = one_line(err)
+    assert str(out) in line and "No space left on device" in line, line
+    assert listing(folder) == ["webui.safetensors"] and out.read_bytes() == b"the previous conversion"
+
+
+def test_convert_into_a_read_only_folder(lora, read_only, tmp_path, capsys):
+    folder = read_only(tmp_path / "ro")
+    for to, name in (("a1111", "webui.safetensors"), ("peft", "peft")):
+        code, _, err = run(capsys, "convert", lora, "--to", to, "--out", folder / name)
+        assert code == 2
+        line = one_line(err)
+        assert str(folder) in line and "read-only" in line, line
+    assert listing(folder) == []
+
+
+def test_convert_onto_a_folder_in_the_way(lora, tmp_path, capsys):
+    """A file layout onto an existing folder: refused even with --force (it would delete the folder)."""
+    odd = tmp_path / "webui.safetensors"
+    odd.mkdir()
+    (odd / "keep.txt").write_text("mine")
+    for force in ((), ("--force",)):
+        code, _, err = run(capsys, "convert", lora, "--to", "a1111", "--out", odd, *force)
+        assert code == 2 and str(odd) in one_line(err), err
+    assert listing(odd) == ["keep.txt"]
