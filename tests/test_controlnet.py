@@ -213,7 +213,7 @@ def test_one_controlnet_equals_the_controlnet_pipeline(sd1, folders):
     cn_pipe = diffusers_pipeline(StableDiffusionControlNetPipeline, sd1, controlnet=reference_model(folders["a"]))
     oracle = latents(cn_pipe, image=image(0), controlnet_conditioning_scale=0.8)
     adapter = adapterhub.load(folders["a"])
-    with adapter.plugin.attach(adapter, sd1, 0.8, image=image(0)) as handle:
+    with adapter.attach(sd1, 0.8, image=image(0)) as handle:
         ours = latents(sd1)
         handle.set_weight(0.0)  # weight 0 adds nothing: the base, bit for bit
         assert torch.equal(latents(sd1), base)
@@ -229,7 +229,7 @@ def test_guidance_start_end_gate_steps_like_the_pipeline(sd1, folders):
     oracle = latents(cn_pipe, steps=3, image=image(0, size=200), controlnet_conditioning_scale=1.2,
                      control_guidance_start=0.3, control_guidance_end=0.7)  # the middle step of three only
     adapter = adapterhub.load(folders["a"])
-    with adapter.plugin.attach(adapter, sd1, 1.2, image=image(0, size=200), start=0.3, end=0.7) as handle:
+    with adapter.attach(sd1, 1.2, image=image(0, size=200), start=0.3, end=0.7) as handle:
         gated = latents(sd1, steps=3)
         handle.set_guidance(0.0, 1.0)
         full = latents(sd1, steps=3)
@@ -246,7 +246,7 @@ def test_two_controlnets_sum_like_multicontrolnet(sd1, folders):
                      image=[image(0), image(1)], controlnet_conditioning_scale=[0.8, 0.5],
                      control_guidance_start=[0.0, 0.3], control_guidance_end=[1.0, 1.0])
     a, b = adapterhub.load(folders["a"]), adapterhub.load(folders["b"])
-    with a.plugin.attach(a, sd1, 0.8, image=image(0)), b.plugin.attach(b, sd1, 0.5, image=image(1), start=0.3):
+    with a.attach(sd1, 0.8, image=image(0)), b.attach(sd1, 0.5, image=image(1), start=0.3):
         ours = latents(sd1)
     assert torch.equal(ours, oracle)
 
@@ -257,7 +257,7 @@ def test_guess_mode_runs_on_the_conditional_half(sd1, folders):
     cn_pipe = diffusers_pipeline(StableDiffusionControlNetPipeline, sd1, controlnet=reference_model(folders["b"]))
     oracle = latents(cn_pipe, image=image(2), controlnet_conditioning_scale=0.9, guess_mode=True)
     adapter = adapterhub.load(folders["b"])
-    with adapter.plugin.attach(adapter, sd1, 0.9, image=image(2), guess_mode=True):
+    with adapter.attach(sd1, 0.9, image=image(2), guess_mode=True):
         assert torch.equal(latents(sd1), oracle)
 
 
@@ -267,7 +267,7 @@ def test_sdxl_controlnet_equals_the_xl_pipeline(sdxl, folders):
     cn_pipe = diffusers_pipeline(StableDiffusionXLControlNetPipeline, sdxl, controlnet=reference_model(folders["xl"]))
     oracle = latents(cn_pipe, image=image(3), controlnet_conditioning_scale=0.7, control_guidance_end=0.5)
     adapter = adapterhub.load(folders["xl"])
-    with adapter.plugin.attach(adapter, sdxl, 0.7, image=image(3), end=0.5):
+    with adapter.attach(sdxl, 0.7, image=image(3), end=0.5):
         assert torch.equal(latents(sdxl, ), oracle)
 
 
@@ -280,13 +280,13 @@ def test_tensor_images_and_one_image_per_prompt(sd1, folders):
         oracle = cn_pipe([PROMPT, "a boat"], image=[image(4), image(5)], num_inference_steps=1, height=SIZE,
                          width=SIZE, generator=torch.Generator().manual_seed(0), output_type="latent").images
     adapter = adapterhub.load(folders["a"])
-    with adapter.plugin.attach(adapter, sd1, 1.0, image=[image(4), image(5)]):
+    with adapter.attach(sd1, 1.0, image=[image(4), image(5)]):
         with torch.no_grad():
             ours = sd1([PROMPT, "a boat"], num_inference_steps=1, height=SIZE, width=SIZE,
                        generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert torch.equal(ours, oracle)
     oracle = latents(cn_pipe, image=tensor)
-    with adapter.plugin.attach(adapter, sd1, 1.0, image=tensor):
+    with adapter.attach(sd1, 1.0, image=tensor):
         assert torch.equal(latents(sd1), oracle)
 
 
@@ -303,7 +303,7 @@ def test_bad_input_leaves_the_pipeline_untouched(sd1, folders, tmp_path):
     before = {k: v.clone() for k, v in sd1.unet.state_dict().items()}
     xl = adapterhub.load(folders["xl"])
     with pytest.raises(AdapterError) as err:
-        xl.plugin.attach(xl, sd1, 1.0, image=image(0))
+        xl.attach(sd1, 1.0, image=image(0))
     message = str(err.value)
     assert str(folders["xl"]) in message and "tiny-sdxl" in message and "tiny-sd1" in message and "\n" not in message
     a = adapterhub.load(folders["a"])
@@ -312,7 +312,7 @@ def test_bad_input_leaves_the_pipeline_untouched(sd1, folders, tmp_path):
                            ({"image": image(0), "strength": 2}, "unknown ControlNet option"),
                            ({"image": torch.rand(1, 1, SIZE, SIZE)}, "channels")]:
         with pytest.raises(AdapterError, match=words) as err:
-            a.plugin.attach(a, sd1, 1.0, **options)
+            a.attach(sd1, 1.0, **options)
         assert str(folders["a"]) in str(err.value)
     with pytest.raises(AdapterError, match="cannot be merged"):
         a.merge_into(sd1, 1.0)

@@ -179,7 +179,7 @@ def test_one_adapter_equals_the_adapter_pipeline(sd1, folders):
     oracle = latents(diffusers_pipeline(StableDiffusionAdapterPipeline, sd1, adapter=reference_model(folders["a"])),
                      image=image(0), adapter_conditioning_scale=0.7)
     adapter = adapterhub.load(folders["a"])
-    with adapter.plugin.attach(adapter, sd1, 0.7, image=image(0)):
+    with adapter.attach(sd1, 0.7, image=image(0)):
         ours = latents(sd1)
         assert not torch.equal(latents(sd1, steps=1), base)
     assert torch.equal(ours, oracle)
@@ -197,7 +197,7 @@ def test_two_adapters_sum_like_multiadapter(sd1, folders, weights):
     oracle = latents(diffusers_pipeline(StableDiffusionAdapterPipeline, sd1, adapter=multi),
                      image=[image(0), image(1)], adapter_conditioning_scale=list(weights))
     a, b = adapterhub.load(folders["a"]), adapterhub.load(folders["b"])
-    with a.plugin.attach(a, sd1, weights[0], image=image(0)), b.plugin.attach(b, sd1, weights[1], image=image(1)):
+    with a.attach(sd1, weights[0], image=image(0)), b.attach(sd1, weights[1], image=image(1)):
         assert torch.equal(latents(sd1), oracle)
 
 
@@ -207,7 +207,7 @@ def test_sdxl_adapter_end_is_the_conditioning_factor(sdxl, folders):
     oracle = latents(diffusers_pipeline(StableDiffusionXLAdapterPipeline, sdxl, adapter=reference_model(folders["xl"])),
                      image=image(3), adapter_conditioning_scale=0.9, adapter_conditioning_factor=0.5)
     adapter = adapterhub.load(folders["xl"])
-    with adapter.plugin.attach(adapter, sdxl, 0.9, image=image(3), end=0.5) as handle:
+    with adapter.attach(sdxl, 0.9, image=image(3), end=0.5) as handle:
         assert torch.equal(latents(sdxl, ), oracle)
         handle.set_guidance(0.0, 1.0)
         assert not torch.equal(latents(sdxl, ), oracle)
@@ -231,7 +231,7 @@ def test_light_adapter_equals_the_pipeline(sd1):
         assert open_adapter_file(path).config is None
         adapter = adapterhub.load(path)
         assert adapter.extra["config"]["adapter_type"] == "light_adapter"
-        with adapter.plugin.attach(adapter, sd1, 0.6, image=image(2)):
+        with adapter.attach(sd1, 0.6, image=image(2)):
             assert torch.equal(latents(sd1), oracle)
 
 
@@ -243,12 +243,12 @@ def test_controlnet_and_adapter_compose(sd1, folders):
     t2i, cn = adapterhub.load(folders["a"]), adapterhub.load(folders["cn"])
     cn_pipe = diffusers_pipeline(StableDiffusionControlNetPipeline, sd1,
                                  controlnet=ControlNetModel.from_pretrained(str(folders["cn"])).eval())
-    with t2i.plugin.attach(t2i, sd1, 0.7, image=image(0)):
+    with t2i.attach(sd1, 0.7, image=image(0)):
         oracle = latents(cn_pipe, image=image(1), controlnet_conditioning_scale=0.9)
     ad_pipe = diffusers_pipeline(StableDiffusionAdapterPipeline, sd1, adapter=reference_model(folders["a"]))
-    with cn.plugin.attach(cn, sd1, 0.9, image=image(1)):
+    with cn.attach(sd1, 0.9, image=image(1)):
         other = latents(ad_pipe, image=image(0), adapter_conditioning_scale=0.7)
-    with t2i.plugin.attach(t2i, sd1, 0.7, image=image(0)), cn.plugin.attach(cn, sd1, 0.9, image=image(1)):
+    with t2i.attach(sd1, 0.7, image=image(0)), cn.attach(sd1, 0.9, image=image(1)):
         ours = latents(sd1)
     assert torch.equal(ours, oracle) and torch.equal(ours, other)
 
@@ -260,7 +260,7 @@ def test_bad_input_leaves_the_pipeline_untouched(sd1, folders, tmp_path):
     before = {k: v.clone() for k, v in sd1.unet.state_dict().items()}
     xl = adapterhub.load(folders["xl"])
     with pytest.raises(AdapterError) as err:
-        xl.plugin.attach(xl, sd1, 1.0, image=image(0))
+        xl.attach(sd1, 1.0, image=image(0))
     message = str(err.value)
     assert str(folders["xl"]) in message and "tiny-sdxl" in message and "tiny-sd1" in message and "\n" not in message
     a = adapterhub.load(folders["a"])
@@ -269,7 +269,7 @@ def test_bad_input_leaves_the_pipeline_untouched(sd1, folders, tmp_path):
                            ({"image": image(0), "start": 1.0}, "start"),
                            ({"image": image(0), "guess_mode": True}, "unknown T2I-Adapter option")]:
         with pytest.raises(AdapterError, match=words) as err:
-            a.plugin.attach(a, sd1, 1.0, **options)
+            a.attach(sd1, 1.0, **options)
         assert str(folders["a"]) in str(err.value)
     with pytest.raises(AdapterError, match="cannot be merged"):
         a.merge_into(sd1, 1.0)
