@@ -15,6 +15,7 @@ FROM_PNG = {"Prompt": ("prompt", str), "Negative prompt": ("negative", str), "St
             "Sampler": ("sampler", str), "Schedule type": ("schedule", str), "CFG scale": ("cfg", float),
             "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Hires upscale": ("hires", float),
             "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str)}
+FALLBACK_UPSCALER = "Lanczos"  # for a model upscaler (ESRGAN family) named in an infotext
 
 
 def _size(text: str | None) -> tuple[int | None, int | None]:
@@ -26,13 +27,18 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _from_png(path: str, options: dict, given: set[str]) -> dict:
-    from adapterhub.sample import infotext
+def _from_png(path: str, options: dict, given: set[str]) -> tuple[dict, list[str]]:
+    """The options an image's webui infotext gives (those on the command line win), and the warnings of a
+    re-run as the webui would do it: a missing LoRA or embedding is named and left out, a model upscaler that
+    is not here becomes Lanczos, ``RNG`` GPU (or none: the webui's default) is reproduced with NV. Another
+    generator's metadata is refused by name."""
+    from adapterhub.sample import imagemeta, infotext
 
-    text = infotext.read_png(path)
-    if not text:
-        raise AdapterhubError(f"{path}: no parameters text in this image")
-    params = infotext.parse(text)
+    meta = imagemeta.read(path)
+    if not meta.is_webui:
+        raise AdapterhubError(f"{path}: made by {meta.generator} ({imagemeta.WHERE[meta.generator]}), not a webui "
+                              "infotext: --from-png re-runs webui images only (png-info shows what it holds)")
+    params = infotext.parse(meta.text)
     for key, (name, convert) in FROM_PNG.items():
         if name in given or key not in params:
             continue
@@ -50,7 +56,83 @@ def _from_png(path: str, options: dict, given: set[str]) -> dict:
         except ValueError:
             raise AdapterhubError(f"{path}: Denoising strength {params['Denoising strength']!r} is not a valid "
                                   "value") from None
-    return options
+    warnings: list[str] = []
+    if "rng" not in given:
+        options["rng"] = _from_png_rng(path, params, "RNG" in meta.fields, warnings)
+    if "hires_upscaler" not in given and "Hires upscaler" in params:
+        options["hires_upscaler"] = _from_png_upscaler(path, params["Hires upscaler"], warnings)
+    dirs = [Path(d) for d in options["adapter_dirs"]]
+    if "prompt" not in given:
+        options["prompt"] = _drop_missing_networks(path, options["prompt"] or "", dirs, warnings)
+    if "negative" not in given:
+        options["negative"] = _drop_missing_networks(path, options["negative"] or "", dirs, warnings)
+    for name in infotext.parse_hashes(params.get("TI hashes", "")):
+        if _find(name, dirs) is None:
+            warnings.append(f"{path}: embedding {name!r} (TI hashes) is not in --adapter-dir or the catalog: its "
+                            "word is read as plain text")
+        elif "stacks" not in given:
+            options["stacks"] = (*options["stacks"], name)  # the webui loads its embeddings folder; we load by name
+    return options, warnings
+
+
+def _from_png_rng(path: str, params: dict, written: bool, warnings: list[str]) -> str:
+    """The RNG source to re-run with: CPU and NV as written; GPU, the webui's default (no ``RNG`` field),
+    with NV, its emulation of NVIDIA's GPU noise on any device, and a note saying so."""
+    from adapterhub.sample import rng
+
+    try:
+        source = rng.source(params.get("RNG", "GPU"))
+    except AdapterhubError as err:
+        raise AdapterhubError(f"{path}: {err}") from None
+    if source != "GPU":
+        return source
+    why = "RNG GPU" if written else "no RNG field (the webui's default: GPU)"
+    warnings.append(f"note: {path}: {why}: reproduced with RNG NV, the webui's emulation of NVIDIA GPU noise, "
+                    "the same on any device")
+    return "NV"
+
+
+def _from_png_upscaler(path: str, name: str, warnings: list[str]) -> str:
+    """A hires upscaler we have as it is; a model upscaler (ESRGAN, 4x-UltraSharp …) falls back to Lanczos,
+    the built-in image upscaler nearest to it (both enlarge the decoded image), with a warning."""
+    from adapterhub.sample.generator import hires_upscaler
+
+    try:
+        return hires_upscaler(name)
+    except AdapterhubError:
+        warnings.append(f"{path}: hires upscaler {name!r} is a model upscaler that is not available here: using "
+                        f"{FALLBACK_UPSCALER} instead")
+        return FALLBACK_UPSCALER
+
+
+def _find(name: str, dirs: list[Path]) -> Path | None:
+    from adapterhub.stack import find_adapter
+
+    try:
+        return find_adapter(name, dirs)
+    except AdapterhubError:
+        return None
+
+
+def _drop_missing_networks(path: str, prompt: str, dirs: list[Path], warnings: list[str]) -> str:
+    """``prompt`` without the ``<lora:…>``, ``<lyco:…>`` and ``<hypernet:…>`` tags whose network is not in
+    ``dirs`` or the catalog, one warning each (the webui reports and skips them too)."""
+    from adapterhub.stack import TAG, TAG_KINDS
+
+    def keep(match) -> str:
+        kind = TAG_KINDS.get(match.group(1).lower())
+        if kind is None:
+            return match.group(0)
+        name = match.group(2).split(":")[0].strip().strip("\"'")
+        if _find(name, dirs) is not None:
+            return match.group(0)
+        label = "LoRA" if kind == "lora" else "hypernetwork"
+        warnings.append(f"{path}: {label} {name!r} ({match.group(0)}) is not in --adapter-dir or the catalog: "
+                        "left out")
+        return ""
+
+    cleaned = TAG.sub(keep, prompt)
+    return re.sub(r"[ \t]{2,}", " ", cleaned).strip() if cleaned != prompt else prompt
 
 
 def _quiet_transformers() -> None:
@@ -64,8 +146,9 @@ def _quiet_transformers() -> None:
 
 
 def _next_index(out: Path) -> int:
-    """One past the highest ``NNNNN-`` (image) or ``xyz-NNNNN`` (plot grid) number in ``out``."""
-    names = (re.match(r"(?:xyz-)?(\d{5})(?:-|\.png$)", p.name) for p in out.glob("*.png")) if out.is_dir() else ()
+    """One past the highest ``NNNNN-`` (image) or ``xyz-NNNNN`` (plot grid) number in ``out``, any format."""
+    names = (re.match(r"(?:xyz-)?(\d{5})(?:-|\.(?:png|jpg|webp)$)", p.name) for p in out.iterdir()) \
+        if out.is_dir() else ()
     return max((int(m.group(1)) for m in names if m), default=-1) + 1
 
 
@@ -103,12 +186,27 @@ def _control_entries(specs: tuple[str, ...], kind: str) -> list:
 
 
 def _save(image, path: Path, text: str) -> None:
-    """Atomic: a temp name in the same folder, then rename."""
+    """Atomic: a temp name in the same folder, then rename. The format is the suffix's (png, jpg, webp), the
+    infotext kept where the webui keeps it in that format (:func:`infotext.save_image`)."""
     from adapterhub.sample import infotext
 
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=infotext.pnginfo(text))
+    try:
+        infotext.save_image(image, tmp, text, path.suffix.lstrip(".").lower())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
+
+
+def _image_format(name: str) -> str:
+    """``--format``: png, jpg (jpeg) or webp, or one line listing them."""
+    from adapterhub.sample.infotext import FORMATS
+
+    fmt = {"jpeg": "jpg"}.get(str(name).strip().lower(), str(name).strip().lower())
+    if fmt not in FORMATS:
+        raise AdapterhubError(f"--format {name!r}: choose one of {', '.join(FORMATS)}")
+    return fmt
 
 
 def _with_controls(text: str, generator) -> str:
@@ -174,7 +272,7 @@ def _bar(enabled: bool, description: str, total: int):
         yield advance
 
 
-def _save_plot(plot, out: Path, index: int, cells: bool) -> dict:
+def _save_plot(plot, out: Path, index: int, cells: bool, ext: str = "png") -> dict:
     """The cells (``NNNNN-SEED.png``, numbered from ``index``) and the grid (``xyz-NNNNN.png``)."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -182,30 +280,30 @@ def _save_plot(plot, out: Path, index: int, cells: bool) -> dict:
         row = {"position": list(cell.position), "values": cell.values, "seed": cell.seed,
                "label": ", ".join(label for label in cell.labels if label)}
         if cells:
-            path = out / f"{index + k:05d}-{cell.seed}.png"
+            path = out / f"{index + k:05d}-{cell.seed}.{ext}"
             _save(cell.image, path, cell.infotext)
             row["path"] = str(path)
         row["parameters"] = cell.infotext
         rows.append(row)
-    grid_path = out / f"xyz-{index:05d}.png"
+    grid_path = out / f"xyz-{index:05d}.{ext}"
     _save(plot.grid, grid_path, plot.infotext)
     return {"grid": str(grid_path), "parameters": plot.infotext, "shape": list(plot.shape), "cells": rows,
             "stack_switches": plot.stack_switches, "seconds": round(plot.seconds, 2)}
 
 
-def _save_images(result, generator, out: Path, index: int, grid: bool) -> dict:
+def _save_images(result, generator, out: Path, index: int, grid: bool, ext: str = "png") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     texts = [_with_controls(text, generator) for text in result.infotexts]
     rows = []
     for i, (image, text, seed) in enumerate(zip(result.images, texts, result.seeds)):
-        path = out / f"{index + i:05d}-{seed}.png"
+        path = out / f"{index + i:05d}-{seed}.{ext}"
         _save(image, path, text)
         rows.append({"path": str(path), "seed": seed})
     job = {"images": rows, "parameters": texts[0] if texts else None}
     if grid and result.images:
         from adapterhub.sample.grid import make_grid
 
-        job["grid"] = str(out / f"grid-{index:05d}.png")
+        job["grid"] = str(out / f"grid-{index:05d}.{ext}")
         _save(make_grid(result.images), Path(job["grid"]), texts[0])
     return job
 
@@ -256,11 +354,13 @@ def _sample_many(options: dict, request, dirs: list[Path]) -> None:
                 index = base + firsts[job.index]
                 if job.index in plans:
                     plot = run_plot(generator, plans[job.index], progress=lambda _d, _t: advance(1))
-                    entry, found = _save_plot(plot, out, index, not options["no_cells"]), plot.warnings
+                    entry, found = _save_plot(plot, out, index, not options["no_cells"], options["format"]), \
+                        plot.warnings
                 else:
                     result = generator.generate(job.request)
                     advance(job.image_count)
-                    entry, found = _save_images(result, generator, out, index, options["grid"]), result.warnings
+                    entry, found = _save_images(result, generator, out, index, options["grid"], options["format"]), \
+                        result.warnings
                 warnings.update(dict.fromkeys(found))
                 done.append({"line": job.line, "prompt": job.request.prompt, **entry} if options["prompts_file"]
                             else entry)
@@ -321,6 +421,11 @@ def _sample_many(options: dict, request, dirs: list[Path]) -> None:
 @click.option("--from-png", "from_png", type=click.Path(exists=True, dir_okay=False),
               help="Take prompt, negative, steps, sampler, schedule, CFG, seed, size and clip skip from an "
                    "image's infotext; options given on the command line override.")
+@click.option("--rng", default=None, metavar="cpu|gpu|nv",
+              help="Noise source, as the webui's RNG setting: cpu (default; the same on any machine), gpu (CUDA's "
+                   "generator), nv (CUDA's numbers emulated on any device). --from-png takes the image's.")
+@click.option("--format", "format", default="png", show_default=True, metavar="png|jpg|webp",
+              help="Image format; the infotext goes where the webui puts it (PNG text, JPEG/WebP EXIF UserComment).")
 @click.option("--grid", is_flag=True, help="Also write a contact sheet of the images.")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
               help="A file of prompts, one a line (# comments; a line may carry webui-style options such as "
@@ -346,8 +451,10 @@ def sample_cmd(ctx, **options):
     )
 
     given = {name for name in options if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    options["format"] = _image_format(options["format"])
+    notes: list[str] = []
     if options["from_png"]:
-        options = _from_png(options["from_png"], options, given)
+        options, notes = _from_png(options["from_png"], options, given)
     if options["prompt"] is None and not options["prompts_file"]:
         raise AdapterhubError("give --prompt (or --prompts FILE, or --from-png IMAGE)")
     width, height = _size(options["size"])
@@ -366,11 +473,13 @@ def sample_cmd(ctx, **options):
                       emphasis=options["emphasis"], init_image=options["init_image"],
                       denoising_strength=0.75 if options["denoise"] is None else options["denoise"],
                       hr_scale=options["hires"], hr_steps=options["hires_steps"], hr_denoise=options["hires_denoise"],
-                      hr_upscaler=options["hires_upscaler"])
+                      hr_upscaler=options["hires_upscaler"], rng=options["rng"] or "CPU")
     if options["denoise"] is not None and not options["init_image"]:
         raise AdapterhubError("--denoise is the img2img strength: give --init-image (the hires pass takes "
                               "--hires-denoise)")
     check_request(request, dirs)  # bad input fails here: no model loaded, nothing written
+    for note in notes:
+        click.echo(note if note.startswith("note: ") else f"warning: {note}", err=True)
     if options["prompts_file"] or options["x_axis"] or options["y_axis"] or options["z_axis"]:
         return _sample_many(options, request, dirs)
     output.quiet_model_loading()
@@ -397,15 +506,16 @@ def sample_cmd(ctx, **options):
     rows = []
     result.infotexts = [_with_controls(text, generator) for text in result.infotexts]
     for i, (image, text, seed) in enumerate(zip(result.images, result.infotexts, result.seeds)):
-        path = out / f"{index + i:05d}-{seed}.png"
+        path = out / f"{index + i:05d}-{seed}.{options['format']}"
         _save(image, path, text)
         rows.append({"path": str(path), "seed": seed})
     summary = {"images": rows, "seconds": round(time.perf_counter() - start, 2), "backend": options["backend"],
-               "parameters": result.infotexts[0] if result.infotexts else None, "warnings": result.warnings}
+               "parameters": result.infotexts[0] if result.infotexts else None,
+               "warnings": [n for n in notes if not n.startswith("note: ")] + result.warnings}
     if options["grid"] and result.images:
         from adapterhub.sample.grid import make_grid
 
-        grid_path = out / f"grid-{index:05d}.png"
+        grid_path = out / f"grid-{index:05d}.{options['format']}"
         _save(make_grid(result.images), grid_path, result.infotexts[0])
         summary["grid"] = str(grid_path)
     for warning in result.warnings:
@@ -418,15 +528,18 @@ def sample_cmd(ctx, **options):
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="The parsed fields as JSON (the webui's parser).")
 def png_info_cmd(image, as_json):
-    """Print an image's `parameters` text (A1111 / adapterhub infotext)."""
-    from adapterhub.sample import infotext
+    """Print an image's generation metadata: the webui's infotext (PNG text or JPEG/WebP EXIF UserComment), or
+    what ComfyUI, InvokeAI, NovelAI, Fooocus or SwarmUI recorded, under ``Generator: NAME``."""
+    from adapterhub.sample import imagemeta, infotext
 
-    try:
-        text = infotext.read_png(image)
-    except OSError as exc:
-        raise AdapterhubError(f"{image}: cannot read as an image ({exc.__class__.__name__})") from None
-    if not text:
-        raise AdapterhubError(f"{image}: no parameters text in this image")
+    meta = imagemeta.read(image)
+    if not meta.is_webui:
+        if as_json:
+            output.emit_json({"Generator": meta.generator, "parameters": None, **meta.fields})
+        else:
+            click.echo(imagemeta.summary(meta))
+        return
+    text = meta.text
     if not as_json:
         click.echo(text)
         return

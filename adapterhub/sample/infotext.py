@@ -276,8 +276,16 @@ def control_units_of(fields: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# PNG text chunks
+# where images keep it: PNG text chunks, JPEG / WebP EXIF UserComment
 # ---------------------------------------------------------------------------------------------
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # the Exif sub-IFD and its UserComment tag
+# UserComment's 8-byte character-code prefix (EXIF 2.3 §4.6.5, table 9) -> Python codec
+COMMENT_CODES = {b"UNICODE\0": "utf-16-be", b"ASCII\0\0\0": "ascii", b"JIS\0\0\0\0\0": "shift_jis"}
+FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}  # ``sample --format`` -> Pillow's format
+JPEG_QUALITY = 95  # the webui's default is 80; images meant to be re-run keep more of their detail
+JPEG_EXIF_LIMIT = 65533 - 8  # an APP1 segment's payload, less "Exif\0\0" and some slack
+
+
 def pnginfo(parameters: str):
     """A ``PngInfo`` with the ``parameters`` chunk (Pillow writes iTXt when the text is not Latin-1)."""
     from PIL.PngImagePlugin import PngInfo
@@ -287,11 +295,72 @@ def pnginfo(parameters: str):
     return info
 
 
+def user_comment(text: str) -> bytes:
+    """EXIF ``UserComment`` as the webui writes it (``piexif.helper.UserComment.dump(text, encoding="unicode")``):
+    the ``UNICODE`` prefix, then UTF-16 big-endian."""
+    return b"UNICODE\0" + text.encode("utf-16-be")
+
+
+def read_user_comment(raw: bytes | str) -> str:
+    """A ``UserComment``'s text: decoded by its prefix (``UNICODE``: UTF-16 big-endian, as piexif; with a byte
+    order mark, by the mark), else as UTF-8 without the prefix's NULs, as the webui falls back; trailing NULs
+    dropped."""
+    if isinstance(raw, str):
+        return raw.rstrip("\0")
+    prefix, body = raw[:8], raw[8:]
+    codec = COMMENT_CODES.get(prefix)
+    if codec == "utf-16-be" and body[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        codec = "utf-16"
+    if codec is None:
+        body = raw[8:] if prefix == b"\0" * 8 else raw
+        codec = "utf-8"
+    return body.decode(codec, errors="replace" if codec != "utf-8" else "ignore").rstrip("\0")
+
+
+def exif(parameters: str):
+    """A Pillow ``Exif`` carrying ``parameters`` as its ``UserComment``, for JPEG and WebP."""
+    from PIL import Image
+
+    data = Image.Exif()
+    data.get_ifd(EXIF_IFD)[USER_COMMENT] = user_comment(parameters)
+    return data
+
+
+def save_image(image, target, parameters: str, fmt: str = "png") -> None:
+    """Write ``image`` to ``target`` (a path or a binary file) as ``fmt`` (png, jpg, webp) with the infotext
+    where the webui keeps it: PNG ``parameters`` chunk; JPEG (quality :data:`JPEG_QUALITY`) and WebP
+    (lossless) EXIF ``UserComment``. A text too long for JPEG's EXIF segment is a one-line error."""
+    from adapterhub.errors import AdapterhubError
+
+    kind = FORMATS[fmt]
+    if kind == "PNG":
+        image.save(target, format=kind, pnginfo=pnginfo(parameters))
+        return
+    if kind == "JPEG" and len(user_comment(parameters)) > JPEG_EXIF_LIMIT:
+        raise AdapterhubError(f"{target}: the parameters text is too long for a JPEG's EXIF "
+                              f"({len(user_comment(parameters))} bytes as UTF-16): use --format png or webp")
+    options = {"quality": JPEG_QUALITY} if kind == "JPEG" else {"lossless": True}
+    image.convert("RGB").save(target, format=kind, exif=exif(parameters), **options)
+
+
+def image_user_comment(image) -> str | None:
+    """The EXIF ``UserComment`` text of an open image (JPEG, WebP, PNG eXIf), or None."""
+    try:
+        raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    except (OSError, ValueError, SyntaxError):  # a broken EXIF block reads as none
+        return None
+    text = read_user_comment(raw) if raw else ""
+    return text or None
+
+
 def read_png(path: str | Path) -> str | None:
-    """The ``parameters`` text of an image (tEXt or iTXt), or None."""
+    """The ``parameters`` text of an image (PNG tEXt or iTXt), else its EXIF ``UserComment`` (the webui's
+    JPEG and WebP), or None."""
     from PIL import Image
 
     with Image.open(path) as image:
         image.load()
         text = image.info.get("parameters")
+        if text is None:
+            text = image_user_comment(image)
     return str(text) if text is not None else None

@@ -130,5 +130,5 @@ def later_draws_note(name: str, sampler_name: str) -> str | None:
     """The warning for ``NV`` with a sampler that draws more noise: only the initial noise is the webui's."""
     if source(name) != "NV" or not draws_more(sampler_name):
         return None
-    return (f"RNG NV with {sampler_name}: the initial noise is the webui's NV noise, the sampler's later noise comes "
-            "from CPU generators, so the image will not match the webui's")
+    return (f"RNG NV with {sampler_name}: the initial noise is the webui's NV noise, the sampler's later noise is "
+            "not (it is drawn on the CPU), so the image will not match the webui's")
