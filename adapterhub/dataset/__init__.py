@@ -9,6 +9,9 @@ through an optional callback and returns plain data; nothing here prints):
 * :func:`~adapterhub.dataset.stats.tag_stats`, :func:`~adapterhub.dataset.buckets.bucket_report`,
   :func:`~adapterhub.dataset.prepare.prepare`, :func:`~adapterhub.dataset.validate.validate`.
 
+Every entry point that changes the folder holds its writer lock (:mod:`adapterhub.dataset.lock`)
+and writes through the undo journal (:mod:`adapterhub.dataset.journal`).
+
 The captioner contract (the hook ``adapterhub_captioners``) is described in
 :mod:`adapterhub.dataset.captioning`.
 """
