@@ -132,6 +132,44 @@ def test_lock_holder_makes_a_second_writer_stop_with_one_line(few, monkeypatch, 
     assert main(["dataset", "tags", str(few), "add", "x", "--json"]) == 0
 
 
+def _hold(root: Path, op: str, shared: bool) -> subprocess.Popen:
+    """A real process holding the folder's lock until killed."""
+    holder = subprocess.Popen([PY, "-c", textwrap.dedent(f"""
+        import time
+        from adapterhub.dataset.lock import dataset_lock
+        with dataset_lock({str(root)!r}, {op!r}, shared={shared}):
+            print("held", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_captioning_shards_share_the_lock_and_exclude_other_writers(few, monkeypatch, capsys):
+    from adapterhub.dataset import lock as lock_mod
+    from adapterhub.dataset.lock import dataset_lock
+    from adapterhub.errors import AdapterhubError
+
+    monkeypatch.setattr(lock_mod, "WAIT_S", 0.5)
+    shard = _hold(few, "caption clip-tags", shared=True)
+    try:
+        with dataset_lock(few, "caption clip-tags", shared=True):  # the other shard of the launch
+            pass
+        with pytest.raises(AdapterhubError, match="caption clip-tags"):
+            with dataset_lock(few, "tags add"):
+                pass
+    finally:
+        shard.kill()
+        shard.wait()
+    editor = _hold(few, "tags add", shared=False)
+    try:  # and a captioning run waits for (here: stops at) an edit in progress
+        assert main(["dataset", "caption", str(few), "--device", "cpu"]) == 2
+        assert "another adapterhub process" in one_line_error(capsys.readouterr().err)
+    finally:
+        editor.kill()
+        editor.wait()
+
+
 def test_killed_edit_leaves_temp_files_that_the_next_run_cleans(few):
     """A real SIGKILL halfway through writing caption 5 (its temp file written, not yet renamed)."""
     before = snapshot(few)
