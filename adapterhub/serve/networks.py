@@ -1,0 +1,179 @@
+"""The extra networks a server offers: LoRAs (every weight-space type), textual inversions and hypernetworks,
+found in the adapter folders (by file stem, top level: where ``<lora:NAME>`` tags are looked up) and in the
+catalog, as the webui lists its ``models/Lora``, ``embeddings`` and ``models/hypernetworks`` folders.
+
+A scan reads headers only (:func:`adapterhub.api.identify`); embeddings are parsed (small files) for their
+token, vector count and width. Results are cached by (path, mtime, size): ``refresh`` re-reads only what
+changed. An unreadable file is left out and remembered in ``skipped`` (the webui logs and skips it too).
+"""
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapterhub.errors import AdapterhubError
+
+KINDS = ("lora", "embedding", "hypernetwork")
+
+
+@dataclass
+class Network:
+    """One network as the server lists it: ``name`` is what a tag or a prompt word calls it."""
+
+    name: str
+    kind: str  # one of KINDS
+    path: Path
+    metadata: dict = field(default_factory=dict)
+    token: str | None = None  # embeddings: the word that triggers it
+    vectors: int | None = None
+    width: int | None = None
+
+    @property
+    def alias(self) -> str:
+        """The webui's alias: the training run's output name when the file records one."""
+        return str(self.metadata.get("ss_output_name") or self.name)
+
+
+def _kind(adapter_type) -> str | None:
+    if adapter_type.weight_space:
+        return "lora"
+    return {"textual_inversion": "embedding", "hypernetwork": "hypernetwork"}.get(adapter_type.name)
+
+
+def _read(path: Path) -> Network | None:
+    """The network in ``path``, or None when it is none of KINDS (a ControlNet, a full model ...)."""
+    from adapterhub.api import identify, load
+
+    file, adapter_type, _ = identify(path)
+    kind = _kind(adapter_type)
+    if kind is None:
+        return None
+    if kind != "embedding":
+        return Network(path.stem, kind, path, dict(file.metadata))
+    adapter = load(path)
+    widths = sorted({p.width for p in adapter.patches.values()})
+    return Network(path.stem, kind, path, dict(adapter.metadata), token=str(adapter.extra.get("token") or path.stem),
+                   vectors=adapter.extra.get("vectors"), width=widths[-1] if widths else None)
+
+
+class Networks:
+    """The networks of ``dirs`` and of the catalog (``catalog``: a URL, ``None`` for ``$ADAPTERHUB_CATALOG`` or
+    ./catalog.db when it exists, ``False`` for none). Thread-safe: the API lists while the worker samples."""
+
+    def __init__(self, dirs: Sequence[str | Path] = (), catalog: str | bool | None = None):
+        from adapterhub.stack import SUFFIXES
+
+        self.dirs = [Path(d) for d in dirs]
+        self.catalog = catalog
+        self._suffixes = SUFFIXES
+        self._cache: dict[tuple, Network | None] = {}
+        self._lock = threading.Lock()
+        self.items: list[Network] = []
+        self.skipped: dict[str, str] = {}  # path -> why it was left out
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-scan the folders and the catalog (files unchanged since the last scan are not re-read)."""
+        found: dict[str, Network] = {}
+        skipped: dict[str, str] = {}
+        cache: dict[tuple, Network | None] = {}
+        for path in self._files():
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+            if key not in self._cache:
+                try:
+                    self._cache[key] = _read(path)
+                except AdapterhubError as err:
+                    skipped[str(path)] = str(err)
+                    continue
+            cache[key] = self._cache[key]
+            network = cache[key]
+            if network is not None:
+                found.setdefault(f"{network.kind}:{network.name}", network)  # the first folder wins, as tags
+        for network in self._catalog_networks():
+            found.setdefault(f"{network.kind}:{network.name}", network)
+        with self._lock:
+            self._cache = cache
+            self.items = sorted(found.values(), key=lambda n: (n.kind, n.name.lower()))
+            self.skipped = skipped
+
+    def _files(self) -> list[Path]:
+        files = []
+        for folder in self.dirs:
+            if folder.is_dir():
+                files += sorted(p for p in folder.iterdir()
+                                if p.suffix.lower() in self._suffixes and not p.name.startswith("."))
+        return files
+
+    def _catalog_networks(self) -> list[Network]:
+        """The catalog's present, readable entries of the three kinds (none when there is no catalog)."""
+        if self.catalog is False:
+            return []
+        from adapterhub.catalog import list_entries, open_catalog, sqlite_path
+        from adapterhub.catalog.db import catalog_url
+        from adapterhub.plugins import adapter_types
+
+        url = catalog_url(self.catalog or None)
+        db_file = sqlite_path(url)
+        if db_file is not None and not db_file.exists():
+            return []
+        types = adapter_types()
+        out = []
+        with open_catalog(self.catalog or None) as catalog:
+            for entry in list_entries(catalog):
+                kind = _kind(types[entry["type"]]) if entry["type"] in types else None
+                if kind is None or entry["status"] != "ok" or not Path(entry["path"]).exists():
+                    continue
+                name = entry["name"] or Path(entry["path"]).stem
+                if kind == "embedding":  # small files: read for the token, vectors and width
+                    try:
+                        network = _read(Path(entry["path"]))
+                    except AdapterhubError:
+                        continue
+                    if network is not None:
+                        network.name = name
+                        out.append(network)
+                    continue
+                out.append(Network(name, kind, Path(entry["path"]), dict(entry["metadata"] or {})))
+        return out
+
+    def of_kind(self, kind: str) -> list[Network]:
+        with self._lock:
+            return [n for n in self.items if n.kind == kind]
+
+    def embeddings_in(self, *texts: str) -> list[Network]:
+        """The embeddings whose token is a word of ``texts`` (case-insensitive: CLIP's tokenizer lowercases),
+        which the webui would apply: they go into the request's stack."""
+        joined = "\n".join(texts)
+        return [n for n in self.of_kind("embedding")
+                if re.search(rf"(?<![\w-]){re.escape(n.token or n.name)}(?![\w-])", joined, re.IGNORECASE)]
+
+
+def drop_missing_networks(prompt: str, dirs: Sequence[str | Path]) -> tuple[str, list[str]]:
+    """``prompt`` without the ``<lora:…>``, ``<lyco:…>`` and ``<hypernet:…>`` tags whose network cannot be found
+    in ``dirs`` or the catalog, and those names. The webui reports a missing network and samples without it."""
+    from adapterhub.stack import TAG, TAG_KINDS, find_adapter
+
+    missing: list[str] = []
+
+    def keep(match: re.Match) -> str:
+        if TAG_KINDS.get(match.group(1).lower()) is None:
+            return match.group(0)
+        name = match.group(2).split(":")[0].strip().strip("\"'")
+        try:
+            find_adapter(name, dirs)
+        except AdapterhubError:
+            missing.append(name)
+            return ""
+        return match.group(0)
+
+    cleaned = TAG.sub(keep, prompt)
+    if not missing:
+        return prompt, []
+    return re.sub(r"[ \t]{2,}", " ", cleaned).strip(), missing

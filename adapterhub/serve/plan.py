@@ -1,0 +1,218 @@
+"""A webui API request planned as generator requests: one :class:`~adapterhub.sample.generator.Request` per
+``n_iter`` iteration (``batch_size`` images each, seeds ``seed + k x batch_size`` on: the webui's
+``all_seeds``), so that a request gives the images ``adapterhub sample --images N --batch B`` gives, and an
+interrupt can stop between iterations.
+
+Everything is checked here, before the request is queued (:class:`ApiError`, the webui's statuses): an
+unknown sampler (404, as the webui), sizes beyond the server's limit, bad values, masks and scripts
+(422: not done here, and doing something else would give another picture). A missing LoRA or hypernetwork
+is left out with a note in ``info`` (the webui warns and goes on). Embeddings whose word is in the prompt or
+the negative prompt join the stack, as the webui applies its embeddings folder.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapterhub.errors import AdapterhubError
+from adapterhub.serve.models import Img2ImgRequest, Txt2ImgRequest
+
+HIRES_DENOISE = 0.7  # the webui's hires denoising strength when a request gives none
+DEFAULT_UPSCALER = "Latent"  # the webui's default hires upscaler (``latent_upscale_default_mode``)
+
+
+class ApiError(AdapterhubError):
+    """A request the server refuses: an HTTP status and a one-line ``detail`` (the webui's error JSON)."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status_code = status
+        self.detail = detail
+
+
+@dataclass
+class Plan:
+    """What the worker runs for one API request, and what the response reports."""
+
+    kind: str  # txt2img or img2img
+    requests: list  # generator Requests, one per n_iter iteration
+    prompt: str  # as sent (tags of missing networks included: the webui keeps them in the infotext)
+    negative: str
+    comments: list[str] = field(default_factory=list)  # notes for ``info`` (missing networks, ignored fields)
+    send_images: bool = True
+    return_grid: bool = True
+    clip_skip: int = 1
+    denoising_strength: float | None = None
+
+    @property
+    def images(self) -> int:
+        return sum(r.images for r in self.requests)
+
+
+def decode_bytes(text: str, what: str = "image") -> bytes:
+    """The bytes of a base64 image (a ``data:image/…;base64,`` prefix allowed). Only data: the webui's fetching
+    of http(s) URLs is not done here (a server must not be a proxy for its clients)."""
+    text = (text or "").strip()
+    if text.startswith(("http://", "https://")):
+        raise ApiError(422, f"{what}: URLs are not fetched; send the image as base64")
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{what}: invalid encoded image (not base64)") from None
+
+
+def decode_image(text: str, what: str = "image"):
+    """A PIL image from base64 (:func:`decode_bytes`): 422 with one line if it is not one."""
+    from PIL import Image, UnidentifiedImageError
+
+    raw = decode_bytes(text, what)
+    try:
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+        return image
+    except (ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise ApiError(422, f"{what}: invalid encoded image ({exc.__class__.__name__})") from None
+
+
+def _overrides(req, options: dict[str, Any], model_titles: set[str]) -> dict[str, Any]:
+    """The options in force for this request: the server's, with the request's ``override_settings``."""
+    merged = dict(options)
+    for key, value in (req.override_settings or {}).items():
+        merged[key] = value
+    checkpoint = (req.override_settings or {}).get("sd_model_checkpoint")
+    if checkpoint is not None and str(checkpoint) not in model_titles:
+        raise ApiError(404, "Model not found")  # one model per server: another is not loaded for a request
+    return merged
+
+
+def _check_size(width: int, height: int, limit: tuple[int, int] | None, what: str = "size") -> None:
+    if limit is not None and (width > limit[0] or height > limit[1]):
+        raise ApiError(422, f"{what} {width}x{height} is beyond this server's --max-size {limit[0]}x{limit[1]}")
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise ApiError(422, f"{what} {width}x{height}: width and height must be positive multiples of 8")
+
+
+def _ignored(req, comments: list[str]) -> None:
+    """Notes for the fields the webui would act on and adapterhub does not (the picture is made without them)."""
+    if req.styles:
+        comments.append(f"styles {', '.join(req.styles)}: prompt styles are not applied here")
+    if req.restore_faces:
+        comments.append("restore_faces: face restoration is not available here")
+    if req.tiling:
+        comments.append("tiling: not available here")
+    if req.subseed_strength:
+        comments.append("subseed_strength: variation seeds are not applied here")
+    if req.refiner_checkpoint:
+        comments.append("refiner_checkpoint: the refiner is not run here")
+    if req.save_images:
+        comments.append("save_images: images are only returned, not saved on the server")
+    if (req.override_settings or {}).get("eta_noise_seed_delta"):
+        comments.append("eta_noise_seed_delta: not applied here")
+
+
+def _refuse_scripts(req) -> None:
+    if req.script_name:
+        raise ApiError(422, f"Script '{req.script_name}' not found")
+    for name in req.alwayson_scripts or {}:
+        raise ApiError(422, f"always on script {name} not found")
+
+
+def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model_titles: set[str], networks,
+         dirs, max_size: tuple[int, int] | None = None) -> Plan:
+    """The :class:`Plan` of one API request (see the module doc), or :class:`ApiError`."""
+    from adapterhub.sample.generator import MAX_SEED, Request, check_request, hires_size, hires_upscaler
+    from adapterhub.sample.rng import source
+    from adapterhub.sample.samplers import resolve_sampler
+    from adapterhub.serve.networks import drop_missing_networks
+
+    kind = "img2img" if isinstance(req, Img2ImgRequest) else "txt2img"
+    settings = _overrides(req, options, model_titles)
+    _refuse_scripts(req)
+    comments: list[str] = []
+    _ignored(req, comments)
+    sampler_name = req.sampler_name or req.sampler_index
+    try:
+        resolve_sampler(sampler_name)
+    except AdapterhubError:
+        raise ApiError(404, "Sampler not found") from None
+    try:
+        resolve_sampler(sampler_name, req.scheduler or "Automatic")
+        rng = source(str(settings.get("randn_source") or "CPU"))
+    except AdapterhubError as err:
+        raise ApiError(422, str(err)) from None
+    for name in ("batch_size", "n_iter", "steps"):
+        if getattr(req, name) < 1:
+            raise ApiError(422, f"{name} {getattr(req, name)}: must be 1 or more")
+    _check_size(req.width, req.height, max_size)
+    clip_skip = int(settings.get("CLIP_stop_at_last_layers") or 1)
+    hires: dict[str, Any] = {}
+    init_image = None
+    denoise = None
+    if kind == "txt2img" and req.enable_hr:
+        hires = _hires(req, comments)
+        denoise = hires["hr_denoise"]
+        _check_size(*hires_size(req.width, req.height, hires["hr_scale"]), max_size, "hires size")
+        try:
+            hires["hr_upscaler"] = hires_upscaler(hires["hr_upscaler"])
+        except AdapterhubError as err:
+            raise ApiError(422, str(err)) from None
+    if kind == "img2img":
+        if req.mask or req.latent_mask:
+            raise ApiError(422, "mask: inpainting is not available here (send no mask for img2img)")
+        if not req.init_images:
+            raise ApiError(404, "Init image not found")
+        if req.resize_mode:
+            comments.append(f"resize_mode {req.resize_mode}: the init image is resized to the size (Just resize)")
+        if len(req.init_images) > 1:
+            comments.append(f"init_images: {len(req.init_images)} given; the first is used for every image")
+        init_image = decode_image(req.init_images[0], "init_images[0]").convert("RGB")
+        denoise = req.denoising_strength
+    prompt, missing = drop_missing_networks(req.prompt, dirs)
+    negative, missing_negative = drop_missing_networks(req.negative_prompt, dirs)
+    for name in missing + missing_negative:
+        comments.append(f"Lora not found: {name}")  # the webui's wording (extra network not found)
+    embeddings = [n.name for n in networks.embeddings_in(prompt, negative)]
+    seed = req.seed if req.seed is not None and req.seed >= 0 else random.randrange(MAX_SEED)
+    requests = []
+    for k in range(req.n_iter):
+        one = Request(prompt, negative=negative, stack=", ".join(embeddings), seed=seed + k * req.batch_size,
+                      width=req.width, height=req.height, steps=req.steps, sampler=sampler_name,
+                      schedule=req.scheduler or "Automatic", cfg=req.cfg_scale, batch=req.batch_size,
+                      images=req.batch_size, clip_skip=clip_skip, emphasis=str(settings.get("emphasis") or "Original"),
+                      init_image=init_image, denoising_strength=denoise if init_image is not None else 0.75,
+                      rng=rng, **hires)
+        requests.append(one)
+    try:
+        check_request(requests[0], dirs)
+    except AdapterhubError as err:
+        raise ApiError(422, str(err)) from None
+    return Plan(kind, requests, req.prompt, req.negative_prompt, comments, send_images=req.send_images,
+                return_grid=bool(settings.get("return_grid", True)), clip_skip=clip_skip, denoising_strength=denoise)
+
+
+def _hires(req: Txt2ImgRequest, comments: list[str]) -> dict[str, Any]:
+    """The hires fix's fields: ``hr_resize_x/y`` (a target size) become the scale they give; a target of
+    another aspect ratio (the webui crops to it) is refused."""
+    scale = float(req.hr_scale)
+    if req.hr_resize_x or req.hr_resize_y:
+        sx = req.hr_resize_x / req.width if req.hr_resize_x else None
+        sy = req.hr_resize_y / req.height if req.hr_resize_y else None
+        if sx is not None and sy is not None and abs(sx - sy) > 1e-6:
+            raise ApiError(422, f"hr_resize {req.hr_resize_x}x{req.hr_resize_y}: only a target of the first "
+                                f"pass's aspect ratio ({req.width}x{req.height}) is supported here")
+        scale = sx if sx is not None else sy
+    for name in ("hr_sampler_name", "hr_scheduler", "hr_checkpoint_name"):
+        if getattr(req, name):
+            comments.append(f"{name}: the hires pass uses the first pass's sampler, schedule and model here")
+    if (req.hr_prompt and req.hr_prompt != req.prompt) or \
+            (req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt):
+        comments.append("hr_prompt: the hires pass uses the first pass's prompts here")
+    denoise = req.denoising_strength if req.denoising_strength is not None else HIRES_DENOISE
+    return {"hr_scale": scale, "hr_steps": int(req.hr_second_pass_steps or 0), "hr_denoise": float(denoise),
+            "hr_upscaler": req.hr_upscaler or DEFAULT_UPSCALER}

@@ -1,0 +1,336 @@
+"""``adapterhub serve``: the real ``webuiapi`` client (the webui's own API client, the oracle of the wire format)
+against a real uvicorn server on 127.0.0.1 (a free port, in a thread, stopped by the fixture); the images are
+checked against what ``adapterhub sample`` writes for the same request."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+webuiapi = pytest.importorskip("webuiapi")
+requests = pytest.importorskip("requests")
+
+from adapterhub import cli  # noqa: E402
+from adapterhub.errors import AdapterhubError  # noqa: E402
+from adapterhub.sample import infotext  # noqa: E402
+
+USER, PASSWORD = "painter", "s3cret"
+SMALL = {"steps": 2, "width": 64, "height": 64, "cfg_scale": 6.5, "sampler_name": "Euler a"}
+DEADLINE = 60.0  # seconds any wait in these tests may take
+
+
+@pytest.fixture(scope="module")
+def networks(tmp_path_factory, tiny_sd1):
+    from adapterhub.plugins import adapter_type, adapter_types
+
+    folder = tmp_path_factory.mktemp("serve_networks")
+    adapter_type("lora").example(tiny_sd1, folder / "style.safetensors", seed=3)
+    adapter_type("lora").example(tiny_sd1, folder / "other.safetensors", seed=11)
+    adapter_types()["textual_inversion"].example(tiny_sd1, folder / "easyneg.pt", seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(networks):
+    """A server on a free loopback port: tiny-sd1 (eager), the networks, credentials, a queue of one, 128 px."""
+    from adapterhub.cli.serve import bind
+    from adapterhub.sample.generator import Generator
+    from adapterhub.serve.app import Service, create_app
+
+    service = Service(Generator("tiny-sd1"), adapter_dirs=[networks], catalog=False, max_queue=1,
+                      max_size=(128, 128), credentials={USER: PASSWORD})
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    while not server.started and time.monotonic() - start < DEADLINE and thread.is_alive():
+        time.sleep(0.05)
+    assert server.started, "the server did not start"
+    port = sock.getsockname()[1]
+    yield {"port": port, "url": f"http://127.0.0.1:{port}/sdapi/v1", "service": service}
+    server.should_exit = True
+    thread.join(DEADLINE)
+    service.close()
+    sock.close()
+    assert not thread.is_alive()
+
+
+@pytest.fixture
+def api(served):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=served["port"], username=USER, password=PASSWORD)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def sample_cli(tmp_path, *args) -> list:
+    """Images written by ``adapterhub sample`` (in process), in file order."""
+    from PIL import Image
+
+    out = tmp_path / "sampled"
+    assert cli.main(["sample", "--base", "tiny-sd1", "--size", "64x64", "--steps", "2", "--sampler", "Euler a",
+                     "--cfg", "6.5", "--out", str(out), "--json", *map(str, args)]) == 0
+    return [Image.open(p) for p in sorted(out.glob("0*.png"))]
+
+
+def post(served, path, auth=(USER, PASSWORD), **kwargs):
+    return requests.post(f"{served['url']}/{path}", auth=auth, timeout=DEADLINE, **kwargs)
+
+
+def get(served, path, auth=(USER, PASSWORD), **kwargs):
+    return requests.get(f"{served['url']}/{path}", auth=auth, timeout=DEADLINE, **kwargs)
+
+
+def wait_for(predicate, what: str):
+    start = time.monotonic()
+    while time.monotonic() - start < DEADLINE:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+# ---------------------------------------------------------------------------------------------
+def test_txt2img_with_a_lora_tag_equals_adapterhub_sample(api, served, networks, tmp_path):
+    prompt = "a (castle:1.2) <lora:style:0.8>, dusk"
+    result = api.txt2img(prompt=prompt, negative_prompt="fog", seed=5, n_iter=2, **SMALL)
+    ours = sample_cli(tmp_path, "--prompt", prompt, "--negative", "fog", "--adapter-dir", networks, "--seed", 5,
+                      "--images", 2)
+    info = result.info
+    # two images: the grid first, as the webui returns a batch
+    assert info["index_of_first_image"] == 1 and len(result.images) == 3 and result.images[0].size == (128, 64)
+    assert info["all_seeds"] == [5, 6] and info["seed"] == 5 and info["sampler_name"] == "Euler a"
+    assert info["all_prompts"] == [prompt, prompt] and info["negative_prompt"] == "fog"
+    assert info["sd_model_name"] == "tiny-sd1" and info["extra_generation_params"]["Lora hashes"] == \
+        f"style: {infotext.lora_hash(networks / 'style.safetensors')}"
+    for served_image, text, sampled in zip(result.images[1:], info["infotexts"][1:], ours):
+        assert np.array_equal(pixels(served_image), pixels(sampled))  # pixel-identical on CPU
+        assert served_image.info["parameters"] == text == infotext.read_png(sampled.filename)
+    assert result.parameters["prompt"] == prompt and result.parameters["n_iter"] == 2
+    # png-info reads it back: the infotext and the webui parser's fields
+    back = api.png_info(result.images[2]).json
+    assert back["info"] == info["infotexts"][2]
+    assert back["parameters"]["Seed"] == "6" and back["parameters"]["Prompt"] == prompt
+    assert back["parameters"]["Size-1"] == "64" and back["parameters"]["Sampler"] == "Euler a"
+
+
+def test_served_png_parses_with_sd_parsers(api):
+    sd_parsers = pytest.importorskip("sd_parsers")
+    result = api.txt2img(prompt="a tower <lora:style:0.5>", negative_prompt="rain", seed=9, **SMALL)
+    parsed = sd_parsers.ParserManager().parse(io.BytesIO(base64.b64decode(result.json["images"][0])))
+    assert parsed.generator.name == "AUTOMATIC1111"
+    assert [p.value for p in parsed.prompts] == ["a tower <lora:style:0.5>"]
+    assert [p.value for p in parsed.negative_prompts] == ["rain"]
+    assert parsed.samplers[0].name == "Euler a" and parsed.samplers[0].parameters["seed"] == "9"
+
+
+def test_stacks_switch_between_requests_and_back_exactly(api):
+    def one(prompt):
+        return pixels(api.txt2img(prompt=prompt, seed=3, **SMALL).image)
+
+    a = one("a hill <lora:style:1>")
+    b = one("a hill <lora:other:1>")
+    both = one("a hill <lora:style:1> <lora:other:0.5>")
+    plain = one("a hill")
+    again = one("a hill <lora:style:1>")
+    assert np.array_equal(a, again)
+    assert not np.array_equal(a, b) and not np.array_equal(a, plain) and not np.array_equal(both, a)
+    assert np.array_equal(plain, one("a hill"))
+
+
+def test_img2img_equals_adapterhub_sample(api, networks, tmp_path):
+    from PIL import Image
+
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    init.save(tmp_path / "init.png")
+    result = api.img2img(images=[init], prompt="a boat <lora:other:0.7>", seed=12, denoising_strength=0.6, **SMALL)
+    ours = sample_cli(tmp_path, "--prompt", "a boat <lora:other:0.7>", "--adapter-dir", networks, "--seed", 12,
+                      "--init-image", tmp_path / "init.png", "--denoise", 0.6)
+    assert np.array_equal(pixels(result.image), pixels(ours[0]))
+    assert result.image.info["parameters"] == infotext.read_png(ours[0].filename)
+    assert result.info["denoising_strength"] == 0.6 and result.parameters["init_images"] is None
+
+
+def test_missing_lora_is_reported_and_left_out_as_the_webui_does(api):
+    result = api.txt2img(prompt="a hill <lora:nowhere:0.7>", seed=3, **SMALL)
+    assert "Lora not found: nowhere" in result.info["comments"]
+    assert result.info["infotexts"][0].startswith("a hill <lora:nowhere:0.7>\n")  # kept as sent
+    assert "Lora hashes" not in result.info["infotexts"][0]
+    assert np.array_equal(pixels(result.image), pixels(api.txt2img(prompt="a hill", seed=3, **SMALL).image))
+
+
+def test_embedding_in_the_prompt_is_applied_and_hashed(api, networks):
+    result = api.txt2img(prompt="a hill", negative_prompt="easyneg", seed=3, **SMALL)
+    fields = infotext.parse(result.info["infotexts"][0])
+    assert fields["TI hashes"] == f"easyneg: {infotext.embedding_hash(networks / 'easyneg.pt')}"
+    plain = api.txt2img(prompt="a hill", negative_prompt="easy neg", seed=3, **SMALL)
+    assert "TI hashes" not in plain.info["infotexts"][0]
+
+
+def test_hires_fix_and_clip_skip_option(api, served):
+    result = api.txt2img(prompt="a hill", seed=4, enable_hr=True, hr_scale=2, hr_second_pass_steps=1,
+                         denoising_strength=0.5, **SMALL)
+    assert result.image.size == (128, 128)
+    fields = infotext.parse(result.info["infotexts"][0])
+    assert (fields["Hires upscale"], fields["Hires steps"], fields["Denoising strength"]) == ("2", "1", "0.5")
+    api.set_options({"CLIP_stop_at_last_layers": 2})
+    try:
+        assert api.get_options()["CLIP_stop_at_last_layers"] == 2
+        assert "Clip skip: 2" in api.txt2img(prompt="a hill", seed=4, **SMALL).info["infotexts"][0]
+        overridden = api.txt2img(prompt="a hill", seed=4, override_settings={"CLIP_stop_at_last_layers": 1}, **SMALL)
+        assert "Clip skip" not in overridden.info["infotexts"][0]
+    finally:
+        api.set_options({"CLIP_stop_at_last_layers": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# lists and options
+# ---------------------------------------------------------------------------------------------
+def test_lists_as_the_webui_gives_them(api, served, networks, tiny_sd1):
+    from adapterhub.plugins import adapter_type
+
+    assert "Euler a" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
+    loras = {row["name"]: row for row in api.get_loras()}
+    assert set(loras) == {"style", "other"}
+    assert loras["style"]["path"] == str(networks / "style.safetensors")
+    assert loras["style"]["metadata"]["ss_network_module"] == "networks.lora"
+    embeddings = api.get_embeddings()
+    assert embeddings["loaded"]["easyneg"]["shape"] == tiny_sd1.text_encoder.config.hidden_size
+    assert embeddings["loaded"]["easyneg"]["vectors"] >= 1 and embeddings["skipped"] == {}
+    assert api.get_hypernetworks() == []
+    models = api.get_sd_models()
+    assert [m["model_name"] for m in models] == ["tiny-sd1"]
+    assert api.get_options()["sd_model_checkpoint"] == models[0]["title"]
+    adapter_type("lora").example(tiny_sd1, networks / "late.safetensors", seed=5)
+    try:
+        assert "late" not in {row["name"] for row in api.get_loras()}
+        assert post(served, "refresh-loras").status_code == 200
+        assert "late" in {row["name"] for row in api.get_loras()}
+    finally:
+        (networks / "late.safetensors").unlink()
+        post(served, "refresh-loras")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: the webui's error JSON, and the server keeps serving
+# ---------------------------------------------------------------------------------------------
+def _webui_error(response, status: int, detail: str) -> None:
+    assert response.status_code == status
+    assert response.json() == {"error": "HTTPException", "detail": detail, "body": "", "errors": f"{status}: {detail}"}
+
+
+@pytest.mark.parametrize("auth", [None, (USER, "wrong"), ("nobody", PASSWORD)])
+def test_wrong_credentials_get_401(served, auth):
+    response = post(served, "txt2img", auth=auth, json={"prompt": "x", **SMALL})
+    _webui_error(response, 401, "Incorrect username or password")
+    assert response.headers["WWW-Authenticate"] == "Basic"
+
+
+def test_bad_requests_get_the_webuis_errors(served):
+    response = post(served, "txt2img", data=b'{"prompt": "x", ', headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and response.json()["detail"][0]["type"] == "json_invalid"
+    response = post(served, "txt2img", json={"prompt": "x", "steps": "many"})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "steps"]
+    _webui_error(post(served, "txt2img", json={"prompt": "x", **SMALL, "sampler_name": "Nope"}), 404,
+                 "Sampler not found")
+    _webui_error(post(served, "txt2img", json={**SMALL, "prompt": "x", "width": 256}), 422,
+                 "size 256x64 is beyond this server's --max-size 128x128")
+    _webui_error(post(served, "txt2img", json={**SMALL, "prompt": "x", "enable_hr": True, "hr_scale": 4}), 422,
+                 "hires size 256x256 is beyond this server's --max-size 128x128")
+    _webui_error(post(served, "txt2img", json={**SMALL, "prompt": "x", "alwayson_scripts": {"ControlNet": {}}}),
+                 422, "always on script ControlNet not found")
+    _webui_error(post(served, "img2img", json={**SMALL, "prompt": "x", "init_images": ["not an image"]}), 422,
+                 "init_images[0]: invalid encoded image (not base64)")
+    _webui_error(post(served, "options", json={"sd_model_checkpoint": "other.safetensors"}), 404,
+                 "model 'other.safetensors' not found (this server runs " + served["service"].model_title + ")")
+    # and it goes on serving
+    response = post(served, "txt2img", json={"prompt": "x", **SMALL, "seed": 1})
+    assert response.status_code == 200 and len(response.json()["images"]) == 1
+    assert get(served, "progress").json()["state"]["job_count"] == 0
+
+
+def test_full_queue_gets_429_and_interrupt_stops_the_running_request(served):
+    """One long request runs, one waits (--max-queue 1), the next is refused; /progress shows the running one
+    with a preview; /interrupt stops it cleanly: the one waiting then runs, and the pipeline is as before."""
+    before = post(served, "txt2img", json={"prompt": "a hill <lora:style:1>", **SMALL, "seed": 2}).json()
+    out: dict = {}
+
+    def call(name, payload):
+        out[name] = post(served, "txt2img", json=payload)
+
+    long = threading.Thread(target=call, args=("long", {"prompt": "a hill <lora:other:1>", **SMALL, "steps": 5000,
+                                                         "seed": 1}))
+    long.start()
+    wait_for(lambda: get(served, "progress", params={"skip_current_image": True}).json()["state"]["sampling_step"],
+             "the long request to start")
+    waiting = threading.Thread(target=call, args=("waiting", {"prompt": "a hill <lora:style:1>", **SMALL, "seed": 2}))
+    waiting.start()
+    wait_for(lambda: served["service"].worker.queue.qsize() == 1, "the second request to be queued")
+    _webui_error(post(served, "txt2img", json={"prompt": "x", **SMALL}), 429,
+                 "queue full: 1 requests are already waiting (--max-queue)")
+    progress = wait_for(lambda: (lambda p: p if p["current_image"] else None)(get(served, "progress").json()),
+                        "a preview")
+    assert 0 < progress["progress"] < 1 and progress["state"]["job"] == "txt2img" and progress["eta_relative"] > 0
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).size == (64, 64)
+    assert post(served, "interrupt").json() == {}
+    long.join(DEADLINE)
+    waiting.join(DEADLINE)
+    assert not long.is_alive() and not waiting.is_alive()
+    stopped = out["long"].json()
+    assert out["long"].status_code == 200 and stopped["images"] == []
+    assert json.loads(stopped["info"])["interrupted"] is True
+    after = out["waiting"].json()
+    assert out["waiting"].status_code == 200 and not json.loads(after["info"])["interrupted"]
+    assert after["images"] == before["images"]  # the interrupted stack was switched away exactly
+    assert get(served, "progress").json()["state"]["job_count"] == 0
+
+
+def test_png_info_of_a_bad_or_plain_image(served):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    plain = post(served, "png-info", json={"image": base64.b64encode(buffer.getvalue()).decode()})
+    assert plain.status_code == 200 and plain.json() == {"info": "", "items": {}, "parameters": {}}
+    _webui_error(post(served, "png-info", json={"image": "bm90IGFuIGltYWdl"}), 422,
+                 "image: invalid encoded image (UnidentifiedImageError)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--max-size", "big"], "--max-size 'big': write it as WIDTHxHEIGHT"),
+    (["--api-auth", "justauser"], "--api-auth 'justauser': write it as USER:PASS"),
+])
+def test_serve_command_refuses_bad_options_before_loading(args, message):
+    from adapterhub.cli.serve import serve_cmd
+
+    with pytest.raises(AdapterhubError, match=message):
+        serve_cmd.main(["--base", "tiny-sd1", "--port", "0", *args], standalone_mode=False)
+
+
+def test_serve_command_refuses_a_busy_port_in_one_line():
+    from adapterhub.cli.serve import bind, serve_cmd
+
+    taken = bind("127.0.0.1", 0)
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(AdapterhubError, match=rf"^127\.0\.0\.1:{port}: cannot listen there"):
+            serve_cmd.main(["--base", "tiny-sd1", "--port", str(port)], standalone_mode=False)
+    finally:
+        taken.close()
