@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from adapterhub.errors import AdapterError
-from adapterhub.io import AdapterFile, open_adapter_file
+from adapterhub.io import AdapterFile, foreign_layout, open_adapter_file
 from adapterhub.plugins import adapter_types
 from adapterhub.types import Adapter, AdapterType, Sniff
 
@@ -19,6 +19,8 @@ def sniff(file: AdapterFile) -> tuple[AdapterType, Sniff]:
         if result is not None and (best is None or result.score > best[1].score):
             best = (adapter_type, result)
     if best is None:
+        if foreign_layout(file):
+            raise AdapterError(file.path, foreign_layout(file))
         sample = ", ".join(list(file.keys)[:3]) or "no tensors"
         raise AdapterError(file.path, f"not a recognised adapter file (keys: {sample})")
     return best

@@ -3,7 +3,10 @@
 * safetensors: the header (8-byte little-endian length + JSON) is read and validated by hand, with a
   size cap, before anything else touches the file; tensors are then read lazily with ``safe_open``.
 * pickles (``.pt``, ``.bin``, ``.ckpt``, ``.pth``): ``torch.load(weights_only=True)`` only. A pickle that
-  needs code is refused, never executed.
+  needs code is refused, never executed. The work is bounded before and after loading: a torch zip's
+  records are checked against the tensor storage its pickle claims before anything is inflated, and
+  the loaded object is measured (iteratively, each shared object once) for expansion, depth and loops.
+* anything else is named for what it is (text, an HTML page, a Git LFS pointer, random bytes).
 * folders (diffusers / PEFT output): the weight file inside is opened, its JSON config kept.
 
 Writes are atomic: :func:`atomic_write` writes a temp file beside the target and renames it.
@@ -13,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 import tempfile
+import warnings
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +32,14 @@ if TYPE_CHECKING:  # torch is imported where tensors are touched, so that readin
     import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A torch zip's pickle and small records (version, byteorder) are read whole by torch: cap each.
+MAX_PICKLE_BYTES = 64 * 1024 * 1024
+# torch writes its records uncompressed; a compressed one (a re-zipped file) may inflate this much in all.
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
+# A loaded pickle, expanded as a tree (a shared object counted at every place it appears): the most
+# entries, and the deepest nesting, that an adapter or checkpoint plausibly has.
+MAX_PICKLE_ENTRIES = 1_000_000
+MAX_PICKLE_DEPTH = 100
 SAFETENSORS_SUFFIXES = {".safetensors", ".pti", ".sft"}
 PICKLE_SUFFIXES = {".pt", ".bin", ".ckpt", ".pth"}
 # Weight files looked for inside a folder, in order of preference.
@@ -38,8 +51,8 @@ FOLDER_WEIGHT_FILES = (
 )
 FOLDER_CONFIG_FILES = ("adapter_config.json", "config.json")
 
-_ST_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+                "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 
 
 @dataclass(frozen=True)
@@ -91,18 +104,12 @@ class AdapterFile:
     def tensor(self, key: str) -> torch.Tensor:
         if key not in self.keys:
             raise AdapterError(self.path, "no such tensor", key)
-        if self._tensors is not None:
-            return self._tensors[key]
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(self.weight_file), framework="pt", device="cpu") as f:
-                return f.get_tensor(key)
-        except Exception as exc:  # noqa: BLE001 - any reader failure is a corrupt file
-            raise AdapterError(self.path, f"cannot read tensor: {exc}", key) from None
+        return self.tensors([key])[key]
 
     def tensors(self, keys=None) -> dict[str, torch.Tensor]:
         keys = list(self.keys) if keys is None else list(keys)
+        if self._tensors is None and not _utf8_name(self.weight_file):
+            self._tensors = _read_all_safetensors(self.path, self.weight_file)
         if self._tensors is not None:
             return {k: self._tensors[k] for k in keys}
         from safetensors import safe_open
@@ -110,8 +117,8 @@ class AdapterFile:
         try:
             with safe_open(str(self.weight_file), framework="pt", device="cpu") as f:
                 return {k: f.get_tensor(k) for k in keys}
-        except Exception as exc:  # noqa: BLE001
-            raise AdapterError(self.path, f"cannot read tensors: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any reader failure is a corrupt file
+            raise AdapterError(self.path, f"cannot read tensors: {exc}", keys[0] if len(keys) == 1 else None) from None
 
     @property
     def name(self) -> str:
@@ -122,27 +129,55 @@ class AdapterFile:
         return 8 + self.header_bytes if self.container == "safetensors" else 0
 
 
+def _utf8_name(path: Path | None) -> bool:
+    try:
+        os.fspath(path).encode("utf-8")
+    except (TypeError, UnicodeEncodeError):
+        return False
+    return True
+
+
+def _read_all_safetensors(shown: Path, path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a file whose name is not UTF-8 (bytes on a Linux disk): safetensors' ``safe_open``
+    takes only UTF-8 paths, so the bytes are read here and parsed from memory."""
+    from safetensors.torch import load
+
+    try:
+        return load(path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a corrupt file
+        raise AdapterError(shown, f"cannot read tensors: {exc}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # safetensors
 # --------------------------------------------------------------------------------------------
 def read_safetensors_header(path: Path, cap: int | None = None) -> tuple[dict, dict, int]:
-    """Return (tensor entries, metadata, header length), validated against the file size."""
+    """Return (tensor entries, metadata, header length), validated against the file size.
+
+    Every entry is checked for the JSON types the format requires (``dtype`` a known string, ``shape`` a
+    list of non-negative integers, ``data_offsets`` two ascending ones matching the shape); anything
+    else is an :class:`AdapterError` naming the file and the key. A file that is not safetensors at all
+    is described (text, an HTML page, a Git LFS pointer ...), not measured against the header cap."""
     cap = MAX_HEADER_BYTES if cap is None else cap
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(64)
         if len(head) < 8:
             raise AdapterError(path, f"not a safetensors file: only {size} bytes")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] != b"{" and not _plausible_header_length(n, size, cap):
+            raise AdapterError(path, _not_this_format(head, "safetensors file"))
         if n > cap:
             raise AdapterError(path, f"safetensors header of {n} bytes exceeds the {cap}-byte cap")
         if n > size - 8:
             raise AdapterError(path, f"truncated or not safetensors: header claims {n} bytes, file has {size}")
+        f.seek(8)
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(path, f"corrupt safetensors header: {exc.__class__.__name__}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deep" if isinstance(exc, RecursionError) else "not JSON"
+        raise AdapterError(path, f"corrupt safetensors header: {reason} ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise AdapterError(path, "corrupt safetensors header: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -150,20 +185,51 @@ def read_safetensors_header(path: Path, cap: int | None = None) -> tuple[dict, d
         raise AdapterError(path, "corrupt safetensors header: __metadata__ is not an object")
     data_len = size - 8 - n
     for key, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            dtype, shape = entry["dtype"], entry["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise AdapterError(path, "corrupt safetensors header entry", key) from None
-        if end > data_len:
-            raise AdapterError(path, f"truncated: tensor data ends at byte {8 + n + end}, file has {size}", key)
-        item = _ST_ITEMSIZE.get(dtype)
-        numel = 1
-        for s in shape:
-            numel *= s
-        if item is not None and end - begin != numel * item:
-            raise AdapterError(path, "corrupt safetensors header: tensor size does not match its shape", key)
+        _check_header_entry(path, key, entry, data_len, size)
     return header, {str(k): str(v) for k, v in metadata.items()}, n
+
+
+def _plausible_header_length(n: int, size: int, cap: int) -> bool:
+    return 2 <= n <= min(cap, size - 8)
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0  # bool is an int subclass, and not a count
+
+
+def _brief(value: Any) -> str:
+    """A JSON value as the header has it, cut short for a one-line message."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:39] + "\u2026"
+
+
+def _check_header_entry(path: Path, key: str, entry: Any, data_len: int, size: int) -> None:
+    """One tensor entry of a safetensors header: the JSON types, the offsets and the size, or one line."""
+    def corrupt(problem: str) -> AdapterError:
+        return AdapterError(path, f"corrupt safetensors header: {problem}", key)
+
+    if not isinstance(entry, dict):
+        raise corrupt(f"the entry {_brief(entry)} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise corrupt(f"dtype {_brief(dtype)} is not a string")
+    if dtype not in _ST_ITEMSIZE:
+        raise corrupt(f"unknown dtype {_brief(dtype)}")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise corrupt(f"shape {_brief(shape)} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise corrupt(f"data_offsets {_brief(offsets)} is not two non-negative integers")
+    begin, end = offsets
+    if begin > end:
+        raise corrupt(f"data_offsets [{begin}, {end}] run backwards")
+    if end > data_len:
+        raise AdapterError(path, f"truncated: tensor data ends at byte {size - data_len + end}, "
+                                 f"file has {size}", key)
+    numel = 1
+    for s in shape:
+        numel *= s
+    if end - begin != numel * _ST_ITEMSIZE[dtype]:
+        raise corrupt("tensor size does not match its shape")
 
 
 def _open_safetensors(path: Path) -> AdapterFile:
@@ -177,22 +243,269 @@ def _open_safetensors(path: Path) -> AdapterFile:
 # pickles
 # --------------------------------------------------------------------------------------------
 def safe_torch_load(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``; a pickle that needs code is refused by name."""
+    """``torch.load`` with ``weights_only=True``, its work bounded: a torch zip is checked before torch
+    reads it (:func:`check_torch_zip`), the loaded object after (:func:`check_pickle_structure`).
+    A pickle that needs code is refused by name; torch's warnings and its advice to allow-list globals
+    (wrong advice for files from strangers) are not passed on."""
     import torch
 
     if path.stat().st_size == 0:
         raise AdapterError(path, "empty file")
+    if zipfile.is_zipfile(path):
+        check_torch_zip(path)
     try:
-        with open(path, "rb") as f:  # a file object: torch.load must not pick a reader by the name's suffix
-            return torch.load(f, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # protocol notices would print before the error line
+            # a file object: torch.load must not pick a reader by the name's suffix
+            raw = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
-        detail = detail or (first[0] if first else "")
-        raise AdapterError(path, f"refused: the pickle needs code to load (weights_only=True): {detail[:200]}") from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise AdapterError(path, _unpickling_problem(path, str(exc))) from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError, MemoryError,
+            OverflowError) as exc:
+        lines = str(exc).strip().splitlines()
+        msg = lines[0] if lines else exc.__class__.__name__
         raise AdapterError(path, f"corrupt or truncated pickle: {msg[:200]}") from None
+    check_pickle_structure(path, raw)
+    return raw
+
+
+_PLAIN_IMPORTS = ("torch._utils.", "torch.", "collections.OrderedDict")  # what torch.save itself writes
+
+
+def _unpickling_problem(path: Path, message: str) -> str:
+    """torch's weights-only refusal, said in one line without its advice to allow-list or to load unsafely."""
+    needs = re.search(r"GLOBAL ([\w.]+)", message)
+    if needs:
+        return _needs_code(needs.group(1))
+    opcode = re.search(r"Unsupported operand (\d+)", message)
+    if opcode:
+        # torch stopped at an opcode its reader lacks (a protocol 4+ frame, or garbage) before reaching
+        # any global: a static walk names the code such a pickle would import
+        code = [g for g in _walk_pickle(_pickle_bytes(path)).imports
+                if not (g.startswith(_PLAIN_IMPORTS) and g.count(".") <= 2)]
+        if code:
+            return _needs_code(code[0])
+        return (f"refused: not a pickle torch's weights_only loader reads (opcode {int(opcode.group(1)):#04x} "
+                f"is not one it accepts): corrupt, or not written by torch.save")
+    detail = next((ln.strip() for ln in message.splitlines()
+                   if ln.strip() and not ln.startswith(("Weights only load failed", "Please", "Check the"))), "")
+    return f"refused: the pickle cannot be read without running code (weights_only): {detail[:160]}"
+
+
+def _needs_code(name: str) -> str:
+    return (f"refused: the pickle needs code to load ({name}); adapterhub reads pickles with torch's "
+            f"weights_only loader and never runs a file's code")
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    """The pickle of a torch file, at most :data:`MAX_PICKLE_BYTES` (a zip's sizes are checked by now)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            return archive.read(name) if name else b""
+    with open(path, "rb") as f:
+        return f.read(MAX_PICKLE_BYTES)
+
+
+# --------------------------------------------------------------------------------------------
+# bounding the work: zip records before loading, the object after
+# --------------------------------------------------------------------------------------------
+def check_torch_zip(path: Path) -> None:
+    """Refuse a torch zip whose records would inflate past what its pickle claims, before torch reads any.
+
+    torch inflates a record whole, into a buffer of the size the record declares. So each record's
+    declared size is checked first: the pickle and the small records against :data:`MAX_PICKLE_BYTES`,
+    each tensor storage against the bytes its pickle's storage id claims (found by walking the pickle's
+    opcodes, nothing built), the compressed records' total against :data:`MAX_INFLATED_BYTES`, and an
+    uncompressed record against the file's size."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = {info.filename: info for info in archive.infolist()}
+            pickled = next((n for n in records if n == "data.pkl" or n.endswith("/data.pkl")), None)
+            _check_record_sizes(path, records, size)
+            if pickled is None:
+                return  # not a torch zip: torch.load refuses it on its own, inflating nothing
+            prefix = pickled[: -len("data.pkl")]
+            claims = _storage_claims(archive.read(pickled))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as exc:
+        raise AdapterError(path, f"corrupt or truncated pickle: a broken zip ({exc})") from None
+    for key, claimed in claims.items():
+        info = records.get(f"{prefix}data/{key}")
+        if info is not None and info.file_size != claimed:
+            raise AdapterError(path, f"refused: zip record data/{key} would inflate to {info.file_size} bytes, "
+                                     f"but its tensor storage claims {claimed} (a zip bomb, or corrupt)")
+    inflated = sum(i.file_size for i in records.values() if i.compress_type != zipfile.ZIP_STORED)
+    if inflated > MAX_INFLATED_BYTES:
+        raise AdapterError(path, f"refused: the zip's compressed records would inflate to {inflated} bytes, "
+                                 f"more than the {MAX_INFLATED_BYTES}-byte cap (torch never compresses)")
+
+
+def _check_record_sizes(path: Path, records: dict, size: int) -> None:
+    for name, info in records.items():
+        if "/data/" not in f"/{name}" and info.file_size > MAX_PICKLE_BYTES:
+            raise AdapterError(path, f"refused: zip record {name} would inflate to {info.file_size} bytes, "
+                                     f"more than the {MAX_PICKLE_BYTES}-byte cap")
+        if info.compress_type == zipfile.ZIP_STORED and info.header_offset + info.file_size > size:
+            raise AdapterError(path, f"truncated: zip record {name} claims {info.file_size} bytes "
+                                     f"past the end of the file")
+
+
+@dataclass
+class _PickleWalk:
+    """A static walk over a pickle's opcodes: a small stack model (values for constants, tuples and
+    globals, placeholders for the rest) that builds and imports nothing."""
+
+    stack: list = field(default_factory=list)
+    memo: dict = field(default_factory=dict)
+    claims: dict[str, int] = field(default_factory=dict)  # storage key -> bytes claimed
+    imports: list[str] = field(default_factory=list)  # "module.name" of every global it loads
+
+
+def _walk_pickle(data: bytes) -> _PickleWalk:
+    """The storage claims (torch's persistent ids ``('storage', <torch XStorage>, key, location, numel)``)
+    and the globals of a pickle. A malformed pickle stops the walk: torch stops at the same place,
+    having read only the claims seen so far."""
+    import pickletools
+
+    walk = _PickleWalk()
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            _pickle_step(op, arg, walk)
+    except Exception:  # noqa: BLE001 - the walk only collects facts; torch judges the pickle
+        pass
+    return walk
+
+
+def _storage_claims(data: bytes) -> dict[str, int]:
+    return _walk_pickle(data).claims
+
+
+_TUPLE_SIZES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+_MARK = object()
+
+
+def _pickle_step(op, arg, walk: _PickleWalk) -> None:
+    import pickletools
+
+    name, stack = op.name, walk.stack
+    if name == "MARK":
+        stack.append(_MARK)
+    elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+        walk.memo[arg] = stack[-1]
+    elif name == "MEMOIZE":
+        walk.memo[len(walk.memo)] = stack[-1]
+    elif name in ("GET", "BINGET", "LONG_BINGET"):
+        stack.append(walk.memo.get(arg))
+    elif name in ("GLOBAL", "STACK_GLOBAL"):
+        module, attr = arg.split(" ", 1) if name == "GLOBAL" else reversed([stack.pop(), stack.pop()])
+        walk.imports.append(f"{module}.{attr}")
+        stack.append(("global", module, attr))
+    elif name == "TUPLE":
+        stack.append(tuple(_pop_to_mark(stack)))
+    elif name in _TUPLE_SIZES:
+        n = _TUPLE_SIZES[name]
+        items = stack[-n:]
+        del stack[-n:]
+        stack.append(tuple(items))
+    elif name == "BINPERSID":
+        _claim(stack.pop(), walk.claims)
+        stack.append(None)
+    else:
+        before = op.stack_before
+        if pickletools.markobject in before:
+            _pop_to_mark(stack)
+            for _ in range(before.index(pickletools.markobject)):
+                stack.pop()
+        else:
+            for _ in before:
+                stack.pop()
+        constant = not before and len(op.stack_after) == 1
+        stack.extend([arg if constant else None] * len(op.stack_after))
+
+
+def _pop_to_mark(stack: list) -> list:
+    at = len(stack) - 1 - stack[::-1].index(_MARK)
+    items = stack[at + 1:]
+    del stack[at:]
+    return items
+
+
+def _claim(saved_id: Any, claims: dict) -> None:
+    if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
+        return
+    _, storage, key, _, numel = saved_id
+    if not (isinstance(storage, tuple) and isinstance(key, str) and _is_count(numel)):
+        return
+    itemsize = _storage_itemsize(storage[-1])
+    if itemsize is not None:
+        claims[key] = max(claims.get(key, 0), numel * itemsize)
+
+
+def _storage_itemsize(name: str) -> int | None:
+    import torch
+
+    if name == "UntypedStorage":
+        return 1
+    try:
+        from torch.serialization import StorageType
+
+        return torch.empty(0, dtype=StorageType(name).dtype).element_size()
+    except Exception:  # noqa: BLE001 - a storage torch does not know: it refuses the file itself
+        return None
+
+
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def _children(obj: Any) -> list:
+    if isinstance(obj, dict):
+        return [*obj.keys(), *obj.values()]
+    return list(obj)
+
+
+def check_pickle_structure(path: Path, raw: Any) -> None:
+    """Refuse a loaded pickle that would expand past :data:`MAX_PICKLE_ENTRIES` entries when walked as a
+    tree (shared references: a "billion laughs" file), nests deeper than :data:`MAX_PICKLE_DEPTH`, or
+    contains itself. The walk is iterative and visits each container once (its size and height are
+    memoised), so its cost is that of the file, whatever the file would expand to."""
+    size: dict[int, int] = {}  # id -> entries in the expanded tree under the container, itself included
+    height: dict[int, int] = {}
+    on_path: set[int] = set()
+    distinct = 0
+    stack: list[tuple[Any, bool]] = [(raw, False)]
+    while stack:
+        obj, finished = stack.pop()
+        if not isinstance(obj, _CONTAINERS):
+            continue
+        oid = id(obj)
+        kids = _children(obj)
+        if finished:
+            on_path.discard(oid)
+            size[oid] = 1 + sum(size.get(id(k), 1) for k in kids)
+            height[oid] = 1 + max((height.get(id(k), 0) for k in kids), default=0)
+            distinct += 1 + len(kids)
+            if height[oid] > MAX_PICKLE_DEPTH:
+                raise AdapterError(path, f"refused: the pickle nests more than {MAX_PICKLE_DEPTH} levels deep "
+                                         f"({height[oid]} or more)")
+            if size[oid] > MAX_PICKLE_ENTRIES:
+                raise AdapterError(path, _expansion_problem(size[oid], distinct))
+            continue
+        if oid in size:
+            continue
+        if oid in on_path:  # reached again from below itself: a loop
+            raise AdapterError(path, "refused: the pickle contains itself (a container holds a reference "
+                                     "to one that holds it)")
+        on_path.add(oid)
+        stack.append((obj, True))
+        stack.extend((k, False) for k in kids if isinstance(k, _CONTAINERS) and id(k) not in size)
+
+
+def _expansion_problem(expanded: int, distinct: int) -> str:
+    if expanded > 2 * distinct:
+        return (f"refused: the pickle's shared references expand to {expanded} entries, more than the "
+                f"{MAX_PICKLE_ENTRIES} allowed (a \"billion laughs\" file)")
+    return f"refused: the pickle holds more than {MAX_PICKLE_ENTRIES} entries"
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict, extra: dict) -> None:
@@ -227,19 +540,60 @@ def _open_pickle(path: Path) -> AdapterFile:
 # entry point
 # --------------------------------------------------------------------------------------------
 def _sniff_container(path: Path) -> str:
+    """"safetensors", "pickle" or "unknown", by the content; the suffix only breaks a tie."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(16)
     # safetensors first: a header length whose low byte is 0x80 looks like a pickle's first byte
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "pickle"
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES and len(head) >= 8 \
+            and _plausible_header_length(struct.unpack("<Q", head[:8])[0], size, MAX_HEADER_BYTES):
+        return "safetensors"  # a header that is not JSON, in a file that is safetensors by name and length
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "pickle"  # a torch zip, or a protocol 2-5 pickle (torch's legacy format is protocol 2)
+    return "unknown"
+
+
+_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"\x1f\x8b": "gzip-compressed data",
+          b"GGUF": "a GGUF model file", b"7z\xbc\xaf": "a 7-Zip archive", b"Rar!": "a RAR archive"}
+
+
+def _not_this_format(head: bytes, expected: str) -> str:
+    """What a file that is neither safetensors nor a torch pickle is, from its first bytes, in one line."""
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        return "a Git LFS pointer, not the weights: fetch the file with git lfs"
+    text = _as_text(head)
+    if text is not None and text.lstrip().lower().startswith(("<!doctype html", "<html")):
+        return f"not a {expected}: an HTML page (a web page saved in place of the download)"
+    if text is not None:
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        shown = first[:24] + ("\u2026" if len(first) > 24 or len(text.strip().splitlines()) > 1 else "")
+        return f"not a {expected}: starts with text {shown!r}"
+    for magic, what in _MAGIC.items():
+        if head.startswith(magic):
+            return f"not a {expected}: {what}"
+    return f"not a {expected}: starts with bytes {head[:8].hex(' ')}"
+
+
+def _as_text(head: bytes) -> str | None:
+    """``head`` as text if it is printable UTF-8 (a character cut at the end forgiven), else ``None``."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:
+            return None
+        text = head[: exc.start].decode("utf-8")
+    return text if text and all(c.isprintable() or c in "\t\r\n" for c in text) else None
+
+
+def _expected_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        return "safetensors"
+        return "safetensors file"
     if suffix in PICKLE_SUFFIXES:
-        return "pickle"
-    return "unknown"
+        return "torch pickle"
+    return "safetensors file or a torch pickle"
 
 
 def _read_json(path: Path) -> dict | None:
@@ -276,8 +630,17 @@ def _open_component_folders(path: Path) -> AdapterFile:
 
 
 def open_adapter_file(path: str | os.PathLike) -> AdapterFile:
-    """Open an adapter file or folder, reading only headers (safetensors) or the weights-only pickle."""
+    """Open an adapter file or folder, reading only headers (safetensors) or the weights-only pickle.
+
+    Any problem, a file the system will not let us read included, is one :class:`AdapterError` line."""
     path = Path(path)
+    try:
+        return _open_adapter_file(path)
+    except OSError as exc:
+        raise AdapterError(path, f"cannot read the file: {exc.strerror or exc}") from None
+
+
+def _open_adapter_file(path: Path) -> AdapterFile:
     if not path.exists():
         raise AdapterError(path, "no such file or folder")
     config = None
@@ -300,10 +663,42 @@ def open_adapter_file(path: str | os.PathLike) -> AdapterFile:
     elif container == "pickle":
         af = _open_pickle(weight_file)
     else:
-        raise AdapterError(path, "not a safetensors file or a torch pickle")
+        with open(weight_file, "rb") as f:
+            raise AdapterError(path, _not_this_format(f.read(64), _expected_format(weight_file)))
     af.path = path
     af.config = config
     return af
+
+
+# --------------------------------------------------------------------------------------------
+# layouts of other tools that no plugin reads, named in the refusal
+# --------------------------------------------------------------------------------------------
+_CLONEOFSIMO_KEY = re.compile(r"^[A-Za-z_]\w*:\d+:(up|down)$")
+
+
+def foreign_layout(file: AdapterFile) -> str | None:
+    """The refusal for a known layout that no registered type reads, or ``None``.
+
+    cloneofsimo's lora_diffusion wrote two: ``save_safeloras_with_embeds`` names tensors by position,
+    ``<model>:<i>:up`` / ``<model>:<i>:down`` (the model's targets as JSON metadata under its name, token
+    embeddings flagged ``<embed>``), and ``save_lora_weight`` pickles a bare list ``[up, down, up, ...]``.
+    Neither names the modules: only lora_diffusion's own injection order puts them back."""
+    if any(_CLONEOFSIMO_KEY.match(k) for k in file.keys):
+        return ("a cloneofsimo lora_diffusion LoRA (positional keys such as unet:0:up): not supported, its "
+                "keys do not name the modules they change")
+    if isinstance(file.raw, (list, tuple)) and _up_down_pairs(file.raw):
+        return ("a cloneofsimo lora_diffusion LoRA (a bare list of up/down tensors): not supported, it does "
+                "not name the modules it changes")
+    return None
+
+
+def _up_down_pairs(items) -> bool:
+    import torch
+
+    if len(items) < 2 or len(items) % 2 or not all(isinstance(t, torch.Tensor) for t in items):
+        return False
+    pairs = zip(items[::2], items[1::2])
+    return all(up.dim() in (2, 4) and up.dim() == down.dim() and up.shape[1] == down.shape[0] for up, down in pairs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,9 +712,12 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file gets the usual mode
     try:
         yield tmp_path
+        # mkstemp makes 0600, and a writer may recreate the file (safetensors' save_file does, 0600
+        # again): the mode is set once the block is done, so a saved file gets the umask's usual mode
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -350,17 +748,26 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        if target.exists():
+        if target.exists() or target.is_symlink():
             old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)  # a file or a folder: what was there before may have been either
         else:
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,

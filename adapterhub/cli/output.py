@@ -17,8 +17,14 @@ def _default(obj: Any):
     return str(obj)
 
 
+def _shown(text: str) -> str:
+    """``text`` printable on a UTF-8 stream: a file name's bytes that are not UTF-8 (kept by Python as
+    lone surrogates) become U+FFFD instead of stopping the output with an encoding error."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=_default, ensure_ascii=False))
+    click.echo(_shown(json.dumps(data, indent=2, default=_default, ensure_ascii=False)))
 
 
 def table(rows: Iterable[dict], columns: list[str] | None = None, title: str | None = None) -> None:
@@ -27,11 +33,11 @@ def table(rows: Iterable[dict], columns: list[str] | None = None, title: str | N
 
     rows = list(rows)
     columns = columns or (list(rows[0]) if rows else [])
-    t = Table(title=title, show_lines=False)
+    t = Table(title=None if title is None else _shown(title), show_lines=False)
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+        t.add_row(*("" if r.get(c) is None else _shown(str(r.get(c))) for c in columns))
     Console().print(t)
 
 
