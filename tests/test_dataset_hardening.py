@@ -170,6 +170,7 @@ def test_captioning_shards_share_the_lock_and_exclude_other_writers(few, monkeyp
         editor.wait()
 
 
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL is POSIX")
 def test_killed_edit_leaves_temp_files_that_the_next_run_cleans(few):
     """A real SIGKILL halfway through writing caption 5 (its temp file written, not yet renamed)."""
     before = snapshot(few)
@@ -317,6 +318,30 @@ def test_prepare_failure_leaves_nothing(demo, tmp_path, capsys, monkeypatch):
     calls.clear()
     assert main(["dataset", "prepare", str(demo), "--out", str(out), "--overwrite"]) == 2
     assert snapshot(out) == {"keep.txt": b"x"} and sorted(tmp_path.iterdir()) == [demo, out]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL and the liveness check are POSIX")
+def test_killed_prepare_leaves_no_output_and_the_next_run_removes_its_staging(demo, tmp_path):
+    out = tmp_path / "out"
+    killer = textwrap.dedent(f"""
+        import os, signal
+        from adapterhub.dataset import prepare
+        from adapterhub.cli import main
+        real, calls = prepare._save, []
+        def save(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(*args)
+        prepare._save = save
+        main(["dataset", "prepare", {str(demo)!r}, "--out", {str(out)!r}])
+        """)
+    proc = subprocess.run([PY, "-c", killer], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")], "a staging folder is left"
+    assert main(["dataset", "prepare", str(demo), "--out", str(out), "--json"]) == 0
+    assert sorted(tmp_path.iterdir()) == [demo, out]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ its place only when every image is written: a failure leaves no output folder (o
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -45,16 +46,41 @@ def _check(cfg: PrepareConfig) -> tuple[Path, Bucketer]:
     return out, bucketer
 
 
+_STAGING = ".adapterhub-staging"
+
+
 @contextmanager
 def _staged(out: Path) -> Iterator[Path]:
-    """A hidden folder beside ``out`` to build in; published into ``out`` only if the block succeeds."""
+    """A hidden folder beside ``out`` to build in (``.OUT.PID.RANDOM.adapterhub-staging``); published
+    into ``out`` only if the block succeeds. The staging folders of killed runs are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".adapterhub-staging", dir=out.parent))
+    _remove_dead_staging(out)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=_STAGING, dir=out.parent))
     try:
         yield stage
         _publish(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove_dead_staging(out: Path) -> None:
+    # only a folder whose process is gone: a prepare running beside us into the same OUT keeps its own
+    for stage in out.parent.glob(f".{glob.escape(out.name)}.*{_STAGING}"):
+        pid = stage.name[len(out.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill there terminates the process: no cheap check, keep the folder
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check only
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours (PermissionError): keep it
+        return True
+    return True
 
 
 def _publish(stage: Path, out: Path) -> None:
