@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,8 +249,12 @@ def test_failed_saves_leave_nothing(tiny_sd1, tmp_path, monkeypatch):
     monkeypatch.setattr(tiny_sd1, "save_pretrained", half_write)
     with pytest.raises(OSError):
         checkpoint.save_pipeline(tiny_sd1, tmp_path / "folder")
-    monkeypatch.setattr(checkpoint, "original_state_dict", lambda *a: {"bad": object()})
-    with pytest.raises(Exception):
+    def half_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", half_save)
+    with pytest.raises(OSError, match="No space left"):
         checkpoint.save_pipeline(tiny_sd1, tmp_path / "one.safetensors")
     assert list(tmp_path.iterdir()) == []
 

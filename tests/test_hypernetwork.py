@@ -14,7 +14,7 @@ from torch import nn
 import adapterhub
 from adapterhub.errors import AdapterError
 
-WILD = Path("/work/shared/wild-adapters")
+from conftest import WILD_ADAPTERS as WILD  # noqa: E402
 CONTEXT = 64  # the tiny UNet's text width (tiny-sd1)
 SELF_WIDTHS = (16, 32)  # its self-attention widths
 
