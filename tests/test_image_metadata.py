@@ -144,6 +144,25 @@ def test_explicit_rng_wins_and_a_missing_lora_in_a_typed_prompt_is_still_an_erro
     assert rc == 2 and "gone" in err and not (tmp_path / "b").exists()
 
 
+def test_an_embedding_named_in_ti_hashes_is_loaded_from_the_adapter_dir(tmp_path, tiny_sd1, capsys):
+    from adapterhub.plugins import adapter_type
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    adapter_type("textual_inversion").example(tiny_sd1, folder / "goodneg.safetensors", seed=1)
+    info = PngInfo()
+    info.add_text("parameters", "a cat\nNegative prompt: goodneg, blurry\nSteps: 1, Sampler: Euler, CFG scale: 7, "
+                                "Seed: 3, Size: 64x64, RNG: CPU, TI hashes: \"goodneg: 0123456789ab\"")
+    source = tmp_path / "ti.png"
+    Image.new("RGB", (64, 64)).save(source, pnginfo=info)
+    rc, out, err = run(capsys, "sample", "--base", "tiny-sd1", "--from-png", source, "--adapter-dir", folder,
+                       "--out", tmp_path / "a", "--json")
+    assert rc == 0, err
+    assert "goodneg" not in err
+    fields = infotext.parse(json.loads(out)["parameters"])
+    assert list(infotext.parse_hashes(fields["TI hashes"])) == ["goodneg"]
+
+
 # ---------------------------------------------------------------------------------------------
 # other generators
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +275,21 @@ def test_other_generators_are_parsed_or_refused_by_name(label, tmp_path, capsys)
 def test_unknown_json_and_broken_metadata_are_refused_by_name(tmp_path, capsys):
     unknown = _png(tmp_path / "unknown.png", {"parameters": json.dumps({"foo": 1})})
     rc, _, err = run(capsys, "png-info", unknown)
-    assert rc == 2 and "JSON" in err and err.count("\n") == 1
+    assert rc == 2 and "JSON" in err and str(unknown) in err and err.count("\n") == 1
+    graph_only = _png(tmp_path / "graph.png", {"invokeai_graph": json.dumps({"nodes": {}})})
+    rc, _, err = run(capsys, "png-info", graph_only)
+    assert rc == 2 and "InvokeAI" in err and err.count("\n") == 1
     broken = _png(tmp_path / "broken.png", {"prompt": "{not json", "workflow": "{}"})
     rc, _, err = run(capsys, "png-info", broken)
     assert rc == 2 and "ComfyUI" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_webui_infotext_beside_a_comfyui_graph_is_read_as_the_webuis(tmp_path, capsys):
+    """ComfyUI nodes that save webui-style infotext (e.g. Image Saver) keep the graph too: the infotext is the
+    part --from-png can re-run, as sd-parsers also prefers it."""
+    sd_parsers = pytest.importorskip("sd_parsers")
+    text = "a cat\nSteps: 1, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64, RNG: CPU"
+    path = _png(tmp_path / "both.png", {"parameters": text, "prompt": COMFY_PROMPT, "workflow": COMFY_WORKFLOW})
+    assert sd_parsers.ParserManager().parse(path).generator.name == "AUTOMATIC1111"
+    rc, out, _ = run(capsys, "png-info", path, "--json")
+    assert rc == 0 and json.loads(out)["parameters"] == text and "Generator" not in json.loads(out)

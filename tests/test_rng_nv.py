@@ -101,3 +101,23 @@ def test_generator_noise_and_infotext_follow_the_source(tiny_sd1):
     if not torch.cuda.is_available():
         with pytest.raises(AdapterhubError, match="RNG GPU"):
             gen.generate(Request("a cat", rng="GPU", **small), output="latent")
+
+
+def test_cli_rng_option(tmp_path, capsys):
+    import json
+
+    from adapterhub import cli
+    from adapterhub.sample import infotext
+
+    small = ["sample", "--base", "tiny-sd1", "--size", "64x64", "--steps", "1", "--sampler", "Euler",
+             "--prompt", "a cat", "--seed", "4"]
+    rc = cli.main([*small, "--rng", "nv", "--out", str(tmp_path / "nv"), "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0 and infotext.parse(json.loads(out)["parameters"])["RNG"] == "NV"
+    cases = [("amd", "choose one of CPU, GPU, NV")]
+    if not torch.cuda.is_available():
+        cases.append(("gpu", "RNG GPU draws CUDA's noise"))
+    for value, message in cases:
+        rc = cli.main([*small, "--rng", value, "--out", str(tmp_path / value)])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and err.count("\n") == 1 and not (tmp_path / value).exists()

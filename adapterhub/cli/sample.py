@@ -199,6 +199,15 @@ def _save(image, path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _check_rng(source: str, device: str | None) -> None:
+    """RNG GPU needs CUDA: said before a model loads (the generator checks again for a given pipeline)."""
+    import torch
+
+    from adapterhub.sample.rng import check_device
+
+    check_device(source, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _image_format(name: str) -> str:
     """``--format``: png, jpg (jpeg) or webp, or one line listing them."""
     from adapterhub.sample.infotext import FORMATS
@@ -478,6 +487,7 @@ def sample_cmd(ctx, **options):
         raise AdapterhubError("--denoise is the img2img strength: give --init-image (the hires pass takes "
                               "--hires-denoise)")
     check_request(request, dirs)  # bad input fails here: no model loaded, nothing written
+    _check_rng(request.rng, options["device"])
     for note in notes:
         click.echo(note if note.startswith("note: ") else f"warning: {note}", err=True)
     if options["prompts_file"] or options["x_axis"] or options["y_axis"] or options["z_axis"]:

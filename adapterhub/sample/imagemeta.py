@@ -29,7 +29,7 @@ from adapterhub.sample import infotext
 
 WEBUI = "webui"
 COMFY_EXIF = {0x010F: ("workflow", "workflow:"), 0x0110: ("prompt", "prompt:")}  # ComfyUI's WebP: Make, Model
-INVOKEAI_KEYS = ("invokeai_metadata", "sd-metadata", "Dream")
+INVOKEAI_KEYS = ("invokeai_metadata", "invokeai_graph", "sd-metadata", "Dream")
 # where each generator keeps its metadata, for messages
 WHERE = {"ComfyUI": "its prompt/workflow graph JSON", "InvokeAI": "its invokeai_metadata JSON",
          "NovelAI": "its Comment JSON", "Fooocus": "its parameters JSON", "SwarmUI": "its sui_image_params JSON"}
@@ -60,7 +60,10 @@ def read(path: str | Path) -> ImageMetadata:
             chunks = _chunks(image)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise AdapterhubError(f"{path}: cannot read as an image ({exc.__class__.__name__})") from None
-    generator = recognise(chunks)
+    try:
+        generator = recognise(chunks)
+    except AdapterhubError as err:
+        raise AdapterhubError(f"{path}: {err}") from None
     if generator is None:
         raise AdapterhubError(f"{path}: no parameters text in this image")
     if generator == WEBUI:
@@ -103,27 +106,30 @@ def _json(value) -> Any:
 
 
 def recognise(chunks: dict[str, Any]) -> str | None:
-    """The generator that wrote these chunks, or None when there is no generation metadata. A ``parameters``
-    text that is JSON but no known generator's is refused here."""
+    """The generator that wrote these chunks, or None when there is no generation metadata. A webui
+    ``parameters`` text wins over the rest (as in sd-parsers: ComfyUI nodes that save one keep the graph
+    too); a ``parameters`` text that is JSON but no known generator's is refused here."""
+    text = chunks.get("parameters")
+    parameters = text if isinstance(text, str) and text.strip() else None
+    if parameters is not None and not parameters.lstrip().startswith("{"):
+        return WEBUI
     if "prompt" in chunks or "workflow" in chunks:
         return "ComfyUI"
     if any(k in chunks for k in INVOKEAI_KEYS):
         return "InvokeAI"
     if chunks.get("Software") == "NovelAI" or ("Comment" in chunks and "Description" in chunks):
         return "NovelAI"
-    text = chunks.get("parameters")
-    if not isinstance(text, str) or not text.strip():
+    if parameters is None:
         return None
-    if text.lstrip().startswith("{"):
-        data = _json(text)
-        if isinstance(data, dict):
-            if "sui_image_params" in data:
-                return "SwarmUI"
-            if str(data.get("version", "")).startswith("Fooocus") or chunks.get("fooocus_scheme") == "fooocus":
-                return "Fooocus"
-            raise AdapterhubError("the parameters text is JSON of a generator adapterhub does not know (keys: "
-                                  f"{', '.join(list(data)[:6])})")
-    return WEBUI
+    data = _json(parameters)
+    if not isinstance(data, dict):
+        return WEBUI  # a prompt that happens to start with "{"
+    if "sui_image_params" in data:
+        return "SwarmUI"
+    if str(data.get("version", "")).startswith("Fooocus") or chunks.get("fooocus_scheme") == "fooocus":
+        return "Fooocus"
+    raise AdapterhubError("the parameters text is JSON of a generator adapterhub does not know (keys: "
+                          f"{', '.join(list(data)[:6])})")
 
 
 def _text(value) -> str | None:
