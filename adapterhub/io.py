@@ -502,10 +502,11 @@ def check_pickle_structure(path: Path, raw: Any) -> None:
 
 
 def _expansion_problem(expanded: int, distinct: int) -> str:
+    # ``expanded`` is the first subtree found over the cap, not the whole: say "over", not a total
     if expanded > 2 * distinct:
-        return (f"refused: the pickle's shared references expand to {expanded} entries, more than the "
-                f"{MAX_PICKLE_ENTRIES} allowed (a \"billion laughs\" file)")
-    return f"refused: the pickle holds more than {MAX_PICKLE_ENTRIES} entries"
+        return (f"refused: the pickle's shared references expand to over {MAX_PICKLE_ENTRIES} entries from "
+                f"{distinct} (a \"billion laughs\" file)")
+    return f"refused: the pickle holds over {MAX_PICKLE_ENTRIES} entries"
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict, extra: dict) -> None:

@@ -176,6 +176,17 @@ def test_a_small_shared_structure_is_read_with_every_path(tmp_path):
     assert file.extra == {"step": 7}
 
 
+def test_the_caps_are_where_they_say(tmp_path, monkeypatch, capsys):
+    """Nesting up to the depth cap reads; a flat pickle past the entry cap (no sharing) is refused as large."""
+    path = _deep(tmp_path / "ninety.pt", levels=90)
+    assert len(open_adapter_file(path).keys) == 1
+    monkeypatch.setattr("adapterhub.io.MAX_PICKLE_ENTRIES", 100)
+    flat = tmp_path / "flat.pt"
+    torch.save({"w": torch.zeros(2), "steps": list(range(200))}, flat)
+    line = _refused(capsys, flat, "over 100 entries")
+    assert "billion laughs" not in line
+
+
 def test_a_pickle_that_contains_itself_is_refused(tmp_path, capsys):
     loop = {"w": torch.zeros(2)}
     loop["self"] = loop
