@@ -204,3 +204,123 @@ def test_convert_onto_a_folder_in_the_way(lora, tmp_path, capsys):
         code, _, err = run(capsys, "convert", lora, "--to", "a1111", "--out", odd, *force)
         assert code == 2 and str(odd) in one_line(err), err
     assert listing(odd) == ["keep.txt"]
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+# ------------------------------------------------------------------------------------------------
+TINY = ["--type", "lora", "--base", "tiny-sd1", "--resolution", "64", "--bucket-step", "32", "--rank", "2",
+        "--seed", "0", "--batch-size", "1"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from test_train import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("data"), names=("cat", "rocket"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(dataset, tmp_path_factory):
+    """A run of 2 steps that kept a resumable checkpoint at step 1 (``run-step000001-state``)."""
+    from adapterhub.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run") / "run.safetensors"
+    train(TrainConfig(type="lora", base="tiny-sd1", dataset=dataset, out=out, resolution=64, bucket_step=32, rank=2,
+                      seed=0, batch_size=1, max_steps=2, save_every=1))
+    state = out.with_name("run-step000001-state")
+    assert state.is_dir()
+    return state
+
+
+def _damage(state: Path, how: str) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    if how == "truncated trainable.safetensors":
+        data = (state / "trainable.safetensors").read_bytes()
+        (state / "trainable.safetensors").write_bytes(data[: len(data) - 100])
+        return state / "trainable.safetensors"
+    if how == "truncated state.pt":
+        data = (state / "state.pt").read_bytes()
+        (state / "state.pt").write_bytes(data[: len(data) // 2])
+        return state / "state.pt"
+    if how == "state.pt of something else":
+        torch.save({"step": 1, "weights": torch.zeros(3)}, str(state / "state.pt"))
+        return state / "state.pt"
+    if how == "trainable.safetensors of another adapter":
+        tensors = load_file(str(state / "trainable.safetensors"))
+        save_file({k: v[..., :1].contiguous() for k, v in tensors.items()}, str(state / "trainable.safetensors"))
+        return state / "trainable.safetensors"
+    if how == "truncated config.json":
+        text = (state / "config.json").read_text()
+        (state / "config.json").write_text(text[: len(text) // 2])
+        return state / "config.json"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated trainable.safetensors", "truncated state.pt", "state.pt of something else",
+                                 "trainable.safetensors of another adapter", "truncated config.json"])
+def test_resume_from_a_damaged_checkpoint(how, checkpoint, tmp_path, capsys):
+    import shutil
+
+    state = shutil.copytree(checkpoint, tmp_path / checkpoint.name)
+    damaged = _damage(state, how)
+    out = tmp_path / "resumed" / "run.safetensors"
+    code, _, err = run(capsys, "train", "--resume", state, "--out", out)
+    assert code == 2
+    line = one_line(err)
+    assert str(damaged) in line or (str(state) in line and damaged.name in line), line
+    assert not out.parent.exists() or listing(out.parent) == []
+
+
+@pytest.mark.parametrize("where", ["read-only folder", "a file in the path"])
+def test_train_refuses_an_unwritable_output_before_the_first_step(where, dataset, read_only, tmp_path, capsys):
+    from adapterhub.errors import AdapterhubError
+    from adapterhub.train import TrainConfig, train
+
+    if where == "read-only folder":
+        folder = read_only(tmp_path / "ro")
+        out, named, problem = folder / "a.safetensors", folder, "read-only"
+    else:
+        (tmp_path / "notes.txt").write_text("a file, not a folder")
+        out, named, problem = tmp_path / "notes.txt" / "runs" / "a.safetensors", tmp_path / "notes.txt", "not a folder"
+    code, _, err = run(capsys, "train", *TINY, "--dataset", dataset, "--out", out, "--max-steps", "2")
+    assert code == 2
+    line = one_line(err)
+    assert str(named) in line and problem in line, line
+    events = []
+    with pytest.raises(AdapterhubError):
+        train(TrainConfig(type="lora", base="tiny-sd1", dataset=dataset, out=out, resolution=64, bucket_step=32,
+                          seed=0, max_steps=2), on_event=lambda kind, **data: events.append(kind))
+    assert events == []  # refused before loading the base, let alone training
+
+
+@pytest.mark.parametrize("when", ["checkpoint", "final save"])
+def test_train_on_a_full_disk_keeps_the_state_elsewhere_and_resumes(when, dataset, full_disk, monkeypatch,
+                                                                    tmp_path, capsys):
+    monkeypatch.setenv("ADAPTERHUB_CACHE", str(tmp_path / "cache"))  # the fallback folder lives here
+    folder = tmp_path / "out"
+    out = folder / "run.safetensors"
+    full_disk(folder)
+    # no TensorBoard log: its first write (before step 1) would meet the full disk before anything is trained
+    steps = ["--max-steps", "3", "--log-with", "none"] + (["--save-every", "1"] if when == "checkpoint" else [])
+    code, _, err = run(capsys, "train", *TINY, "--dataset", dataset, "--out", out, *steps)
+    assert code == 2
+    line = one_line(err)
+    assert str(folder) in line and "No space left on device" in line, line
+    step = 1 if when == "checkpoint" else 3
+    rescued = sorted((tmp_path / "cache" / "rescued").glob(f"*/run-step{step:06d}-state"))
+    assert len(rescued) == 1 and f"--resume '{rescued[0]}'" in line, (line, rescued)
+    assert rescued[0].with_name(f"run-step{step:06d}.safetensors").is_file()  # the adapter as it was, too
+    assert [p for p in (listing(folder) if folder.exists() else []) if not p.startswith("run-step")] == [], \
+        listing(folder)  # nothing half-written beside the output
+
+    elsewhere = tmp_path / "elsewhere" / "run.safetensors"
+    code, out_text, err = run(capsys, "train", "--resume", rescued[0], "--out", elsewhere, "--json")
+    assert code == 0, err
+    assert json.loads(out_text)["steps"] == 3
+    from safetensors.torch import load_file
+
+    assert any(t.abs().max() > 0 for k, t in load_file(str(elsewhere)).items() if "lora_up" in k)

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adapterhub.errors import AdapterhubError
+from adapterhub.errors import AdapterError, AdapterhubError
+from adapterhub.outputs import check_writable
 from adapterhub.train import data as D
 from adapterhub.train import metadata as M
 from adapterhub.train import state as S
@@ -208,6 +209,7 @@ def _sigint_flag():
 class Trainer:
     def __init__(self, cfg: TrainConfig, on_event=None):
         validate(cfg)
+        check_writable(cfg.out)  # now, not at the first save minutes (or hours) from now
         self.emit = on_event or _silent
         self.adapter_type = trainable_type(cfg.type)
         if cfg.seed is None:
@@ -306,8 +308,13 @@ class Trainer:
 
     def _restore(self) -> None:
         trained, state = self.resumed
+        self._check_resumed(trained)
         self.trainable.load_state_dict(trained)
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:  # torch: "... doesn't match the size of optimizer's group"
+            raise AdapterError(Path(self.cfg.resume) / "state.pt", f"its optimizer state does not fit this run: "
+                                                                     f"{S._first_line(exc)}") from None
         scheduler_state = dict(state["scheduler"])
         scheduler_state["lr_lambdas"] = [None] * len(self.lr_scheduler.lr_lambdas)
         self.lr_scheduler.load_state_dict(scheduler_state)
@@ -317,6 +324,21 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.shadow = [t.to(self.device) for t in state["ema"]]
         self.emit("resumed", step=self.progress.step, state=str(self.cfg.resume))
+
+    def _check_resumed(self, trained: dict[str, torch.Tensor]) -> None:
+        """The checkpoint's tensors are the ones this adapter trains, shape for shape: copying them in
+        would otherwise broadcast a wrong shape silently, or fail half-way with the model changed."""
+        expected = self.trainable.state_dict()
+        path = Path(self.cfg.resume) / "trainable.safetensors"
+        missing = [k for k in expected if k not in trained]
+        if missing or len(trained) != len(expected):
+            extra = [k for k in trained if k not in expected]
+            raise AdapterError(path, f"holds {len(trained)} tensors, this {self.cfg.type} trains {len(expected)}: "
+                                     "not a checkpoint of this run", (missing or extra or [None])[0])
+        for key, tensor in expected.items():
+            if tuple(trained[key].shape) != tuple(tensor.shape):
+                raise AdapterError(path, f"shape {tuple(trained[key].shape)} where this {self.cfg.type} has "
+                                         f"{tuple(tensor.shape)}: not a checkpoint of this run", key)
 
     # -- one step -------------------------------------------------------------------------------
     def _batch(self, micro: int) -> list[D.Sample]:
@@ -503,8 +525,10 @@ class Trainer:
                 partial.unlink(missing_ok=True)
         return target
 
-    def checkpoint(self) -> tuple[Path, Path]:
-        adapter_path, state_dir = S.checkpoint_paths(self.cfg.out, self.progress.step)
+    def checkpoint(self, beside: Path | None = None) -> tuple[Path, Path]:
+        """A resumable checkpoint (the adapter at this step and the loop state) beside the output, or beside
+        ``beside`` (a rescue: no pruning there)."""
+        adapter_path, state_dir = S.checkpoint_paths(beside or self.cfg.out, self.progress.step)
         self.write_adapter(adapter_path)
         if not self.accelerator.is_main_process:
             return adapter_path, state_dir
@@ -515,10 +539,37 @@ class Trainer:
                  "rng": S.rng_state(self.noise, self.captions), "started": self.started,
                  "session_id": self.session_id, "ema": self.ema.shadow if self.ema else None}
         S.write_state(state_dir, self.cfg.as_dict(), self.trainable.state_dict(), state)
-        if self.cfg.keep_last:
+        if self.cfg.keep_last and beside is None:
             S.prune(self.cfg.out, self.cfg.keep_last)
         self.emit("checkpoint", step=self.progress.step, adapter=str(adapter_path), state=str(state_dir))
         return adapter_path, state_dir
+
+    @contextmanager
+    def _writing(self, target: Path):
+        """A write into the output folder (``target``: what it writes). When it fails, a full disk or a
+        folder made read-only under a running job, the run is not lost: see :meth:`_rescue`."""
+        try:
+            yield
+        except OSError as exc:
+            raise self._rescue(Path(target), exc) from None
+
+    def _rescue(self, target: Path, exc: OSError) -> AdapterhubError:
+        """Keep the run's state in the first fallback folder that takes it; one line that says where."""
+        step = self.progress.step
+        problem = f"{target}: cannot write: {exc.strerror or exc}"
+        if step == 0 or not self.accelerator.is_main_process:
+            return AdapterhubError(f"{problem}; nothing was trained yet" if step == 0 else problem)
+        tried = []
+        for folder in S.rescue_folders(self.cfg.out):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                _, state_dir = self.checkpoint(beside=folder / Path(self.cfg.out).name)
+            except OSError as again:
+                tried.append(f"{folder} ({again.strerror or again})")
+                continue
+            return AdapterhubError(f"{problem}; the run's state at step {step} is kept in {state_dir}: continue "
+                                   f"with adapterhub train --resume '{state_dir}' --out NEW_PATH")
+        return AdapterhubError(f"{problem}; the state at step {step} could not be kept either: {'; '.join(tried)}")
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -527,7 +578,8 @@ class Trainer:
             self._restore()
         if self.tracking:
             scalars = {k: v for k, v in self.cfg.as_dict().items() if isinstance(v, (int, float, str, bool))}
-            self.accelerator.init_trackers(self.cfg.output_name, config=scalars)
+            with self._writing(logs_dir(self.cfg.out)):
+                self.accelerator.init_trackers(self.cfg.output_name, config=scalars)
         self.pipe.unet.train()
         for module in self.trainable.modules:
             module.train()
@@ -535,8 +587,9 @@ class Trainer:
         with _sigint_flag() as interrupted:
             while self.progress.step < self.total:
                 if interrupted["set"]:
-                    _, state_dir = self.checkpoint()
-                    write_loss_log(self.cfg.out, self.progress.history)
+                    with self._writing(Path(self.cfg.out).parent):
+                        _, state_dir = self.checkpoint()
+                        write_loss_log(self.cfg.out, self.progress.history)
                     raise TrainingInterrupted(f"interrupted at step {self.progress.step}; resume with "
                                               f"adapterhub train --resume '{state_dir}'")
                 loss, lr = self.step()
@@ -546,20 +599,26 @@ class Trainer:
                 self.progress.history.append(row)
                 self.emit("step", total=self.total, **row)
                 if self.tracking:
-                    self.accelerator.log({k: v for k, v in row.items() if k != "step" and v is not None},
-                                         step=self.progress.step)
+                    with self._writing(logs_dir(self.cfg.out)):
+                        self.accelerator.log({k: v for k, v in row.items() if k != "step" and v is not None},
+                                             step=self.progress.step)
                 if self.cfg.save_every and self.progress.step % self.cfg.save_every == 0 \
                         and self.progress.step < self.total:
-                    checkpoints.append([str(p) for p in self.checkpoint()])
+                    with self._writing(S.checkpoint_paths(self.cfg.out, self.progress.step)[1]):
+                        checkpoints.append([str(p) for p in self.checkpoint()])
                 if self.cfg.sample_every and (self.progress.step % self.cfg.sample_every == 0
                                               or self.progress.step == self.total):
-                    self.write_samples()
-        out = self.write_adapter(self.cfg.out)
-        if self.tracking:  # every process: end_training waits for the others
-            self.accelerator.end_training()
-        if not self.accelerator.is_main_process:
-            return self.result(out, checkpoints, [])
-        logs = write_loss_log(self.cfg.out, self.progress.history)
+                    from adapterhub.train.samples import samples_dir
+
+                    with self._writing(samples_dir(self.cfg.out)):
+                        self.write_samples()
+        with self._writing(self.cfg.out):
+            out = self.write_adapter(self.cfg.out)
+            if self.tracking:  # every process: end_training waits for the others
+                self.accelerator.end_training()
+            if not self.accelerator.is_main_process:
+                return self.result(out, checkpoints, [])
+            logs = write_loss_log(self.cfg.out, self.progress.history)
         result = self.result(out, checkpoints, logs)
         if self.cfg.register or (self.cfg.register is None and os.environ.get("ADAPTERHUB_CATALOG")):
             result["catalog"] = register(out)

@@ -9,17 +9,24 @@ A checkpoint at step N is two things beside the output file ``NAME.safetensors``
   the previous checkpoint and no partial one.
 
 ``state.pt`` holds only tensors and plain Python values and is read with ``weights_only=True``.
+
+When a save into the output folder fails (a full disk, a folder made read-only during the run), the run
+is not lost: the same checkpoint goes to a fallback folder, :func:`rescue_folders` (the first that takes
+it), and the error names it so that ``--resume`` continues from there with a new ``--out``.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from adapterhub.errors import AdapterhubError
+from adapterhub.errors import AdapterError, AdapterhubError
 from adapterhub.io import atomic_dir, safe_torch_load, save_safetensors
 
 STATE_SUFFIX = "-state"
@@ -39,7 +46,15 @@ def write_state(state_dir: Path, config: dict, trained: dict[str, torch.Tensor],
     return Path(state_dir)
 
 
+# what ``state.pt`` holds (see :meth:`adapterhub.train.loop.Trainer.checkpoint`)
+STATE_KEYS = ("step", "micro", "history", "optimizer", "scheduler", "rng", "started", "session_id")
+
+
 def read_state(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trained tensors and the loop state of a checkpoint folder.
+
+    Raises :class:`AdapterhubError` naming the file for a missing, truncated or foreign part (whether the
+    tensors fit the adapter being trained is checked when they are restored)."""
     from safetensors.torch import load_file
 
     state_dir = Path(state_dir)
@@ -47,7 +62,30 @@ def read_state(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     missing = [p.name for p in need if not p.is_file()]
     if missing:
         raise AdapterhubError(f"{state_dir}: not a complete training checkpoint (missing {', '.join(missing)})")
-    return load_file(str(need[1])), safe_torch_load(need[2])
+    try:
+        trained = load_file(str(need[1]))
+    except Exception as exc:  # safetensors' SafetensorError: a cut or overwritten file
+        raise AdapterError(need[1], f"corrupt or truncated: {_first_line(exc)}") from None
+    state = safe_torch_load(need[2])
+    absent = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if absent:
+        raise AdapterError(need[2], f"not the state of an adapterhub training run (no {', '.join(absent)})")
+    return trained, state
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else exc.__class__.__name__
+
+
+def rescue_folders(out: Path) -> list[Path]:
+    """Where a run's checkpoint goes when the output folder cannot take it, in the order tried: a new
+    folder under ``$ADAPTERHUB_CACHE/rescued`` (``~/.cache/adapterhub``, most often another disk than the
+    outputs), else under the system's temporary folder (``$TMPDIR`` or /tmp) ``/adapterhub-rescued``."""
+    from adapterhub.base import cache_dir
+
+    name = f"{Path(out).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    return [cache_dir() / "rescued" / name, Path(tempfile.gettempdir()) / "adapterhub-rescued" / name]
 
 
 def prune(out: Path, keep: int) -> list[Path]:
