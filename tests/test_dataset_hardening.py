@@ -170,6 +170,15 @@ def test_captioning_shards_share_the_lock_and_exclude_other_writers(few, monkeyp
         editor.wait()
 
 
+def test_a_folder_whose_state_cannot_be_written_is_one_line(few, capsys):
+    (few / ".adapterhub").write_bytes(b"not a folder")  # (as root, a read-only folder would not stop us)
+    before = snapshot(few)
+    assert main(["dataset", "tags", str(few), "add", "x"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert str(few) in line and ".adapterhub" in line
+    assert snapshot(few) == before
+
+
 @pytest.mark.skipif(os.name == "nt", reason="SIGKILL is POSIX")
 def test_killed_edit_leaves_temp_files_that_the_next_run_cleans(few):
     """A real SIGKILL halfway through writing caption 5 (its temp file written, not yet renamed)."""

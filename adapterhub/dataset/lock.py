@@ -86,8 +86,22 @@ def _write_holder(path: Path, op: str) -> None:
         pass
 
 
+def _lock_path(root: Path) -> Path:
+    state = Path(root, STATE_DIR)
+    try:
+        state.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise AdapterhubError(f"{root}: cannot keep the undo journal in {state} "
+                              f"({exc.strerror or exc}); nothing was changed") from None
+    return (state / LOCK_NAME).resolve()
+
+
 def _acquire(root: Path, path: Path, op: str, shared: bool) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise AdapterhubError(f"{root}: cannot open the lock {path} ({exc.strerror or exc}); "
+                              "nothing was changed") from None
     deadline = time.monotonic() + WAIT_S
     while not _try_lock(fd, shared):
         if time.monotonic() >= deadline:
@@ -109,9 +123,7 @@ def dataset_lock(root: str | os.PathLike, op: str, shared: bool = False) -> Iter
     root = Path(root)
     if not root.is_dir():
         raise AdapterhubError(f"{root}: not a folder")
-    state = Path(root, STATE_DIR)
-    state.mkdir(exist_ok=True)
-    path = (state / LOCK_NAME).resolve()
+    path = _lock_path(root)
     with _guard:
         entry = _held.get(path)
         if entry is not None:
