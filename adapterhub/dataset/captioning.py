@@ -38,7 +38,10 @@ from adapterhub.dataset.tags import add
 from adapterhub.errors import AdapterhubError
 
 _FINGERPRINT_FIELDS = ("captioner", "model", "pretrained", "vocab", "top_k", "threshold", "mode",
-                       "prompt", "max_length", "num_beams", "ext", "seed")
+                       "prompt", "max_length", "num_beams", "ext", "seed",
+                       # the wd tagger's
+                       "character_threshold", "mcut", "rating", "character_tags_first", "always_first_tags",
+                       "undesired_tags", "remove_underscore", "escape_parens", "caption_separator")
 
 
 @dataclass

@@ -43,7 +43,18 @@ class CaptionConfig(FolderConfig):
                                      "general, mediums and styles lists")
     top_k: str = opt("general=8,mediums=1,styles=1",
                      "tags kept per vocabulary: N for all, or name=N,...")
-    threshold: float | None = opt(None, "minimum cosine similarity for a tag")
+    threshold: float | None = opt(None, "minimum cosine similarity for a tag (clip-tags); minimum score "
+                                        "of a general tag (wd, default 0.35)")
+    character_threshold: float | None = opt(None, "wd: minimum score of a character tag (default: --threshold)")
+    mcut: str = opt("off", "wd: MCut automatic thresholds (largest score gap) for these tags",
+                    choices=("off", "general", "character", "both"))
+    rating: str = opt("off", "wd: add the most likely rating tag first or last", choices=("off", "first", "last"))
+    character_tags_first: bool = opt(False, "wd: character tags before the general tags")
+    always_first_tags: str = opt("", "wd: comma-separated tags moved to the front when predicted")
+    undesired_tags: str = opt("", "wd: comma-separated tags never written")
+    remove_underscore: bool = opt(False, "wd: long_hair -> long hair (kaomoji such as ^_^ are kept)")
+    escape_parens: bool = opt(False, "wd: write ( ) as \\( \\) (prompt attention syntax)")
+    caption_separator: str = opt(", ", "wd: text between tags")
     mode: str = opt("skip", "existing captions: overwrite, append, or skip the image",
                     choices=("overwrite", "append", "skip"))
     batch_size: int = opt(32, "images per batch")
