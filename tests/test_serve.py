@@ -334,3 +334,42 @@ def test_serve_command_refuses_a_busy_port_in_one_line():
             serve_cmd.main(["--base", "tiny-sd1", "--port", str(port)], standalone_mode=False)
     finally:
         taken.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled backend: one pipeline, stacks switched in place, no recompile
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compiled_backend_switches_stacks_across_requests_without_recompiling(tiny_sd1, networks):
+    """dynamo's ``aot_eager`` (the graph capture and guards of inductor, without code generation)."""
+    import copy
+
+    import torch._dynamo
+    from fastapi.testclient import TestClient
+    from torch._dynamo.utils import counters
+
+    from adapterhub.sample.generator import Generator
+    from adapterhub.serve.app import Service, create_app
+
+    torch._dynamo.reset()
+    counters.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")
+        generator = Generator(copy.deepcopy(tiny_sd1), backend="compiled", hash_model=False)
+    service = Service(generator, adapter_dirs=[networks], catalog=False)
+    try:
+        with TestClient(create_app(service)) as client:
+            def one(prompt):
+                response = client.post("/sdapi/v1/txt2img", json={"prompt": prompt, **SMALL, "seed": 8})
+                assert response.status_code == 200
+                return response.json()["images"][0]
+
+            images = [one(p) for p in ("a hill", "a hill <lora:style:1>", "a hill <lora:other:0.6> <lora:style:0.3>",
+                                       "a hill <lora:style:1>", "a hill")]
+        assert len(set(images)) == 3 and images[1] == images[3] and images[0] == images[4]
+        assert generator.runner.recompiles() == 0 and counters["stats"]["unique_graphs"] == 1
+        assert generator.runner.calls == 2 * len(images)  # Euler, 2 steps, prompt and negative in one batch
+    finally:
+        service.close()
+        generator.close()
+        torch._dynamo.reset()
