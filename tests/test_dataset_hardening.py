@@ -102,19 +102,25 @@ def _journal(root: Path) -> list[dict]:
     return [op.summary() for op in operations(root)]
 
 
-def test_lock_holder_makes_a_second_writer_stop_with_one_line(few, monkeypatch, capsys):
-    from adapterhub.dataset import lock as lock_mod
-
+def _hold(root: Path, op: str, shared: bool) -> subprocess.Popen:
+    """A real process holding the folder's lock until killed."""
     holder = subprocess.Popen([PY, "-c", textwrap.dedent(f"""
-        import sys, time
+        import time
         from adapterhub.dataset.lock import dataset_lock
-        with dataset_lock({str(few)!r}, "tags add"):
+        with dataset_lock({str(root)!r}, {op!r}, shared={shared}):
             print("held", flush=True)
             time.sleep(60)
         """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_lock_holder_makes_a_second_writer_stop_with_one_line(few, monkeypatch, capsys):
+    from adapterhub.dataset import lock as lock_mod
+
+    monkeypatch.setattr(lock_mod, "WAIT_S", 0.5)
+    holder = _hold(few, "tags add", shared=False)
     try:
-        assert holder.stdout.readline().strip() == "held"
-        monkeypatch.setattr(lock_mod, "WAIT_S", 0.5)
         before = snapshot(few)
         for args in (["tags", str(few), "add", "x"], ["undo", str(few)],
                      ["validate", str(few), "--fix"]):
@@ -130,19 +136,6 @@ def test_lock_holder_makes_a_second_writer_stop_with_one_line(few, monkeypatch, 
         holder.wait()
     # the lock dies with its holder: the next writer goes ahead at once
     assert main(["dataset", "tags", str(few), "add", "x", "--json"]) == 0
-
-
-def _hold(root: Path, op: str, shared: bool) -> subprocess.Popen:
-    """A real process holding the folder's lock until killed."""
-    holder = subprocess.Popen([PY, "-c", textwrap.dedent(f"""
-        import time
-        from adapterhub.dataset.lock import dataset_lock
-        with dataset_lock({str(root)!r}, {op!r}, shared={shared}):
-            print("held", flush=True)
-            time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    return holder
 
 
 def test_captioning_shards_share_the_lock_and_exclude_other_writers(few, monkeypatch, capsys):

@@ -69,7 +69,7 @@ def _unlock(fd: int) -> None:
 
 
 def _holder(path: Path) -> str:
-    """What the lock file says about its holder (written by the holder; best effort)."""
+    """Who holds the lock, as its holder wrote it into ``lock.owner`` (best effort)."""
     try:
         info = json.loads(path.with_name(LOCK_NAME + ".owner").read_text(encoding="utf-8"))
         return f"{info['op']}, pid {info['pid']}"
