@@ -79,6 +79,18 @@ def test_jpeg_and_webp_infotext_round_trips(fmt, prompt, tmp_path, capsys):
     assert pixels(again) == pixels(path)
 
 
+def test_a_text_too_long_for_jpeg_exif_is_one_line_and_nothing_is_written(tmp_path):
+    from adapterhub.errors import AdapterhubError
+
+    target = tmp_path / "long.jpg"
+    text = "a castle, " * 3274  # 65,488 bytes as UTF-16: with the EXIF headers, over the 65,533 of a segment
+    with pytest.raises(AdapterhubError, match="too long for a JPEG's EXIF.*--format png"):
+        infotext.save_image(Image.new("RGB", (8, 8)), target, text, "jpg")
+    assert not target.exists()
+    infotext.save_image(Image.new("RGB", (8, 8)), tmp_path / "long.webp", text, "webp")  # WebP has no such limit
+    assert infotext.read_png(tmp_path / "long.webp") == text
+
+
 def test_format_is_checked_before_anything_is_written(tmp_path, capsys):
     rc, _, err = run(capsys, "sample", *SMALL, "--prompt", "a cat", "--format", "gif", "--out", tmp_path / "x")
     assert rc == 2 and "gif" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()

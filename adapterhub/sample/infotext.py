@@ -283,7 +283,7 @@ EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # the Exif sub-IFD and its UserComment 
 COMMENT_CODES = {b"UNICODE\0": "utf-16-be", b"ASCII\0\0\0": "ascii", b"JIS\0\0\0\0\0": "shift_jis"}
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}  # ``sample --format`` -> Pillow's format
 JPEG_QUALITY = 95  # the webui's default is 80; images meant to be re-run keep more of their detail
-JPEG_EXIF_LIMIT = 65533 - 8  # an APP1 segment's payload, less "Exif\0\0" and some slack
+JPEG_EXIF_LIMIT = 65533  # the most an APP1 segment holds after its length ("Exif\0\0", TIFF header, IFDs, data)
 
 
 def pnginfo(parameters: str):
@@ -336,11 +336,12 @@ def save_image(image, target, parameters: str, fmt: str = "png") -> None:
     if kind == "PNG":
         image.save(target, format=kind, pnginfo=pnginfo(parameters))
         return
-    if kind == "JPEG" and len(user_comment(parameters)) > JPEG_EXIF_LIMIT:
-        raise AdapterhubError(f"{target}: the parameters text is too long for a JPEG's EXIF "
-                              f"({len(user_comment(parameters))} bytes as UTF-16): use --format png or webp")
+    data = exif(parameters).tobytes()
+    if kind == "JPEG" and len(data) > JPEG_EXIF_LIMIT:
+        raise AdapterhubError(f"{target}: the parameters text is too long for a JPEG's EXIF segment ({len(data)} "
+                              f"bytes, at most {JPEG_EXIF_LIMIT}): use --format png or webp")
     options = {"quality": JPEG_QUALITY} if kind == "JPEG" else {"lossless": True}
-    image.convert("RGB").save(target, format=kind, exif=exif(parameters), **options)
+    image.convert("RGB").save(target, format=kind, exif=data, **options)
 
 
 def image_user_comment(image) -> str | None:
