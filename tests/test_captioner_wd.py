@@ -413,3 +413,22 @@ def test_bad_models_are_one_line_exit_2_and_nothing_written(tmp_path, tagger, ko
     err = _one_line_error(base + ["--model", "SmilingWolf/not-cached-anywhere"], capsys)
     assert "SmilingWolf/not-cached-anywhere" in err
     assert snapshot(kohya_set) == before
+
+
+def test_hub_id_is_read_from_the_hub_cache_offline(tmp_path, tagger, kohya_set, monkeypatch):
+    """A hub id resolves through huggingface_hub's cache (the hub is offline in tests)."""
+    import huggingface_hub.constants
+
+    d, w, b = tagger
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = cache / "models--SmilingWolf--wd-tiny-tagger" / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name in ("model.onnx", "selected_tags.csv"):
+        shutil.copy(d / name, snap / name)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    runner.run_captioning(wd_cfg(kohya_set, "SmilingWolf/wd-tiny-tagger"))
+    for item in scan(kohya_set).items:
+        assert captions(kohya_set)[item.rel] == ", ".join(kohya_tags(reference_scores(item.path, w, b)))
