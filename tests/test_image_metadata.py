@@ -91,6 +91,18 @@ def test_a_text_too_long_for_jpeg_exif_is_one_line_and_nothing_is_written(tmp_pa
     assert infotext.read_png(tmp_path / "long.webp") == text
 
 
+@pytest.mark.parametrize("raw, text", [
+    (b"UNICODE\0" + "a cat, 猫: 1".encode("utf-16-be"), "a cat, 猫: 1"),  # piexif, the webui
+    (b"UNICODE\0" + "a cat, 猫: 1".encode("utf-16-le"), "a cat, 猫: 1"),  # exiftool in a little-endian EXIF
+    (b"UNICODE\0" + "a cat".encode("utf-16"), "a cat"),  # with a byte order mark
+    (b"ASCII\0\0\0a cat\0", "a cat"),
+    (b"\0" * 8 + "a cat, 猫".encode(), "a cat, 猫"),  # undefined code: UTF-8, as the webui falls back
+    ("a cat", "a cat"),  # Pillow hands back text for some writers
+])
+def test_user_comment_codes(raw, text):
+    assert infotext.read_user_comment(raw) == text
+
+
 def test_format_is_checked_before_anything_is_written(tmp_path, capsys):
     rc, _, err = run(capsys, "sample", *SMALL, "--prompt", "a cat", "--format", "gif", "--out", tmp_path / "x")
     assert rc == 2 and "gif" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()

@@ -302,19 +302,26 @@ def user_comment(text: str) -> bytes:
 
 
 def read_user_comment(raw: bytes | str) -> str:
-    """A ``UserComment``'s text: decoded by its prefix (``UNICODE``: UTF-16 big-endian, as piexif; with a byte
-    order mark, by the mark), else as UTF-8 without the prefix's NULs, as the webui falls back; trailing NULs
-    dropped."""
+    """A ``UserComment``'s text: decoded by its prefix (``UNICODE``: UTF-16 big-endian, as piexif writes it; by
+    its byte order mark if it has one; little-endian when that reads as more ASCII), else as UTF-8 without the
+    prefix's NULs, as the webui falls back; trailing NULs dropped."""
     if isinstance(raw, str):
         return raw.rstrip("\0")
     prefix, body = raw[:8], raw[8:]
     codec = COMMENT_CODES.get(prefix)
     if codec == "utf-16-be" and body[:2] in (b"\xff\xfe", b"\xfe\xff"):
         codec = "utf-16"
+    elif codec == "utf-16-be" and _ascii_share(body, "utf-16-le") > _ascii_share(body, "utf-16-be"):
+        codec = "utf-16-le"  # exiftool writes UTF-16 in the EXIF's byte order; piexif always big-endian
     if codec is None:
         body = raw[8:] if prefix == b"\0" * 8 else raw
         codec = "utf-8"
     return body.decode(codec, errors="replace" if codec != "utf-8" else "ignore").rstrip("\0")
+
+
+def _ascii_share(body: bytes, codec: str) -> int:
+    """How many characters of ``body`` read as ``codec`` are printable ASCII (an infotext is mostly ASCII)."""
+    return sum(32 <= ord(c) < 127 for c in body.decode(codec, errors="replace"))
 
 
 def exif(parameters: str):
