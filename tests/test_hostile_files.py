@@ -432,3 +432,23 @@ def test_a_valid_adapter_with_a_non_utf8_name(tmp_path, capsys):
     assert rc == 0, err
     assert "lora" in out
     assert adapterhub.load(path).type == "lora"
+
+
+def test_catalog_scan_records_hostile_files_with_one_line_reasons(tmp_path):
+    from adapterhub import catalog as cat_api
+    from adapterhub.catalog import open_catalog
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    _laughs(lib / "laughs.pt")
+    _deep(lib / "deep.pt")
+    _lying_zip(lib / "bomb.pt")
+    (lib / "lfs.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
+    save_file(_kohya_tensors(), str(lib / "good.safetensors"))
+    with open_catalog(str(tmp_path / "db" / "catalog.db"), create=True) as cat:
+        report = cat_api.scan(cat, [str(lib)], jobs=1)
+    reasons = {Path(u["path"]).name: u["error"] for u in report.unreadable}
+    assert sorted(reasons) == ["bomb.pt", "deep.pt", "laughs.pt", "lfs.safetensors"]
+    assert all("\n" not in r for r in reasons.values()), reasons
+    assert "billion laughs" in reasons["laughs.pt"] and "deep" in reasons["deep.pt"]
+    assert "data/0" in reasons["bomb.pt"] and "Git LFS pointer" in reasons["lfs.safetensors"]
