@@ -432,3 +432,39 @@ def test_hub_id_is_read_from_the_hub_cache_offline(tmp_path, tagger, kohya_set, 
     runner.run_captioning(wd_cfg(kohya_set, "SmilingWolf/wd-tiny-tagger"))
     for item in scan(kohya_set).items:
         assert captions(kohya_set)[item.rel] == ", ".join(kohya_tags(reference_scores(item.path, w, b)))
+
+
+def test_sharded_and_resumed_runs_equal_a_single_run(tmp_path, tagger, kohya_set, monkeypatch):
+    from adapterhub_plugins.captioners.wd import WDTagger
+
+    d, _, _ = tagger
+    single, again = tmp_path / "single", tmp_path / "again"
+    shutil.copytree(kohya_set, single)
+    shutil.copytree(kohya_set, again)
+    runner.run_captioning(wd_cfg(single, d, rating="first"))
+    want = captions(single)
+
+    with monkeypatch.context() as m:  # two processes of one launch, each every 2nd image
+        m.setenv("WORLD_SIZE", "2")
+        done = []
+        for rank in ("0", "1"):
+            m.setenv("RANK", rank)
+            done.append(runner.run_captioning(wd_cfg(kohya_set, d, rating="first", batch_size=2))["captioned"])
+    assert done == [3, 3] and captions(kohya_set) == want
+
+    flaky, calls = WDTagger(), []
+    real = flaky.caption
+
+    def caption(images, options):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(images, options)
+    flaky.caption = caption
+    with monkeypatch.context() as m:
+        m.setattr(runner, "get_captioner", lambda name: flaky)
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_captioning(wd_cfg(again, d, rating="first", batch_size=2))
+    assert sum(1 for i in scan(again).items if i.caption().exists) == 2
+    report = runner.run_captioning(wd_cfg(again, d, rating="first", batch_size=2))
+    assert (report["resumed"], report["captioned"]) == (2, 4) and captions(again) == want
