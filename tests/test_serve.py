@@ -34,6 +34,7 @@ def networks(tmp_path_factory, tiny_sd1):
     adapter_type("lora").example(tiny_sd1, folder / "style.safetensors", seed=3)
     adapter_type("lora").example(tiny_sd1, folder / "other.safetensors", seed=11)
     adapter_types()["textual_inversion"].example(tiny_sd1, folder / "easyneg.pt", seed=1)
+    adapter_types()["hypernetwork"].example(tiny_sd1, folder / "anime.pt", seed=2)
     return folder
 
 
@@ -150,6 +151,13 @@ def test_stacks_switch_between_requests_and_back_exactly(api):
     assert np.array_equal(plain, one("a hill"))
 
 
+def test_hypernetwork_tag_is_attached_for_one_request(api):
+    plain = pixels(api.txt2img(prompt="a hill", seed=3, **SMALL).image)
+    tagged = pixels(api.txt2img(prompt="a hill <hypernet:anime:1>", seed=3, **SMALL).image)
+    assert not np.array_equal(plain, tagged)
+    assert np.array_equal(plain, pixels(api.txt2img(prompt="a hill", seed=3, **SMALL).image))  # detached exactly
+
+
 def test_img2img_equals_adapterhub_sample(api, networks, tmp_path):
     from PIL import Image
 
@@ -209,7 +217,7 @@ def test_lists_as_the_webui_gives_them(api, served, networks, tiny_sd1):
     embeddings = api.get_embeddings()
     assert embeddings["loaded"]["easyneg"]["shape"] == tiny_sd1.text_encoder.config.hidden_size
     assert embeddings["loaded"]["easyneg"]["vectors"] >= 1 and embeddings["skipped"] == {}
-    assert api.get_hypernetworks() == []
+    assert api.get_hypernetworks() == [{"name": "anime", "path": str(networks / "anime.pt")}]
     models = api.get_sd_models()
     assert [m["model_name"] for m in models] == ["tiny-sd1"]
     assert api.get_options()["sd_model_checkpoint"] == models[0]["title"]
@@ -322,6 +330,39 @@ def test_serve_command_refuses_bad_options_before_loading(args, message):
 
     with pytest.raises(AdapterhubError, match=message):
         serve_cmd.main(["--base", "tiny-sd1", "--port", "0", *args], standalone_mode=False)
+
+
+@pytest.mark.slow
+def test_serve_command_serves_and_stops_on_ctrl_c(networks):
+    """The command as `adapterhub serve` will run it (registered in the CLI's COMMANDS), in a process of its own:
+    it says where it listens, answers the client, and Ctrl-C stops it cleanly."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys; from adapterhub import cli; "
+            "cli.COMMANDS['serve'] = 'adapterhub.cli.serve:serve_cmd'; sys.exit(cli.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--base", "tiny-sd1", "--port", "0",
+                             "--adapter-dir", str(networks)], stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        line = wait_for(lambda: next((x for x in lines if x.startswith("adapterhub serve: ")), None), "the address")
+        port = int(line.rsplit(":", 1)[1].split("/")[0])
+        assert line.startswith("adapterhub serve: tiny-sd1 [") and "http://127.0.0.1:" in line
+        client = webuiapi.WebUIApi(host="127.0.0.1", port=port)
+        result = client.txt2img(prompt="a hill <lora:style:1>", seed=3, **SMALL)
+        assert result.image.size == (64, 64) and "Lora hashes" in result.info["infotexts"][0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(DEADLINE)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        reader.join(DEADLINE)
+    assert rc == 130 and "Traceback" not in "".join(lines)
 
 
 def test_serve_command_refuses_a_busy_port_in_one_line():
