@@ -468,3 +468,53 @@ def test_sharded_and_resumed_runs_equal_a_single_run(tmp_path, tagger, kohya_set
     assert sum(1 for i in scan(again).items if i.caption().exists) == 2
     report = runner.run_captioning(wd_cfg(again, d, rating="first", batch_size=2))
     assert (report["resumed"], report["captioned"]) == (2, 4) and captions(again) == want
+
+
+def test_a_model_with_free_spatial_dims_takes_the_released_size(tmp_path, kohya_set):
+    """Exports with dynamic height and width get 448 x 448, the size every released tagger uses."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 0.05, (3, len(ROWS))).astype(np.float32)
+    b = rng.normal(-6, 1, len(ROWS)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1, 2], keepdims=0),
+         helper.make_node("MatMul", ["mean", "W"], ["l0"]), helper.make_node("Add", ["l0", "B"], ["l"]),
+         helper.make_node("Sigmoid", ["l"], ["output"])], "free",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "height", "width", 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", len(ROWS)])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    d = tmp_path / "free"
+    d.mkdir()
+    onnx.save(model, str(d / "model.onnx"))
+    write_tags(d)
+    runner.run_captioning(wd_cfg(kohya_set, d, threshold=0.4))
+    got, seen = captions(kohya_set), set()
+    for item in scan(kohya_set).items:
+        x = reference_pixels(item.path, 448).mean(axis=(0, 1), dtype=np.float64)
+        want = kohya_tags(1 / (1 + np.exp(-(x @ w + b))), thresh=0.4)
+        assert got[item.rel] == ", ".join(want)
+        seen |= set(want)
+    assert seen
+
+
+def test_processes_of_one_launch_share_the_cpu_threads(tagger, kohya_set, monkeypatch):
+    from adapterhub_plugins.captioners.wd import WDTagger
+
+    d, _, _ = tagger
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "1")
+    wd = WDTagger()
+    wd.load(runner.resolve_options(wd_cfg(kohya_set, d)))
+    assert wd.session.get_session_options().intra_op_num_threads == 2
+
+
+def test_tag_lists_match_escaped_and_underscored_forms(tmp_path):
+    from adapterhub_plugins.captioners.wd import Settings
+
+    s = Settings.from_options(CaptionConfig(dir=tmp_path, undesired_tags="star \\(symbol\\), Long_Hair",
+                                            always_first_tags="rem_\\(re:zero\\)"))
+    assert s.undesired == {"star (symbol)", "long hair"} and s.always_first == ("rem (re:zero)",)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,6 +38,7 @@ MODEL_FILE, TAGS_FILE = "model.onnx", "selected_tags.csv"
 DEFAULT_MODEL = "SmilingWolf/wd-v1-4-convnext-tagger-v2"  # kohya's default
 RATING, GENERAL, CHARACTER = 9, 0, 4
 DEFAULT_THRESHOLD = 0.35  # kohya's --thresh
+RELEASED_SIZE = 448  # every released tagger's input; for exports that leave height and width free
 MIN_CHARACTER_MCUT = 0.15  # the space never lets MCut take a character tag below this
 # kohya keeps tags of 3 characters or fewer as they are; these longer kaomoji too (the space's list)
 KAOMOJI = frozenset(["0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3",
@@ -130,13 +132,19 @@ def providers(device: str) -> list:
 
 
 def open_session(path: Path, device: str):
+    """The inference session; on the CPU the processes of one launch split the cores between them
+    (each session would otherwise start a thread per core, and N processes oversubscribe N-fold)."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise AdapterhubError("the wd captioner needs onnxruntime: pip install 'adapterhub[wd]' "
                               "(onnxruntime-gpu for CUDA)") from None
+    options = ort.SessionOptions()
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // world)
     try:
-        return ort.InferenceSession(str(path), providers=providers(device))
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers(device))
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for damaged files
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise AdapterhubError(f"{path}: not a loadable ONNX model ({first[:200]})") from None
@@ -154,6 +162,8 @@ def interface(session, path: Path, table: TagTable, tags_path: Path) -> Interfac
     """The model's input and output, checked against the WD interface and the tag table."""
     inp, out = session.get_inputs()[0], session.get_outputs()[0]
     shape = list(inp.shape)
+    if len(shape) == 4 and not isinstance(shape[1], int) and not isinstance(shape[2], int):
+        shape[1] = shape[2] = RELEASED_SIZE
     square = len(shape) == 4 and isinstance(shape[1], int) and shape[1] == shape[2] and shape[3] == 3
     if not square or inp.type != "tensor(float)":
         raise AdapterhubError(f"{path}: input {inp.name} is {inp.type} {shape}; a WD tagger takes float "
@@ -196,7 +206,9 @@ def mcut_threshold(probs) -> float:
 
 
 def norm(tag: str) -> str:
-    """The form tags are matched in: underscores as spaces, spaces collapsed, lower case."""
+    """The form tags are matched in: underscores as spaces, spaces collapsed, lower case,
+    parentheses unescaped."""
+    tag = tag.replace("\\(", "(").replace("\\)", ")")
     return " ".join(tag.replace("_", " ").split()).lower()
 
 
