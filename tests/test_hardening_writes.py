@@ -275,7 +275,7 @@ def test_resume_from_a_damaged_checkpoint(how, checkpoint, tmp_path, capsys):
     assert not out.parent.exists() or listing(out.parent) == []
 
 
-@pytest.mark.parametrize("where", ["read-only folder", "a file in the path"])
+@pytest.mark.parametrize("where", ["read-only folder", "a file in the path", "a folder in the way"])
 def test_train_refuses_an_unwritable_output_before_the_first_step(where, dataset, read_only, tmp_path, capsys):
     from adapterhub.errors import AdapterhubError
     from adapterhub.train import TrainConfig, train
@@ -283,9 +283,14 @@ def test_train_refuses_an_unwritable_output_before_the_first_step(where, dataset
     if where == "read-only folder":
         folder = read_only(tmp_path / "ro")
         out, named, problem = folder / "a.safetensors", folder, "read-only"
-    else:
+    elif where == "a file in the path":
         (tmp_path / "notes.txt").write_text("a file, not a folder")
         out, named, problem = tmp_path / "notes.txt" / "runs" / "a.safetensors", tmp_path / "notes.txt", "not a folder"
+    else:  # found only at the final save, after the whole run, until checked up front
+        out = named = tmp_path / "a.safetensors"
+        (out / "keep.txt").parent.mkdir()
+        (out / "keep.txt").write_text("mine")
+        problem = "is a folder"
     code, _, err = run(capsys, "train", *TINY, "--dataset", dataset, "--out", out, "--max-steps", "2")
     assert code == 2
     line = one_line(err)
@@ -324,3 +329,26 @@ def test_train_on_a_full_disk_keeps_the_state_elsewhere_and_resumes(when, datase
     from safetensors.torch import load_file
 
     assert any(t.abs().max() > 0 for k, t in load_file(str(elsewhere)).items() if "lora_up" in k)
+
+
+@pytest.mark.parametrize("also_full", ["cache", "cache and temp"])
+def test_train_rescue_falls_back_to_the_temp_folder_then_says_it_kept_nothing(also_full, dataset, full_disk,
+                                                                              monkeypatch, tmp_path, capsys):
+    import tempfile
+
+    monkeypatch.setenv("ADAPTERHUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out" / "run.safetensors"
+    for folder in [out.parent, tmp_path / "cache" / "rescued"] + ([tmp_path / "tmp"] if also_full == "cache and temp" else []):
+        full_disk(folder)
+    code, _, err = run(capsys, "train", *TINY, "--dataset", dataset, "--out", out, "--max-steps", "2",
+                       "--log-with", "none")
+    assert code == 2
+    line = one_line(err)
+    assert str(out) in line and "No space left on device" in line, line
+    kept = sorted((tmp_path / "tmp" / "adapterhub-rescued").glob("*/run-step000002-state"))
+    if also_full == "cache":
+        assert len(kept) == 1 and f"kept in {kept[0]}" in line, line
+    else:
+        assert kept == [] and "could not be kept either" in line and str(tmp_path / "cache" / "rescued") in line, line

@@ -37,6 +37,7 @@ from adapterhub.train.schedule import LrFactor, a1111_end, parse_a1111
 DEFAULT_STEPS = 1600  # kohya's --max_train_steps default
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VALIDATION_SEED_OFFSET = 7919
+FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # outputs that are one file, not a folder
 
 
 class TrainingInterrupted(AdapterhubError):
@@ -203,13 +204,21 @@ def _sigint_flag():
         signal.signal(signal.SIGINT, previous)
 
 
+def _check_out(out: Path) -> None:
+    """The output can be written: checked now, not at the first save minutes (or hours) from now."""
+    if out.is_dir() and out.suffix.lower() in FILE_SUFFIXES:
+        raise AdapterhubError(f"--out {out}: is a folder; the trained {out.suffix} file cannot replace it "
+                              "(name a file, or remove the folder)")
+    check_writable(out)
+
+
 # --------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, on_event=None):
         validate(cfg)
-        check_writable(cfg.out)  # now, not at the first save minutes (or hours) from now
+        _check_out(Path(cfg.out))
         self.emit = on_event or _silent
         self.adapter_type = trainable_type(cfg.type)
         if cfg.seed is None:
