@@ -38,11 +38,39 @@ class LazyGroup(click.Group):
         module = COMMANDS[name].split(":")[0]
         return importlib.util.find_spec(module) is not None
 
+    def format_commands(self, ctx, formatter):
+        """The command list of ``--help``, from each command's docstring read as source (``ast``), so that
+        listing never imports a command's module (and with it torch)."""
+        limit = formatter.width - 6 - max(len(n) for n in COMMANDS)
+        rows = [(name, _short_help(name, limit)) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def get_command(self, ctx, name):
         if name not in COMMANDS or not self._available(name):
             return None
         module, attr = COMMANDS[name].split(":")
         return getattr(importlib.import_module(module), attr)
+
+
+def _short_help(name: str, limit: int = 45) -> str:
+    """The first paragraph of the command function's docstring, shortened as click shortens it; the
+    command itself is imported only when its source does not hold a plain docstring."""
+    import ast
+
+    from click.utils import make_default_short_help
+
+    module, attr = COMMANDS[name].split(":")
+    spec = importlib.util.find_spec(module)
+    try:
+        tree = ast.parse(open(spec.origin, encoding="utf-8").read())
+        doc = next(ast.get_docstring(node) for node in tree.body
+                   if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == attr)
+    except (OSError, SyntaxError, StopIteration, TypeError):
+        doc = None
+    if not doc:
+        return LazyGroup().get_command(None, name).get_short_help_str(limit)
+    return make_default_short_help(doc.split("\n\n")[0], limit)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
