@@ -26,6 +26,7 @@ COMMANDS = {
     "bench": "adapterhub.cli.bench:bench",
     "convert": "adapterhub.cli.convert:convert_cmd",
     "doctor": "adapterhub.cli.doctor:doctor_cmd",
+    "serve": "adapterhub.cli.serve:serve_cmd",
 }
 
 
