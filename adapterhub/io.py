@@ -131,8 +131,8 @@ class AdapterFile:
 
 def _utf8_name(path: Path | None) -> bool:
     try:
-        os.fspath(path).encode("utf-8")
-    except (TypeError, UnicodeEncodeError):
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
         return False
     return True
 
@@ -251,7 +251,7 @@ def safe_torch_load(path: Path) -> Any:
 
     if path.stat().st_size == 0:
         raise AdapterError(path, "empty file")
-    if zipfile.is_zipfile(path):
+    if _zip_like(path):
         check_torch_zip(path)
     try:
         with open(path, "rb") as f, warnings.catch_warnings():
@@ -270,6 +270,12 @@ def safe_torch_load(path: Path) -> Any:
 
 
 _PLAIN_IMPORTS = ("torch._utils.", "torch.", "collections.OrderedDict")  # what torch.save itself writes
+
+
+def _zip_like(path: Path) -> bool:
+    """What torch.load would open as a zip (its first bytes), or Python's zipfile would."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04" or zipfile.is_zipfile(f)
 
 
 def _unpickling_problem(path: Path, message: str) -> str:
@@ -299,7 +305,7 @@ def _needs_code(name: str) -> str:
 
 def _pickle_bytes(path: Path) -> bytes:
     """The pickle of a torch file, at most :data:`MAX_PICKLE_BYTES` (a zip's sizes are checked by now)."""
-    if zipfile.is_zipfile(path):
+    if _zip_like(path):
         with zipfile.ZipFile(path) as archive:
             name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
             return archive.read(name) if name else b""

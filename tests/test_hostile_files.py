@@ -209,6 +209,31 @@ def test_bomb_refused_in_process_before_inflating(tmp_path):
     assert "data/0" in str(err.value) and "inflate" in str(err.value)
 
 
+def _rezipped(src: Path, dst: Path) -> Path:
+    """``src`` (a torch zip) with every record deflated, as a user's zip tool would write it."""
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as new:
+        for info in old.infolist():
+            new.writestr(info.filename, old.read(info))
+    return dst
+
+
+def test_compressed_records_are_read_within_the_total_cap(tmp_path, monkeypatch, capsys):
+    plain = tmp_path / "plain.pt"
+    torch.save(_kohya_tensors(), plain)
+    packed = _rezipped(plain, tmp_path / "packed.pt")
+    assert torch.equal(open_adapter_file(packed).tensor(f"{KOHYA}.lora_up.weight"),
+                       _kohya_tensors()[f"{KOHYA}.lora_up.weight"])
+    monkeypatch.setattr("adapterhub.io.MAX_INFLATED_BYTES", 1024)
+    _refused(capsys, packed, "inflate to", "1024-byte cap")
+
+
+def test_a_zip_header_over_garbage_is_a_broken_zip(tmp_path, capsys):
+    """torch.load opens anything starting ``PK\\x03\\x04`` as a zip: the checks must see it too."""
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"PK\x03\x04" + random.Random(3).randbytes(200))
+    _refused(capsys, path, "a broken zip")
+
+
 def test_a_real_torch_file_still_loads(tmp_path):
     path = tmp_path / "lora.pt"
     torch.save(_kohya_tensors(), path)
@@ -444,11 +469,10 @@ def test_catalog_scan_records_hostile_files_with_one_line_reasons(tmp_path):
     _deep(lib / "deep.pt")
     _lying_zip(lib / "bomb.pt")
     (lib / "lfs.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
-    save_file(_kohya_tensors(), str(lib / "good.safetensors"))
     with open_catalog(str(tmp_path / "db" / "catalog.db"), create=True) as cat:
         report = cat_api.scan(cat, [str(lib)], jobs=1)
     reasons = {Path(u["path"]).name: u["error"] for u in report.unreadable}
-    assert sorted(reasons) == ["bomb.pt", "deep.pt", "laughs.pt", "lfs.safetensors"]
+    assert sorted(reasons) == ["bomb.pt", "deep.pt", "laughs.pt", "lfs.safetensors"], reasons
     assert all("\n" not in r for r in reasons.values()), reasons
     assert "billion laughs" in reasons["laughs.pt"] and "deep" in reasons["deep.pt"]
     assert "data/0" in reasons["bomb.pt"] and "Git LFS pointer" in reasons["lfs.safetensors"]
