@@ -518,3 +518,17 @@ def test_tag_lists_match_escaped_and_underscored_forms(tmp_path):
     s = Settings.from_options(CaptionConfig(dir=tmp_path, undesired_tags="star \\(symbol\\), Long_Hair",
                                             always_first_tags="rem_\\(re:zero\\)"))
     assert s.undesired == {"star (symbol)", "long hair"} and s.always_first == ("rem (re:zero)",)
+
+
+def test_tags_appended_after_a_sentence_caption(tagger, kohya_set):
+    """The two-step tags + sentence pipeline: a sentence (from `--captioner caption` or by hand),
+    then `--captioner wd --mode append` adds the tags after it, the sentence kept as written."""
+    d, w, b = tagger
+    sentence = "a girl with long hair, smiling at the viewer"
+    for item in scan(kohya_set).items:
+        item.path.with_suffix(".txt").write_text(sentence + "\n", encoding="utf-8")
+    runner.run_captioning(wd_cfg(kohya_set, d, mode="append", threshold=0.2))
+    got = captions(kohya_set)
+    for item in scan(kohya_set).items:
+        tags = kohya_tags(reference_scores(item.path, w, b), thresh=0.2)
+        assert tags and got[item.rel] == ", ".join([sentence] + tags)
