@@ -28,7 +28,7 @@ import torch
 from adapterhub.base import METADATA_KEY, detect_architecture
 from adapterhub.errors import AdapterhubError
 from adapterhub.io import atomic_dir, save_safetensors
-from adapterhub.keymaps import SGM_RESNET, SGM_TOP, rename_first
+from adapterhub.keymaps import UNetLayout, diffusers_to_sgm, rename_first
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -46,38 +46,14 @@ MODELSPEC = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "
 # --------------------------------------------------------------------------------------------
 # UNet
 # --------------------------------------------------------------------------------------------
-# the keymaps' ldm/sgm -> diffusers tables, the other way round (one table for both directions)
-_UNET_TOP = {diffusers: ldm for ldm, diffusers in SGM_TOP.items()}
-_RESNET = tuple((diffusers, ldm) for ldm, diffusers in SGM_RESNET.items())
-_BLOCK = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")
-_MID = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
-
-
 def unet_key_to_ldm(key: str, layers_per_block: int, up_has_attention: list[bool]) -> str:
-    """``down_blocks.1.attentions.0.proj_in.weight`` -> ``input_blocks.4.1.proj_in.weight`` (no prefix)."""
-    top = rename_first(key, _UNET_TOP.items())
-    if top != key:
-        return top
-    n = layers_per_block
-    m = _BLOCK.match(key)
-    if m:
-        side, block, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
-        if kind == "downsamplers":
-            return f"input_blocks.{block * (n + 1) + n + 1}.0.op." + rest.removeprefix("conv.")
-        if kind == "upsamplers":  # after the block's resnet (and attention, when it has one)
-            return f"output_blocks.{block * (n + 1) + n}.{2 if up_has_attention[block] else 1}.{rest}"
-        index = block * (n + 1) + j + 1 if side == "down_blocks" else block * (n + 1) + j
-        where = "input_blocks" if side == "down_blocks" else "output_blocks"
-        if kind == "resnets":
-            return f"{where}.{index}.0.{rename_first(rest, _RESNET)}"
-        return f"{where}.{index}.1.{rest}"
-    m = _MID.match(key)
-    if m:
-        if m[1] == "attentions":
-            return f"middle_block.1.{m[3]}"
-        return f"middle_block.{2 * int(m[2])}.{rename_first(m[3], _RESNET)}"
-    raise AdapterhubError(f"cannot convert UNet key {key!r} to the original layout "
-                          "(fuse or detach attached adapters before saving)")
+    """``down_blocks.1.attentions.0.proj_in.weight`` -> ``input_blocks.4.1.proj_in.weight`` (no prefix);
+    the keymaps' one diffusers -> ldm/sgm table, which the kohya SDXL writer uses too."""
+    ldm = diffusers_to_sgm(key, UNetLayout(layers_per_block, tuple(up_has_attention)))
+    if ldm is None:
+        raise AdapterhubError(f"cannot convert UNet key {key!r} to the original layout "
+                              "(fuse or detach attached adapters before saving)")
+    return ldm
 
 
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:

@@ -114,7 +114,12 @@ def test_round_trip_keeps_every_delta_and_the_metadata(case, via, sources, tmp_p
     if via == "diffusers":
         keys, meta = header(mid)
         assert {k.split(".")[0] for k in keys} == COMPONENTS[arch]
-        assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+        # UNet attention projections in the attention-processor form, other UNet modules LoRACompatible-named,
+        # text encoders PEFT-named: the forms diffusers and ComfyUI both read (test_interop_sdxl.py)
+        unet = [k for k in keys if k.startswith("unet.")]
+        assert all(k.endswith(("_lora.down.weight", "_lora.up.weight", ".lora.down.weight", ".lora.up.weight"))
+                   for k in unet) and any(".processor.to_q_lora." in k for k in unet)
+        assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys if not k.startswith("unet."))
         assert "lora_adapter_metadata" not in meta  # scales are baked: diffusers must not rescale
     else:
         assert {p.name for p in mid.iterdir()} == COMPONENTS[arch]
@@ -354,7 +359,9 @@ def test_wild_diffusers_lora_with_alpha_config_to_kohya_and_back(tmp_path):
     assert {p.scale for p in adapterhub.load(src).patches.values()} == {4.0}
     assert convert(src, "kohya", tmp_path / "kohya.safetensors")["format"] == "kohya"
     done = convert(tmp_path / "kohya.safetensors", "diffusers", tmp_path / "diffusers.safetensors")
-    assert done["format"] == "diffusers" and "lora_adapter_metadata" not in header(tmp_path / "diffusers.safetensors")[1]
+    # to_q/k/v only: every key in the attention-processor form (what ComfyUI reads), so it reads back as that
+    assert done["format"] == "diffusers-attnproc"
+    assert "lora_adapter_metadata" not in header(tmp_path / "diffusers.safetensors")[1]
     original = deltas(src)
     assert_same_deltas(deltas(tmp_path / "kohya.safetensors"), original)
     assert_same_deltas(deltas(tmp_path / "diffusers.safetensors"), original)

@@ -9,7 +9,8 @@ Foreign namings are translated here, once, by one engine driven by tables:
 * ``ATOMS``: the module-name parts that themselves contain ``_`` (``to_q``, ``down_blocks`` ...). A
   ``_``-joined name is split on ``_`` and re-joined with ``.`` except inside an atom (longest match).
 * ``SGM``: the ldm/sgm UNet block names (``input_blocks_4_1``) used by kohya for SDXL, mapped to
-  diffusers blocks from the UNet's ``layers_per_block``.
+  diffusers blocks from the UNet's ``layers_per_block`` (:func:`sgm_to_diffusers`) and back from its
+  :class:`UNetLayout` (:func:`diffusers_to_sgm`, which the checkpoint writer uses too).
 * ``DOTTED_FIXES``: renames inside dotted names (the old diffusers attention-processor layout).
 
 When a name does not translate to a module of the model at hand, :func:`resolve` falls back to
@@ -18,6 +19,7 @@ matching the ``_``-joined form against the model's own module names (what kohya,
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -195,11 +197,105 @@ def text_model_path(name: str) -> str:
     return name
 
 
-def kohya_name(path: str, sdxl: bool = False) -> str:
-    """The kohya module name for a canonical path (diffusers block names, as sd-scripts SD1/2 write)."""
+# Architectures whose UNet kohya's scripts (and LyCORIS inside them) name by the sgm modules of
+# ``sdxl_original_unet.SdxlUNet2DConditionModel``; every other UNet is named by its diffusers path.
+SGM_NAMED_ARCHS = ("sdxl", "tiny-sdxl")
+_KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+
+
+@dataclass(frozen=True)
+class UNetLayout:
+    """What the ldm/sgm block numbers of a UNet depend on. The default is SDXL's (and tiny-sdxl's)."""
+
+    layers_per_block: int = 2
+    up_has_attention: tuple[bool, ...] = (True, True, False)  # per up block, diffusers order
+
+    @classmethod
+    def of(cls, config) -> "UNetLayout":
+        """From a diffusers UNet config (a dict, a ``FrozenDict`` or a ``unet.config``)."""
+        get = config.get if hasattr(config, "get") else lambda key: getattr(config, key)
+        return cls(int(get("layers_per_block")), tuple("CrossAttn" in t for t in get("up_block_types")))
+
+
+_DIFFUSERS_BLOCK = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
+                              r"\.(\d+)(?:\.(.*))?$")
+_DIFFUSERS_MID = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)(?:\.(.*))?$")
+_SGM_TOP_OF = {diffusers: sgm for sgm, diffusers in SGM_TOP.items()}
+_SGM_RESNET_OF = tuple((diffusers, sgm) for sgm, diffusers in SGM_RESNET.items())
+
+
+def _dotted(head: str, rest: str | None) -> str:
+    return f"{head}.{rest}" if rest else head
+
+
+@lru_cache(maxsize=65536)
+def diffusers_to_sgm(path: str, layout: UNetLayout = UNetLayout()) -> str | None:
+    """A diffusers UNet path (module or parameter) -> the ldm/sgm one, or None for a path outside the table.
+
+    ``down_blocks.1.attentions.0.proj_in`` -> ``input_blocks.4.1.proj_in``; a downsampler's ``conv`` is the
+    ``op`` of ``input_blocks.{(n+1)(i+1)}.0``; an upsampler is ``output_blocks.{(n+1)i+n}.{2 if the block
+    has attentions else 1}.conv``; resnet layers are renamed (``conv1`` -> ``in_layers.2``). The inverse of
+    :func:`sgm_to_diffusers`.
+    """
+    top = rename_first(path, _SGM_TOP_OF.items())
+    if top != path:
+        return top
+    n = layout.layers_per_block
+    m = _DIFFUSERS_BLOCK.match(path)
+    if m:
+        side, block, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        if kind == "downsamplers":  # diffusers' Downsample2D.conv is the sgm Downsample's op
+            rest = "op" + rest[4:] if rest and (rest == "conv" or rest.startswith("conv.")) else rest
+            return _dotted(f"input_blocks.{block * (n + 1) + n + 1}.0", rest)
+        if kind == "upsamplers":  # after the block's resnet (and attention, when it has one)
+            if block >= len(layout.up_has_attention):
+                return None
+            return _dotted(f"output_blocks.{block * (n + 1) + n}.{2 if layout.up_has_attention[block] else 1}", rest)
+        index = block * (n + 1) + j + 1 if side == "down_blocks" else block * (n + 1) + j
+        where = "input_blocks" if side == "down_blocks" else "output_blocks"
+        if kind == "resnets":
+            return _dotted(f"{where}.{index}.0", rest and rename_first(rest, _SGM_RESNET_OF))
+        return _dotted(f"{where}.{index}.1", rest)
+    m = _DIFFUSERS_MID.match(path)
+    if m:
+        if m[1] == "attentions":
+            return _dotted("middle_block.1", m[3])
+        return _dotted(f"middle_block.{2 * int(m[2])}", m[3] and rename_first(m[3], _SGM_RESNET_OF))
+    return None
+
+
+def unet_layout(arch: str | None) -> UNetLayout | None:
+    """The sgm layout kohya names ``arch``'s UNet by (read from the architecture's UNet config), or None
+    where kohya names it by diffusers paths (SD1, SD2, their tiny bases, unknown architectures)."""
+    if arch not in SGM_NAMED_ARCHS:
+        return None
+    from adapterhub.base import recipe
+
+    return UNetLayout.of(recipe(arch).unet)
+
+
+def kohya_name(path: str, arch: str | None = "sd1") -> str:
+    """The kohya module name for a canonical path, as kohya's scripts for ``arch`` name it.
+
+    SD1/SD2: ``lora_unet_`` + the diffusers path, ``lora_te_`` (sd-scripts' ``train_network.py``).
+    SDXL: ``lora_unet_`` + the sgm path (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``),
+    ``lora_te1_`` / ``lora_te2_`` (``sdxl_train_network.py``, LyCORIS); what AUTOMATIC1111, ComfyUI,
+    diffusers and ``sdxl_merge_lora.py`` all read. A UNet path outside the sgm table keeps its diffusers
+    name. Text-encoder paths always carry ``text_model.``.
+    """
     component, rest = path.split(".", 1)
-    if component != "unet":
+    layout = unet_layout(arch)
+    if component == "unet":
+        rest = (diffusers_to_sgm(rest, layout) or rest) if layout is not None else rest
+    else:
         rest = text_model_path(rest)
-    prefix = {"unet": "lora_unet", "text_encoder": "lora_te1" if sdxl else "lora_te",
-              "text_encoder_2": "lora_te2"}[component]
+    prefix = "lora_te1" if component == "text_encoder" and layout is not None else _KOHYA_PREFIX[component]
     return f"{prefix}_{underscored(rest)}"
+
+
+def kohya_arch(base: str | None, paths) -> str:
+    """The architecture to name an adapter's modules for: its base when known, else SDXL when it
+    changes a second text encoder, else SD1 (whose names SD2 shares)."""
+    if base in SGM_NAMED_ARCHS or base in ("sd1", "sd2", "tiny-sd1"):
+        return base
+    return "sdxl" if any(p.startswith("text_encoder_2.") for p in paths) else "sd1"

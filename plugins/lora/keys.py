@@ -140,7 +140,10 @@ def layout_of(file: AdapterFile, grouped: Grouped, adapter_type: str) -> str:
     """kohya, lycoris, diffusers, diffusers-attnproc or peft."""
     names = list(grouped.modules)
     keys = [k for m in grouped.modules.values() for k in m.roles.values()]
-    if any(".processor." in k and "_lora." in k for k in keys):
+    # the old attention-processor files hold nothing else; ours (``save.diffusers_tensors``) add LoRACompatible
+    # (``.lora.down``) and PEFT-named (``.lora_A``) modules and are the diffusers layout
+    if any(".processor." in k and "_lora." in k for k in keys) and \
+            not any(k.endswith((".lora.down.weight", ".lora_A.weight")) for k in keys):
         return "diffusers-attnproc"
     if names and (all(n.startswith("base_model.model.") for n in names) or file.extra.get("peft_components")):
         return "peft"  # a PEFT folder, or one per component (``unet/``, ``text_encoder/``: see ``adapterhub.io``)

@@ -1,10 +1,17 @@
 """Writing LoRA-family files in every layout that exists for them, and the small random examples.
 
 * ``kohya`` / ``lycoris`` / ``a1111`` (the same tensors): ``lora_unet_…`` / ``lora_te_…`` names with
-  ``lora_down`` / ``lora_up`` / ``alpha`` (LoHa / LoKr: the LyCORIS ``hada_*`` / ``lokr_*`` names). What
-  AUTOMATIC1111, ComfyUI and diffusers load.
-* ``diffusers``: the layout diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` reads,
-  ``unet.<module path>.lora_A.weight`` / ``lora_B.weight``, ``text_encoder.…`` and ``text_encoder_2.…``.
+  ``lora_down`` / ``lora_up`` / ``alpha`` (LoHa / LoKr: the LyCORIS ``hada_*`` / ``lokr_*`` names). Module
+  names as kohya's scripts write them for the base (:func:`adapterhub.keymaps.kohya_name`): SD1/SD2 UNets
+  by their diffusers paths, SDXL UNets by their sgm paths (``lora_unet_input_blocks_4_1_…``) with
+  ``lora_te1_`` / ``lora_te2_``. What AUTOMATIC1111, ComfyUI, kohya sd-scripts, LyCORIS and diffusers load.
+* ``diffusers``: one file that diffusers' ``load_lora_weights`` and ComfyUI's LoRA loader both read in
+  full. ComfyUI names a diffusers UNet's attention projections only in the attention-processor form, so
+  the UNet is written in the two older diffusers forms that both read: ``unet.<attention>.processor.
+  to_q_lora.down.weight`` (``to_k`` / ``to_v`` / ``to_out``) and ``unet.<module path>.lora.down.weight`` /
+  ``lora.up.weight`` for every other module (diffusers reads these forms only when no UNet key is in the
+  PEFT form, hence none is). Text encoders: ``text_encoder.<module path>.lora_A.weight`` / ``lora_B.weight``
+  (and ``text_encoder_2.…``), what ``save_lora_weights`` writes.
   Each module's ``alpha / rank`` is baked into ``lora_B``: without a ``lora_adapter_metadata`` config,
   diffusers (and ComfyUI, InvokeAI) take ``alpha = rank`` for this layout, so every reader then gets
   the same delta. A baked tensor keeps the source's dtype where that is exact and is float32 otherwise.
@@ -31,8 +38,9 @@ import torch
 
 from adapterhub.errors import AdapterError
 from adapterhub.io import atomic_dir, save_safetensors
-from adapterhub.keymaps import kohya_name
+from adapterhub.keymaps import kohya_arch, kohya_name
 from adapterhub.types import Adapter
+from adapterhub.weights import architecture_of
 
 from .patches import AdaLoRAPatch, DiffPatch, LoHaPatch, LoKrPatch, LoRAPatch
 from .targets import target_modules
@@ -51,10 +59,10 @@ def _alpha(patch) -> torch.Tensor:
 
 
 def kohya_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    sdxl = adapter.base in ("sdxl", "tiny-sdxl") or any(t.startswith("text_encoder_2.") for t in adapter.patches)
+    arch = kohya_arch(adapter.base, [p.target for p in adapter.patches.values()])
     out: dict[str, torch.Tensor] = {}
     for patch in adapter.patches.values():
-        name = kohya_name(patch.target, sdxl)
+        name = kohya_name(patch.target, arch)
         t = patch.tensors
         if isinstance(patch, AdaLoRAPatch):
             out[f"{name}.lora_down.weight"] = (t["down"].float() * t["E"].float()).contiguous()
@@ -135,13 +143,30 @@ def baked(up: torch.Tensor, scale: float) -> torch.Tensor:
     return scaled
 
 
+# diffusers attention projection -> its attention-processor LoRA name (diffusers' UNET_TO_DIFFUSERS inverted)
+ATTENTION_PROCESSOR = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
+
+
+def diffusers_key_stems(target: str) -> tuple[str, str]:
+    """The (down, up) key names of ``target`` in our diffusers layout (see the module docstring)."""
+    component, _, path = target.partition(".")
+    if component != "unet":
+        return f"{target}.lora_A.weight", f"{target}.lora_B.weight"
+    for projection, processor in ATTENTION_PROCESSOR.items():
+        if path.endswith("." + projection):
+            attention = target[: -len(projection) - 1]
+            return f"{attention}.processor.{processor}.down.weight", f"{attention}.processor.{processor}.up.weight"
+    return f"{target}.lora.down.weight", f"{target}.lora.up.weight"
+
+
 def diffusers_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for patch in adapter.patches.values():
         _split_target(adapter, patch)
         up, down, scale = low_rank(adapter, patch, "diffusers")
-        out[f"{patch.target}.lora_A.weight"] = down.contiguous()
-        out[f"{patch.target}.lora_B.weight"] = baked(up, scale).contiguous()
+        down_key, up_key = diffusers_key_stems(patch.target)
+        out[down_key] = down.contiguous()
+        out[up_key] = baked(up, scale).contiguous()
     return out
 
 
@@ -274,11 +299,11 @@ def write_example(kind: str, model, path: Path, seed: int = 0, rank: int = 4, te
         targets = {k: m for k, m in targets.items() if m.weight.dim() == 2 or m.weight.shape[2:] == (1, 1)}
     if kind == "adalora":
         return _write_adalora(model, targets, path, gen, rank)
-    sdxl = any(k.startswith("text_encoder_2.") for k in targets)
+    arch = kohya_arch(architecture_of(model), targets)
     tensors = {}
     for target, module in targets.items():
         for suffix, tensor in _example_module(kind, module, rank, gen).items():
-            tensors[f"{kohya_name(target, sdxl)}.{suffix}"] = tensor.contiguous()
+            tensors[f"{kohya_name(target, arch)}.{suffix}"] = tensor.contiguous()
     meta = {"ss_network_module": NETWORK_MODULE[kind], "ss_network_dim": str(rank),
             "ss_output_name": path.stem, "adapterhub.example": kind}
     if kind == "loha":
