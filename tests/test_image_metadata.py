@@ -143,6 +143,7 @@ def test_webui_png_made_elsewhere_reruns_with_warnings(tmp_path, lora_dir, capsy
     assert any("easynegative" in line and "embedding" in line for line in lines)
     assert any("4x-UltraSharp" in line and "Lanczos" in line for line in lines)
     assert any("RNG" in line and "NV" in line and "GPU" in line for line in lines)
+    assert any("v1-5-pruned-emaonly [6ce0161689]" in line and "tiny-sd1" in line for line in lines)
     summary = json.loads(out)
     fields = infotext.parse(summary["parameters"])
     assert fields["Prompt"] == "masterpiece, a castle at dusk <lora:style:0.5>"  # the missing tag is dropped

@@ -57,6 +57,7 @@ def _from_png(path: str, options: dict, given: set[str]) -> tuple[dict, list[str
             raise AdapterhubError(f"{path}: Denoising strength {params['Denoising strength']!r} is not a valid "
                                   "value") from None
     warnings: list[str] = []
+    options["source_model"] = (params.get("Model"), params.get("Model hash"))  # compared once the base is known
     if "rng" not in given:
         options["rng"] = _from_png_rng(path, params, "RNG" in meta.fields, warnings)
     if "hires_upscaler" not in given and "Hires upscaler" in params:
@@ -73,6 +74,20 @@ def _from_png(path: str, options: dict, given: set[str]) -> tuple[dict, list[str
         elif "stacks" not in given:
             options["stacks"] = (*options["stacks"], name)  # the webui loads its embeddings folder; we load by name
     return options, warnings
+
+
+def _other_model(path: str, source: tuple, text: str) -> str | None:
+    """A warning when the image was made with another model than this run's (by ``Model hash``, else by name):
+    the webui re-runs with whatever model is loaded, silently."""
+    from adapterhub.sample import infotext
+
+    (name, digest), fields = source, infotext.parse(text)
+    mine = (fields.get("Model"), fields.get("Model hash"))
+    if (digest and digest == mine[1]) or (not digest and (not name or name == mine[0])):
+        return None
+    made = f"{name or 'a model'}" + (f" [{digest}]" if digest else "")
+    used = f"{mine[0]}" + (f" [{mine[1]}]" if mine[1] else "")
+    return f"{path}: made with {made}; this run used {used}, so the image will differ"
 
 
 def _from_png_rng(path: str, params: dict, written: bool, warnings: list[str]) -> str:
@@ -528,7 +543,10 @@ def sample_cmd(ctx, **options):
         grid_path = out / f"grid-{index:05d}.{options['format']}"
         _save(make_grid(result.images), grid_path, result.infotexts[0])
         summary["grid"] = str(grid_path)
-    for warning in result.warnings:
+    other = _other_model(options["from_png"], options["source_model"], result.infotexts[0]) \
+        if options.get("source_model") and result.infotexts else None
+    summary["warnings"] += [other] if other else []
+    for warning in [*result.warnings, *([other] if other else [])]:  # --from-png's own were said before sampling
         click.echo(f"warning: {warning}", err=True)
     output.emit(summary, options["as_json"], lambda d: output.table(d["images"], ["path", "seed"],
                                                                    title=f"{len(rows)} image(s) in {d['seconds']} s"))
