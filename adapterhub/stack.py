@@ -318,10 +318,9 @@ def active_stack(pipe) -> Stack | None:
 
 
 def _owner(pipe):
-    from adapterhub.weights import component
+    from adapterhub.weights import owner_of  # the key the weight engine registers its patcher under
 
-    unet = component(pipe, "unet")
-    return unet if unet is not None else pipe
+    return owner_of(pipe)
 
 
 class Stack:
@@ -388,10 +387,11 @@ class Stack:
         return self
 
     # -- applying -----------------------------------------------------------------------------
-    def apply(self, pipe, mode: str = "attach", replace: bool = False) -> Stack:
+    def apply(self, pipe, mode: str = "attach", replace: bool = False, dtype=None) -> Stack:
         """Apply every entry to ``pipe``. ``attach``: reversible (:meth:`remove`, :meth:`set_weights`).
-        ``merge``: baked in for good, cannot be removed. One attached stack per pipeline: a second
-        raises unless ``replace=True``, which switches from the first to this one."""
+        ``merge``: baked in for good, cannot be removed; ``dtype`` is the dtype the merged model will be
+        saved in, when not its own: every result must be finite in it too. One attached stack per
+        pipeline: a second raises unless ``replace=True``, which switches from the first to this one."""
         if mode not in MODES:
             raise AdapterhubError(f"mode {mode!r}: choose attach or merge")
         if self._applied is not None:
@@ -405,7 +405,7 @@ class Stack:
         for entry in self.entries:
             _check_entry(entry, mode)
         if mode == "merge":
-            self._merge(pipe, current)
+            self._merge(pipe, current, dtype)
         else:
             self._attach(pipe, current)
         return self
@@ -484,7 +484,7 @@ class Stack:
         for i in sorted(self._applied.handles, reverse=True):  # last attached first: exact restores
             self._applied.handles.pop(i).detach()
 
-    def _merge(self, pipe, current: Stack | None) -> None:
+    def _merge(self, pipe, current: Stack | None, dtype=None) -> None:
         from adapterhub.weights import merge, patcher_for
 
         if current is not None:
@@ -493,7 +493,8 @@ class Stack:
             raise AdapterhubError("adapters are attached to this pipeline; detach them before merging "
                                   "(their removal would put back the weights from before the merge)")
         family = blocks.family_of(pipe)
-        merge(pipe, [(e.adapter, self._weight(e, family, pipe)) for e in self.entries if e.adapter.plugin.weight_space])
+        merge(pipe, [(e.adapter, self._weight(e, family, pipe)) for e in self.entries if e.adapter.plugin.weight_space],
+              dtype=dtype)
         for entry in self.entries:
             if not entry.adapter.plugin.weight_space:
                 entry.adapter.merge_into(pipe, entry.weight)

@@ -3,8 +3,9 @@
 ``merge`` (bake for good), ``attach`` (reversible, with ``set_weight``), and later the Stack and the
 compiled sampling backend all go through :class:`WeightPatcher`:
 
-* every adapter is bound to the model first (every target module found, every shape right); only
-  then does the first weight change: all or nothing;
+* every adapter is bound to the model first (every target module found, every shape right), and every
+  result is known to be finite in the parameter's dtype (:func:`check_finite`); only then does the
+  first weight change: all or nothing;
 * deltas are computed in float32, summed per parameter, added to the pristine float32 weight and
   cast once; the result is written with ``param.data.copy_`` (never a new tensor, so compiled graphs
   and CUDA graphs stay valid);
@@ -21,7 +22,7 @@ import math
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Union
+from typing import Iterable, Iterator, Union
 
 import torch
 from torch import nn
@@ -136,6 +137,115 @@ def resolve_weights(bindings: list[Binding], weight: Weight) -> list[float]:
     return values
 
 
+# ---------------------------------------------------------------------------------------------
+# no silent NaN: every result finite in its dtype, checked before the first weight changes
+# ---------------------------------------------------------------------------------------------
+F32_MAX = torch.finfo(torch.float32).max
+SLACK = 1e-3  # float32 rounding of a sum of deltas stays far inside this fraction of their bound
+
+
+def nonfinite_parts(patch: Patch) -> Iterator[tuple[str, str]]:
+    """``(key, problem)`` for every NaN / Inf among a patch's own numbers: each tensor (named by its key
+    in the file where the parser recorded it), then its alpha or scale (the engine uses it as a float32).
+    One ``isfinite`` pass per tensor."""
+    keys = getattr(patch, "file_keys", None) or {}
+    tensors = patch.tensors if isinstance(patch.tensors, Mapping) else {}
+    for role, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            bad = int(t.numel() - torch.isfinite(t).sum())
+            if bad:
+                yield keys.get(role, f"{patch.source}.{role}"), f"{bad} of {t.numel()} values are NaN or infinite"
+    for name in ("alpha", "scale"):
+        value = getattr(patch, name, None)
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and abs(value) <= F32_MAX):
+            yield keys.get("alpha", patch.source), f"{name} {value:g} is not a finite float32 number"
+            return
+
+
+def nonfinite(patch: Patch) -> tuple[str, str] | None:
+    """The first of :func:`nonfinite_parts`, or None."""
+    return next(nonfinite_parts(patch), None)
+
+
+def check_adapter_finite(adapter: Adapter) -> None:
+    """Raise :class:`AdapterError` naming the file and key of the first NaN / Inf tensor, alpha or scale
+    of ``adapter`` (for services that write or convert an adapter without applying it)."""
+    for patch in adapter.patches.values():
+        found = nonfinite(patch)
+        if found is not None:
+            raise AdapterError(adapter.path, found[1], found[0])
+
+
+def _refuse_nonfinite(binding: Binding) -> None:
+    found = nonfinite(binding.patch)
+    if found is not None:
+        raise AdapterError(binding.adapter.path, found[1], found[0])
+
+
+def _limit(*dtypes: torch.dtype | None) -> float:
+    """The largest magnitude every one of ``dtypes`` holds, through the float32 accumulator."""
+    return min([F32_MAX, *(torch.finfo(d).max for d in dtypes if d is not None and d.is_floating_point)])
+
+
+def _bound(patch: Patch) -> float:
+    """``>= max |delta|`` at multiplier 1 from the patch's cheap bound; Inf when it has none."""
+    bound = getattr(patch, "delta_bound", None)
+    return float(bound()) if bound is not None else math.inf
+
+
+def check_finite(groups: Mapping[int, list[tuple[Binding, float]]], source_of: Callable[[int], torch.Tensor],
+                 dtype: torch.dtype | None = None) -> None:
+    """Refuse (one :class:`AdapterError` naming the file and key) any parameter group whose result, as
+    :func:`_apply` computes it from ``source_of(id(param))``, would hold NaN / Inf in the parameter's
+    dtype (and in ``dtype``, where the result is saved in another one) where the source is finite.
+
+    Cheap first: a NaN / Inf tensor or alpha is found by one ``isfinite`` pass over the patch's own
+    tensors; a group whose deltas' bounds (factor-sized work, :meth:`delta_bound`) plus ``max |source|``
+    stay inside the dtype cannot overflow. Only a group that may is computed exactly, once, into one
+    float32 temporary of the weight's size, and thrown away."""
+    for pid, group in groups.items():
+        param = group[0][0].param
+        source = source_of(pid)
+        limit = _limit(param.dtype, dtype)
+        total = 0.0
+        for binding, weight in group:
+            bound = _bound(binding.patch)
+            if not math.isfinite(bound):
+                _refuse_nonfinite(binding)  # NaN / Inf in the file: named; else an unbounded patch
+            total += abs(weight) * bound
+        if total * (1 + SLACK) + _magnitude(source) <= limit:  # NaN compares False: the exact check
+            continue
+        _check_exact(param, source, group, limit, dtype)
+
+
+def _magnitude(x: torch.Tensor) -> float:
+    """``max |x|`` without a temporary the size of ``x`` (NaN if ``x`` holds one)."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(x.detach())
+    return float(torch.stack([lo.abs(), hi.abs()]).double().max())
+
+
+def _check_exact(param: torch.Tensor, source: torch.Tensor, group: list[tuple[Binding, float]], limit: float,
+                 dtype: torch.dtype | None) -> None:
+    acc = source.to(device=param.device, dtype=torch.float32, copy=True)
+    _accumulate(acc, group)
+    bad = ~torch.isfinite(acc)
+    for d in {param.dtype, dtype} - {None, torch.float32, torch.float64}:
+        bad |= ~torch.isfinite(acc.to(d))  # the cast rounds: 65519 is still a float16, 65520 is not
+    bad &= torch.isfinite(source.to(acc.device))  # a weight the model already had non-finite is not ours
+    if not bool(bad.any()):
+        return
+    for binding, _ in group:
+        _refuse_nonfinite(binding)
+    binding, weight = max(group, key=lambda bw: abs(bw[1]) * _bound(bw[0].patch))
+    where = f"{binding.patch.target}.{binding.patch.param}"
+    kind = str(dtype if dtype is not None and torch.finfo(dtype).max < torch.finfo(param.dtype).max
+               else param.dtype).removeprefix("torch.")
+    raise AdapterError(binding.adapter.path, f"at weight {weight:g} the change to {where} overflows {kind} "
+                                             f"(|values| beyond {limit:.6g})", binding.patch.source)
+
+
 def _accumulate(acc: torch.Tensor, group: Iterable[tuple[Binding, float]]) -> None:
     for binding, weight in group:
         if weight:
@@ -165,13 +275,15 @@ def _by_param(pairs: Iterable[tuple[Binding, float]]) -> dict[int, list[tuple[Bi
     return groups
 
 
-def merge(model, entries: list[tuple[Adapter, Weight]]) -> None:
-    """Bake ``(adapter, weight)`` pairs into the model's weights for good: all bound first.
+def merge(model, entries: list[tuple[Adapter, Weight]], dtype: torch.dtype | None = None) -> None:
+    """Bake ``(adapter, weight)`` pairs into the model's weights for good: all bound and every result
+    checked finite first (in ``dtype`` too, when the merged model is saved in another dtype).
 
     A weight is a float, or per target module path a mapping / function (see :data:`Weight`)."""
     bound = [(bindings, resolve_weights(bindings, w)) for bindings, w in ((bind(model, a), w) for a, w in entries)]
     groups = _by_param(pair for bindings, values in bound for pair in zip(bindings, values))
     with torch.no_grad():
+        check_finite(groups, lambda pid: groups[pid][0][0].param, dtype)
         for group in groups.values():
             param = group[0][0].param
             _apply(param, param, group)
@@ -192,8 +304,7 @@ class WeightPatcher:
 
     def _groups(self, params: dict[int, torch.Tensor]) -> dict[int, list[tuple[Binding, float]]]:
         """Per parameter, its live (binding, multiplier) pairs in contribution order."""
-        return _by_param((b, w) for key, (bindings, _) in self.contributions.items()
-                         for b, w in zip(bindings, self.resolved[key]) if id(b.param) in params)
+        return _groups_of(self.contributions, self.resolved, params)
 
     def _refresh(self, params: dict[int, torch.Tensor], groups=None, fresh: frozenset = frozenset()) -> None:
         """Recompute the given parameters from their pristine copies and every live contribution,
@@ -222,17 +333,19 @@ class WeightPatcher:
                update: Mapping[int, Weight] | None = None) -> list[int]:
         """Remove, add and re-weight contributions in one step; returns the keys of the added ones.
 
-        Every weight is checked before the first change. Only parameters whose ordered list of
-        (patch, multiplier) changes are recomputed (once each, from the pristine copy), so switching
-        from one set of contributions to another leaves the parameters they share unchanged, and a
-        parameter touched by neither is never read or written.
+        Every weight, and every result being finite in its parameter's dtype (:func:`check_finite`),
+        is checked on the new state before the first change: a refused change leaves the weights and
+        the contributions as they were. Only parameters whose ordered list of (patch, multiplier)
+        changes are recomputed (once each, from the pristine copy), so switching from one set of
+        contributions to another leaves the parameters they share unchanged, and a parameter touched
+        by neither is never read or written.
         """
         remove, add, update = list(remove), list(add), dict(update or {})
         for key in [*remove, *update]:
             if key not in self.contributions:
                 raise KeyError(f"no contribution {key}")
         new_values = {key: resolve_weights(self.contributions[key][0], w) for key, w in update.items()}
-        added = [(bindings, w, resolve_weights(bindings, w)) for bindings, w in add]
+        added = [(next(self._ids), bindings, w, resolve_weights(bindings, w)) for bindings, w in add]
         affected: dict[int, torch.Tensor] = {}
         for key in remove:
             affected.update(self._params_of(self.contributions[key][0]))
@@ -240,27 +353,36 @@ class WeightPatcher:
             bindings = self.contributions[key][0]
             affected.update((id(b.param), b.param) for b, old, new in zip(bindings, self.resolved[key], values)
                             if old != new)
-        for bindings, _, _ in added:
+        for _, bindings, _, _ in added:
             affected.update(self._params_of(bindings))
-        before = self._groups(affected)
+        # the new state, built aside: nothing of the patcher changes until it is known to be finite
+        contributions, resolved = dict(self.contributions), dict(self.resolved)
         for key in remove:
-            del self.contributions[key], self.resolved[key]
+            del contributions[key], resolved[key]
         for key, w in update.items():
-            self.contributions[key] = (self.contributions[key][0], w)
-            self.resolved[key] = new_values[key]
-        keys, fresh = [], set()
-        for bindings, w, values in added:
-            key = next(self._ids)
+            contributions[key], resolved[key] = (contributions[key][0], w), new_values[key]
+        for key, bindings, w, values in added:
+            contributions[key], resolved[key] = (bindings, w), values
+        before, after = self._groups(affected), _groups_of(contributions, resolved, affected)
+        changed = {pid: p for pid, p in affected.items() if not _same_group(before.get(pid), after.get(pid))}
+        check_finite({pid: g for pid, g in after.items() if pid in changed},
+                     lambda pid: self.pristine[pid][1] if pid in self.pristine else changed[pid])
+        self.contributions, self.resolved = contributions, resolved
+        fresh = set()
+        for _, bindings, _, _ in added:
             for pid, param in self._params_of(bindings).items():
                 if pid not in self.pristine:
                     self.pristine[pid] = (param, param.detach().clone())
                     fresh.add(pid)
-            self.contributions[key], self.resolved[key] = (bindings, w), values
-            keys.append(key)
-        after = self._groups(affected)
-        changed = {pid: p for pid, p in affected.items() if not _same_group(before.get(pid), after.get(pid))}
         self._refresh(changed, {pid: g for pid, g in after.items() if pid in changed}, frozenset(fresh))
-        return keys
+        return [key for key, _, _, _ in added]
+
+
+def _groups_of(contributions: Mapping[int, tuple[list[Binding], Weight]], resolved: Mapping[int, list[float]],
+               params: Mapping[int, torch.Tensor]) -> dict[int, list[tuple[Binding, float]]]:
+    """Per parameter in ``params``, the (binding, multiplier) pairs of ``contributions`` in their order."""
+    return _by_param((b, w) for key, (bindings, _) in contributions.items()
+                     for b, w in zip(bindings, resolved[key]) if id(b.param) in params)
 
 
 def _same_group(a: list[tuple[Binding, float]] | None, b: list[tuple[Binding, float]] | None) -> bool:
@@ -273,12 +395,26 @@ def _same_group(a: list[tuple[Binding, float]] | None, b: list[tuple[Binding, fl
 _patchers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def owner_of(model):
+    """What ``model``'s weights are registered under: its UNet; else, for a dict of modules (which
+    cannot be weakly referenced, and is rebuilt per call by some callers), its first module by
+    component name, so every dict of the same modules finds the same patcher; else the model."""
+    unet = component(model, "unet")
+    if unet is not None:
+        return unet
+    if isinstance(model, dict):
+        modules = [model[name] for name in sorted(model, key=str) if isinstance(model[name], nn.Module)]
+        if modules:
+            return modules[0]
+    return model
+
+
 def patcher_for(model) -> WeightPatcher:
-    """The patcher that owns ``model``'s weights (one per model, so contributions combine)."""
-    owner = component(model, "unet") if component(model, "unet") is not None else model
+    """The patcher that owns ``model``'s weights (one per model, so contributions combine and every
+    removal restores exactly)."""
     try:
-        return _patchers.setdefault(owner, WeightPatcher())
-    except TypeError:  # not weak-referenceable (a plain dict): keep it on nothing, per call
+        return _patchers.setdefault(owner_of(model), WeightPatcher())
+    except TypeError:  # nothing weakly referenceable (no module at all): nothing to patch either
         return WeightPatcher()
 
 

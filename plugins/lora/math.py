@@ -72,3 +72,78 @@ def ia3_delta(weight: torch.Tensor, scale: torch.Tensor, on_input: bool) -> torc
     w = scale.to(F32).flatten()
     shape = (1, -1) + (1,) * (weight.dim() - 2) if on_input else (-1,) + (1,) * (weight.dim() - 1)
     return weight.to(F32) * w.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# bounds: max |delta| from O(size of the factors) work, so the engine can tell that a result stays
+# finite in the model's dtype without computing it (NaN / Inf in a factor gives a NaN / Inf bound)
+# ---------------------------------------------------------------------------------------------
+F64 = torch.float64
+
+
+def _abs64(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to(F64).abs()  # float64: a bound of finite factors does not overflow itself
+
+
+def _largest(x: torch.Tensor) -> float:
+    return float(x.max()) if x.numel() else 0.0  # torch's max propagates NaN
+
+
+def magnitude(x: torch.Tensor) -> float:
+    """``max |x|`` without a temporary the size of ``x`` (NaN if ``x`` holds a NaN; 0 if empty)."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(x.detach())
+    return float(torch.stack([lo.abs(), hi.abs()]).to(F64).max())
+
+
+def product_bound(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``>= max |flat(a) @ flat(b)|``: row sums of ``|a|`` weighted by the row maxima of ``|b|``."""
+    a, b = _abs64(flat(a)), _abs64(flat(b))
+    if a.numel() == 0 or b.numel() == 0:
+        return 0.0
+    return _largest(a @ b.amax(dim=1))
+
+
+def tucker_bound(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """``>= max |tucker(core, a, b)|`` (``sum_ij |core_ijkl| |a_ip| max_r |b_jr|``)."""
+    core, a, b = _abs64(core), _abs64(a), _abs64(b)
+    if core.numel() == 0 or a.numel() == 0 or b.numel() == 0:
+        return 0.0
+    inner = torch.einsum("ijkl,j->ikl", core, b.amax(dim=1))
+    return _largest(a.T @ inner.reshape(inner.shape[0], -1))
+
+
+def lora_bound(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None = None) -> float:
+    """``>= max |lora(up, down, mid)|``."""
+    if mid is None:
+        return product_bound(up, down)
+    up, down, mid = _abs64(flat(up)), _abs64(flat(down)), _abs64(mid)
+    if up.numel() == 0 or down.numel() == 0 or mid.numel() == 0:
+        return 0.0
+    inner = torch.einsum("nmkl,m->nkl", mid, down.amax(dim=1))
+    return _largest(up @ inner.reshape(inner.shape[0], -1))
+
+
+def loha_bound(w1_a, w1_b, w2_a, w2_b, t1=None, t2=None) -> float:
+    """``>= max |loha(...)|``: the product of the two halves' bounds."""
+    if t1 is not None and t2 is not None:
+        return tucker_bound(t1, w1_a, w1_b) * tucker_bound(t2, w2_a, w2_b)
+    return product_bound(w1_a, w1_b) * product_bound(w2_a, w2_b)
+
+
+def lokr_bound(w1=None, w1_a=None, w1_b=None, w2=None, w2_a=None, w2_b=None, t2=None) -> float:
+    """``>= max |lokr(...)|`` (``max |kron(L, R)| = max |L| * max |R|``)."""
+    left = magnitude(w1) if w1 is not None else product_bound(w1_a, w1_b)
+    if w2 is not None:
+        right = magnitude(w2)
+    elif t2 is not None:
+        right = tucker_bound(t2, w2_a, w2_b)
+    else:
+        right = product_bound(w2_a, w2_b)
+    return left * right
+
+
+def adalora_bound(lora_a: torch.Tensor, lora_e: torch.Tensor, lora_b: torch.Tensor) -> float:
+    """``>= max |adalora(...)|``."""
+    return product_bound(lora_b, lora_a.to(F64) * lora_e.to(F64))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 
@@ -11,7 +12,7 @@ from adapterhub.io import AdapterFile
 from adapterhub.keymaps import canonical
 from adapterhub.types import Adapter, Patch
 
-from .keys import REFUSED, Grouped, adapter_type_of, group_keys, kind_counts, layout_of
+from .keys import REFUSED, Grouped, ModuleKeys, adapter_type_of, group_keys, kind_counts, layout_of, split_key
 from .patches import AdaLoRAPatch, DiffPatch, LoHaPatch, LoKrPatch, LoRAPatch
 
 
@@ -93,16 +94,173 @@ def _make_patch(kind: str, target: str, name: str, t: dict, alpha, cfg: dict) ->
     raise AssertionError(kind)
 
 
-def _diff_patches(target: str, name: str, t: dict) -> list[Patch]:
+def _diff_patches(target: str, name: str, t: dict, roles: dict[str, str]) -> list[Patch]:
     out = []
     for role, param in (("diff", "weight"), ("w_norm", "weight"), ("diff_b", "bias"), ("b_norm", "bias")):
         if role in t:
-            out.append(DiffPatch(target, name, {"diff": t[role]}, param=param))
+            patch = DiffPatch(target, name, {"diff": t[role]}, param=param)
+            patch.file_keys = {"diff": roles[role]}
+            out.append(patch)
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# structure: every module's tensors checked from the header shapes, before any tensor is used
+# ---------------------------------------------------------------------------------------------
+def _refuse(file: AdapterFile, mod: ModuleKeys, role: str, problem: str):
+    raise AdapterError(file.path, problem, mod.roles[role])
+
+
+def _dims(file, mod, role: str, allowed: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """The role's shape; refused unless it has one of the ``allowed`` numbers of dimensions."""
+    shape = tuple(mod.shapes[role])
+    if len(shape) not in allowed:
+        wanted = " or ".join(f"{n}-D" for n in allowed)
+        _refuse(file, mod, role, f"{what} must be {wanted}, not {len(shape)}-D {shape}")
+    return shape
+
+
+def _require(file, mod, present: str, needed: tuple[str, ...], what: str) -> None:
+    missing = [r for r in needed if r not in mod.roles]
+    if missing:
+        _refuse(file, mod, present, f"{what} has {present} but no {' / '.join(missing)}")
+
+
+def _rank(file, mod, role: str, rank: int, what: str) -> None:
+    if rank <= 0:
+        _refuse(file, mod, role, f"{what} has rank 0 (an empty factor {tuple(mod.shapes[role])})")
+
+
+def _agree(file, mod, role: str, ok: bool, problem: str) -> None:
+    if not ok:
+        _refuse(file, mod, role, problem)
+
+
+def _check_lora(file, mod) -> None:
+    """kohya / PEFT / diffusers LoRA and LoCon: ``up`` (out, r[,1,1]) @ ``down`` (r, in[,kh,kw]); with a
+    CP core ``mid`` (r, r, kh, kw) and a 1x1 ``down``."""
+    _require(file, mod, "down", ("up",), "a LoRA module")
+    down = _dims(file, mod, "down", (2, 4), "a LoRA down")
+    up = _dims(file, mod, "up", (2, 4), "a LoRA up")
+    _rank(file, mod, "down", down[0], "a LoRA module")
+    up_rank = math.prod(up[1:])
+    if "mid" not in mod.roles:
+        _agree(file, mod, "up", up_rank == down[0],
+               f"LoRA up {up} has rank {up_rank}, its down {down} rank {down[0]}")
+        return
+    mid = _dims(file, mod, "mid", (4,), "a LoRA mid (CP core)")
+    _agree(file, mod, "mid", mid[0] == up_rank and mid[1] == down[0],
+           f"LoRA mid {mid} does not chain up rank {up_rank} to down rank {down[0]}")
+    _agree(file, mod, "down", math.prod(down[2:]) == 1, f"a LoRA down with a mid must be 1x1, not {down}")
+
+
+def _check_adalora(file, mod) -> None:
+    """PEFT AdaLoRA: ``lora_B`` (out, r) @ (``lora_A`` (r, in) * ``lora_E`` (r, 1)). Rank 0 is a valid,
+    empty module (PEFT allows ``r == 0`` for AdaLoRA: its rank allocator prunes whole modules)."""
+    _require(file, mod, "E", ("up", "down"), "an AdaLoRA module")
+    up, down = _dims(file, mod, "up", (2,), "an AdaLoRA lora_B"), _dims(file, mod, "down", (2,), "an AdaLoRA lora_A")
+    e = tuple(mod.shapes["E"])
+    _agree(file, mod, "up", up[1] == down[0], f"AdaLoRA lora_B {up} has rank {up[1]}, lora_A {down} rank {down[0]}")
+    _agree(file, mod, "E", len(e) in (1, 2) and e[0] == down[0] and math.prod(e) == down[0],
+           f"AdaLoRA lora_E {e} does not fit rank {down[0]}")
+
+
+def _low_rank(file, mod, a: str, b: str, what: str) -> tuple[tuple, tuple]:
+    """Two 2-D factors ``a`` (m, r) @ ``b`` (r, n) with the same r > 0."""
+    sa, sb = _dims(file, mod, a, (2,), f"{what} {a}"), _dims(file, mod, b, (2,), f"{what} {b}")
+    _rank(file, mod, b, sb[0], f"{what} module")
+    _agree(file, mod, b, sa[1] == sb[0], f"{what} {a} {sa} has rank {sa[1]}, {b} {sb} rank {sb[0]}")
+    return sa, sb
+
+
+def _tucker(file, mod, core: str, a: str, b: str, what: str) -> tuple[int, ...]:
+    """LyCORIS' CP rebuild ``einsum('ijkl,jr,ip->prkl', core, b, a)``: ``a`` (i, out), ``b`` (j, in);
+    returns the rebuilt shape."""
+    sc = _dims(file, mod, core, (4,), f"{what} {core}")
+    sa, sb = _dims(file, mod, a, (2,), f"{what} {a}"), _dims(file, mod, b, (2,), f"{what} {b}")
+    _rank(file, mod, b, sb[0], f"{what} module")
+    _agree(file, mod, core, sc[0] == sa[0] and sc[1] == sb[0],
+           f"{what} {core} {sc} does not chain {a} rank {sa[0]} and {b} rank {sb[0]}")
+    return (sa[1], sb[1], *sc[2:])
+
+
+def _check_loha(file, mod) -> None:
+    """LyCORIS LoHa: ``(w1_a @ w1_b) * (w2_a @ w2_b)``, or two CP rebuilds with ``hada_t1`` / ``hada_t2``;
+    both halves of the same shape."""
+    for a, b in (("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")):  # name the half-present pair's part
+        present = a if a in mod.roles else b if b in mod.roles else "hada_w1_a"
+        _require(file, mod, present, (a, b), "a LoHa module")
+    if ("hada_t1" in mod.roles) != ("hada_t2" in mod.roles):
+        present = "hada_t1" if "hada_t1" in mod.roles else "hada_t2"
+        _require(file, mod, present, ("hada_t1", "hada_t2"), "a LoHa CP module")
+    if "hada_t1" in mod.roles:
+        one = _tucker(file, mod, "hada_t1", "hada_w1_a", "hada_w1_b", "LoHa")
+        two = _tucker(file, mod, "hada_t2", "hada_w2_a", "hada_w2_b", "LoHa")
+    else:
+        (o1, _), (_, i1) = _low_rank(file, mod, "hada_w1_a", "hada_w1_b", "LoHa")
+        (o2, _), (_, i2) = _low_rank(file, mod, "hada_w2_a", "hada_w2_b", "LoHa")
+        one, two = (o1, i1), (o2, i2)
+    _agree(file, mod, "hada_w2_a", one == two, f"LoHa halves differ in shape: {one} and {two}")
+
+
+def _check_lokr(file, mod) -> None:
+    """LyCORIS LoKr: ``kron(W1, W2)``; W1 whole (2-D) or ``w1_a @ w1_b``, W2 whole (2-D or 4-D),
+    ``w2_a @ w2_b`` or a CP rebuild with ``lokr_t2`` (LyCORIS' ``diff_weight`` prefers a whole factor)."""
+    first = next(r for r in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+                 if r in mod.roles)
+    if "lokr_w1" in mod.roles:
+        _dims(file, mod, "lokr_w1", (2,), "a LoKr lokr_w1")
+    else:
+        _require(file, mod, first, ("lokr_w1_a", "lokr_w1_b"), "a LoKr module without lokr_w1")
+        _low_rank(file, mod, "lokr_w1_a", "lokr_w1_b", "LoKr")
+    if "lokr_w2" in mod.roles:
+        _dims(file, mod, "lokr_w2", (2, 4), "a LoKr lokr_w2")
+        return
+    present = "lokr_w2_a" if "lokr_w2_a" in mod.roles else "lokr_w2_b" if "lokr_w2_b" in mod.roles else first
+    _require(file, mod, present, ("lokr_w2_a", "lokr_w2_b"), "a LoKr module without lokr_w2")
+    if "lokr_t2" in mod.roles:
+        _tucker(file, mod, "lokr_t2", "lokr_w2_a", "lokr_w2_b", "LoKr")
+    else:
+        _low_rank(file, mod, "lokr_w2_a", "lokr_w2_b", "LoKr")
+
+
+CHECKS = {"lora": _check_lora, "adalora": _check_adalora, "loha": _check_loha, "lokr": _check_lokr}
+
+# What a tensor that joined no module was missing (``keys.group_keys`` drops modules of no kind).
+ORPHAN_NEEDS = {"up": "down", "mid": "down", "E": "lora_A", "emb_up": "lora_embedding_A"}
+
+
+def check_structure(file: AdapterFile, grouped: Grouped) -> None:
+    """Refuse, from the header shapes alone, a file whose tensors cannot make a delta: an alpha that is
+    not one number, factors of the wrong number of dimensions, rank 0, ranks or factor shapes that do
+    not chain, a module missing a part, or a part whose module is missing (an up without its down)."""
+    for mod in grouped.modules.values():
+        if "alpha" in mod.roles and math.prod(mod.shapes["alpha"]) != 1:
+            _refuse(file, mod, "alpha", f"alpha must be one number, not shape {tuple(mod.shapes['alpha'])}")
+        check = CHECKS.get(mod.kind)
+        if check is not None:
+            check(file, mod)
+    _refuse_orphans(file, grouped)
+
+
+def _refuse_orphans(file: AdapterFile, grouped: Grouped) -> None:
+    for key in file.keys:
+        split = split_key(key)
+        if split is None or split[0] in grouped.modules or key.startswith("bundle_emb."):
+            continue
+        name, role = split
+        if role in ("alpha", "ranknum", "rescale"):  # a scale alone is no module
+            continue
+        needs = ORPHAN_NEEDS.get(role) or ("hada_w1_a" if role.startswith("hada_") else
+                                           "lokr_w1 or lokr_w1_a" if role.startswith("lokr_") else "its factors")
+        raise AdapterError(file.path, f"{role} of module {name} has no {needs} beside it", key)
+
+
 def build_patches(file: AdapterFile, grouped: Grouped) -> tuple[dict[str, Patch], dict]:
-    """All patches by target, and the refused variants found (kind -> count and first key)."""
+    """All patches by target, and the refused variants found (kind -> count and first key).
+
+    The structure is checked first (:func:`check_structure`): the patches' math may assume it."""
+    check_structure(file, grouped)
     cfg = peft_config(file)
     keys = [k for m in grouped.modules.values() for k in m.roles.values()]
     tensors = file.tensors(keys)
@@ -117,10 +275,11 @@ def build_patches(file: AdapterFile, grouped: Grouped) -> tuple[dict[str, Patch]
         t = {role: tensors[key] for role, key in mod.roles.items()}
         target = canonical(name)
         if kind in ("diff", "norm"):
-            new = _diff_patches(target, name, t)
+            new = _diff_patches(target, name, t, mod.roles)
         else:
             alpha = float(t["alpha"].float().item()) if "alpha" in t else _config_alpha(cfg, name)[0]
             new = [_make_patch(kind, target, name, t, alpha, cfg)]
+            new[0].file_keys = dict(mod.roles)  # role -> key in the file, to name a bad tensor
         for patch in new:
             key = patch.target if patch.param == "weight" else f"{patch.target}#{patch.param}"
             if key in patches:
@@ -220,7 +379,20 @@ def summary(adapter: Adapter) -> dict:
         facts["unsupported"] = adapter.extra["refused"]
     if adapter.extra.get("stray_keys"):
         facts["other_keys"] = len(adapter.extra["stray_keys"])
+    bad = nonfinite_keys(adapter)
+    if bad:
+        facts["non_finite"] = {"tensors": len(bad), "first_key": bad[0]}
     return facts
+
+
+def nonfinite_keys(adapter: Adapter) -> list[str]:
+    """The file keys of every tensor (or alpha) holding NaN / Inf, in file order; merging or attaching
+    such a file is refused (:func:`adapterhub.weights.check_finite`), inspect reports them."""
+    from adapterhub.weights import nonfinite_parts
+
+    found = {key for patch in adapter.patches.values() for key, _ in nonfinite_parts(patch)}
+    order = {k: i for i, k in enumerate(adapter.file.keys)} if adapter.file is not None else {}
+    return sorted(found, key=lambda k: (order.get(k, len(order)), k))
 
 
 def refuse_if_unsupported(adapter: Adapter) -> None:

@@ -15,12 +15,15 @@ def _prod(shape) -> int:
 
 
 class ScaledPatch(Patch):
-    """A low-rank patch with ``scale = alpha / rank`` (no alpha: scale 1), the rule everyone shares."""
+    """A low-rank patch with ``scale = alpha / rank`` (no alpha: scale 1), the rule everyone shares.
+
+    ``file_keys`` maps each role (``up``, ``alpha`` ...) to its key in the file, for error messages."""
 
     def __init__(self, target, source, tensors, alpha: float | None = None, scale: float | None = None):
         super().__init__(target, source, tensors)
         self.alpha = alpha
         self._scale = scale
+        self.file_keys: dict[str, str] = {}
 
     @property
     def scale(self) -> float:
@@ -32,6 +35,14 @@ class ScaledPatch(Patch):
 
     def factor(self, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def factor_bound(self) -> float:  # pragma: no cover - interface
+        """``>= max |factor|``, from work on the factors only (NaN / Inf if a factor holds one)."""
+        raise NotImplementedError
+
+    def delta_bound(self) -> float:
+        """``>= max |delta|`` at multiplier 1: what the weight engine checks against the model's dtype."""
+        return abs(self.scale) * self.factor_bound()
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         moved = {k: v.to(weight.device) for k, v in self.tensors.items()}
@@ -68,6 +79,10 @@ class LoRAPatch(ScaledPatch):
     def factor(self, weight):
         t = self.tensors
         return lmath.lora(t["up"], t["down"], t.get("mid"))
+
+    def factor_bound(self):
+        t = self.tensors
+        return lmath.lora_bound(t["up"], t["down"], t.get("mid"))
 
     def add_to(self, acc, multiplier):
         t = self.tensors
@@ -124,6 +139,10 @@ class AdaLoRAPatch(ScaledPatch):
         t = self.tensors
         return lmath.adalora(t["down"], t["E"], t["up"])
 
+    def factor_bound(self):
+        t = self.tensors
+        return lmath.adalora_bound(t["down"], t["E"], t["up"])
+
     def low_rank_factors(self):
         t = self.tensors
         return t["up"].float(), t["down"].float() * t["E"].float(), float(self.scale)
@@ -168,6 +187,11 @@ class LoHaPatch(ScaledPatch):
         return lmath.loha(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"],
                           t.get("hada_t1"), t.get("hada_t2"))
 
+    def factor_bound(self):
+        t = self.tensors
+        return lmath.loha_bound(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"],
+                                t.get("hada_t1"), t.get("hada_t2"))
+
 
 class LoKrPatch(ScaledPatch):
     """LoKr: rank from ``w1_b`` else ``w2_b``; both factors whole means no rank and scale 1."""
@@ -211,6 +235,11 @@ class LoKrPatch(ScaledPatch):
         return lmath.lokr(t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"), t.get("lokr_w2"),
                           t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2"))
 
+    def factor_bound(self):
+        t = self.tensors
+        return lmath.lokr_bound(t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"), t.get("lokr_w2"),
+                                t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2"))
+
 
 class DiffPatch(Patch):
     """A full difference (LyCORIS ``full``: ``diff``/``diff_b``; ``train_norm``: ``w_norm``/``b_norm``)."""
@@ -219,9 +248,13 @@ class DiffPatch(Patch):
 
     def __init__(self, target, source, tensors, param="weight"):
         super().__init__(target, source, tensors, param=param)
+        self.file_keys: dict[str, str] = {}
 
     def expected_shape(self):
         return tuple(self.tensors["diff"].shape)
+
+    def delta_bound(self) -> float:
+        return lmath.magnitude(self.tensors["diff"])
 
     def delta(self, weight):
         return self.tensors["diff"].to(device=weight.device, dtype=torch.float32).reshape(weight.shape).clone()
