@@ -137,16 +137,31 @@ def reference_mcut(probs) -> float:
 
 def kohya_tags(prob, *, thresh=0.35, general_threshold=None, character_threshold=None, remove_underscore=False,
                undesired_tags="", always_first_tags=None, character_tags_first=False, use_rating_tags=False,
-               use_rating_tags_as_last_tag=False, caption_separator=", "):
+               use_rating_tags_as_last_tag=False, caption_separator=", ", character_tag_expand=False,
+               tag_replacement=None):
     """kohya's tag_images_by_wd14_tagger.py run_batch for one image (ratings, general, character
     rows in that order, as in every WD selected_tags.csv)."""
     general_threshold = thresh if general_threshold is None else general_threshold
     character_threshold = thresh if character_threshold is None else character_threshold
     rating_tags, general_tags, character_tags = list(RATINGS), list(GENERAL), list(CHARACTERS)
+    if character_tag_expand:
+        for i, tag in enumerate(character_tags):
+            if tag.endswith(")"):  # chara_(costume)_(series) -> chara_(costume), series
+                parts = tag.split("(")
+                name = "(".join(parts[:-1])
+                name = name[:-1] if name.endswith("_") else name
+                character_tags[i] = name + caption_separator + parts[-1].replace(")", "")
     if remove_underscore:
         rating_tags, general_tags, character_tags = (
             [t.replace("_", " ") if len(t) > 3 else t for t in tags]
             for tags in (rating_tags, general_tags, character_tags))
+    if tag_replacement is not None:
+        for pair in tag_replacement.replace("\\,", "@@@@").replace("\\;", "####").split(";"):
+            source, target = (t.replace("@@@@", ",").replace("####", ";") for t in pair.split(","))
+            for tags in (general_tags, character_tags, rating_tags):
+                if source in tags:
+                    tags[tags.index(source)] = target
+                    break
     sep = caption_separator.strip()
     undesired = {t.strip() for t in undesired_tags.split(sep) if t.strip()}
     combined = []
@@ -221,6 +236,14 @@ def test_preprocessing_and_scores_equal_the_reference(tagger, kohya_set):
      {"rating": "last", "undesired_tags": "solo,general,hatsune_miku", "always_first_tags": "smile,1girl"}),
     ({"caption_separator": " | ", "character_tags_first": True},
      {"caption_separator": " | ", "character_tags_first": True}),
+    ({"character_threshold": 0.0, "character_tag_expand": True, "remove_underscore": True,
+      "tag_replacement": "1girl,1woman;smile,grin\\, happy;general,safe"},
+     {"character_threshold": 0.0, "character_tag_expand": True, "remove_underscore": True,
+      "tag_replacement": "1girl,1woman;smile,grin\\, happy;general,safe"}),
+    ({"character_threshold": 0.0, "character_tag_expand": True, "character_tags_first": True,
+      "caption_separator": " | ", "use_rating_tags": True, "tag_replacement": "general,safe"},
+     {"character_threshold": 0.0, "character_tag_expand": True, "character_tags_first": True,
+      "caption_separator": " | ", "rating": "first", "tag_replacement": "general,safe"}),
     ({"character_threshold": 0.0, "character_tags_first": True, "use_rating_tags": True,
       "always_first_tags": "saber_(fate),smile"},
      {"character_threshold": 0.0, "character_tags_first": True, "rating": "first",
@@ -532,3 +555,12 @@ def test_tags_appended_after_a_sentence_caption(tagger, kohya_set):
     for item in scan(kohya_set).items:
         tags = kohya_tags(reference_scores(item.path, w, b), thresh=0.2)
         assert tags and got[item.rel] == ", ".join([sentence] + tags)
+
+
+def test_a_malformed_tag_replacement_is_one_line_exit_2(tagger, kohya_set, capsys):
+    d, _, _ = tagger
+    before = snapshot(kohya_set)
+    err = _one_line_error(["dataset", "caption", str(kohya_set), "--captioner", "wd", "--model", str(d),
+                           "--tag-replacement", "smile,grin;1girl", "--device", "cpu"], capsys)
+    assert "--tag-replacement" in err and "'1girl'" in err
+    assert snapshot(kohya_set) == before

@@ -55,6 +55,8 @@ class CaptionConfig(FolderConfig):
     remove_underscore: bool = opt(False, "wd: long_hair -> long hair (kaomoji such as ^_^ are kept)")
     escape_parens: bool = opt(False, "wd: write ( ) as \\( \\) (prompt attention syntax)")
     caption_separator: str = opt(", ", "wd: text between tags")
+    character_tag_expand: bool = opt(False, "wd: chara_(series) -> chara, series")
+    tag_replacement: str = opt("", "wd: source,target;source,target replaces tags (\\, and \\; inside tags)")
     mode: str = opt("skip", "existing captions: overwrite, append, or skip the image",
                     choices=("overwrite", "append", "skip"))
     batch_size: int = opt(32, "images per batch")

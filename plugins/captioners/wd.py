@@ -222,6 +222,31 @@ def display(tag: str, remove_underscore: bool) -> str:
     return tag
 
 
+def expand_character(tag: str) -> list[str]:
+    """kohya's ``--character_tag_expand``: the last parenthesised part is the series, a tag of its
+    own: ``chara_(costume)_(series)`` -> ``chara_(costume)``, ``series``."""
+    if not tag.endswith(")") or "(" not in tag:
+        return [tag]
+    head, _, series = tag[:-1].rpartition("(")
+    head = head[:-1] if head.endswith("_") else head
+    return [head, series.replace(")", "")]
+
+
+def parse_replacements(spec: str) -> dict[str, str]:
+    """``source,target;source,target`` (``\\,`` and ``\\;`` inside a tag) -> {norm(source): target}."""
+    out = {}
+    escaped = spec.replace("\\,", "\0").replace("\\;", "\1")
+    for pair in escaped.split(";"):
+        if not pair.strip():
+            continue
+        parts = [p.replace("\0", ",").replace("\1", ";").strip() for p in pair.split(",")]
+        if len(parts) != 2 or not all(parts):
+            shown = pair.replace("\0", "\\,").replace("\1", "\\;")
+            raise AdapterhubError(f"wd: --tag-replacement: {shown!r} is not source,target")
+        out[norm(parts[0])] = parts[1]
+    return out
+
+
 @dataclass(frozen=True)
 class Settings:
     general: float = DEFAULT_THRESHOLD
@@ -234,6 +259,8 @@ class Settings:
     remove_underscore: bool = False
     escape_parens: bool = False
     separator: str = ", "
+    character_tag_expand: bool = False
+    replacements: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_options(cls, o) -> "Settings":
@@ -244,16 +271,26 @@ class Settings:
                 raise AdapterhubError(f"wd: {flag} is a score between 0 and 1, not {value}")
         return cls(general, character, o.mcut, o.rating, o.character_tags_first, _tag_list(o.always_first_tags),
                    frozenset(_tag_list(o.undesired_tags)), o.remove_underscore, o.escape_parens,
-                   o.caption_separator)
+                   o.caption_separator, o.character_tag_expand,
+                   tuple(parse_replacements(o.tag_replacement).items()))
+
+
+def row_tags(name: str, category: int, s: Settings) -> list[str]:
+    """The tags one table row writes (two for an expanded character), as kohya prepares them:
+    expanded, underscores removed, replaced."""
+    parts = expand_character(name) if s.character_tag_expand and category == CHARACTER else [name]
+    replace = dict(s.replacements)
+    return [replace.get(norm(t), t) for t in (display(p, s.remove_underscore) for p in parts)]
 
 
 def select_tags(probs: np.ndarray, table: TagTable, s: Settings) -> list[str]:
     """One image's tags from its scores (one per table row), in kohya's order."""
     def above(rows, threshold):
-        return [display(table.names[i], s.remove_underscore) for i in rows if probs[i] >= threshold]
+        return [row_tags(table.names[i], table.categories[i], s) for i in rows if probs[i] >= threshold]
 
-    def wanted(tags):
-        return [t for t in tags if norm(t) not in s.undesired]
+    def wanted(units):
+        units = [[t for t in unit if norm(t) not in s.undesired] for unit in units]
+        return [unit for unit in units if unit]
 
     general_rows, character_rows = table.rows(GENERAL), table.rows(CHARACTER)
     g, c = s.general, s.character
@@ -262,8 +299,8 @@ def select_tags(probs: np.ndarray, table: TagTable, s: Settings) -> list[str]:
     if s.mcut in ("character", "both") and len(character_rows) > 1:
         c = max(MIN_CHARACTER_MCUT, mcut_threshold(probs[character_rows]))
     general, characters = wanted(above(general_rows, g)), wanted(above(character_rows, c))
-    tags = characters[::-1] + general if s.character_tags_first else general + characters
-    tags = _with_rating(tags, probs, table, s)
+    units = characters[::-1] + general if s.character_tags_first else general + characters
+    tags = [t for unit in _with_rating(units, probs, table, s) for t in unit]
     for want in s.always_first:
         found = [t for t in tags if norm(t) == want]
         tags = found + [t for t in tags if norm(t) != want]
@@ -272,14 +309,14 @@ def select_tags(probs: np.ndarray, table: TagTable, s: Settings) -> list[str]:
     return tags
 
 
-def _with_rating(tags: list[str], probs, table: TagTable, s: Settings) -> list[str]:
+def _with_rating(units: list[list[str]], probs, table: TagTable, s: Settings) -> list[list[str]]:
     rows = table.rows(RATING)
     if s.rating == "off" or not len(rows):
-        return tags
-    rating = display(table.names[rows[int(np.argmax(probs[rows]))]], s.remove_underscore)
-    if norm(rating) in s.undesired:
-        return tags
-    return [rating] + tags if s.rating == "first" else tags + [rating]
+        return units
+    rating = row_tags(table.names[rows[int(np.argmax(probs[rows]))]], RATING, s)
+    if any(norm(t) in s.undesired for t in rating):
+        return units
+    return [rating] + units if s.rating == "first" else units + [rating]
 
 
 # -- the captioner ------------------------------------------------------------------------------
