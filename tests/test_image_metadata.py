@@ -318,3 +318,16 @@ def test_a_webui_infotext_beside_a_comfyui_graph_is_read_as_the_webuis(tmp_path,
     assert sd_parsers.ParserManager().parse(path).generator.name == "AUTOMATIC1111"
     rc, out, _ = run(capsys, "png-info", path, "--json")
     assert rc == 0 and json.loads(out)["parameters"] == text and "Generator" not in json.loads(out)
+
+
+def test_without_sd_parsers_other_generators_are_refused_by_name(tmp_path, capsys, monkeypatch):
+    """sd-parsers is a test dependency, not a runtime one: without it the generator is still named."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "sd_parsers" or m.startswith("sd_parsers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "sd_parsers", None)  # import sd_parsers -> ImportError
+    rc, _, err = run(capsys, "png-info", comfyui(tmp_path / "made"))
+    assert rc == 2 and err.count("\n") == 1 and "ComfyUI" in err and "sd-parsers" in err
+    rc, out, _ = run(capsys, "png-info", swarmui(tmp_path / "swarm"), "--json")  # read here, not by sd-parsers
+    assert rc == 0 and json.loads(out)["Generator"] == "SwarmUI"

@@ -62,18 +62,26 @@ def _from_png(path: str, options: dict, given: set[str]) -> tuple[dict, list[str
         options["rng"] = _from_png_rng(path, params, "RNG" in meta.fields, warnings)
     if "hires_upscaler" not in given and "Hires upscaler" in params:
         options["hires_upscaler"] = _from_png_upscaler(path, params["Hires upscaler"], warnings)
+    _from_png_networks(path, params, options, given, warnings)
+    return options, warnings
+
+
+def _from_png_networks(path: str, params: dict, options: dict, given: set[str], warnings: list[str]) -> None:
+    """The networks an infotext names, as the webui finds them: prompt tags whose network is missing are left
+    out, embeddings of ``TI hashes`` found in ``--adapter-dir`` (or the catalog) join the stack (the webui loads
+    its embeddings folder), missing ones are named."""
+    from adapterhub.sample import infotext
+
     dirs = [Path(d) for d in options["adapter_dirs"]]
-    if "prompt" not in given:
-        options["prompt"] = _drop_missing_networks(path, options["prompt"] or "", dirs, warnings)
-    if "negative" not in given:
-        options["negative"] = _drop_missing_networks(path, options["negative"] or "", dirs, warnings)
+    for key in ("prompt", "negative"):
+        if key not in given:
+            options[key] = _drop_missing_networks(path, options[key] or "", dirs, warnings)
     for name in infotext.parse_hashes(params.get("TI hashes", "")):
         if _find(name, dirs) is None:
             warnings.append(f"{path}: embedding {name!r} (TI hashes) is not in --adapter-dir or the catalog: its "
                             "word is read as plain text")
         elif "stacks" not in given:
-            options["stacks"] = (*options["stacks"], name)  # the webui loads its embeddings folder; we load by name
-    return options, warnings
+            options["stacks"] = (*options["stacks"], name)
 
 
 def _other_model(path: str, source: tuple, text: str) -> str | None:

@@ -72,8 +72,9 @@ def read(path: str | Path) -> ImageMetadata:
     try:
         fields = _swarmui_fields(chunks) if generator == "SwarmUI" else _sd_parsers_fields(generator, chunks)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        why = str(exc).splitlines()[0] if isinstance(exc, ValueError) and str(exc).strip() else exc.__class__.__name__
         raise AdapterhubError(f"{path}: {generator} metadata ({WHERE.get(generator, 'JSON')}) that cannot be read "
-                              f"({exc.__class__.__name__})") from None
+                              f"({why})") from None
     return ImageMetadata(generator, None, fields)
 
 
@@ -151,9 +152,13 @@ def _fields(prompt, negative, sampler, steps, cfg, seed, width=None, height=None
 
 
 def _sd_parsers_fields(generator: str, chunks: dict[str, Any]) -> dict:
-    """sd-parsers' reading of the chunks (its parser for ``generator``; ValueError when it cannot)."""
-    from sd_parsers import parsers
-    from sd_parsers.exceptions import ParserError
+    """sd-parsers' reading of the chunks (its parser for ``generator``; ValueError when it cannot, or when
+    sd-parsers, an optional package, is not installed)."""
+    try:
+        from sd_parsers import parsers
+        from sd_parsers.exceptions import ParserError
+    except ImportError:
+        raise ValueError("reading it needs sd-parsers: pip install sd-parsers") from None
 
     parser_class = {"ComfyUI": parsers.ComfyUIParser, "InvokeAI": parsers.InvokeAIParser,
                     "NovelAI": parsers.NovelAIParser, "Fooocus": parsers.FooocusParser}[generator]
