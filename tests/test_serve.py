@@ -244,6 +244,8 @@ def test_wrong_credentials_get_401(served, auth):
     response = post(served, "txt2img", auth=auth, json={"prompt": "x", **SMALL})
     _webui_error(response, 401, "Incorrect username or password")
     assert response.headers["WWW-Authenticate"] == "Basic"
+    for page in ("docs", "openapi.json"):  # no unguarded page describes the server either
+        assert requests.get(f"http://127.0.0.1:{served['port']}/{page}", auth=auth, timeout=DEADLINE).status_code == 404
 
 
 def test_bad_requests_get_the_webuis_errors(served):
@@ -263,6 +265,13 @@ def test_bad_requests_get_the_webuis_errors(served):
                  "init_images[0]: invalid encoded image (not base64)")
     _webui_error(post(served, "options", json={"sd_model_checkpoint": "other.safetensors"}), 404,
                  "model 'other.safetensors' not found (this server runs " + served["service"].model_title + ")")
+    _webui_error(post(served, "txt2img", json={**SMALL, "prompt": "x",
+                                               "override_settings": {"CLIP_stop_at_last_layers": "two"}}), 422,
+                 "CLIP_stop_at_last_layers 'two': must be a whole number, 1 or more")
+    _webui_error(post(served, "options", json={"CLIP_stop_at_last_layers": 0}), 422,
+                 "CLIP_stop_at_last_layers 0: must be a whole number, 1 or more")
+    _webui_error(post(served, "txt2img", json={**SMALL, "prompt": "x", "override_settings": {"emphasis": "Loud"}}),
+                 422, "emphasis 'Loud': choose one of Original, No norm, Ignore, None")
     # and it goes on serving
     response = post(served, "txt2img", json={"prompt": "x", **SMALL, "seed": 1})
     assert response.status_code == 200 and len(response.json()["images"]) == 1

@@ -28,7 +28,7 @@ from adapterhub.errors import AdapterhubError
 from adapterhub.serve.jobs import Outcome, QueueFull, Worker, png_base64
 from adapterhub.serve.models import Img2ImgRequest, PNGInfoRequest, Txt2ImgRequest
 from adapterhub.serve.networks import Networks
-from adapterhub.serve.plan import ApiError, Plan, decode_bytes, plan
+from adapterhub.serve.plan import ApiError, Plan, clip_skip, decode_bytes, plan
 
 log = logging.getLogger("adapterhub.serve")
 # infotext keys the webui's ``info`` reports in fields of their own, not in ``extra_generation_params``
@@ -108,8 +108,11 @@ def create_app(service: Service) -> FastAPI:
                 return
         raise ApiError(401, "Incorrect username or password")
 
-    app = FastAPI(title="adapterhub", description="AUTOMATIC1111-compatible web API", dependencies=[Depends(authorised)],
-                  docs_url="/docs", redoc_url=None)
+    # the schema pages are routes of their own that no dependency guards: with credentials they are left out
+    public = not service.credentials
+    app = FastAPI(title="adapterhub", description="AUTOMATIC1111-compatible web API",
+                  dependencies=[Depends(authorised)], docs_url="/docs" if public else None, redoc_url=None,
+                  openapi_url="/openapi.json" if public else None)
     app.state.service = service
 
     @app.exception_handler(ApiError)
@@ -238,13 +241,7 @@ def create_app(service: Service) -> FastAPI:
         if checkpoint is not None and str(checkpoint) not in service.model_titles:
             raise ApiError(404, f"model {checkpoint!r} not found (this server runs {service.model_title})")
         if "CLIP_stop_at_last_layers" in values:
-            try:
-                ok = int(values["CLIP_stop_at_last_layers"]) >= 1
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ApiError(422, f"CLIP_stop_at_last_layers {values['CLIP_stop_at_last_layers']!r}: must be 1 "
-                                    "or more")
+            values = {**values, "CLIP_stop_at_last_layers": clip_skip(values["CLIP_stop_at_last_layers"])}
         if "randn_source" in values:
             from adapterhub.sample.rng import source
 

@@ -23,6 +23,7 @@ from adapterhub.serve.models import Img2ImgRequest, Txt2ImgRequest
 
 HIRES_DENOISE = 0.7  # the webui's hires denoising strength when a request gives none
 DEFAULT_UPSCALER = "Latent"  # the webui's default hires upscaler (``latent_upscale_default_mode``)
+EMPHASIS = ("Original", "No norm", "Ignore", "None")  # the webui's emphasis modes (``sd_emphasis``)
 
 
 class ApiError(AdapterhubError):
@@ -91,6 +92,18 @@ def _overrides(req, options: dict[str, Any], model_titles: set[str]) -> dict[str
     return merged
 
 
+def clip_skip(value) -> int:
+    """``CLIP_stop_at_last_layers`` as a whole number, 1 or more (422 otherwise)."""
+    try:
+        number = int(value)
+        ok = number >= 1 and number == float(value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ApiError(422, f"CLIP_stop_at_last_layers {value!r}: must be a whole number, 1 or more")
+    return number
+
+
 def _check_size(width: int, height: int, limit: tuple[int, int] | None, what: str = "size") -> None:
     if limit is not None and (width > limit[0] or height > limit[1]):
         raise ApiError(422, f"{what} {width}x{height} is beyond this server's --max-size {limit[0]}x{limit[1]}")
@@ -150,7 +163,10 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
         if getattr(req, name) < 1:
             raise ApiError(422, f"{name} {getattr(req, name)}: must be 1 or more")
     _check_size(req.width, req.height, max_size)
-    clip_skip = int(settings.get("CLIP_stop_at_last_layers") or 1)
+    skip = clip_skip(settings.get("CLIP_stop_at_last_layers", 1))
+    emphasis = str(settings.get("emphasis") or "Original")
+    if emphasis not in EMPHASIS:  # the encoder would take an unknown mode as Original without a word
+        raise ApiError(422, f"emphasis {emphasis!r}: choose one of {', '.join(EMPHASIS)}")
     hires: dict[str, Any] = {}
     init_image = None
     denoise = None
@@ -184,7 +200,7 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
         one = Request(prompt, negative=negative, stack=", ".join(embeddings), seed=seed + k * req.batch_size,
                       width=req.width, height=req.height, steps=req.steps, sampler=sampler_name,
                       schedule=req.scheduler or "Automatic", cfg=req.cfg_scale, batch=req.batch_size,
-                      images=req.batch_size, clip_skip=clip_skip, emphasis=str(settings.get("emphasis") or "Original"),
+                      images=req.batch_size, clip_skip=skip, emphasis=emphasis,
                       init_image=init_image, denoising_strength=denoise if init_image is not None else 0.75,
                       rng=rng, **hires)
         requests.append(one)
@@ -193,7 +209,7 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
     except AdapterhubError as err:
         raise ApiError(422, str(err)) from None
     return Plan(kind, requests, req.prompt, req.negative_prompt, comments, send_images=req.send_images,
-                return_grid=bool(settings.get("return_grid", True)), clip_skip=clip_skip, denoising_strength=denoise)
+                return_grid=bool(settings.get("return_grid", True)), clip_skip=skip, denoising_strength=denoise)
 
 
 def _hires(req: Txt2ImgRequest, comments: list[str]) -> dict[str, Any]:
