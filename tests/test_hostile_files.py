@@ -177,14 +177,15 @@ def test_a_small_shared_structure_is_read_with_every_path(tmp_path):
 
 
 def test_the_caps_are_where_they_say(tmp_path, monkeypatch, capsys):
-    """Nesting up to the depth cap reads; a flat pickle past the entry cap (no sharing) is refused as large."""
+    """Nesting up to the depth cap reads; past the entry cap, a pickle that holds that much reads (a long
+    training history) while one that shares its way there is refused."""
     path = _deep(tmp_path / "ninety.pt", levels=90)
     assert len(open_adapter_file(path).keys) == 1
     monkeypatch.setattr("adapterhub.io.MAX_PICKLE_ENTRIES", 100)
     flat = tmp_path / "flat.pt"
-    torch.save({"w": torch.zeros(2), "steps": list(range(200))}, flat)
-    line = _refused(capsys, flat, "over 100 entries")
-    assert "billion laughs" not in line
+    torch.save({"w": torch.zeros(2), "history": [{"step": i, "loss": 0.5} for i in range(50)]}, flat)
+    assert len(open_adapter_file(flat).extra) == 100
+    _refused(capsys, _laughs(tmp_path / "small_laughs.pt", levels=7), "over 100 entries", "billion laughs")
 
 
 def test_a_pickle_that_contains_itself_is_refused(tmp_path, capsys):
