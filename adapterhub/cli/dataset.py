@@ -1,4 +1,4 @@
-"""``adapterhub dataset``: caption, tags, undo, stats, bucket, prepare, validate.
+"""``adapterhub dataset``: caption, tags, undo, stats, bucket, prepare, kohya-json, validate.
 
 Every command's options come from its config dataclass in ``adapterhub.dataset.config`` (declared
 once there); each command builds the config, calls one service function and renders the result.
@@ -199,6 +199,17 @@ def _render_prepare(r: dict) -> None:
     click.echo(f"wrote {r['written']} image(s) to {r['out']} in buckets {', '.join(r['buckets'])}")
     if r["skipped"]:
         table(r["skipped"], ["file", "problem"], title="skipped")
+
+
+# ------------------------------------------------------------------------------------------------
+@dataset.command("kohya-json")
+@config_options(C.KohyaJsonConfig)
+def kohya_json_cmd(as_json, **kwargs):
+    """Write kohya's fine-tuning metadata JSON (tags from .txt, captions from .caption) to OUT."""
+    from adapterhub.dataset.kohya_json import export_metadata
+
+    emit(export_metadata(build(C.KohyaJsonConfig, kwargs)), as_json,
+         lambda r: key_values(r, title="kohya metadata"))
 
 
 # ------------------------------------------------------------------------------------------------

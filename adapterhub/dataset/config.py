@@ -125,6 +125,15 @@ class PrepareConfig(BucketConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
+class KohyaJsonConfig(FolderConfig):
+    out: Path = opt(None, "the metadata JSON written (kept entries merged, as kohya)", argument=True)
+    in_json: Path | None = opt(None, "metadata to start from (default: OUT when it exists)")
+    full_path: bool = opt(False, "key images by absolute path, not file stem (needed for repeated stems)")
+    tags_ext: str = opt(".txt", "sidecar read as tags")
+    caption_ext: str = opt(".caption", "sidecar read as the caption")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ValidateConfig(FolderConfig):
     fix: bool = opt(False, "apply the safe fixes (originals are kept under DIR/.adapterhub)")
     min_side: int = opt(256, "images with a shorter side are too small")

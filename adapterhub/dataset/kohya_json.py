@@ -1,0 +1,65 @@
+"""kohya's fine-tuning metadata (``meta_cap_dd.json``) from a folder's sidecar files.
+
+kohya sd-scripts' fine-tuning reads one JSON object keyed by image: ``{"<key>": {"tags": ...,
+"caption": ..., "train_resolution": ...}}``, which its ``merge_dd_tags_to_metadata.py`` (tags from
+``.txt``, as the WD tagger writes them) and ``merge_captions_to_metadata.py`` (sentences from
+``.caption``) build. :func:`export_metadata` does both in one pass and writes the same JSON: the
+key is the image's file stem (kohya's default) or, with ``full_path``, its absolute path; the
+entries of an existing file (``in_json``, else ``out`` when it exists, as kohya) are kept, their
+``tags`` and ``caption`` replaced where the folder has them. Unlike kohya, an image without a
+sidecar is left out rather than failing, and two images with one stem are refused rather than
+the later silently replacing the earlier.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from adapterhub.dataset.config import KohyaJsonConfig
+from adapterhub.dataset.folder import decode_caption, require_items, scan
+from adapterhub.errors import AdapterhubError
+
+
+def read_metadata(path: Path | None) -> dict:
+    """The metadata object in ``path`` ({} for None); anything else is one error naming the file."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterhubError(f"{path}: not readable kohya metadata ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise AdapterhubError(f"{path}: not kohya metadata (an object of per-image objects)")
+    return data
+
+
+def _sidecar(image: Path, ext: str) -> str | None:
+    path = image.with_suffix(ext)
+    if not path.is_file():
+        return None
+    # kohya: read_text(encoding="utf-8").strip(); decode_caption also takes BOMs and cp1252
+    return decode_caption(path.read_bytes())[0].strip()
+
+
+def export_metadata(cfg: KohyaJsonConfig) -> dict:
+    """Write ``cfg.out`` (atomically, nothing on error); return counts for the report."""
+    from adapterhub.io import atomic_path
+
+    ds = scan(cfg.dir)
+    require_items(ds)
+    out = Path(cfg.out)
+    metadata = read_metadata(cfg.in_json or (out if out.is_file() else None))
+    before, owners, counts = set(metadata), {}, {"tags": 0, "captions": 0}
+    for item in ds.items:
+        key = str(item.path.resolve()) if cfg.full_path else item.path.stem
+        if key in owners:
+            raise AdapterhubError(f"{item.path}: its key {key!r} is also {owners[key]}'s; use --full-path")
+        owners[key] = item.rel
+        for field, ext, count in (("tags", cfg.tags_ext, "tags"), ("caption", cfg.caption_ext, "captions")):
+            text = _sidecar(item.path, ext)
+            if text is not None:
+                metadata.setdefault(key, {})[field] = text
+                counts[count] += 1
+    with atomic_path(out, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+    return {"out": str(out), "images": len(ds.items), **counts, "kept": len(before - set(owners))}
