@@ -25,7 +25,7 @@ import csv
 import logging
 import os
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,13 @@ class TagTable:
         return len(self.names)
 
     def rows(self, category: int) -> np.ndarray:
-        return np.array([i for i, c in enumerate(self.categories) if c == category], dtype=np.int64)
+        """The row indices of ``category``, in CSV order."""
+        return self._rows.get(category, np.empty(0, dtype=np.int64))
+
+    @cached_property
+    def _rows(self) -> dict[int, np.ndarray]:  # once per table: a tagger has ~10k rows
+        cats = np.asarray(self.categories)
+        return {c: np.flatnonzero(cats == c) for c in set(self.categories)}
 
 
 def read_tags(path: Path) -> TagTable:
@@ -263,6 +269,10 @@ class Settings:
     character_tag_expand: bool = False
     replacements: tuple[tuple[str, str], ...] = ()
 
+    @cached_property
+    def replace(self) -> dict[str, str]:
+        return dict(self.replacements)
+
     @classmethod
     def from_options(cls, o) -> "Settings":
         general = DEFAULT_THRESHOLD if o.threshold is None else o.threshold
@@ -280,14 +290,14 @@ def row_tags(name: str, category: int, s: Settings) -> list[str]:
     """The tags one table row writes (two for an expanded character), as kohya prepares them:
     expanded, underscores removed, replaced."""
     parts = expand_character(name) if s.character_tag_expand and category == CHARACTER else [name]
-    replace = dict(s.replacements)
-    return [replace.get(norm(t), t) for t in (display(p, s.remove_underscore) for p in parts)]
+    tags = [display(p, s.remove_underscore) for p in parts]
+    return [s.replace.get(norm(t), t) for t in tags] if s.replacements else tags
 
 
 def select_tags(probs: np.ndarray, table: TagTable, s: Settings) -> list[str]:
     """One image's tags from its scores (one per table row), in kohya's order."""
     def above(rows, threshold):
-        return [row_tags(table.names[i], table.categories[i], s) for i in rows if probs[i] >= threshold]
+        return [row_tags(table.names[i], table.categories[i], s) for i in rows[probs[rows] >= threshold]]
 
     def wanted(units):
         units = [[t for t in unit if norm(t) not in s.undesired] for unit in units]
