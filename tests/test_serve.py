@@ -110,21 +110,28 @@ def test_txt2img_with_a_lora_tag_equals_adapterhub_sample(api, served, networks,
     ours = sample_cli(tmp_path, "--prompt", prompt, "--negative", "fog", "--adapter-dir", networks, "--seed", 5,
                       "--images", 2)
     info = result.info
-    # two images: the grid first, as the webui returns a batch
-    assert info["index_of_first_image"] == 1 and len(result.images) == 3 and result.images[0].size == (128, 64)
+    # no grid: the webui's API makes one only for save_images (it sets do_not_save_grid = not save_images)
+    assert info["index_of_first_image"] == 0 and len(result.images) == 2
     assert info["all_seeds"] == [5, 6] and info["seed"] == 5 and info["sampler_name"] == "Euler a"
     assert info["all_prompts"] == [prompt, prompt] and info["negative_prompt"] == "fog"
     assert info["sd_model_name"] == "tiny-sd1" and info["extra_generation_params"]["Lora hashes"] == \
         f"style: {infotext.lora_hash(networks / 'style.safetensors')}"
-    for served_image, text, sampled in zip(result.images[1:], info["infotexts"][1:], ours):
+    for served_image, text, sampled in zip(result.images, info["infotexts"], ours):
         assert np.array_equal(pixels(served_image), pixels(sampled))  # pixel-identical on CPU
         assert served_image.info["parameters"] == text == infotext.read_png(sampled.filename)
     assert result.parameters["prompt"] == prompt and result.parameters["n_iter"] == 2
     # png-info reads it back: the infotext and the webui parser's fields
-    back = api.png_info(result.images[2]).json
-    assert back["info"] == info["infotexts"][2]
+    back = api.png_info(result.images[1]).json
+    assert back["info"] == info["infotexts"][1]
     assert back["parameters"]["Seed"] == "6" and back["parameters"]["Prompt"] == prompt
     assert back["parameters"]["Size-1"] == "64" and back["parameters"]["Sampler"] == "Euler a"
+
+
+def test_a_batch_saved_comes_with_its_grid_first(api):
+    result = api.txt2img(prompt="a hill", seed=5, batch_size=2, save_images=True, **SMALL)
+    assert result.info["index_of_first_image"] == 1 and len(result.images) == 3
+    assert result.images[0].size == (128, 64) and result.info["all_seeds"] == [5, 6]
+    assert result.images[0].info["parameters"] == result.info["infotexts"][0] == result.info["infotexts"][1]
 
 
 def test_served_png_parses_with_sd_parsers(api):

@@ -253,8 +253,9 @@ def create_app(service: Service) -> FastAPI:
 
 
 def _response(service: Service, req, planned: Plan, outcome: Outcome) -> dict[str, Any]:
-    """The webui's response: base64 PNGs (a grid first when there are several images and ``return_grid``),
-    the request with its defaults, and ``info``, the JSON string of the webui's ``Processed.js()``."""
+    """The webui's response: base64 PNGs (a grid first when there are several images and the plan returns one:
+    ``save_images`` and ``return_grid``), the request with its defaults, and ``info``, the JSON string of the
+    webui's ``Processed.js()``."""
     images, texts = list(outcome.images), list(outcome.infotexts)
     first = 0
     if planned.return_grid and len(images) > 1:

@@ -45,7 +45,7 @@ class Plan:
     negative: str
     comments: list[str] = field(default_factory=list)  # notes for ``info`` (missing networks, ignored fields)
     send_images: bool = True
-    return_grid: bool = True
+    return_grid: bool = True  # the webui's API: only with save_images (it sets do_not_save_grid = not save_images)
     clip_skip: int = 1
     denoising_strength: float | None = None
 
@@ -124,7 +124,7 @@ def _ignored(req, comments: list[str]) -> None:
     if req.refiner_checkpoint:
         comments.append("refiner_checkpoint: the refiner is not run here")
     if req.save_images:
-        comments.append("save_images: images are only returned, not saved on the server")
+        comments.append("save_images: images are only returned (with the grid), not saved on the server")
     if (req.override_settings or {}).get("eta_noise_seed_delta"):
         comments.append("eta_noise_seed_delta: not applied here")
 
@@ -209,7 +209,7 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
     except AdapterhubError as err:
         raise ApiError(422, str(err)) from None
     return Plan(kind, requests, req.prompt, req.negative_prompt, comments, send_images=req.send_images,
-                return_grid=bool(settings.get("return_grid", True)), clip_skip=skip, denoising_strength=denoise)
+                return_grid=bool(settings.get("return_grid", True)) and req.save_images, clip_skip=skip, denoising_strength=denoise)
 
 
 def _hires(req: Txt2ImgRequest, comments: list[str]) -> dict[str, Any]:
