@@ -564,3 +564,16 @@ def test_a_malformed_tag_replacement_is_one_line_exit_2(tagger, kohya_set, capsy
                            "--tag-replacement", "smile,grin;1girl", "--device", "cpu"], capsys)
     assert "--tag-replacement" in err and "'1girl'" in err
     assert snapshot(kohya_set) == before
+
+
+def test_model_may_name_the_onnx_file(tagger, kohya_set, tmp_path, capsys):
+    d, w, b = tagger
+    runner.run_captioning(wd_cfg(kohya_set, d / "model.onnx"))
+    for item in scan(kohya_set).items:
+        assert captions(kohya_set)[item.rel] == ", ".join(kohya_tags(reference_scores(item.path, w, b)))
+    lone = tmp_path / "lone" / "tagger.onnx"
+    lone.parent.mkdir()
+    shutil.copy(d / "model.onnx", lone)
+    err = _one_line_error(["dataset", "caption", str(kohya_set), "--captioner", "wd", "--model", str(lone),
+                           "--device", "cpu", "--mode", "overwrite"], capsys)
+    assert str(lone.parent) in err and "selected_tags.csv" in err

@@ -96,19 +96,26 @@ def _looks_like_hub_id(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and "\\" not in model
 
 
-def locate(model: str) -> Path:
-    """The folder holding ``model.onnx`` and ``selected_tags.csv``: ``model`` itself, or the
-    hub cache's snapshot of the hub id ``model`` (fetched unless the hub is offline)."""
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        if not _looks_like_hub_id(model):
-            raise AdapterhubError(f"{model}: no such folder (a WD tagger is a folder or a hub id "
-                                  f"holding {MODEL_FILE} and {TAGS_FILE})")
+def locate(model: str) -> tuple[Path, Path]:
+    """(tag list, model file): ``selected_tags.csv`` and ``model.onnx`` in the folder ``model``, or
+    in the hub cache's snapshot of the hub id ``model`` (fetched unless the hub is offline); or
+    ``model`` is the ``.onnx`` file itself, with ``selected_tags.csv`` beside it."""
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".onnx":
+        folder, onnx_file = path.parent, path
+    elif path.is_dir():
+        folder, onnx_file = path, path / MODEL_FILE
+    elif _looks_like_hub_id(model):
         folder = _from_hub(model)
-    for name in (TAGS_FILE, MODEL_FILE):
-        if not (folder / name).is_file():
-            raise AdapterhubError(f"{folder}: no {name} (a WD tagger folder holds {MODEL_FILE} and {TAGS_FILE})")
-    return folder
+        onnx_file = folder / MODEL_FILE
+    else:
+        raise AdapterhubError(f"{model}: no such folder (a WD tagger is a folder or a hub id "
+                              f"holding {MODEL_FILE} and {TAGS_FILE})")
+    for file in (folder / TAGS_FILE, onnx_file):
+        if not file.is_file():
+            raise AdapterhubError(f"{folder}: no {file.name} (a WD tagger folder holds {MODEL_FILE} and "
+                                  f"{TAGS_FILE})")
+    return folder / TAGS_FILE, onnx_file
 
 
 def _from_hub(repo: str) -> Path:
@@ -352,8 +359,7 @@ class WDTagger:
             raise AdapterhubError("wd: --caption-separator other than ', ' cannot be used with --mode append "
                                   "(appending reads existing captions as comma-separated tags)")
         settings = Settings.from_options(options)
-        folder = locate(options.model or DEFAULT_MODEL)
-        files = [folder / TAGS_FILE, folder / MODEL_FILE]
+        files = list(locate(options.model or DEFAULT_MODEL))
         key = (tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files),
                str(options.device))
         if key != self._key:
