@@ -121,3 +121,51 @@ def test_cli_rng_option(tmp_path, capsys):
         rc = cli.main([*small, "--rng", value, "--out", str(tmp_path / value)])
         err = capsys.readouterr().err
         assert rc == 2 and message in err and err.count("\n") == 1 and not (tmp_path / value).exists()
+
+
+def test_ensd_reseeds_the_later_draws_as_the_webui():
+    """The webui's ``ImageRNG.first``: with eta noise seed delta N, the generators for every draw after the
+    initial noise are new ones seeded ``seed + N``."""
+    shape = (4, 8, 8)
+    noise, gens = rng.initial_noise("CPU", [5], shape, "cpu", ensd=31337)
+    reference = torch.Generator().manual_seed(5)
+    assert torch.equal(noise[0], torch.randn((1, *shape), generator=reference)[0])
+    assert torch.equal(torch.randn(shape, generator=gens[0]),
+                       torch.randn(shape, generator=torch.Generator().manual_seed(5 + 31337)))
+    _, plain = rng.initial_noise("CPU", [5], shape, "cpu")
+    assert torch.equal(torch.randn(shape, generator=plain[0]), torch.randn(shape, generator=reference))
+
+
+def test_ensd_changes_only_samplers_that_draw_again(tiny_sd1):
+    from adapterhub.sample import infotext
+    from adapterhub.sample.generator import Generator, Request
+
+    gen = Generator(tiny_sd1, hash_model=False)
+    small = dict(seed=11, steps=2, width=64, height=64)
+    for sampler, draws in (("Euler a", True), ("Euler", False)):
+        with_ensd = gen.generate(Request("a cat", sampler=sampler, ensd=31337, **small), output="latent")
+        without = gen.generate(Request("a cat", sampler=sampler, **small), output="latent")
+        assert torch.equal(with_ensd.latents, without.latents) is not draws
+        assert infotext.parse(with_ensd.infotexts[0], defaults=False).get("ENSD") == ("31337" if draws else None)
+        assert "ENSD" not in infotext.parse(without.infotexts[0], defaults=False)
+    with pytest.raises(AdapterhubError, match="ENSD -1"):
+        gen.generate(Request("a cat", ensd=-1, **small), output="latent")
+
+
+def test_from_png_keeps_ensd(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from adapterhub import cli
+    from adapterhub.sample import infotext
+
+    info = PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 64x64, ENSD: 31337, "
+                                "RNG: CPU, Version: v1.10.1")
+    source = tmp_path / "ensd.png"
+    Image.new("RGB", (64, 64)).save(source, pnginfo=info)
+    rc = cli.main(["sample", "--base", "tiny-sd1", "--from-png", str(source), "--out", str(tmp_path / "a"), "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0 and infotext.parse(json.loads(out)["parameters"])["ENSD"] == "31337"

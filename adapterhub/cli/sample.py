@@ -14,7 +14,7 @@ from adapterhub.errors import AdapterhubError
 FROM_PNG = {"Prompt": ("prompt", str), "Negative prompt": ("negative", str), "Steps": ("steps", int),
             "Sampler": ("sampler", str), "Schedule type": ("schedule", str), "CFG scale": ("cfg", float),
             "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Hires upscale": ("hires", float),
-            "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str)}
+            "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str), "ENSD": ("ensd", int)}
 FALLBACK_UPSCALER = "Lanczos"  # for a model upscaler (ESRGAN family) named in an infotext
 
 
@@ -456,6 +456,8 @@ def _sample_many(options: dict, request, dirs: list[Path]) -> None:
 @click.option("--rng", default=None, metavar="cpu|gpu|nv",
               help="Noise source, as the webui's RNG setting: cpu (default; the same on any machine), gpu (CUDA's "
                    "generator), nv (CUDA's numbers emulated on any device). --from-png takes the image's.")
+@click.option("--ensd", default=0, show_default=True, type=int,
+              help="The webui's eta noise seed delta: ancestral/SDE samplers' later noise from seed + ENSD.")
 @click.option("--format", "format", default="png", show_default=True, metavar="png|jpg|webp",
               help="Image format; the infotext goes where the webui puts it (PNG text, JPEG/WebP EXIF UserComment).")
 @click.option("--grid", is_flag=True, help="Also write a contact sheet of the images.")
@@ -505,7 +507,8 @@ def sample_cmd(ctx, **options):
                       emphasis=options["emphasis"], init_image=options["init_image"],
                       denoising_strength=0.75 if options["denoise"] is None else options["denoise"],
                       hr_scale=options["hires"], hr_steps=options["hires_steps"], hr_denoise=options["hires_denoise"],
-                      hr_upscaler=options["hires_upscaler"], rng=options["rng"] or "CPU")
+                      hr_upscaler=options["hires_upscaler"], rng=options["rng"] or "CPU",
+                      ensd=options["ensd"])
     if options["denoise"] is not None and not options["init_image"]:
         raise AdapterhubError("--denoise is the img2img strength: give --init-image (the hires pass takes "
                               "--hires-denoise)")

@@ -103,6 +103,7 @@ class Request:
     hr_denoise: float = 0.7  # denoising strength of the hires pass, (0, 1]
     hr_upscaler: str = "Latent"  # a ``Latent …`` mode or an image upscaler: None, Lanczos, Nearest
     rng: str = "CPU"  # the noise source (:mod:`adapterhub.sample.rng`): CPU, GPU (CUDA only) or NV
+    ensd: int = 0  # the webui's eta noise seed delta: later draws (ancestral, SDE) from generators seeded seed + ensd
 
 
 @dataclass
@@ -168,6 +169,8 @@ def _check_request(req: Request, default_size: int) -> Request:
         problems.append(f"cfg {req.cfg}: not a finite number")
     if int(req.clip_skip) < 1:
         problems.append(f"clip skip {req.clip_skip}: must be 1 or more")
+    if int(req.ensd) < 0:
+        problems.append(f"ENSD {req.ensd}: must be 0 or more")
     upscaler = req.hr_upscaler
     if init is not None:
         problems.append(_strength_problem("denoising strength", req.denoising_strength))
@@ -519,14 +522,15 @@ class Generator:
             scheduler = make_scheduler(sampler, schedule, self.pipe.scheduler.config, self.arch)
             init_batch = None if init is None else init.repeat(len(batch_seeds), 1, 1, 1)
             latents = self.denoise(first, scheduler, req.steps, req.cfg, batch_seeds, req.width, req.height,
-                                   on_step=step_done, init=init_batch, strength=req.denoising_strength, rng=req.rng)
+                                   on_step=step_done, init=init_batch, strength=req.denoising_strength, rng=req.rng,
+                                   ensd=req.ensd)
             if hires is not None:
                 width, height = hires_size(req.width, req.height, req.hr_scale)
                 upscaled = self.upscale(latents, width, height, req.hr_upscaler)
                 scheduler = make_scheduler(sampler, schedule, self.pipe.scheduler.config, self.arch)
                 latents = self.denoise(hires, scheduler, req.hr_steps or req.steps, req.cfg, batch_seeds, width,
                                        height, on_step=step_done, init=upscaled, strength=req.hr_denoise,
-                                       fixed_steps=True, rng=req.rng)
+                                       fixed_steps=True, rng=req.rng, ensd=req.ensd)
             if output == "latent":
                 latents_out.append(latents)
             else:
@@ -546,16 +550,17 @@ class Generator:
         latents = torch.cat(latents_out) if latents_out else None
         return Result(images, texts, seeds, latents, warnings, req)
 
-    def noise(self, seeds: Sequence[int], width: int, height: int,
-              rng: str = "CPU") -> tuple[torch.Tensor, list[torch.Generator]]:
+    def noise(self, seeds: Sequence[int], width: int, height: int, rng: str = "CPU",
+              ensd: int = 0) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Per image its initial noise (C, H/8, W/8), float32, from source ``rng`` seeded with its seed, and the
         torch generators for the sampler's later draws (:func:`adapterhub.sample.rng.initial_noise`; ``CPU``
-        is ``diffusers.utils.torch_utils.randn_tensor`` with a list of CPU generators)."""
+        is ``diffusers.utils.torch_utils.randn_tensor`` with a list of CPU generators; ``ensd``: the webui's eta
+        noise seed delta)."""
         from adapterhub.sample.rng import initial_noise
 
         channels = self.pipe.unet.config.in_channels
         scale = self.pipe.vae_scale_factor
-        return initial_noise(rng, seeds, (channels, height // scale, width // scale), self.device)
+        return initial_noise(rng, seeds, (channels, height // scale, width // scale), self.device, ensd)
 
     def sample(self, cond: Conditioning, uncond: Conditioning, scheduler, steps: int, cfg: float,
                seeds: Sequence[int], width: int, height: int,
@@ -565,7 +570,7 @@ class Generator:
 
     def denoise(self, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: Sequence[int], width: int,
                 height: int, on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
-                strength: float = 1.0, fixed_steps: bool = False, rng: str = "CPU") -> torch.Tensor:
+                strength: float = 1.0, fixed_steps: bool = False, rng: str = "CPU", ensd: int = 0) -> torch.Tensor:
         """The denoising loop (diffusers' own, step for step); returns the final latents.
 
         From noise, or with ``init`` latents (one per seed) from the point of the schedule that
@@ -573,7 +578,7 @@ class Generator:
         there with each image's generator, as diffusers' img2img pipeline does (``add_noise``)."""
         batch = len(seeds)
         dtype, device = self.dtype, self.device
-        noise, generators = self.noise(seeds, width, height, rng)
+        noise, generators = self.noise(seeds, width, height, rng, ensd)
         noise = noise.to(device=device, dtype=dtype)
         if init is None:
             set_timesteps(scheduler, steps, device=device)
@@ -722,6 +727,8 @@ class Generator:
             "Model hash": self.model_hash, "Model": self.model_name, "Denoising strength": denoise,
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None, **hires,
             "RNG": req.rng if req.rng != "GPU" else None,  # the webui leaves its default out
+            # as the webui: only where the sampler draws noise again
+            "ENSD": req.ensd if req.ensd and noise_sources.draws_more(sampler.name) else None,
             "Lora hashes": infotext.hashes_text(lora), "TI hashes": infotext.hashes_text(ti),
             "Emphasis": emphasis, **infotext.control_units(stack), "Version": f"adapterhub {__version__}",
         }

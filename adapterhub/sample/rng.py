@@ -94,11 +94,12 @@ def _gpu_problem(device) -> str:
             "numbers, emulated on any device) or --rng cpu")
 
 
-def initial_noise(name: str, seeds: Sequence[int], shape: Sequence[int],
-                  device) -> tuple[torch.Tensor, list[torch.Generator]]:
+def initial_noise(name: str, seeds: Sequence[int], shape: Sequence[int], device,
+                  ensd: int = 0) -> tuple[torch.Tensor, list[torch.Generator]]:
     """Per seed its first draw of ``shape`` (C, H, W) from source ``name``, stacked (B, C, H, W) float32 on
     the CPU for ``CPU``/``NV`` and on the GPU for ``GPU``, and the per-image torch generators for later
-    draws (CPU ones seeded with the seeds for ``CPU``/``NV``, the CUDA ones themselves for ``GPU``)."""
+    draws: CPU ones seeded with the seeds for ``CPU``/``NV``, the CUDA ones themselves for ``GPU``; with
+    ``ensd`` (the webui's eta noise seed delta) new ones seeded ``seed + ensd``, as ``ImageRNG.first`` does."""
     name = source(name)
     shape = tuple(int(s) for s in shape)
     if name == "GPU":
@@ -107,11 +108,14 @@ def initial_noise(name: str, seeds: Sequence[int], shape: Sequence[int],
             raise AdapterhubError(_gpu_problem(device))
         gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         noise = torch.stack([torch.randn(shape, generator=g, device=device, dtype=torch.float32) for g in gens])
-        return noise, gens
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    if name == "NV":
-        return torch.stack([Philox(s).randn(shape) for s in seeds]), gens
-    return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in gens]), gens
+    else:
+        device = torch.device("cpu")
+        gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+        noise = torch.stack([Philox(s).randn(shape) for s in seeds]) if name == "NV" else \
+            torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in gens])
+    if ensd:
+        gens = [torch.Generator(device).manual_seed(int(s) + int(ensd)) for s in seeds]
+    return noise, gens
 
 
 def check_device(name: str, device) -> None:
