@@ -640,7 +640,7 @@ def open_adapter_file(path: str | os.PathLike) -> AdapterFile:
     try:
         return _open_adapter_file(path)
     except OSError as exc:
-        raise AdapterError(path, f"cannot read the file: {exc.strerror or exc}") from None
+        raise AdapterError(path, f"cannot read: {exc.strerror or exc}") from None
 
 
 def _open_adapter_file(path: Path) -> AdapterFile:

@@ -117,6 +117,7 @@ _CHILD = textwrap.dedent("""
     import os, resource, sys, traceback
     import adapterhub.api, adapterhub.cli, adapterhub.plugins, torch
     adapterhub.plugins.adapter_types()  # plugins imported before the limit: the limit is for the work
+    torch.set_num_threads(1)  # a thread pool started later reserves address space per core
     vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (vm + int(sys.argv[1]) * 2**20,) * 2)
     soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
@@ -136,8 +137,9 @@ _CHILD = textwrap.dedent("""
 def _inspect_limited(paths, extra_mb=500, cpu_s=30) -> dict[str, tuple[str, list[str]]]:
     """Run ``inspect`` on each path in one child process whose address space may grow only ``extra_mb``
     past what the imports took, and whose CPU time is capped (so a regression fails, not hangs)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}  # address space per thread
     done = subprocess.run([sys.executable, "-c", _CHILD, str(extra_mb), str(cpu_s), *map(str, paths)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     results, current, lines = {}, None, []
     for line in done.stderr.splitlines():
         if line.startswith("=== rc "):
