@@ -451,8 +451,9 @@ def _sample_many(options: dict, request, dirs: list[Path]) -> None:
               help="Default: fp16 on CUDA, fp32 on CPU.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--from-png", "from_png", type=click.Path(exists=True, dir_okay=False),
-              help="Take prompt, negative, steps, sampler, schedule, CFG, seed, size and clip skip from an "
-                   "image's infotext; options given on the command line override.")
+              help="Take prompt, negative, steps, sampler, schedule, CFG, seed, size, clip skip, hires, RNG and ENSD "
+                   "from an image's webui infotext (PNG, JPEG or WebP), as the webui re-runs it: missing LoRAs and "
+                   "embeddings are warned about and left out; options given on the command line override.")
 @click.option("--rng", default=None, metavar="cpu|gpu|nv",
               help="Noise source, as the webui's RNG setting: cpu (default; the same on any machine), gpu (CUDA's "
                    "generator), nv (CUDA's numbers emulated on any device). --from-png takes the image's.")
@@ -474,7 +475,7 @@ def _sample_many(options: dict, request, dirs: list[Path]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.pass_context
 def sample_cmd(ctx, **options):
-    """Generate images; every PNG carries the webui's `parameters` text."""
+    """Generate images; every image carries the webui's `parameters` text (PNG text, JPEG/WebP EXIF)."""
     import time
 
     from adapterhub.sample.generator import (
