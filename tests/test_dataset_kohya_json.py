@@ -88,3 +88,57 @@ def test_duplicate_stems_and_bad_input_are_one_line_exit_2(tmp_path, capsys):
         bad.write_text(text, encoding="utf-8")
         err = one_line(["dataset", "kohya-json", str(root), str(out), "--in-json", str(bad), "--full-path"])
         assert str(bad) in err
+
+
+# -- back to sidecars ------------------------------------------------------------------------------
+def sidecars(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.suffix in (".txt", ".caption") and ".adapterhub" not in p.parts}
+
+
+def test_import_writes_the_sidecars_kohya_would_read_and_undo_restores(tmp_path, capsys):
+    root = make_set(tmp_path / "set")
+    before = sidecars(root)
+    meta = {"one": {"tags": "1girl, solo, smile, new", "caption": "a girl smiling", "train_resolution": [8, 8]},
+            "four": {"tags": "landscape", "caption": "a field\nat dusk"},
+            str((root / "3_style" / "three.png").resolve()): {"caption": "a painting of a hill"},
+            "nowhere": {"tags": "x"}}
+    src = tmp_path / "meta.json"
+    src.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    assert main(["dataset", "from-kohya-json", str(root), str(src), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["written"], report["unchanged"], report["not_found"]) == (4, 1, ["nowhere"])
+    a, b = root / "10_sks girl", root / "3_style"
+    # what kohya's fine-tuning reads: the JSON's strings, as the sidecars now hold them
+    assert (a / "one.txt").read_text(encoding="utf-8") == "1girl, solo, smile, new\n"
+    assert (a / "one.caption").read_bytes() == before["10_sks girl/one.caption"]  # unchanged
+    assert (b / "four.txt").read_text(encoding="utf-8") == "landscape\n"
+    assert (b / "four.caption").read_text(encoding="utf-8") == "a field\nat dusk\n"
+    assert (b / "three.caption").read_text(encoding="utf-8") == "a painting of a hill\n"
+    # and the export gives the same metadata back
+    out = tmp_path / "again.json"
+    assert main(["dataset", "kohya-json", str(root), str(out)]) == 0
+    again = json.loads(out.read_text(encoding="utf-8"))
+    assert again["one"]["tags"] == meta["one"]["tags"] and again["four"] == meta["four"]
+    assert main(["dataset", "undo", str(root)]) == 0
+    assert sidecars(root) == before
+
+
+def test_import_skip_mode_and_bad_input(tmp_path, capsys):
+    root = make_set(tmp_path / "set")
+    before = sidecars(root)
+    src = tmp_path / "meta.json"
+    src.write_text(json.dumps({"one": {"tags": "other"}, "four": {"tags": "landscape"}}), encoding="utf-8")
+    assert main(["dataset", "from-kohya-json", str(root), str(src), "--mode", "skip"]) == 0
+    assert sidecars(root) == {**before, "3_style/four.txt": b"landscape\n"}
+
+    root2 = make_set(tmp_path / "set2")
+    Image.new("RGB", (8, 8)).save(root2 / "3_style" / "one.png")
+    before2 = sidecars(root2)
+    for text, words in (('{"one": {"tags": "t"}}', ["one", "--full-path"]), ("{oops", [str(src)]),
+                        ('{"two": {"tags": 3}}', ["'two'", "tags"])):
+        src.write_text(text, encoding="utf-8")
+        assert main(["dataset", "from-kohya-json", str(root2), str(src)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+        assert sidecars(root2) == before2

@@ -1,4 +1,5 @@
-"""``adapterhub dataset``: caption, tags, undo, stats, bucket, prepare, kohya-json, validate.
+"""``adapterhub dataset``: caption, tags, undo, stats, bucket, prepare, kohya-json,
+from-kohya-json, validate.
 
 Every command's options come from its config dataclass in ``adapterhub.dataset.config`` (declared
 once there); each command builds the config, calls one service function and renders the result.
@@ -210,6 +211,16 @@ def kohya_json_cmd(as_json, **kwargs):
 
     emit(export_metadata(build(C.KohyaJsonConfig, kwargs)), as_json,
          lambda r: key_values(r, title="kohya metadata"))
+
+
+@dataset.command("from-kohya-json")
+@config_options(C.KohyaImportConfig)
+def from_kohya_json_cmd(as_json, **kwargs):
+    """Write the tags and captions of a kohya metadata JSON to sidecar files (undo-able)."""
+    from adapterhub.dataset.kohya_json import import_metadata
+
+    emit(import_metadata(build(C.KohyaImportConfig, kwargs)), as_json,
+         lambda r: key_values({**r, "not_found": ", ".join(r["not_found"]) or "-"}, title="sidecars"))
 
 
 # ------------------------------------------------------------------------------------------------

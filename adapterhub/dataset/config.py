@@ -134,6 +134,14 @@ class KohyaJsonConfig(FolderConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
+class KohyaImportConfig(FolderConfig):
+    json_file: Path = opt(None, "kohya metadata JSON to read", argument=True)
+    mode: str = opt("overwrite", "existing sidecars: overwrite, or skip them", choices=("overwrite", "skip"))
+    tags_ext: str = opt(".txt", "sidecar written from tags")
+    caption_ext: str = opt(".caption", "sidecar written from the caption")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ValidateConfig(FolderConfig):
     fix: bool = opt(False, "apply the safe fixes (originals are kept under DIR/.adapterhub)")
     min_side: int = opt(256, "images with a shorter side are too small")

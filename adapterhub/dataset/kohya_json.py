@@ -9,14 +9,19 @@ entries of an existing file (``in_json``, else ``out`` when it exists, as kohya)
 ``tags`` and ``caption`` replaced where the folder has them. Unlike kohya, an image without a
 sidecar is left out rather than failing, and two images with one stem are refused rather than
 the later silently replacing the earlier.
+
+:func:`import_metadata` goes back: each entry's ``tags`` and ``caption`` become the image's
+sidecars, the image found as kohya's fine-tuning finds it (the key is the image's path, else its
+file stem). It holds the folder's writer lock and writes through the undo journal; every key is
+resolved and every value checked before the first file is written.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from adapterhub.dataset.config import KohyaJsonConfig
-from adapterhub.dataset.folder import decode_caption, require_items, scan
+from adapterhub.dataset.config import KohyaImportConfig, KohyaJsonConfig
+from adapterhub.dataset.folder import decode_caption, encode_caption, require_items, scan
 from adapterhub.errors import AdapterhubError
 
 
@@ -63,3 +68,63 @@ def export_metadata(cfg: KohyaJsonConfig) -> dict:
     with atomic_path(out, suffix=".json") as tmp:
         tmp.write_text(json.dumps(metadata, indent=2), encoding="utf-8")
     return {"out": str(out), "images": len(ds.items), **counts, "kept": len(before - set(owners))}
+
+
+def _image_for(key: str, by_path: dict, by_stem: dict, source: Path) -> Path | None:
+    """The image kohya reads for ``key``: the path itself when it exists, else the one image with
+    that stem (several is an error: kohya would pick one at random)."""
+    path = Path(key).expanduser()
+    if path.is_file():
+        return by_path.get(path.resolve())
+    found = by_stem.get(key, [])
+    if len(found) > 1:
+        names = ", ".join(str(p) for p in found)
+        raise AdapterhubError(f"{source}: key {key!r} matches {len(found)} images ({names}); "
+                              "write the metadata with --full-path keys")
+    return by_path.get(found[0]) if found else None
+
+
+def _plan(cfg: KohyaImportConfig, metadata: dict, ds) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(sidecar path, text) for every field to write, and the keys no image answers to."""
+    by_path = {item.path.resolve(): item.path for item in ds.items}
+    by_stem: dict[str, list] = {}
+    for item in ds.items:
+        by_stem.setdefault(item.path.stem, []).append(item.path.resolve())
+    writes, missing = [], []
+    for key, entry in metadata.items():
+        image = _image_for(key, by_path, by_stem, cfg.json_file)
+        if image is None:
+            missing.append(key)
+            continue
+        for field, ext in (("tags", cfg.tags_ext), ("caption", cfg.caption_ext)):
+            if field not in entry:
+                continue
+            if not isinstance(entry[field], str):
+                raise AdapterhubError(f"{cfg.json_file}: {key!r}: {field} is not text")
+            writes.append((image.with_suffix(ext), entry[field].strip()))
+    return writes, missing
+
+
+def import_metadata(cfg: KohyaImportConfig) -> dict:
+    """Write the sidecars; return counts and the keys not found."""
+    from adapterhub.dataset.journal import Journal, write_caption
+    from adapterhub.dataset.lock import dataset_lock
+
+    metadata = read_metadata(cfg.json_file)
+    with dataset_lock(cfg.dir, "from-kohya-json"):
+        ds = scan(cfg.dir)
+        require_items(ds)
+        writes, missing = _plan(cfg, metadata, ds)
+        report = {"written": 0, "unchanged": 0, "skipped": 0, "not_found": missing}
+        with Journal(cfg.dir, "from-kohya-json", {"json": str(cfg.json_file)}) as journal:
+            for path, text in writes:
+                before = path.read_bytes() if path.is_file() else None
+                after = encode_caption(text)
+                if before is not None and cfg.mode == "skip":
+                    report["skipped"] += 1
+                elif before == after:
+                    report["unchanged"] += 1
+                else:
+                    write_caption(journal, path, before, after)
+                    report["written"] += 1
+    return report
