@@ -179,9 +179,9 @@ def test_img2img_equals_adapterhub_sample(api, networks, tmp_path):
 
 
 def test_missing_lora_is_reported_and_left_out_as_the_webui_does(api):
-    result = api.txt2img(prompt="a hill <lora:nowhere:0.7>", seed=3, **SMALL)
-    assert "Lora not found: nowhere" in result.info["comments"]
-    assert result.info["infotexts"][0].startswith("a hill <lora:nowhere:0.7>\n")  # kept as sent
+    result = api.txt2img(prompt="a hill <lora:nowhere:0.7> <lyco:gone:1> <hypernet:lost:1>", seed=3, **SMALL)
+    assert result.info["comments"].splitlines() == ["Lora not found: nowhere, gone", "Hypernetwork not found: lost"]
+    assert result.info["infotexts"][0].startswith("a hill <lora:nowhere:0.7> <lyco:gone:1> <hypernet:lost:1>\n")
     assert "Lora hashes" not in result.info["infotexts"][0]
     assert np.array_equal(pixels(result.image), pixels(api.txt2img(prompt="a hill", seed=3, **SMALL).image))
 

@@ -155,21 +155,23 @@ class Networks:
                 if re.search(rf"(?<![\w-]){re.escape(n.token or n.name)}(?![\w-])", joined, re.IGNORECASE)]
 
 
-def drop_missing_networks(prompt: str, dirs: Sequence[str | Path]) -> tuple[str, list[str]]:
+def drop_missing_networks(prompt: str, dirs: Sequence[str | Path]) -> tuple[str, list[tuple[str, str]]]:
     """``prompt`` without the ``<lora:…>``, ``<lyco:…>`` and ``<hypernet:…>`` tags whose network cannot be found
-    in ``dirs`` or the catalog, and those names. The webui reports a missing network and samples without it."""
+    in ``dirs`` or the catalog, and those networks as (kind, name), kind ``lora`` or ``hypernet``. The webui
+    reports a missing network and samples without it."""
     from adapterhub.stack import TAG, TAG_KINDS, find_adapter
 
-    missing: list[str] = []
+    missing: list[tuple[str, str]] = []
 
     def keep(match: re.Match) -> str:
-        if TAG_KINDS.get(match.group(1).lower()) is None:
+        kind = TAG_KINDS.get(match.group(1).lower())
+        if kind is None:
             return match.group(0)
         name = match.group(2).split(":")[0].strip().strip("\"'")
         try:
             find_adapter(name, dirs)
         except AdapterhubError:
-            missing.append(name)
+            missing.append((kind, name))
             return ""
         return match.group(0)
 
@@ -177,3 +179,13 @@ def drop_missing_networks(prompt: str, dirs: Sequence[str | Path]) -> tuple[str,
     if not missing:
         return prompt, []
     return re.sub(r"[ \t]{2,}", " ", cleaned).strip(), missing
+
+
+def missing_notes(missing: Sequence[tuple[str, str]]) -> list[str]:
+    """The notes for ``info``: one line per kind, names joined, in the webui's wording for LoRAs."""
+    notes = []
+    for kind, label in (("lora", "Lora"), ("hypernet", "Hypernetwork")):
+        names = list(dict.fromkeys(name for k, name in missing if k == kind))
+        if names:
+            notes.append(f"{label} not found: {', '.join(names)}")
+    return notes

@@ -142,7 +142,7 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
     from adapterhub.sample.generator import MAX_SEED, Request, check_request, hires_size, hires_upscaler
     from adapterhub.sample.rng import source
     from adapterhub.sample.samplers import resolve_sampler
-    from adapterhub.serve.networks import drop_missing_networks
+    from adapterhub.serve.networks import drop_missing_networks, missing_notes
 
     kind = "img2img" if isinstance(req, Img2ImgRequest) else "txt2img"
     settings = _overrides(req, options, model_titles)
@@ -191,8 +191,7 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
         denoise = req.denoising_strength
     prompt, missing = drop_missing_networks(req.prompt, dirs)
     negative, missing_negative = drop_missing_networks(req.negative_prompt, dirs)
-    for name in missing + missing_negative:
-        comments.append(f"Lora not found: {name}")  # the webui's wording (extra network not found)
+    comments += missing_notes(missing + missing_negative)
     embeddings = [n.name for n in networks.embeddings_in(prompt, negative)]
     seed = req.seed if req.seed is not None and req.seed >= 0 else random.randrange(MAX_SEED)
     requests = []
