@@ -623,10 +623,12 @@ class Trainer:
                         self.write_samples()
         with self._writing(self.cfg.out):
             out = self.write_adapter(self.cfg.out)
-            if self.tracking:  # every process: end_training waits for the others
+        if self.tracking:  # every process: end_training waits for the others
+            with self._writing(logs_dir(self.cfg.out)):
                 self.accelerator.end_training()
-            if not self.accelerator.is_main_process:
-                return self.result(out, checkpoints, [])
+        if not self.accelerator.is_main_process:
+            return self.result(out, checkpoints, [])
+        with self._writing(loss_log_path(self.cfg.out)):
             logs = write_loss_log(self.cfg.out, self.progress.history)
         result = self.result(out, checkpoints, logs)
         if self.cfg.register or (self.cfg.register is None and os.environ.get("ADAPTERHUB_CATALOG")):
@@ -672,13 +674,18 @@ def _nothing():
     yield
 
 
+def loss_log_path(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".loss.csv")
+
+
 def write_loss_log(out: Path, history: list[dict]) -> list[Path]:
     """``NAME.loss.csv`` (step, loss, lr, val_loss) and ``NAME.loss.png`` beside the output."""
     from adapterhub.io import atomic_path
     from adapterhub.train.plot import loss_png
 
     out = Path(out)
-    csv = out.with_name(out.stem + ".loss.csv")
+    csv = loss_log_path(out)
     lines = ["step,loss,lr,val_loss"] + [f"{r['step']},{r['loss']:.6g},{r['lr']:.6g},"
                                          f"{'' if r.get('val_loss') is None else format(r['val_loss'], '.6g')}"
                                          for r in history]
