@@ -183,7 +183,7 @@ def test_the_caps_are_where_they_say(tmp_path, monkeypatch, capsys):
     training history) while one that shares its way there is refused."""
     path = _deep(tmp_path / "ninety.pt", levels=90)
     assert len(open_adapter_file(path).keys) == 1
-    monkeypatch.setattr("adapterhub.io.MAX_PICKLE_ENTRIES", 100)
+    monkeypatch.setattr("adapterhub.pickle_bounds.MAX_PICKLE_ENTRIES", 100)
     flat = tmp_path / "flat.pt"
     torch.save({"w": torch.zeros(2), "history": [{"step": i, "loss": 0.5} for i in range(50)]}, flat)
     assert len(open_adapter_file(flat).extra) == 100
@@ -226,7 +226,7 @@ def test_compressed_records_are_read_within_the_total_cap(tmp_path, monkeypatch,
     packed = _rezipped(plain, tmp_path / "packed.pt")
     assert torch.equal(open_adapter_file(packed).tensor(f"{KOHYA}.lora_up.weight"),
                        _kohya_tensors()[f"{KOHYA}.lora_up.weight"])
-    monkeypatch.setattr("adapterhub.io.MAX_INFLATED_BYTES", 1024)
+    monkeypatch.setattr("adapterhub.pickle_bounds.MAX_INFLATED_BYTES", 1024)
     _refused(capsys, packed, "inflate to", "1024-byte cap")
 
 
