@@ -13,7 +13,11 @@ Oracles, none of them our own tables:
   of an sgm module is ``lora_unet_`` + its path with ``.`` -> ``_`` (sd-scripts ``create_modules``);
 * diffusers' kohya loader (``_maybe_map_sgm_blocks_to_diffusers`` + ``_convert_non_diffusers_lora_to_diffusers``)
   names the module each key reaches;
-* diffusers ``load_lora_weights`` + ``fuse_lora`` of LoRA / LoCon files equals our merge (1e-5).
+* diffusers ``load_lora_weights`` + ``fuse_lora`` of LoRA / LoCon files equals our merge (1e-5);
+* lycoris-lora's kohya loader (``create_network_from_weights`` + ``merge_to``), given the UNet's own modules
+  hung at their sgm paths under containers of the classes sd-scripts' SDXL UNet has there, builds every
+  module of a LoRA / LoCon / LoHa / LoKr file and merges to our weights (1e-5);
+* ComfyUI's key rules (restated from ``comfy/lora.py``) use every key of the diffusers layout.
 
 Every type (LoRA, LoCon, LoHa, LoKr, full diff, norms) and every writer (save / convert, combine, resize,
 extract, train) is checked on tiny-sd1 and tiny-sdxl; the naming rule is also checked on the real SDXL
@@ -189,11 +193,11 @@ def build(kind: str, model, base: str, rank: int = 2, alpha: float = 1.0) -> Ada
         elif kind == "loha":
             tensors = {"hada_w1_a": _rand(gen, out, rank, device=dev), "hada_w1_b": _rand(gen, rank, fan_in, device=dev),
                        "hada_w2_a": _rand(gen, out, rank, device=dev), "hada_w2_b": _rand(gen, rank, fan_in, device=dev)}
-            patches[target] = LoHaPatch(target, target, tensors, alpha=1.0)
+            patches[target] = LoHaPatch(target, target, tensors, alpha=alpha)
         else:  # LoKr with a 1x1 first factor: l = m = 1, the second factor low-rank
             tensors = {"lokr_w1": torch.ones(1, 1, device=dev), "lokr_w2_a": _rand(gen, out, rank, device=dev),
                        "lokr_w2_b": _rand(gen, rank, fan_in, device=dev)}
-            patches[target] = LoKrPatch(target, target, tensors, alpha=1.0)
+            patches[target] = LoKrPatch(target, target, tensors, alpha=alpha)
     adapter_type = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr"}[kind]
     return Adapter(type=adapter_type, format="kohya", patches=patches, base=base)
 
@@ -403,3 +407,56 @@ def test_diffusers_layout_loads_in_diffusers_to_our_merge_and_reads_back(arch, k
     ours = ours_merged(arch, [(adapter, 0.8)])
     assert_same_weights(ours_merged(arch, [(path, 0.8)]), ours, original)
     assert assert_same_weights(ours, diffusers_fused(arch, [(path, 0.8)]), original) <= ATOL
+
+
+# ---------------------------------------------------------------------------------------------
+# LyCORIS, on the module tree kohya's SDXL scripts give it
+# ---------------------------------------------------------------------------------------------
+def sgm_tree(unet) -> torch.nn.Module:
+    """``unet``'s own modules hung at their sgm paths (``input_blocks.4.1.proj_in`` is the very module at
+    ``down_blocks.1.attentions.0.proj_in``); each block container is of a class named as the diffusers block
+    it stands for (``Transformer2DModel``, ``ResnetBlock2D``, ``Downsample2D``, ``Upsample2D``: the names
+    LyCORIS and sd-scripts select by). A LyCORIS merge through it changes ``unet`` itself."""
+    root = torch.nn.Module()
+    for sgm, path in _sgm_modules(unet).items():
+        parts_ = sgm.split(".")
+        depth = 2 if parts_[0] == "middle_block" else 3
+        if parts_[0] not in ("input_blocks", "middle_block", "output_blocks") or len(parts_) <= depth:
+            continue  # conv_in, time_embed, label_emb, out: outside every block LyCORIS targets
+        block = ".".join(path.split(".")[: 3 if path.startswith("mid_block") else 4])
+        node = root
+        for i, name in enumerate(parts_[:-1]):
+            if not hasattr(node, name):
+                cls = torch.nn.Module
+                if i == depth - 1:
+                    cls = type(type(unet.get_submodule(block)).__name__, (torch.nn.Module,), {})
+                node.add_module(name, cls())
+            node = getattr(node, name)
+        node.add_module(parts_[-1], unet.get_submodule(path))
+    return root
+
+
+@pytest.mark.parametrize("kind", ["locon", "loha", "lokr"])
+def test_lycoris_loads_every_sdxl_unet_module_by_name_and_merges_to_ours(kind, tiny_models, tmp_path):
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+
+    # alpha = rank (scale 1): lycoris-lora 4.1.3 applies alpha / r twice to the modules of resnet blocks
+    # when merging (formats.md: its merge bakes (alpha / r)^2; A1111, ComfyUI and PEFT apply it once)
+    full = build(kind, tiny_models["tiny-sdxl"], "tiny-sdxl", alpha=2.0)
+    unet_only = {t: p for t, p in full.patches.items() if t.startswith("unet.")}
+    adapter = Adapter(type=full.type, format=full.format, patches=unet_only, base="tiny-sdxl")
+    path = save(adapter, tmp_path / f"{kind}.safetensors", "kohya")
+    model = parts("tiny-sdxl")
+    original = snapshot(model)
+    # lycoris-lora 4.1.3 also targets the class TimestepEmbedding, which has no sgm container here
+    targets = LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE
+    LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE = [t for t in targets if t != "TimestepEmbedding"]
+    try:
+        net, sd = create_network_from_weights(1.0, str(path), None, None, sgm_tree(model.unet))
+    finally:
+        LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE = targets
+    assert len(net.unet_loras) == len(adapter.patches) > 100
+    net.merge_to(None, sgm_tree(model.unet), sd, torch.float32, "cpu")
+    from lora_helpers import weights
+
+    assert_same_weights(ours_merged("tiny-sdxl", [(adapter, 1.0)]), weights(model), original)
