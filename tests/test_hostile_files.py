@@ -479,6 +479,9 @@ def test_a_valid_adapter_with_a_non_utf8_name(tmp_path, capsys):
     assert rc == 0, err
     assert "lora" in out
     assert adapterhub.load(path).type == "lora"
+    assert main(["inspect", "--json", "--no-hash", os.fsdecode(path)]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["type"] == "lora" and facts["path"].endswith("caf\ufffd.safetensors")
 
 
 def test_catalog_scan_records_hostile_files_with_one_line_reasons(tmp_path):
