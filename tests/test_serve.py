@@ -46,7 +46,7 @@ def served(networks):
     from adapterhub.serve.app import Service, create_app
 
     service = Service(Generator("tiny-sd1"), adapter_dirs=[networks], catalog=False, max_queue=1,
-                      max_size=(128, 128), credentials={USER: PASSWORD})
+                      max_size=(128, 128), credentials={USER: PASSWORD}, max_body=1 << 20)
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -321,6 +321,22 @@ def test_full_queue_gets_429_and_interrupt_stops_the_running_request(served):
     assert out["waiting"].status_code == 200 and not json.loads(after["info"])["interrupted"]
     assert after["images"] == before["images"]  # the interrupted stack was switched away exactly
     assert get(served, "progress").json()["state"]["job_count"] == 0
+
+
+def test_a_body_beyond_the_limit_gets_413_before_it_is_read(served):
+    big = b'{"prompt": "' + b"x" * (1 << 20) + b'"}'
+    _webui_error(post(served, "txt2img", data=big, headers={"Content-Type": "application/json"}), 413,
+                 "request body beyond this server's limit of 1048576 bytes")
+
+    def chunks():  # no Content-Length: the limit holds while the body streams in
+        yield b'{"prompt": "'
+        for _ in range(64):
+            yield b"x" * (1 << 15)
+        yield b'"}'
+
+    _webui_error(post(served, "txt2img", data=chunks(), headers={"Content-Type": "application/json"}), 413,
+                 "request body beyond this server's limit of 1048576 bytes")
+    assert post(served, "txt2img", json={"prompt": "x", **SMALL, "seed": 1}).status_code == 200
 
 
 def test_png_info_of_a_bad_or_plain_image(served):

@@ -59,6 +59,7 @@ class Service:
     max_queue: int = 16
     max_size: tuple[int, int] | None = (2048, 2048)
     credentials: dict[str, str] = field(default_factory=dict)
+    max_body: int = 64 << 20  # bytes a request body may have (base64 init images included)
 
     def __post_init__(self):
         self.adapter_dirs = [Path(d) for d in self.adapter_dirs]
@@ -88,6 +89,38 @@ class Service:
         self.worker.close()
 
 
+class BodyLimit:
+    """ASGI middleware: a request body beyond ``limit`` bytes gets 413 (the webui's error shape), refused from its
+    ``Content-Length`` before a byte is read, or as soon as a streamed body passes the limit; nothing larger is
+    ever held in memory."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, int(limit)
+
+    def _detail(self) -> str:
+        return f"request body beyond this server's limit of {self.limit} bytes"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            response = _error(413, "HTTPException", self._detail(), f"413: {self._detail()}")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # FastAPI passes an HTTPException from reading the body on as it is
+                    raise StarletteHTTPException(413, self._detail())
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def _error(status: int, error: str, detail: Any, errors: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, headers=headers,
                         content={"error": error, "detail": detail, "body": "", "errors": errors})
@@ -114,6 +147,7 @@ def create_app(service: Service) -> FastAPI:
                   dependencies=[Depends(authorised)], docs_url="/docs" if public else None, redoc_url=None,
                   openapi_url="/openapi.json" if public else None)
     app.state.service = service
+    app.add_middleware(BodyLimit, limit=service.max_body)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
