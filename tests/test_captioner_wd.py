@@ -577,3 +577,37 @@ def test_model_may_name_the_onnx_file(tagger, kohya_set, tmp_path, capsys):
     err = _one_line_error(["dataset", "caption", str(kohya_set), "--captioner", "wd", "--model", str(lone),
                            "--device", "cpu", "--mode", "overwrite"], capsys)
     assert str(lone.parent) in err and "selected_tags.csv" in err
+
+
+# -- tags + sentence in one run ------------------------------------------------------------------
+def test_tags_and_sentence_in_one_run(tagger, kohya_set, tmp_path_factory):
+    """``--captioner caption+wd``: the image-to-text model's sentence (``--model``), then the WD
+    tagger's tags (``--tagger``), each equal to what its reference procedure gives alone."""
+    import torch
+    from test_dataset_captioning import tiny_blip as blip_fixture  # one tiny BLIP for the suite
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from adapterhub.dataset.images import load_rgb
+
+    blip = blip_fixture.__wrapped__(tmp_path_factory)
+    d, w, b = tagger
+    cfg = wd_cfg(kohya_set, blip, captioner="caption+wd", tagger=str(d), max_length=5, remove_underscore=True)
+    assert runner.run_captioning(cfg)["captioned"] == 6
+    processor = AutoProcessor.from_pretrained(blip)
+    model = AutoModelForImageTextToText.from_pretrained(blip).eval()
+    for item in scan(kohya_set).items:
+        im = load_rgb(item.path)  # every captioner's decoding: transparency on white
+        with torch.no_grad():
+            out = model.generate(**processor(images=im, return_tensors="pt"), max_new_tokens=5, do_sample=False)
+        sentence = processor.batch_decode(out, skip_special_tokens=True)[0].strip()
+        tags = kohya_tags(reference_scores(item.path, w, b), remove_underscore=True)
+        assert captions(kohya_set)[item.rel] == ", ".join([sentence] + tags)
+
+
+def test_tags_and_sentence_need_both_models(tagger, kohya_set, capsys):
+    d, _, _ = tagger
+    before = snapshot(kohya_set)
+    base = ["dataset", "caption", str(kohya_set), "--captioner", "caption+wd", "--device", "cpu"]
+    assert "needs --model" in _one_line_error(base + ["--tagger", str(d)], capsys)
+    assert "no-such-tagger" in _one_line_error(base + ["--model", "x", "--tagger", "no-such-tagger"], capsys)
+    assert snapshot(kohya_set) == before

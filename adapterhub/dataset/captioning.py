@@ -42,7 +42,7 @@ _FINGERPRINT_FIELDS = ("captioner", "model", "pretrained", "vocab", "top_k", "th
                        # the wd tagger's
                        "character_threshold", "mcut", "rating", "character_tags_first", "always_first_tags",
                        "undesired_tags", "remove_underscore", "escape_parens", "caption_separator",
-                       "character_tag_expand", "tag_replacement")
+                       "character_tag_expand", "tag_replacement", "tagger")
 
 
 @dataclass

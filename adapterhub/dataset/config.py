@@ -57,6 +57,8 @@ class CaptionConfig(FolderConfig):
     caption_separator: str = opt(", ", "wd: text between tags")
     character_tag_expand: bool = opt(False, "wd: chara_(series) -> chara, series")
     tag_replacement: str = opt("", "wd: source,target;source,target replaces tags (\\, and \\; inside tags)")
+    tagger: str | None = opt(None, "caption+wd: the WD tagger (folder, .onnx file or hub id) whose tags "
+                                   "follow the --model sentence")
     mode: str = opt("skip", "existing captions: overwrite, append, or skip the image",
                     choices=("overwrite", "append", "skip"))
     batch_size: int = opt(32, "images per batch")
