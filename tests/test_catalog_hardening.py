@@ -110,3 +110,26 @@ def test_catalog_in_a_read_only_folder_can_be_browsed(scanned, capsys):
         os.chmod(folder, 0o755)
     code, out, _ = run(capsys, "catalog", "--catalog", str(scanned), "tag", "neon", "add", "fav", "--json")
     assert code == 0 and json.loads(out)["tags"] == ["fav"]  # writable again once the folder is
+
+
+# ------------------------------------------------------------------------------------------------
+# export's output
+# ------------------------------------------------------------------------------------------------
+from test_hardening_writes import full_disk, read_only  # noqa: E402,F401  (fixtures)
+
+
+def test_export_to_a_full_disk_or_a_read_only_folder(scanned, full_disk, read_only, tmp_path, capsys):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "export.json").write_text("the previous export")
+    full_disk(full)
+    code, _, err = run(capsys, "catalog", "--catalog", str(scanned), "export", "-o", str(full / "export.json"))
+    assert code == 2
+    line = one_line(err)
+    assert str(full / "export.json") in line and "No space left on device" in line, line
+    assert os.listdir(full) == ["export.json"] and (full / "export.json").read_text() == "the previous export"
+
+    ro = read_only(tmp_path / "ro")
+    code, _, err = run(capsys, "catalog", "--catalog", str(scanned), "export", "-o", str(ro / "export.json"))
+    assert code == 2 and str(ro) in one_line(err) and "read-only" in err, err
+    assert os.listdir(ro) == []

@@ -276,14 +276,20 @@ def export_cmd(as_json, out):
     """Export every entry (with tags, notes, ratings) as JSON."""
     from adapterhub.catalog import export
     from adapterhub.io import atomic_path
+    from adapterhub.outputs import check_writable, write_failed
 
+    if out is not None:
+        check_writable(out, "--output")
     with _open() as cat:
         data = export(cat)
     if out is None:
         output.emit_json(data)
         return
-    with atomic_path(out, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    try:
+        with atomic_path(out, suffix=".json") as tmp:
+            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    except OSError as exc:  # a full disk: the atomic write kept the previous file
+        raise write_failed(out, exc, "--output") from None
     click.echo(f"exported {len(data['entries'])} entries to {out}", err=True)
 
 
