@@ -32,6 +32,7 @@ from adapterhub.cli import main  # noqa: E402
 from adapterhub.dataset import CaptionConfig, scan  # noqa: E402
 from adapterhub.dataset import captioning as runner  # noqa: E402
 from adapterhub.plugins import captioners  # noqa: E402
+from test_dataset_captioning import tiny_blip  # noqa: E402,F401 - the tiny BLIP fixture, one for the suite
 
 DEMO = Path(__file__).resolve().parents[1] / "datasets" / "demo"
 SIZE = 16
@@ -580,16 +581,15 @@ def test_model_may_name_the_onnx_file(tagger, kohya_set, tmp_path, capsys):
 
 
 # -- tags + sentence in one run ------------------------------------------------------------------
-def test_tags_and_sentence_in_one_run(tagger, kohya_set, tmp_path_factory):
+def test_tags_and_sentence_in_one_run(tagger, kohya_set, tiny_blip):
     """``--captioner caption+wd``: the image-to-text model's sentence (``--model``), then the WD
     tagger's tags (``--tagger``), each equal to what its reference procedure gives alone."""
     import torch
-    from test_dataset_captioning import tiny_blip as blip_fixture  # one tiny BLIP for the suite
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from adapterhub.dataset.images import load_rgb
 
-    blip = blip_fixture.__wrapped__(tmp_path_factory)
+    blip = tiny_blip
     d, w, b = tagger
     cfg = wd_cfg(kohya_set, blip, captioner="caption+wd", tagger=str(d), max_length=5, remove_underscore=True)
     assert runner.run_captioning(cfg)["captioned"] == 6
