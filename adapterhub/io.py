@@ -457,7 +457,8 @@ def _up_down_pairs(items) -> bool:
 # --------------------------------------------------------------------------------------------
 @contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temp path beside ``target``; rename it over ``target`` only if the block succeeds."""
+    """Yield a temp path beside ``target``; rename it over ``target`` only if the block succeeds, with
+    the mode a new file gets under the umask (``0o666 & ~umask``), whatever the writer left."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
@@ -490,7 +491,8 @@ def _umask() -> int:
 
 @contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder beside ``target``; it replaces ``target`` only if the block succeeds."""
+    """Yield a temp folder beside ``target``; it replaces ``target`` (a folder, or a file) only if the
+    block succeeds, and nothing of the old ``target`` is left beside it."""
     import shutil
 
     target = Path(target)
