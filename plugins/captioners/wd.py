@@ -1,9 +1,10 @@
 """``wd``: SmilingWolf's WD taggers (wd-v1-4 and wd-v3: ViT, ConvNeXt, SwinV2, EVA02) on onnxruntime.
 
-A tagger is a folder, or a Hugging Face hub id, holding ``model.onnx`` and ``selected_tags.csv``
-(``tag_id,name,category,count``; category 9 rating, 0 general, 4 character). The model takes a
-batch of NHWC float32 images of its own input size (BGR, 0-255) and returns one sigmoid score per
-CSV row.
+A tagger is a folder or a Hugging Face hub id holding ``model.onnx`` and ``selected_tags.csv``
+(``tag_id,name,category,count``; category 9 rating, 0 general, 4 character), or the ``.onnx`` file
+with the tag list beside it. The model
+takes a batch of NHWC float32 images of its own input size (BGR, 0-255) and returns one sigmoid
+score per CSV row.
 
 Preprocessing is the model author's (the wd-tagger space): transparency on white, padded to a
 centred white square, bicubic resize to the input size, RGB -> BGR. (kohya's script pads the same
@@ -13,7 +14,8 @@ Tag selection and order are kohya sd-scripts' ``tag_images_by_wd14_tagger.py``: 
 scoring at or above the general threshold, in CSV order, then character tags at or above theirs
 (with ``character_tags_first`` each is put in front in turn, so they come first in reverse CSV
 order); the rating is the argmax of the rating rows, put first or last; every ``always_first_tags``
-tag present is moved to the front in turn (the last listed ends up first). Where we differ from
+tag present is moved to the front in turn (the last listed ends up first); kohya's character tag
+expansion and tag replacement come before the lists are matched. Where we differ from
 kohya, on purpose: the tag lists are comma-separated whatever the separator, and match tags with
 or without underscores, in any case; ``remove_underscore`` also keeps the long kaomoji the
 space keeps (``<o>_<o>``, ``||_||`` ...); MCut thresholds (from the space) and escaping parentheses
@@ -344,7 +346,7 @@ class WDTagger:
 
     def __init__(self):
         self._key = self._options = None
-        self.session = self.table = self.io = None
+        self.session = self.table = self.io = self.model_path = None
         self.settings = Settings()
 
     @property
