@@ -112,6 +112,19 @@ def test_catalog_in_a_read_only_folder_can_be_browsed(scanned, capsys):
     assert code == 0 and json.loads(out)["tags"] == ["fav"]  # writable again once the folder is
 
 
+def test_no_new_catalog_in_a_read_only_folder(tmp_path, capsys):
+    make_lora(tmp_path / "lib" / "neon.safetensors", seed=1)
+    folder = tmp_path / "shelf"
+    folder.mkdir()
+    os.chmod(folder, 0o555)
+    try:
+        code, _, err = run(capsys, "catalog", "--catalog", str(folder / "catalog.db"), "scan", str(tmp_path / "lib"))
+        assert code == 2 and str(folder) in one_line(err) and "read-only" in err, err
+        assert os.listdir(folder) == []
+    finally:
+        os.chmod(folder, 0o755)
+
+
 # ------------------------------------------------------------------------------------------------
 # export's output
 # ------------------------------------------------------------------------------------------------

@@ -189,6 +189,10 @@ def open_catalog(value: str | os.PathLike | None = None, create: bool = False) -
             if not create:
                 raise CatalogError(f"no catalog at {path} (make one with `adapterhub catalog scan DIR`, "
                                    f"or name another with --catalog or ${ENV_VAR})")
+            from adapterhub.outputs import existing_folder
+
+            if not _writable(existing_folder(path)):  # mode bits count, also for root (see _writable)
+                raise CatalogError(f"cannot create catalog {path}: the folder {existing_folder(path)} is read-only")
             path.parent.mkdir(parents=True, exist_ok=True)
         elif not _writable(path) or not _writable(path.parent):
             readonly = True  # a folder without write permission: SQLite could write neither WAL nor journal
