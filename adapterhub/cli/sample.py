@@ -426,7 +426,8 @@ def _sample_many(options: dict, request, dirs: list[Path]) -> None:
 @click.option("--sampler", default="DPM++ 2M", show_default=True,
               help="A webui sampler name (Euler a, DPM++ 2M, DDIM ...).")
 @click.option("--schedule", default="Automatic", show_default=True,
-              help="Automatic, Karras, Exponential, Uniform, SGM Uniform, Beta.")
+              help="Automatic, Uniform, Karras, Exponential, SGM Uniform, Beta, Polyexponential, KL Optimal, "
+                   "Align Your Steps, Simple, Normal or DDIM (the webui's schedule types).")
 @click.option("--cfg", default=7.0, show_default=True, type=float, help="CFG scale.")
 @click.option("--seed", default=-1, show_default=True, type=int, help="-1: random. Image n gets seed + n.")
 @click.option("--size", default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the base's native size).")

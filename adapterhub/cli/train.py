@@ -130,7 +130,7 @@ class _Progress:
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @config_options
 def train_cmd(config_file, print_config, as_json, **options):
-    """Train an adapter (lora, locon, loha, adalora, textual-inversion, hypernetwork, t2i-adapter, controlnet)
+    """Train an adapter (lora, locon, loha, lokr, adalora, textual-inversion, hypernetwork, t2i-adapter, controlnet)
     or the whole UNet (full) on a dataset folder.
 
     \b
