@@ -139,9 +139,7 @@ def _refuse_scripts(req) -> None:
 def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model_titles: set[str], networks,
          dirs, max_size: tuple[int, int] | None = None) -> Plan:
     """The :class:`Plan` of one API request (see the module doc), or :class:`ApiError`."""
-    from adapterhub.sample.generator import MAX_SEED, Request, check_request, hires_size, hires_upscaler
-    from adapterhub.sample.rng import source
-    from adapterhub.sample.samplers import resolve_sampler
+    from adapterhub.sample.generator import MAX_SEED, Request, check_request
     from adapterhub.serve.networks import drop_missing_networks, missing_notes
 
     kind = "img2img" if isinstance(req, Img2ImgRequest) else "txt2img"
@@ -149,13 +147,42 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
     _refuse_scripts(req)
     comments: list[str] = []
     _ignored(req, comments)
-    sampler_name = req.sampler_name or req.sampler_index
+    common = _sampling(req, settings, max_size)
+    hires = _hires(req, comments, max_size) if kind == "txt2img" and req.enable_hr else {}
+    init_image = _init_image(req, comments) if kind == "img2img" else None
+    denoise = hires["hr_denoise"] if hires else req.denoising_strength if init_image is not None else None
+    prompt, missing = drop_missing_networks(req.prompt, dirs)
+    negative, missing_negative = drop_missing_networks(req.negative_prompt, dirs)
+    comments += missing_notes(missing + missing_negative)
+    # paths, not names: a file name with a comma or a colon is no spec
+    embeddings = [(n.path, 1.0) for n in networks.embeddings_in(prompt, negative)]
+    seed = req.seed if req.seed is not None and req.seed >= 0 else random.randrange(MAX_SEED)
+    requests = [Request(prompt, negative=negative, stack=embeddings, seed=seed + k * req.batch_size,
+                        batch=req.batch_size, images=req.batch_size, init_image=init_image,
+                        denoising_strength=denoise if init_image is not None else 0.75, **common, **hires)
+                for k in range(req.n_iter)]
     try:
-        resolve_sampler(sampler_name)
+        check_request(requests[0], dirs)
+    except AdapterhubError as err:
+        raise ApiError(422, str(err)) from None
+    return Plan(kind, requests, req.prompt, req.negative_prompt, comments, send_images=req.send_images,
+                return_grid=bool(settings.get("return_grid", True)) and req.save_images,
+                clip_skip=common["clip_skip"], denoising_strength=denoise)
+
+
+def _sampling(req, settings: dict[str, Any], max_size: tuple[int, int] | None) -> dict[str, Any]:
+    """The generator request's fields every request has: sampler (404 when unknown, as the webui), schedule,
+    steps, CFG, size (422 beyond ``max_size``), clip skip, emphasis and noise source (from the options)."""
+    from adapterhub.sample.rng import source
+    from adapterhub.sample.samplers import resolve_sampler
+
+    sampler = req.sampler_name or req.sampler_index
+    try:
+        resolve_sampler(sampler)
     except AdapterhubError:
         raise ApiError(404, "Sampler not found") from None
     try:
-        resolve_sampler(sampler_name, req.scheduler or "Automatic")
+        resolve_sampler(sampler, req.scheduler or "Automatic")
         rng = source(str(settings.get("randn_source") or "CPU"))
     except AdapterhubError as err:
         raise ApiError(422, str(err)) from None
@@ -163,57 +190,32 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
         if getattr(req, name) < 1:
             raise ApiError(422, f"{name} {getattr(req, name)}: must be 1 or more")
     _check_size(req.width, req.height, max_size)
-    skip = clip_skip(settings.get("CLIP_stop_at_last_layers", 1))
     emphasis = str(settings.get("emphasis") or "Original")
     if emphasis not in EMPHASIS:  # the encoder would take an unknown mode as Original without a word
         raise ApiError(422, f"emphasis {emphasis!r}: choose one of {', '.join(EMPHASIS)}")
-    hires: dict[str, Any] = {}
-    init_image = None
-    denoise = None
-    if kind == "txt2img" and req.enable_hr:
-        hires = _hires(req, comments)
-        denoise = hires["hr_denoise"]
-        _check_size(*hires_size(req.width, req.height, hires["hr_scale"]), max_size, "hires size")
-        try:
-            hires["hr_upscaler"] = hires_upscaler(hires["hr_upscaler"])
-        except AdapterhubError as err:
-            raise ApiError(422, str(err)) from None
-    if kind == "img2img":
-        if req.mask or req.latent_mask:
-            raise ApiError(422, "mask: inpainting is not available here (send no mask for img2img)")
-        if not req.init_images:
-            raise ApiError(404, "Init image not found")
-        if req.resize_mode:
-            comments.append(f"resize_mode {req.resize_mode}: the init image is resized to the size (Just resize)")
-        if len(req.init_images) > 1:
-            comments.append(f"init_images: {len(req.init_images)} given; the first is used for every image")
-        init_image = decode_image(req.init_images[0], "init_images[0]").convert("RGB")
-        denoise = req.denoising_strength
-    prompt, missing = drop_missing_networks(req.prompt, dirs)
-    negative, missing_negative = drop_missing_networks(req.negative_prompt, dirs)
-    comments += missing_notes(missing + missing_negative)
-    embeddings = [n.name for n in networks.embeddings_in(prompt, negative)]
-    seed = req.seed if req.seed is not None and req.seed >= 0 else random.randrange(MAX_SEED)
-    requests = []
-    for k in range(req.n_iter):
-        one = Request(prompt, negative=negative, stack=", ".join(embeddings), seed=seed + k * req.batch_size,
-                      width=req.width, height=req.height, steps=req.steps, sampler=sampler_name,
-                      schedule=req.scheduler or "Automatic", cfg=req.cfg_scale, batch=req.batch_size,
-                      images=req.batch_size, clip_skip=skip, emphasis=emphasis,
-                      init_image=init_image, denoising_strength=denoise if init_image is not None else 0.75,
-                      rng=rng, **hires)
-        requests.append(one)
-    try:
-        check_request(requests[0], dirs)
-    except AdapterhubError as err:
-        raise ApiError(422, str(err)) from None
-    return Plan(kind, requests, req.prompt, req.negative_prompt, comments, send_images=req.send_images,
-                return_grid=bool(settings.get("return_grid", True)) and req.save_images, clip_skip=skip, denoising_strength=denoise)
+    return {"sampler": sampler, "schedule": req.scheduler or "Automatic", "steps": req.steps, "cfg": req.cfg_scale,
+            "width": req.width, "height": req.height, "emphasis": emphasis, "rng": rng,
+            "clip_skip": clip_skip(settings.get("CLIP_stop_at_last_layers", 1))}
 
 
-def _hires(req: Txt2ImgRequest, comments: list[str]) -> dict[str, Any]:
+def _init_image(req: Img2ImgRequest, comments: list[str]):
+    """img2img's init image (the first of ``init_images``, "Just resize"); a mask is refused (no inpainting)."""
+    if req.mask or req.latent_mask:
+        raise ApiError(422, "mask: inpainting is not available here (send no mask for img2img)")
+    if not req.init_images:
+        raise ApiError(404, "Init image not found")
+    if req.resize_mode:
+        comments.append(f"resize_mode {req.resize_mode}: the init image is resized to the size (Just resize)")
+    if len(req.init_images) > 1:
+        comments.append(f"init_images: {len(req.init_images)} given; the first is used for every image")
+    return decode_image(req.init_images[0], "init_images[0]").convert("RGB")
+
+
+def _hires(req: Txt2ImgRequest, comments: list[str], max_size: tuple[int, int] | None) -> dict[str, Any]:
     """The hires fix's fields: ``hr_resize_x/y`` (a target size) become the scale they give; a target of
-    another aspect ratio (the webui crops to it) is refused."""
+    another aspect ratio (the webui crops to it) is refused, and so is one beyond ``max_size``."""
+    from adapterhub.sample.generator import hires_size, hires_upscaler
+
     scale = float(req.hr_scale)
     if req.hr_resize_x or req.hr_resize_y:
         sx = req.hr_resize_x / req.width if req.hr_resize_x else None
@@ -222,12 +224,17 @@ def _hires(req: Txt2ImgRequest, comments: list[str]) -> dict[str, Any]:
             raise ApiError(422, f"hr_resize {req.hr_resize_x}x{req.hr_resize_y}: only a target of the first "
                                 f"pass's aspect ratio ({req.width}x{req.height}) is supported here")
         scale = sx if sx is not None else sy
+    _check_size(*hires_size(req.width, req.height, scale), max_size, "hires size")
     for name in ("hr_sampler_name", "hr_scheduler", "hr_checkpoint_name"):
         if getattr(req, name):
             comments.append(f"{name}: the hires pass uses the first pass's sampler, schedule and model here")
     if (req.hr_prompt and req.hr_prompt != req.prompt) or \
             (req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt):
         comments.append("hr_prompt: the hires pass uses the first pass's prompts here")
+    try:
+        upscaler = hires_upscaler(req.hr_upscaler or DEFAULT_UPSCALER)
+    except AdapterhubError as err:
+        raise ApiError(422, str(err)) from None
     denoise = req.denoising_strength if req.denoising_strength is not None else HIRES_DENOISE
     return {"hr_scale": scale, "hr_steps": int(req.hr_second_pass_steps or 0), "hr_denoise": float(denoise),
-            "hr_upscaler": req.hr_upscaler or DEFAULT_UPSCALER}
+            "hr_upscaler": upscaler}
