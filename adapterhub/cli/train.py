@@ -138,6 +138,9 @@ def train_cmd(config_file, print_config, as_json, **options):
         --resolution 64 --bucket-step 32 --max-steps 100
     adapterhub train --config run.toml --lr 5e-5
     adapterhub train --resume demo-step000050-state
+
+    The output folder is checked before the first step. If a save fails later (a full disk), the run's
+    state goes to $ADAPTERHUB_CACHE/rescued (else the temp folder) and the error says how to resume.
     """
     from adapterhub.train.config import resolve, to_toml
 
