@@ -339,6 +339,26 @@ def test_a_body_beyond_the_limit_gets_413_before_it_is_read(served):
     assert post(served, "txt2img", json={"prompt": "x", **SMALL, "seed": 1}).status_code == 200
 
 
+def test_skip_drops_the_iteration_in_progress_and_goes_on(served):
+    out: dict = {}
+    payload = {"prompt": "a hill", **SMALL, "steps": 5000, "n_iter": 3, "seed": 1}
+    long = threading.Thread(target=lambda: out.update(r=post(served, "txt2img", json=payload)))
+    long.start()
+
+    def state():
+        return get(served, "progress", params={"skip_current_image": True}).json()["state"]
+
+    wait_for(lambda: state()["sampling_step"], "the first iteration to start")
+    assert post(served, "skip").json() == {}
+    wait_for(lambda: state()["job_no"] == 1 and state()["sampling_step"], "the second iteration")
+    assert not state()["skipped"]  # a skip ends with the iteration it skipped
+    post(served, "interrupt")
+    long.join(DEADLINE)
+    assert not long.is_alive() and out["r"].status_code == 200
+    info = json.loads(out["r"].json()["info"])
+    assert out["r"].json()["images"] == [] and info["interrupted"] is True
+
+
 def test_png_info_of_a_bad_or_plain_image(served):
     from PIL import Image
 

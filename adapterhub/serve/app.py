@@ -197,6 +197,11 @@ def create_app(service: Service) -> FastAPI:
         service.worker.state.interrupt()
         return {}
 
+    @app.post("/sdapi/v1/skip")
+    def skip():
+        service.worker.state.skip()
+        return {}
+
     # -- images -----------------------------------------------------------------------------------
     @app.post("/sdapi/v1/png-info")
     def png_info(req: PNGInfoRequest):

@@ -7,6 +7,7 @@ recompile: :mod:`adapterhub.sample.backend`).
 ``/sdapi/v1/progress`` reports (the webui's ``shared.state``), and how ``/sdapi/v1/interrupt`` stops the
 running request: the sampler's step callback raises :class:`Interrupted`, the iteration in progress is
 dropped, the images of the iterations already done are returned (the webui returns what it has).
+``/sdapi/v1/skip`` drops only the iteration in progress (:class:`Skipped`); the next one runs.
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ class QueueFull(Exception):
 
 class Interrupted(Exception):
     """Raised from the step callback when ``/interrupt`` was called: the iteration stops at this step."""
+
+
+class Skipped(Exception):
+    """Raised from the step callback when ``/skip`` was called: this iteration is dropped, the next one runs."""
 
 
 def png_base64(image, text: str | None = None) -> str:
@@ -79,6 +84,11 @@ class State:
         with self._lock:
             if self.job_count:  # only the running request, as the webui: queued ones still run
                 self.interrupted = True
+
+    def skip(self) -> None:
+        with self._lock:
+            if self.job_count:
+                self.skipped = True
 
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
@@ -195,13 +205,16 @@ class Worker:
                 if state.interrupted:
                     out.interrupted = True
                     break
-                state.job_no, state.sampling_step = k, 0
+                state.job_no, state.sampling_step, state.skipped = k, 0, False
                 state.sampling_steps = sampling_steps(req)
                 try:
                     result = gen.generate(req, progress=self._progress(req))
                 except Interrupted:
                     out.interrupted = True
                     break
+                except Skipped:
+                    out.comments.append(f"skipped: iteration {k + 1} of {len(plan.requests)}")
+                    continue
                 out.images += result.images
                 out.infotexts += [_with_prompts(text, req, plan) for text in result.infotexts]
                 out.seeds += result.seeds
@@ -221,6 +234,8 @@ class Worker:
             state.sampling_step = min(per_image, done * per_image // max(1, total))
             if state.interrupted:
                 raise Interrupted()
+            if state.skipped:
+                raise Skipped()
             if state.preview_wanted and preview.latest is not None and state.preview_step != done:
                 latents = preview.latest[:1]
                 image = gen.decode(latents.to(gen.dtype))[0]
