@@ -66,8 +66,17 @@ def _sgm_modules(unet) -> dict[str, str]:
     return pairs
 
 
+_NAMES: dict[tuple[int, str], dict[str, str]] = {}  # per model object: the real SDXL takes seconds
+
+
 def _kohya_module_names(model, arch: str) -> dict[str, str]:
     """Every kohya module name the tools accept for ``model`` -> the canonical target it means."""
+    if (id(model), arch) not in _NAMES:
+        _NAMES[(id(model), arch)] = _module_names(model, arch)
+    return _NAMES[(id(model), arch)]
+
+
+def _module_names(model, arch: str) -> dict[str, str]:
     sdxl = arch in SDXL_LIKE
     names = {}
     if sdxl:
@@ -153,6 +162,8 @@ def check_names(keys, patches_by_target, model, arch: str, loader: bool = True) 
 # adapters of every type on every module the type targets
 # ---------------------------------------------------------------------------------------------
 def _rand(gen, *shape, device):
+    if str(device) == "meta":  # the real configurations: shapes only
+        return torch.empty(*shape, device="meta")
     return (torch.randn(*shape, generator=gen) * 0.05).to(device)
 
 
