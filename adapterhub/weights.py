@@ -17,6 +17,7 @@ compiled sampling backend all go through :class:`WeightPatcher`:
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import weakref
@@ -73,11 +74,13 @@ class _ModuleIndex:
 
 @dataclass
 class Binding:
-    """One patch bound to the parameter it changes."""
+    """One patch bound to the parameter it changes; ``bound`` caches the patch's ``max |delta|`` bound
+    (its tensors do not change while bound), so re-weighting checks cost no tensor work."""
 
     adapter: Adapter
     patch: Patch
     param: torch.Tensor
+    bound: float | None = None
 
 
 def bind(model, adapter: Adapter) -> list[Binding]:
@@ -182,38 +185,43 @@ def _refuse_nonfinite(binding: Binding) -> None:
         raise AdapterError(binding.adapter.path, found[1], found[0])
 
 
+@functools.lru_cache(maxsize=None)
 def _limit(*dtypes: torch.dtype | None) -> float:
     """The largest magnitude every one of ``dtypes`` holds, through the float32 accumulator."""
     return min([F32_MAX, *(torch.finfo(d).max for d in dtypes if d is not None and d.is_floating_point)])
 
 
-def _bound(patch: Patch) -> float:
-    """``>= max |delta|`` at multiplier 1 from the patch's cheap bound; Inf when it has none."""
-    bound = getattr(patch, "delta_bound", None)
-    return float(bound()) if bound is not None else math.inf
+def _bound(binding: Binding) -> float:
+    """``>= max |delta|`` at multiplier 1 from the patch's cheap bound (cached); Inf when it has none."""
+    if binding.bound is None:
+        bound = getattr(binding.patch, "delta_bound", None)
+        binding.bound = float(bound()) if bound is not None else math.inf
+    return binding.bound
 
 
 def check_finite(groups: Mapping[int, list[tuple[Binding, float]]], source_of: Callable[[int], torch.Tensor],
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, magnitude_of: Callable[[int], float] | None = None) -> None:
     """Refuse (one :class:`AdapterError` naming the file and key) any parameter group whose result, as
     :func:`_apply` computes it from ``source_of(id(param))``, would hold NaN / Inf in the parameter's
     dtype (and in ``dtype``, where the result is saved in another one) where the source is finite.
 
-    Cheap first: a NaN / Inf tensor or alpha is found by one ``isfinite`` pass over the patch's own
-    tensors; a group whose deltas' bounds (factor-sized work, :meth:`delta_bound`) plus ``max |source|``
-    stay inside the dtype cannot overflow. Only a group that may is computed exactly, once, into one
-    float32 temporary of the weight's size, and thrown away."""
+    Cheap first: a group whose deltas' bounds (factor-sized work, :meth:`delta_bound`, once per binding)
+    plus ``max |source|`` (one pass, or ``magnitude_of(id(param))`` where the caller keeps it) stay
+    inside the dtype cannot overflow; a NaN / Inf tensor or alpha makes its bound NaN / Inf and is then
+    named by one ``isfinite`` pass over the patch's own tensors. Only a group that may overflow is
+    computed exactly, once, into one float32 temporary of the weight's size, and thrown away."""
     for pid, group in groups.items():
         param = group[0][0].param
         source = source_of(pid)
         limit = _limit(param.dtype, dtype)
         total = 0.0
         for binding, weight in group:
-            bound = _bound(binding.patch)
+            bound = _bound(binding)
             if not math.isfinite(bound):
                 _refuse_nonfinite(binding)  # NaN / Inf in the file: named; else an unbounded patch
             total += abs(weight) * bound
-        if total * (1 + SLACK) + _magnitude(source) <= limit:  # NaN compares False: the exact check
+        top = magnitude_of(pid) if magnitude_of is not None else _magnitude(source)
+        if total * (1 + SLACK) + top <= limit:  # NaN compares False: the exact check
             continue
         _check_exact(param, source, group, limit, dtype)
 
@@ -238,7 +246,7 @@ def _check_exact(param: torch.Tensor, source: torch.Tensor, group: list[tuple[Bi
         return
     for binding, _ in group:
         _refuse_nonfinite(binding)
-    binding, weight = max(group, key=lambda bw: abs(bw[1]) * _bound(bw[0].patch))
+    binding, weight = max(group, key=lambda bw: abs(bw[1]) * _bound(bw[0]))
     where = f"{binding.patch.target}.{binding.patch.param}"
     kind = str(dtype if dtype is not None and torch.finfo(dtype).max < torch.finfo(param.dtype).max
                else param.dtype).removeprefix("torch.")
@@ -298,9 +306,18 @@ class WeightPatcher:
         self.pristine: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(param) -> (param, copy)
         self.contributions: dict[int, tuple[list[Binding], Weight]] = {}  # handle id -> (bindings, weight)
         self.resolved: dict[int, list[float]] = {}  # handle id -> one multiplier per binding
+        self.magnitudes: dict[int, float] = {}  # id(param) -> max |pristine copy|, for check_finite
 
     def _params_of(self, bindings: list[Binding]) -> dict[int, torch.Tensor]:
         return {id(b.param): b.param for b in bindings}
+
+    def _magnitude(self, pid: int, param: torch.Tensor) -> float:
+        """``max |source|`` of a parameter: kept while its pristine copy (which does not change) is."""
+        if pid not in self.pristine:
+            return _magnitude(param)
+        if pid not in self.magnitudes:
+            self.magnitudes[pid] = _magnitude(self.pristine[pid][1])
+        return self.magnitudes[pid]
 
     def _groups(self, params: dict[int, torch.Tensor]) -> dict[int, list[tuple[Binding, float]]]:
         """Per parameter, its live (binding, multiplier) pairs in contribution order."""
@@ -317,6 +334,7 @@ class WeightPatcher:
                 if pid not in groups:
                     param.copy_(pristine)
                     del self.pristine[pid]
+                    self.magnitudes.pop(pid, None)
                 else:
                     _apply(param, param if pid in fresh else pristine, groups[pid])
 
@@ -366,7 +384,8 @@ class WeightPatcher:
         before, after = self._groups(affected), _groups_of(contributions, resolved, affected)
         changed = {pid: p for pid, p in affected.items() if not _same_group(before.get(pid), after.get(pid))}
         check_finite({pid: g for pid, g in after.items() if pid in changed},
-                     lambda pid: self.pristine[pid][1] if pid in self.pristine else changed[pid])
+                     lambda pid: self.pristine[pid][1] if pid in self.pristine else changed[pid],
+                     magnitude_of=lambda pid: self._magnitude(pid, changed[pid]))
         self.contributions, self.resolved = contributions, resolved
         fresh = set()
         for _, bindings, _, _ in added:

@@ -76,13 +76,13 @@ def ia3_delta(weight: torch.Tensor, scale: torch.Tensor, on_input: bool) -> torc
 
 # ---------------------------------------------------------------------------------------------
 # bounds: max |delta| from O(size of the factors) work, so the engine can tell that a result stays
-# finite in the model's dtype without computing it (NaN / Inf in a factor gives a NaN / Inf bound)
+# finite in the model's dtype without computing it (NaN / Inf in a factor gives a NaN / Inf bound;
+# only float32 overflow of the bound itself is Inf too, and the engine then computes the exact result)
 # ---------------------------------------------------------------------------------------------
-F64 = torch.float64
-
-
-def _abs64(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().to(F64).abs()  # float64: a bound of finite factors does not overflow itself
+def _abs32(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` in float32 (no copy beyond the one ``abs`` makes for float32 factors). A bound that
+    overflows float32 itself is Inf: the engine then checks the factors and computes the exact result."""
+    return x.detach().to(F32).abs()
 
 
 def _largest(x: torch.Tensor) -> float:
@@ -94,12 +94,12 @@ def magnitude(x: torch.Tensor) -> float:
     if x.numel() == 0:
         return 0.0
     lo, hi = torch.aminmax(x.detach())
-    return float(torch.stack([lo.abs(), hi.abs()]).to(F64).max())
+    return float(torch.stack([lo.abs(), hi.abs()]).float().max())
 
 
 def product_bound(a: torch.Tensor, b: torch.Tensor) -> float:
     """``>= max |flat(a) @ flat(b)|``: row sums of ``|a|`` weighted by the row maxima of ``|b|``."""
-    a, b = _abs64(flat(a)), _abs64(flat(b))
+    a, b = _abs32(flat(a)), _abs32(flat(b))
     if a.numel() == 0 or b.numel() == 0:
         return 0.0
     return _largest(a @ b.amax(dim=1))
@@ -107,7 +107,7 @@ def product_bound(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def tucker_bound(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
     """``>= max |tucker(core, a, b)|`` (``sum_ij |core_ijkl| |a_ip| max_r |b_jr|``)."""
-    core, a, b = _abs64(core), _abs64(a), _abs64(b)
+    core, a, b = _abs32(core), _abs32(a), _abs32(b)
     if core.numel() == 0 or a.numel() == 0 or b.numel() == 0:
         return 0.0
     inner = torch.einsum("ijkl,j->ikl", core, b.amax(dim=1))
@@ -118,7 +118,7 @@ def lora_bound(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None = 
     """``>= max |lora(up, down, mid)|``."""
     if mid is None:
         return product_bound(up, down)
-    up, down, mid = _abs64(flat(up)), _abs64(flat(down)), _abs64(mid)
+    up, down, mid = _abs32(flat(up)), _abs32(flat(down)), _abs32(mid)
     if up.numel() == 0 or down.numel() == 0 or mid.numel() == 0:
         return 0.0
     inner = torch.einsum("nmkl,m->nkl", mid, down.amax(dim=1))
@@ -146,4 +146,4 @@ def lokr_bound(w1=None, w1_a=None, w1_b=None, w2=None, w2_a=None, w2_b=None, t2=
 
 def adalora_bound(lora_a: torch.Tensor, lora_e: torch.Tensor, lora_b: torch.Tensor) -> float:
     """``>= max |adalora(...)|``."""
-    return product_bound(lora_b, lora_a.to(F64) * lora_e.to(F64))
+    return product_bound(lora_b, lora_a.to(F32) * lora_e.to(F32))
