@@ -249,6 +249,8 @@ def test_real_architectures_every_type_named_as_kohya_names_them(arch, kind, met
         assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
         assert "lora_unet_middle_block_1_transformer_blocks_9_attn1_to_out_0.alpha" in keys
         assert "lora_te2_text_model_encoder_layers_31_mlp_fc2.lora_up.weight" in keys
+        assert tuple(keys["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape) == \
+            (2, 2048)  # formats.md's SDXL example key, with its shape
     if arch == "sdxl" and kind == "locon":
         for name in ("lora_unet_output_blocks_2_2_conv", "lora_unet_output_blocks_5_2_conv",
                      "lora_unet_input_blocks_3_0_op", "lora_unet_input_blocks_1_0_in_layers_2",
@@ -471,3 +473,22 @@ def test_lycoris_loads_every_sdxl_unet_module_by_name_and_merges_to_ours(kind, t
     from lora_helpers import weights
 
     assert_same_weights(ours_merged("tiny-sdxl", [(adapter, 1.0)]), weights(model), original)
+
+
+@pytest.mark.parametrize("layers_per_block", [1, 3])
+def test_sgm_numbering_follows_the_unet_config(layers_per_block):
+    """The block numbers come from the config (``layers_per_block``, which up blocks have attentions), not
+    from SDXL's: diffusers' single-file converter takes every sgm key back to its own parameter."""
+    from diffusers import UNet2DConditionModel
+
+    from adapterhub.base import TINY_UNET_SDXL
+    from adapterhub.keymaps import UNetLayout, diffusers_to_sgm
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**{**TINY_UNET_SDXL, "layers_per_block": layers_per_block})
+    pairs = _sgm_modules(unet)  # asserts the converter reaches every parameter
+    layout = UNetLayout.of(unet.config)
+    assert all(diffusers_to_sgm(path, layout) == sgm for sgm, path in pairs.items())
+    n = layers_per_block
+    assert diffusers_to_sgm("up_blocks.0.upsamplers.0.conv", layout) == f"output_blocks.{n}.2.conv"
+    assert diffusers_to_sgm("down_blocks.1.attentions.0.proj_in", layout) == f"input_blocks.{n + 2}.1.proj_in"
