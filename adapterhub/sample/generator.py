@@ -324,6 +324,7 @@ class Generator:
         self._stack_key: tuple | None = None
         self._adapters: OrderedDict = OrderedDict()  # (path, mtime, size) -> Adapter, most recent last
         self._hashes: dict = {}
+        self._notes: list[str] = []  # warnings of the request being prepared (skipped embeddings)
         self.is_xl = self.encoder.is_xl
         self.arch = "sdxl" if self.is_xl else "sd1"  # what the schedules tell apart (Align Your Steps' tables)
 
@@ -352,6 +353,7 @@ class Generator:
         """The explicit stack plus the prompt's tags, and the prompt without them."""
         from adapterhub.stack import Stack
 
+        self._notes = []
         tagged, cleaned = Stack.from_prompt(req.prompt, dirs=self.adapter_dirs)
         given = req.stack
         if given is None:
@@ -365,7 +367,43 @@ class Generator:
         entries = [*explicit.entries, *tagged.entries]
         for entry in entries:
             self._preload(entry)
+        entries += self._named_embeddings(cleaned + "\n" + req.negative, entries)
         return Stack(entries), cleaned
+
+    # -- embeddings named in the prompt (the webui's embeddings folder) ---------------------------
+    def _named_embeddings(self, text: str, entries) -> list:
+        """Entries (weight 1) for the textual inversions of ``adapter_dirs`` (then the catalog) whose name
+        ``text`` spells, as the webui uses every embedding of its folder that a prompt names: a name is a file
+        stem, matched as a token sequence of the prompt (:func:`embedding_names_in`), so any case and whole
+        words only. Embeddings already in the stack are not added twice; one that does not fit the base is
+        skipped with a warning (the webui lists those as skipped)."""
+        from adapterhub.stack import Entry
+
+        have = {str(e.path.resolve()) for e in entries if e.path is not None}
+        tokens = {str(e.adapter.extra.get("token", "")).lower() for e in entries
+                  if e.adapter is not None and e.adapter.type == "textual_inversion"}
+        candidates = {n: p for n, p in embedding_candidates(self.adapter_dirs).items() if n.lower() not in tokens}
+        found = []
+        for name in embedding_names_in(text, candidates, self.pipe.tokenizer):
+            path = candidates[name]
+            if str(path.resolve()) in have:
+                continue
+            entry = Entry(path, path=path)
+            try:
+                self._preload(entry)
+            except AdapterhubError:
+                continue  # a file of that name that is not readable is not an embedding the prompt meant
+            adapter = entry.adapter
+            if adapter is None or adapter.type != "textual_inversion":
+                continue
+            problem = _embedding_misfit(adapter, self.pipe)
+            if problem:
+                self._notes.append(f"embedding {name!r} ({path}) does not fit this base ({problem}): skipped, its "
+                                   "word is read as plain text")
+                continue
+            have.add(str(path.resolve()))
+            found.append(entry)
+        return found
 
     def _preload(self, entry) -> None:
         """Reuse adapters read for earlier requests (same file, unchanged): the weight engine then
@@ -537,7 +575,7 @@ class Generator:
                 images += self.decode(latents)
         params = self.parameters(req, sampler, schedule, stack)
         texts = [infotext.create(req.prompt, req.negative, {**params, "Seed": s}) for s in seeds]
-        warnings = []
+        warnings = list(self._notes)
         if self.is_xl and req.clip_skip > 1:
             warnings.append("clip skip is recorded but, as in the webui, not applied to SDXL")
         if sampler.note:
@@ -762,6 +800,95 @@ class Generator:
             self.stack.remove()
         self.stack, self._stack_key = None, None
         self.runner.close()
+
+
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")  # the webui's embeddings folder takes these (and images)
+
+
+def embedding_candidates(dirs: Sequence[str | Path]) -> dict[str, Path]:
+    """Name (file stem) -> file of every file that may be an embedding: in ``dirs`` and their sub-folders (the
+    webui walks its embeddings folder), then the catalog's textual inversions when a catalog is there. The
+    first file of a name wins, as a name in ``--stack`` is looked up."""
+    found: dict[str, Path] = {}
+    for folder in dirs:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in EMBEDDING_SUFFIXES and path.is_file():
+                found.setdefault(path.stem, path)
+    for name, path in _catalog_embeddings().items():
+        found.setdefault(name, path)
+    return found
+
+
+def _catalog_embeddings() -> dict[str, Path]:
+    """The textual inversions of the default catalog (``$ADAPTERHUB_CATALOG`` or ./catalog.db), when there is
+    one; never creates it. A catalog that cannot be read adds nothing: the folders still count."""
+    import importlib.util
+
+    if importlib.util.find_spec("adapterhub.catalog") is None:
+        return {}
+    from adapterhub.catalog import catalog_url, list_entries, open_catalog, sqlite_path
+
+    url = catalog_url(None)
+    db_file = sqlite_path(url)
+    if db_file is not None and not db_file.exists():
+        return {}
+    try:
+        with open_catalog(url) as catalog:
+            rows = list_entries(catalog, type="textual_inversion")
+    except AdapterhubError:
+        return {}
+    return {Path(r["path"]).stem: Path(r["path"]) for r in rows if r.get("path")}
+
+
+def _words(text: str, tokenizer) -> list[str]:
+    """``text`` as the CLIP tokenizer's BPE pieces, without its added tokens (attached embeddings add some, and
+    the pieces must not depend on what is attached): lower-cased, ``</w>`` ending each word."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None:
+        return tokenizer.tokenize(text)
+    normal = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+    return [t.value for word, _ in backend.pre_tokenizer.pre_tokenize_str(normal) for t in backend.model.tokenize(word)]
+
+
+def embedding_names_in(text: str, names, tokenizer) -> list[str]:
+    """The names among ``names`` that ``text`` spells, by the webui's rule (``EmbeddingDatabase``): each name is
+    tokenized, and at every token of the text the longest name whose tokens follow there is used (then the scan
+    goes on after it). The tokenizer lower-cases and marks word ends, so ``easynegative`` and ``(EasyNegative:1.2)``
+    name ``EasyNegative``, while ``EasyNegativeV2`` and ``easy negative`` do not."""
+    by_first: dict[str, list[tuple[list[str], str]]] = {}
+    for name in names:
+        pieces = _words(name, tokenizer)
+        if pieces:
+            by_first.setdefault(pieces[0], []).append((pieces, name))
+    for group in by_first.values():
+        group.sort(key=lambda item: -len(item[0]))
+    tokens, used, i = _words(text, tokenizer), [], 0
+    while i < len(tokens):
+        for pieces, name in by_first.get(tokens[i], ()):
+            if tokens[i:i + len(pieces)] == pieces:
+                used.append(name)
+                i += len(pieces) - 1
+                break
+        i += 1
+    return list(dict.fromkeys(used))
+
+
+def _embedding_misfit(adapter, pipe) -> str | None:
+    """Why an embedding cannot be used on ``pipe`` (another base's vector widths or encoders), else None."""
+    from adapterhub.weights import component
+
+    encoders = {p.component for p in adapter.patches.values()}
+    wanted = {name for name in ("text_encoder", "text_encoder_2") if component(pipe, name) is not None}
+    if encoders != wanted:
+        return f"vectors for {', '.join(sorted(encoders))}; the base has {', '.join(sorted(wanted))}"
+    for patch in adapter.patches.values():
+        width = component(pipe, patch.component).get_input_embeddings().weight.shape[1]
+        if patch.width != width:
+            return f"vectors {patch.width} wide; {patch.component} takes {width}"
+    return None
 
 
 def _step_params(scheduler) -> set[str]:

@@ -1,0 +1,85 @@
+"""The first hour of a new user (issue #17): what a webui user expects to just work.
+
+* a textual-inversion name written in the prompt or negative loads the embedding from ``--adapter-dir``
+  (the webui's embeddings folder), matched as the webui matches it (token sequences: any case, whole words);
+  diffusers' ``load_textual_inversion`` is the oracle for the prompt embeddings;
+* progress lines when stderr is not a terminal; offline hub loading fails fast; narrow tables keep names and
+  paths whole; X/Y sampler x schedule grids with DDIM/UniPC; the demo says why its picture is noise.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from adapterhub.cli import cli
+
+
+def _invoke(args, **kw):
+    return CliRunner().invoke(cli, args, catch_exceptions=False, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. textual-inversion names in the prompt load the embedding from --adapter-dir
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def embeddings(tmp_path, tiny_sd1, tiny_sdxl):
+    """A webui-style embeddings folder: EasyNegative (2 vectors), an unused one, an SDXL one that does not fit
+    the SD1 base, and a LoRA-ish file name that is no embedding."""
+    from adapterhub.plugins import adapter_types
+
+    ti = adapter_types()["textual_inversion"]
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    ti.example(tiny_sd1, folder / "EasyNegative.safetensors", seed=3)
+    ti.example(tiny_sd1, folder / "unused_style.pt", seed=4)
+    (folder / "xl").mkdir()
+    ti.example(tiny_sdxl, folder / "xl" / "bigneg.safetensors", seed=5)
+    return folder
+
+
+def _sample(tmp_path, folder, prompt, negative, *extra):
+    out = tmp_path / "out"
+    res = _invoke(["sample", "--base", "tiny-sd1", "--prompt", prompt, "--negative", negative, "--steps", "1",
+                   "--size", "64x64", "--seed", "1", "--sampler", "Euler", "--adapter-dir", str(folder), "--out",
+                   str(out), "--json", *extra])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_embedding_named_in_negative_is_loaded_and_hashed(tmp_path, embeddings):
+    from adapterhub.sample import infotext
+
+    summary = _sample(tmp_path, embeddings, "a cat", "(easynegative:1.2), bigneg, blurry")
+    fields = infotext.parse(summary["parameters"])
+    digest = infotext.embedding_hash(embeddings / "EasyNegative.safetensors")
+    assert infotext.parse_hashes(fields["TI hashes"]) == {"EasyNegative": digest}
+    assert any("bigneg" in w and "does not fit" in w for w in summary["warnings"]), summary["warnings"]
+
+
+def test_embedding_words_match_whole_names_only(tmp_path, embeddings):
+    summary = _sample(tmp_path, embeddings, "a cat, unused", "EasyNegativeV2, easy negative")
+    assert "TI hashes" not in summary["parameters"]
+
+
+def test_prompt_embeddings_equal_diffusers_load_textual_inversion(tiny_sd1, embeddings):
+    """The negative's conditioning with the embedding found by name equals diffusers' encoding of the same text
+    after ``load_textual_inversion`` of the file (a plain prompt: the webui and diffusers encode it alike)."""
+    from adapterhub.sample.generator import Generator, Request
+
+    gen = Generator(copy.deepcopy(tiny_sd1), adapter_dirs=[embeddings])
+    stack, prompt = gen.apply_stack(Request("a cat", negative="blurry, EasyNegative"))
+    ours = gen.prompts(prompt, "blurry, EasyNegative", 1).uncond.conds[0].embeds
+
+    ref = copy.deepcopy(tiny_sd1)
+    # diffusers compares lower-cased tokens with the token's spelling: load it under the spelling it looks for
+    ref.load_textual_inversion(str(embeddings / "EasyNegative.safetensors"), token="easynegative")
+    with torch.no_grad():
+        _, theirs = ref.encode_prompt("a cat", "cpu", 1, True, negative_prompt="blurry, easynegative")
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    plain = Generator(copy.deepcopy(tiny_sd1)).prompts("a cat", "blurry, EasyNegative", 1).uncond.conds[0].embeds
+    assert not torch.allclose(plain, theirs, atol=1e-3)  # the embedding changed the conditioning
