@@ -3,16 +3,18 @@
 Four target names, each named after the tools that read it:
 
 * ``kohya``: sd-scripts / LyCORIS files (``lora_unet_…``, ``lora_down`` / ``lora_up`` / ``alpha``; LoHa and
-  LoKr in the LyCORIS names);
+  LoKr in the LyCORIS names; module names as kohya writes them for the base: SD1/SD2 UNets by diffusers
+  block names, SDXL UNets by sgm names, ``lora_unet_input_blocks_4_1_…``, with ``lora_te1_`` / ``lora_te2_``);
 * ``a1111``: what the AUTOMATIC1111 webui loads (the kohya layout for the LoRA family, ``emb_params`` /
   ``string_to_param`` / ``clip_l`` + ``clip_g`` embeddings, a single-file ControlNet, TencentARC
   T2I-Adapters, the hypernetwork ``.pt``);
 * ``diffusers``: what diffusers' loaders read (``load_lora_weights``, ``load_textual_inversion``,
-  ``ControlNetModel.from_pretrained`` ...);
+  ``ControlNetModel.from_pretrained`` ...); the LoRA file is one ComfyUI also reads in full;
 * ``peft``: PEFT adapter folders (``PeftModel.from_pretrained``).
 
 Which targets exist for a type is declared in :data:`TARGETS` for the built-in types; a third-party type
-declares its own with a ``convert_targets`` attribute (a tuple of these names). The type's own
+declares its own with a ``convert_targets`` attribute (a tuple of these names). Which tool reads which
+layout, each claim with its test: ``docs/interop.md``. The type's own
 ``save(adapter, path, target)`` writes the layout; this service loads the source with whatever layout
 it has, records the conversion in the metadata (``adapterhub.converted_from`` = the source layout,
 ``adapterhub.converted_from_sha256`` = the source's sha256, every other key kept), writes into a
