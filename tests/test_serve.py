@@ -279,6 +279,9 @@ def test_bad_requests_get_the_webuis_errors(served):
                  "CLIP_stop_at_last_layers 0: must be a whole number, 1 or more")
     _webui_error(post(served, "txt2img", json={**SMALL, "prompt": "x", "override_settings": {"emphasis": "Loud"}}),
                  422, "emphasis 'Loud': choose one of Original, No norm, Ignore, None")
+    response = post(served, "txt2img", json={**SMALL, "prompt": "x", "override_settings": {"randn_source": "GPU"}})
+    assert response.status_code == 422 and response.json()["error"] == "HTTPException"  # refused before queueing
+    assert response.json()["detail"].startswith("RNG GPU draws CUDA's noise and this runs on cpu")
     # and it goes on serving
     response = post(served, "txt2img", json={"prompt": "x", **SMALL, "seed": 1})
     assert response.status_code == 200 and len(response.json()["images"]) == 1

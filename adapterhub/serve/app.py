@@ -172,7 +172,7 @@ def create_app(service: Service) -> FastAPI:
     async def generate(req: Txt2ImgRequest | Img2ImgRequest) -> dict[str, Any]:
         planned = await run_in_threadpool(plan, req, options=service.options, model_titles=service.model_titles,
                                           networks=service.networks, dirs=service.adapter_dirs,
-                                          max_size=service.max_size)
+                                          max_size=service.max_size, device=service.generator.device)
         try:
             future = service.worker.submit(planned)
         except QueueFull as exc:

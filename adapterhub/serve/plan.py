@@ -137,8 +137,9 @@ def _refuse_scripts(req) -> None:
 
 
 def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model_titles: set[str], networks,
-         dirs, max_size: tuple[int, int] | None = None) -> Plan:
-    """The :class:`Plan` of one API request (see the module doc), or :class:`ApiError`."""
+         dirs, max_size: tuple[int, int] | None = None, device=None) -> Plan:
+    """The :class:`Plan` of one API request (see the module doc), or :class:`ApiError`. ``device``: the
+    generator's, which the noise source must be able to run on."""
     from adapterhub.sample.generator import MAX_SEED, Request, check_request
     from adapterhub.serve.networks import drop_missing_networks, missing_notes
 
@@ -148,6 +149,13 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
     comments: list[str] = []
     _ignored(req, comments)
     common = _sampling(req, settings, max_size)
+    if device is not None:
+        from adapterhub.sample.rng import check_device
+
+        try:
+            check_device(common["rng"], device)
+        except AdapterhubError as err:
+            raise ApiError(422, str(err)) from None
     hires = _hires(req, comments, max_size) if kind == "txt2img" and req.enable_hr else {}
     init_image = _init_image(req, comments) if kind == "img2img" else None
     denoise = hires["hr_denoise"] if hires else req.denoising_strength if init_image is not None else None
