@@ -83,3 +83,29 @@ def test_prompt_embeddings_equal_diffusers_load_textual_inversion(tiny_sd1, embe
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     plain = Generator(copy.deepcopy(tiny_sd1)).prompts("a cat", "blurry, EasyNegative", 1).uncond.conds[0].embeds
     assert not torch.allclose(plain, theirs, atol=1e-3)  # the embedding changed the conditioning
+
+
+# --------------------------------------------------------------------------------------------
+# 3. progress lines when stderr is not a terminal
+# --------------------------------------------------------------------------------------------
+def test_sampling_prints_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
+    res = CliRunner().invoke(cli, ["sample", "--base", "tiny-sd1", "--prompt", "a cat", "--steps", "3", "--size",
+                                   "64x64", "--seed", "1", "--sampler", "Euler", "--out", str(tmp_path / "o")],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.stderr.splitlines() if line.startswith("sampling")]
+    assert lines and re.match(r"sampling: 3/3 \(100%\), \d+(\.\d+)? s", lines[-1]), res.stderr
+
+
+def test_plain_progress_is_rate_limited_and_ends_with_the_last(monkeypatch, capsys):
+    from adapterhub.cli import output
+
+    clock = iter([0.0, 0.0, 0.5, 1.0, 6.0, 6.5, 7.0, 7.0])
+    monkeypatch.setattr(output, "_now", lambda: next(clock))
+    with output.progress("scanning", total=5) as advance:
+        for _ in range(5):
+            advance()
+    lines = capsys.readouterr().err.splitlines()
+    # the first step at once, nothing within 5 s of it, the step at 6 s, and the end
+    assert [line.split(",")[0] for line in lines] == ["scanning: 1/5 (20%)", "scanning: 4/5 (80%)",
+                                                     "scanning: 5/5 (100%)"], lines

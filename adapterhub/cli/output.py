@@ -5,6 +5,7 @@ Commands build plain data (dicts and lists) and hand it here; nothing else in ``
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -58,9 +59,50 @@ def emit(data: Any, as_json: bool, render=None) -> None:
         key_values(data)
 
 
+PLAIN_INTERVAL = 5.0  # seconds between progress lines when stderr is not a terminal (logs, CI, nohup)
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+def _plain_line(description: str, done: int, total: int | None, elapsed: float) -> str:
+    count = f"{done}/{total} ({100 * done // total}%)" if total else f"{done}"
+    return f"{description}: {count}, {elapsed:.1f} s"
+
+
+@contextmanager
+def _plain_progress(description: str, total: int | None) -> Iterator:
+    """Progress as plain lines on stderr: the first step, then at most one line per ``PLAIN_INTERVAL``, and the
+    last step always (a log shows the run is alive without one line per step)."""
+    start = _now()
+    state = {"done": 0, "shown": 0, "at": None}
+
+    def show(now: float) -> None:
+        click.echo(_plain_line(description, state["done"], total, now - start), err=True)
+        state["shown"], state["at"] = state["done"], now
+
+    def advance(n: int = 1) -> None:
+        state["done"] += n
+        now = _now()
+        if state["at"] is None or now - state["at"] >= PLAIN_INTERVAL or (total and state["done"] >= total):
+            show(now)
+
+    yield advance
+    if state["done"] != state["shown"]:
+        show(_now())
+
+
 @contextmanager
 def progress(description: str, total: int | None = None) -> Iterator:
-    """A rich progress bar; yields ``advance(n=1)``. Goes to stderr so JSON on stdout stays clean."""
+    """Progress on stderr (JSON on stdout stays clean); yields ``advance(n=1)``. A rich bar on a terminal;
+    elsewhere (logs, CI, ``nohup``, pipes), where rich would print nothing, rate-limited plain lines."""
+    import sys
+
+    if not _is_terminal(sys.stderr):
+        with _plain_progress(description, total) as advance:
+            yield advance
+        return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -68,6 +110,13 @@ def progress(description: str, total: int | None = None) -> Iterator:
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or unusual stream is no terminal
+        return False
 
 
 def quiet_model_loading() -> None:
