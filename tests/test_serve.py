@@ -469,3 +469,36 @@ def test_compiled_backend_switches_stacks_across_requests_without_recompiling(ti
         service.close()
         generator.close()
         torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# the catalog
+# ---------------------------------------------------------------------------------------------
+def test_catalog_networks_are_listed_and_found_by_tags(tmp_path, tiny_sd1, monkeypatch):
+    """What `--catalog` gives: the catalog's LoRAs and embeddings listed beside the folders' (a folder's file
+    wins a name both have), and a tag naming a catalog entry kept, not reported missing."""
+    from adapterhub.catalog import open_catalog, scan
+    from adapterhub.plugins import adapter_type, adapter_types
+    from adapterhub.serve.networks import Networks, drop_missing_networks
+
+    elsewhere, folder = tmp_path / "elsewhere", tmp_path / "folder"
+    elsewhere.mkdir()
+    folder.mkdir()
+    adapter_type("lora").example(tiny_sd1, elsewhere / "ink.safetensors", seed=4)
+    adapter_type("lora").example(tiny_sd1, elsewhere / "style.safetensors", seed=5)
+    adapter_types()["textual_inversion"].example(tiny_sd1, elsewhere / "badhands.pt", seed=2)
+    adapter_type("lora").example(tiny_sd1, folder / "style.safetensors", seed=3)
+    db = tmp_path / "catalog.db"
+    with open_catalog(db, create=True) as catalog:
+        scan(catalog, [elsewhere], jobs=1)
+    networks = Networks([folder], catalog=str(db))
+    assert {n.name: n.path for n in networks.of_kind("lora")} == {"ink": elsewhere / "ink.safetensors",
+                                                                  "style": folder / "style.safetensors"}
+    [embedding] = networks.of_kind("embedding")
+    assert (embedding.name, embedding.vectors, embedding.width) == \
+        ("badhands", 2, tiny_sd1.text_encoder.config.hidden_size)
+    assert [n.name for n in networks.embeddings_in("a hill", "BadHands, blur")] == ["badhands"]
+    monkeypatch.setenv("ADAPTERHUB_CATALOG", str(db))  # what `serve --catalog` sets for the tag lookups
+    assert drop_missing_networks("a <lora:ink:0.5> <lora:gone:1>", [folder]) == ("a <lora:ink:0.5>",
+                                                                               [("lora", "gone")])
+    assert Networks([folder], catalog=str(tmp_path / "none.db")).of_kind("lora")[0].name == "style"  # no catalog

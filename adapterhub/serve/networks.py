@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from adapterhub.errors import AdapterhubError
@@ -80,28 +80,33 @@ class Networks:
         found: dict[str, Network] = {}
         skipped: dict[str, str] = {}
         cache: dict[tuple, Network | None] = {}
-        for path in self._files():
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
-            if key not in self._cache:
-                try:
-                    self._cache[key] = _read(path)
-                except AdapterhubError as err:
-                    skipped[str(path)] = str(err)
-                    continue
-            cache[key] = self._cache[key]
-            network = cache[key]
+        # the folders first: a name in both is the folder's, as a tag finds it
+        sources = [(p.stem, p) for p in self._files()] + self._catalog_files()
+        for name, path in sources:
+            network = self._identified(path, cache, skipped)
             if network is not None:
-                found.setdefault(f"{network.kind}:{network.name}", network)  # the first folder wins, as tags
-        for network in self._catalog_networks():
-            found.setdefault(f"{network.kind}:{network.name}", network)
+                network = replace(network, name=name)
+                found.setdefault(f"{network.kind}:{network.name}", network)
         with self._lock:
             self._cache = cache
             self.items = sorted(found.values(), key=lambda n: (n.kind, n.name.lower()))
             self.skipped = skipped
+
+    def _identified(self, path: Path, cache: dict, skipped: dict) -> Network | None:
+        """The network in ``path`` through the cache, by (path, mtime, size); None when it is none or unreadable."""
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+        if key not in self._cache:
+            try:
+                self._cache[key] = _read(path)
+            except AdapterhubError as err:
+                skipped[str(path)] = str(err)
+                return None
+        cache[key] = self._cache[key]
+        return cache[key]
 
     def _files(self) -> list[Path]:
         files = []
@@ -111,37 +116,20 @@ class Networks:
                                 if p.suffix.lower() in self._suffixes and not p.name.startswith("."))
         return files
 
-    def _catalog_networks(self) -> list[Network]:
-        """The catalog's present, readable entries of the three kinds (none when there is no catalog)."""
+    def _catalog_files(self) -> list[tuple[str, Path]]:
+        """(name, path) of the catalog's present entries (none when there is no catalog). Each file is identified
+        here as the folders' are, so both sources list by one rule."""
         if self.catalog is False:
             return []
         from adapterhub.catalog import list_entries, open_catalog, sqlite_path
         from adapterhub.catalog.db import catalog_url
-        from adapterhub.plugins import adapter_types
 
-        url = catalog_url(self.catalog or None)
-        db_file = sqlite_path(url)
+        db_file = sqlite_path(catalog_url(self.catalog or None))
         if db_file is not None and not db_file.exists():
             return []
-        types = adapter_types()
-        out = []
         with open_catalog(self.catalog or None) as catalog:
-            for entry in list_entries(catalog):
-                kind = _kind(types[entry["type"]]) if entry["type"] in types else None
-                if kind is None or entry["status"] != "ok" or not Path(entry["path"]).exists():
-                    continue
-                name = entry["name"] or Path(entry["path"]).stem
-                if kind == "embedding":  # small files: read for the token, vectors and width
-                    try:
-                        network = _read(Path(entry["path"]))
-                    except AdapterhubError:
-                        continue
-                    if network is not None:
-                        network.name = name
-                        out.append(network)
-                    continue
-                out.append(Network(name, kind, Path(entry["path"]), dict(entry["metadata"] or {})))
-        return out
+            entries = list_entries(catalog)
+        return [(e["name"] or Path(e["path"]).stem, Path(e["path"])) for e in entries if e["path"]]
 
     def of_kind(self, kind: str) -> list[Network]:
         with self._lock:
