@@ -1,0 +1,190 @@
+"""The documentation agrees with the program: docs/cli.md is the current ``--help`` of every command, every
+option of every command is documented, no page shows an ``adapterhub`` command line with an option that
+command does not have, and every relative link of README.md and docs/*.md resolves (anchors included).
+
+The command tree is the real one (``adapterhub.cli.COMMANDS``, each command imported, groups walked), as
+``docs/gen_cli.py`` renders it; the pages are read from the repository, never from the working directory.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+@pytest.fixture(scope="module")
+def gen_cli():
+    spec = importlib.util.spec_from_file_location("gen_cli", DOCS / "gen_cli.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tree(gen_cli):
+    """``{"adapterhub sample": set of long flags, ...}`` for every command of the real click tree
+    (hidden options left out: they need no documentation)."""
+    return {path: gen_cli.long_flags(command) for path, command, _ in gen_cli.command_tree()}
+
+
+@pytest.fixture(scope="module")
+def accepted(gen_cli):
+    """Every long flag each command accepts, hidden ones included (an example may use them)."""
+    return {path: gen_cli.long_flags(command, hidden=True) for path, command, _ in gen_cli.command_tree()}
+
+
+def _sections(text: str) -> dict[str, str]:
+    """docs/cli.md's ``## `adapterhub X` `` sections by command path."""
+    parts = re.split(r"^## `(adapterhub[^`]*)`\s*$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def test_cli_page_is_current(gen_cli):
+    """docs/cli.md equals what docs/gen_cli.py renders now (regenerate: python docs/gen_cli.py)."""
+    assert (DOCS / "cli.md").read_text(encoding="utf-8") == gen_cli.render(), \
+        "docs/cli.md is stale: run .venv/bin/python docs/gen_cli.py"
+
+
+def test_every_command_and_option_is_in_cli_page(tree):
+    sections = _sections((DOCS / "cli.md").read_text(encoding="utf-8"))
+    assert set(sections) == set(tree), "commands missing from or unknown to docs/cli.md"
+    missing = {path: sorted(f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", sections[path]))
+               for path, flags in tree.items()}
+    assert not {p: f for p, f in missing.items() if f}, f"options not documented in docs/cli.md: {missing}"
+
+
+def test_cli_page_documents_no_option_a_command_lacks(tree):
+    sections = _sections((DOCS / "cli.md").read_text(encoding="utf-8"))
+    # help texts may name another command's flag in prose ("--from-png takes the image's"): the option
+    # column (an indented line starting with a flag, or "-j, --jobs") must be the command's own
+    listed = {path: sorted(set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", body, flags=re.M)) - tree[path])
+              for path, body in sections.items()}
+    assert not {p: f for p, f in listed.items() if f}, f"docs/cli.md lists options that do not exist: {listed}"
+
+
+def _command_lines(text: str):
+    """Every shell line of a page that runs ``adapterhub ...``: lines of fenced blocks (continuations
+    joined) and inline code spans, as ``(line number, text)``."""
+    lines = text.splitlines()
+    fenced, i = False, 0
+    while i < len(lines):
+        line = lines[i]
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            i += 1
+            continue
+        start = i
+        if fenced:
+            while line.rstrip().endswith("\\") and i + 1 < len(lines):
+                i += 1
+                line = line.rstrip()[:-1] + " " + lines[i].strip()
+            yield start + 1, line
+        else:
+            for span in re.findall(r"`([^`]*\badapterhub\s[^`]*)`", line):
+                yield start + 1, span
+        i += 1
+
+
+def _invocations(line: str, tree: dict[str, set[str]]):
+    """``(command path, flags)`` for each ``adapterhub CMD [SUB] ...`` in a shell line; the flags run to
+    the end of that command (a pipe, ``;``, ``&&`` or a ``#`` comment ends it). Unknown words after
+    ``adapterhub`` (prose, ``import adapterhub``) are not commands and are skipped."""
+    for match in re.finditer(r"(?<![\w./-])adapterhub((?:\s+[a-z][a-z0-9-]*)+)(.*)", line):
+        words, rest = match.group(1).split(), match.group(2)
+        path = "adapterhub"
+        for word in words:
+            if f"{path} {word}" not in tree:
+                rest = " ".join(words[words.index(word):]) + rest
+                break
+            path = f"{path} {word}"
+        if path == "adapterhub":
+            continue
+        rest = re.split(r"\s(?:\||;|&&|#)\s|\s#", rest)[0]
+        rest = re.sub(r"\"[^\"]*\"|'[^']*'", "", rest)  # quoted values (prompts) are not flags
+        yield path, set(FLAG.findall(rest))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_command_lines_use_real_options(page, accepted):
+    """Each ``adapterhub ...`` example in the page names options its command has."""
+    bad = []
+    for number, line in _command_lines(page.read_text(encoding="utf-8")):
+        for path, flags in _invocations(line, accepted):
+            wrong = sorted(flags - accepted[path])
+            if wrong:
+                bad.append(f"{page.name}:{number}: {path}: {', '.join(wrong)}")
+    assert not bad, "options that do not exist:\n" + "\n".join(bad)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings (lower case, punctuation dropped, spaces to hyphens;
+    repeats get -1, -2 ...)."""
+    seen: dict[str, int] = {}
+    out = set()
+    fenced = False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if fenced or not line.startswith("#"):
+            continue
+        title = line.lstrip("#").strip().lower()
+        slug = "".join(c for c in title.replace(" ", "-") if c.isalnum() or c in "-_")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_resolve(page):
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    bad = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        resolved = (page.parent / file).resolve() if file else page
+        if not resolved.exists():
+            bad.append(f"{target}: no such file")
+        elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+            bad.append(f"{target}: no heading #{anchor}")
+    assert not bad, f"{page.name}: broken links: {bad}"
+
+
+def test_readme_is_a_front_door():
+    """The README starts with the two commands CI runs, stays short, and links to the reference."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```bash\n(.*?)\n```", text, flags=re.S | re.M)
+    assert blocks[0].startswith("python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e . ")
+    assert blocks[1].endswith(".venv/bin/python -m pytest -q -n 2")
+    assert len(text.splitlines()) < 250
+    assert "docs/cli.md" in text
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_pages_speak_of_the_product(page):
+    """User docs describe the product, not how it was developed (which machine was lent, this task)."""
+    text = page.read_text(encoding="utf-8")
+    for phrase in ("was lent", "lent to this task", "this task", "a lent GPU", "before the worker"):
+        assert phrase not in text, f"{page.name}: development narration: {phrase!r}"
+
+
+def test_api_page_covers_the_public_api():
+    """Every name ``adapterhub`` exports (``adapterhub.__all__``) has its own heading in docs/api.md, and
+    the page names nothing as ``adapterhub.X`` that the package does not export."""
+    import adapterhub
+
+    text = (DOCS / "api.md").read_text(encoding="utf-8")
+    headings = set(re.findall(r"^### `(\w+)", text, flags=re.M))
+    assert set(adapterhub.__all__) - {"__version__"} <= headings, \
+        f"public names without a section: {sorted(set(adapterhub.__all__) - headings - {'__version__'})}"
+    assert headings <= set(adapterhub.__all__), f"sections for names not exported: {sorted(headings - set(adapterhub.__all__))}"
