@@ -202,8 +202,8 @@ def build(kind: str, model, base: str, rank: int = 2, alpha: float = 1.0) -> Ada
                        "up": _rand(gen, out, rank, *(1,) * len(kernel), device=dev)}
             patches[target] = LoRAPatch(target, target, tensors, alpha=alpha)
         elif kind == "loha":
-            tensors = {"hada_w1_a": _rand(gen, out, rank, device=dev), "hada_w1_b": _rand(gen, rank, fan_in, device=dev),
-                       "hada_w2_a": _rand(gen, out, rank, device=dev), "hada_w2_b": _rand(gen, rank, fan_in, device=dev)}
+            tensors = {f"hada_w{i}_{ab}": _rand(gen, *((out, rank) if ab == "a" else (rank, fan_in)), device=dev)
+                       for i in (1, 2) for ab in "ab"}
             patches[target] = LoHaPatch(target, target, tensors, alpha=alpha)
         else:  # LoKr with a 1x1 first factor: l = m = 1, the second factor low-rank
             tensors = {"lokr_w1": torch.ones(1, 1, device=dev), "lokr_w2_a": _rand(gen, out, rank, device=dev),
@@ -358,7 +358,8 @@ def comfy_module_names(model) -> dict[str, str]:
     """The diffusers-style module names ComfyUI's LoRA loader maps (comfy/lora.py, ``model_lora_keys_unet``
     / ``model_lora_keys_clip`` at 41444b5, restated from its rules): a UNet module by its diffusers path,
     bare or under ``unet.``, with every ``.to_`` written ``.processor.to_`` and a final ``.to_out.0`` as
-    ``.to_out``; a text encoder's attention / MLP linears as ``text_encoder[_2].text_model.encoder.layers.N.<layer>``."""
+    ``.to_out``; a text encoder's attention / MLP linears as
+    ``text_encoder[_2].text_model.encoder.layers.N.<layer>``."""
     names = {}
     for path, module in model.unet.named_modules():
         if path and getattr(module, "weight", None) is not None:
