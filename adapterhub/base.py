@@ -404,8 +404,71 @@ def load_base(spec: str = "tiny-sd1", dtype: torch.dtype = torch.float32, device
     elif path.suffix.lower() in SINGLE_FILE_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise AdapterhubError(f"{spec}: no such file or folder")
     else:
-        pipe = _from_pretrained(spec, dtype, local_files_only=False)
+        pipe = _from_hub(spec, dtype)
     return pipe.to(device)
+
+
+HUB_PROBE_SECONDS = 3.0  # one connection attempt; the hub client's own retries took 20-80 s offline
+LOCAL_HINT = "use the path of a local diffusers folder or a .safetensors/.ckpt checkpoint instead"
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as set now (the hub client reads it once, at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is None:
+        return bool(constants.HF_HUB_OFFLINE)
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub endpoint (``HF_ENDPOINT``) cannot be reached, from one short TCP connect; None if it can."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port}: {exc.strerror or exc.__class__.__name__}"
+    return None
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds a snapshot of ``repo_id`` (its ``model_index.json``)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "model_index.json",
+                                       cache_dir=os.environ.get("HF_HUB_CACHE") or None)
+    except Exception:  # noqa: BLE001 - a malformed id is simply not cached; loading says what is wrong
+        return False
+    return isinstance(found, str)
+
+
+def _from_hub(repo_id: str, dtype: torch.dtype):
+    """A hub id: from the local cache without touching the network when it is there; else downloaded, but only
+    after a quick check that downloading can work, so offline it fails at once with one line that says what to
+    do (not the hub client's minutes of retries and its advice about options this tool does not have)."""
+    if _hub_cached(repo_id):
+        try:
+            return _from_pretrained(repo_id, dtype, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE"))
+        except AdapterhubError:
+            if _hub_offline():
+                raise AdapterhubError(f"{repo_id}: only partly in the local Hugging Face cache and the hub is "
+                                      f"offline (HF_HUB_OFFLINE): {LOCAL_HINT}") from None
+    if _hub_offline():
+        raise AdapterhubError(f"{repo_id}: not in the local Hugging Face cache and the hub is offline "
+                              f"(HF_HUB_OFFLINE): {LOCAL_HINT}")
+    why = _hub_unreachable()
+    if why is not None:
+        raise AdapterhubError(f"{repo_id}: not in the local Hugging Face cache and the hub cannot be reached "
+                              f"({why}): {LOCAL_HINT}")
+    return _from_pretrained(repo_id, dtype, local_files_only=False, cache_dir=os.environ.get("HF_HUB_CACHE"))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -413,11 +476,12 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else exc.__class__.__name__)[:300]
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool):
+def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool, cache_dir: str | None = None):
     from diffusers import DiffusionPipeline
 
+    extra = {"cache_dir": cache_dir} if cache_dir else {}
     try:
-        return DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+        return DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=local_files_only, **extra)
     except Exception as exc:  # noqa: BLE001 - any loader failure becomes one user-facing line
         raise AdapterhubError(f"{source}: cannot load as a diffusers pipeline: {_first_line(exc)}") from None
 

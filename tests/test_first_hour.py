@@ -109,3 +109,46 @@ def test_plain_progress_is_rate_limited_and_ends_with_the_last(monkeypatch, caps
     # the first step at once, nothing within 5 s of it, the step at 6 s, and the end
     assert [line.split(",")[0] for line in lines] == ["scanning: 1/5 (20%)", "scanning: 4/5 (80%)",
                                                      "scanning: 5/5 (100%)"], lines
+
+
+# --------------------------------------------------------------------------------------------
+# 5. offline, a hub id that is not cached fails at once with a line that says what to do
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"},
+                                 {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}],  # nothing listens
+                         ids=["HF_HUB_OFFLINE", "unreachable-endpoint"])
+def test_uncached_hub_id_offline_fails_fast_with_one_line(tmp_path, monkeypatch, capsys, env):
+    import time
+
+    import diffusers  # noqa: F401 - imported before the clock starts: only the loading is timed
+
+    from adapterhub.cli import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    start = time.perf_counter()
+    rc = main(["sample", "--base", "someone/uncached-model", "--prompt", "a cat", "--out", str(tmp_path / "o")])
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "someone/uncached-model" in err[0] and "not in the local Hugging Face cache" in err[0]
+    assert "local diffusers folder" in err[0] and "local_files_only" not in err[0], err[0]
+    assert seconds < 5, seconds  # was 19 s (refused) to 80 s (no route), with the hub's warnings printed twice
+    assert not (tmp_path / "o").exists()
+
+
+def test_cached_hub_id_loads_offline_without_the_network(tmp_path, monkeypatch, tiny_sd1):
+    import shutil
+
+    from adapterhub.base import load_base, tiny_base_folder
+
+    repo = tmp_path / "hf" / "models--someone--tiny"
+    shutil.copytree(tiny_base_folder("tiny-sd1"), repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # not told it is offline: the cache must still come first
+    pipe = load_base("someone/tiny")
+    assert torch.equal(pipe.unet.conv_in.weight, tiny_sd1.unet.conv_in.weight)
