@@ -99,17 +99,17 @@ def magnitude(x: torch.Tensor) -> float:
 
 def product_bound(a: torch.Tensor, b: torch.Tensor) -> float:
     """``>= max |flat(a) @ flat(b)|``: row sums of ``|a|`` weighted by the row maxima of ``|b|``."""
-    a, b = _abs32(flat(a)), _abs32(flat(b))
-    if a.numel() == 0 or b.numel() == 0:
+    if a.numel() == 0 or b.numel() == 0:  # an empty factor (AdaLoRA rank 0): a zero delta
         return 0.0
+    a, b = _abs32(flat(a)), _abs32(flat(b))
     return _largest(a @ b.amax(dim=1))
 
 
 def tucker_bound(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
     """``>= max |tucker(core, a, b)|`` (``sum_ij |core_ijkl| |a_ip| max_r |b_jr|``)."""
-    core, a, b = _abs32(core), _abs32(a), _abs32(b)
     if core.numel() == 0 or a.numel() == 0 or b.numel() == 0:
         return 0.0
+    core, a, b = _abs32(core), _abs32(a), _abs32(b)
     inner = torch.einsum("ijkl,j->ikl", core, b.amax(dim=1))
     return _largest(a.T @ inner.reshape(inner.shape[0], -1))
 
@@ -118,9 +118,9 @@ def lora_bound(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None = 
     """``>= max |lora(up, down, mid)|``."""
     if mid is None:
         return product_bound(up, down)
-    up, down, mid = _abs32(flat(up)), _abs32(flat(down)), _abs32(mid)
     if up.numel() == 0 or down.numel() == 0 or mid.numel() == 0:
         return 0.0
+    up, down, mid = _abs32(flat(up)), _abs32(flat(down)), _abs32(mid)
     inner = torch.einsum("nmkl,m->nkl", mid, down.amax(dim=1))
     return _largest(up @ inner.reshape(inner.shape[0], -1))
 
