@@ -493,3 +493,13 @@ def test_sgm_numbering_follows_the_unet_config(layers_per_block):
     n = layers_per_block
     assert diffusers_to_sgm("up_blocks.0.upsamplers.0.conv", layout) == f"output_blocks.{n}.2.conv"
     assert diffusers_to_sgm("down_blocks.1.attentions.0.proj_in", layout) == f"input_blocks.{n + 2}.1.proj_in"
+
+
+def test_unknown_base_sdxl_unet_only_is_named_by_its_shapes(tiny_models, tmp_path):
+    """An adapter that does not say its base (built in code, or a file without metadata) and has no second
+    text encoder is still an SDXL one when its cross-attention takes SDXL's context width."""
+    model = tiny_models["tiny-sdxl"]
+    full = build("locon", model, "unknown")
+    adapter = Adapter(type="locon", format="kohya", base="unknown",
+                      patches={t: p for t, p in full.patches.items() if t.startswith("unet.")})
+    check_names(kohya_tensors(adapter), _targets(adapter), model, "tiny-sdxl")

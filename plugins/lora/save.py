@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from adapterhub.archs import arch_from_context_width
 from adapterhub.errors import AdapterError
 from adapterhub.io import atomic_dir, save_safetensors
 from adapterhub.keymaps import kohya_arch, kohya_name
@@ -58,8 +59,19 @@ def _alpha(patch) -> torch.Tensor:
     return torch.tensor(float(patch.scale) * float(patch.rank), dtype=torch.float32)
 
 
+def naming_arch(adapter: Adapter) -> str:
+    """The architecture whose kohya names the adapter is written with: its base, or, when it does not say,
+    the one its UNet cross-attention width tells (an SDXL UNet-only adapter has no ``text_encoder_2``)."""
+    base = adapter.base
+    if base in (None, "", "unknown"):
+        widths = {p.in_features for p in adapter.patches.values()
+                  if p.target.startswith("unet.") and p.target.endswith(("attn2.to_k", "attn2.to_v"))}
+        base = next((arch_from_context_width(w) for w in sorted(w for w in widths if w)), base)
+    return kohya_arch(base, [p.target for p in adapter.patches.values()])
+
+
 def kohya_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    arch = kohya_arch(adapter.base, [p.target for p in adapter.patches.values()])
+    arch = naming_arch(adapter)
     out: dict[str, torch.Tensor] = {}
     for patch in adapter.patches.values():
         name = kohya_name(patch.target, arch)
