@@ -188,3 +188,33 @@ def test_api_page_covers_the_public_api():
     assert set(adapterhub.__all__) - {"__version__"} <= headings, \
         f"public names without a section: {sorted(set(adapterhub.__all__) - headings - {'__version__'})}"
     assert headings <= set(adapterhub.__all__), f"sections for names not exported: {sorted(headings - set(adapterhub.__all__))}"
+
+
+def _description(section: str) -> str:
+    """The text of a ``--help`` between the usage line and ``Options:`` (the command's own description)."""
+    return section.split("Options:")[0]
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"\s+", " ", text.replace("_", "-").lower())
+
+
+def test_train_help_names_every_trainable_type():
+    """``adapterhub train --help`` names every registered type that can train (the description and --type)."""
+    from adapterhub.plugins import adapter_types
+
+    section = _sections((DOCS / "cli.md").read_text(encoding="utf-8"))["adapterhub train"]
+    trainable = sorted(n for n, t in adapter_types().items() if "train" in t.capabilities)
+    description = _normal(_description(section))
+    missing = [n for n in trainable if not re.search(rf"\b{re.escape(_normal(n))}\b", description)]
+    assert not missing, f"train --help's description omits {missing}"
+
+
+def test_sample_help_lists_every_schedule_type():
+    """``adapterhub sample --help`` lists every schedule type ``--schedule`` accepts (the sampler table's)."""
+    from adapterhub.sample.samplers import SCHEDULES
+
+    section = _normal(_sections((DOCS / "cli.md").read_text(encoding="utf-8"))["adapterhub sample"])
+    schedule_help = section.split("--schedule", 1)[1].split(" --cfg", 1)[0]
+    missing = [label for label, _ in SCHEDULES.values() if _normal(label) not in schedule_help]
+    assert not missing, f"sample --schedule's help omits {missing}"
