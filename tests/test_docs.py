@@ -97,7 +97,9 @@ def _command_lines(text: str):
 def _invocations(line: str, tree: dict[str, set[str]]):
     """``(command path, flags)`` for each ``adapterhub CMD [SUB] ...`` in a shell line; the flags run to
     the end of that command (a pipe, ``;``, ``&&`` or a ``#`` comment ends it). Unknown words after
-    ``adapterhub`` (prose, ``import adapterhub``) are not commands and are skipped."""
+    ``adapterhub`` (prose, ``import adapterhub``) are not commands and are skipped, but a word after a
+    group, or after ``adapterhub`` at the start of a shell line, must be a command: ``(that path, None)``
+    says it is not."""
     for match in re.finditer(r"(?<![\w./-])adapterhub((?:\s+[a-z][a-z0-9-]*)+)(.*)", line):
         words, rest = match.group(1).split(), match.group(2)
         path = "adapterhub"
@@ -106,6 +108,12 @@ def _invocations(line: str, tree: dict[str, set[str]]):
                 rest = " ".join(words[words.index(word):]) + rest
                 break
             path = f"{path} {word}"
+        groups = {p.rsplit(" ", 1)[0] for p in tree if " " in p}
+        starts_line = not line[:match.start()].strip(" $")  # `adapterhub foo` as a shell line, not prose
+        nxt = rest.split()[0] if rest.split() else ""
+        if path in groups and re.fullmatch(r"[a-z][a-z0-9-]*", nxt) and (path != "adapterhub" or starts_line):
+            yield f"{path} {nxt}", None  # a group takes no arguments: an unknown command
+            continue
         if path == "adapterhub":
             continue
         rest = re.split(r"\s(?:\||;|&&|#)\s|\s#", rest)[0]
@@ -119,6 +127,9 @@ def test_command_lines_use_real_options(page, accepted):
     bad = []
     for number, line in _command_lines(page.read_text(encoding="utf-8")):
         for path, flags in _invocations(line, accepted):
+            if flags is None:
+                bad.append(f"{page.name}:{number}: no such command: {path}")
+                continue
             wrong = sorted(flags - accepted[path])
             if wrong:
                 bad.append(f"{page.name}:{number}: {path}: {', '.join(wrong)}")
