@@ -210,20 +210,26 @@ def check_finite(groups: Mapping[int, list[tuple[Binding, float]]], source_of: C
     inside the dtype cannot overflow; a NaN / Inf tensor or alpha makes its bound NaN / Inf and is then
     named by one ``isfinite`` pass over the patch's own tensors. Only a group that may overflow is
     computed exactly, once, into one float32 temporary of the weight's size, and thrown away."""
-    for pid, group in groups.items():
-        param = group[0][0].param
-        source = source_of(pid)
-        limit = _limit(param.dtype, dtype)
-        total = 0.0
-        for binding, weight in group:
-            bound = _bound(binding)
-            if not math.isfinite(bound):
-                _refuse_nonfinite(binding)  # NaN / Inf in the file: named; else an unbounded patch
-            total += abs(weight) * bound
-        top = magnitude_of(pid) if magnitude_of is not None else _magnitude(source)
-        if total * (1 + SLACK) + top <= limit:  # NaN compares False: the exact check
-            continue
-        _check_exact(param, source, group, limit, dtype)
+    with torch.no_grad():
+        for pid, group in groups.items():
+            _check_group(group, source_of(pid), dtype, magnitude_of(pid) if magnitude_of is not None else None)
+
+
+def _check_group(group: list[tuple[Binding, float]], source: torch.Tensor, dtype: torch.dtype | None,
+                 top: float | None) -> None:
+    """One parameter's group: the bounds first, the exact result only where they do not settle it."""
+    param = group[0][0].param
+    limit = _limit(param.dtype, dtype)
+    total = 0.0
+    for binding, weight in group:
+        bound = _bound(binding)
+        if not math.isfinite(bound):
+            _refuse_nonfinite(binding)  # NaN / Inf in the file: named; else an unbounded patch
+        total += abs(weight) * bound
+    top = top if top is not None else _magnitude(source)
+    if total * (1 + SLACK) + top <= limit:  # NaN compares False: the exact check
+        return
+    _check_exact(param, source, group, limit, dtype)
 
 
 def _magnitude(x: torch.Tensor) -> float:
