@@ -23,11 +23,11 @@ def bench():
 @click.option("--backend", "backends", multiple=True, default=("eager",), show_default=True,
               help="A registered sampler backend (eager, compiled ...), optionally with options as its environment "
                    "variables: compiled:fuse_qkv=0,channels_last=1,mode=reduce-overhead. Repeat to measure several.")
-@click.option("--steps", default=8, show_default=True, type=int)
+@click.option("--steps", default=8, show_default=True, type=int, help="Sampling steps per request.")
 @click.option("--size", default=256, show_default=True, type=int, help="Image width and height in pixels.")
 @click.option("--repeat", default=4, show_default=True, type=int, help="Timed requests (and switch cycles) per path.")
 @click.option("--batch", default=1, show_default=True, type=int, help="Images per request.")
-@click.option("--sampler", default="DPM++ 2M", show_default=True)
+@click.option("--sampler", default="DPM++ 2M", show_default=True, help="A webui sampler name.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Default: fp16 on CUDA, fp32 on CPU.")

@@ -118,9 +118,10 @@ def _without_metadata(entries: list[dict]) -> list[dict]:
 @click.option("--missing", is_flag=True, help="only entries whose file is gone")
 @click.option("--unreadable", is_flag=True, help="only files that could not be read")
 @click.option("--sort", default="name", show_default=True,
-              type=click.Choice(["name", "path", "size", "mtime", "added", "rating", "type", "base", "rank"]))
-@click.option("--limit", type=click.IntRange(min=1), default=None)
-@click.option("--json", "as_json", is_flag=True)
+              type=click.Choice(["name", "path", "size", "mtime", "added", "rating", "type", "base", "rank"]),
+              help="order of the entries")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="show at most this many entries")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
 @catalog_option
 def list_cmd(type_, base, tags, missing, unreadable, sort, limit, as_json):
     """List catalog entries."""
@@ -134,8 +135,9 @@ def list_cmd(type_, base, tags, missing, unreadable, sort, limit, as_json):
 
 @catalog.command("search")
 @click.argument("query", nargs=-1, required=True)
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="show at most this many matches")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
 @catalog_option
 def search_cmd(query, limit, as_json):
     """Full-text search over names, tags, trigger words and metadata (every word, as a prefix)."""
@@ -168,7 +170,7 @@ def _render_entry(entry: dict) -> None:
 
 @catalog.command("show")
 @click.argument("ref")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
 @catalog_option
 def show_cmd(ref, as_json):
     """Every field of one entry: NAME, HASH-PREFIX (sha256, AutoV3, AutoV1) or PATH."""
@@ -186,7 +188,7 @@ def show_cmd(ref, as_json):
 @click.argument("ref")
 @click.argument("action", type=click.Choice(["add", "rm"]))
 @click.argument("tags", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
 @catalog_option
 def tag_cmd(ref, action, tags, as_json):
     """Add or remove tags: catalog tag NAME add|rm TAG..."""
@@ -199,7 +201,7 @@ def tag_cmd(ref, action, tags, as_json):
 @catalog.command("note")
 @click.argument("ref")
 @click.argument("text", nargs=-1)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
 @catalog_option
 def note_cmd(ref, text, as_json):
     """Set an entry's note (no TEXT clears it)."""
@@ -212,7 +214,7 @@ def note_cmd(ref, text, as_json):
 @catalog.command("rate")
 @click.argument("ref")
 @click.argument("rating", type=click.IntRange(0, 5), required=False)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
 @catalog_option
 def rate_cmd(ref, rating, as_json):
     """Rate an entry 0 to 5 (no RATING clears it)."""
@@ -223,7 +225,7 @@ def rate_cmd(ref, rating, as_json):
 
 
 @catalog.command("prune")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
 @catalog_option
 def prune_cmd(as_json):
     """Remove the entries whose files are missing."""
@@ -246,7 +248,7 @@ def _render_dupes(groups: list[dict]) -> None:
 
 
 @catalog.command("dupes")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
 @catalog_option
 def dupes_cmd(as_json):
     """Duplicates: identical files, and the same tensors with different metadata."""
@@ -257,7 +259,7 @@ def dupes_cmd(as_json):
 
 
 @catalog.command("stats")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
 @catalog_option
 def stats_cmd(as_json):
     """Counts by type and base, sizes, missing and unreadable files."""
@@ -295,7 +297,7 @@ def export_cmd(as_json, out):
 
 @catalog.command("import")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
 @catalog_option
 def import_cmd(source, as_json):
     """Merge an export: add tags, fill empty notes and ratings, add unknown entries."""

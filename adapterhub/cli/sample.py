@@ -422,7 +422,7 @@ def _sample_many(options: dict, request, dirs: list[Path]) -> None:
               help="IMAGE:T2I:WEIGHT: a T2I-Adapter with its conditioning image.")
 @click.option("--adapter-dir", "adapter_dirs", multiple=True, type=click.Path(file_okay=False),
               help="Where <lora:name> tags and stack names are looked up by file stem (then the catalog).")
-@click.option("--steps", default=20, show_default=True, type=int)
+@click.option("--steps", default=20, show_default=True, type=int, help="Sampling steps.")
 @click.option("--sampler", default="DPM++ 2M", show_default=True,
               help="A webui sampler name (Euler a, DPM++ 2M, DDIM ...).")
 @click.option("--schedule", default="Automatic", show_default=True,
@@ -435,7 +435,9 @@ def _sample_many(options: dict, request, dirs: list[Path]) -> None:
 @click.option("--images", default=None, type=int, help="Images in all (default: one batch).")
 @click.option("--clip-skip", default=1, show_default=True, type=int, help="1 = last layer (webui convention).")
 @click.option("--emphasis", default="Original", show_default=True,
-              type=click.Choice(["Original", "No norm", "Ignore", "None"]))
+              type=click.Choice(["Original", "No norm", "Ignore", "None"]),
+              help="The webui's emphasis mode: Original (weights, then each chunk re-normalised to its mean), No norm "
+                   "(weights, no re-normalisation), Ignore (syntax parsed, weights 1), None (no syntax).")
 @click.option("--init-image", "init_image", default=None, metavar="FILE",
               help="img2img: start from this image (resized to --size; default size: the image's own).")
 @click.option("--denoise", default=None, type=float, help="img2img denoising strength, in (0, 1] (default 0.75).")
