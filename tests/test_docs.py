@@ -229,3 +229,14 @@ def test_sample_help_lists_every_schedule_type():
     schedule_help = section.split("--schedule", 1)[1].split(" --cfg", 1)[0]
     missing = [label for label, _ in SCHEDULES.values() if _normal(label) not in schedule_help]
     assert not missing, f"sample --schedule's help omits {missing}"
+
+
+def test_every_option_has_help(gen_cli):
+    """Every visible option of every command says what it does in ``--help`` (the reference is generated
+    from it, so an option without help is an undocumented option)."""
+    import click
+
+    bare = sorted(f"{path} {param.opts[-1]}" for path, command, _ in gen_cli.command_tree()
+                  for param in command.params
+                  if isinstance(param, click.Option) and not param.hidden and not (param.help or "").strip())
+    assert not bare, f"options without a help text: {bare}"
