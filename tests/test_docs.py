@@ -177,6 +177,8 @@ def test_readme_is_a_front_door():
     blocks = re.findall(r"^```bash\n(.*?)\n```", text, flags=re.S | re.M)
     assert blocks[0].startswith("python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e . ")
     assert blocks[1].endswith(".venv/bin/python -m pytest -q -n 2")
+    assert blocks[1] in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines(), \
+        "CI must run the README's test command as written"
     assert len(text.splitlines()) < 250
     assert "docs/cli.md" in text
 
