@@ -152,3 +152,38 @@ def test_cached_hub_id_loads_offline_without_the_network(tmp_path, monkeypatch, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # not told it is offline: the cache must still come first
     pipe = load_base("someone/tiny")
     assert torch.equal(pipe.unet.conv_in.weight, tiny_sd1.unet.conv_in.weight)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. narrow or piped output keeps names and paths whole
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def long_named_lora(tmp_path, tiny_sd1):
+    from adapterhub.plugins import adapter_types
+
+    folder = tmp_path / "a_rather_deep_folder_of_adapters" / "for_one_project_that_has_long_names"
+    folder.mkdir(parents=True)
+    return adapter_types()["lora"].example(tiny_sd1, folder / "my_character_style_v2_final_final.safetensors")
+
+
+@pytest.mark.parametrize("width", [None, 60, 100], ids=["piped", "narrow-terminal-60", "terminal-100"])
+def test_plugins_and_inspect_keep_names_paths_and_hashes_whole(monkeypatch, long_named_lora, width):
+    from adapterhub.cli import output
+    from adapterhub.cli.plugins import plugin_rows
+    from adapterhub.api import sha256_file
+
+    monkeypatch.setattr(output, "_terminal_width", lambda: width, raising=False)
+    shown = _invoke(["plugins"]).stdout
+    lines = shown.splitlines()
+    header = [line for line in lines if line.startswith("┃")]
+    for row in plugin_rows():
+        assert any(row["name"] in line for line in lines), (row["name"], shown)
+        if width is None or not header:  # piped (not wrapped), or the list layout: each description on one line
+            assert any(row["description"] in line for line in lines), (row["description"], shown)
+    if header and width:  # a table on a terminal: it fits, and the folded description is no column of single words
+        assert max(len(line) for line in lines) <= width, shown
+        assert len(header[0].split("┃")[-2]) >= 16, shown
+    else:
+        assert width != 100, shown  # 100 columns are enough for a table
+    shown = _invoke(["inspect", str(long_named_lora)]).stdout
+    assert str(long_named_lora) in shown and sha256_file(long_named_lora) in shown, shown

@@ -28,25 +28,81 @@ def emit_json(data: Any) -> None:
     click.echo(_shown(json.dumps(data, indent=2, default=_default, ensure_ascii=False)))
 
 
-def table(rows: Iterable[dict], columns: list[str] | None = None, title: str | None = None) -> None:
+WHOLE_COLUMNS = frozenset({"name", "path", "file", "sha256", "hash", "image", "field", "key"})  # never cut
+MIN_FOLDED = 16  # narrower than this, a folded column reads one word a line: switch to the list layout
+
+
+def _terminal_width() -> int | None:
+    """The width of the terminal stdout is, or None when it is not a terminal (piped, redirected)."""
+    import shutil
+    import sys
+
+    if not _is_terminal(sys.stdout):
+        return None
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def table(rows: Iterable[dict], columns: list[str] | None = None, title: str | None = None,
+          whole: Iterable[str] | None = None) -> None:
+    """Rows as a table on stdout. Names and paths are never cut: the ``whole`` columns (default: those named in
+    ``WHOLE_COLUMNS``) keep their full width, the others fold into it; when even that leaves the others under
+    ``MIN_FOLDED`` characters, each row is printed as ``column: value`` lines instead. Piped output is not
+    wrapped at all (the table is as wide as its content), so ``grep`` and ``cut`` see every value whole."""
+    rows = list(rows)
+    columns = columns or (list(rows[0]) if rows else [])
+    cells = [["" if r.get(c) is None else _shown(str(r.get(c))) for c in columns] for r in rows]
+    keep = set(WHOLE_COLUMNS if whole is None else whole)
+    natural = [max([len(c), *(len(line) for row in cells for line in row[i].splitlines() or [""])])
+               for i, c in enumerate(columns)]
+    frame = 3 * len(columns) + 1  # rich's borders and one space of padding each side
+    width = _terminal_width()
+    if width is None or sum(natural) + frame <= width:
+        _rich_table(columns, cells, title, sum(natural) + frame if width is None else width, keep, fold=False)
+        return
+    folded = [i for i, c in enumerate(columns) if c not in keep]
+    room = width - frame - sum(n for i, n in enumerate(natural) if i not in folded)
+    if not folded or room < MIN_FOLDED * sum(1 for i in folded if natural[i] > MIN_FOLDED) + sum(
+            natural[i] for i in folded if natural[i] <= MIN_FOLDED):
+        _list_layout(columns, cells, title)
+        return
+    _rich_table(columns, cells, title, width, keep, fold=True)
+
+
+def _rich_table(columns: list[str], cells: list[list[str]], title: str | None, width: int, keep: set[str],
+                fold: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    rows = list(rows)
-    columns = columns or (list(rows[0]) if rows else [])
     t = Table(title=None if title is None else _shown(title), show_lines=False)
     for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*("" if r.get(c) is None else _shown(str(r.get(c))) for c in columns))
-    Console().print(t)
+        if c in keep or not fold:
+            t.add_column(c, no_wrap=True, overflow="ignore",
+                         min_width=max([len(c), *(len(row[columns.index(c)]) for row in cells)]))
+        else:
+            t.add_column(c, overflow="fold")
+    for row in cells:
+        t.add_row(*row)
+    Console(width=width, soft_wrap=False).print(t)
+
+
+def _list_layout(columns: list[str], cells: list[list[str]], title: str | None) -> None:
+    """One block per row: its first column, then ``column: value`` lines (long values run on, never cut)."""
+    if title:
+        click.echo(title)
+    for row in cells:
+        click.echo("")
+        first, *rest = zip(columns, row)
+        click.echo(f"{first[0]}: {first[1]}")
+        for name, value in rest:
+            if value:
+                click.echo(f"  {name}: {value}")
 
 
 def key_values(data: dict, title: str | None = None) -> None:
     """A two-column table of a dict (nested values as compact JSON)."""
     rows = [{"field": k, "value": v if isinstance(v, (str, int, float)) or v is None
              else json.dumps(v, default=_default, ensure_ascii=False)} for k, v in data.items()]
-    table(rows, ["field", "value"], title)
+    table(rows, ["field", "value"], title, whole=("field", "value"))  # paths and hashes are values: never cut
 
 
 def emit(data: Any, as_json: bool, render=None) -> None:

@@ -33,6 +33,6 @@ def plugins_cmd(as_json: bool):
     def render(rows):
         output.table([{**r, "capabilities": ", ".join(r["capabilities"]),
                        "from": "built in" if r["builtin"] else r["distribution"]} for r in rows],
-                     ["kind", "name", "capabilities", "from", "description"], title="adapterhub plugins")
+                     ["name", "kind", "capabilities", "from", "description"], title="adapterhub plugins")
 
     output.emit(rows, as_json, render)
