@@ -242,3 +242,15 @@ def test_every_option_has_help(gen_cli):
                   for param in command.params
                   if isinstance(param, click.Option) and not param.hidden and not (param.help or "").strip())
     assert not bare, f"options without a help text: {bare}"
+
+
+def test_extras_named_in_the_docs_exist():
+    """Every ``adapterhub[extra]`` a page tells the user to install is declared in pyproject.toml."""
+    import tomllib
+
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+                   ["project"]["optional-dependencies"])
+    named = {(page.name, extra) for page in PAGES
+             for extra in re.findall(r"adapterhub\[([\w,-]+)\]", page.read_text(encoding="utf-8"))}
+    unknown = sorted((page, e) for page, extras in named for e in extras.split(",") if e not in declared)
+    assert named and not unknown, f"extras that pyproject.toml does not declare: {unknown}"
