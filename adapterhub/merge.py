@@ -1,6 +1,7 @@
 """Bake adapters into a base model and save it (the service behind ``adapterhub merge``)."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,78 @@ def check_target(out: Path) -> None:
     check_writable(out)
 
 
+def base_architecture(base: str) -> str:
+    """The architecture of ``base`` as far as it can be told without loading weights: a preset's name,
+    a diffusers folder's UNet (or text encoder) config, a safetensors checkpoint's header. Anything else
+    (a pickle checkpoint, a hub id, an unreadable file) is ``unknown``; loading will tell."""
+    from adapterhub.base import PRESETS
+
+    if base in PRESETS:
+        return base
+    path = Path(base).expanduser()
+    try:
+        if path.is_dir():
+            return _folder_architecture(path)
+        if path.is_file() and path.suffix.lower() in (".safetensors", ".sft"):
+            return _checkpoint_header_architecture(path)
+    except (OSError, ValueError, AdapterhubError):  # unreadable here: load_base reports it properly
+        pass
+    return "unknown"
+
+
+def _folder_architecture(folder: Path) -> str:
+    from adapterhub.archs import TEXT2_WIDTH, TEXT_WIDTH, arch_from_context_width
+
+    def config(part: str) -> dict:
+        file = folder / part / "config.json"
+        return json.loads(file.read_text()) if file.is_file() else {}
+
+    width = config("unet").get("cross_attention_dim")
+    arch = arch_from_context_width(width[0] if isinstance(width, list) else width)
+    if arch != "unknown":
+        return arch
+    second = config("text_encoder_2").get("hidden_size")
+    if second is not None:
+        return TEXT2_WIDTH.get(second, "unknown")
+    return TEXT_WIDTH.get(config("text_encoder").get("hidden_size"), "unknown")
+
+
+def _checkpoint_header_architecture(path: Path) -> str:
+    from adapterhub.archs import arch_from_metadata
+    from adapterhub.base import METADATA_KEY, PRESETS, detect_architecture
+    from adapterhub.io import read_safetensors_header
+
+    header, metadata, _ = read_safetensors_header(path)
+    if metadata.get(METADATA_KEY) in PRESETS:
+        return metadata[METADATA_KEY]
+    arch = detect_architecture({key: tuple(entry["shape"]) for key, entry in header.items()})
+    return arch if arch != "unknown" else arch_from_metadata(metadata)
+
+
+def _lineage(arch: str) -> str:
+    """A tiny base stands in for its real architecture: adapters made for tiny-sd1 and sd1 share key
+    names, and metadata-only detection cannot tell them apart, so only lineages are compared early."""
+    return arch.removeprefix("tiny-")
+
+
+def check_fits_base(base: str, adapters: list[Adapter]) -> None:
+    """Before the base is loaded (tens of seconds for a real one): each adapter is a Stable Diffusion
+    one made for ``base``'s architecture, as far as the files tell. An unknown side passes; the shapes
+    are checked after loading, as always."""
+    arch = None
+    for adapter in adapters:
+        if adapter.family != "stable-diffusion":
+            raise AdapterError(adapter.path, f"this is a {adapter.family} adapter, not a Stable Diffusion one")
+        if adapter.base == "unknown":
+            continue
+        arch = base_architecture(base) if arch is None else arch
+        if arch != "unknown" and _lineage(adapter.base) != _lineage(arch):
+            named = "" if arch == base else f" ({arch})"
+            first = next(iter(adapter.patches.values()), None)  # a key to look at, as later checks name one
+            raise AdapterError(adapter.path, f"made for {adapter.base}, but the base {base}{named} is a "
+                                             "different architecture", getattr(first, "source", None))
+
+
 def merge_files(base: str, specs, out: Path, dtype: str | None = None,
                 progress=lambda message: None) -> MergeResult:
     """``specs``: ``(path, weight)`` pairs, or stack entries / a :class:`~adapterhub.stack.Stack` (separate
@@ -70,6 +143,7 @@ def merge_files(base: str, specs, out: Path, dtype: str | None = None,
             if not adapter.plugin.single_file_merge:
                 raise AdapterError(adapter.path, f"a {adapter.type} cannot be baked into a single-file checkpoint "
                                                  "(its tokens need a tokenizer): write a diffusers folder instead")
+    check_fits_base(base, [entry.adapter for entry in stack.entries])
     progress(f"loading base {base}")
     pipe = load_base(base)
     progress("merging")
