@@ -23,6 +23,7 @@ from adapterhub.archs import TEXT2_WIDTH, TEXT_WIDTH, arch_from_context_width
 from adapterhub.errors import AdapterhubError
 from adapterhub.io import SAFETENSORS_SUFFIXES, atomic_dir, read_safetensors_header, safe_torch_load
 from adapterhub.tokenizer import PAD_OPENCLIP, PAD_SD1, clip_tokenizer
+from adapterhub.transformer_bases import TRANSFORMER_PRESETS, load_transformer_base
 
 TINY_SEED = 20240607
 TINY_BASES = ("tiny-sd1", "tiny-sdxl")
@@ -395,6 +396,8 @@ def load_base(spec: str = "tiny-sd1", dtype: torch.dtype = torch.float32, device
         pipe = _from_pretrained(str(tiny_base_folder(spec)), dtype, local_files_only=True)
     elif spec in PRESETS:
         pipe = build_preset(spec, device="cpu", dtype=dtype)
+    elif spec in TRANSFORMER_PRESETS:  # SD3 / SD3.5 / Flux: their own recipes
+        pipe = load_transformer_base(spec, dtype)
     elif path.is_dir():
         if not (path / "model_index.json").is_file():
             raise AdapterhubError(f"{spec}: folder is not a diffusers pipeline (no model_index.json)")

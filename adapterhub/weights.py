@@ -83,9 +83,13 @@ class Binding:
     bound: float | None = None
 
 
+# families whose targets are diffusers module paths of a pipeline's components (``unet.``, ``transformer.`` ...)
+WEIGHT_FAMILIES = ("stable-diffusion", "flux", "sd3")
+
+
 def bind(model, adapter: Adapter) -> list[Binding]:
     """Find the parameter of every patch and check its shape, before anything changes."""
-    if adapter.family != "stable-diffusion":
+    if adapter.family not in WEIGHT_FAMILIES:
         raise AdapterError(adapter.path, f"this is a {adapter.family} adapter, not a Stable Diffusion one")
     adapter.plugin.validate(adapter)
     model_arch = architecture_of(model)

@@ -14,6 +14,7 @@ from adapterhub.types import Adapter, Patch
 
 from .keys import REFUSED, Grouped, ModuleKeys, adapter_type_of, group_keys, kind_counts, layout_of, split_key
 from .patches import AdaLoRAPatch, DiffPatch, LoHaPatch, LoKrPatch, LoRAPatch
+from .transformer_keys import parse_transformer
 
 
 def peft_config(file: AdapterFile) -> dict:
@@ -349,6 +350,10 @@ def parse(file: AdapterFile, adapter_type: str | None = None) -> Adapter:
     if not grouped.modules:
         raise AdapterError(file.path, "no LoRA-family tensors found")
     kind = adapter_type or adapter_type_of(grouped)
+    transformer = parse_transformer(file, grouped, kind, layout_of(file, grouped, kind))  # Flux / SD3 tables
+    if transformer is not None:
+        transformer.extra.update(refused={}, kinds=kind_counts(grouped), stray_keys=grouped.stray)
+        return transformer
     family = family_of(grouped)
     patches, refused = build_patches(file, grouped)
     adapter = Adapter(type=kind, format=layout_of(file, grouped, kind), patches=patches,

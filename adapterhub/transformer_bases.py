@@ -1,0 +1,200 @@
+"""Bases of the transformer families (SD3 / SD3.5 MMDiT, FLUX.1): tiny CPU bases and real presets.
+
+* ``tiny-sd3`` / ``tiny-flux``: pipelines shaped like the real ones (the same module names: joint
+  blocks with the context stream, SD3.5's dual attention, Flux's double and single stream blocks and
+  guidance embedding) with tiny widths, built offline from :data:`TINY_SEED` in well under a second.
+* ``sd3.5-medium`` / ``sd3.5-large`` / ``flux-dev`` / ``flux-schnell``: the published transformer
+  configurations written out in code, built with random weights; on the meta device by default
+  (shapes and parameter counts, no memory), as the UNet presets in :mod:`adapterhub.base` are.
+
+Everything but the weights is plain data; :func:`build_transformer_base` turns a recipe into a
+pipeline (all parts on a real device) or a :class:`adapterhub.base.BaseComponents`.
+Text encoders: CLIP-L (+ CLIP-G for SD3) and a T5 encoder whose tokenizer is built offline with the
+``tokenizers`` package (a tiny Unigram vocabulary: the tiny bases never need real T5 text).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapterhub.errors import AdapterhubError
+
+TINY_SEED = 20240607  # the same seed as the UNet tiny bases
+T5_PIECES = 96  # vocabulary of the offline T5-style tokenizer (tiny bases only ever see short prompts)
+
+
+@dataclass(frozen=True)
+class TransformerRecipe:
+    """A transformer-family base: pipeline class, denoiser config, VAE, text encoders, scheduler."""
+
+    family: str  # "sd3" or "flux"
+    pipeline: str
+    transformer: dict
+    vae: dict
+    clip: tuple[tuple[str, dict], ...]  # (transformers class, CLIPTextConfig kwargs) per CLIP encoder
+    t5: dict  # T5Config kwargs
+    scheduler: dict  # FlowMatchEulerDiscreteScheduler config
+
+
+_CLIP = {"vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
+         "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+CLIP_L = {**_CLIP, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+          "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768}
+CLIP_G = {**_CLIP, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+          "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}
+T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+          "feed_forward_proj": "gated-gelu", "is_encoder_decoder": False, "use_cache": False}
+TINY_CLIP = {**_CLIP, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "hidden_act": "gelu", "projection_dim": 32}
+
+
+def _tiny_t5(width: int) -> dict:
+    return {**T5_XXL, "vocab_size": T5_PIECES, "d_model": width, "d_kv": width // 2, "d_ff": 2 * width,
+            "num_layers": 2, "num_heads": 2}
+
+
+_VAE = {"in_channels": 3, "out_channels": 3, "act_fn": "silu", "norm_num_groups": 32, "layers_per_block": 2,
+        "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 1024, "latent_channels": 16,
+        "use_quant_conv": False, "use_post_quant_conv": False}
+VAE_SD3 = {**_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+VAE_FLUX = {**_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+TINY_VAE = {**_VAE, "block_out_channels": [8, 16], "norm_num_groups": 8, "layers_per_block": 1,
+            "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+            "sample_size": 32, "latent_channels": 4, "scaling_factor": 1.0, "shift_factor": 0.0}
+
+SCHEDULER_SD3 = {"num_train_timesteps": 1000, "shift": 3.0}
+SCHEDULER_FLUX = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                  "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+SCHEDULER_SCHNELL = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
+
+SD35_MEDIUM = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+               "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+               "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+               "dual_attention_layers": list(range(13)), "qk_norm": "rms_norm"}
+SD35_LARGE = {**SD35_MEDIUM, "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
+              "pos_embed_max_size": 192, "dual_attention_layers": []}
+FLUX_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+            "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+            "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]}
+FLUX_SCHNELL = {**FLUX_DEV, "guidance_embeds": False}
+# Tiny widths of their own (48 for sd3, 32 for flux) so a tiny adapter is never taken for a real one.
+# tiny-sd3 keeps SD3.5 Medium's shape: a dual-attention first block, RMS q/k norms, a context stream.
+TINY_SD3 = {"sample_size": 16, "patch_size": 2, "in_channels": 4, "out_channels": 4, "num_layers": 2,
+            "attention_head_dim": 24, "num_attention_heads": 2, "joint_attention_dim": 64,
+            "caption_projection_dim": 48, "pooled_projection_dim": 64, "pos_embed_max_size": 16,
+            "dual_attention_layers": [0], "qk_norm": "rms_norm"}
+TINY_FLUX = {"patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16,
+             "num_attention_heads": 2, "joint_attention_dim": 40, "pooled_projection_dim": 32,
+             "guidance_embeds": True, "axes_dims_rope": [4, 6, 6]}
+
+SD3_PIPELINE, FLUX_PIPELINE = "StableDiffusion3Pipeline", "FluxPipeline"
+_SD3_CLIPS = (("CLIPTextModelWithProjection", CLIP_L), ("CLIPTextModelWithProjection", CLIP_G))
+_TINY_SD3_CLIPS = (("CLIPTextModelWithProjection", TINY_CLIP), ("CLIPTextModelWithProjection", TINY_CLIP))
+
+TRANSFORMER_PRESETS: dict[str, TransformerRecipe] = {
+    "sd3.5-medium": TransformerRecipe("sd3", SD3_PIPELINE, SD35_MEDIUM, VAE_SD3, _SD3_CLIPS, T5_XXL, SCHEDULER_SD3),
+    "sd3.5-large": TransformerRecipe("sd3", SD3_PIPELINE, SD35_LARGE, VAE_SD3, _SD3_CLIPS, T5_XXL, SCHEDULER_SD3),
+    "flux-dev": TransformerRecipe("flux", FLUX_PIPELINE, FLUX_DEV, VAE_FLUX, (("CLIPTextModel", CLIP_L),), T5_XXL,
+                                  SCHEDULER_FLUX),
+    "flux-schnell": TransformerRecipe("flux", FLUX_PIPELINE, FLUX_SCHNELL, VAE_FLUX, (("CLIPTextModel", CLIP_L),),
+                                      T5_XXL, SCHEDULER_SCHNELL),
+    "tiny-sd3": TransformerRecipe("sd3", SD3_PIPELINE, TINY_SD3, TINY_VAE, _TINY_SD3_CLIPS, _tiny_t5(64),
+                                  SCHEDULER_SD3),
+    "tiny-flux": TransformerRecipe("flux", FLUX_PIPELINE, TINY_FLUX, TINY_VAE, (("CLIPTextModel", TINY_CLIP),),
+                                   _tiny_t5(40), SCHEDULER_FLUX),
+}
+TINY_TRANSFORMER_BASES = ("tiny-sd3", "tiny-flux")
+
+
+def transformer_recipe(name: str) -> TransformerRecipe:
+    try:
+        return TRANSFORMER_PRESETS[name]
+    except KeyError:
+        raise AdapterhubError(f"unknown transformer base {name!r} (known: {', '.join(TRANSFORMER_PRESETS)})") from None
+
+
+def t5_tokenizer():
+    """A T5-style fast tokenizer built offline: Metaspace pre-tokenizer, a Unigram vocabulary of
+    ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2) and single characters, ``</s>`` appended (as T5's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{c}", -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    pieces = pieces[:T5_PIECES] + [(f"<extra_{i}>", -99.0) for i in range(T5_PIECES - len(pieces))]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
+
+
+def _text_encoders(rec: TransformerRecipe) -> dict[str, Any]:
+    """``text_encoder[_2[_3]]`` and their tokenizers: the CLIP encoders first, T5 last."""
+    import transformers
+
+    from adapterhub.tokenizer import PAD_OPENCLIP, PAD_SD1, clip_tokenizer
+
+    parts: dict[str, Any] = {}
+    for i, (cls_name, kwargs) in enumerate(rec.clip):
+        suffix = f"_{i + 1}" if i else ""
+        parts[f"text_encoder{suffix}"] = getattr(transformers, cls_name)(transformers.CLIPTextConfig(**kwargs))
+        parts[f"tokenizer{suffix}"] = clip_tokenizer(PAD_OPENCLIP if i else PAD_SD1)
+    suffix = f"_{len(rec.clip) + 1}"
+    parts[f"text_encoder{suffix}"] = transformers.T5EncoderModel(transformers.T5Config(**rec.t5))
+    parts[f"tokenizer{suffix}"] = t5_tokenizer()
+    return parts
+
+
+def _denoiser(rec: TransformerRecipe):
+    import diffusers
+
+    cls = diffusers.FluxTransformer2DModel if rec.family == "flux" else diffusers.SD3Transformer2DModel
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in rec.transformer.items()}
+    return cls(**config)
+
+
+def build_transformer_base(name: str, device: str = "meta", dtype: torch.dtype | None = None,
+                           seed: int | None = None, transformer_only: bool = False):
+    """Build ``name`` with random weights (``seed`` makes them reproducible): a diffusers pipeline on a
+    real device, else a :class:`~adapterhub.base.BaseComponents` holding the transformer (the meta device
+    allocates nothing). ``transformer_only`` builds just the denoiser, for shape checks."""
+    import diffusers
+
+    rec = transformer_recipe(name)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        if seed is not None:
+            torch.manual_seed(seed)
+        transformer = _denoiser(rec).eval()
+        if device == "meta" or transformer_only:
+            return _components(name, transformer, dtype)
+        parts = {"transformer": transformer, "vae": diffusers.AutoencoderKL(**rec.vae).eval(),
+                 **{k: v.eval() if isinstance(v, torch.nn.Module) else v for k, v in _text_encoders(rec).items()}}
+    parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler.from_config(rec.scheduler)
+    pipe = getattr(diffusers, rec.pipeline)(**parts)
+    if dtype is not None and dtype != torch.float32:  # built in float32; casting it again only warns
+        pipe.to(dtype=dtype)
+    return pipe
+
+
+def _components(name: str, transformer, dtype):
+    from adapterhub.base import BaseComponents
+
+    if dtype is not None:
+        transformer.to(dtype)
+    found = BaseComponents(arch=name)
+    found.transformer = transformer  # BaseComponents lists UNet-era parts; the denoiser rides along
+    return found
+
+
+def load_transformer_base(name: str, dtype: torch.dtype = torch.float32):
+    """``load_base``'s entry for the transformer families: tiny bases from :data:`TINY_SEED`, presets
+    with random weights on CPU (as ``load_base("sdxl")`` does)."""
+    seed = TINY_SEED if name in TINY_TRANSFORMER_BASES else None
+    return build_transformer_base(name, device="cpu", dtype=dtype, seed=seed)

@@ -1,0 +1,240 @@
+"""LoRA files for the transformer families (FLUX.1, SD3 / SD3.5): names, fused-module splits, family and base.
+
+Every layout is translated to one target naming, the diffusers module path under ``transformer.``
+(``transformer.transformer_blocks.0.attn.to_q``), as the UNet layouts are translated to ``unet.``:
+
+* diffusers / PEFT (Flux and SD3): ``transformer.<path>`` or ``base_model.model.<path>``: already it;
+* kohya sd-scripts Flux: ``lora_unet_double_blocks_0_img_attn_qkv``, BFL's module names joined by ``_``;
+* ComfyUI-native Flux: ``diffusion_model.double_blocks.0.img_attn.qkv``, the same BFL names dotted.
+
+BFL fuses modules diffusers keeps apart: ``img_attn.qkv`` (to_q, to_k, to_v), ``txt_attn.qkv``
+(add_q/k/v_proj) and a single block's ``linear1`` (to_q, to_k, to_v, proj_mlp). A LoRA on a fused
+module is ``up @ down`` with ``up`` stacked by output rows, so it splits exactly into one LoRA per
+diffusers module: the shared ``down`` and that module's rows of ``up`` (diffusers' own kohya converter
+does the same). The split sizes come from the shapes alone: a fused module's input is the hidden
+width ``h``; qkv is three ``h``, linear1 three ``h`` and the MLP's rest. BFL's final modulation
+emits (shift, scale) where diffusers' ``norm_out`` emits (scale, shift): its rows are swapped.
+
+Family and base come from tensor shapes first (the hidden width, see :data:`HIDDEN_WIDTH`), names
+second (only Flux has single-stream blocks), metadata last.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from adapterhub.errors import AdapterError
+from adapterhub.io import AdapterFile
+from adapterhub.keymaps import canonical
+from adapterhub.types import Adapter
+
+from .keys import Grouped, ModuleKeys
+
+TRANSFORMER_FAMILIES = ("flux", "sd3")
+
+# hidden width -> (family, base); the tiny bases have widths of their own
+HIDDEN_WIDTH = {3072: ("flux", "flux"), 32: ("flux", "tiny-flux"), 1536: ("sd3", "sd3-medium"),
+                2432: ("sd3", "sd3.5-large"), 48: ("sd3", "tiny-sd3")}
+# diffusers modules whose input width is the hidden width, in both families
+_HIDDEN_INPUT = re.compile(r"(transformer_blocks\.\d+\.(attn2?\.(to_[qkv]|add_[qkv]_proj)|ff\.net\.0\.proj|"
+                           r"norm1?\.linear|proj_mlp)|\.attn\.to_out\.0)$")
+# first parts of the diffusers paths inside the two transformers
+TRANSFORMER_ROOTS = ("transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
+                     "time_text_embed", "norm_out", "proj_out", "pos_embed")
+METADATA_FAMILY = (("ss_base_model_version", "flux", "flux"), ("ss_base_model_version", "sd3", "sd3"),
+                   ("modelspec.architecture", "flux", "flux"), ("modelspec.architecture", "stable-diffusion-3", "sd3"))
+
+# BFL module (underscore-joined, after the block number) -> diffusers modules, for Flux's blocks
+DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",), "img_mod_lin": ("norm1.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "txt_attn_proj": ("attn.to_add_out",),
+    "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",), "txt_mod_lin": ("norm1_context.linear",),
+}
+SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
+          "modulation_lin": ("norm.linear",)}
+TOP = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear",
+}
+SWAPPED = ("norm_out.linear",)  # BFL (shift, scale) -> diffusers (scale, shift)
+BFL_PREFIXES = ("lora_unet_", "diffusion_model.", "lora_transformer_")
+_BLOCK = re.compile(r"(double|single)_blocks_(\d+)_(.+)$")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One diffusers module a file module patches: its target and the rows of ``up`` it takes
+    (``rows`` None: all of them; else ``(start, stop)`` ranges concatenated in order)."""
+
+    target: str
+    rows: tuple[tuple[int, int], ...] | None = None
+
+
+def bfl_targets(name: str) -> tuple[str, ...] | None:
+    """The diffusers paths (under ``transformer.``) a kohya / ComfyUI Flux module name stands for."""
+    prefix = next((p for p in BFL_PREFIXES if name.startswith(p)), None)
+    if prefix is None:
+        return None
+    rest = name[len(prefix):].replace(".", "_")
+    m = _BLOCK.match(rest)
+    if m is None:
+        return (TOP[rest],) if rest in TOP else None
+    table, root = (DOUBLE, "transformer_blocks") if m[1] == "double" else (SINGLE, "single_transformer_blocks")
+    found = table.get(m[3])
+    return tuple(f"{root}.{m[2]}.{t}" for t in found) if found else None
+
+
+def diffusers_target(name: str) -> str | None:
+    """The diffusers path of a diffusers / PEFT transformer module name, or None."""
+    for prefix in ("base_model.model.transformer.", "base_model.model.", "transformer."):
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            return rest if rest.split(".", 1)[0] in TRANSFORMER_ROOTS else None
+    return None
+
+
+def pieces_of(mod: ModuleKeys) -> list[Piece] | None:
+    """The diffusers modules ``mod`` patches (fused ones split by rows), or None if it is no
+    transformer module. Row splits use the header shapes only."""
+    fused = bfl_targets(mod.name)
+    if fused is None:
+        plain = diffusers_target(mod.name)
+        return [Piece(f"transformer.{plain}")] if plain else None
+    targets = [f"transformer.{t}" for t in fused]
+    if len(targets) == 1 and fused[0] not in SWAPPED:
+        return [Piece(targets[0])]
+    rows, width = _out_rows(mod), _in_width(mod)
+    if rows is None or width is None:
+        return None  # not a low-rank LoRA: refused by the caller by name
+    if fused[0] in SWAPPED:
+        half = rows // 2
+        return [Piece(targets[0], ((half, rows), (0, half)))]
+    sizes = [width] * 3 + ([rows - 3 * width] if len(targets) == 4 else [])
+    if len(targets) == 3:
+        sizes = [rows // 3] * 3
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return [Piece(t, (b,)) for t, b in zip(targets, bounds)]
+
+
+def _out_rows(mod: ModuleKeys) -> int | None:
+    up = mod.shapes.get("up")
+    return up[0] if up is not None and len(up) == 2 and "mid" not in mod.roles else None
+
+
+def _in_width(mod: ModuleKeys) -> int | None:
+    down = mod.shapes.get("down")
+    return down[1] if down is not None and len(down) == 2 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# family and base
+# ---------------------------------------------------------------------------------------------
+def is_transformer_file(grouped: Grouped) -> bool:
+    """Whether any module of the file names a Flux / SD3 transformer module."""
+    return any(bfl_targets(n) or diffusers_target(n) for n in grouped.modules)
+
+
+def family_and_base(file: AdapterFile, grouped: Grouped) -> tuple[str, str]:
+    """(``flux`` | ``sd3``, base) from the hidden width of a module that takes it as input; else the
+    names (single-stream blocks or BFL names are Flux's); else the metadata. ``base`` is ``flux``
+    (dev and schnell share every LoRA-visible shape), ``tiny-flux``, ``sd3-medium`` (SD3 Medium's
+    1536 width), ``sd3.5-medium`` (the same width with SD3.5's second attention), ``sd3.5-large``,
+    ``tiny-sd3``, or ``unknown``."""
+    names = list(grouped.modules)
+    for name, mod in grouped.modules.items():
+        pieces, width = pieces_of(mod), _in_width(mod)
+        if pieces and width in HIDDEN_WIDTH and any(_HIDDEN_INPUT.search(p.target) for p in pieces):
+            family, base = HIDDEN_WIDTH[width]
+            if base == "sd3-medium" and any(".attn2." in n for n in names):
+                base = "sd3.5-medium"
+            return family, base
+    if any(bfl_targets(n) or "single_transformer_blocks" in n for n in names):
+        return "flux", "unknown"
+    for key, needle, family in METADATA_FAMILY:
+        if needle in file.metadata.get(key, "").lower():
+            return family, "unknown"
+    return "flux", "unknown"  # diffusers joint-block names without a telling shape: Flux is the common case
+
+
+# ---------------------------------------------------------------------------------------------
+# patches
+# ---------------------------------------------------------------------------------------------
+def _slice_rows(up, rows):
+    import torch
+
+    return torch.cat([up[a:b] for a, b in rows], dim=0).contiguous()
+
+
+def build_transformer_patches(file: AdapterFile, grouped: Grouped) -> dict:
+    """Patches by target for a Flux / SD3 file; every module must be a transformer module or a text
+    encoder one (``lora_te1_`` ...: translated as for Stable Diffusion, it names the pipeline's CLIP).
+    A fused module takes any LoRA; other kinds (LoHa, LoKr ...) only on unfused modules."""
+    from .parse import _config_alpha, _make_patch, check_structure, peft_config
+
+    check_structure(file, grouped)
+    cfg = peft_config(file)
+    tensors = file.tensors([k for m in grouped.modules.values() for k in m.roles.values()])
+    patches: dict = {}
+    for name, mod in grouped.modules.items():
+        t = {role: tensors[key] for role, key in mod.roles.items()}
+        alpha = float(t["alpha"].float().item()) if "alpha" in t else _config_alpha(cfg, name)[0]
+        for patch in _module_patches(file, mod, t, alpha, cfg, _make_patch):
+            if patch.target in patches:
+                raise AdapterError(file.path, f"two modules target {patch.target}", name)
+            patches[patch.target] = patch
+    return patches
+
+
+def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch) -> list:
+    pieces = pieces_of(mod)
+    first_key = next(iter(mod.roles.values()))
+    if pieces is None:
+        if bfl_targets(mod.name) is not None:
+            raise AdapterError(file.path, f"a {mod.kind} on the fused module {mod.name} is not supported "
+                                          "(only a low-rank LoRA splits onto diffusers' modules)", first_key)
+        target = canonical(mod.name)
+        if not target.startswith(("text_encoder.", "text_encoder_2.")):
+            raise AdapterError(file.path, f"module {mod.name} is not a Flux or SD3 module", first_key)
+        pieces = [Piece(target)]
+    if mod.kind not in ("lora", "loha", "lokr"):
+        raise AdapterError(file.path, f"a {mod.kind} module is not supported on Flux / SD3 yet", first_key)
+    out = []
+    for piece in pieces:
+        part = dict(t)
+        if piece.rows is not None:
+            part["up"] = _slice_rows(t["up"], piece.rows)
+        patch = make_patch(mod.kind, piece.target, mod.name, part, alpha, cfg)
+        patch.file_keys = dict(mod.roles)
+        out.append(patch)
+    return out
+
+
+def parse_transformer(file: AdapterFile, grouped: Grouped, kind: str, layout: str) -> Adapter | None:
+    """The :class:`Adapter` of a Flux / SD3 LoRA file, or None when no module names a transformer one."""
+    if not is_transformer_file(grouped):
+        return None
+    family, base = family_and_base(file, grouped)
+    if base == "unknown" and family == "sd3":
+        base = _sd3_from_metadata(file)
+    adapter = Adapter(type=kind, format=layout, patches=build_transformer_patches(file, grouped),
+                      metadata=dict(file.metadata), path=file.path, file=file, base=base, family=family)
+    return adapter
+
+
+def _sd3_from_metadata(file: AdapterFile) -> str:
+    """sd3.5-large / sd3.5-medium from a modelspec architecture such as ``stable-diffusion-3.5-large``."""
+    arch = file.metadata.get("modelspec.architecture", "").lower().replace("-", ".")
+    for base in ("sd3.5-large", "sd3.5-medium"):
+        if base.replace("sd3.5-", "3.5.") in arch:
+            return base
+    return "unknown"

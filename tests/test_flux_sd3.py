@@ -1,0 +1,234 @@
+"""SD3 / SD3.5 and FLUX.1 (issue #21, first slice): bases, reading the LoRA layouts, merging.
+
+The oracle for every layout is diffusers' own loader (``load_lora_weights`` + ``fuse_lora``) on the
+same tiny base; our merge must equal it within 1e-5 (float32).
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+RANK = 4
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures and helpers
+# ---------------------------------------------------------------------------------------------
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(adapterhub_cache):
+    from adapterhub.base import load_base
+
+    return _quiet(load_base("tiny-flux"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(adapterhub_cache):
+    from adapterhub.base import load_base
+
+    return _quiet(load_base("tiny-sd3"))
+
+
+def _linear_shapes(transformer, paths):
+    modules = dict(transformer.named_modules())
+    return {p: tuple(modules[p].weight.shape) for p in paths}
+
+
+def _lora(out_f, in_f, gen, rank=RANK):
+    return (torch.randn(out_f, rank, generator=gen) * 0.1, torch.randn(rank, in_f, generator=gen) * 0.1)
+
+
+def _peft_file(path, transformer, paths, seed=0, prefix="transformer."):
+    """A diffusers / PEFT LoRA (``lora_A`` / ``lora_B``) on the given transformer modules."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for p, (out_f, in_f) in _linear_shapes(transformer, paths).items():
+        up, down = _lora(out_f, in_f, gen)
+        sd[f"{prefix}{p}.lora_A.weight"], sd[f"{prefix}{p}.lora_B.weight"] = down, up
+    save_file(sd, str(path))
+    return path
+
+
+# BFL module -> (diffusers modules it fuses, in row order) on the tiny Flux (2 double, 2 single blocks)
+def _bfl_modules(transformer):
+    from adapterhub_plugins.lora.transformer_keys import DOUBLE, SINGLE, TOP
+
+    cfg = transformer.config
+    out = {}
+    for i in range(cfg.num_layers):
+        out.update({f"double_blocks.{i}.{k.replace('_attn_', '_attn.').replace('_mlp_', '_mlp.').replace('_mod_', '_mod.')}":
+                    [f"transformer_blocks.{i}.{t}" for t in v] for k, v in DOUBLE.items()})
+    for i in range(cfg.num_single_layers):
+        out.update({f"single_blocks.{i}.{k.replace('modulation_', 'modulation.')}":
+                    [f"single_transformer_blocks.{i}.{t}" for t in v] for k, v in SINGLE.items()})
+    bfl_top = {"img_in": "img_in", "txt_in": "txt_in", "time_in_in_layer": "time_in.in_layer",
+               "time_in_out_layer": "time_in.out_layer", "vector_in_in_layer": "vector_in.in_layer",
+               "vector_in_out_layer": "vector_in.out_layer", "guidance_in_in_layer": "guidance_in.in_layer",
+               "guidance_in_out_layer": "guidance_in.out_layer", "final_layer_linear": "final_layer.linear",
+               "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1"}
+    out.update({bfl_top[k]: [v] for k, v in TOP.items()})
+    return out
+
+
+def _bfl_file(path, transformer, style, seed=0, skip=(), alpha=2.0):
+    """A kohya (``lora_unet_double_blocks_0_img_attn_qkv``) or ComfyUI (``diffusion_model.double_blocks.0.
+    img_attn.qkv``) Flux LoRA on every BFL module; a fused module's ``up`` spans all of its parts."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = dict(transformer.named_modules())
+    sd = {}
+    for bfl, parts in _bfl_modules(transformer).items():
+        if any(s in bfl for s in skip):
+            continue
+        out_f = sum(modules[p].weight.shape[0] for p in parts)
+        in_f = modules[parts[0]].weight.shape[1]
+        up, down = _lora(out_f, in_f, gen)
+        name = "lora_unet_" + bfl.replace(".", "_") if style == "kohya" else "diffusion_model." + bfl
+        sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    save_file(sd, str(path))
+    return path
+
+
+def _diffusers_fused(pipe, path):
+    """The oracle: diffusers' loader and ``fuse_lora`` on a copy of ``pipe``; its transformer weights."""
+    ref = copy.deepcopy(pipe)
+    ref.load_lora_weights(str(path), adapter_name="oracle")
+    ref.fuse_lora(components=["transformer"], lora_scale=1.0)
+    ref.unload_lora_weights()
+    return {k: v.detach().clone() for k, v in ref.transformer.state_dict().items()}
+
+
+def _ours_merged(pipe, path):
+    import adapterhub
+
+    mine = copy.deepcopy(pipe)
+    adapterhub.load(path).merge_into(mine, 1.0)
+    return {k: v.detach().clone() for k, v in mine.transformer.state_dict().items()}
+
+
+def _assert_same(ours, oracle, base_state, min_changed):
+    assert ours.keys() == oracle.keys()
+    changed = [k for k in oracle if not torch.equal(oracle[k], base_state[k])]
+    assert len(changed) >= min_changed  # the oracle did apply the file
+    for k in oracle:
+        torch.testing.assert_close(ours[k], oracle[k], atol=1e-5, rtol=0, msg=k)
+
+
+def _state(pipe):
+    return {k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# merge equals diffusers' fuse_lora, per layout
+# ---------------------------------------------------------------------------------------------
+FLUX_PEFT_PATHS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.1.attn.to_v",
+                   "transformer_blocks.0.attn.add_q_proj", "transformer_blocks.1.attn.to_add_out",
+                   "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.1.ff_context.net.2",
+                   "transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.attn.to_q",
+                   "single_transformer_blocks.1.proj_mlp", "single_transformer_blocks.1.proj_out",
+                   "single_transformer_blocks.0.norm.linear", "x_embedder", "context_embedder", "proj_out"]
+
+
+def test_flux_peft_merge_equals_diffusers(tiny_flux, tmp_path):
+    path = _peft_file(tmp_path / "flux_peft.safetensors", tiny_flux.transformer, FLUX_PEFT_PATHS)
+    _assert_same(_ours_merged(tiny_flux, path), _diffusers_fused(tiny_flux, path), _state(tiny_flux),
+                 len(FLUX_PEFT_PATHS))
+
+
+SD3_PEFT_PATHS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.1.attn.to_v",
+                  "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.to_add_out",
+                  "transformer_blocks.0.attn2.to_q", "transformer_blocks.0.attn2.to_out.0",
+                  "transformer_blocks.1.ff.net.0.proj", "transformer_blocks.0.ff_context.net.2",
+                  "transformer_blocks.1.norm1.linear", "transformer_blocks.0.attn.to_out.0"]
+
+
+def test_sd3_peft_merge_equals_diffusers(tiny_sd3, tmp_path):
+    path = _peft_file(tmp_path / "sd3_peft.safetensors", tiny_sd3.transformer, SD3_PEFT_PATHS)
+    _assert_same(_ours_merged(tiny_sd3, path), _diffusers_fused(tiny_sd3, path), _state(tiny_sd3),
+                 len(SD3_PEFT_PATHS))
+
+
+# diffusers' kohya converter writes the single blocks' linear1 split sizes for the real Flux width
+# (3072 x 3 + 12288), and names the top-level modules (img_in, final_layer ...) without ``transformer.``,
+# so its loader drops them; on the tiny base the blocks are compared end to end, and linear1 and the
+# top-level modules against the converter's own output below.
+TOP_LEVEL = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")
+
+
+@pytest.mark.parametrize("style", ["kohya", "comfyui"])
+def test_flux_bfl_merge_equals_diffusers(tiny_flux, tmp_path, style):
+    path = _bfl_file(tmp_path / f"flux_{style}.safetensors", tiny_flux.transformer, style,
+                     skip=("linear1", *TOP_LEVEL))
+    _assert_same(_ours_merged(tiny_flux, path), _diffusers_fused(tiny_flux, path), _state(tiny_flux), 32)
+
+
+def _assert_patches_equal_converter(adapter, theirs, count):
+    targets = {k.removesuffix(".lora_A.weight") for k in theirs if k.endswith(".lora_A.weight")}
+    assert {t.removeprefix("transformer.") for t in adapter.patches} == {t.removeprefix("transformer.")
+                                                                         for t in targets}
+    assert len(targets) == count
+    for target in targets:
+        expected = theirs[f"{target}.lora_B.weight"] @ theirs[f"{target}.lora_A.weight"]
+        patch = adapter.patches["transformer." + target.removeprefix("transformer.")]
+        got = patch.delta(torch.zeros(patch.expected_shape()))
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0, msg=target)
+
+
+def test_flux_top_level_modules_equal_diffusers_converter(tiny_flux, tmp_path):
+    """img_in, txt_in, the time / vector / guidance embedders and the final layer, whose (shift, scale)
+    rows diffusers' ``norm_out`` holds as (scale, shift). The converter ignores the final layer's alpha (kohya
+    applies alpha / rank to every module, as we do), so alpha = rank here, where both rules agree."""
+    import adapterhub
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from safetensors.torch import load_file
+
+    path = _bfl_file(tmp_path / "top.safetensors", tiny_flux.transformer, "kohya", skip=("blocks",), alpha=RANK)
+    theirs = _convert_kohya_flux_lora_to_diffusers(load_file(str(path)))
+    _assert_patches_equal_converter(adapterhub.load(path), theirs, 10)
+    merged = copy.deepcopy(tiny_flux)
+    adapterhub.load(path).merge_into(merged)
+    assert not torch.equal(merged.transformer.norm_out.linear.weight, tiny_flux.transformer.norm_out.linear.weight)
+
+
+def test_kohya_linear1_split_equals_diffusers_converter_at_flux_width(tmp_path):
+    """A single block's fused linear1 (q, k, v, MLP: 3 x 3072 + 12288 rows) and a double block's qkv,
+    at the real width, against ``diffusers.loaders.lora_conversion_utils``' kohya converter."""
+    import adapterhub
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    gen = torch.Generator().manual_seed(3)
+    sd = {}
+    for name, rows in (("lora_unet_single_blocks_5_linear1", 3 * 3072 + 12288), ("lora_unet_double_blocks_2_txt_attn_qkv",
+                                                                                 3 * 3072)):
+        up, down = _lora(rows, 3072, gen, rank=2)
+        sd.update({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(1.0)})
+    save_file(sd, str(tmp_path / "linear1.safetensors"))
+    theirs = _convert_kohya_flux_lora_to_diffusers(dict(sd))
+    adapter = adapterhub.load(tmp_path / "linear1.safetensors")
+    _assert_patches_equal_converter(adapter, theirs, 7)
+    assert adapter.family == "flux" and adapter.base == "flux"
+
+
+def test_flux_kohya_attach_detach_is_bitwise_and_equals_merge(tiny_flux, tmp_path):
+    import adapterhub
+
+    path = _bfl_file(tmp_path / "flux_kohya.safetensors", tiny_flux.transformer, "kohya")
+    before = _state(tiny_flux)
+    pipe = copy.deepcopy(tiny_flux)
+    handle = adapterhub.load(path).attach(pipe, 0.7)
+    attached = _state(pipe)
+    handle.detach()
+    after = _state(pipe)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    merged = copy.deepcopy(tiny_flux)
+    adapterhub.load(path).merge_into(merged, 0.7)
+    assert all(torch.equal(attached[k], v) for k, v in _state(merged).items())
+    assert sum(not torch.equal(attached[k], before[k]) for k in before) > 40
