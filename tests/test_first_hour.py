@@ -187,3 +187,28 @@ def test_plugins_and_inspect_keep_names_paths_and_hashes_whole(monkeypatch, long
         assert width != 100, shown  # 100 columns are enough for a table
     shown = _invoke(["inspect", str(long_named_lora)]).stdout
     assert str(long_named_lora) in shown and sha256_file(long_named_lora) in shown, shown
+
+
+# --------------------------------------------------------------------------------------------
+# 13. X/Y: a sampler x schedule grid with timestep samplers (DDIM, UniPC) on the axis
+# --------------------------------------------------------------------------------------------
+def test_xy_sampler_by_schedule_runs_timestep_samplers_on_their_own_schedule(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from adapterhub.sample import infotext
+
+    res = _invoke(["sample", "--base", "tiny-sd1", "--prompt", "a cat", "--steps", "2", "--size", "64x64", "--seed",
+                   "3", "--x", "sampler=Euler,DDIM,UniPC", "--y", "schedule=Automatic,Karras", "--out",
+                   str(tmp_path / "o"), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    cells = {(c["values"]["sampler"], c["values"]["schedule"]): c for c in summary["cells"]}
+    assert len(cells) == 6
+    for name in ("DDIM", "UniPC"):
+        own, asked = cells[(name, "Automatic")], cells[(name, "Karras")]
+        assert np.array_equal(np.asarray(Image.open(own["path"])), np.asarray(Image.open(asked["path"])))
+        assert infotext.parse(asked["parameters"]).get("Schedule type", "Automatic") == "Automatic"
+    assert infotext.parse(cells[("Euler", "Karras")]["parameters"])["Schedule type"] == "Karras"
+    notes = [w for w in summary["warnings"] if "own schedule" in w]
+    assert len(notes) == 1 and "DDIM" in notes[0] and "UniPC" in notes[0] and "Karras" in notes[0], summary["warnings"]

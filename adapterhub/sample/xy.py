@@ -231,6 +231,7 @@ class Cell:
     latents: Any = None
     infotext: str = ""
     seed: int | None = None
+    skipped_schedule: str | None = None  # the schedule a timestep sampler's cell did not use (own_schedule)
 
     def summary(self) -> dict:
         return {"position": list(self.position), "values": self.values, "seed": self.seed,
@@ -253,6 +254,7 @@ class Plot:
     infotext: str = ""
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # the plan's own warnings, said again in ``warnings`` once run
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -300,7 +302,7 @@ def _check_value(axis: Axis, value, base: Request, entries: list, dirs) -> None:
     """One axis value on its own against the request: errors name the option, the axis and the value."""
     try:
         if axis.kind.field is not None:
-            check_request(replace(base, **{axis.kind.field: value}), dirs)
+            check_request(own_schedule(replace(base, **{axis.kind.field: value}))[0], dirs)
         elif axis.kind.name == "prompt-sr":
             search = axis.values[0]
             if search not in base.prompt and search not in base.negative:
@@ -326,6 +328,7 @@ def _targets(axis: Axis, entries: list) -> list[int]:
 
 
 def _cell_request(base: Request, entries: list, pairs: list[tuple[Axis, Any]], dirs) -> Request:
+    """The cell's request: ``base`` with the cell's axis values (the schedule as given: see :func:`own_schedule`)."""
     from adapterhub.stack import Stack
 
     req, extra, weights = base, [], []
@@ -347,6 +350,36 @@ def _cell_request(base: Request, entries: list, pairs: list[tuple[Axis, Any]], d
         except AdapterhubError as err:
             raise AdapterhubError(f"{axis.where(value)}: {err}") from None
     return replace(req, stack=stack, images=1, batch=1)
+
+
+def own_schedule(req: Request) -> tuple[Request, str | None]:
+    """A plot's cell with a timestep sampler (DDIM, PLMS, UniPC, LCM: no schedule type) runs on that sampler's
+    own schedule, as the webui's X/Y/Z plot runs it, whatever the schedule axis or ``--schedule`` says: the
+    request with ``Automatic``, and the schedule it did not use (None when nothing changed). An unknown name is
+    left for :func:`check_request` to report."""
+    from adapterhub.sample.samplers import resolve_sampler
+
+    try:
+        sampler, _ = resolve_sampler(req.sampler)
+        _, key = resolve_sampler("Euler", req.schedule)  # the schedule's own validity, for a sampler that takes any
+    except AdapterhubError:
+        return req, None
+    if not sampler.timestep_based or key == "automatic":
+        return req, None
+    return replace(req, schedule="Automatic"), str(req.schedule)
+
+
+def _own_schedule_note(cells: list) -> str | None:
+    """One line naming the timestep samplers that ran their own schedule and the schedules they did not use."""
+    skipped: dict[str, dict[str, None]] = {}
+    for cell in cells:
+        if cell.skipped_schedule is not None:
+            skipped.setdefault(cell.request.sampler, {})[cell.skipped_schedule] = None
+    if not skipped:
+        return None
+    return (f"{', '.join(skipped)} ran on their own schedule (timestep samplers take no schedule type, as in the "
+            f"webui's X/Y/Z plot): {', '.join(dict.fromkeys(s for v in skipped.values() for s in v))} not applied "
+            "to them")
 
 
 def _stack_key(req: Request) -> tuple:
@@ -373,7 +406,7 @@ def _plan(request: Request, axes: tuple, dirs, legend: bool) -> Plot:
         raise AdapterhubError("an X/Y/Z plot needs an x axis")
     if (request.images or 1) > 1 or request.batch > 1:
         raise AdapterhubError("an X/Y/Z plot makes one image per cell: leave images and batch at 1")
-    check_request(request, dirs)
+    check_request(own_schedule(request)[0], dirs)
     seed = int(request.seed) if request.seed is not None and int(request.seed) >= 0 else random.randrange(MAX_SEED)
     base = replace(request, seed=seed)
     entries = _entries(base.stack, dirs)
@@ -391,7 +424,7 @@ def _plan(request: Request, axes: tuple, dirs, legend: bool) -> Plot:
         for iy, vy in lists[1]:
             for ix, vx in lists[0]:
                 pairs = [(a, v) for a, v in zip(axes, (vx, vy, vz)) if a is not None]
-                req = _cell_request(base, entries, pairs, dirs)
+                req, skipped = own_schedule(_cell_request(base, entries, pairs, dirs))
                 labels = tuple(a.label(v) if a is not None else "" for a, v in zip(axes, (vx, vy, vz)))
                 try:
                     check_request(replace(req, stack=None), dirs)
@@ -399,12 +432,13 @@ def _plan(request: Request, axes: tuple, dirs, legend: bool) -> Plot:
                     cell = ", ".join(f"{a.name}={v!r}" for a, v in pairs)
                     raise AdapterhubError(f"cell {cell}: {err}") from None
                 values = {a.name: v for a, v in pairs}
-                cells.append(Cell((ix, iy, iz), values, labels, req, _stack_key(req)))
+                cells.append(Cell((ix, iy, iz), values, labels, req, _stack_key(req), skipped_schedule=skipped))
     first: dict[tuple, int] = {}
     for i, cell in enumerate(cells):
         first.setdefault(cell.stack_key, i)
     order = sorted(range(len(cells)), key=lambda i: (first[cells[i].stack_key], i))
-    return Plot(replace(request, seed=seed), axes, cells, order, legend)
+    note = _own_schedule_note(cells)
+    return Plot(replace(request, seed=seed), axes, cells, order, legend, notes=[note] if note else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +470,7 @@ def run_plot(generator, plot: Plot, progress: Callable[[int, int], None] | None 
     sheet = xyz_grid([c.image for c in plot.cells], nx, ny, nz, x_labels, y_labels, z_labels, legend=plot.legend)
     plot.grid, plot.boxes = sheet.image, sheet.boxes
     plot.infotext = infotext.insert(plot.cells[0].infotext, plot.script_params())
-    plot.warnings = list(warnings)
+    plot.warnings = list(dict.fromkeys([*plot.notes, *warnings]))
     plot.seconds = time.perf_counter() - start
     return plot
 
