@@ -200,8 +200,12 @@ def save_pipeline(pipe, out: str | Path, dtype: torch.dtype | None = None,
     diffusers folder. ``dtype`` casts the floating tensors written (the pipeline itself is untouched);
     ``metadata`` goes into a single file's header (training metadata), under our architecture keys."""
     out = Path(out)
-    if any(p.device.type == "meta" for p in pipe.unet.parameters()):
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer  # SD3 / Flux pipelines have a transformer
+    if any(p.device.type == "meta" for p in denoiser.parameters()):
         raise AdapterhubError(f"{out}: cannot save a model built on the meta device (it has no weights)")
+    if out.suffix.lower() == ".safetensors" and getattr(pipe, "unet", None) is None:
+        raise AdapterhubError(f"{out}: single-file checkpoints of SD3 / Flux models are not written yet "
+                              "(name a folder for a diffusers model)")
     if out.suffix.lower() == ".safetensors":
         arch = detect_architecture(pipe)
         save_safetensors(_cast(original_state_dict(pipe, arch), dtype), out,

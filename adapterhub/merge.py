@@ -11,7 +11,7 @@ import torch
 from adapterhub.errors import AdapterError, AdapterhubError
 from adapterhub.outputs import check_writable, write_failed
 from adapterhub.types import Adapter
-from adapterhub.weights import merge
+from adapterhub.weights import WEIGHT_FAMILIES, merge
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -110,7 +110,7 @@ def check_fits_base(base: str, adapters: list[Adapter]) -> None:
     are checked after loading, as always."""
     arch = None
     for adapter in adapters:
-        if adapter.family != "stable-diffusion":
+        if adapter.family not in WEIGHT_FAMILIES:
             raise AdapterError(adapter.path, f"this is a {adapter.family} adapter, not a Stable Diffusion one")
         if adapter.base == "unknown":
             continue

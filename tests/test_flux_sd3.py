@@ -232,3 +232,110 @@ def test_flux_kohya_attach_detach_is_bitwise_and_equals_merge(tiny_flux, tmp_pat
     adapterhub.load(path).merge_into(merged, 0.7)
     assert all(torch.equal(attached[k], v) for k, v in _state(merged).items())
     assert sum(not torch.equal(attached[k], before[k]) for k in before) > 40
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect: family and base from shapes; merge from the command line; bad input
+# ---------------------------------------------------------------------------------------------
+def _cli(capsys, *argv):
+    from adapterhub.cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _header_file(path, modules, metadata=None):
+    """A rank-1 LoRA with the given ``{module name: (out, in)}`` widths (real widths cost little at rank 1)."""
+    sd = {}
+    for name, (out_f, in_f) in modules.items():
+        down_key, up_key = ((".lora_A.weight", ".lora_B.weight") if name.startswith("transformer.")
+                            else (".lora_down.weight", ".lora_up.weight"))
+        sd[name + down_key], sd[name + up_key] = torch.zeros(1, in_f), torch.zeros(out_f, 1)
+    save_file(sd, str(path), metadata=metadata)
+    return path
+
+
+INSPECTED = [
+    ({"lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072)}, "flux", "flux"),
+    ({"diffusion_model.single_blocks.3.linear1": (21504, 3072)}, "flux", "flux"),
+    ({"transformer.single_transformer_blocks.0.proj_out": (3072, 15360)}, "flux", "unknown"),
+    ({"transformer.transformer_blocks.0.attn.to_q": (3072, 3072)}, "flux", "flux"),
+    ({"transformer.transformer_blocks.0.attn.to_q": (1536, 1536)}, "sd3", "sd3-medium"),
+    ({"transformer.transformer_blocks.0.attn.to_q": (1536, 1536),
+      "transformer.transformer_blocks.0.attn2.to_q": (1536, 1536)}, "sd3", "sd3.5-medium"),
+    ({"transformer.transformer_blocks.0.attn.to_k": (2432, 2432)}, "sd3", "sd3.5-large"),
+    ({"transformer.transformer_blocks.1.attn.to_v": (48, 48)}, "sd3", "tiny-sd3"),
+    ({"transformer.transformer_blocks.1.attn.add_q_proj": (32, 32)}, "flux", "tiny-flux"),
+]
+
+
+@pytest.mark.parametrize("modules,family,base", INSPECTED)
+def test_inspect_names_family_and_base_from_shapes(tmp_path, capsys, modules, family, base):
+    path = _header_file(tmp_path / "a.safetensors", modules)
+    rc, out, _ = _cli(capsys, "inspect", "--json", "--no-hash", str(path))
+    facts = json.loads(out)
+    assert rc == 0 and (facts["family"], facts["base"]) == (family, base)
+
+
+def test_inspect_falls_back_to_metadata_for_the_family(tmp_path, capsys):
+    """A width that tells nothing (an output projection's input is the MLP width): metadata decides."""
+    path = _header_file(tmp_path / "a.safetensors", {"transformer.transformer_blocks.0.ff.net.2": (1536, 6144)},
+                        metadata={"modelspec.architecture": "stable-diffusion-3.5-medium/lora"})
+    rc, out, _ = _cli(capsys, "inspect", "--json", "--no-hash", str(path))
+    facts = json.loads(out)
+    assert rc == 0 and (facts["family"], facts["base"]) == ("sd3", "sd3.5-medium")
+
+
+@pytest.mark.parametrize("base", ["tiny-flux", "tiny-sd3"])
+def test_cli_merge_equals_diffusers(tmp_path, capsys, base, request):
+    from diffusers import DiffusionPipeline
+
+    pipe = request.getfixturevalue(base.replace("-", "_"))
+    if base == "tiny-flux":
+        path, changed = _bfl_file(tmp_path / "a.safetensors", pipe.transformer, "kohya",
+                                  skip=("linear1", *TOP_LEVEL)), 32
+    else:
+        path, changed = _peft_file(tmp_path / "a.safetensors", pipe.transformer, SD3_PEFT_PATHS), len(SD3_PEFT_PATHS)
+    rc, out, err = _cli(capsys, "merge", str(path), "--base", base, "--out", str(tmp_path / "out"), "--json")
+    assert rc == 0, err
+    merged = DiffusionPipeline.from_pretrained(str(tmp_path / "out"), local_files_only=True)
+    ours = {k: v.detach() for k, v in merged.transformer.state_dict().items()}
+    _assert_same(ours, _diffusers_fused(pipe, path), _state(pipe), changed)
+
+
+def test_fused_module_of_another_kind_is_refused_in_one_line(tmp_path, capsys):
+    gen = torch.Generator().manual_seed(0)
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    sd = {f"{name}.hada_w1_a": torch.randn(96, 2, generator=gen), f"{name}.hada_w1_b": torch.randn(2, 32, generator=gen),
+          f"{name}.hada_w2_a": torch.randn(96, 2, generator=gen), f"{name}.hada_w2_b": torch.randn(2, 32, generator=gen)}
+    save_file(sd, str(tmp_path / "loha.safetensors"))
+    rc, out, err = _cli(capsys, "merge", str(tmp_path / "loha.safetensors"), "--base", "tiny-flux",
+                        "--out", str(tmp_path / "out"))
+    errors = [line for line in err.splitlines() if line.startswith("error")]  # the rest: progress lines
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "loha.safetensors" in err and "fused module" in err and name in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_flux_adapter_on_an_sd3_base_is_refused_before_any_change(tiny_sd3, tmp_path):
+    import adapterhub
+    from adapterhub.errors import AdapterError
+
+    path = _peft_file(tmp_path / "flux.safetensors", adapterhub.load_base("tiny-flux").transformer,
+                      ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_q"])
+    pipe = copy.deepcopy(tiny_sd3)
+    before = _state(pipe)
+    with pytest.raises(AdapterError, match="flux.safetensors: no module transformer.single_transformer_blocks"):
+        adapterhub.load(path).merge_into(pipe)
+    assert all(torch.equal(v, before[k]) for k, v in _state(pipe).items())
+
+
+def test_presets_have_the_published_shapes():
+    """On the meta device (no memory): Flux 11.9 B parameters, SD3.5 Large 8.1 B, SD3.5 Medium 2.2 B."""
+    from adapterhub.transformer_bases import build_transformer_base
+
+    counts = {name: sum(p.numel() for p in build_transformer_base(name).transformer.parameters())
+              for name in ("flux-dev", "flux-schnell", "sd3.5-medium", "sd3.5-large")}
+    assert counts == {"flux-dev": 11_901_408_320, "flux-schnell": 11_891_178_560, "sd3.5-medium": 2_243_171_520,
+                      "sd3.5-large": 8_056_627_520}
