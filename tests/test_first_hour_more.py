@@ -108,3 +108,95 @@ def test_merge_of_a_matching_adapter_still_works(tmp_path):
     res = _invoke(["merge", "--base", "tiny-sd1", "--out", tmp_path / "merged", "--json", lora])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "merged" / "model_index.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# item 10: catalog search finds what is inside names; not-found offers candidates
+# --------------------------------------------------------------------------------------------
+NAMES = ("EasyNegative", "FastNegative", "ng_deepnegative_v1_75t", "negative_hand", "negative", "cute_style")
+
+
+@pytest.fixture
+def embeddings_catalog(tmp_path, capsys):
+    """Textual-inversion embeddings (A1111 safetensors) named like the popular ones, scanned."""
+    from safetensors.torch import save_file
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for i, name in enumerate(NAMES):
+        save_file({"emb_params": torch.full((1, 768), float(i))}, str(lib / f"{name}.safetensors"))
+    db = tmp_path / "catalog.db"
+    rc, _, err = _main(["catalog", "--catalog", db, "scan", lib, "--jobs", "1", "--json"], capsys)
+    assert rc == 0, err
+    return db
+
+
+def _search(db, capsys, *words) -> list[str]:
+    rc, out, err = _main(["catalog", "--catalog", db, "search", *words, "--json"], capsys)
+    assert rc == 0, err
+    return [entry["name"] for entry in json.loads(out)]
+
+
+def test_search_matches_inside_names_ranked_exact_prefix_word_substring(embeddings_catalog, capsys):
+    found = _search(embeddings_catalog, capsys, "negative")
+    assert found == ["negative", "negative_hand", "EasyNegative", "FastNegative", "ng_deepnegative_v1_75t"]
+    assert _search(embeddings_catalog, capsys, "deepneg") == ["ng_deepnegative_v1_75t"]
+    assert _search(embeddings_catalog, capsys, "NEGATIVE", "hand") == ["negative_hand"]
+
+
+def test_search_with_no_match_says_so(embeddings_catalog, capsys):
+    rc, out, err = _main(["catalog", "--catalog", embeddings_catalog, "search", "zebra"], capsys)
+    assert rc == 0
+    assert "no entries match 'zebra'" in out + err
+    assert _search(embeddings_catalog, capsys, "zebra") == []  # JSON stays a list
+
+
+def test_not_found_offers_did_you_mean(embeddings_catalog, capsys):
+    rc, out, err = _main(["catalog", "--catalog", embeddings_catalog, "tag", "fgjd_EasyNegative", "add", "neg"],
+                         capsys)
+    assert rc == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "not found" in lines[0] and "did you mean" in lines[0], err
+    assert "EasyNegative" in lines[0].split("did you mean")[1]
+
+
+def test_show_prints_times_as_dates(embeddings_catalog, capsys):
+    import re
+
+    rc, out, err = _main(["catalog", "--catalog", embeddings_catalog, "show", "EasyNegative"], capsys)
+    assert rc == 0, err
+    for field in ("added_at", "scanned_at", "mtime"):
+        line = next(line for line in out.splitlines() if f" {field} " in line)
+        assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line), line
+    assert not re.search(r"\b1\d{9}\.\d+", out)  # no epoch floats
+
+
+def test_scan_table_never_truncates_paths_on_a_narrow_terminal(tmp_path, capsys, monkeypatch):
+    from adapterhub.cli import output
+
+    deep = tmp_path / "lib" / ("a_rather_long_folder_name_" * 4) / "more_folders_here"
+    deep.mkdir(parents=True)
+    bad = deep / "broken_adapter_with_a_long_name.safetensors"
+    bad.write_bytes(b"not a safetensors file at all" * 3)
+    monkeypatch.setattr(output, "_terminal_width", lambda: 60)
+    rc, out, err = _main(["catalog", "--catalog", tmp_path / "c.db", "scan", tmp_path / "lib", "--jobs", "1"],
+                         capsys)
+    assert rc == 0, err
+    assert any(str(bad) in line for line in out.splitlines()), out  # whole, on one line
+
+
+# --------------------------------------------------------------------------------------------
+# item 12: lora combine / resize --json report ranks as numbers
+# --------------------------------------------------------------------------------------------
+def test_algebra_json_reports_ranks_as_ints(tmp_path, capsys):
+    a, b = _lora(tmp_path / "a.safetensors", 64), _lora(tmp_path / "b.safetensors", 64)
+    rc, out, err = _main(["lora", "combine", a, f"{b}:0.5", "--out", tmp_path / "ab.safetensors", "--json"], capsys)
+    assert rc == 0, err
+    (module,) = json.loads(out)["per_module"]
+    assert (module["old_rank"], module["old_ranks"], module["new_rank"]) == (4, [2, 2], 4)
+    rc, out, err = _main(["lora", "resize", a, "--rank", "1", "--out", tmp_path / "r.safetensors", "--json"], capsys)
+    assert rc == 0, err
+    (module,) = json.loads(out)["per_module"]
+    assert (module["old_rank"], module["old_ranks"], module["new_rank"]) == (2, [2], 1)
+    rc, out, err = _main(["lora", "resize", a, "--rank", "1", "--out", tmp_path / "r2.safetensors"], capsys)
+    assert rc == 0 and "2->1" in out, out  # the table still reads old->new

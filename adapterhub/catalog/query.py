@@ -74,14 +74,70 @@ def list_entries(catalog: Catalog, type: str | None = None, base: str | None = N
         return _entries(conn, conn.execute(q).all())
 
 
+_WORD = re.compile(r"[^\W_]+")  # as the full-text index splits, but keeping the case
+_NAME_PART = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")  # camelCase / digit boundaries
+NAME_TIERS = ("exact", "prefix", "word prefix", "substring")
+
+
+def name_words(name: str) -> list[str]:
+    """The words of a name in lower case, camelCase parts too: ``EasyNegative`` -> easynegative, easy,
+    negative (the full-text index only splits at non-letters, so it cannot find ``negative`` there)."""
+    out = []
+    for word in _WORD.findall(name):
+        out.append(word.lower())
+        parts = _NAME_PART.findall(word)
+        out += [p.lower() for p in parts] if len(parts) > 1 else []
+    return out
+
+
+def name_tier(name: str, terms: list[str]) -> int | None:
+    """How well ``name`` matches the query words ``terms`` (lower case): an index into
+    :data:`NAME_TIERS` (exact, prefix, every word a word prefix, every word a substring), or None."""
+    normal, query = " ".join(fts.words(name)), " ".join(terms)
+    if normal == query:
+        return 0
+    if normal.startswith(query):
+        return 1
+    parts = name_words(name)
+    if all(any(p.startswith(t) for p in parts) for t in terms):
+        return 2
+    compact = "".join(fts.words(name))
+    return 3 if all(t in compact for t in terms) else None
+
+
+def _name_substring_ids(conn: Connection, terms: list[str]) -> list[int]:
+    """Entries whose name holds every term anywhere (a scan of names: the index only knows prefixes)."""
+    q = select(ENTRIES.c.id)
+    for term in terms:  # terms are letters and digits only: nothing for LIKE to interpret
+        q = q.where(func.lower(ENTRIES.c.name).like(f"%{term}%"))
+    return [r[0] for r in conn.execute(q.order_by(ENTRIES.c.id).limit(fts.CANDIDATES))]
+
+
 def search(catalog: Catalog, query: str, limit: int = 20) -> list[dict]:
-    """Entries whose name, tags, trigger words or metadata hold every word of ``query``, best first."""
+    """Entries whose name, tags, trigger words or metadata hold every word of ``query``, best first:
+    names matching exactly, then by prefix, then word by word (``neg`` finds ``EasyNegative``), then
+    inside a word (``negative`` finds ``deepnegative``); then entries found by tags, trigger words or
+    metadata, in full-text rank order."""
+    terms = fts.words(query)
     with reading(catalog) as conn:
-        ids = fts.matching_ids(conn, query, limit)
+        found = fts.matching_ids(conn, query, fts.CANDIDATES)  # raises on a query without words
+        position = {entry_id: i for i, entry_id in enumerate(found)}
+        ids = found + [i for i in _name_substring_ids(conn, terms) if i not in position]
         if not ids:
             return []
-        rows = {r.id: r for r in conn.execute(select(ENTRIES).where(ENTRIES.c.id.in_(ids)))}
-        return _entries(conn, [rows[i] for i in ids if i in rows])
+        names = {}
+        for start in range(0, len(ids), 500):
+            names.update(conn.execute(select(ENTRIES.c.id, ENTRIES.c.name)
+                                      .where(ENTRIES.c.id.in_(ids[start:start + 500]))).all())
+
+        def rank(entry_id: int):  # the name's tier; the index's order within one; then by name
+            tier = name_tier(names[entry_id], terms)
+            return (len(NAME_TIERS) if tier is None else tier, position.get(entry_id, len(position)),
+                    names[entry_id].lower())
+
+        best = sorted((i for i in ids if i in names), key=rank)[:limit]
+        rows = {r.id: r for r in conn.execute(select(ENTRIES).where(ENTRIES.c.id.in_(best)))}
+        return _entries(conn, [rows[i] for i in best if i in rows])
 
 
 def _candidates(conn: Connection, ref: str) -> list[Row]:
@@ -103,10 +159,26 @@ def _candidates(conn: Connection, ref: str) -> list[Row]:
     return []
 
 
-def _one(ref: str, rows: list[Row], catalog: Catalog) -> Row:
+def similar_names(conn: Connection, ref: str, n: int = 5) -> list[str]:
+    """Names the user may have meant by ``ref``: those holding it (or held in it, as in
+    ``fgjd_EasyNegative`` for ``EasyNegative``), then the closest spellings (difflib)."""
+    import difflib
+
+    names = sorted({r[0] for r in conn.execute(select(ENTRIES.c.name).where(ENTRIES.c.missing.is_(False)))})
+    wanted = ref.lower()
+    inside = [name for name in names if len(name) > 2 and (wanted in name.lower() or name.lower() in wanted)]
+    close = difflib.get_close_matches(ref, names, n=n, cutoff=0.6)
+    lowered = {name.lower(): name for name in names}
+    close += [lowered[c] for c in difflib.get_close_matches(wanted, list(lowered), n=n, cutoff=0.6)]
+    return list(dict.fromkeys(sorted(inside, key=lambda name: abs(len(name) - len(ref))) + close))[:n]
+
+
+def _one(ref: str, rows: list[Row], catalog: Catalog, conn: Connection | None = None) -> Row:
     if not rows:
+        similar = similar_names(conn, ref) if conn is not None else []
+        hint = f"; did you mean {', '.join(similar)}?" if similar else ""
         raise CatalogError(f"{ref!r}: not found (no such file, and no name or hash prefix in catalog "
-                           f"{catalog.display} matches)")
+                           f"{catalog.display} matches){hint}")
     if len({r.sha256 for r in rows}) == 1 or len(rows) == 1:
         present = [r for r in rows if not r.missing]
         return (present or rows)[0]  # copies of one file: any of them will do
@@ -117,7 +189,7 @@ def _one(ref: str, rows: list[Row], catalog: Catalog) -> Row:
 
 
 def find_row(conn: Connection, catalog: Catalog, ref: str) -> Row:
-    return _one(ref, _candidates(conn, ref), catalog)
+    return _one(ref, _candidates(conn, ref), catalog, conn)
 
 
 def show(catalog: Catalog, ref: str) -> dict:

@@ -140,11 +140,20 @@ def list_cmd(type_, base, tags, missing, unreadable, sort, limit, as_json):
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @catalog_option
 def search_cmd(query, limit, as_json):
-    """Full-text search over names, tags, trigger words and metadata (every word, as a prefix)."""
+    """Search names, tags, trigger words and metadata; every word must match.
+
+    Names match inside words too (negative finds EasyNegative and deepnegative), ranked: the exact name,
+    names starting with the query, names with words starting with each query word, names holding each
+    word; then matches in tags, trigger words and metadata (where every word is a prefix)."""
     from adapterhub.catalog import search
 
+    text = " ".join(query)
     with _open() as cat:
-        entries = search(cat, " ".join(query), limit=limit)
+        entries = search(cat, text, limit=limit)
+        where = cat.display
+    if not entries and not as_json:
+        click.echo(f"no entries match {text!r} in catalog {where}", err=True)
+        return
     columns = ["name", "type", "base", "tags", "trigger_words", "path"]
     rows = [{**row, "trigger_words": ", ".join(e["trigger_words"][:5])}
             for row, e in zip(_rows(entries), entries, strict=True)]
@@ -159,8 +168,24 @@ def _pretty(value: str) -> str:
     return json.dumps(decoded, indent=2, ensure_ascii=False) if decoded is not None else str(value)
 
 
+def human_time(seconds: float | None) -> str:
+    """A timestamp as a local date and time (JSON keeps the number, for scripts)."""
+    from datetime import datetime
+
+    if seconds is None:
+        return ""
+    return datetime.fromtimestamp(seconds).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
 def _render_entry(entry: dict) -> None:
-    fields = {k: v for k, v in entry.items() if k != "metadata"}
+    fields = {}
+    for key, value in entry.items():
+        if key == "mtime_ns":
+            fields["mtime"] = human_time(value / 1e9 if value is not None else None)
+        elif key in ("added_at", "scanned_at"):
+            fields[key] = human_time(value)
+        elif key != "metadata":
+            fields[key] = value
     fields["size"] = f"{human_size(entry['size'])} ({entry['size']} bytes)"
     output.key_values(fields, title=entry["name"])
     if entry["metadata"]:
