@@ -40,8 +40,18 @@ class ModuleReport:
     energy_retained: float = 1.0  # ||S_k||^2 / ||S||^2
     error: float = 0.0  # ||delta - up @ down||_F against the method's (merged) delta
 
+    def old_ranks(self) -> list[int | None]:
+        """The rank of each source module (None: a LoHa / LoKr source); none for a full matrix."""
+        if self.old_rank == "full":
+            return []
+        return [int(r) if r.isdigit() else None for r in self.old_rank.split("+")]
+
     def as_dict(self) -> dict:
-        return {"module": self.module, "old_rank": self.old_rank, "new_rank": self.new_rank,
+        """Numbers for scripts: ``old_rank`` is the rank in (summed over a concat's sources; None where a
+        source has none or is a full matrix), ``old_ranks`` each source's."""
+        ranks = self.old_ranks()
+        old = sum(ranks) if ranks and None not in ranks else None
+        return {"module": self.module, "old_rank": old, "old_ranks": ranks, "new_rank": self.new_rank,
                 "fro_retained_pct": round(100 * self.fro_retained, 3),
                 "energy_retained_pct": round(100 * self.energy_retained, 3), "error": float(f"{self.error:.6g}")}
 

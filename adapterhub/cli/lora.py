@@ -37,8 +37,13 @@ def _short(module: str) -> str:
     return module
 
 
+def _old_label(ranks: list) -> str:
+    """``4``, ``4+8`` (combined sources), ``?`` (a source without a rank), ``full`` (extracted)."""
+    return "+".join("?" if r is None else str(r) for r in ranks) or "full"
+
+
 def _render(data: dict) -> None:
-    rows = [{"module": _short(r["module"]), "rank": f"{r['old_rank']}->{r['new_rank']}",
+    rows = [{"module": _short(r["module"]), "rank": f"{_old_label(r['old_ranks'])}->{r['new_rank']}",
              "fro %": r["fro_retained_pct"], "energy %": r["energy_retained_pct"], "error": r["error"]}
             for r in data["per_module"]]
     output.table(rows, COLUMNS,
