@@ -259,7 +259,9 @@ def _header_file(path, modules, metadata=None):
 INSPECTED = [
     ({"lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072)}, "flux", "flux"),
     ({"diffusion_model.single_blocks.3.linear1": (21504, 3072)}, "flux", "flux"),
-    ({"transformer.single_transformer_blocks.0.proj_out": (3072, 15360)}, "flux", "unknown"),
+    ({"transformer.single_transformer_blocks.0.proj_out": (3072, 15360)}, "flux", "flux"),
+    ({"transformer.transformer_blocks.0.ff_context.net.2": (2432, 9728)}, "sd3", "sd3.5-large"),
+    ({"transformer.single_transformer_blocks.0.norm.linear": (96, 32)}, "flux", "tiny-flux"),
     ({"transformer.transformer_blocks.0.attn.to_q": (3072, 3072)}, "flux", "flux"),
     ({"transformer.transformer_blocks.0.attn.to_q": (1536, 1536)}, "sd3", "sd3-medium"),
     ({"transformer.transformer_blocks.0.attn.to_q": (1536, 1536),
@@ -279,8 +281,8 @@ def test_inspect_names_family_and_base_from_shapes(tmp_path, capsys, modules, fa
 
 
 def test_inspect_falls_back_to_metadata_for_the_family(tmp_path, capsys):
-    """A width that tells nothing (an output projection's input is the MLP width): metadata decides."""
-    path = _header_file(tmp_path / "a.safetensors", {"transformer.transformer_blocks.0.ff.net.2": (1536, 6144)},
+    """A width that tells nothing (the context embedder takes T5's 4096 in both families): metadata decides."""
+    path = _header_file(tmp_path / "a.safetensors", {"transformer.context_embedder": (1536, 4096)},
                         metadata={"modelspec.architecture": "stable-diffusion-3.5-medium/lora"})
     rc, out, _ = _cli(capsys, "inspect", "--json", "--no-hash", str(path))
     facts = json.loads(out)
@@ -302,6 +304,16 @@ def test_cli_merge_equals_diffusers(tmp_path, capsys, base, request):
     merged = DiffusionPipeline.from_pretrained(str(tmp_path / "out"), local_files_only=True)
     ours = {k: v.detach() for k, v in merged.transformer.state_dict().items()}
     _assert_same(ours, _diffusers_fused(pipe, path), _state(pipe), changed)
+
+
+def test_ai_toolkit_flux_file_with_wrong_metadata_is_flux(tmp_path, capsys):
+    """As a real ai-toolkit file (see the wild adapters' notes): only single blocks' proj_out (input: attention
+    + MLP, 5 x 3072) and ``ss_base_model_version=sd_1.5``, which is wrong; the shapes win."""
+    modules = {f"transformer.single_transformer_blocks.{i}.proj_out": (3072, 15360) for i in range(4)}
+    path = _header_file(tmp_path / "a.safetensors", modules, metadata={"ss_base_model_version": "sd_1.5"})
+    rc, out, _ = _cli(capsys, "inspect", "--json", "--no-hash", str(path))
+    facts = json.loads(out)
+    assert rc == 0 and (facts["family"], facts["base"], facts["targets"]) == ("flux", "flux", 4)
 
 
 def test_fused_module_of_another_kind_is_refused_in_one_line(tmp_path, capsys):

@@ -35,9 +35,13 @@ TRANSFORMER_FAMILIES = ("flux", "sd3")
 # hidden width -> (family, base); the tiny bases have widths of their own
 HIDDEN_WIDTH = {3072: ("flux", "flux"), 32: ("flux", "tiny-flux"), 1536: ("sd3", "sd3-medium"),
                 2432: ("sd3", "sd3.5-large"), 48: ("sd3", "tiny-sd3")}
-# diffusers modules whose input width is the hidden width, in both families
-_HIDDEN_INPUT = re.compile(r"(transformer_blocks\.\d+\.(attn2?\.(to_[qkv]|add_[qkv]_proj)|ff\.net\.0\.proj|"
-                           r"norm1?\.linear|proj_mlp)|\.attn\.to_out\.0)$")
+# diffusers modules whose input width is a multiple of the hidden width, in both families: (pattern, multiple)
+_HIDDEN_INPUT = (
+    (re.compile(r"(attn2?\.(to_[qkv]|add_[qkv]_proj)|ff(_context)?\.net\.0\.proj|norm1?(_context)?\.linear|"
+                r"proj_mlp|attn2?\.to_out\.0|attn\.to_add_out)$"), 1),
+    (re.compile(r"ff(_context)?\.net\.2$"), 4),  # the MLP's output: 4 x hidden in
+    (re.compile(r"single_transformer_blocks\.\d+\.proj_out$"), 5),  # attention + MLP, concatenated
+)
 # first parts of the diffusers paths inside the two transformers
 TRANSFORMER_ROOTS = ("transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
                      "time_text_embed", "norm_out", "proj_out", "pos_embed")
@@ -151,10 +155,10 @@ def family_and_base(file: AdapterFile, grouped: Grouped) -> tuple[str, str]:
     1536 width), ``sd3.5-medium`` (the same width with SD3.5's second attention), ``sd3.5-large``,
     ``tiny-sd3``, or ``unknown``."""
     names = list(grouped.modules)
-    for name, mod in grouped.modules.items():
-        pieces, width = pieces_of(mod), _in_width(mod)
-        if pieces and width in HIDDEN_WIDTH and any(_HIDDEN_INPUT.search(p.target) for p in pieces):
-            family, base = HIDDEN_WIDTH[width]
+    for mod in grouped.modules.values():
+        hidden = _hidden_width(mod)
+        if hidden in HIDDEN_WIDTH:
+            family, base = HIDDEN_WIDTH[hidden]
             if base == "sd3-medium" and any(".attn2." in n for n in names):
                 base = "sd3.5-medium"
             return family, base
@@ -164,6 +168,18 @@ def family_and_base(file: AdapterFile, grouped: Grouped) -> tuple[str, str]:
         if needle in file.metadata.get(key, "").lower():
             return family, "unknown"
     return "flux", "unknown"  # diffusers joint-block names without a telling shape: Flux is the common case
+
+
+def _hidden_width(mod: ModuleKeys) -> int | None:
+    """The hidden width a transformer module's input width tells, or None."""
+    pieces, width = pieces_of(mod), _in_width(mod)
+    if not pieces or width is None:
+        return None
+    target = pieces[0].target
+    for pattern, multiple in _HIDDEN_INPUT:
+        if pattern.search(target) and width % multiple == 0:
+            return width // multiple
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
