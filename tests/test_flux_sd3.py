@@ -351,3 +351,25 @@ def test_presets_have_the_published_shapes():
               for name in ("flux-dev", "flux-schnell", "sd3.5-medium", "sd3.5-large")}
     assert counts == {"flux-dev": 11_901_408_320, "flux-schnell": 11_891_178_560, "sd3.5-medium": 2_243_171_520,
                       "sd3.5-large": 8_056_627_520}
+
+
+@pytest.mark.parametrize("base", ["tiny-flux", "tiny-sd3"])
+def test_diffusers_written_lora_with_alpha_metadata_equals_diffusers(tmp_path, base, request):
+    """A file as diffusers' ``save_lora_weights`` writes it after PEFT training: ``lora_alpha`` (here 8 at
+    rank 4, scale 2) lives only in the ``lora_adapter_metadata`` header, not in the tensors."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = request.getfixturevalue(base.replace("-", "_"))
+    trained = copy.deepcopy(pipe.transformer)
+    config = LoraConfig(r=RANK, lora_alpha=8, target_modules=["to_q", "to_v", "add_k_proj", "proj_mlp", "ff.net.2"])
+    trained.add_adapter(config)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    type(pipe).save_lora_weights(str(tmp_path), transformer_lora_layers=get_peft_model_state_dict(trained),
+                                 transformer_lora_adapter_metadata=config.to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    _assert_same(_ours_merged(pipe, path), _diffusers_fused(pipe, path), _state(pipe), 8)
