@@ -57,6 +57,11 @@ def _peft_file(path, transformer, paths, seed=0, prefix="transformer."):
     return path
 
 
+def _dotted(bfl: str) -> str:
+    """``img_attn_qkv`` -> ``img_attn.qkv``, ``img_mlp_0`` -> ``img_mlp.0`` (BFL's own dotted names)."""
+    return bfl.replace("_attn_", "_attn.").replace("_mlp_", "_mlp.").replace("_mod_", "_mod.")
+
+
 # BFL module -> (diffusers modules it fuses, in row order) on the tiny Flux (2 double, 2 single blocks)
 def _bfl_modules(transformer):
     from adapterhub_plugins.lora.transformer_keys import DOUBLE, SINGLE, TOP
@@ -64,8 +69,8 @@ def _bfl_modules(transformer):
     cfg = transformer.config
     out = {}
     for i in range(cfg.num_layers):
-        out.update({f"double_blocks.{i}.{k.replace('_attn_', '_attn.').replace('_mlp_', '_mlp.').replace('_mod_', '_mod.')}":
-                    [f"transformer_blocks.{i}.{t}" for t in v] for k, v in DOUBLE.items()})
+        out.update({f"double_blocks.{i}.{_dotted(k)}": [f"transformer_blocks.{i}.{t}" for t in v]
+                    for k, v in DOUBLE.items()})
     for i in range(cfg.num_single_layers):
         out.update({f"single_blocks.{i}.{k.replace('modulation_', 'modulation.')}":
                     [f"single_transformer_blocks.{i}.{t}" for t in v] for k, v in SINGLE.items()})
@@ -206,8 +211,8 @@ def test_kohya_linear1_split_equals_diffusers_converter_at_flux_width(tmp_path):
 
     gen = torch.Generator().manual_seed(3)
     sd = {}
-    for name, rows in (("lora_unet_single_blocks_5_linear1", 3 * 3072 + 12288), ("lora_unet_double_blocks_2_txt_attn_qkv",
-                                                                                 3 * 3072)):
+    fused = {"lora_unet_single_blocks_5_linear1": 3 * 3072 + 12288, "lora_unet_double_blocks_2_txt_attn_qkv": 3 * 3072}
+    for name, rows in fused.items():
         up, down = _lora(rows, 3072, gen, rank=2)
         sd.update({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(1.0)})
     save_file(sd, str(tmp_path / "linear1.safetensors"))
@@ -319,8 +324,8 @@ def test_ai_toolkit_flux_file_with_wrong_metadata_is_flux(tmp_path, capsys):
 def test_fused_module_of_another_kind_is_refused_in_one_line(tmp_path, capsys):
     gen = torch.Generator().manual_seed(0)
     name = "lora_unet_double_blocks_0_img_attn_qkv"
-    sd = {f"{name}.hada_w1_a": torch.randn(96, 2, generator=gen), f"{name}.hada_w1_b": torch.randn(2, 32, generator=gen),
-          f"{name}.hada_w2_a": torch.randn(96, 2, generator=gen), f"{name}.hada_w2_b": torch.randn(2, 32, generator=gen)}
+    shapes = {"hada_w1_a": (96, 2), "hada_w1_b": (2, 32), "hada_w2_a": (96, 2), "hada_w2_b": (2, 32)}
+    sd = {f"{name}.{role}": torch.randn(shape, generator=gen) for role, shape in shapes.items()}
     save_file(sd, str(tmp_path / "loha.safetensors"))
     rc, out, err = _cli(capsys, "merge", str(tmp_path / "loha.safetensors"), "--base", "tiny-flux",
                         "--out", str(tmp_path / "out"))
