@@ -64,9 +64,10 @@ def test_every_command_and_option_is_in_cli_page(tree):
 
 def test_cli_page_documents_no_option_a_command_lacks(tree):
     sections = _sections((DOCS / "cli.md").read_text(encoding="utf-8"))
-    # help texts may name another command's flag in prose ("--from-png takes the image's"): the option
-    # column (an indented line starting with a flag, or "-j, --jobs") must be the command's own
-    listed = {path: sorted(set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", body, flags=re.M)) - tree[path])
+    # help texts may name another command's flag in prose, even at the start of a wrapped line ("--no-X
+    # pair ..."): the option column (two spaces, then a flag or "-j, --jobs") must be the command's own
+    listed = {path: sorted(set(re.findall(r"^  (?:-\w, )?(--[a-z][a-z0-9-]*)(?![\w])", body, flags=re.M))
+                           - tree[path])
               for path, body in sections.items()}
     assert not {p: f for p, f in listed.items() if f}, f"docs/cli.md lists options that do not exist: {listed}"
 
