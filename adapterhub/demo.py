@@ -1,5 +1,9 @@
 """The main job on the embedded default: build the tiny base, write one adapter of each example-able
-type, inspect them, merge them, and render an image before and after (the service behind ``demo``)."""
+type, inspect them, chart what each changes per block, merge them, and render an image before and after (the
+service behind ``demo``).
+
+The tiny bases have random weights, so every image they render is noise, adapters or not: the contact sheet
+says so on its face, and the chart (``blocks.png``, :mod:`adapterhub.deltachart`) is the picture to read."""
 from __future__ import annotations
 
 import time
@@ -13,6 +17,8 @@ from adapterhub.plugins import adapter_types
 from adapterhub.types import AdapterType
 
 PROMPT = "a watercolor painting of a lighthouse at dusk"
+NOISE_NOTE = ("the tiny base has random weights, so every image it renders is noise, with or without adapters: "
+              "the difference panel only shows that the merge changed something")
 
 
 @dataclass
@@ -20,6 +26,7 @@ class DemoResult:
     out: Path
     adapters: list[dict] = field(default_factory=list)
     image: Path | None = None
+    chart: Path | None = None
     catalog: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -43,15 +50,30 @@ def contact_sheet(before, after, gain: float = 8.0):
     from PIL import Image, ImageDraw
 
     diff = np.abs(np.asarray(after, dtype=np.float32) - np.asarray(before, dtype=np.float32)) * gain
-    panels = [(before, "base"), (after, "merged"), (Image.fromarray(diff.clip(0, 255).astype("uint8")),
-                                                     f"|difference| x{gain:g}")]
+    # the captions say it on the picture itself (the first thing a new user opens): random weights draw noise
+    panels = [(before, "base (random weights: noise)"), (after, "merged (noise too)"),
+              (Image.fromarray(diff.clip(0, 255).astype("uint8")), f"|difference| x{gain:g}: what the merge changed")]
     w, h = before.size
     sheet = Image.new("RGB", (len(panels) * w, h + 20), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (image, label) in enumerate(panels):
         sheet.paste(image, (i * w, 20))
-        draw.text((i * w + 4, 4), label, fill="black")
+        draw.text((i * w + 4, 4), label, fill="black" if i == 2 else "firebrick")
     return sheet
+
+
+def chart_rows(adapters) -> list[tuple[str, dict | str]]:
+    """``(name, block norms)`` per adapter for :func:`adapterhub.deltachart.save_chart`; a type that is no
+    weight delta gets a line saying how it acts instead."""
+    from adapterhub.deltachart import block_norms
+
+    rows = []
+    for adapter in adapters:
+        if adapter.plugin.weight_space:
+            rows.append((f"{adapter.type}", block_norms(adapter)))
+        else:
+            rows.append((f"{adapter.type}", "attached at run time (no weight deltas to measure per block)"))
+    return rows
 
 
 def register_in_catalog(folder: Path, catalog: str | None) -> dict:
@@ -84,6 +106,11 @@ def run_demo(out: Path, base: str = "tiny-sd1", weight: float = 0.5, seed: int =
     progress(f"cataloguing the examples ({catalog or 'catalog.db'})")
     result.catalog = register_in_catalog(out / "adapters", catalog)
     entries = [(load(resolve_adapter_arg(a.name, catalog)), w) for a, w in entries]  # by catalog name
+    from adapterhub.deltachart import save_chart
+
+    progress("charting what each adapter changes, per block")
+    result.chart = save_chart(chart_rows([a for a, _ in entries]), out / "blocks.png",
+                              title="demo adapters: weight change per UNet block (random example weights)")
     progress("rendering the base")
     before = render(pipe, seed)
     mergeable = [(a, w) for a, w in entries if "merge" in a.plugin.capabilities]

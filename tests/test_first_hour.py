@@ -212,3 +212,57 @@ def test_xy_sampler_by_schedule_runs_timestep_samplers_on_their_own_schedule(tmp
     assert infotext.parse(cells[("Euler", "Karras")]["parameters"])["Schedule type"] == "Karras"
     notes = [w for w in summary["warnings"] if "own schedule" in w]
     assert len(notes) == 1 and "DDIM" in notes[0] and "UniPC" in notes[0] and "Karras" in notes[0], summary["warnings"]
+
+
+# --------------------------------------------------------------------------------------------
+# 9. the demo says why its picture is noise, and draws what a person can read: per-block delta norms
+# --------------------------------------------------------------------------------------------
+def test_inspect_plot_draws_block_norms_equal_to_diffusers_fused_deltas(tmp_path):
+    from PIL import Image
+
+    from adapterhub.blocks import block_of
+    from adapterhub.plugins import adapter_types
+    from lora_helpers import diffusers_fused, parts, snapshot
+
+    path = adapter_types()["lora"].example(parts("tiny-sd1"), tmp_path / "style.safetensors", seed=2)
+    chart = tmp_path / "style-blocks.png"
+    res = _invoke(["inspect", str(path), "--plot", str(chart), "--json", "--no-hash"])
+    assert res.exit_code == 0, res.output
+    ours = json.loads(res.stdout)["block_norms"]
+
+    before, after = snapshot(parts("tiny-sd1")), diffusers_fused("tiny-sd1", [(path, 1.0)])
+    squares: dict[str, float] = {}
+    for key in before:
+        module = key.rsplit(".", 1)[0]
+        slot = "BASE" if key.startswith("text_encoder") else block_of(module) or "other"
+        squares[slot] = squares.get(slot, 0.0) + float(((after[key] - before[key]).double() ** 2).sum())
+    theirs = {slot: s ** 0.5 for slot, s in squares.items() if s > 0}
+    assert ours.keys() == theirs.keys()
+    for slot in theirs:
+        assert ours[slot] == pytest.approx(theirs[slot], rel=1e-4), slot
+    with Image.open(chart) as image:
+        assert image.format == "PNG" and image.width >= 400 and len(image.getcolors(1 << 16) or []) > 3
+
+
+def test_inspect_plot_of_an_embedding_is_one_line_exit_2(tmp_path, capsys):
+    from adapterhub.cli import main
+    from adapterhub.plugins import adapter_types
+    from lora_helpers import parts
+
+    path = adapter_types()["textual_inversion"].example(parts("tiny-sd1"), tmp_path / "emb.safetensors")
+    rc = main(["inspect", str(path), "--plot", str(tmp_path / "c.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "emb.safetensors" in err[0] and "no weight deltas" in err[0], err
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_demo_says_its_image_is_noise_and_draws_the_block_chart(tmp_path):
+    from PIL import Image
+
+    res = _invoke(["demo", "--out", str(tmp_path / "demo"), "--catalog", str(tmp_path / "c.db")])
+    assert res.exit_code == 0, res.output
+    assert "random weights" in res.stdout and "noise" in res.stdout, res.stdout
+    chart = tmp_path / "demo" / "blocks.png"
+    assert str(chart) in res.stdout
+    with Image.open(chart) as image:
+        assert image.format == "PNG" and image.height > 100

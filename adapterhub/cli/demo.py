@@ -17,17 +17,20 @@ from adapterhub.cli import output
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def demo(out, base, weight, catalog, as_json):
     """Build the tiny base, write an adapter of each type, inspect, merge and render an image."""
-    from adapterhub.demo import run_demo
+    from adapterhub.demo import NOISE_NOTE, run_demo
 
     output.quiet_model_loading()
     say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     result = run_demo(Path(out), base=base, weight=weight, catalog=catalog, progress=say)
-    data = {"out": str(result.out), "image": str(result.image), "seconds": round(result.seconds, 1),
-            "adapters": result.adapters, "catalog": result.catalog}
+    data = {"out": str(result.out), "image": str(result.image), "chart": str(result.chart),
+            "seconds": round(result.seconds, 1), "adapters": result.adapters, "catalog": result.catalog,
+            "note": NOISE_NOTE}
 
     def render(d):
         output.table(d["adapters"], ["name", "type", "format", "base", "rank", "alpha", "targets"],
                      title="example adapters (inspected, then merged)")
         click.echo(f"image (base | merged | difference): {d['image']}   total {d['seconds']} s")
+        click.echo(f"note: {d['note']}")
+        click.echo(f"what each adapter changes, per block: {d['chart']}")
 
     output.emit(data, as_json, render)

@@ -8,7 +8,7 @@ from adapterhub.names import resolve_adapter
 
 
 def _render(facts: dict) -> None:
-    shown = {k: v for k, v in facts.items() if k != "metadata"}
+    shown = {k: v for k, v in facts.items() if k not in ("metadata", "block_norms")}
     output.key_values(shown, title=facts.get("name"))
     meta = facts.get("metadata") or {}
     if meta:
@@ -20,9 +20,19 @@ def _render(facts: dict) -> None:
 @click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (type, format, base, rank, alpha, targets, metadata, sha256).")
 @click.option("--no-hash", is_flag=True, help="Skip the sha256 of the file.")
-def inspect_cmd(file: str, as_json: bool, no_hash: bool):
+@click.option("--plot", "plot", default=None, type=click.Path(dir_okay=False),
+              help="Draw the norm of the adapter's weight changes per UNet block into this PNG (weight-space "
+                   "types: LoRA, LoCon, LoHa, LoKr ...); --json adds the numbers as block_norms.")
+def inspect_cmd(file: str, as_json: bool, no_hash: bool, plot: str | None):
     """Identify an adapter file and show its type, layout, base, rank, targets and metadata."""
     import adapterhub
 
-    facts = adapterhub.inspect(resolve_adapter(file), with_hash=not no_hash)
+    path = resolve_adapter(file)
+    facts = adapterhub.inspect(path, with_hash=not no_hash)
+    if plot is not None:
+        from adapterhub.deltachart import block_norms, save_chart
+
+        norms = block_norms(adapterhub.load(path))  # a type with no weight deltas fails here, nothing written
+        save_chart([(facts.get("name") or path.stem, norms)], plot, title=f"{path.name}: weight change per block")
+        facts["block_norms"], facts["plot"] = norms, str(plot)
     output.emit(facts, as_json, _render)
