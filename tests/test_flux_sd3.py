@@ -378,3 +378,16 @@ def test_diffusers_written_lora_with_alpha_metadata_equals_diffusers(tmp_path, b
                                  transformer_lora_adapter_metadata=config.to_dict())
     path = tmp_path / "pytorch_lora_weights.safetensors"
     _assert_same(_ours_merged(pipe, path), _diffusers_fused(pipe, path), _state(pipe), 8)
+
+
+def test_tiny_bases_are_reproducible_and_offline(tiny_flux, monkeypatch):
+    """Built from the fixed seed with nothing fetched (the hub is unreachable here): the same weights each
+    time, and every text encoder has a tokenizer that works (T5's is built with ``tokenizers``)."""
+    from adapterhub.base import load_base
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = load_base("tiny-flux")
+    assert all(torch.equal(v, again.transformer.state_dict()[k]) for k, v in tiny_flux.transformer.state_dict().items())
+    assert type(again).__name__ == "FluxPipeline" and again.transformer.config.guidance_embeds
+    ids = again.tokenizer_2("a red fox", return_tensors="pt").input_ids
+    assert ids[0, -1].item() == again.tokenizer_2.eos_token_id and ids.max() < again.text_encoder_2.config.vocab_size
