@@ -200,3 +200,87 @@ def test_algebra_json_reports_ranks_as_ints(tmp_path, capsys):
     assert (module["old_rank"], module["old_ranks"], module["new_rank"]) == (2, [2], 1)
     rc, out, err = _main(["lora", "resize", a, "--rank", "1", "--out", tmp_path / "r2.safetensors"], capsys)
     assert rc == 0 and "2->1" in out, out  # the table still reads old->new
+
+
+# --------------------------------------------------------------------------------------------
+# item 14: train's flags, summary, timing and loss plot
+# --------------------------------------------------------------------------------------------
+def test_train_upscale_is_one_clean_flag_pair(capsys):
+    rc, out, _ = _main(["train", "--help"], capsys)
+    assert rc == 0 and "--upscale / --no-upscale" in out and "--no-no-upscale" not in out
+    for flag, value in (("--no-upscale", "true"), ("--upscale", "false")):
+        rc, out, err = _main(["train", "--print-config", flag], capsys)
+        assert rc == 0, err
+        assert f"no_upscale = {value}" in out
+
+
+def test_train_help_documents_the_config_key_spelling(capsys):
+    rc, out, _ = _main(["train", "--help"], capsys)
+    text = " ".join(out.split())
+    assert "--max-steps is max_steps" in text, text[:2000]
+
+
+TRAIN = ["train", "--type", "lora", "--base", "tiny-sd1", "--resolution", "64", "--bucket-step", "32", "--rank", "2",
+         "--seed", "0", "--max-steps", "5", "--save-every", "4", "--log-with", "none"]
+
+
+@pytest.fixture
+def quarter_epoch_run(tmp_path, capsys):
+    """5 steps over 4 images x 5 repeats (20 steps an epoch): a quarter epoch, a checkpoint at step 4."""
+    from test_train import make_dataset
+
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "run" / "quarter.safetensors"
+    rc, stdout, err = _main([*TRAIN, "--dataset", data, "--out", out], capsys)
+    assert rc == 0, err[-2000:]
+    return out, stdout
+
+
+def test_train_summary_counts_fractional_epochs(quarter_epoch_run):
+    _, stdout = quarter_epoch_run
+    line = next(line for line in stdout.splitlines() if " epochs " in line)
+    assert "0.25" in line, stdout
+
+
+def test_loss_png_has_a_step_axis_and_an_ema_line(quarter_epoch_run):
+    from PIL import Image
+
+    from adapterhub.train import plot
+
+    out, _ = quarter_epoch_run
+    image = Image.open(out.with_name("quarter.loss.png")).convert("RGB")
+    width, height = image.size
+    below = [image.getpixel((x, y)) for x in range(plot.MARGIN, width - plot.MARGIN)
+             for y in range(height - plot.MARGIN + 2, height)]
+    assert sum(p != (255, 255, 255) for p in below) > 50, "no x axis (ticks, step labels) under the plot"
+    pixels = list(image.getdata())
+    ema = sum(p == plot.EMA_COLOUR for p in pixels)
+    raw = sum(p == plot.RAW_COLOUR for p in pixels)
+    assert ema > 100 and raw > 100, (ema, raw)  # two curves, both visible: the EMA does not hide the raw loss
+
+
+def test_resumed_run_counts_training_time_only(quarter_epoch_run, capsys):
+    out, _ = quarter_epoch_run
+    state_dir = out.with_name("quarter-step000004-state")
+    state = torch.load(state_dir / "state.pt", weights_only=False)
+    state["started"] -= 3600  # the run began an hour ago: it sat idle between the two sessions
+    torch.save(state, state_dir / "state.pt")
+    rc, stdout, err = _main(["train", "--resume", state_dir, "--out", out.with_name("resumed.safetensors"), "--json"],
+                            capsys)
+    assert rc == 0, err[-2000:]
+    result = json.loads(stdout)
+    assert result["steps"] == 5 and 0 < result["seconds"] < 600, result["seconds"]
+
+
+def test_autov1_of_small_files_is_shown_but_never_an_identifier(embeddings_catalog, capsys):
+    """Files under 1 MiB all have the webui's AutoV1 e3b0c442 (the sha256 of no bytes)."""
+    import hashlib
+
+    empty = hashlib.sha256(b"").hexdigest()[:8]
+    rc, out, err = _main(["catalog", "--catalog", embeddings_catalog, "show", "EasyNegative", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["autov1"] == empty  # shown, as the webui computes it
+    rc, out, err = _main(["catalog", "--catalog", embeddings_catalog, "show", "EasyNegative"], capsys)
+    assert "under 1 MiB" in next(line for line in out.splitlines() if " autov1 " in line)
+    rc, out, err = _main(["catalog", "--catalog", embeddings_catalog, "show", empty], capsys)
+    assert rc == 2 and "ambiguous" not in err and "under 1 MiB" in err, err
+    assert len(err.strip().splitlines()) == 1

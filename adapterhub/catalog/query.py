@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection, Row
 
 from adapterhub.catalog import fulltext as fts
 from adapterhub.catalog.db import Catalog, CatalogError, reading
+from adapterhub.catalog.hashing import EMPTY_AUTOV1
 from adapterhub.catalog.tables import ENTRIES, TAGS
 
 SORTS = {"name": ENTRIES.c.name, "path": ENTRIES.c.path, "size": ENTRIES.c.size,
@@ -153,7 +154,7 @@ def _candidates(conn: Connection, ref: str) -> list[Row]:
     if _HEX.match(ref):
         prefix = ref.lower().removeprefix("0x")
         conds = [ENTRIES.c.sha256.startswith(prefix), ENTRIES.c.autov3.startswith(prefix)]
-        if len(prefix) == 8:
+        if len(prefix) == 8 and prefix != EMPTY_AUTOV1:  # that one is every small file's
             conds.append(ENTRIES.c.autov1 == prefix)
         return conn.execute(select(ENTRIES).where(or_(*conds)).order_by(ENTRIES.c.path)).all()
     return []
@@ -174,6 +175,9 @@ def similar_names(conn: Connection, ref: str, n: int = 5) -> list[str]:
 
 
 def _one(ref: str, rows: list[Row], catalog: Catalog, conn: Connection | None = None) -> Row:
+    if not rows and ref.lower().removeprefix("0x") == EMPTY_AUTOV1:
+        raise CatalogError(f"{ref!r}: is the AutoV1 of every file under 1 MiB (the hash of no bytes), so it "
+                           "identifies nothing; use the sha256 or AutoV3 prefix, or the name")
     if not rows:
         similar = similar_names(conn, ref) if conn is not None else []
         hint = f"; did you mean {', '.join(similar)}?" if similar else ""

@@ -178,12 +178,16 @@ def human_time(seconds: float | None) -> str:
 
 
 def _render_entry(entry: dict) -> None:
+    from adapterhub.catalog.hashing import EMPTY_AUTOV1
+
     fields = {}
     for key, value in entry.items():
         if key == "mtime_ns":
             fields["mtime"] = human_time(value / 1e9 if value is not None else None)
         elif key in ("added_at", "scanned_at"):
             fields[key] = human_time(value)
+        elif key == "autov1" and value == EMPTY_AUTOV1:
+            fields[key] = f"{value} (the webui's hash of a file under 1 MiB: the same for all, not an identifier)"
         elif key != "metadata":
             fields[key] = value
     fields["size"] = f"{human_size(entry['size'])} ({entry['size']} bytes)"

@@ -1,7 +1,8 @@
 """``adapterhub train``: one command for every trainable adapter type.
 
 Every option comes from :class:`adapterhub.train.config.TrainConfig` (declared once there); each flag
-is also a key of the ``--config`` TOML file, and flags given on the command line override the file.
+is also a key of the ``--config`` TOML file (``--max-steps`` is ``max_steps``), and flags given on the
+command line override the file.
 ``--print-config`` writes the resolved configuration as TOML and trains nothing.
 """
 from __future__ import annotations
@@ -35,6 +36,11 @@ def _base_type_of(hint):
     return _base_type(hint)
 
 
+def _inverted(_ctx, _param, value):
+    """The positive flag of a ``no_*`` option (``--upscale``) sets it False; unset stays None."""
+    return None if value is None else not value
+
+
 def config_options(fn):
     """One click option per TrainConfig field; all default to None, so only what was typed overrides."""
     from adapterhub.train.config import fields, hints
@@ -52,7 +58,12 @@ def config_options(fn):
         if typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
             fn = click.option(flag, f.name, multiple=True, default=None, help=help_text + " (repeatable)")(fn)
             continue
-        if hint is bool:
+        if hint is bool and f.name.startswith("no_"):  # no_upscale: --upscale/--no-upscale, not --no-no-upscale
+            on = "--" + flag[len("--no-"):]
+            shown = f" [default: {flag if default else on}]"
+            fn = click.option(f"{on}/{flag}", f.name, default=None, callback=_inverted,
+                              help=f"{meta['help']}{shown}")(fn)
+        elif hint is bool:
             off = "--no-" + flag[2:]
             fn = click.option(f"{flag}/{off}", f.name, default=None, help=help_text)(fn)
         else:
@@ -126,7 +137,10 @@ class _Progress:
 @click.command("train")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
               help="TOML file of options (the flags' names); flags override it")
-@click.option("--print-config", is_flag=True, help="print the resolved configuration as TOML and exit")
+@click.option("--print-config", is_flag=True,
+              help="print the resolved configuration as TOML and exit. Its keys are the flags' names with "
+                   "underscores (--max-steps is max_steps; --no-upscale is no_upscale = true), under [section] "
+                   "headers that --config reads with or without")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @config_options
 def train_cmd(config_file, print_config, as_json, **options):

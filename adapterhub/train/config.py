@@ -102,7 +102,8 @@ class TrainConfig:
     min_bucket: int | None = opt(None, "smallest bucket side (default: resolution / 2, kohya's 256 at 512)", "data")
     max_bucket: int | None = opt(None, "largest bucket side (default: resolution x 2, kohya's 1024 at 512)", "data")
     bucket_step: int = opt(64, "bucket sides are multiples of this", "data")
-    no_upscale: bool = opt(False, "kohya --bucket_no_upscale", "data")
+    no_upscale: bool = opt(False, "--no-upscale: never enlarge a small image to fill a bucket (kohya "
+                                  "bucket_no_upscale)", "data")
     caption_ext: str = opt(".txt", "caption file extension (.txt and .caption are both read)", "data")
     caption_default: str | None = opt(None, "caption for images without one (else they are an error)", "data")
     shuffle_tags: bool = opt(False, "shuffle the comma-separated tags of each caption every time it is used",

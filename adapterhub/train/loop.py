@@ -226,7 +226,8 @@ class Trainer:
         self.cfg = cfg
         self.resumed = S.read_state(cfg.resume) if cfg.resume else None
         self.data = D.collect(cfg)
-        self.started = time.time()
+        self.started = time.time()  # the run's start (metadata); may be days before a resumed session's
+        self.clock, self.trained_before = time.perf_counter(), 0.0  # training time: this session + earlier ones
         self.session_id = random.SystemRandom().randrange(2 ** 32)
         self.progress = Progress()
 
@@ -330,6 +331,7 @@ class Trainer:
         S.restore_rng(state["rng"], self.noise, self.captions)
         self.progress = Progress(state["step"], state["micro"], list(state["history"]))
         self.started, self.session_id = state["started"], state["session_id"]
+        self.trained_before = float(state.get("seconds", 0.0))  # older states did not count it: this session only
         if self.ema is not None and state.get("ema") is not None:
             self.ema.shadow = [t.to(self.device) for t in state["ema"]]
         self.emit("resumed", step=self.progress.step, state=str(self.cfg.resume))
@@ -546,7 +548,8 @@ class Trainer:
         state = {"step": self.progress.step, "micro": self.progress.micro, "history": self.progress.history,
                  "optimizer": self.optimizer.state_dict(), "scheduler": scheduler_state,
                  "rng": S.rng_state(self.noise, self.captions), "started": self.started,
-                 "session_id": self.session_id, "ema": self.ema.shadow if self.ema else None}
+                 "seconds": self.training_seconds(), "session_id": self.session_id,
+                 "ema": self.ema.shadow if self.ema else None}
         S.write_state(state_dir, self.cfg.as_dict(), self.trainable.state_dict(), state)
         if self.cfg.keep_last and beside is None:
             S.prune(self.cfg.out, self.cfg.keep_last)
@@ -655,18 +658,27 @@ class Trainer:
         every = self.cfg.save_every or max(1, self.total // 10)
         return self.progress.step % every == 0 or self.progress.step == self.total
 
+    def training_seconds(self) -> float:
+        """Seconds spent in this run's sessions, not the time between them (a resume may come days later)."""
+        return self.trained_before + time.perf_counter() - self.clock
+
+    def epochs_trained(self) -> float:
+        """Passes over the data so far (0.25 after a quarter of the batches), to two decimals."""
+        epochs = round(self.progress.micro / self.bpe, 2) if self.bpe else 0.0
+        return int(epochs) if epochs == int(epochs) else epochs
+
     def result(self, out: Path, checkpoints: list, logs: list[Path]) -> dict:
         history = self.progress.history
         head = [r["loss"] for r in history[: max(1, len(history) // 10)]]
         tail = [r["loss"] for r in history[-max(1, len(history) // 10):]]
         vals = [r["val_loss"] for r in history if r.get("val_loss") is not None]
         return {"out": str(out), "type": self.cfg.type, "base": self.cfg.base, "steps": self.progress.step,
-                "epochs": self.epochs, "images": len(self.data.samples), "skipped": self.data.skipped,
+                "epochs": self.epochs_trained(), "images": len(self.data.samples), "skipped": self.data.skipped,
                 "first_loss": sum(head) / len(head) if head else None,
                 "last_loss": sum(tail) / len(tail) if tail else None,
                 "validation_loss": vals[-1] if vals else None, "checkpoints": checkpoints,
                 "samples": list(getattr(self, "sample_files", [])),
-                "logs": [str(p) for p in logs], "seed": self.cfg.seed, "seconds": round(time.time() - self.started, 2)}
+                "logs": [str(p) for p in logs], "seed": self.cfg.seed, "seconds": round(self.training_seconds(), 2)}
 
 
 @contextmanager
