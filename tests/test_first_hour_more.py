@@ -284,3 +284,16 @@ def test_autov1_of_small_files_is_shown_but_never_an_identifier(embeddings_catal
     rc, out, err = _main(["catalog", "--catalog", embeddings_catalog, "show", empty], capsys)
     assert rc == 2 and "ambiguous" not in err and "under 1 MiB" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_caption_of_a_fully_captioned_folder_says_nothing_to_do(tmp_path, capsys):
+    from test_train import make_dataset
+
+    folder = make_dataset(tmp_path / "data", names=("cat", "coffee"), folder="1_x") / "1_x"
+    before = {p.name: p.read_text() for p in folder.glob("*.txt")}
+    for args in ([], ["--json"]):
+        rc, out, err = _main(["dataset", "caption", folder, *args], capsys)
+        assert rc == 0, err
+        assert "nothing to do" in err and "2 already captioned" in err and "--mode overwrite" in err, err
+    assert {p.name: p.read_text() for p in folder.glob("*.txt")} == before
+    assert json.loads(out)["skipped"] == 2  # the JSON on stdout stays clean

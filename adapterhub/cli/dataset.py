@@ -94,6 +94,10 @@ def caption_cmd(as_json, **kwargs):
     with ExitStack() as stack:
         report = run_captioning(cfg, on_progress=_Bar(stack, f"captioning ({cfg.captioner})", as_json))
     emit(report, as_json, _render_caption)
+    if not report["captioned"] and not report["failed"] and not report["resumed"] and report["skipped"]:
+        # every image kept its caption (the default --mode skip): say why nothing happened
+        click.echo(f"nothing to do in {cfg.dir}: {report['skipped']} already captioned; use --mode overwrite "
+                   "(or append) to caption them again", err=True)
 
 
 def _render_caption(r: dict) -> None:
