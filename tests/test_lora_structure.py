@@ -21,7 +21,7 @@ from adapterhub.cli import main as cli_main
 from adapterhub.errors import AdapterError
 from adapterhub.weights import attach, merge
 
-from lora_helpers import parts, quiet, snapshot, weights
+from lora_helpers import parts, quiet
 
 quiet()
 
@@ -60,7 +60,7 @@ def _module(model, name):
 
 
 def _key(model, name) -> str:
-    """The ``component.param`` name of the module's weight, as :func:`weights` spells it."""
+    """The ``component.param`` name of the module's weight, as :func:`_params` spells it."""
     comp = MODULES[name][0]
     target = _module(model, name)
     return next(f"{comp}.{n}.weight" for n, m in getattr(model, comp).named_modules() if m is target)
@@ -163,9 +163,8 @@ def _loha(r=2, out=32, inn=32):
 
 def _loha_cp(r=2):
     g = torch.Generator().manual_seed(2)
-    return {f"{CONV}.hada_w1_a": torch.randn(r, 32, generator=g), f"{CONV}.hada_w1_b": torch.randn(r, 32, generator=g),
-            f"{CONV}.hada_w2_a": torch.randn(r, 32, generator=g), f"{CONV}.hada_w2_b": torch.randn(r, 32, generator=g),
-            f"{CONV}.hada_t1": torch.randn(r, r, 3, 3, generator=g), f"{CONV}.hada_t2": torch.randn(r, r, 3, 3, generator=g)}
+    out = {f"{CONV}.hada_{w}": torch.randn(r, 32, generator=g) for w in ("w1_a", "w1_b", "w2_a", "w2_b")}
+    return {**out, **{f"{CONV}.hada_{t}": torch.randn(r, r, 3, 3, generator=g) for t in ("t1", "t2")}}
 
 
 def _lokr(r=2):
@@ -291,7 +290,8 @@ def _reference_delta(t: dict, shape) -> torch.Tensor:
     """lycoris-lora's LoCon ``diff_weight`` with kohya's scale (alpha / rank; no alpha: 1)."""
     from lycoris.functional import locon
 
-    down, up, mid = (t[k].float() if k in t else None for k in ("lora_down.weight", "lora_up.weight", "lora_mid.weight"))
+    down, up, mid = (t[k].float() if k in t else None
+                     for k in ("lora_down.weight", "lora_up.weight", "lora_mid.weight"))
     scale = t["alpha"].float().item() / down.shape[0] if "alpha" in t else 1.0
     return locon.diff_weight(down, up, mid, gamma=scale, backend="torch").reshape(shape)
 

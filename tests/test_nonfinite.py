@@ -40,8 +40,9 @@ def sd1_half():
 
 
 def _params(model) -> dict[str, torch.Tensor]:
-    return {f"{c}.{n}": p for c in ("unet", "text_encoder") if hasattr(model, c) or (isinstance(model, dict) and c in model)
-            for n, p in (model[c] if isinstance(model, dict) else getattr(model, c)).named_parameters()}
+    """Every parameter the weight engine may write, by name; no copies."""
+    parts_ = {c: getattr(model, c) for c in ("unet", "text_encoder")}
+    return {f"{c}.{n}": p for c, module in parts_.items() for n, p in module.named_parameters()}
 
 
 def _copy(model) -> dict[str, torch.Tensor]:
