@@ -266,3 +266,11 @@ def test_demo_says_its_image_is_noise_and_draws_the_block_chart(tmp_path):
     assert str(chart) in res.stdout
     with Image.open(chart) as image:
         assert image.format == "PNG" and image.height > 100
+
+
+def test_sample_on_a_tiny_base_says_its_images_are_noise(tmp_path):
+    args = ["sample", "--base", "tiny-sd1", "--prompt", "a cat", "--steps", "1", "--size", "64x64", "--seed", "1"]
+    res = _invoke([*args, "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0 and "random weights" in res.stderr and "noise" in res.stderr, res.stderr
+    res = _invoke([*args, "--x", "cfg=3,7", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0 and "random weights" in res.stderr, res.stderr

@@ -158,6 +158,16 @@ def _drop_missing_networks(path: str, prompt: str, dirs: list[Path], warnings: l
     return re.sub(r"[ \t]{2,}", " ", cleaned).strip() if cleaned != prompt else prompt
 
 
+def _say_if_noise(base: str) -> None:
+    """Where images are listed: a tiny base or preset (built from a seed, never trained) draws noise, and a new
+    user's first images are theirs, so say why before they look (once the images exist: errors stay one line)."""
+    from adapterhub.base import PRESETS, TINY_BASES
+
+    if str(base) in TINY_BASES or str(base) in PRESETS:
+        click.echo(f"note: {base} has random weights (a tiny base for trying things out): its images are noise; "
+                   "give --base a real model (a .safetensors checkpoint or a diffusers folder) for pictures", err=True)
+
+
 def _quiet_transformers() -> None:
     """transformers' weight-loading bars (the environment switch only works before it is imported)."""
     try:
@@ -401,6 +411,7 @@ def _sample_many(options: dict, request, dirs: list[Path]) -> None:
             state.destroy_process_group()
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
+    _say_if_noise(options["base"])
     extra = {"seconds": round(time.perf_counter() - start, 2), "backend": options["backend"],
              "warnings": list(warnings)}
     summary = {"jobs": done, "rank": rank, "world": world, **extra} if options["prompts_file"] else {**done[0], **extra}
@@ -563,6 +574,7 @@ def sample_cmd(ctx, **options):
     summary["warnings"] += [other] if other else []
     for warning in [*result.warnings, *([other] if other else [])]:  # --from-png's own were said before sampling
         click.echo(f"warning: {warning}", err=True)
+    _say_if_noise(options["base"])
     output.emit(summary, options["as_json"], lambda d: output.table(d["images"], ["path", "seed"],
                                                                    title=f"{len(rows)} image(s) in {d['seconds']} s"))
 
