@@ -33,6 +33,9 @@ def adapterhub_adapter_types() -> list[AdapterType]:
     Called once when the plugin manager is built. Each object subclasses
     :class:`adapterhub.types.AdapterType` (a name, its capabilities, ``sniff``, ``parse``, ``save``
     and, for types that are not weight deltas, ``attach``). Names must be unique across all plugins.
+    A type that is no weight delta declares how it reaches the UNet (``unet_runtime``: untouched, residuals
+    or attention contexts; :mod:`adapterhub.types`) if a compiling backend is to run it; backends read only
+    that declaration, never the type's name.
     """
 
 

@@ -238,12 +238,33 @@ class Trainable:
         raise NotImplementedError
 
 
+# How an attached adapter reaches the UNet (``AdapterType.unet_runtime``): what a backend that compiles the
+# UNet (``compiled``) needs to know to run it without recompiling. A type declaring none is run by ``eager`` only.
+UNET_WEIGHTS = "weights"  # deltas written into the UNet's parameters in place (every ``weight_space`` type)
+UNET_UNTOUCHED = "untouched"  # changes nothing the UNet runs (a textual inversion: the text encoder only)
+# a forward pre-hook on the UNet (``adapterhub.conditioning.UNetControl``) adds residual keyword arguments
+# (``down_block_additional_residuals`` with ``mid_block_additional_residual``, or
+# ``down_intrablock_additional_residuals``): the backend runs the hook eagerly and feeds its tensors to the graph
+UNET_RESIDUALS = "residuals"
+# replaces attention processors with ``attention_processor`` objects that change only the key / value contexts;
+# the backend computes them eagerly (cross-attention) or in the graph from tensor inputs (self-attention)
+ATTENTION_CONTEXT = "attention-context"
+UNET_RUNTIMES = (UNET_WEIGHTS, UNET_UNTOUCHED, UNET_RESIDUALS, ATTENTION_CONTEXT)
+
+
 class AdapterType:
     """Base class of a registered adapter type. A type declares its data and overrides a few methods.
 
     ``capabilities`` lists what the type can do: ``inspect``, ``merge``, ``attach``, ``save``,
     ``train``. Weight-space types (``weight_space = True``) get ``merge_into`` and ``attach`` from the
     shared weight engine and only implement ``sniff``, ``parse`` and ``save``.
+
+    ``unet_runtime`` declares how an attached adapter reaches the UNet (one of ``UNET_RUNTIMES``; weight-space
+    types are ``UNET_WEIGHTS`` without saying so; None: it changes the UNet's code, and only the eager backend
+    runs it). An ``ATTENTION_CONTEXT`` type also names its ``attention_processor`` class and implements the
+    three ``attention_*`` methods below; the class is built as ``cls(original_processor)``, computes the key
+    and value contexts with ``self.contexts(context) -> (context_k, context_v)`` and otherwise runs
+    diffusers' attention.
     """
 
     name: ClassVar[str] = ""
@@ -255,7 +276,31 @@ class AdapterType:
     # whether a merge can be written as an original-layout single file (a textual inversion's new
     # tokens need the tokenizer and a larger embedding table, which only a diffusers folder holds)
     single_file_merge: ClassVar[bool] = True
+    unet_runtime: ClassVar[str | None] = None  # see the class docstring; None: eager backend only
+    attention_processor: ClassVar[type | None] = None  # the processor class an ATTENTION_CONTEXT type installs
     source: Any = None  # filled by the registry: which distribution registered the type
+
+    @property
+    def runtime_kind(self) -> str | None:
+        """How an attached adapter of this type reaches the UNet: ``UNET_WEIGHTS`` for weight deltas, else the
+        declared ``unet_runtime`` (None: a change of the UNet's code)."""
+        return UNET_WEIGHTS if self.weight_space else self.unet_runtime
+
+    # -- ATTENTION_CONTEXT: what a compiling backend needs to put the contexts into its graph -----------------
+    def attention_chain(self, processor) -> tuple:
+        """What ``processor`` (an attached ``attention_processor``) runs, as a tuple of objects compared by
+        identity: layers of one width and kind with equal chains share one set of graph inputs."""
+        raise NotImplementedError(f"{self.name}: declares no attention chain")
+
+    def attention_graph_inputs(self, chain: tuple, width: int, device) -> Any:
+        """The tensors and modules (a pytree; numbers as float32 tensors, so a new value is a new input, not
+        a new graph) that :meth:`attention_graph_contexts` needs for a self-attention layer of ``width``."""
+        raise NotImplementedError(f"{self.name}: declares no attention graph inputs")
+
+    def attention_graph_contexts(self, inputs: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(context_k, context_v)`` from ``inputs`` (:meth:`attention_graph_inputs`), traced into the graph:
+        it must equal the attached processor's ``contexts(context)`` bit for bit."""
+        raise NotImplementedError(f"{self.name}: declares no attention graph contexts")
 
     def sniff(self, file: AdapterFile) -> Sniff | None:
         """Score ``file`` from keys, shapes and metadata only (no tensor reads)."""

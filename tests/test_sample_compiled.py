@@ -162,17 +162,29 @@ def test_switching_stacks_never_recompiles_inductor(tiny_sd1, loras):
     _switching("inductor", tiny_sd1, loras, 2e-3)
 
 
-def test_compiled_accepts_hypernetworks(tiny_sd1, tmp_path):
+def test_compiled_accepts_hypernetworks(tiny_sd1, tmp_path, monkeypatch):
+    """The hypernetwork runs by its declaration (attention contexts, its processor class found through the
+    registry, no plugin import); the same type declaring nothing is refused with one line."""
+    from adapterhub.errors import AdapterhubError
     from adapterhub.plugins import adapter_types
     from adapterhub.sample.backend import backend
     from adapterhub.stack import Stack
+    from adapterhub.types import ATTENTION_CONTEXT
 
-    if "hypernetwork" not in adapter_types():
-        pytest.skip("hypernetwork plugin not registered")
-    path = adapter_types()["hypernetwork"].example(tiny_sd1, tmp_path / "hn.pt", seed=0)
+    hypernetwork = adapter_types()["hypernetwork"]
+    path = hypernetwork.example(tiny_sd1, tmp_path / "hn.pt", seed=0)
     runner = backend("compiled").prepare(copy.copy(tiny_sd1))  # torch.compile is lazy: nothing compiles here
     stack = Stack([(path, 1.0)]).load()
-    runner.check_stack(stack)  # fed to the graph as inputs (tests/test_sample_compiled_hypernetwork.py)
+    assert runner.plan(stack) == [(stack.entries[0].label, ATTENTION_CONTEXT)]
+    assert runner._context_types == {hypernetwork.attention_processor: hypernetwork}
+    runner.check_stack(stack)
+    monkeypatch.setattr(type(hypernetwork), "attention_processor", None)  # the kind, but no processor to fix
+    with pytest.raises(AdapterhubError, match=r"^hn: a hypernetwork changes the UNet's code.*use --backend eager\)$"):
+        runner.check_stack(stack)
+    monkeypatch.undo()
+    monkeypatch.setattr(type(hypernetwork), "unet_runtime", None)  # undeclared: refused whatever its name
+    with pytest.raises(AdapterhubError, match=r"^hn: a hypernetwork changes the UNet's code"):
+        runner.check_stack(stack)
 
 
 def test_a_step_does_not_walk_the_unet(tiny_sd1, monkeypatch):

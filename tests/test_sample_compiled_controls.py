@@ -165,19 +165,29 @@ def test_recompiles_are_counted(generators):
     torch._dynamo.reset()  # leave no recompiled entry behind
 
 
-def test_compiled_accepts_controls_and_hypernetworks(tiny_sd1, files, tmp_path):
+def test_compiled_accepts_controls_and_hypernetworks(tiny_sd1, files, tmp_path, monkeypatch):
+    """The runner plans each entry by its type's declared kind; a type that declares none is refused with one
+    line naming the entry, before anything changes."""
+    from adapterhub.errors import AdapterhubError
     from adapterhub.plugins import adapter_types
     from adapterhub.sample.backend import backend
     from adapterhub.stack import Stack
+    from adapterhub.types import ATTENTION_CONTEXT, UNET_RESIDUALS, UNET_UNTOUCHED, UNET_WEIGHTS
 
     runner = backend("compiled").prepare(copy.copy(tiny_sd1))  # torch.compile is lazy: nothing compiles here
     types = adapter_types()
     ti = types["textual_inversion"].example(tiny_sd1, tmp_path / "ti.safetensors", seed=0)
-    runner.check_stack(Stack([(files["lora_a"], 1.0), (ti, 1.0), _entry(files["cn"], 1.0, image=files["edges"]),
-                              _entry(files["t2i"], 1.0, image=files["edges"])]).load())
-    if "hypernetwork" in types:
-        hn = types["hypernetwork"].example(tiny_sd1, tmp_path / "hn.pt", seed=0)
-        runner.check_stack(Stack([(hn, 1.0)]).load())
+    hn = types["hypernetwork"].example(tiny_sd1, tmp_path / "hn.pt", seed=0)
+    stack = Stack([(files["lora_a"], 1.0), (ti, 1.0), _entry(files["cn"], 1.0, image=files["edges"]),
+                   _entry(files["t2i"], 1.0, image=files["edges"]), (hn, 1.0)]).load()
+    assert runner.plan(stack) == [("lora_a", UNET_WEIGHTS), ("ti", UNET_UNTOUCHED), ("cn", UNET_RESIDUALS),
+                                  ("t2i", UNET_RESIDUALS), ("hn", ATTENTION_CONTEXT)]
+    runner.check_stack(stack)
+    monkeypatch.setattr(type(types["t2i_adapter"]), "unet_runtime", None)
+    with pytest.raises(AdapterhubError) as refused:
+        runner.check_stack(stack)
+    assert str(refused.value) == ("t2i: a t2i_adapter changes the UNet's code, not its weights or inputs; the compiled "
+                                  "backend would recompile at every switch (use --backend eager)")
 
 
 def test_compile_caches_in_the_project_cache(tiny_sd1, tmp_path, monkeypatch):

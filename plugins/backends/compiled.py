@@ -1,69 +1,24 @@
-"""``compiled``: ``torch.compile`` of the UNet, with adapter stacks switched without recompiling.
+"""``compiled``: ``torch.compile`` of the UNet; adapter stacks switch without recompiling.
 
-Weight deltas (LoRA, LoCon, LoHa, LoKr ...) reach the UNet only through the weight engine, which
-rewrites the parameters it already holds in place (``copy_``): a compiled graph takes the parameters
-as inputs, so a switch is a memory write, never a recompile. Textual inversions change only the text
-encoder, which is not compiled.
+Contract. Every entry of a stack is run by what its type declares (``AdapterType.runtime_kind``,
+:mod:`adapterhub.types`), never by its name; :meth:`CompiledRunner.plan` says how, ``check_stack`` refuses
+the rest with one line:
 
-ControlNet and T2I-Adapter attach as a forward pre-hook on the UNet (:class:`adapterhub.conditioning.
-UNetControl`) that adds residuals to the call's keyword arguments. The runner calls the UNet module as
-usual, so ``torch.nn.Module`` runs the hooks eagerly (step gating, image preparation, the sum of several
-controls: plain Python, never traced), with the module's ``forward`` replaced for that call by a
-function that hands the resulting arguments to a compiled ``forward``. The residuals are tensor inputs of
-that graph: a new control image, a new weight or another control of the same shapes changes values, not
-the graph. Which residual kinds are present (none, ControlNet, T2I, both) changes the graph's signature,
-so each kind has its own compiled entry with its own code object (dynamo caches per code object): going
-from a plain request to a controlled one, or a control gated off for some steps, is the first compile of
-another entry, not a recompile of the one in use.
+* ``weights``: the weight engine writes deltas into the parameters in place; the graph takes them as inputs.
+* ``untouched``: nothing the UNet runs changes (text encoder only).
+* ``residuals``: forward pre-hooks on the UNet run eagerly; the residual keyword arguments they add are graph
+  inputs (one compiled entry per residual signature). Diffusers ControlNet / T2I-Adapter models called by a
+  hook (``UNetControl.model``) run compiled forwards of their own.
+* ``attention-context``: layers running the type's ``attention_processor`` get, for the compiled call only, a
+  fixed processor per layer whose key / value contexts come from a graph input: computed eagerly with the
+  attached processor's ``contexts`` for cross-attention, traced from ``attention_graph_inputs`` with
+  ``attention_graph_contexts`` for self-attention. Attached processors are put back after each call.
 
-The control models' own forwards are compiled the same way, for the duration of the UNet call: the
-ControlNet with its conditioning image and ``conditioning_scale`` as tensor inputs (a weight change is
-a new input value; with float32 weights the product is the same as with the Python number), the
-T2I-Adapter on its image (the weight multiplies its features outside, in the control). Dynamo inlines
-built-in ``nn.Module`` calls and lifts their parameters as graph inputs (``inline_inbuilt_nn_modules``,
-always on in torch 2.14), so a second ControlNet of the same architecture reuses the graph compiled for
-the first, no recompile (checked by the tests; the T2I-Adapter entry takes its model the same way).
-
-Hypernetworks (AUTOMATIC1111) replace the UNet's attention processors with Python objects that carry
-their MLP modules and Python-number multipliers: traced as they are, every attach, detach, switch or
-weight change would invalidate the graph's guards. Yet a hypernetwork only transforms the context that
-feeds ``to_k`` / ``to_v``. In a cross-attention layer that context is the text, so the runner computes the
-key and value contexts eagerly, once per UNet call and context width, with the attached processor's own
-``contexts`` (several hypernetworks chain in attach order, exactly as eager). In a self-attention layer the
-context is the hidden state; there the graph runs the MLPs itself, with the modules (parameters lifted as
-inputs) and the multipliers (float32 tensors: the same product as the Python number) as inputs. For the
-compiled call only, each hypernetwork layer runs a fixed processor (one object per layer for the runner's
-life, so the guards hold) that takes both from ``cross_attention_kwargs``; the attached processors are put
-back right after, and detaching the hypernetwork restores the originals as in eager. With a hypernetwork
-attached the UNet goes through entries of their own (``unet_hn_*``, one per residual kind): another file
-of the same widths and layer structure, a new multiplier, or the hypernetwork off then on again changes
-values, never the graph. A different number of chained hypernetworks or another layer structure changes
-the graph's signature and compiles that entry again.
-
-Compilation is paid once per machine: unless ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` are set,
-inductor's and Triton's on-disk caches go to ``<adapterhub cache>/compile``, with inductor's FX graph
-cache and the AOTAutograd cache on, so another process compiling the same UNet loads the kernels.
-
-Fused QKV projections (diffusers' ``Attention.fuse_projections`` and ``FusedAttnProcessor2_0``: one
-matmul for q, k and v of a self-attention layer, one for k and v of a cross-attention layer) change what the
-weight engine must write to: the fused ``to_qkv`` / ``to_kv`` tensor. Rather than teach every adapter type
-about fused layouts, the runner re-points the ``to_q`` / ``to_k`` / ``to_v`` parameters, the same
-``Parameter`` objects the engine binds to, as row views of the fused weight: a merge written into ``to_k``
-lands in ``to_qkv`` in place, so a LoRA is merged into q, k and v first and the fused graph sees it, with
-no new tensor and no recompile. Only layers running diffusers' plain SDPA processor are fused (a
-hypernetwork's processor stays as it is; attached later, it reads the same views). ``channels_last`` puts
-the UNet's convolution weights, and the latents fed to the graph, in NHWC order (``Module.to`` keeps the
-``Parameter`` objects, so the engine's bindings stay valid). Both are on by default on CUDA, as diffusers'
-own guide to fast inference recommends; on CPU fused QKV is on and channels_last off
-(``ADAPTERHUB_COMPILE_FUSE_QKV`` / ``ADAPTERHUB_COMPILE_CHANNELS_LAST`` = 0 or 1 override). Both are set
-up at the first step (preparing a runner changes nothing); ``close`` restores the plain processors and the
-default memory format.
-
-Every entry is compiled with ``fullgraph=True``: a graph break would be an error, not a silent eager island.
-
-On CUDA, ``ADAPTERHUB_COMPILE_MODE=reduce-overhead`` adds CUDA graphs (the parameters keep their
-addresses, so the graphs stay valid across switches as well); ``ADAPTERHUB_COMPILE_BACKEND`` picks the
-dynamo backend (``inductor`` by default; the tests use ``aot_eager``).
+A switch of stack, weight, image or multiplier changes input values, never the graph (``recompiles()``
+counts violations). Fused QKV (``ADAPTERHUB_COMPILE_FUSE_QKV``, on) keeps ``to_q``/``to_k``/``to_v`` as views
+of the fused weight so the engine's writes land in it; ``ADAPTERHUB_COMPILE_CHANNELS_LAST`` (CUDA default),
+``ADAPTERHUB_COMPILE_MODE`` and ``ADAPTERHUB_COMPILE_BACKEND`` (``inductor``; tests use ``aot_eager``) tune
+the rest. Entries compile with ``fullgraph=True``; caches go to ``<adapterhub cache>/compile`` unless set.
 """
 from __future__ import annotations
 
@@ -78,10 +33,9 @@ import torch
 
 from adapterhub.errors import AdapterhubError
 from adapterhub.sample.backend import Runner, SamplerBackend
+from adapterhub.types import ATTENTION_CONTEXT, UNET_RESIDUALS, UNET_UNTOUCHED, UNET_WEIGHTS
 
-UNET_UNTOUCHED = ("textual_inversion",)  # non-weight types that leave the UNet alone
-UNET_CONTROLS = ("controlnet", "t2i_adapter")  # forward pre-hooks adding residuals: run eagerly, fed to the graph
-UNET_HYPERNETWORKS = ("hypernetwork",)  # attention contexts: cross-attention ones precomputed, fed to the graph
+RUNS = (UNET_WEIGHTS, UNET_UNTOUCHED, UNET_RESIDUALS, ATTENTION_CONTEXT)  # the declared kinds this backend feeds
 DOWN, MID, INTRA = ("down_block_additional_residuals", "mid_block_additional_residual",
                     "down_intrablock_additional_residuals")
 
@@ -113,33 +67,33 @@ def _unet_both(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs,
                               return_dict=False)[0]
 
 
-# the same four with a hypernetwork: ``hypernetwork`` (precomputed cross-attention contexts, self-attention MLPs and
-# multiplier tensors) reaches the fixed processors through ``cross_attention_kwargs``
-def _unet_hn_plain(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, hypernetwork):
+# the same four with attention contexts (``hn``: hypernetworks were the first): ``context`` (precomputed cross-attention
+# contexts, self-attention graph inputs) reaches the fixed processors through ``cross_attention_kwargs``
+def _unet_hn_plain(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, context):
     return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
                               added_cond_kwargs=added_cond_kwargs,
-                              cross_attention_kwargs={"hypernetwork": hypernetwork}, return_dict=False)[0]
+                              cross_attention_kwargs={"attention_context": context}, return_dict=False)[0]
 
 
-def _unet_hn_controlnet(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, down, mid, hypernetwork):
+def _unet_hn_controlnet(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, down, mid, context):
     return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
                               added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down,
-                              mid_block_additional_residual=mid, cross_attention_kwargs={"hypernetwork": hypernetwork},
+                              mid_block_additional_residual=mid, cross_attention_kwargs={"attention_context": context},
                               return_dict=False)[0]
 
 
-def _unet_hn_t2i(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, intrablock, hypernetwork):
+def _unet_hn_t2i(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, intrablock, context):
     return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
                               added_cond_kwargs=added_cond_kwargs, down_intrablock_additional_residuals=intrablock,
-                              cross_attention_kwargs={"hypernetwork": hypernetwork}, return_dict=False)[0]
+                              cross_attention_kwargs={"attention_context": context}, return_dict=False)[0]
 
 
 def _unet_hn_both(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, down, mid, intrablock,
-                  hypernetwork):
+                  context):
     return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
                               added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down,
                               mid_block_additional_residual=mid, down_intrablock_additional_residuals=intrablock,
-                              cross_attention_kwargs={"hypernetwork": hypernetwork}, return_dict=False)[0]
+                              cross_attention_kwargs={"attention_context": context}, return_dict=False)[0]
 
 
 def _controlnet(model, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale,
@@ -172,53 +126,46 @@ ENTRIES = (*UNET_ENTRIES.values(), *UNET_HN_ENTRIES.values(), _controlnet, _cont
 
 
 # --------------------------------------------------------------------------------------------
-# hypernetworks: fixed attention processors taking the contexts / MLPs as inputs
+# attention contexts: fixed processors taking the contexts as graph inputs
 # --------------------------------------------------------------------------------------------
-def _hypernetwork_layers(attention: list[torch.nn.Module]) -> list[tuple[torch.nn.Module, Any]]:
-    """(attention module, its attached hypernetwork processor) for every layer a hypernetwork is attached to."""
-    try:
-        from adapterhub_plugins.hypernetwork.processor import HypernetworkAttnProcessor
-    except ImportError:
-        return []
-    return [(m, m.processor) for m in attention if isinstance(m.processor, HypernetworkAttnProcessor)]
+def _context_types() -> dict[type, Any]:
+    """Declared ``attention_processor`` class -> its registered type, over every ``attention-context`` type."""
+    from adapterhub.plugins import adapter_types
+
+    return {t.attention_processor: t for t in adapter_types().values()
+            if _kind(t) == ATTENTION_CONTEXT and t.attention_processor is not None}
+
+
+def _kind(plugin) -> str | None:
+    """How a type reaches the UNet (``AdapterType.runtime_kind``; a bare object declaring nothing: None)."""
+    return UNET_WEIGHTS if plugin.weight_space else getattr(plugin, "unet_runtime", None)
 
 
 @functools.cache
-def _fixed_processor_type() -> type:
-    from adapterhub_plugins.hypernetwork.processor import HypernetworkAttnProcessor
+def _fixed_processor_type(declared: type) -> type:
+    class Fixed(declared):
+        """The declared processor's attention, with the contexts from the call's ``attention_context`` input:
+        precomputed for cross-attention, traced from the type's graph inputs for self-attention."""
 
-    class FixedHypernetworkProcessor(HypernetworkAttnProcessor):
-        """The attached processor's attention, with the contexts from the call's ``hypernetwork`` input:
-        precomputed for cross-attention, the MLP chain with tensor multipliers for self-attention."""
-
-        def __init__(self, cross: bool, width: int):
+        def __init__(self, owner, cross: bool, key: str):
             super().__init__(None)
-            self.cross, self.width, self.inputs = cross, width, None
+            self.owner, self.cross, self.key, self.inputs = owner, cross, key, None
 
         def contexts(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if self.cross:
-                return self.inputs["contexts"][self.width]
-            context_k = context_v = context
-            for mlp_k, mlp_v, multiplier in self.inputs["chains"][self.width]:
-                context_k, context_v = _mlp(mlp_k, context_k, multiplier), _mlp(mlp_v, context_v, multiplier)
-            return context_k, context_v
+                return self.inputs["contexts"][self.key]
+            return self.owner.attention_graph_contexts(self.inputs["graph"][self.key], context)
 
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                     hypernetwork=None):
-            self.inputs = hypernetwork
+                     attention_context=None):
+            self.inputs = attention_context
             try:
                 return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
             finally:
                 self.inputs = None
 
-    return FixedHypernetworkProcessor
-
-
-def _mlp(module: torch.nn.Module, x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    """``HyperModule.forward`` in float32 (as ``Hypernetwork._run``) with the multiplier a tensor input: a
-    float32 product, the same as with the Python number."""
-    x32 = x.to(torch.float32)
-    return (x32 + module.linear(x32) * multiplier).to(x.dtype)
+    Fixed.__name__ = Fixed.__qualname__ = f"Fixed{declared.__name__}"
+    return Fixed
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,7 +316,8 @@ class CompiledRunner(Runner):
         self.compiled = {entry: torch.compile(entry, mode=mode, backend=backend, dynamic=False, fullgraph=True)
                          for entry in ENTRIES}
         self.calls = 0
-        self._fixed: dict[torch.nn.Module, Any] = {}  # attention module -> its fixed hypernetwork processor
+        self._fixed: dict[torch.nn.Module, Any] = {}  # attention module -> its fixed attention-context processor
+        self._context_types = _context_types()  # declared processor class -> type (attention-context types)
         self.fused: list[torch.nn.Module] = []
         self._ready = False  # the UNet is changed at the first step, not here: preparing has no side effect
         self._signatures: set = set()
@@ -439,12 +387,12 @@ class CompiledRunner(Runner):
             inputs += [list(down) if down is not None else None, mid]
         if t2i:
             inputs.append(list(intrablock))  # the UNet pops from this list: a copy of its own
-        layers = _hypernetwork_layers(self._attention(unet))
+        layers = self._context_layers(unet)
         if not layers:
             return self._call(UNET_ENTRIES[controlnet, t2i], unet, *inputs)
-        hypernetwork = self._hypernetwork_inputs(layers, call.get("encoder_hidden_states"))
+        context = self._context_inputs(layers, call.get("encoder_hidden_states"))
         with self._fixed_processors(layers):
-            return self._call(UNET_HN_ENTRIES[controlnet, t2i], unet, *inputs, hypernetwork)
+            return self._call(UNET_HN_ENTRIES[controlnet, t2i], unet, *inputs, context)
 
     def _attention(self, unet) -> list[torch.nn.Module]:
         """The UNet's attention layers (modules with a ``processor``), found once per UNet: walking every module
@@ -454,42 +402,53 @@ class CompiledRunner(Runner):
             self._attention_of = unet
         return self._attention_layers
 
-    # -- hypernetworks ----------------------------------------------------------------------------
-    def _hypernetwork_inputs(self, layers: list, context: torch.Tensor | None) -> dict[str, dict]:
-        """The graph inputs of the attached hypernetworks: for cross-attention, the key and value contexts
-        computed here, once per width (they depend on the text context only); for self-attention, where the
-        context is the hidden state, each width's chain of (k MLP, v MLP, multiplier as a tensor)."""
-        contexts, chains, seen = {}, {}, {}
-        for module, processor in layers:
+    # -- attention contexts -----------------------------------------------------------------------
+    def _context_layers(self, unet) -> list[tuple[torch.nn.Module, Any, Any]]:
+        """(attention module, its attached processor, the type declaring that processor) for every layer running
+        an ``attention-context`` type's processor."""
+        if not self._context_types:
+            return []
+        declared = tuple(self._context_types)
+        return [(m, m.processor, self._owner(m.processor)) for m in self._attention(unet)
+                if isinstance(m.processor, declared)]
+
+    def _owner(self, processor) -> Any:
+        return next(t for cls, t in self._context_types.items() if isinstance(processor, cls))
+
+    def _context_inputs(self, layers: list, context: torch.Tensor | None) -> dict[str, dict]:
+        """The graph inputs of the attached processors, by type and width: for cross-attention, the key and value
+        contexts computed here with the processor's ``contexts`` (they depend on the text context only); for
+        self-attention, where the context is the hidden state, the type's ``attention_graph_inputs``."""
+        contexts, graph, seen = {}, {}, {}
+        for module, processor, owner in layers:
             cross, width = module.is_cross_attention, module.to_k.in_features
-            chain = tuple(processor.hypernetworks)
-            if seen.setdefault((cross, width), chain) != chain:  # attach gives every layer of a width one chain
-                raise AdapterhubError(f"attention layers of width {width} run different hypernetworks; the compiled "
-                                      "backend needs one per width (use --backend eager)")
-            if cross and width not in contexts:
+            key, chain = f"{owner.name}:{width}", owner.attention_chain(processor)
+            if seen.setdefault((cross, key), chain) != chain:  # attach gives every layer of a width one chain
+                raise AdapterhubError(f"attention layers of width {width} run different {owner.name} chains; the "
+                                      "compiled backend needs one per width (use --backend eager)")
+            if cross and key not in contexts:
                 if context is None or module.norm_cross:
-                    raise AdapterhubError("a hypernetwork on a cross-attention layer without a plain text context; "
+                    raise AdapterhubError(f"a {owner.name} on a cross-attention layer without a plain text context; "
                                           "use --backend eager")
-                contexts[width] = processor.contexts(context)
-            elif not cross and width not in chains:
-                device = module.to_k.weight.device
-                chains[width] = [(*h.layers[width], torch.tensor(h.multiplier, dtype=torch.float32, device=device))
-                                 for h in chain if width in h.layers]
-        return {"contexts": contexts, "chains": chains}
+                contexts[key] = processor.contexts(context)
+            elif not cross and key not in graph:
+                graph[key] = owner.attention_graph_inputs(chain, width, module.to_k.weight.device)
+        return {"contexts": contexts, "graph": graph}
 
     @contextlib.contextmanager
     def _fixed_processors(self, layers: list) -> Iterator[None]:
-        """Each hypernetwork layer runs its fixed processor (one object per layer for the runner's life, so the
-        graph's guards hold) for the compiled call; the attached processors are put back after."""
+        """Each layer runs its fixed processor (one object per layer for the runner's life, so the graph's guards
+        hold) for the compiled call; the attached processors are put back after."""
         fixed = self._fixed
         try:
-            for module, _ in layers:
+            for module, processor, owner in layers:
                 if module not in fixed:
-                    fixed[module] = _fixed_processor_type()(module.is_cross_attention, module.to_k.in_features)
+                    fixed[module] = _fixed_processor_type(owner.attention_processor)(
+                        owner, module.is_cross_attention, f"{owner.name}:{module.to_k.in_features}")
                 module.processor = fixed[module]
             yield
         finally:
-            for module, processor in layers:
+            for module, processor, _ in layers:
                 module.processor = processor
 
     @staticmethod
@@ -526,16 +485,26 @@ class CompiledRunner(Runner):
         return forward
 
     # -- the contract -----------------------------------------------------------------------------
-    def check_stack(self, stack) -> None:
-        """Weight deltas, textual inversions, ControlNets, T2I-Adapters and hypernetworks pass; anything else
-        that is not a weight delta (it may change the UNet's code, which the graph would bake in) is refused."""
+    def plan(self, stack) -> list[tuple[str, str]]:
+        """``(entry label, declared kind)`` for each loaded entry: how this runner feeds it to the graph (see the
+        module docstring). An entry whose type declares no kind this backend runs (it may change the UNet's code,
+        which the graph would bake in) is refused with one line naming it."""
+        plan = []
         for entry in stack.entries:
             adapter = entry.adapter
-            if adapter is None or adapter.plugin.weight_space or adapter.type in UNET_UNTOUCHED + UNET_CONTROLS + \
-                    UNET_HYPERNETWORKS:
+            if adapter is None:
                 continue
-            raise AdapterhubError(f"{entry.label}: a {adapter.type} changes the UNet's code, not its weights or "
-                                  "inputs; the compiled backend would recompile at every switch (use --backend eager)")
+            kind = _kind(adapter.plugin)
+            if kind not in RUNS or kind == ATTENTION_CONTEXT and adapter.plugin.attention_processor is None:
+                raise AdapterhubError(f"{entry.label}: a {adapter.type} changes the UNet's code, not its weights or "
+                                      "inputs; the compiled backend would recompile at every switch (use --backend "
+                                      "eager)")
+            plan.append((entry.label, kind))
+        return plan
+
+    def check_stack(self, stack) -> None:
+        """Refuse, before anything changes, a stack with an entry :meth:`plan` cannot run."""
+        self.plan(stack)
 
     def _call(self, entry: Callable, module: torch.nn.Module, *inputs):
         """The compiled ``entry``. When the call compiled a graph, the signature of its inputs (structure, shapes,
@@ -573,8 +542,8 @@ class CompiledRunner(Runner):
 
 class CompiledBackend(SamplerBackend):
     name = "compiled"
-    description = ("torch.compile of the UNet (and ControlNet / T2I-Adapter); stacks, control images and weights "
-                   "switched without recompiling")
+    description = ("torch.compile of the UNet (and diffusers control models); stacks, control images and weights "
+                   "switched without recompiling; runs the types that declare how they reach the UNet")
 
     def prepare(self, pipe) -> Runner:
         return CompiledRunner(pipe, mode=os.environ.get("ADAPTERHUB_COMPILE_MODE") or None,

@@ -5,9 +5,11 @@ Not a weight delta: ``attach`` installs an attention processor that feeds ``to_k
 """
 from __future__ import annotations
 
+import torch
+
 from adapterhub.errors import AdapterError
 from adapterhub.hookspecs import hookimpl
-from adapterhub.types import Adapter, ModuleBackedType
+from adapterhub.types import ATTENTION_CONTEXT, Adapter, ModuleBackedType
 
 from . import formats, processor
 
@@ -20,6 +22,26 @@ class HypernetworkType(ModuleBackedType):
     capabilities = ("inspect", "attach", "save", "example", "train")
     example_suffix = ".pt"
     weight_space = False
+    unet_runtime = ATTENTION_CONTEXT  # only the key / value contexts change: a compiled UNet takes them as inputs
+    attention_processor = processor.HypernetworkAttnProcessor
+
+    def attention_chain(self, attached: processor.HypernetworkAttnProcessor) -> tuple:
+        """The hypernetworks the layer runs, in attach order."""
+        return tuple(attached.hypernetworks)
+
+    def attention_graph_inputs(self, chain: tuple, width: int, device) -> list:
+        """Each hypernetwork's (k MLP, v MLP, multiplier as a float32 tensor) for ``width``."""
+        return [(*h.layers[width], torch.tensor(h.multiplier, dtype=torch.float32, device=device))
+                for h in chain if width in h.layers]
+
+    def attention_graph_contexts(self, inputs: list, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Hypernetwork._run`` over the chain, the multiplier a tensor: a float32 product, the same as with
+        the Python number."""
+        context_k = context_v = context
+        for mlp_k, mlp_v, multiplier in inputs:
+            context_k = mlp_k(context_k.to(torch.float32), multiplier).to(context_k.dtype)
+            context_v = mlp_v(context_v.to(torch.float32), multiplier).to(context_v.dtype)
+        return context_k, context_v
 
     def make_trainable(self, model, config):
         """A1111 MLP pairs per context width (``config.hn_*``), attached for training; see ``train``."""

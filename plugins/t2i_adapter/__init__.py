@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from adapterhub.errors import AdapterError
 from adapterhub.hookspecs import hookimpl
-from adapterhub.types import Adapter, Handle, ModuleBackedType
+from adapterhub.types import UNET_RESIDUALS, Adapter, Handle, ModuleBackedType
 
 from . import formats, runtime
 
@@ -22,6 +22,7 @@ class T2IAdapterType(ModuleBackedType):
     capabilities = ("inspect", "attach", "save", "example", "train")
     example_suffix = ""
     weight_space = False
+    unet_runtime = UNET_RESIDUALS  # a forward pre-hook on the UNet adds its residuals (``runtime``)
 
     def make_trainable(self, model, config):
         """a new ``T2IAdapter`` shaped for the UNet (``config.t2i_*``), trained on conditioning images; see ``train``."""

@@ -16,7 +16,7 @@ from adapterhub.archs import TEXT_WIDTH
 from adapterhub.errors import AdapterError
 from adapterhub.hookspecs import hookimpl
 from adapterhub.io import AdapterFile
-from adapterhub.types import Adapter, AdapterType, ModuleBackedType, Sniff
+from adapterhub.types import UNET_UNTOUCHED, Adapter, AdapterType, ModuleBackedType, Sniff
 
 from . import formats, vocab
 
@@ -29,6 +29,7 @@ class TextualInversionType(ModuleBackedType):
     capabilities = ("inspect", "attach", "merge", "save", "example", "train")
     single_file_merge = False
     weight_space = False
+    unet_runtime = UNET_UNTOUCHED  # the text encoder's token table only
 
     def make_trainable(self, model, config):
         """New token rows (``config.token``, ``num_vectors``, ``init_word``); see ``train``."""
