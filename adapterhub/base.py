@@ -426,13 +426,18 @@ def _hub_offline() -> bool:
 
 
 def _hub_unreachable() -> str | None:
-    """Why the hub endpoint (``HF_ENDPOINT``) cannot be reached, from one short TCP connect; None if it can."""
+    """Why the hub endpoint (``HF_ENDPOINT``) cannot be reached, from one short TCP connect (to the proxy when
+    one is set for its scheme: only the proxy needs to answer then); None if it can."""
     import socket
     from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
 
     from huggingface_hub import constants
 
     url = urlsplit(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    proxy = getproxies().get(url.scheme)
+    if proxy and not proxy_bypass(url.hostname or ""):
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_SECONDS).close()

@@ -126,6 +126,8 @@ def test_uncached_hub_id_offline_fails_fast_with_one_line(tmp_path, monkeypatch,
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)  # the endpoint itself is probed, not a proxy the machine has
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     start = time.perf_counter()
     rc = main(["sample", "--base", "someone/uncached-model", "--prompt", "a cat", "--out", str(tmp_path / "o")])

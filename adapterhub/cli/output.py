@@ -48,11 +48,13 @@ def table(rows: Iterable[dict], columns: list[str] | None = None, title: str | N
     ``WHOLE_COLUMNS``) keep their full width, the others fold into it; when even that leaves the others under
     ``MIN_FOLDED`` characters, each row is printed as ``column: value`` lines instead. Piped output is not
     wrapped at all (the table is as wide as its content), so ``grep`` and ``cut`` see every value whole."""
+    from rich.cells import cell_len  # terminal cells, not characters: a CJK name is twice as wide
+
     rows = list(rows)
     columns = columns or (list(rows[0]) if rows else [])
     cells = [["" if r.get(c) is None else _shown(str(r.get(c))) for c in columns] for r in rows]
     keep = set(WHOLE_COLUMNS if whole is None else whole)
-    natural = [max([len(c), *(len(line) for row in cells for line in row[i].splitlines() or [""])])
+    natural = [max([cell_len(c), *(cell_len(line) for row in cells for line in row[i].splitlines() or [""])])
                for i, c in enumerate(columns)]
     frame = 3 * len(columns) + 1  # rich's borders and one space of padding each side
     width = _terminal_width()
@@ -70,14 +72,16 @@ def table(rows: Iterable[dict], columns: list[str] | None = None, title: str | N
 
 def _rich_table(columns: list[str], cells: list[list[str]], title: str | None, width: int, keep: set[str],
                 fold: bool) -> None:
+    from rich.cells import cell_len
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=None if title is None else _shown(title), show_lines=False)
-    for c in columns:
+    for i, c in enumerate(columns):
         if c in keep or not fold:
             t.add_column(c, no_wrap=True, overflow="ignore",
-                         min_width=max([len(c), *(len(row[columns.index(c)]) for row in cells)]))
+                         min_width=max([cell_len(c), *(cell_len(line) for row in cells for line in
+                                                       row[i].splitlines() or [""])]))
         else:
             t.add_column(c, overflow="fold")
     for row in cells:
