@@ -383,6 +383,8 @@ class Generator:
         tokens = {str(e.adapter.extra.get("token", "")).lower() for e in entries
                   if e.adapter is not None and e.adapter.type == "textual_inversion"}
         candidates = {n: p for n, p in embedding_candidates(self.adapter_dirs).items() if n.lower() not in tokens}
+        if not candidates:
+            return []
         found = []
         for name in embedding_names_in(text, candidates, self.pipe.tokenizer):
             path = candidates[name]
