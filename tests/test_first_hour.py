@@ -276,3 +276,12 @@ def test_sample_on_a_tiny_base_says_its_images_are_noise(tmp_path):
     assert res.exit_code == 0 and "random weights" in res.stderr and "noise" in res.stderr, res.stderr
     res = _invoke([*args, "--x", "cfg=3,7", "--out", str(tmp_path / "p")])
     assert res.exit_code == 0 and "random weights" in res.stderr, res.stderr
+
+
+def test_xy_sampler_axis_with_a_fixed_schedule_plans_ddim_on_its_own():
+    from adapterhub.sample.generator import Request
+    from adapterhub.sample.xy import plan_plot
+
+    plot = plan_plot(Request("a cat", schedule="Karras", seed=1), x="sampler=Euler,DDIM")
+    assert [c.request.schedule for c in plot.cells] == ["Karras", "Automatic"]
+    assert len(plot.notes) == 1 and "DDIM" in plot.notes[0] and "Karras" in plot.notes[0]
