@@ -62,6 +62,8 @@ def test_third_party_type_is_listed_with_its_distribution(installed_plugin):
     assert rows["scale-diff"]["distribution"] == "adapterhub-example-plugin"
     assert not rows["scale-diff"]["builtin"]
     assert rows["scale-diff"]["module"] == "adapterhub_example_plugin"
+    assert rows["residual-shift"]["distribution"] == "adapterhub-example-plugin"  # a non-weight type (test_contract)
+    assert "attach" in rows["residual-shift"]["capabilities"]
 
 
 USE = r"""

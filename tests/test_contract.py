@@ -1,0 +1,282 @@
+"""The plugin contract, proved for every registered adapter type (the third-party test plugin included).
+
+Each row is a registered type; each column a promise of the contract, checked where the type declares it:
+its own example is sniffed as its own and parses; saved and read back it behaves the same; attach changes
+the model and detach restores it bit for bit; a weight delta merges to exactly what attach gives; it
+converts to each target ``adapterhub.convert.targets_of`` lists and the result behaves the same; it samples
+with the eager backend and, where its ``runtime_kind`` is one the compiled backend runs, with the compiled
+backend (dynamo ``aot_eager``, tiny-sd1, 2 steps, 64 px) bit for bit like eager. A new type gets every
+column from its declarations alone.
+
+The third-party distribution (``tests/thirdparty_plugin``) is pip-installed into a private folder and found
+through its entry point like any other; the table's rows are read at collection from the built-ins and from
+the plugin's own hook, and the ``registry`` fixture checks that they are exactly what is registered.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+PLUGIN = HERE / "thirdparty_plugin"
+DISTRIBUTION = "adapterhub-example-plugin"
+SIZE = 64
+
+
+def _declared_types() -> dict:
+    """name -> type object for the table's rows: the built-ins' registered objects and the third-party
+    plugin's, read from its hook without registering it (the ``registry`` fixture does that)."""
+    from adapterhub.plugins import adapter_types
+
+    spec = importlib.util.spec_from_file_location(
+        "_contract_thirdparty_probe", PLUGIN / "src" / "adapterhub_example_plugin" / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    types = {name: t for name, t in adapter_types().items() if t.source.distribution != DISTRIBUTION}
+    types.update({t.name: t for t in module.adapterhub_adapter_types()})
+    return types
+
+
+DECLARED = _declared_types()
+THIRD_PARTY = ("scale-diff", "residual-shift")
+
+
+def _rows(predicate) -> list[str]:
+    return [name for name, t in DECLARED.items() if predicate(t)]
+
+
+def _conversions() -> list[tuple[str, str]]:
+    from adapterhub.convert import targets_of
+
+    return [(name, to) for name in _rows(lambda t: "example" in t.capabilities) for to in targets_of(DECLARED[name])]
+
+
+def _compiled_runs(adapter_type) -> bool:
+    from adapterhub_plugins.backends.compiled import RUNS
+
+    return adapter_type.runtime_kind in RUNS
+
+
+EXAMPLES = _rows(lambda t: "example" in t.capabilities)
+ATTACHES = _rows(lambda t: {"example", "attach"} <= set(t.capabilities))
+SAVES = _rows(lambda t: {"example", "save"} <= set(t.capabilities))
+MERGES = _rows(lambda t: t.weight_space and {"example", "merge", "attach"} <= set(t.capabilities))
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """The registry with the third-party distribution installed (pip, into a private folder on ``sys.path``);
+    the registry as it was afterwards."""
+    from adapterhub import plugins
+
+    site = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(PLUGIN)], check=True, capture_output=True)
+    sys.path.insert(0, str(site))
+    plugins.reset()
+    try:
+        types = plugins.adapter_types()
+        assert set(types) == set(DECLARED)  # the table has a row for every registered type, and no other
+        assert all(types[name].source.distribution == DISTRIBUTION for name in THIRD_PARTY)
+        yield types
+    finally:
+        sys.path.remove(str(site))
+        sys.modules.pop("adapterhub_example_plugin", None)
+        plugins.reset()
+
+
+@pytest.fixture(scope="module")
+def examples(registry, tiny_sd1, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("contract_examples")
+    return {name: Path(registry[name].example(tiny_sd1, folder / f"{name}{registry[name].example_suffix}",
+                                              seed=1)) for name in EXAMPLES}
+
+
+@pytest.fixture(scope="module")
+def backends(registry, tiny_sd1):
+    """An eager and a compiled (``aot_eager``) generator on copies of tiny-sd1, shared by the table."""
+    import torch._dynamo
+
+    from adapterhub.sample.generator import Generator
+
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")
+        compiled = Generator(copy.deepcopy(tiny_sd1), backend="compiled", hash_model=False)
+    eager = Generator(copy.deepcopy(tiny_sd1), backend="eager", hash_model=False)
+    yield eager, compiled
+    compiled.close()
+    eager.close()
+    torch._dynamo.reset()
+
+
+def _load(path):
+    import adapterhub
+
+    return adapterhub.load(path)
+
+
+def _state(pipe) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer the adapters could touch, and the tokenizer's size (as a tensor)."""
+    state = {f"unet.{k}": v for k, v in pipe.unet.state_dict().items()}
+    state.update({f"text_encoder.{k}": v for k, v in pipe.text_encoder.state_dict().items()})
+    state["tokenizer"] = torch.tensor(len(pipe.tokenizer))
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _unet_output(pipe) -> torch.Tensor:
+    """One UNet call on fixed inputs (hooks and attention processors included)."""
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, pipe.unet.config.in_channels, SIZE // 8, SIZE // 8, generator=gen)
+    context = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=gen)
+    with torch.no_grad():
+        return pipe.unet(sample, torch.tensor(500), encoder_hidden_states=context, return_dict=False)[0]
+
+
+def _probe(pipe) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return _unet_output(pipe), _state(pipe)
+
+
+def _same(a, b, tol: float = 0.0) -> None:
+    out_a, state_a = a
+    out_b, state_b = b
+    torch.testing.assert_close(out_a, out_b, rtol=tol, atol=tol)
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        torch.testing.assert_close(state_a[key], state_b[key], rtol=tol, atol=tol, msg=key)
+
+
+def _attached_probe(registry, name, path, tiny_sd1, weight=1.0):
+    """The probe of a fresh tiny-sd1 with ``path`` attached (the type's example options)."""
+    pipe = copy.deepcopy(tiny_sd1)
+    adapter = _load(path)
+    with adapter.attach(pipe, weight, **registry[name].example_options(pipe)):
+        return _probe(pipe)
+
+
+# --------------------------------------------------------------------------------------------
+# the table
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_sniffs_and_parses_its_own_example(registry, examples, name):
+    from adapterhub.io import open_adapter_file
+
+    adapter_type = registry[name]
+    file = open_adapter_file(examples[name])
+    own = adapter_type.sniff(file)
+    assert own is not None and 0 < own.score <= 1
+    others = {n: t.sniff(file) for n, t in registry.items() if n != name}
+    assert all(s is None or s.score < own.score for s in others.values()), others
+    adapter = _load(examples[name])
+    assert adapter.type == name and adapter.format == own.format
+    assert adapter.format in adapter_type.formats
+    assert isinstance(adapter_type.info(adapter), dict)
+
+
+# AdaLoRA's default and every other layout are a plain LoRA's (kohya / PEFT LoRA): the delta survives (checked
+# first), the type does not. The lora plugin's to fix; the rows pass once it is.
+RETYPED = {"adalora": "lora"}
+
+
+def _same_type(name: str, again) -> None:
+    if RETYPED.get(name) == again.type:
+        pytest.xfail(f"{name}: written as, and read back as, a plain {again.type}")
+    assert again.type == name
+
+
+@pytest.mark.parametrize("name", SAVES)
+def test_save_and_read_back_equal(registry, examples, tiny_sd1, tmp_path, name):
+    adapter = _load(examples[name])
+    again = _load(adapter.save(tmp_path / examples[name].name))  # the same name: a token may come from it
+    if "attach" in registry[name].capabilities:  # bit for bit, unless saving is a conversion (RETYPED)
+        _same(_attached_probe(registry, name, examples[name], tiny_sd1),
+              _attached_probe(registry, name, again.path, tiny_sd1), tol=1e-5 if name in RETYPED else 0.0)
+    _same_type(name, again)
+    assert again.format == adapter.format
+    assert registry[name].info(again) == registry[name].info(adapter)
+    assert again.patches.keys() == adapter.patches.keys()
+    for target, patch in adapter.patches.items():
+        assert patch.tensors.keys() == again.patches[target].tensors.keys()
+        for key, tensor in patch.tensors.items():
+            assert torch.equal(tensor, again.patches[target].tensors[key]), (target, key)
+
+
+@pytest.mark.parametrize("name", ATTACHES)
+def test_attach_changes_and_detach_restores_bitwise(registry, examples, fresh_sd1, name):
+    before = _probe(fresh_sd1)
+    adapter = _load(examples[name])
+    handle = adapter.attach(fresh_sd1, 1.0, **registry[name].example_options(fresh_sd1))
+    attached = _probe(fresh_sd1)
+    with pytest.raises(AssertionError):
+        _same(before, attached)  # the attachment does something
+    handle.detach()
+    _same(before, _probe(fresh_sd1))
+
+
+@pytest.mark.parametrize("name", MERGES)
+def test_merge_equals_attach(registry, examples, tiny_sd1, name):
+    merged = copy.deepcopy(tiny_sd1)
+    _load(examples[name]).merge_into(merged, 0.7)
+    _same(_probe(merged), _attached_probe(registry, name, examples[name], tiny_sd1, weight=0.7))
+
+
+def _convert(source: Path, to: str, out: Path) -> Path:
+    """``convert`` to ``out``, named as the layout wants (a file for a one-file layout, else a folder)."""
+    from adapterhub.convert import convert
+    from adapterhub.errors import AdapterhubError
+
+    try:
+        convert(source, to, out)
+    except AdapterhubError as exc:
+        if "is a single file" in str(exc):
+            out = out.with_name(f"{out.name}.safetensors")
+        elif "is a folder" in str(exc):
+            out = out.with_suffix("")
+        else:
+            raise
+        convert(source, to, out)
+    return out
+
+
+@pytest.mark.parametrize("name,to", _conversions())
+def test_converts_to_each_declared_target(registry, examples, tiny_sd1, tmp_path, name, to):
+    out = _convert(examples[name], to, tmp_path / examples[name].name)
+    if "attach" in registry[name].capabilities:
+        # layouts differ in dtype and scaling conventions: the same model within float32 rounding
+        _same(_attached_probe(registry, name, examples[name], tiny_sd1),
+              _attached_probe(registry, name, out, tiny_sd1), tol=1e-5)
+    _same_type(name, _load(out))
+
+
+@pytest.mark.parametrize("name", ATTACHES)
+def test_samples_eager_and_compiled_where_declared(registry, examples, backends, name):
+    from adapterhub.errors import AdapterhubError
+    from adapterhub.sample.generator import Request
+    from adapterhub.stack import Entry, Stack
+
+    eager, compiled = backends
+
+    def request(entries):  # the file's name in the prompt: a textual inversion's token is its file name
+        return Request(f"a house, {examples[name].stem}", stack=Stack(entries), seed=4, steps=2, sampler="Euler",
+                       width=SIZE, height=SIZE)
+
+    def entries():
+        return [Entry(str(examples[name]), te=1.0, options=registry[name].example_options(eager.pipe))]
+
+    plain = eager.generate(request([]), output="latent").latents
+    got = eager.generate(request(entries()), output="latent").latents
+    assert not torch.equal(plain, got)  # the adapter reaches the sample
+    if not _compiled_runs(registry[name]):
+        with pytest.raises(AdapterhubError, match=f"a {name} changes the UNet's code.*--backend eager"):
+            compiled.generate(request(entries()), output="latent")
+        return
+    assert torch.equal(compiled.generate(request(entries()), output="latent").latents, got)
