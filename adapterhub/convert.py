@@ -32,6 +32,7 @@ from adapterhub.api import load, sha256_file
 from adapterhub.errors import AdapterError, AdapterhubError
 from adapterhub.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from adapterhub.types import Adapter, AdapterType
+from adapterhub.weights import check_adapter_finite
 
 TARGET_NAMES = ("kohya", "diffusers", "peft", "a1111")
 _LORA = ("kohya", "a1111", "diffusers", "peft")
@@ -68,6 +69,7 @@ def convert(source: str | os.PathLike, to: str, out: str | os.PathLike, force: b
             raise AdapterhubError(f"{out}: already exists (pass --force to replace it)")
     adapter = load(source)
     _check_convertible(adapter, to)
+    check_adapter_finite(adapter)  # a NaN / Inf tensor or alpha is refused, not copied into the new layout
     digest = sha256_file(source)
     source_format = adapter.format
     adapter.metadata = {**adapter.metadata, CONVERTED_FROM: source_format, CONVERTED_FROM_SHA256: digest}

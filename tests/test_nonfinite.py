@@ -289,3 +289,17 @@ def test_dict_model_without_unet_has_one_stack_guard(sd1, tmp_path):
         Stack([(a, 0.5)]).apply({"text_encoder": te})
     first.remove()
     assert all(torch.equal(p, before[n]) for n, p in te.named_parameters())
+
+
+@pytest.mark.parametrize("to", ["kohya", "diffusers"])
+def test_convert_refuses_nonfinite_files_and_writes_nothing(tmp_path, capsys, to):
+    """convert writes an adapter without applying it: the finite check guards it too (one line, exit 2)."""
+    files = _bad_files(tmp_path)
+    for case in ("nan_in_up", "alpha_inf"):
+        path, key, word = files[case]
+        out = tmp_path / f"{case}-{to}.safetensors"
+        rc = cli_main(["convert", str(path), "--to", to, "--out", str(out)])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error")]
+        assert rc == 2 and len(errors) == 1 and key in errors[0] and str(path) in errors[0], err
+        assert not out.exists() and not list(tmp_path.glob(f".{out.name}*"))
