@@ -147,7 +147,7 @@ def merge_files(base: str, specs, out: Path, dtype: str | None = None,
     progress(f"loading base {base}")
     pipe = load_base(base)
     progress("merging")
-    stack.apply(pipe, mode="merge")
+    stack.apply(pipe, mode="merge", dtype=DTYPES[dtype] if dtype else None)  # finite in the saved dtype too
     progress(f"writing {out}")
     try:
         save_pipeline(pipe, out, dtype=DTYPES[dtype] if dtype else None)

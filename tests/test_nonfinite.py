@@ -303,3 +303,17 @@ def test_convert_refuses_nonfinite_files_and_writes_nothing(tmp_path, capsys, to
         errors = [line for line in err.splitlines() if line.startswith("error")]
         assert rc == 2 and len(errors) == 1 and key in errors[0] and str(path) in errors[0], err
         assert not out.exists() and not list(tmp_path.glob(f".{out.name}*"))
+
+
+def test_merge_dtype_fp16_refuses_a_result_beyond_fp16(tmp_path, capsys):
+    """Finite in float32, past float16's 65504: `merge --dtype fp16` refuses before writing; fp32 merges."""
+    t = {f"{LIN}.lora_down.weight": torch.full((1, 32), 300.0), f"{LIN}.lora_up.weight": torch.full((32, 1), 300.0),
+         f"{LIN}.alpha": torch.tensor(1.0)}
+    path = _write(t, tmp_path / "big.safetensors")
+    out = tmp_path / "half"
+    rc = cli_main(["merge", "--base", "tiny-sd1", "--dtype", "fp16", "--out", str(out), str(path)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert rc == 2 and len(errors) == 1 and str(path) in errors[0], err
+    assert not out.exists()
+    assert cli_main(["merge", "--base", "tiny-sd1", "--out", str(tmp_path / "full"), str(path)]) == 0
