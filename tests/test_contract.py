@@ -183,7 +183,8 @@ def test_sniffs_and_parses_its_own_example(registry, examples, name):
 
 
 # AdaLoRA's default and every other layout are a plain LoRA's (kohya / PEFT LoRA): the delta survives (checked
-# first), the type does not. The lora plugin's to fix; the rows pass once it is.
+# first), the type does not. The rows pass once the lora plugin writes PEFT AdaLoRA or the contract lets a type
+# declare the type it is written as (then ``_same_type`` reads that declaration instead of this table).
 RETYPED = {"adalora": "lora"}
 
 
