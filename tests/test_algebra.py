@@ -448,3 +448,20 @@ def test_cli_combine_resize_extract(files, tiny_sd1, fresh_sd1, tmp_path):
     run = cli("combine", files["A"], "--method", "average", "--out", bad)
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0
     assert "unknown method" in run.stderr and not bad.exists()
+
+
+def test_cli_resize_prints_a_summary_not_a_wall_of_modules(files, tmp_path):
+    """#17 item 12: the summary comes last and the per-module rows only on --verbose (the worst few else)."""
+    out = tmp_path / "resized.safetensors"
+    run = cli("resize", files["A"], "--rank", "2", "--out", out)
+    assert run.returncode == 0, run.stderr
+    modules = json.loads(cli("resize", files["A"], "--rank", "2", "--out", tmp_path / "again.safetensors",
+                             "--json").stdout)["modules"]
+    assert modules > 5
+    rows = [line for line in run.stdout.splitlines() if "->2" in line]
+    assert len(rows) == 5, run.stdout
+    tail = run.stdout.rstrip().splitlines()[-12:]
+    assert any("fro retained" in line for line in tail) and any("modules" in line for line in tail), run.stdout
+    verbose = cli("resize", files["A"], "--rank", "2", "--out", tmp_path / "v.safetensors", "--verbose")
+    assert verbose.returncode == 0, verbose.stderr
+    assert len([line for line in verbose.stdout.splitlines() if "->2" in line]) == modules

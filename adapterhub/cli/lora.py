@@ -42,22 +42,41 @@ def _old_label(ranks: list) -> str:
     return "+".join("?" if r is None else str(r) for r in ranks) or "full"
 
 
-def _render(data: dict) -> None:
-    rows = [{"module": _short(r["module"]), "rank": f"{_old_label(r['old_ranks'])}->{r['new_rank']}",
+WORST = 5  # modules listed without --verbose: those that kept the least
+
+
+def _rows(records: list[dict]) -> list[dict]:
+    return [{"module": _short(r["module"]), "rank": f"{_old_label(r['old_ranks'])}->{r['new_rank']}",
              "fro %": r["fro_retained_pct"], "energy %": r["energy_retained_pct"], "error": r["error"]}
-            for r in data["per_module"]]
-    output.table(rows, COLUMNS,
-                 title=f"{data['method']}: {data['out']} ({data['type']}, {data['modules']} modules, "
-                       f"ranks {data['ranks']}, mean fro retained {data['mean_fro_retained_pct']}%, "
-                       f"{data['seconds']} s)")
+            for r in records]
+
+
+def _render(data: dict, verbose: bool = False) -> None:
+    """The per-module table (all modules with --verbose, else the few that kept the least), then the summary,
+    last, so that it stays on screen."""
+    records = data["per_module"]
+    if verbose:
+        output.table(_rows(records), COLUMNS, title="per module")
+    elif len(records) > WORST:
+        worst = sorted(records, key=lambda r: (r["fro_retained_pct"], -r["error"]))[:WORST]
+        output.table(_rows(worst), COLUMNS, title=f"the {WORST} of {len(records)} modules that kept the least "
+                                                  "(--verbose lists all)")
+    elif records:
+        output.table(_rows(records), COLUMNS, title="per module")
+    fro = [r["fro_retained_pct"] for r in records]
+    summary = {"out": data["out"], "method": data["method"], "type": data["type"], "base": data["base"],
+               "modules": data["modules"], "ranks": ", ".join(map(str, data["ranks"])),
+               "fro retained %": (f"mean {data['mean_fro_retained_pct']}, min {min(fro)}" if fro else None),
+               "seconds": data["seconds"]}
+    output.key_values({k: v for k, v in summary.items() if v is not None}, title="result")
     for note in data["notes"]:
         click.echo(note, err=True)
 
 
-def _run(description: str, as_json: bool, call):
+def _run(description: str, as_json: bool, call, verbose: bool = False):
     with ExitStack() as stack:
         result = call(_Bar(description, stack))
-    output.emit(result.as_dict(), as_json, _render)
+    output.emit(result.as_dict(), as_json, lambda data: _render(data, verbose))
 
 
 def _common(f):
@@ -69,6 +88,8 @@ def _common(f):
                      help="Precision of the output (default fp32)."),
         click.option("--device", default="cpu", show_default=True, help="Where the SVDs run (cpu, cuda)."),
         click.option("--json", "as_json", is_flag=True, help="Print a JSON summary with per-module results."),
+        click.option("--verbose", "-v", is_flag=True,
+                     help="List every module (by default: the summary and the modules that kept the least)."),
     ]):
         f = decorator(f)
     return f
@@ -93,7 +114,7 @@ def lora():
 @click.option("--base", default=None, help=BASE_HELP)
 @_common
 def combine_cmd(adapters, method, rank, conv_rank, density, majority_sign, seed, base, out, clamp_quantile, dtype,
-                device, as_json):
+                device, as_json, verbose):
     """Combine FILE[:WEIGHT] ... into one LoRA written to --out."""
     from adapterhub.algebra import combine_files
 
@@ -103,7 +124,7 @@ def combine_cmd(adapters, method, rank, conv_rank, density, majority_sign, seed,
         specs.append((resolve_adapter(name), weight))
     _run("combining", as_json, lambda bar: combine_files(
         specs, out, dtype=dtype, base=base, method=method, rank=rank, conv_rank=conv_rank, density=density,
-        majority_sign=majority_sign, seed=seed, clamp_quantile=clamp_quantile, device=device, progress=bar))
+        majority_sign=majority_sign, seed=seed, clamp_quantile=clamp_quantile, device=device, progress=bar), verbose)
 
 
 @lora.command("resize")
@@ -114,14 +135,14 @@ def combine_cmd(adapters, method, rank, conv_rank, density, majority_sign, seed,
               help="sv_ratio:X, sv_fro:X or sv_cumulative:X (kohya --dynamic_method/param).")
 @click.option("--base", default=None, help=BASE_HELP)
 @_common
-def resize_cmd(adapter, rank, conv_rank, dynamic, base, out, clamp_quantile, dtype, device, as_json):
+def resize_cmd(adapter, rank, conv_rank, dynamic, base, out, clamp_quantile, dtype, device, as_json, verbose):
     """Re-factorise a LoRA (or any weight-space adapter) to a lower rank; report what each module keeps."""
     from adapterhub.algebra import parse_dynamic, resize_file
 
     path, plan = resolve_adapter(adapter), parse_dynamic(dynamic)
     _run("resizing", as_json, lambda bar: resize_file(
         path, out, dtype=dtype, base=base, rank=rank, conv_rank=conv_rank, dynamic=plan,
-        clamp_quantile=clamp_quantile, device=device, progress=bar))
+        clamp_quantile=clamp_quantile, device=device, progress=bar), verbose)
 
 
 @lora.command("extract")
@@ -132,11 +153,11 @@ def resize_cmd(adapter, rank, conv_rank, dynamic, base, out, clamp_quantile, dty
 @click.option("--min-diff", type=float, default=0.01, show_default=True,
               help="Text encoders are extracted only when a weight differs by more than this (kohya).")
 @_common
-def extract_cmd(base, tuned, rank, conv_rank, min_diff, out, clamp_quantile, dtype, device, as_json):
+def extract_cmd(base, tuned, rank, conv_rank, min_diff, out, clamp_quantile, dtype, device, as_json, verbose):
     """A LoRA from the difference of two checkpoints (SVD of W_tuned - W_base per module)."""
     from adapterhub.algebra import extract_files
 
     output.quiet_model_loading()
     _run("extracting", as_json, lambda bar: extract_files(
         base, tuned, out, rank, dtype=dtype, conv_rank=conv_rank, min_diff=min_diff,
-        clamp_quantile=clamp_quantile, device=device, progress=bar))
+        clamp_quantile=clamp_quantile, device=device, progress=bar), verbose)
