@@ -12,8 +12,8 @@ Four target names, each named after the tools that read it:
   ``ControlNetModel.from_pretrained`` ...); the LoRA file is one ComfyUI also reads in full;
 * ``peft``: PEFT adapter folders (``PeftModel.from_pretrained``).
 
-Which targets exist for a type is declared in :data:`TARGETS` for the built-in types; a third-party type
-declares its own with a ``convert_targets`` attribute (a tuple of these names). Which tool reads which
+Which targets exist for a type is the type's own declaration, ``AdapterType.convert_targets`` (a tuple of
+these names), the built-in types' like a third-party type's: this module names no type. Which tool reads which
 layout, each claim with its test: ``docs/interop.md``. The type's own
 ``save(adapter, path, target)`` writes the layout; this service loads the source with whatever layout
 it has, records the conversion in the metadata (``adapterhub.converted_from`` = the source layout,
@@ -35,25 +35,14 @@ from adapterhub.types import Adapter, AdapterType
 from adapterhub.weights import check_adapter_finite
 
 TARGET_NAMES = ("kohya", "diffusers", "peft", "a1111")
-_LORA = ("kohya", "a1111", "diffusers", "peft")
-TARGETS: dict[str, tuple[str, ...]] = {
-    "lora": _LORA, "locon": _LORA, "adalora": _LORA,
-    "loha": ("kohya", "a1111", "peft"),
-    "lokr": ("kohya", "a1111"),
-    "textual_inversion": ("a1111", "diffusers"),
-    "controlnet": ("diffusers", "a1111"),
-    "t2i_adapter": ("diffusers", "a1111"),
-    "hypernetwork": ("a1111",),
-}
 CONVERTED_FROM = "adapterhub.converted_from"
 CONVERTED_FROM_SHA256 = "adapterhub.converted_from_sha256"
 FILE_SUFFIXES = SAFETENSORS_SUFFIXES | PICKLE_SUFFIXES
 
 
 def targets_of(adapter_type: AdapterType) -> tuple[str, ...]:
-    """The target names that exist for ``adapter_type`` (its own ``convert_targets`` first)."""
-    declared = getattr(adapter_type, "convert_targets", None)
-    return tuple(declared) if declared is not None else TARGETS.get(adapter_type.name, ())
+    """The target names ``adapter_type`` declares (``convert_targets``; empty: it does not convert)."""
+    return tuple(getattr(adapter_type, "convert_targets", None) or ())
 
 
 def convert(source: str | os.PathLike, to: str, out: str | os.PathLike, force: bool = False) -> dict:

@@ -278,6 +278,15 @@ class AdapterType:
     single_file_merge: ClassVar[bool] = True
     unet_runtime: ClassVar[str | None] = None  # see the class docstring; None: eager backend only
     attention_processor: ClassVar[type | None] = None  # the processor class an ATTENTION_CONTEXT type installs
+    # the layouts ``adapterhub convert --to`` may write (of ``adapterhub.convert.TARGET_NAMES``; the type's
+    # ``save(adapter, path, target)`` writes each); empty: the type does not convert
+    convert_targets: ClassVar[tuple[str, ...]] = ()
+    # adapters of this type carry a word (``adapter.extra["token"]``) that a prompt names to use them: the
+    # generator looks such files up by stem in the adapter folders and the catalog (the webui's embeddings folder)
+    prompt_tokens: ClassVar[bool] = False
+    # the webui extra-networks page the server lists this type's files on (``adapterhub.serve.networks.KINDS``;
+    # weight-space types are on the first without saying so); None: not listed
+    extra_network: ClassVar[str | None] = None
     source: Any = None  # filled by the registry: which distribution registered the type
 
     @property
@@ -301,6 +310,23 @@ class AdapterType:
         """``(context_k, context_v)`` from ``inputs`` (:meth:`attention_graph_inputs`), traced into the graph:
         it must equal the attached processor's ``contexts(context)`` bit for bit."""
         raise NotImplementedError(f"{self.name}: declares no attention graph contexts")
+
+    def infotext_fields(self, adapter: Adapter, entry, prompt: str) -> list[tuple[str, str | None, Any]]:
+        """What an applied stack ``entry`` (``adapterhub.stack.Entry``: its ``label``, ``path``, ``weight`` and
+        attach ``options``) of this type adds to an image's webui infotext, given the request's ``prompt`` and
+        negative text. Each item is ``(field, name, value)``: with a ``name``, an entry of the hash list
+        ``field`` (``name: hash``, first of a name wins); without, a numbered unit (``field 0``, ``field 1`` ...).
+        ``value`` is the text or a zero-argument callable that computes it (a file hash, computed and cached
+        only when the field is written). Default: a weight delta's ``Lora hashes`` entry (the webui's field for
+        every network its Lora extension applies, LyCORIS included); others add nothing."""
+        path = entry.path or adapter.path
+        if not self.weight_space or path is None:
+            return []
+        from functools import partial
+
+        from adapterhub.sample.infotext import lora_hash
+
+        return [("Lora hashes", entry.label, partial(lora_hash, path, adapter.metadata))]
 
     def sniff(self, file: AdapterFile) -> Sniff | None:
         """Score ``file`` from keys, shapes and metadata only (no tensor reads)."""

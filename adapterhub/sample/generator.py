@@ -381,7 +381,7 @@ class Generator:
 
         have = {str(e.path.resolve()) for e in entries if e.path is not None}
         tokens = {str(e.adapter.extra.get("token", "")).lower() for e in entries
-                  if e.adapter is not None and e.adapter.type == "textual_inversion"}
+                  if e.adapter is not None and e.adapter.plugin.prompt_tokens}
         candidates = {n: p for n, p in embedding_candidates(self.adapter_dirs).items() if n.lower() not in tokens}
         if not candidates:
             return []
@@ -396,7 +396,7 @@ class Generator:
             except AdapterhubError:
                 continue  # a file of that name that is not readable is not an embedding the prompt meant
             adapter = entry.adapter
-            if adapter is None or adapter.type != "textual_inversion":
+            if adapter is None or not adapter.plugin.prompt_tokens:
                 continue
             problem = _embedding_misfit(adapter, self.pipe)
             if problem:
@@ -750,7 +750,7 @@ class Generator:
 
     # -- infotext ---------------------------------------------------------------------------------
     def parameters(self, req: Request, sampler, schedule: str, stack) -> dict[str, Any]:
-        lora, ti = self._adapter_hashes(stack, req.prompt + "\n" + req.negative)
+        fields = infotext.adapter_fields(stack, req.prompt + "\n" + req.negative, compute=self._hash)
         emphasis = req.emphasis if req.emphasis != "Original" and any(c in req.prompt + req.negative for c in "([") \
             else None
         from adapterhub import __version__
@@ -769,30 +769,21 @@ class Generator:
             "RNG": req.rng if req.rng != "GPU" else None,  # the webui leaves its default out
             # as the webui: only where the sampler draws noise again
             "ENSD": req.ensd if req.ensd and noise_sources.draws_more(sampler.name) else None,
-            "Lora hashes": infotext.hashes_text(lora), "TI hashes": infotext.hashes_text(ti),
-            "Emphasis": emphasis, **infotext.control_units(stack), "Version": f"adapterhub {__version__}",
+            # the webui's order: the hash lists, Emphasis, then the extensions' fields (ControlNet units)
+            "Lora hashes": fields.pop("Lora hashes", None), "TI hashes": fields.pop("TI hashes", None),
+            "Emphasis": emphasis, **fields, "Version": f"adapterhub {__version__}",
         }
 
-    def _adapter_hashes(self, stack, text: str) -> tuple[dict[str, str], dict[str, str]]:
-        lora, ti = {}, {}
-        for entry in stack.entries:
-            adapter = entry.adapter
-            path = entry.path or (adapter.path if adapter is not None else None)
-            if adapter is None or path is None:
-                continue
-            if adapter.plugin.weight_space:
-                lora.setdefault(entry.label, self._hash(path, infotext.lora_hash, adapter.metadata))
-            elif adapter.type == "textual_inversion":
-                token = str(adapter.extra.get("token") or entry.label)
-                if token.lower() in text.lower():
-                    ti.setdefault(token, self._hash(path, infotext.embedding_hash))
-        return lora, ti
-
-    def _hash(self, path: Path, fn, *args) -> str:
-        st = Path(path).stat()
-        key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size, fn.__name__)
+    def _hash(self, value) -> str:
+        """``value()``; a file hash (``functools.partial(fn, path, ...)``) cached by the file's path, mtime and
+        size and the hash function: an unchanged file is not read again for the next image."""
+        if not getattr(value, "args", None) or not isinstance(value.args[0], (str, Path)):
+            return value()  # not a file's hash: nothing to key a cache on
+        path = Path(value.args[0])
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size, value.func.__name__)
         if key not in self._hashes:
-            self._hashes[key] = fn(path, *args)
+            self._hashes[key] = value()
         return self._hashes[key]
 
     def close(self) -> None:
@@ -837,9 +828,12 @@ def _catalog_embeddings() -> dict[str, Path]:
     db_file = sqlite_path(url)
     if db_file is not None and not db_file.exists():
         return {}
+    from adapterhub.plugins import adapter_types
+
+    kinds = [name for name, t in adapter_types().items() if t.prompt_tokens]  # types a prompt names by a word
     try:
         with open_catalog(url) as catalog:
-            rows = list_entries(catalog, type="textual_inversion")
+            rows = [row for kind in kinds for row in list_entries(catalog, type=kind)]
     except AdapterhubError:
         return {}
     return {Path(r["path"]).stem: Path(r["path"]) for r in rows if r.get("path")}

@@ -184,7 +184,7 @@ def embedding_hash(path: str | Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # ControlNet units (sd-webui-controlnet ``ControlNetUnit.serialize`` / ``parse``)
 # ---------------------------------------------------------------------------------------------
-CONTROL_TYPES = ("controlnet", "t2i_adapter")
+CONTROL_FIELD = "ControlNet"  # the extension's units: ``ControlNet 0``, ``ControlNet 1`` ...
 CONTROL_KEY = re.compile(r"^ControlNet (\d+)$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
@@ -208,18 +208,16 @@ def _text(value: float) -> str:
     return str(float(value))
 
 
-def control_unit(entry) -> str | None:
-    """One stack entry as a ControlNet unit's value, or None if it is not a ControlNet / T2I-Adapter."""
-    adapter = entry.adapter
-    if adapter is None or adapter.type not in CONTROL_TYPES:
-        return None
+def control_unit(entry, adapter, guess: bool | None = None) -> str:
+    """A stack entry of a conditioning type (a residual network fed with an image: ControlNet, T2I-Adapter) as
+    the extension writes its unit's value; ``guess``: the options' ``guess_mode`` unless given (a type that
+    knows better, from the network's config, passes it)."""
     path = Path(entry.path or adapter.path)
     name = (path.stem if path.suffix.lower() in WEIGHT_SUFFIXES else path.name).translate(
         str.maketrans("", "", ":,"))
     options = entry.options
-    guess = options.get("guess_mode")
-    if guess is None and adapter.type == "controlnet":
-        guess = (adapter.extra.get("config") or {}).get("global_pool_conditions")
+    if guess is None:
+        guess = options.get("guess_mode")
     fields = {"Module": "none", "Model": f"{name} [{short_hash(path)}]", "Weight": _text(entry.weight),
               "Resize Mode": "Just Resize", "Guidance Start": _text(options.get("start", 0.0)),
               "Guidance End": _text(options.get("end", 1.0)), "Pixel Perfect": "False",
@@ -227,15 +225,36 @@ def control_unit(entry) -> str | None:
     return ", ".join(f"{key}: {value}" for key, value in fields.items())
 
 
-def control_units(stack) -> dict[str, str]:
-    """``ControlNet 0``, ``ControlNet 1`` … for the ControlNet and T2I-Adapter entries of ``stack``
-    (applied, so that its adapters are loaded), in stack order."""
+def adapter_fields(stack, prompt: str = "", only: str | None = None, compute=None) -> dict[str, str]:
+    """The infotext fields the entries of ``stack`` (applied, so that its adapters are loaded) add, in stack
+    order, as each entry's type says (``AdapterType.infotext_fields``): hash lists joined (:func:`hashes_text`),
+    units numbered. ``only`` keeps one field (its values alone are computed); ``compute(value)`` turns a
+    callable value into its text (the generator caches file hashes; default: calls it)."""
+    lists: dict[str, dict[str, str]] = {}
     units: dict[str, str] = {}
+    counts: dict[str, int] = {}
     for entry in getattr(stack, "entries", None) or ():
-        value = control_unit(entry)
-        if value is not None:
-            units[f"ControlNet {len(units)}"] = value
-    return units
+        adapter = entry.adapter
+        if adapter is None:
+            continue
+        for field, name, value in adapter.plugin.infotext_fields(adapter, entry, prompt):
+            if only is not None and field != only or name is not None and name in lists.get(field, {}):
+                continue
+            if callable(value):
+                value = compute(value) if compute is not None else value()
+            if name is None:
+                units[f"{field} {counts.get(field, 0)}"] = value
+                counts[field] = counts.get(field, 0) + 1
+            else:
+                lists.setdefault(field, {})[name] = value
+    joined = {field: hashes_text(pairs) for field, pairs in lists.items()}
+    return {**{k: v for k, v in joined.items() if v is not None}, **units}
+
+
+def control_units(stack) -> dict[str, str]:
+    """``ControlNet 0``, ``ControlNet 1`` … for the conditioning entries of ``stack`` (applied, so that its
+    adapters are loaded), in stack order."""
+    return adapter_fields(stack, only=CONTROL_FIELD)
 
 
 def _typed(value: str) -> Any:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from adapterhub.errors import AdapterhubError
 
-KINDS = ("lora", "embedding", "hypernetwork")
+KINDS = ("lora", "embedding", "hypernetwork")  # the webui's extra-network pages, each type declaring its own
 
 
 @dataclass
@@ -38,9 +38,10 @@ class Network:
 
 
 def _kind(adapter_type) -> str | None:
-    if adapter_type.weight_space:
-        return "lora"
-    return {"textual_inversion": "embedding", "hypernetwork": "hypernetwork"}.get(adapter_type.name)
+    """The page ``adapter_type`` is listed on: the first of KINDS for a weight delta, else its declared
+    ``extra_network`` (None, or a page the server has not: not listed)."""
+    kind = KINDS[0] if adapter_type.weight_space else adapter_type.extra_network
+    return kind if kind in KINDS else None
 
 
 def _read(path: Path) -> Network | None:

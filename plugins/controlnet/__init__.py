@@ -23,6 +23,16 @@ class ControlNetType(ModuleBackedType):
     example_suffix = ""
     weight_space = False
     unet_runtime = UNET_RESIDUALS  # a forward pre-hook on the UNet adds its residuals (``runtime``)
+    convert_targets = ("diffusers", "a1111")
+
+    def infotext_fields(self, adapter: Adapter, entry, prompt: str) -> list:
+        """A ``ControlNet N`` unit as sd-webui-controlnet writes it; a shuffle-like network (its config's
+        ``global_pool_conditions``) runs in guess mode, the extension's "ControlNet is more important"."""
+        from adapterhub.sample.infotext import CONTROL_FIELD, control_unit
+
+        guess = entry.options.get("guess_mode")
+        guess = (adapter.extra.get("config") or {}).get("global_pool_conditions") if guess is None else guess
+        return [(CONTROL_FIELD, None, control_unit(entry, adapter, guess))]
 
     def make_trainable(self, model, config):
         """``ControlNetModel.from_unet`` of the frozen UNet, trained on conditioning images; see ``train``."""

@@ -23,6 +23,8 @@ class HypernetworkType(ModuleBackedType):
     example_suffix = ".pt"
     weight_space = False
     unet_runtime = ATTENTION_CONTEXT  # only the key / value contexts change: a compiled UNet takes them as inputs
+    convert_targets = ("a1111",)
+    extra_network = "hypernetwork"  # the webui's hypernetworks page, what ``<hypernet:NAME>`` tags load
     attention_processor = processor.HypernetworkAttnProcessor
 
     def attention_chain(self, attached: processor.HypernetworkAttnProcessor) -> tuple:

@@ -16,6 +16,9 @@ from . import keys, parse, save
 from .patches import LoRAPatch
 
 LAYOUTS = ("kohya", "lycoris", "diffusers", "diffusers-attnproc", "peft")
+# ``adapterhub convert`` targets (``save`` writes each): a low-rank product has every layout; LoHa and LoKr
+# declare fewer (diffusers' loader reads neither)
+LOW_RANK_TARGETS = ("kohya", "a1111", "diffusers", "peft")
 
 
 def classify(file: AdapterFile) -> tuple[str, str] | None:
@@ -35,6 +38,7 @@ class LoRAFamilyType(AdapterType):
     capabilities = ("inspect", "merge", "attach", "save", "example")
     weight_space = True
     conv = False
+    convert_targets = LOW_RANK_TARGETS
 
     def sniff(self, file: AdapterFile) -> Sniff | None:
         found = classify(file)
@@ -98,6 +102,7 @@ class LoHaType(LoRAFamilyType):
     description = "LoHa: Hadamard product of two low-rank products (LyCORIS hada_*)"
     formats = ("lycoris", "peft")
     conv = True
+    convert_targets = ("kohya", "a1111", "peft")
 
 
 class LoKrType(LoRAFamilyType):
@@ -106,6 +111,7 @@ class LoKrType(LoRAFamilyType):
     formats = ("lycoris", "peft")
     capabilities = ("inspect", "merge", "attach", "save", "train")
     conv = True
+    convert_targets = ("kohya", "a1111")
 
 
 class AdaLoRAType(LoRAFamilyType):
@@ -121,6 +127,7 @@ class RefusedVariantType(LoRAFamilyType):
     additive delta of the kind our engine applies exactly, or is not settled across the reference tools."""
 
     capabilities = ("inspect",)
+    convert_targets = ()  # no other layout carries them
 
     def __init__(self, name: str, description: str):
         self.name, self.description = name, description

@@ -23,6 +23,13 @@ class T2IAdapterType(ModuleBackedType):
     example_suffix = ""
     weight_space = False
     unet_runtime = UNET_RESIDUALS  # a forward pre-hook on the UNet adds its residuals (``runtime``)
+    convert_targets = ("diffusers", "a1111")
+
+    def infotext_fields(self, adapter: Adapter, entry, prompt: str) -> list:
+        """A ``ControlNet N`` unit as sd-webui-controlnet writes its T2I-Adapter units."""
+        from adapterhub.sample.infotext import CONTROL_FIELD, control_unit
+
+        return [(CONTROL_FIELD, None, control_unit(entry, adapter))]
 
     def make_trainable(self, model, config):
         """a new ``T2IAdapter`` shaped for the UNet (``config.t2i_*``), trained on conditioning images; see ``train``."""

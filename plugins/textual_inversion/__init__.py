@@ -30,6 +30,22 @@ class TextualInversionType(ModuleBackedType):
     single_file_merge = False
     weight_space = False
     unet_runtime = UNET_UNTOUCHED  # the text encoder's token table only
+    convert_targets = ("a1111", "diffusers")
+    prompt_tokens = True  # ``extra["token"]``: a prompt naming it uses it
+    extra_network = "embedding"
+
+    def infotext_fields(self, adapter: Adapter, entry, prompt: str) -> list:
+        """A ``TI hashes`` entry (token: sha256 of the file, 12 digits) when ``prompt`` names the token, as the
+        webui lists the embeddings a prompt used."""
+        from functools import partial
+
+        from adapterhub.sample.infotext import embedding_hash
+
+        path = entry.path or adapter.path
+        token = str(adapter.extra.get("token") or entry.label)
+        if path is None or token.lower() not in prompt.lower():
+            return []
+        return [("TI hashes", token, partial(embedding_hash, path))]
 
     def make_trainable(self, model, config):
         """New token rows (``config.token``, ``num_vectors``, ``init_word``); see ``train``."""
