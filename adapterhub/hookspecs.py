@@ -35,7 +35,9 @@ def adapterhub_adapter_types() -> list[AdapterType]:
     and, for types that are not weight deltas, ``attach``). Names must be unique across all plugins.
     A type that is no weight delta declares how it reaches the UNet (``unet_runtime``: untouched, residuals
     or attention contexts; :mod:`adapterhub.types`) if a compiling backend is to run it; backends read only
-    that declaration, never the type's name.
+    that declaration, never the type's name. The services likewise read the type's other declarations
+    (``convert_targets``, ``reads_back_as``, ``infotext_fields``, ``prompt_tokens``, ``extra_network``): a
+    third-party type is converted, written into infotexts and listed by the server as a built-in one is.
     """
 
 

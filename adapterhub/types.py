@@ -281,6 +281,9 @@ class AdapterType:
     # the layouts ``adapterhub convert --to`` may write (of ``adapterhub.convert.TARGET_NAMES``; the type's
     # ``save(adapter, path, target)`` writes each); empty: the type does not convert
     convert_targets: ClassVar[tuple[str, ...]] = ()
+    # layout -> the type a file this type writes in that layout reads back as, where the layout cannot carry
+    # this type (an AdaLoRA written as kohya is the plain LoRA it equals); every other layout reads back as this
+    reads_back_as: ClassVar[dict[str, str]] = {}
     # adapters of this type carry a word (``adapter.extra["token"]``) that a prompt names to use them: the
     # generator looks such files up by stem in the adapter folders and the catalog (the webui's embeddings folder)
     prompt_tokens: ClassVar[bool] = False

@@ -218,12 +218,13 @@ def test_lycoris_loha_tucker_to_peft_loha(tmp_path):
                         weights(parts("tiny-sd1")))
 
 
-def test_adalora_is_written_as_the_lora_it_equals(tmp_path):
+def test_adalora_is_peft_adalora_or_written_as_the_lora_it_equals(tmp_path):
     src = adapter_type("adalora").example(parts("tiny-sd1"), tmp_path / "adalora", seed=6)
     original = deltas(src)
-    for to, name in (("peft", "peft"), ("diffusers", "d.safetensors"), ("kohya", "k.safetensors")):
+    for to, name, again in (("peft", "peft", "adalora"), ("diffusers", "d.safetensors", "lora"),
+                            ("kohya", "k.safetensors", "lora")):
         done = convert(src, to, tmp_path / name)
-        assert (done["type"], done["from"], done["read_back_type"]) == ("adalora", "peft", "lora")
+        assert (done["type"], done["from"], done["read_back_type"]) == ("adalora", "peft", again)
         assert_same_deltas(deltas(tmp_path / name), original)
 
 

@@ -120,6 +120,12 @@ class AdaLoRAType(LoRAFamilyType):
     formats = ("peft",)
     capabilities = LoRAFamilyType.capabilities + ("train",)
     example_suffix = ""  # a PEFT folder: adapter_model.safetensors + adapter_config.json
+    # PEFT AdaLoRA is written only as PEFT; every other layout holds the plain LoRA it equals
+    reads_back_as = {"kohya": "lora", "lycoris": "lora", "a1111": "lora", "diffusers": "lora"}
+
+    def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
+        """PEFT AdaLoRA folders by default (``unet/``, ``text_encoder/`` ...), read back as ``adalora``."""
+        return save.save(adapter, path, format or "peft")
 
 
 class RefusedVariantType(LoRAFamilyType):

@@ -23,8 +23,9 @@
   Text-encoder paths are written without ``text_model.`` (transformers 5 flattens ``CLIPTextModel``; the
   patterns still match the older nesting, whose names end the same way).
 
-LoRA, LoCon (a CP/Tucker ``lora_mid`` core is folded into ``lora_A`` exactly) and AdaLoRA (written as
-the LoRA it equals, ``A * E``) have every layout; LoHa has the LyCORIS and PEFT ones; LoKr and full
+LoRA, LoCon (a CP/Tucker ``lora_mid`` core is folded into ``lora_A`` exactly) and AdaLoRA (PEFT AdaLoRA in
+the ``peft`` layout, its default; elsewhere the LoRA it equals, ``A * E``, which reads back as a ``lora``) have
+every layout; LoHa has the LyCORIS and PEFT ones; LoKr and full
 diffs (``diff`` / ``w_norm``) only the LyCORIS one.
 """
 from __future__ import annotations
@@ -233,6 +234,46 @@ def _loha_component(adapter: Adapter, patches: dict[str, LoHaPatch]):
     return tensors, config
 
 
+def _adalora_component(adapter: Adapter, patches: dict[str, AdaLoRAPatch]):
+    """PEFT AdaLoRA, as ``save_pretrained`` writes it: ``lora_A`` (r, in), ``lora_E`` (r, 1), ``lora_B`` (out, r)
+    without ``.weight``, and an ``AdaLoraConfig`` whose ``init_r`` is the ``ranknum`` PEFT scales by; a module
+    the rank allocator left with fewer ranks gets its ``rank_pattern`` mask (kept ranks first), as PEFT records
+    a pruned module and resizes it on loading. One config holds one ``lora_alpha`` and one ``init_r``."""
+    from peft import AdaLoraConfig
+
+    alphas = {float(p.lora_alpha) for p in patches.values()}
+    ranknums = {p.ranknum or p.rank for p in patches.values()}
+    if len(alphas) > 1 or len(ranknums) > 1:
+        first = next(iter(patches.values()))
+        raise AdapterError(adapter.path, "AdaLoRA modules with different lora_alpha or initial ranks have no one "
+                                         "PEFT config; write it as kohya", first.source)
+    init_r = int(ranknums.pop())
+    tensors, pattern = {}, {}
+    for path, patch in patches.items():
+        t = patch.tensors
+        tensors.update({f"base_model.model.{path}.lora_{role}": t[key].contiguous()
+                        for role, key in (("A", "down"), ("E", "E"), ("B", "up"))})
+        if patch.rank != init_r:
+            pattern[f"{path}.lora_E"] = [True] * patch.rank + [False] * (init_r - patch.rank)
+    config = AdaLoraConfig(init_r=init_r, target_r=min(p.rank for p in patches.values()), lora_alpha=alphas.pop(),
+                           target_modules=sorted(patches), total_step=_total_step(adapter), tinit=0, tfinal=0,
+                           rank_pattern=pattern or None)
+    return tensors, config
+
+
+def _total_step(adapter: Adapter) -> int:
+    """The run's length for ``AdaLoraConfig`` (which refuses none): the source's own config or training
+    metadata, else 1 (it only schedules a training run; loading ignores it)."""
+    for value in ((adapter.file.config or {}).get("total_step") if adapter.file is not None else None,
+                  adapter.metadata.get("ss_max_train_steps")):
+        try:
+            if value is not None and int(value) > 0:
+                return int(value)
+        except (TypeError, ValueError):
+            continue
+    return 1
+
+
 def peft_components(adapter: Adapter) -> dict[str, tuple[dict[str, torch.Tensor], object]]:
     """component -> (tensors, PEFT config) for each component the adapter changes."""
     grouped: dict[str, dict[str, object]] = {}
@@ -243,6 +284,8 @@ def peft_components(adapter: Adapter) -> dict[str, tuple[dict[str, torch.Tensor]
     for component, patches in grouped.items():
         if all(isinstance(p, LoHaPatch) for p in patches.values()):
             out[component] = _loha_component(adapter, patches)
+        elif all(isinstance(p, AdaLoRAPatch) for p in patches.values()):
+            out[component] = _adalora_component(adapter, patches)
         elif any(isinstance(p, (LoHaPatch, LoKrPatch)) for p in patches.values()):
             first = next(p for p in patches.values() if isinstance(p, (LoHaPatch, LoKrPatch)))
             why = ("PEFT's LoKr chooses its factor shapes from its own config and cannot hold a LyCORIS file's"
