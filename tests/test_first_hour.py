@@ -106,9 +106,17 @@ def test_plain_progress_is_rate_limited_and_ends_with_the_last(monkeypatch, caps
         for _ in range(5):
             advance()
     lines = capsys.readouterr().err.splitlines()
-    # the first step at once, nothing within 5 s of it, the step at 6 s, and the end
-    assert [line.split(",")[0] for line in lines] == ["scanning: 1/5 (20%)", "scanning: 4/5 (80%)",
-                                                     "scanning: 5/5 (100%)"], lines
+    # nothing in the first 2 s (a quick command or an early error stays quiet), the step at 6 s, and the end
+    assert [line.split(",")[0] for line in lines] == ["scanning: 4/5 (80%)", "scanning: 5/5 (100%)"], lines
+    clock = iter([0.0, 2.5, 3.0, 7.6, 7.7, 7.7])
+    monkeypatch.setattr(output, "_now", lambda: next(clock))
+    with output.progress("scanning", total=5) as advance:
+        for _ in range(4):
+            advance()
+    lines = capsys.readouterr().err.splitlines()
+    # the first step after 2 s, nothing within 5 s of it, the step at 7.6 s, the last one reached at the end
+    assert [line.split(",")[0] for line in lines] == ["scanning: 1/5 (20%)", "scanning: 3/5 (60%)",
+                                                     "scanning: 4/5 (80%)"], lines
 
 
 # --------------------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ def emit(data: Any, as_json: bool, render=None) -> None:
 
 
 PLAIN_INTERVAL = 5.0  # seconds between progress lines when stderr is not a terminal (logs, CI, nohup)
+PLAIN_FIRST = 2.0  # seconds of work before the first of them
 
 
 def _now() -> float:
@@ -133,8 +134,9 @@ def _plain_line(description: str, done: int, total: int | None, elapsed: float) 
 
 @contextmanager
 def _plain_progress(description: str, total: int | None) -> Iterator:
-    """Progress as plain lines on stderr: the first step, then at most one line per ``PLAIN_INTERVAL``, and the
-    last step always (a log shows the run is alive without one line per step)."""
+    """Progress as plain lines on stderr: nothing in the first ``PLAIN_FIRST`` seconds (a quick command, or one
+    that fails at once, stays one line), then at most one line per ``PLAIN_INTERVAL``, and the last step always
+    (a log shows the run is alive without one line per step)."""
     start = _now()
     state = {"done": 0, "shown": 0, "at": None}
 
@@ -145,7 +147,8 @@ def _plain_progress(description: str, total: int | None) -> Iterator:
     def advance(n: int = 1) -> None:
         state["done"] += n
         now = _now()
-        if state["at"] is None or now - state["at"] >= PLAIN_INTERVAL or (total and state["done"] >= total):
+        due = now - start >= PLAIN_FIRST if state["at"] is None else now - state["at"] >= PLAIN_INTERVAL
+        if due or (total and state["done"] >= total):
             show(now)
 
     yield advance
