@@ -253,6 +253,11 @@ def _damage(state: Path, how: str) -> Path:
         tensors = load_file(str(state / "trainable.safetensors"))
         save_file({k: v[..., :1].contiguous() for k, v in tensors.items()}, str(state / "trainable.safetensors"))
         return state / "trainable.safetensors"
+    if how == "trainable.safetensors missing a tensor":
+        tensors = load_file(str(state / "trainable.safetensors"))
+        tensors.pop(sorted(tensors)[0])
+        save_file(tensors, str(state / "trainable.safetensors"))
+        return state / "trainable.safetensors"
     if how == "truncated config.json":
         text = (state / "config.json").read_text()
         (state / "config.json").write_text(text[: len(text) // 2])
@@ -261,7 +266,8 @@ def _damage(state: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("how", ["truncated trainable.safetensors", "truncated state.pt", "state.pt of something else",
-                                 "trainable.safetensors of another adapter", "truncated config.json"])
+                                 "trainable.safetensors of another adapter", "trainable.safetensors missing a tensor",
+                                 "truncated config.json"])
 def test_resume_from_a_damaged_checkpoint(how, checkpoint, tmp_path, capsys):
     import shutil
 

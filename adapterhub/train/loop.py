@@ -337,15 +337,15 @@ class Trainer:
         self.emit("resumed", step=self.progress.step, state=str(self.cfg.resume))
 
     def _check_resumed(self, trained: dict[str, torch.Tensor]) -> None:
-        """The checkpoint's tensors are the ones this adapter trains, shape for shape: copying them in
-        would otherwise broadcast a wrong shape silently, or fail half-way with the model changed."""
+        """The checkpoint holds every tensor this adapter trains, shape for shape: copying them in would
+        otherwise broadcast a wrong shape silently, or fail half-way with the model changed. It may hold more:
+        state a trainable keeps beside its parameters (AdaLoRA's rank allocator), empty before the first step."""
         expected = self.trainable.state_dict()
         path = Path(self.cfg.resume) / "trainable.safetensors"
         missing = [k for k in expected if k not in trained]
-        if missing or len(trained) != len(expected):
-            extra = [k for k in trained if k not in expected]
-            raise AdapterError(path, f"holds {len(trained)} tensors, this {self.cfg.type} trains {len(expected)}: "
-                                     "not a checkpoint of this run", (missing or extra or [None])[0])
+        if missing:
+            raise AdapterError(path, f"lacks {len(missing)} of the {len(expected)} tensors this {self.cfg.type} "
+                                     "trains: not a checkpoint of this run", missing[0])
         for key, tensor in expected.items():
             if tuple(trained[key].shape) != tuple(tensor.shape):
                 raise AdapterError(path, f"shape {tuple(trained[key].shape)} where this {self.cfg.type} has "
