@@ -145,3 +145,18 @@ def _summary(adapter: Adapter, source: Path, source_format: str, digest: str, to
         "metadata_kept": again.metadata.get(CONVERTED_FROM) == source_format,
         "source_sha256": digest,
     }
+
+
+import sys as _sys  # noqa: E402
+import types as _types  # noqa: E402
+
+
+class _CallableModule(_types.ModuleType):
+    """``adapterhub.convert`` is this module once imported (Python sets a package's attribute to its loaded
+    submodule): calling it calls :func:`convert`, so the public ``adapterhub.convert(...)`` always works."""
+
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule
