@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterhub.errors import AdapterError
 from adapterhub.io import AdapterFile
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: listing or sniffing types needs none
+    import torch
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,8 @@ class Trainable:
         self.param_groups = param_groups
         self.trains_text = trains_text
         self.metadata = dict(metadata or {})
+        import torch
+
         self.modules: list[torch.nn.Module] = []
         self.save_dtype = torch.float32
 
@@ -229,6 +232,8 @@ class Trainable:
         return {str(i): p.detach().clone() for i, p in enumerate(self.parameters)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        import torch
+
         with torch.no_grad():
             for i, p in enumerate(self.parameters):
                 p.copy_(state[str(i)])
