@@ -36,7 +36,10 @@ def command_tree() -> list[tuple[str, click.Command, click.Context]]:
     itself, then each command of ``adapterhub.cli.COMMANDS`` (imported), then the commands of groups."""
     from adapterhub.cli import COMMANDS, cli
 
-    root = click.Context(cli, info_name="adapterhub", terminal_width=WIDTH, max_content_width=WIDTH)
+    # the context the real command line makes (its context_settings: -h as well as --help), so the page does not
+    # depend on whether click cached a help option from an earlier invocation in the same process
+    root = click.Context(cli, info_name="adapterhub", terminal_width=WIDTH, max_content_width=WIDTH,
+                         **cli.context_settings)
     out = [("adapterhub", cli, root)]
     for name in sorted(COMMANDS):
         module, attr = COMMANDS[name].split(":")
