@@ -317,3 +317,20 @@ def test_merge_dtype_fp16_refuses_a_result_beyond_fp16(tmp_path, capsys):
     assert rc == 2 and len(errors) == 1 and str(path) in errors[0], err
     assert not out.exists()
     assert cli_main(["merge", "--base", "tiny-sd1", "--out", str(tmp_path / "full"), str(path)]) == 0
+
+
+@pytest.mark.parametrize("command", ["combine", "resize"])
+def test_lora_algebra_refuses_nonfinite_inputs_and_writes_nothing(tmp_path, capsys, command):
+    """combine / resize re-factorise deltas: a NaN factor or an infinite alpha is one line, exit 2, no output."""
+    files = _bad_files(tmp_path)
+    good = _write(_lora(), tmp_path / "good.safetensors")
+    for case in ("nan_in_up", "alpha_inf"):
+        path, key, word = files[case]
+        out = tmp_path / f"{case}-{command}.safetensors"
+        args = (["lora", "combine", f"{good}:0.5", f"{path}:0.5", "--out", str(out)] if command == "combine"
+                else ["lora", "resize", str(path), "--rank", "1", "--out", str(out)])
+        rc = cli_main(args)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error")]
+        assert rc == 2 and len(errors) == 1 and key in errors[0] and str(path) in errors[0], err
+        assert "Traceback" not in err and not out.exists()

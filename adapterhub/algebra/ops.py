@@ -433,17 +433,34 @@ def combine_files(specs: list[tuple[Path, float]], out, dtype: str | None = None
     _check_combine_options(options.get("method", "concat"), options.get("density"),
                            options.get("majority_sign", "total"), options.get("rank"), options.get("conv_rank"),
                            options.get("clamp_quantile"))
-    entries = [(load(path), float(weight)) for path, weight in specs]
+    entries = [(_finite(load(path)), float(weight)) for path, weight in specs]
     result = combine(entries, dtype=torch_dtype, model=_shape_model(base), **options)
+    _finite(result.adapter, out)
     result.save(out)
     return result
+
+
+def _finite(adapter: Adapter, out=None) -> Adapter:
+    """No NaN / Inf goes in or comes out (a factorisation of an overflowing sum included): one line naming
+    the file (the input, or ``out`` for a result) and the key."""
+    from adapterhub.errors import AdapterError
+    from adapterhub.weights import check_adapter_finite
+
+    try:
+        check_adapter_finite(adapter)
+    except AdapterError as err:
+        if out is None:
+            raise
+        raise AdapterError(out, f"the result is not finite ({err.problem}); nothing was written", err.key) from None
+    return adapter
 
 
 def resize_file(path, out, dtype: str | None = None, base: str | None = None, **options) -> AlgebraResult:
     from adapterhub.api import load
 
     out, torch_dtype = _check_out(out), _dtype(dtype)
-    result = resize(load(path), dtype=torch_dtype, model=_shape_model(base), **options)
+    result = resize(_finite(load(path)), dtype=torch_dtype, model=_shape_model(base), **options)
+    _finite(result.adapter, out)
     result.save(out)
     return result
 
@@ -456,5 +473,6 @@ def extract_files(base: str, tuned: str, out, rank: int, dtype: str | None = Non
     _check_rank("--rank", rank)
     base_pipe, tuned_pipe = load_base(base), load_base(tuned)
     result = extract(base_pipe, tuned_pipe, rank, dtype=torch_dtype, names=(base, tuned), **options)
+    _finite(result.adapter, out)
     result.save(out)
     return result
