@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 import adapterhub
 from adapterhub.cli import main as cli_main
 from adapterhub.errors import AdapterError
+from adapterhub.plugins import adapter_type
 from adapterhub.weights import attach, merge
 
 from lora_helpers import parts, quiet
@@ -402,3 +403,19 @@ def test_fuzz_lora_tensor_sets(block, sd1, sd1_half, pristine, tmp_path):
                     after[key].copy_(before[key])
         seen["good"] += 1
     assert seen["bad"] and seen["good"], seen  # both sides exercised in every block
+
+
+def test_adalora_without_its_config_reports_alpha_unknown(tmp_path):
+    """#17 item 14: PEFT keeps lora_alpha in adapter_config.json; without it the alpha is unknown, not 0.0."""
+    import shutil
+
+    from adapterhub.base import load_base
+
+    folder = adapter_type("adalora").example(load_base("tiny-sd1"), tmp_path / "ada", seed=3)
+    assert adapterhub.inspect(folder, with_hash=False)["alpha"] == 4.0
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(next(folder.rglob("adapter_model.safetensors")), bare / "adapter_model.safetensors")
+    facts = adapterhub.inspect(bare, with_hash=False)
+    assert facts["type"] == "adalora" and facts["alpha"] is None and facts["alphas"] == []
+    assert "unknown" in facts["alpha_note"] and "adapter_config.json" in facts["alpha_note"]

@@ -83,7 +83,7 @@ def _make_patch(kind: str, target: str, name: str, t: dict, alpha, cfg: dict) ->
         return patch
     if kind == "adalora":
         return AdaLoRAPatch(target, name, {k: t[k] for k in ("up", "down", "E")}, float(module_cfg.get("lora_alpha", 0)),
-                            ranknum=module_cfg.get("init_r"))
+                            ranknum=module_cfg.get("init_r"), alpha_known="lora_alpha" in module_cfg)
     if kind == "loha":
         return LoHaPatch(target, name, {k: v for k, v in t.items() if k.startswith("hada_")}, alpha=alpha)
     if kind == "lokr":
@@ -380,6 +380,10 @@ def summary(adapter: Adapter) -> dict:
         "components": dict(components),
         "kinds": adapter.extra.get("kinds", {}),
     }
+    unknown = [p for p in adapter.patches.values() if getattr(p, "kind", None) == "adalora" and p.alpha is None]
+    if unknown:  # PEFT keeps lora_alpha in adapter_config.json only
+        facts["alpha_note"] = (f"unknown for {len(unknown)} modules: no adapter_config.json beside the weights "
+                               "(merged as PEFT merges lora_alpha 0: scaling r)")
     if adapter.extra.get("refused"):
         facts["unsupported"] = adapter.extra["refused"]
     if adapter.extra.get("stray_keys"):

@@ -109,10 +109,13 @@ class AdaLoRAPatch(ScaledPatch):
 
     kind = "adalora"
 
-    def __init__(self, target, source, tensors, lora_alpha: float, ranknum: int | None = None):
+    def __init__(self, target, source, tensors, lora_alpha: float, ranknum: int | None = None,
+                 alpha_known: bool = True):
         super().__init__(target, source, tensors)
         self.lora_alpha = lora_alpha
-        self.alpha = lora_alpha
+        # without adapter_config.json the alpha is unknown: reported as such (None), merged as PEFT does
+        # with lora_alpha 0 (scaling r / (r + 1e-5))
+        self.alpha = lora_alpha if alpha_known else None
         self.ranknum = ranknum
 
     @property
