@@ -159,3 +159,11 @@ def test_bad_control_specs_fail_before_anything_is_written(tmp_path, tiny_sd1, c
     rc = cli.main(["sample", *SMALL, "--prompt", "x", "--control", spec.format(edges=edges, cn=cn), "--out", str(out)])
     assert rc == 2 and "--control" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_result_table_lists_the_grid(tmp_path, capsys):
+    """#17 item 14: the contact sheet written by --grid is in the table of written files."""
+    rc, out, err = run(capsys, "sample", *SMALL, "--prompt", "a house", "--images", "2", "--grid",
+                       "--out", tmp_path)
+    assert rc == 0, err
+    assert str(tmp_path / "grid-00000.png") in out and (tmp_path / "grid-00000.png").is_file()

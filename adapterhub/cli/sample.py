@@ -575,7 +575,8 @@ def sample_cmd(ctx, **options):
     for warning in [*result.warnings, *([other] if other else [])]:  # --from-png's own were said before sampling
         click.echo(f"warning: {warning}", err=True)
     _say_if_noise(options["base"])
-    output.emit(summary, options["as_json"], lambda d: output.table(d["images"], ["path", "seed"],
+    shown = rows + ([{"path": summary["grid"], "seed": "grid"}] if summary.get("grid") else [])
+    output.emit(summary, options["as_json"], lambda d: output.table(shown, ["path", "seed"],
                                                                    title=f"{len(rows)} image(s) in {d['seconds']} s"))
 
 
