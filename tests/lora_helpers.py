@@ -256,3 +256,33 @@ def kohya_targets(model, conv: bool, text: bool = True):
                     seen.add(path)
                     out.append((comp, path, child))
     return out
+
+
+def diffusers_kohya_names(module_names, unet_config) -> dict[str, str]:
+    """kohya module name -> the module diffusers' kohya loader puts it on (names only: each module is
+    given as a tagged LoRA pair, whatever its type, since the loader renames LoRA keys only)."""
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers, _maybe_map_sgm_blocks_to_diffusers,
+    )
+    from diffusers.utils.state_dict_utils import (
+        convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft,
+    )
+
+    sd, tags = {}, {}
+    for i, name in enumerate(sorted(module_names)):
+        sd[f"{name}.lora_down.weight"] = torch.full((1,), float(i))
+        sd[f"{name}.lora_up.weight"] = torch.zeros(1)
+        tags[float(i)] = name
+    sd = _maybe_map_sgm_blocks_to_diffusers(sd, unet_config)
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(sd)
+    out = {}
+    for comp in ("unet", "text_encoder", "text_encoder_2"):  # then what load_lora_weights does per component
+        part = {k[len(comp) + 1:]: v for k, v in converted.items() if k.split(".")[0] == comp}
+        if not part:
+            continue
+        part = convert_unet_state_dict_to_peft(part) if comp == "unet" else \
+            convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+        for key, tensor in part.items():
+            if ".lora_A." in key:
+                out[tags[tensor.item()]] = f"{comp}." + key.split(".lora_A.")[0]
+    return out

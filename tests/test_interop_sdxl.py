@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_helpers import ATOL, assert_same_weights, diffusers_fused, ours_merged, parts, quiet, snapshot
+from lora_helpers import (ATOL, assert_same_weights, diffusers_fused, diffusers_kohya_names, ours_merged, parts,
+                          quiet, snapshot)
 from safetensors import safe_open
 
 import adapterhub
@@ -99,36 +100,6 @@ def _module_names(model, arch: str) -> dict[str, str]:
     return names
 
 
-def _diffusers_loader_names(module_names, unet_config) -> dict[str, str]:
-    """kohya module name -> the module diffusers' kohya loader puts it on (names only: each module is
-    given as a tagged LoRA pair, whatever its type, since the loader renames LoRA keys only)."""
-    from diffusers.loaders.lora_conversion_utils import (
-        _convert_non_diffusers_lora_to_diffusers, _maybe_map_sgm_blocks_to_diffusers,
-    )
-    from diffusers.utils.state_dict_utils import (
-        convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft,
-    )
-
-    sd, tags = {}, {}
-    for i, name in enumerate(sorted(module_names)):
-        sd[f"{name}.lora_down.weight"] = torch.full((1,), float(i))
-        sd[f"{name}.lora_up.weight"] = torch.zeros(1)
-        tags[float(i)] = name
-    sd = _maybe_map_sgm_blocks_to_diffusers(sd, unet_config)
-    converted, _ = _convert_non_diffusers_lora_to_diffusers(sd)
-    out = {}
-    for comp in ("unet", "text_encoder", "text_encoder_2"):  # then what load_lora_weights does per component
-        part = {k[len(comp) + 1:]: v for k, v in converted.items() if k.split(".")[0] == comp}
-        if not part:
-            continue
-        part = convert_unet_state_dict_to_peft(part) if comp == "unet" else \
-            convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
-        for key, tensor in part.items():
-            if ".lora_A." in key:
-                out[tags[tensor.item()]] = f"{comp}." + key.split(".lora_A.")[0]
-    return out
-
-
 def _same_module(a: str, b: str) -> bool:
     flat = lambda p: p.replace(".text_model.", ".")  # noqa: E731 - transformers 5 flattens CLIPTextModel
     return flat(a) == flat(b)
@@ -152,7 +123,7 @@ def check_names(keys, patches_by_target, model, arch: str, loader: bool = True) 
     # (0.42.1: "unet.add.embedding.linear" for both)
     checked = {m for m in modules if ("label_emb" not in m and "add_embedding" not in m)
                and (m.startswith("lora_unet_") or "_self_attn_" in m or "_mlp_" in m)}
-    reference = _diffusers_loader_names(checked, model.unet.config)
+    reference = diffusers_kohya_names(checked, model.unet.config)
     missed = sorted(m for m in checked if not _same_module(reference.get(m, "?"), accepted[m]))
     assert not missed, f"diffusers' loader misplaces {len(missed)}, e.g. {missed[:3]}"
     return len(modules)

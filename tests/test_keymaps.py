@@ -16,7 +16,7 @@ from adapterhub.weights import bind
 from adapterhub_plugins.lora.keys import split_key
 from adapterhub_plugins.lora.patches import LoRAPatch
 
-from lora_helpers import diffusers_to_sgm, kohya_te_name, linear_or_conv, parts, quiet
+from lora_helpers import diffusers_kohya_names, diffusers_to_sgm, kohya_te_name, linear_or_conv, parts, quiet
 
 quiet()
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -79,34 +79,6 @@ def test_kohya_names_round_trip_every_module(arch, meta_bases):
         assert binding.param is expected[binding.patch.target], binding.patch.source
 
 
-def _diffusers_reference_names(kohya_keys, unet_config):
-    """Module paths diffusers arrives at for kohya module names (its full loading conversion)."""
-    from diffusers.loaders.lora_conversion_utils import (
-        _convert_non_diffusers_lora_to_diffusers, _maybe_map_sgm_blocks_to_diffusers,
-    )
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
-    sd = {}
-    for i, name in enumerate(kohya_keys):
-        sd[f"{name}.lora_down.weight"] = torch.full((1,), float(i))  # tag: which name became what
-        sd[f"{name}.lora_up.weight"] = torch.zeros(1)
-    tags = {float(i): name for i, name in enumerate(kohya_keys)}
-    sd = _maybe_map_sgm_blocks_to_diffusers(sd, unet_config)
-    converted, _ = _convert_non_diffusers_lora_to_diffusers(sd)
-    out = {}
-    for comp in COMPONENTS:
-        part = {k[len(comp) + 1:]: v for k, v in converted.items() if k.split(".")[0] == comp}
-        if not part:
-            continue
-        part = convert_unet_state_dict_to_peft(part) if comp == "unet" else \
-            convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
-        for key, tensor in part.items():
-            if ".lora_A." in key:
-                out[tags[tensor.item()]] = f"{comp}." + key.split(".lora_A.")[0]
-    return out
-
-
 @pytest.mark.parametrize("arch", ["sdxl", "tiny-sdxl"])
 def test_sgm_names_match_diffusers_conversion(arch, meta_bases):
     model = meta_bases[arch]
@@ -119,7 +91,7 @@ def test_sgm_names_match_diffusers_conversion(arch, meta_bases):
             continue  # top-level modules are checked separately below
         sgm_names["lora_unet_" + diffusers_to_sgm(path).replace(".", "_")] = f"unet.{path}"
     assert any("output_blocks_2_2_conv" in n for n in sgm_names)  # an upsampler is included
-    reference = _diffusers_reference_names(list(sgm_names), unet.config)
+    reference = diffusers_kohya_names(list(sgm_names), unet.config)
     assert len(reference) == len(sgm_names)
     mismatches = []
     for name, path in sgm_names.items():
@@ -138,7 +110,7 @@ def test_sgm_top_level_modules_match_diffusers(meta_bases):
              "lora_unet_time_embed_2": "unet.time_embedding.linear_2",
              "lora_unet_label_emb_0_0": "unet.add_embedding.linear_1",
              "lora_unet_label_emb_0_2": "unet.add_embedding.linear_2"}
-    reference = _diffusers_reference_names(list(names), unet.config)
+    reference = diffusers_kohya_names(list(names), unet.config)
     for name, path in names.items():
         assert canonical(name) == path
         assert reference[name] == path
@@ -152,7 +124,7 @@ def test_kohya_diffusers_block_and_text_names_match_diffusers_conversion(arch, m
     model = meta_bases[arch]
     sdxl = arch == "sdxl"
     names = {_sd_scripts_name(comp, path, sdxl): f"{comp}.{path}" for comp, path, _ in _modules(model)}
-    reference = _diffusers_reference_names(list(names), model.unet.config)
+    reference = diffusers_kohya_names(list(names), model.unet.config)
     strip = lambda p: p.replace(".text_model.", ".")  # noqa: E731 - flattened CLIPTextModel
     differ = set()
     for name, path in names.items():
