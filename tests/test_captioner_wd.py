@@ -32,6 +32,7 @@ from adapterhub.cli import main  # noqa: E402
 from adapterhub.dataset import CaptionConfig, scan  # noqa: E402
 from adapterhub.dataset import captioning as runner  # noqa: E402
 from adapterhub.plugins import captioners  # noqa: E402
+from test_dataset_captioning import interrupted_at_second_batch  # noqa: E402
 from test_dataset_captioning import tiny_blip  # noqa: E402,F401 - the tiny BLIP fixture, one for the suite
 
 DEMO = Path(__file__).resolve().parents[1] / "datasets" / "demo"
@@ -476,15 +477,7 @@ def test_sharded_and_resumed_runs_equal_a_single_run(tmp_path, tagger, kohya_set
             done.append(runner.run_captioning(wd_cfg(kohya_set, d, rating="first", batch_size=2))["captioned"])
     assert done == [3, 3] and captions(kohya_set) == want
 
-    flaky, calls = WDTagger(), []
-    real = flaky.caption
-
-    def caption(images, options):
-        calls.append(len(images))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(images, options)
-    flaky.caption = caption
+    flaky = interrupted_at_second_batch(WDTagger())
     with monkeypatch.context() as m:
         m.setattr(runner, "get_captioner", lambda name: flaky)
         with pytest.raises(KeyboardInterrupt):

@@ -172,15 +172,7 @@ def test_interrupted_run_resumes_without_redoing(demo, tiny_clip, vocab, tmp_pat
     new_tags = {i.rel: i.caption().tags for i in scan(reference[0]).items}
     want = {i.rel: add(i.caption().tags, new_tags[i.rel]) for i in scan(DEMO).items}
 
-    flaky, calls = ClipTags(), []
-    real = flaky.caption
-
-    def caption(images, options):
-        calls.append(len(images))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(images, options)
-    flaky.caption = caption
+    flaky = interrupted_at_second_batch(ClipTags())
     monkeypatch.setattr(runner, "get_captioner", lambda name: flaky)
     with pytest.raises(KeyboardInterrupt):
         runner.run_captioning(clip_cfg(demo, tiny_clip, vocab, tmp_path, mode="append"))
@@ -192,6 +184,19 @@ def test_interrupted_run_resumes_without_redoing(demo, tiny_clip, vocab, tmp_pat
     assert (report["resumed"], report["captioned"]) == (3, 5)
     assert {i.rel: i.caption().tags for i in scan(demo).items} == want
     assert not list((demo / ".adapterhub" / "caption-progress").glob("*.jsonl"))
+
+
+def interrupted_at_second_batch(captioner):
+    """``captioner`` whose second ``caption`` call raises KeyboardInterrupt (a run stopped half-way)."""
+    real, calls = captioner.caption, []
+
+    def caption(images, options):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(images, options)
+    captioner.caption = caption
+    return captioner
 
 
 def test_sharded_run_equals_single_run(demo, tiny_clip, vocab, tmp_path, monkeypatch, reference):
