@@ -96,19 +96,24 @@ def require_compatible(*libraries: str) -> None:
             raise AdapterhubError(f"incompatible packages: {line}")
 
 
-def tested_set() -> dict[str, str]:
-    """The pinned versions of ``constraints.txt`` beside the source tree (an editable install), else {}."""
-    path = Path(__file__).resolve().parents[1] / "constraints.txt"
+def read_pins(path: str | Path) -> dict[str, str]:
+    """``name==version`` lines of a constraints file, by :func:`canonical_name` (comments ignored)."""
     pins = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            name, sep, version = line.split("#")[0].strip().partition("==")
-            if sep:
-                pins[_canonical(name)] = version.strip()
+    for line in Path(path).read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[canonical_name(name)] = version.strip()
     return pins
 
 
-def _canonical(name: str) -> str:
+def tested_set() -> dict[str, str]:
+    """The pinned versions of ``constraints.txt`` beside the source tree (an editable install), else {}."""
+    path = Path(__file__).resolve().parents[1] / "constraints.txt"
+    return read_pins(path) if path.is_file() else {}
+
+
+def canonical_name(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): ``open_clip_torch`` == ``open-clip-torch``."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
@@ -151,11 +156,11 @@ def environment_report() -> dict:
     """Everything ``adapterhub doctor`` shows, as plain data."""
     versions = installed_versions()
     pins = tested_set()
-    differs = {name: {"installed": have, "tested": pins[_canonical(name)]}
-               for name, have in versions.items()
-               if pins and _canonical(name) in pins and have != pins[_canonical(name)]}
+    tested = {name: pins.get(canonical_name(name)) for name in versions}
+    differs = {name: {"installed": have, "tested": tested[name]}
+               for name, have in versions.items() if tested[name] is not None and have != tested[name]}
     device = _device()
     return {"adapterhub": version_of("adapterhub"), "python": platform.python_version(),
             "platform": platform.platform(), "executable": sys.executable, "packages": versions,
-            "tested": {name: pins.get(_canonical(name)) for name in versions}, "differs_from_tested": differs, "device": device, "compile": _compile_backend(device),
+            "tested": tested, "differs_from_tested": differs, "device": device, "compile": _compile_backend(device),
             "conflicts": conflicts(versions)}

@@ -3,7 +3,6 @@ explained in one line (`adapterhub doctor`, the features that need the libraries
 from __future__ import annotations
 
 import json
-import re
 import tomllib
 from pathlib import Path
 
@@ -19,12 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pins() -> dict[str, str]:
-    pins = {}
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
-        name, sep, version = line.split("#")[0].strip().partition("==")
-        if sep:
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
-    return pins
+    return compat.read_pins(ROOT / "constraints.txt")
 
 
 def _declared() -> list[Requirement]:
@@ -35,7 +29,7 @@ def _declared() -> list[Requirement]:
 def test_the_tested_set_pins_every_declared_dependency_inside_its_range():
     pins = _pins()
     for req in _declared():
-        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        name = compat.canonical_name(req.name)
         assert name in pins, f"{req.name} is declared but not pinned in constraints.txt"
         assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is outside {req}"
 
@@ -69,7 +63,7 @@ def test_doctor_json_names_versions_device_and_compiler():
     report = json.loads(result.output)
     for name in ("torch", "diffusers", "transformers", "peft", "safetensors", "open_clip_torch", "accelerate"):
         assert report["packages"][name] == compat.version_of(name)
-        assert report["tested"][name] == _pins()[re.sub(r"[-_.]+", "-", name).lower()]
+        assert report["tested"][name] == _pins()[compat.canonical_name(name)]
     assert report["device"]["default"] in ("cpu", "cuda", "mps")
     assert report["compile"]["backend"] in ("inductor", "aot_eager") or report["compile"]["why"].startswith("$")
     assert report["conflicts"] == []
