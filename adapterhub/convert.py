@@ -147,16 +147,6 @@ def _summary(adapter: Adapter, source: Path, source_format: str, digest: str, to
     }
 
 
-import sys as _sys  # noqa: E402
-import types as _types  # noqa: E402
+from adapterhub.callable_module import make_callable  # noqa: E402
 
-
-class _CallableModule(_types.ModuleType):
-    """``adapterhub.convert`` is this module once imported (Python sets a package's attribute to its loaded
-    submodule): calling it calls :func:`convert`, so the public ``adapterhub.convert(...)`` always works."""
-
-    def __call__(self, *args, **kwargs):
-        return convert(*args, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, "convert")  # the package attribute may become this module: calling it calls convert()

@@ -20,16 +20,6 @@ from adapterhub.train.loop import TrainingInterrupted, train
 __all__ = ["TrainConfig", "TrainingInterrupted", "resolve", "train"]
 
 
-import sys as _sys  # noqa: E402
-import types as _types  # noqa: E402
+from adapterhub.callable_module import make_callable  # noqa: E402
 
-
-class _CallableModule(_types.ModuleType):
-    """``adapterhub.train`` is this package once imported (Python sets a package's attribute to its loaded
-    submodule): calling it calls :func:`train`, so the public ``adapterhub.train(config)`` always works."""
-
-    def __call__(self, *args, **kwargs):
-        return train(*args, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, "train")  # the package attribute may become this module: calling it calls train()
