@@ -25,7 +25,6 @@ import torch
 from adapterhub.dataset.folder import IMAGE_EXTS
 from adapterhub.dataset.images import ImageReadError, image_size, load_rgb
 from adapterhub.errors import AdapterhubError
-from adapterhub.types import Adapter, Trainable
 
 # a sidecar may differ from its image's aspect ratio by this fraction (rounding of a rescaled copy)
 ASPECT_TOLERANCE = 0.02
@@ -161,70 +160,3 @@ def condition_batch(samples, cfg) -> torch.Tensor:
 
     arrays = [np.asarray(condition_image(s, cfg), dtype=np.float32) / 255.0 for s in samples]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-# --------------------------------------------------------------------------------------------
-# what ControlNet and T2I-Adapter trainables share
-# --------------------------------------------------------------------------------------------
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
-
-
-def check_out(config, label: str) -> None:
-    """Refuse, before training, an OUT naming a file layout the control writers do not make."""
-    out = Path(getattr(config, "out", None) or "")
-    if out.suffix.lower() in PICKLE_SUFFIXES:
-        raise AdapterhubError(f"--out {out}: {label} is written as a diffusers folder (OUT without a suffix) or "
-                              "one .safetensors file")
-
-
-def control_metadata(config, base: str) -> dict[str, str]:
-    """What a trained control file says of itself beyond the loop's metadata: its base architecture (so a
-    single file parses without a config) and, for a preprocessor, the control kind ``inspect`` shows."""
-    from adapterhub.base import METADATA_KEY
-
-    meta = {METADATA_KEY: base}
-    if getattr(config, "conditioning", "sidecar") != "sidecar":
-        meta["adapterhub.control"] = str(config.conditioning)
-    return meta
-
-
-class ControlTrainable(Trainable):
-    """A control model (``model``) trained beside the frozen UNet: what ControlNet and T2I-Adapter share.
-
-    A subclass names its adapter ``type_name`` and ModelSpec ``architecture``, gives the run-time
-    ``attach`` of its plugin, the ``model_config()`` a loaded file of its type carries, and
-    ``unet_kwargs`` (how its residuals enter the UNet call)."""
-
-    conditioning = True
-    default_lr = 1e-5  # the diffusers ControlNet / T2I examples' rate (their argparse default is 5e-6)
-    type_name = ""
-    architecture = ""
-
-    def __init__(self, model, base: str, extra_metadata: dict[str, str]):
-        super().__init__([{"name": self.type_name, "params": list(model.parameters())}],
-                         metadata={"modelspec.architecture": self.architecture})
-        self.model, self.base, self.extra_metadata = model, base, extra_metadata
-        self.modules = [model]
-
-    @staticmethod
-    def attach(adapter, pipe, weight: float, **options):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def model_config(self) -> dict:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def save(self, path: Path, metadata: dict[str, str]) -> Path:
-        from adapterhub.conditioning import write_model_folder
-
-        return write_model_folder(self.model, Path(path), {**metadata, **self.extra_metadata}, self.save_dtype)
-
-    def as_adapter(self) -> Adapter:
-        """The model being trained as an in-memory :class:`Adapter` (what the plugin's ``attach`` takes)."""
-        return Adapter(type=self.type_name, format="diffusers", patches={}, base=self.base,
-                       metadata=dict(self.extra_metadata),
-                       extra={"layout": "diffusers", "config": self.model_config(), "model": self.model})
-
-    def sampling(self, pipe, cond_image, weight: float = 1.0):
-        """Attach the model as it is now to ``pipe`` with ``cond_image``, exactly as a loaded one is
-        attached; use it as a context manager (leaving it detaches: the UNet is as before)."""
-        return self.attach(self.as_adapter(), pipe, weight, image=cond_image)

@@ -17,7 +17,7 @@ attached (``runtime.attach``), for the loop's validation images.
 from __future__ import annotations
 
 from adapterhub.errors import AdapterhubError
-from adapterhub.train.control import ControlTrainable, check_out, control_metadata
+from adapterhub.control import ControlTrainable, check_out, control_metadata
 from adapterhub.weights import architecture_of, component
 
 from . import runtime

@@ -18,7 +18,7 @@ Written as a diffusers ``T2IAdapter`` folder, or (OUT ending in ``.safetensors``
 from __future__ import annotations
 
 from adapterhub.errors import AdapterhubError
-from adapterhub.train.control import ControlTrainable, check_out, control_metadata
+from adapterhub.control import ControlTrainable, check_out, control_metadata
 from adapterhub.weights import architecture_of, component
 
 from . import runtime

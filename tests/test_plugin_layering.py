@@ -1,0 +1,85 @@
+"""Plugins sit below the services: a plugin (``plugins/``, and the third-party test plugin) imports only the
+contract (``adapterhub.types``, ``hookspecs``, ``io``, ``weights``, ``conditioning``, ``control`` ...), never the
+training, sampling or serving services nor the CLI, which sit above it (``DESIGN.md``, layers).
+
+The scan reads every module with :mod:`ast`: ``import adapterhub.train.x``, ``from adapterhub.sample.y import z``
+and ``from adapterhub import cli`` all count (function-level imports too). A finding must be in :data:`PENDING` (an
+import still to move below the plugins, owned elsewhere, each with its reason); an entry that no longer matches
+fails too, so the list stays exact.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("train", "cli", "sample", "serve")  # the layers above the plugins that a plugin must not import
+SCANNED = (ROOT / "plugins", ROOT / "tests" / "thirdparty_plugin" / "src")
+
+_INFOTEXT = "infotext's formatting helpers (hashes, numbered units), to move below the plugins with item 8 of #18"
+_BACKEND = "the sampler-backend base classes (SamplerBackend, Runner) live in the sampling service"
+PENDING: dict[tuple[str, str], str] = {
+    ("plugins/textual_inversion/__init__.py", "adapterhub.sample.infotext"): _INFOTEXT,
+    ("plugins/controlnet/__init__.py", "adapterhub.sample.infotext"): _INFOTEXT,
+    ("plugins/t2i_adapter/__init__.py", "adapterhub.sample.infotext"): _INFOTEXT,
+    ("plugins/backends/__init__.py", "adapterhub.sample.backend"): _BACKEND,
+    ("plugins/backends/compiled.py", "adapterhub.sample.backend"): _BACKEND,
+    ("plugins/backends/eager.py", "adapterhub.sample.backend"): _BACKEND,
+}
+
+
+def _is_service(module: str) -> bool:
+    parts = module.split(".")
+    return parts[0] == "adapterhub" and len(parts) > 1 and parts[1] in SERVICES
+
+
+def imported_services(source: str) -> set[str]:
+    """The modules of the services above the plugins that ``source`` imports (dotted names)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if _is_service(alias.name)}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if _is_service(node.module):
+                found.add(node.module)
+            elif node.module == "adapterhub":
+                found |= {f"adapterhub.{a.name}" for a in node.names if a.name in SERVICES}
+    return found
+
+
+def _findings() -> set[tuple[str, str]]:
+    return {(str(path.relative_to(ROOT)), module) for folder in SCANNED for path in sorted(folder.rglob("*.py"))
+            for module in imported_services(path.read_text(encoding="utf-8"))}
+
+
+def test_scan_finds_every_import_form():
+    source = ("import adapterhub.train.control\nfrom adapterhub.sample.infotext import x\n"
+              "from adapterhub import cli, types\nfrom adapterhub.control import ControlTrainable\n"
+              "def f():\n    import adapterhub.serve as s\n    from adapterhub.training import y\n"
+              "from . import train\n")
+    assert imported_services(source) == {"adapterhub.train.control", "adapterhub.sample.infotext",
+                                         "adapterhub.cli", "adapterhub.serve"}
+
+
+def test_plugins_import_no_service_above_them():
+    found = _findings()
+    unexpected = sorted(found - set(PENDING))
+    assert not unexpected, "plugins importing a layer above them (use the contract in core instead):\n" + \
+        "\n".join(f"  {path}: {module}" for path, module in unexpected)
+    stale = sorted(set(PENDING) - found)
+    assert not stale, "pending entries that match nothing (remove them):\n" + \
+        "\n".join(f"  {path}: {module}" for path, module in stale)
+
+
+def test_control_trainable_is_core_contract():
+    """The control-model trainable base is in core, below the plugins, and the training service keeps no copy."""
+    import adapterhub.train.control as service
+    from adapterhub.control import ControlTrainable, check_out, control_metadata
+    from adapterhub.types import Trainable
+    from adapterhub_plugins.controlnet.train import ControlNetTrainable
+    from adapterhub_plugins.t2i_adapter.train import T2IAdapterTrainable
+
+    assert issubclass(ControlTrainable, Trainable)
+    assert issubclass(ControlNetTrainable, ControlTrainable) and issubclass(T2IAdapterTrainable, ControlTrainable)
+    assert callable(check_out) and callable(control_metadata)
+    assert not {"ControlTrainable", "check_out", "control_metadata"} & set(vars(service))
