@@ -104,22 +104,59 @@ def _lineage(arch: str) -> str:
     return arch.removeprefix("tiny-")
 
 
+SD_FAMILY = "stable-diffusion"
+FAMILY_LABELS = {SD_FAMILY: "Stable Diffusion"}
+
+
+def base_family(base: str) -> tuple[str, str, int | None]:
+    """``(family, architecture, hidden width)`` of ``base`` as its files tell without building it: a
+    transformer family (``flux`` / ``sd3``) with its width (None where the files do not say), or Stable
+    Diffusion with its architecture, or ``("unknown", "unknown", None)``."""
+    from adapterhub.transformer_bases import transformer_base_facts
+
+    facts = transformer_base_facts(base)
+    if facts is not None:
+        return facts[0], facts[0], facts[1]
+    arch = base_architecture(base)
+    return (SD_FAMILY if arch != "unknown" else "unknown"), arch, None
+
+
+def _family_phrase(family: str) -> str:
+    label = FAMILY_LABELS.get(family, family)
+    vowel = label[:1] in "aeiou" or label.startswith("sd")  # "an sd3", "a flux", "a Stable Diffusion"
+    return f"{'an' if vowel else 'a'} {label}"
+
+
 def check_fits_base(base: str, adapters: list[Adapter]) -> None:
-    """Before the base is loaded (tens of seconds for a real one): each adapter is a Stable Diffusion
-    one made for ``base``'s architecture, as far as the files tell. An unknown side passes; the shapes
-    are checked after loading, as always."""
-    arch = None
+    """Before the base is loaded (minutes for a real Flux): each adapter is of ``base``'s family (Stable
+    Diffusion, Flux, SD3) and made for its architecture (a Stable Diffusion lineage; a transformer's
+    hidden width), as far as the files tell. An unknown side passes; the shapes are checked after
+    loading, as always. Adapters are named by family and width, the names users know."""
+    from adapterhub.transformer_bases import BASE_WIDTHS
+
+    told = None
     for adapter in adapters:
         if adapter.family not in WEIGHT_FAMILIES:
             raise AdapterError(adapter.path, f"this is a {adapter.family} adapter, not a Stable Diffusion one")
-        if adapter.base == "unknown":
+        family, arch, width = told = base_family(base) if told is None else told
+        first = next(iter(adapter.patches.values()), None)  # a key to look at, as later checks name one
+        key = getattr(first, "source", None)
+        mine = BASE_WIDTHS.get(adapter.base)
+        if family == "unknown":
             continue
-        arch = base_architecture(base) if arch is None else arch
-        if arch != "unknown" and _lineage(adapter.base) != _lineage(arch):
+        if adapter.family != family:
+            made = f" ({adapter.base})" if adapter.family == SD_FAMILY and adapter.base != "unknown" else (
+                f" (hidden width {mine})" if mine else "")
+            raise AdapterError(adapter.path, f"{_family_phrase(adapter.family)} adapter{made}, but the base {base} "
+                                             f"is {_family_phrase(family)} model", key)
+        if family != SD_FAMILY:
+            if mine and width and mine != width:
+                raise AdapterError(adapter.path, f"{_family_phrase(family)} adapter for hidden width {mine}, but "
+                                                 f"the base {base} has hidden width {width}", key)
+        elif adapter.base != "unknown" and _lineage(adapter.base) != _lineage(arch):
             named = "" if arch == base else f" ({arch})"
-            first = next(iter(adapter.patches.values()), None)  # a key to look at, as later checks name one
             raise AdapterError(adapter.path, f"made for {adapter.base}, but the base {base}{named} is a "
-                                             "different architecture", getattr(first, "source", None))
+                                             "different architecture", key)
 
 
 def merge_files(base: str, specs, out: Path, dtype: str | None = None,

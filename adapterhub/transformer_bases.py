@@ -14,12 +14,16 @@ Text encoders: CLIP-L (+ CLIP-G for SD3) and a T5 encoder whose tokenizer is bui
 """
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import AdapterhubError
+
+if TYPE_CHECKING:
+    import torch
 
 TINY_SEED = 20240607  # the same seed as the UNet tiny bases
 T5_PIECES = 96  # vocabulary of the offline T5-style tokenizer (tiny bases only ever see short prompts)
@@ -107,6 +111,11 @@ TRANSFORMER_PRESETS: dict[str, TransformerRecipe] = {
                                    _tiny_t5(40), SCHEDULER_FLUX),
 }
 TINY_TRANSFORMER_BASES = ("tiny-sd3", "tiny-flux")
+# hidden width -> (family, the base an adapter of that width is reported for); every LoRA-visible shape of
+# FLUX.1 dev and schnell is the same ("flux"); SD3 Medium and SD3.5 Medium share 1536 (SD3.5 adds attn2)
+WIDTH_BASES = {3072: ("flux", "flux"), 32: ("flux", "tiny-flux"), 1536: ("sd3", "sd3-medium"),
+               2432: ("sd3", "sd3.5-large"), 48: ("sd3", "tiny-sd3")}
+BASE_WIDTHS = {**{base: width for width, (_, base) in WIDTH_BASES.items()}, "sd3.5-medium": 1536}
 
 
 def transformer_recipe(name: str) -> TransformerRecipe:
@@ -114,6 +123,68 @@ def transformer_recipe(name: str) -> TransformerRecipe:
         return TRANSFORMER_PRESETS[name]
     except KeyError:
         raise AdapterhubError(f"unknown transformer base {name!r} (known: {', '.join(TRANSFORMER_PRESETS)})") from None
+
+
+def hidden_width(transformer_config: dict) -> int | None:
+    """The transformer's hidden width (heads x head width), from its config."""
+    heads, head_dim = transformer_config.get("num_attention_heads"), transformer_config.get("attention_head_dim")
+    return heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# what a base is, told from its files without building it
+# ---------------------------------------------------------------------------------------------
+TRANSFORMER_CLASSES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+PIPELINE_FAMILIES = (("Flux", "flux"), ("StableDiffusion3", "sd3"))
+# single-file checkpoints: one key (any prefix, e.g. ``model.diffusion_model.``) whose weight's input is the
+# hidden width; BFL's Flux and the SD3 reference layout, then diffusers' own transformer names
+_CHECKPOINT_KEYS = (
+    (re.compile(r"(^|\.)double_blocks\.0\.img_attn\.qkv\.weight$"), "flux"),
+    (re.compile(r"(^|\.)joint_blocks\.0\.x_block\.attn\.qkv\.weight$"), "sd3"),
+    (re.compile(r"^(transformer\.)?single_transformer_blocks\.0\.attn\.to_q\.weight$"), "flux"),
+    (re.compile(r"^(transformer\.)?transformer_blocks\.0\.attn\.to_q\.weight$"), "sd3"),
+)
+
+
+def transformer_base_facts(spec: str) -> tuple[str, int | None] | None:
+    """``(family, hidden width)`` of a transformer-family base named by ``spec``, from what its files say
+    (a preset's recipe, a diffusers folder's ``transformer/config.json`` or ``model_index.json``, a
+    safetensors checkpoint's header), without building a weight; None for anything else (a Stable
+    Diffusion base, an unreadable file: loading tells). The width is None where the files do not say."""
+    if spec in TRANSFORMER_PRESETS:
+        rec = TRANSFORMER_PRESETS[spec]
+        return rec.family, hidden_width(rec.transformer)
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir():
+            return _folder_facts(path)
+        if path.is_file() and path.suffix.lower() in (".safetensors", ".sft"):
+            return _checkpoint_facts(path)
+    except (OSError, ValueError, AdapterhubError):
+        pass
+    return None
+
+
+def _folder_facts(folder: Path) -> tuple[str, int | None] | None:
+    config_file = folder / "transformer" / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    family = TRANSFORMER_CLASSES.get(config.get("_class_name", ""))
+    if family is None and (folder / "model_index.json").is_file():
+        pipeline = str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
+        family = next((f for prefix, f in PIPELINE_FAMILIES if pipeline.startswith(prefix)), None)
+    return (family, hidden_width(config)) if family else None
+
+
+def _checkpoint_facts(path: Path) -> tuple[str, int | None] | None:
+    from adapterhub.io import read_safetensors_header
+
+    header, _, _ = read_safetensors_header(path)
+    for pattern, family in _CHECKPOINT_KEYS:
+        for key, entry in header.items():
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if pattern.search(key) and shape and len(shape) == 2:  # Flux's patterns come first: it has joint blocks too
+                return family, int(shape[1])
+    return None
 
 
 def t5_tokenizer():
@@ -166,6 +237,7 @@ def build_transformer_base(name: str, device: str = "meta", dtype: torch.dtype |
     real device, else a :class:`~adapterhub.base.BaseComponents` holding the transformer (the meta device
     allocates nothing). ``transformer_only`` builds just the denoiser, for shape checks."""
     import diffusers
+    import torch
 
     rec = transformer_recipe(name)
     with torch.random.fork_rng(devices=[]), torch.device(device):
@@ -193,7 +265,7 @@ def _components(name: str, transformer, dtype):
     return found
 
 
-def load_transformer_base(name: str, dtype: torch.dtype = torch.float32):
+def load_transformer_base(name: str, dtype: torch.dtype | None = None):
     """``load_base``'s entry for the transformer families: tiny bases from :data:`TINY_SEED`, presets
     with random weights on CPU (as ``load_base("sdxl")`` does)."""
     seed = TINY_SEED if name in TINY_TRANSFORMER_BASES else None

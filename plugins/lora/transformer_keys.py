@@ -26,15 +26,14 @@ from dataclasses import dataclass
 from adapterhub.errors import AdapterError
 from adapterhub.io import AdapterFile
 from adapterhub.keymaps import canonical
+from adapterhub.transformer_bases import WIDTH_BASES
 from adapterhub.types import Adapter
 
 from .keys import Grouped, ModuleKeys
 
 TRANSFORMER_FAMILIES = ("flux", "sd3")
 
-# hidden width -> (family, base); the tiny bases have widths of their own
-HIDDEN_WIDTH = {3072: ("flux", "flux"), 32: ("flux", "tiny-flux"), 1536: ("sd3", "sd3-medium"),
-                2432: ("sd3", "sd3.5-large"), 48: ("sd3", "tiny-sd3")}
+HIDDEN_WIDTH = WIDTH_BASES  # hidden width -> (family, base); the tiny bases have widths of their own
 # diffusers modules whose input width is a multiple of the hidden width, in both families: (pattern, multiple)
 _HIDDEN_INPUT = (
     (re.compile(r"(attn2?\.(to_[qkv]|add_[qkv]_proj)|ff(_context)?\.net\.0\.proj|norm1?(_context)?\.linear|"
