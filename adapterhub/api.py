@@ -1,11 +1,11 @@
 """Identify, load and inspect adapter files through the registered plugins."""
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from adapterhub.errors import AdapterError
+from adapterhub.hashes import sha256_file  # noqa: F401 - part of this module's API (inspect's sha256)
 from adapterhub.io import AdapterFile, foreign_layout, open_adapter_file
 from adapterhub.plugins import adapter_types
 from adapterhub.types import Adapter, AdapterType, Sniff
@@ -40,17 +40,6 @@ def load(path: str | os.PathLike) -> Adapter:
     adapter.path = Path(path)
     adapter.file = file
     return adapter
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for p in files:
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
 
 
 def inspect(path: str | os.PathLike, with_hash: bool = True) -> dict:

@@ -28,8 +28,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from adapterhub.api import load, sha256_file
+from adapterhub.api import load
 from adapterhub.errors import AdapterError, AdapterhubError
+from adapterhub.hashes import sha256_file
 from adapterhub.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from adapterhub.types import Adapter, AdapterType
 from adapterhub.weights import check_adapter_finite

@@ -145,6 +145,31 @@ def _read_all_safetensors(shown: Path, path: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # safetensors
 # --------------------------------------------------------------------------------------------
+def header_length(head: bytes) -> int:
+    """The length a safetensors file gives its JSON header: its first 8 bytes, an unsigned little-endian
+    integer. The one place that length is parsed."""
+    return struct.unpack("<Q", head[:8])[0]
+
+
+def tensor_data_offset(head: bytes, size: int) -> int | None:
+    """Where a safetensors file's tensor bytes start (8 + its header length), from its first 9 bytes and its
+    size; None when it does not begin like one (a pickle, text) or its header runs past the end. The light
+    check hashing needs; :func:`read_safetensors_header` is the one that validates."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return None
+    end = 8 + header_length(head)
+    return end if end <= size else None
+
+
+def header_bytes(entries: dict, metadata: dict[str, str] | None) -> bytes:
+    """Length prefix + JSON header as safetensors serialises it (compact, UTF-8, padded with spaces to a
+    multiple of 8); key order aside (the library's metadata order is a hash map's), byte for byte."""
+    head = {"__metadata__": metadata, **entries} if metadata is not None else dict(entries)
+    text = json.dumps(head, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
 def read_safetensors_header(path: Path, cap: int | None = None) -> tuple[dict, dict, int]:
     """Return (tensor entries, metadata, header length), validated against the file size.
 
@@ -158,7 +183,7 @@ def read_safetensors_header(path: Path, cap: int | None = None) -> tuple[dict, d
         head = f.read(64)
         if len(head) < 8:
             raise AdapterError(path, f"not a safetensors file: only {size} bytes")
-        (n,) = struct.unpack("<Q", head[:8])
+        n = header_length(head)
         if head[8:9] != b"{" and not _plausible_header_length(n, size, cap):
             raise AdapterError(path, _not_this_format(head, "safetensors file"))
         if n > cap:
@@ -299,7 +324,7 @@ def _sniff_container(path: Path) -> str:
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     if path.suffix.lower() in SAFETENSORS_SUFFIXES and len(head) >= 8 \
-            and _plausible_header_length(struct.unpack("<Q", head[:8])[0], size, MAX_HEADER_BYTES):
+            and _plausible_header_length(header_length(head), size, MAX_HEADER_BYTES):
         return "safetensors"  # a header that is not JSON, in a file that is safetensors by name and length
     if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return "pickle"  # a torch zip, or a protocol 2-5 pickle (torch's legacy format is protocol 2)

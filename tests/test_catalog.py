@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from test_catalog_support import WILD, make_lora, needs_wild
 
 from adapterhub import catalog as cat_api
-from adapterhub.catalog import CatalogError, hashing, open_catalog, resolve_adapter_arg
+from adapterhub import hashes as hashing
+from adapterhub.catalog import CatalogError, open_catalog, resolve_adapter_arg
 from adapterhub.catalog.schema import VERSION
 
 catalog_url = support.catalog_url  # a shared fixture

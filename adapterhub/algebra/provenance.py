@@ -9,19 +9,17 @@
 * Added: ``adapterhub.sources`` (JSON list of ``{file, sha256, weight}``, with a source's own
   ``adapterhub.method`` / ``adapterhub.sources`` nested so a chain of edits stays traceable),
   ``adapterhub.method`` and ``adapterhub.params`` (JSON of the options).
-* ``sshs_model_hash`` / ``sshs_legacy_hash`` as sd-scripts ``precalculate_safetensors_hashes``:
-  serialise the tensors with only the ``ss_*`` metadata, then sha256 of the bytes after the header,
-  and sha256 of the 64 KiB at 1 MiB (first 8 hex). The first equals the finished file's tensor-data
-  hash (A1111's addnet / Civitai AutoV3), since metadata never changes the data section.
+* ``sshs_model_hash`` / ``sshs_legacy_hash`` as sd-scripts ``precalculate_safetensors_hashes``
+  (:func:`adapterhub.hashes.kohya_hashes`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
+from adapterhub import hashes
 from adapterhub.io import atomic_path
 from adapterhub.types import Adapter
 
@@ -43,9 +41,7 @@ def agreed(metadatas: list[dict[str, str]]) -> dict[str, str]:
 def file_sha256(path) -> str | None:
     if path is None or not Path(path).exists():
         return None
-    from adapterhub.api import sha256_file
-
-    return sha256_file(path)
+    return hashes.sha256_file(path)
 
 
 def source_entry(path, weight: float | None = None, metadata: dict | None = None, **extra) -> dict:
@@ -109,17 +105,6 @@ def build(kept: dict[str, str], factors, comment: str, method: str, sources: lis
     return meta
 
 
-def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
-    """(``sshs_model_hash``, ``sshs_legacy_hash``) exactly as sd-scripts computes them."""
-    from safetensors.torch import save
-
-    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
-    header_length = int.from_bytes(data[:8], "little")
-    model_hash = hashlib.sha256(data[8 + header_length:]).hexdigest()
-    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
-    return model_hash, legacy_hash
-
-
 def write(adapter: Adapter, out: Path) -> Path:
     """Save ``adapter`` in the kohya layout with its hashes stamped in; atomic (temp file + rename)."""
     from safetensors import safe_open
@@ -131,6 +116,6 @@ def write(adapter: Adapter, out: Path) -> Path:
         tensors = load_file(str(tmp))
         with safe_open(str(tmp), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = kohya_hashes(tensors, metadata)
+        metadata.update(hashes.kohya_hashes(tensors, metadata))
         save_file(tensors, str(tmp), metadata=metadata)
     return out

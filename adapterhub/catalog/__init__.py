@@ -9,8 +9,9 @@ callback; nothing here prints. The CLI (:mod:`adapterhub.cli.catalog`) is a thin
         hits = search(cat, "watercolor")
 
 Modules: :mod:`.tables` (SQLModel tables), :mod:`.schema` (versions, migrations), :mod:`.db`
-(engines, transactions), :mod:`.walk` / :mod:`.examine` / :mod:`.hashing` / :mod:`.store` /
-:mod:`.scanner` (scanning), :mod:`.fulltext` (search), :mod:`.query` and :mod:`.edit` (browsing, editing).
+(engines, transactions), :mod:`.walk` / :mod:`.examine` / :mod:`.store` /
+:mod:`.scanner` (scanning; the hashes are :mod:`adapterhub.hashes`), :mod:`.fulltext` (search), :mod:`.query`
+and :mod:`.edit` (browsing, editing).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterhub.catalog.hashing import hash_file, hash_folder
+from adapterhub.hashes import hash_file, hash_folder
 from adapterhub.errors import AdapterError
 from adapterhub.io import FOLDER_WEIGHT_FILES, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 

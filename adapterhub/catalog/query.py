@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection, Row
 
 from adapterhub.catalog import fulltext as fts
 from adapterhub.catalog.db import Catalog, CatalogError, reading
-from adapterhub.catalog.hashing import EMPTY_AUTOV1
+from adapterhub.hashes import EMPTY_AUTOV1
 from adapterhub.catalog.tables import ENTRIES, TAGS
 
 SORTS = {"name": ENTRIES.c.name, "path": ENTRIES.c.path, "size": ENTRIES.c.size,

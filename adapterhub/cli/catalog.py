@@ -178,7 +178,7 @@ def human_time(seconds: float | None) -> str:
 
 
 def _render_entry(entry: dict) -> None:
-    from adapterhub.catalog.hashing import EMPTY_AUTOV1
+    from adapterhub.hashes import EMPTY_AUTOV1
 
     fields = {}
     for key, value in entry.items():

@@ -31,6 +31,7 @@ from pathlib import Path
 from adapterhub.dataset.folder import STATE_DIR, TEMP_SUFFIX, sha256, write_bytes_atomic
 from adapterhub.dataset.lock import dataset_lock
 from adapterhub.errors import AdapterhubError
+from adapterhub.hashes import sha256_file
 
 
 def state_dir(root: Path, *parts: str) -> Path:
@@ -147,7 +148,7 @@ def operations(root: Path) -> list[Operation]:
 
 
 def _current_sha(path: Path) -> str | None:
-    return sha256(path.read_bytes()) if path.is_file() else None
+    return sha256_file(path) if path.is_file() else None
 
 
 def _restore_caption(root: Path, e: dict, force: bool) -> str:

@@ -9,7 +9,6 @@ moved with their captions to ``DIR/.adapterhub/quarantine``. Fixes are journalle
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ from PIL import Image, ImageOps
 
 from adapterhub.dataset.config import ValidateConfig
 from adapterhub.dataset.folder import Dataset, Item, scan
+from adapterhub.hashes import sha256_file
 
 ODD_MODES = {"CMYK": "CMYK", "P": "palette", "PA": "palette with alpha", "RGBA": "alpha",
              "LA": "alpha", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit int",
@@ -78,8 +78,7 @@ def phash(im: Image.Image) -> int:
 def _inspect(item: Item) -> ImageFacts:
     facts = ImageFacts(item)
     try:
-        data = item.path.read_bytes()
-        facts.sha256 = hashlib.sha256(data).hexdigest()
+        facts.sha256 = sha256_file(item.path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(item.path) as im:

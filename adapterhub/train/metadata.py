@@ -1,27 +1,21 @@
 """Training metadata as kohya's ``train_network.py`` writes it, the SAI ModelSpec keys, and the
-``sshs_*`` hashes computed exactly as sd-scripts computes them.
+``sshs_*`` hashes stamped into the saved file.
 
 * ``ss_*`` values are strings (JSON for the nested ones); the dataset is described in kohya's legacy
   CLI layout (``ss_resolution``, ``ss_bucket_info``, ``ss_dataset_dirs``, ``ss_tag_frequency`` ...).
-* ``sshs_model_hash``: sha256 of the tensor-data section of the file serialised with only the ``ss_*``
-  metadata (``addnet_hash_safetensors``); the tensor data does not depend on the header, so it is
-  also the sha256 of the final file's data section (A1111 shows its first 12 digits).
-* ``sshs_legacy_hash``: sha256 of the bytes at [1 MiB, 1 MiB + 64 KiB) of that ss-only serialisation,
-  first 8 digits (``addnet_hash_legacy``); for a file under 1 MiB it is the hash of nothing.
+* ``sshs_model_hash`` / ``sshs_legacy_hash`` and the base model's ``ss_sd_model_hash`` (AutoV1) /
+  ``ss_new_sd_model_hash`` (sha256) are :mod:`adapterhub.hashes`' (their definitions are there).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from adapterhub.io import atomic_path
-
-LEGACY_START, LEGACY_LEN = 0x100000, 0x10000
+from adapterhub import hashes
+from adapterhub.io import atomic_path, header_bytes, read_safetensors_header
 BASE_VERSION = {"sd1": "sd_v1", "tiny-sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0",
                 "tiny-sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "tiny-sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
@@ -42,14 +36,8 @@ def base_facts(spec: str, arch: str, v_prediction: bool) -> dict[str, str]:
              "ss_sd_model_name": os.path.basename(str(spec).rstrip("/")) or str(spec)}
     path = Path(str(spec)).expanduser()
     if path.is_file():
-        full, window = hashlib.sha256(), hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                full.update(block)
-            f.seek(LEGACY_START)
-            window.update(f.read(LEGACY_LEN))
-        facts["ss_sd_model_hash"] = window.hexdigest()[:8]
-        facts["ss_new_sd_model_hash"] = full.hexdigest()
+        found = hashes.hash_file(path)
+        facts["ss_sd_model_hash"], facts["ss_new_sd_model_hash"] = found.autov1, found.sha256
     return facts
 
 
@@ -135,14 +123,8 @@ def modelspec(cfg, run: dict, data, trainable_meta: dict[str, str], arch: str, v
 # sshs hashes
 # --------------------------------------------------------------------------------------------
 def sshs_hashes(tensors: dict, metadata: dict[str, str]) -> dict[str, str]:
-    """kohya ``precalculate_safetensors_hashes``: serialise with the ``ss_*`` metadata only, then hash."""
-    from safetensors.torch import save
-
-    blob = save({k: v.contiguous() for k, v in tensors.items()},
-                {k: v for k, v in metadata.items() if k.startswith("ss_")})
-    (n,) = struct.unpack("<Q", blob[:8])
-    return {"sshs_model_hash": hashlib.sha256(blob[8 + n:]).hexdigest(),
-            "sshs_legacy_hash": hashlib.sha256(blob[LEGACY_START:LEGACY_START + LEGACY_LEN]).hexdigest()[:8]}
+    """kohya ``precalculate_safetensors_hashes`` (:func:`adapterhub.hashes.kohya_hashes`)."""
+    return hashes.kohya_hashes(tensors, metadata)
 
 
 SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
@@ -159,53 +141,19 @@ def finish_safetensors(written: Path, target: Path, dtype=None) -> Path:
     only the length of the ``ss_*``-only header, which is computed as safetensors writes it.
     """
     written, target = Path(written), Path(target)
-    header_len, header = _read_header(written)
+    entries, metadata, header_len = read_safetensors_header(written)
     want = None if dtype is None else str(dtype).replace("torch.", "")
     if want is not None and any(info["dtype"] in SAFETENSORS_FLOATS and SAFETENSORS_FLOATS[info["dtype"]] != want
-                                for key, info in header.items() if key != "__metadata__"):
+                                for info in entries.values()):
         return _finish_in_memory(written, target, dtype)
-    metadata = dict(header.get("__metadata__") or {})
-    entries = {k: v for k, v in header.items() if k != "__metadata__"}
-    ss_header = _header_bytes(entries, {k: v for k, v in metadata.items() if k.startswith("ss_")})
-    model, window = hashlib.sha256(), hashlib.sha256()
-    _window_update(window, ss_header, 0)
-    with open(written, "rb") as f:
-        f.seek(8 + header_len)
-        at = len(ss_header)
-        while block := f.read(COPY_BLOCK):
-            model.update(block)
-            _window_update(window, block, at)
-            at += len(block)
-    metadata.update({"sshs_model_hash": model.hexdigest(), "sshs_legacy_hash": window.hexdigest()[:8]})
+    metadata.update(hashes.kohya_hashes_of_file(written, metadata))
     with atomic_path(target, suffix=".safetensors") as tmp:
         with open(written, "rb") as src, open(tmp, "wb") as out:
-            out.write(_header_bytes(entries, metadata))
+            out.write(header_bytes(entries, metadata))
             src.seek(8 + header_len)
             while block := src.read(COPY_BLOCK):
                 out.write(block)
     return target
-
-
-def _read_header(path: Path) -> tuple[int, dict]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return n, json.loads(f.read(n))
-
-
-def _header_bytes(entries: dict, metadata: dict[str, str] | None) -> bytes:
-    """Length prefix + JSON header as safetensors serialises it (compact, UTF-8, padded with spaces to a
-    multiple of 8); key order aside (the library's metadata order is a hash map's), byte for byte."""
-    head = {"__metadata__": metadata, **entries} if metadata is not None else dict(entries)
-    text = json.dumps(head, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
-
-
-def _window_update(window, block: bytes, at: int) -> None:
-    """Feed the part of ``block`` (starting at file offset ``at``) inside kohya's legacy-hash window."""
-    lo, hi = max(at, LEGACY_START), min(at + len(block), LEGACY_START + LEGACY_LEN)
-    if lo < hi:
-        window.update(block[lo - at:hi - at])
 
 
 def _finish_in_memory(written: Path, target: Path, dtype) -> Path:
