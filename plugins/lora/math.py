@@ -29,6 +29,36 @@ def lora(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None = None) 
     return delta
 
 
+def lora_norm(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of ``up @ down`` (kohya's max-norm measure; the caller applies the scale)."""
+    return (flat(up.to(F32)) @ flat(down.to(F32))).norm()
+
+
+def fold_core(mid: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """A CP/Tucker core folded into ``down`` (exact, per kernel tap: ``down'[n] = sum_m mid[n, m] * down[m]``),
+    float32 (r, in, kh, kw): then ``lora(up, down') == lora(up, down, mid)``."""
+    return torch.einsum("nmkl,mj->njkl", mid.to(F32), flat(down.to(F32)))
+
+
+def conv_factors(up: torch.Tensor, down: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D ``up`` (out, r) and ``down`` (r, in*kh*kw) in the shapes a layer of weight ``shape`` holds them:
+    up (out, r[, 1, 1]), down (r, in[, kh, kw])."""
+    ones = (1,) * (len(shape) - 2)
+    return up.reshape(up.shape[0], up.shape[1], *ones), down.reshape(down.shape[0], *shape[1:])
+
+
+def scaled(factor: torch.Tensor, shape, scale: float) -> torch.Tensor:
+    """The delta of a weight of ``shape`` from its unscaled ``factor``: reshaped, times ``scale`` (in place)."""
+    return factor.reshape(shape).mul_(scale)
+
+
+def orthogonality(p: torch.Tensor, rows: bool) -> torch.Tensor:
+    """``||P Pᵀ - I||_F`` (``rows``) or ``||Pᵀ P - I||_F``, in ``p``'s dtype and differentiable (AdaLoRA's
+    regulariser on ``lora_A`` and ``lora_B``)."""
+    cov = p @ p.T if rows else p.T @ p
+    return torch.norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype), p="fro")
+
+
 def lora_add_(acc2d: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
     """``acc2d += scale * flat(up) @ flat(down)`` in one fused ``addmm_`` (no delta-sized temporary)."""
     device = acc2d.device

@@ -51,7 +51,7 @@ class ScaledPatch(Patch):
             d = self.factor(weight)
         finally:
             self.tensors = saved
-        return d.reshape(weight.shape).mul_(self.scale)
+        return lmath.scaled(d, weight.shape, self.scale)
 
 
 class LoRAPatch(ScaledPatch):
@@ -94,10 +94,8 @@ class LoRAPatch(ScaledPatch):
         """Flattened ``(up, down, scale)``; a CP/Tucker core is folded into ``down`` (exact:
         ``down'[n] = sum_m mid[n, m] * down[m]`` per kernel tap), so LoCon-CP concatenates too."""
         t = self.tensors
-        up, down = lmath.flat(t["up"].float()), t["down"].float()
-        if "mid" in t:
-            down = torch.einsum("nmkl,mj->njkl", t["mid"].float(), lmath.flat(down))
-        return up, lmath.flat(down), float(self.scale)
+        down = lmath.fold_core(t["mid"], t["down"]) if "mid" in t else t["down"].float()
+        return lmath.flat(t["up"].float()), lmath.flat(down), float(self.scale)
 
 
 class AdaLoRAPatch(ScaledPatch):

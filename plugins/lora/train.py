@@ -61,6 +61,7 @@ from adapterhub.io import atomic_dir, save_safetensors
 from adapterhub.types import Adapter, Trainable
 from adapterhub.weights import architecture_of, component
 
+from . import math as lmath
 from . import save as lora_save
 from .patches import LoHaPatch, LoKrPatch, LoRAPatch
 from .targets import target_modules
@@ -148,7 +149,7 @@ def max_norm_ratio(norm: float, max_norm: float) -> float:
 def _lora_max_norm(layer, max_norm: float) -> tuple[bool, float]:
     down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
     scale = float(layer.scaling[ADAPTER])
-    norm = (up.float().reshape(up.shape[0], -1) @ down.float().reshape(down.shape[0], -1)).norm().item() * scale
+    norm = lmath.lora_norm(up, down).item() * scale
     ratio = max_norm_ratio(norm, max_norm)
     if ratio != 1:
         up.mul_(ratio ** 0.5)
@@ -322,9 +323,7 @@ def orthogonal_regulariser(layers) -> torch.Tensor:
     terms = []
     for layer in layers:
         for name in ("lora_A", "lora_B"):
-            p = getattr(layer, name)[ADAPTER]
-            cov = p @ p.T if name == "lora_A" else p.T @ p
-            terms.append(torch.norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype), p="fro"))
+            terms.append(lmath.orthogonality(getattr(layer, name)[ADAPTER], rows=name == "lora_A"))
     return sum(terms) / len(terms)
 
 
@@ -432,8 +431,7 @@ class AdaLoRATrainable(Trainable):
             scale = alpha / (float(layer.ranknum[ADAPTER]) + 1e-5)
             # one alpha for all modules, each module's own scale folded into down: diffusers' kohya loader
             # mis-names the per-module alphas of attention layers and would apply the most common one
-            down = ((a * e) * (scale * rank / alpha)).reshape(rank, *shape[1:])
-            up = b.reshape(shape[0], rank, *(1,) * (len(shape) - 2))
+            up, down = lmath.conv_factors(b, (a * e) * (scale * rank / alpha), shape)
             patches[target] = LoRAPatch(target, target, {"up": up.contiguous(), "down": down.contiguous()},
                                         alpha=alpha)
         return Adapter(type="lora", format="kohya", patches=patches, metadata={}, base=self.base)
