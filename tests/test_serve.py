@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -20,10 +19,10 @@ requests = pytest.importorskip("requests")
 from adapterhub import cli  # noqa: E402
 from adapterhub.errors import AdapterhubError  # noqa: E402
 from adapterhub.sample import infotext  # noqa: E402
+from serve_helpers import DEADLINE, running_server, wait_for  # noqa: E402
 
 USER, PASSWORD = "painter", "s3cret"
 SMALL = {"steps": 2, "width": 64, "height": 64, "cfg_scale": 6.5, "sampler_name": "Euler a"}
-DEADLINE = 60.0  # seconds any wait in these tests may take
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +40,13 @@ def networks(tmp_path_factory, tiny_sd1):
 @pytest.fixture(scope="module")
 def served(networks):
     """A server on a free loopback port: tiny-sd1 (eager), the networks, credentials, a queue of one, 128 px."""
-    from adapterhub.cli.serve import bind
     from adapterhub.sample.generator import Generator
-    from adapterhub.serve.app import Service, create_app
+    from adapterhub.serve.app import Service
 
     service = Service(Generator("tiny-sd1"), adapter_dirs=[networks], catalog=False, max_queue=1,
                       max_size=(128, 128), credentials={USER: PASSWORD}, max_body=1 << 20)
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    start = time.monotonic()
-    while not server.started and time.monotonic() - start < DEADLINE and thread.is_alive():
-        time.sleep(0.05)
-    assert server.started, "the server did not start"
-    port = sock.getsockname()[1]
-    yield {"port": port, "url": f"http://127.0.0.1:{port}/sdapi/v1", "service": service}
-    server.should_exit = True
-    thread.join(DEADLINE)
-    service.close()
-    sock.close()
-    assert not thread.is_alive()
+    with running_server(service) as port:
+        yield {"port": port, "url": f"http://127.0.0.1:{port}/sdapi/v1", "service": service}
 
 
 @pytest.fixture
@@ -89,16 +74,6 @@ def post(served, path, auth=(USER, PASSWORD), **kwargs):
 
 def get(served, path, auth=(USER, PASSWORD), **kwargs):
     return requests.get(f"{served['url']}/{path}", auth=auth, timeout=DEADLINE, **kwargs)
-
-
-def wait_for(predicate, what: str):
-    start = time.monotonic()
-    while time.monotonic() - start < DEADLINE:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,7 +99,9 @@ class State:
 
     def progress(self, want_image: bool) -> dict[str, Any]:
         """``/progress``: the webui's fraction (``0.01 + job_no / job_count`` plus the step fraction of the
-        current job), the seconds left at that rate, and the latest preview (a newer one is asked for)."""
+        current job, at most 1), the seconds left at that rate (never below 0: the webui's formula goes
+        negative on the last step, where its fraction passes 1), and the latest preview (a newer one is asked
+        for)."""
         state = self.as_dict()
         if not state["job_count"]:
             return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None,
@@ -108,7 +110,7 @@ class State:
         if state["sampling_steps"]:
             done += state["sampling_step"] / state["sampling_steps"] / state["job_count"]
         elapsed = time.time() - self.time_start
-        eta = elapsed / done - elapsed
+        eta = max(0.0, elapsed / done - elapsed)
         with self._lock:
             if want_image:
                 self.preview_wanted = True
