@@ -14,12 +14,13 @@ are left out (the extension fills its defaults when it reads such a unit).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from adapterhub import hashes
 
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # infotext_utils.re_param_code
 RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -140,45 +141,25 @@ def parse_hashes(text: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # hashes (sampling.md §1.6)
 # ---------------------------------------------------------------------------------------------
-def _sha256(path: Path, start: int = 0) -> str:
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        with open(p, "rb") as f:
-            f.seek(start if p == path else 0)
-            while block := f.read(1 << 22):
-                h.update(block)
-    return h.hexdigest()
-
-
 def model_hash(path: str | Path) -> str:
     """``Model hash`` (AutoV2): sha256 of the whole checkpoint, first 10 hex digits. For a diffusers
     folder (which the webui cannot load) the sha256 of its files in path order."""
-    return _sha256(Path(path))[:10]
-
-
-def addnet_hash(path: str | Path) -> str:
-    """sha256 of a safetensors file's tensor data (the bytes after the header): metadata-independent."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-    return _sha256(path, start=8 + header_len)
+    return hashes.sha256_file(path)[:10]
 
 
 def lora_hash(path: str | Path, metadata: Mapping[str, str] | None = None) -> str:
-    """``Lora hashes`` entry: ``sshs_model_hash`` from kohya metadata, else the addnet hash of a
+    """``Lora hashes`` entry: ``sshs_model_hash`` from kohya metadata, else the addnet hash (AutoV3) of a
     ``.safetensors`` file, else the sha256 of the file; 12 hex digits."""
     if metadata and metadata.get("sshs_model_hash"):
         return str(metadata["sshs_model_hash"])[:12]
     path = Path(path)
-    if path.is_file() and path.suffix.lower() == ".safetensors":
-        return addnet_hash(path)[:12]
-    return _sha256(path)[:12]
+    tensors = hashes.tensor_sha256(path) if path.is_file() and path.suffix.lower() == ".safetensors" else None
+    return (tensors or hashes.sha256_file(path))[:12]
 
 
 def embedding_hash(path: str | Path) -> str:
     """``TI hashes`` entry: sha256 of the embedding file, 12 hex digits."""
-    return _sha256(Path(path))[:12]
+    return hashes.sha256_file(path)[:12]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,9 +180,7 @@ def short_hash(path: str | Path) -> str:
         if not weights:
             return "NOFILE"
         path = max(weights, key=lambda p: (p.stat().st_size, str(p)))
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    return hashes.autov1(path)
 
 
 def _text(value: float) -> str:
