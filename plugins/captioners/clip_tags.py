@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterhub.errors import AdapterhubError
+from adapterhub.hashes import sha256_file
 
 VOCAB_DIR = Path(__file__).parent / "vocab"
 DEFAULT_VOCABS = ("mediums", "general", "styles")
@@ -77,7 +78,7 @@ def model_identity(options) -> tuple[str, str | None, str]:
         import open_clip
 
         open_clip.add_model_config(model)
-        ident.append(hashlib.sha256(Path(model).read_bytes()).hexdigest())
+        ident.append(sha256_file(model))
         model = Path(model).stem
     if model.startswith("local-dir:"):
         folder = Path(model.split(":", 1)[1])
