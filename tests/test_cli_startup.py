@@ -22,7 +22,8 @@ def _heavy_modules(argv, cwd) -> list[str]:
     return eval(line[-1][len("HEAVY "):])
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["catalog", "--help"], ["catalog", "list"], ["catalog", "stats"]])
+@pytest.mark.parametrize("argv", [["--help"], ["catalog", "--help"], ["catalog", "list"], ["catalog", "stats"],
+                                  ["plugins"], ["plugins", "--json"]])
 def test_listing_and_browsing_import_no_heavy_library(argv, tmp_path):
     assert _heavy_modules(argv, tmp_path) == []
 

@@ -127,33 +127,44 @@ def _now() -> float:
     return time.monotonic()
 
 
-def _plain_line(description: str, done: int, total: int | None, elapsed: float) -> str:
+def _plain_line(description: str, done: int, total: int | None, elapsed: float, info: str = "") -> str:
     count = f"{done}/{total} ({100 * done // total}%)" if total else f"{done}"
-    return f"{description}: {count}, {elapsed:.1f} s"
+    return f"{description}: {count}, {elapsed:.1f} s" + (f", {info}" if info else "")
+
+
+class _PlainLines:
+    """One task's progress as plain lines on stderr: nothing in the first ``PLAIN_FIRST`` seconds (a quick
+    command, or one that fails at once, stays one line), then at most one line per ``PLAIN_INTERVAL``, and the
+    last step always (a log shows the run is alive without one line per step). ``info`` (a running loss ...)
+    ends the line."""
+
+    def __init__(self, description: str, total: int | None):
+        self.description, self.total, self.start = description, total, _now()
+        self.done, self.shown, self.at, self.info = 0, 0, None, ""
+
+    def _show(self, now: float) -> None:
+        click.echo(_plain_line(self.description, self.done, self.total, now - self.start, self.info), err=True)
+        self.shown, self.at = self.done, now
+
+    def update(self, done: int, info: str | None = None) -> None:
+        self.done = done
+        self.info = self.info if info is None else info
+        now = _now()
+        due = now - self.start >= PLAIN_FIRST if self.at is None else now - self.at >= PLAIN_INTERVAL
+        if due or (self.total and self.done >= self.total and self.shown != self.done):
+            self._show(now)
+
+    def close(self) -> None:
+        """The last step reached, if no line showed it yet."""
+        if self.done != self.shown:
+            self._show(_now())
 
 
 @contextmanager
 def _plain_progress(description: str, total: int | None) -> Iterator:
-    """Progress as plain lines on stderr: nothing in the first ``PLAIN_FIRST`` seconds (a quick command, or one
-    that fails at once, stays one line), then at most one line per ``PLAIN_INTERVAL``, and the last step always
-    (a log shows the run is alive without one line per step)."""
-    start = _now()
-    state = {"done": 0, "shown": 0, "at": None}
-
-    def show(now: float) -> None:
-        click.echo(_plain_line(description, state["done"], total, now - start), err=True)
-        state["shown"], state["at"] = state["done"], now
-
-    def advance(n: int = 1) -> None:
-        state["done"] += n
-        now = _now()
-        due = now - start >= PLAIN_FIRST if state["at"] is None else now - state["at"] >= PLAIN_INTERVAL
-        if due or (total and state["done"] >= total):
-            show(now)
-
-    yield advance
-    if state["done"] != state["shown"]:
-        show(_now())
+    lines = _PlainLines(description, total)
+    yield lambda n=1: lines.update(lines.done + n)
+    lines.close()
 
 
 @contextmanager
@@ -173,6 +184,58 @@ def progress(description: str, total: int | None = None) -> Iterator:
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+class _PlainTasks:
+    """The part of rich's ``Progress`` a command with several tasks uses (``add_task``, ``advance``,
+    ``update``, ``console.print``), as rate-limited plain lines per task (:class:`_PlainLines`) with the
+    task's ``info`` field at the end: what :func:`tasks` gives when stderr is not a terminal."""
+
+    def __init__(self):
+        self.lines: list[_PlainLines] = []
+        self.console = self
+
+    def print(self, text: str) -> None:
+        click.echo(_shown(str(text)), err=True)
+
+    def add_task(self, description: str, total: int | None = None, info: str = "", **_fields) -> int:
+        self.lines.append(_PlainLines(description, total))
+        self.lines[-1].info = info
+        return len(self.lines) - 1
+
+    def advance(self, task: int, advance: int = 1) -> None:
+        self.lines[task].update(self.lines[task].done + advance)
+
+    def update(self, task: int, completed: int | None = None, info: str | None = None, **_fields) -> None:
+        lines = self.lines[task]
+        lines.update(lines.done if completed is None else completed, info)
+
+    def close(self) -> None:
+        for lines in self.lines:
+            lines.close()
+
+
+@contextmanager
+def tasks() -> Iterator:
+    """Several progress tasks on stderr, each with an ``info`` field (a running loss, a rate): rich's
+    ``Progress`` with a time-remaining column on a terminal, rate-limited plain lines elsewhere (logs, CI,
+    ``nohup``), where rich would show only the final state."""
+    import sys
+
+    if not _is_terminal(sys.stderr):
+        plain = _PlainTasks()
+        try:
+            yield plain
+        finally:
+            plain.close()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=Console(stderr=True)) as bar:
+        yield bar
 
 
 def _is_terminal(stream) -> bool:

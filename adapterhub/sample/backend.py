@@ -20,11 +20,12 @@ graph, CUDA graphs) sees every switch without rebuilding anything.
 """
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import AdapterhubError
+
+if TYPE_CHECKING:  # annotations only: registering and listing backends (``adapterhub plugins``) needs no torch
+    import torch
 
 
 class Runner:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from adapterhub.errors import AdapterhubError
-from adapterhub.sample.backend import Runner, SamplerBackend
+from adapterhub.sample.backend import Runner
 from adapterhub.types import ATTENTION_CONTEXT, UNET_RESIDUALS, UNET_UNTOUCHED, UNET_WEIGHTS
 
 RUNS = (UNET_WEIGHTS, UNET_UNTOUCHED, UNET_RESIDUALS, ATTENTION_CONTEXT)  # the declared kinds this backend feeds
@@ -538,15 +538,3 @@ class CompiledRunner(Runner):
         return {"calls": self.calls, "frames_compiled": int(counters["stats"].get("unique_graphs", 0)),
                 "graphs": {k: v for k, v in entries.items() if v}, "recompiles": self.recompiles(),
                 "cache_dir": self.caches["TORCHINDUCTOR_CACHE_DIR"]}
-
-
-class CompiledBackend(SamplerBackend):
-    name = "compiled"
-    description = ("torch.compile of the UNet (and diffusers control models); stacks, control images and weights "
-                   "switched without recompiling; runs the types that declare how they reach the UNet")
-
-    def prepare(self, pipe) -> Runner:
-        return CompiledRunner(pipe, mode=os.environ.get("ADAPTERHUB_COMPILE_MODE") or None,
-                              backend=os.environ.get("ADAPTERHUB_COMPILE_BACKEND") or "inductor")
-
-

@@ -24,16 +24,14 @@ import math
 import re
 from pathlib import Path
 
-import torch
-
 from adapterhub.archs import arch_from_context_width, arch_from_metadata
-from adapterhub.base import METADATA_KEY, PRESETS, recipe
 from adapterhub.errors import AdapterError
 from adapterhub.io import AdapterFile
 from adapterhub.types import Adapter, Sniff
 
-from adapterhub.conditioning import (check_state, control_kind, materialise, save_model_folder,
-                                     write_model_folder)
+# torch, diffusers, adapterhub.base and adapterhub.conditioning are imported inside the functions that
+# build models or read values: registering and sniffing the type (``adapterhub plugins``, ``inspect`` of
+# another type's file) must not pay for them.
 
 DIFFUSERS, LDM = "diffusers", "ldm"
 CLASS_NAME = "ControlNetModel"
@@ -67,12 +65,16 @@ def shapes_of(file: AdapterFile, prefix: str) -> dict[str, tuple[int, ...]]:
 
 def _projection_widths() -> dict[int, str]:
     """SDXL-style added-conditioning width -> architecture, from the recipes."""
+    from adapterhub.base import PRESETS
+
     return {rec.unet["projection_class_embeddings_input_dim"]: name for name, rec in PRESETS.items()
             if rec.unet.get("addition_embed_type") == "text_time"}
 
 
 def base_of(shapes: dict, metadata: dict, config: dict | None) -> str:
     """Our own metadata, then kohya/modelspec metadata, then the config's or the tensors' context width."""
+    from adapterhub.base import METADATA_KEY, PRESETS
+
     if metadata.get(METADATA_KEY) in PRESETS:
         return metadata[METADATA_KEY]
     arch = arch_from_metadata(metadata)
@@ -129,6 +131,8 @@ def derive_config(shapes: dict, arch: str) -> dict:
     every structural value the tensors show read from them."""
     from diffusers import ControlNetModel
 
+    from adapterhub.base import recipe
+
     accepted = set(inspect.signature(ControlNetModel.__init__).parameters)
     config = {k: v for k, v in recipe(arch).unet.items() if k in accepted}
     blocks = _count(shapes, r"down_blocks\.(\d+)\.resnets\.0\.conv1\.weight$")
@@ -166,6 +170,7 @@ def derive_config(shapes: dict, arch: str) -> dict:
 
 def meta_model(config: dict):
     """A ``ControlNetModel`` for ``config`` on the meta device (no memory, no initialisation)."""
+    import torch
     from diffusers import ControlNetModel
 
     with torch.device("meta"):
@@ -186,6 +191,11 @@ def sniff(file: AdapterFile) -> Sniff | None:
 
 
 def parse(file: AdapterFile, found: Sniff, type_name: str) -> Adapter:
+    import torch
+
+    from adapterhub.base import PRESETS, recipe
+    from adapterhub.conditioning import check_state, control_kind
+
     layout, prefix = layout_of(file.keys) or (found.format, "")
     shapes = shapes_of(file, prefix)
     config = dict(file.config) if layout == DIFFUSERS and file.config else None
@@ -241,6 +251,8 @@ def summary(adapter: Adapter) -> dict:
 
 def load_model(adapter: Adapter):
     """The ``ControlNetModel`` (read on first use, then kept in ``adapter.extra["model"]``)."""
+    from adapterhub.conditioning import materialise
+
     if adapter.extra.get("model") is not None:
         return adapter.extra["model"]
     file, prefix, config = adapter.file, adapter.extra["prefix"], adapter.extra["config"]
@@ -256,6 +268,8 @@ def save(adapter: Adapter, path: Path, format: str | None) -> Path:
     """``diffusers``: a ``ControlNetModel`` folder. ``a1111``: one .safetensors file of the same tensors,
     what the webui's ControlNet extension (``convert_from_diffuser_state_dict``) and ComfyUI load; the base
     goes into the metadata, and the config is read back from the shapes (:func:`derive_config`)."""
+    from adapterhub.conditioning import save_model_folder
+
     if format == "a1111":
         return save_single_file(adapter, load_model(adapter).state_dict(), path)
     return save_model_folder(adapter, load_model(adapter), path, format, "ControlNet")
@@ -263,6 +277,7 @@ def save(adapter: Adapter, path: Path, format: str | None) -> Path:
 
 def save_single_file(adapter: Adapter, state: dict, path: Path) -> Path:
     """``state`` as one safetensors file, the adapter's metadata and base kept."""
+    from adapterhub.base import METADATA_KEY
     from adapterhub.io import save_safetensors
 
     metadata = {k: v for k, v in adapter.metadata.items() if k != "format"}
@@ -273,8 +288,11 @@ def save_single_file(adapter: Adapter, state: dict, path: Path) -> Path:
 def example(model, path: Path, seed: int = 0, **options) -> Path:
     """``ControlNetModel.from_unet`` of ``model``'s UNet, its zero convolutions filled with small random
     values (seeded) so the control visibly acts, saved as a diffusers folder."""
+    import torch
     from diffusers import ControlNetModel
 
+    from adapterhub.base import METADATA_KEY
+    from adapterhub.conditioning import write_model_folder
     from adapterhub.weights import architecture_of, component
 
     unet = component(model, "unet")

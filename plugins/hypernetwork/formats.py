@@ -12,14 +12,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from adapterhub.archs import CONTEXT_WIDTH
 from adapterhub.errors import AdapterError
 from adapterhub.io import AdapterFile, atomic_path
 from adapterhub.types import Adapter, Patch, Sniff
 
-from .module import Config, HyperModule, config_from, load_module, state_of
+if TYPE_CHECKING:  # torch (and ``module``, torch MLPs) are imported where modules are built or values read:
+    from .module import Config, HyperModule  # sniffing another type's file must not pay for them
 
 FORMAT = "a1111"
 KEY = re.compile(r"^(\d+)\.([01])\.(linear\.\d+\.(?:weight|bias)|linear[12]\.(?:weight|bias))$")
@@ -85,6 +86,10 @@ def base_of(widths) -> str:
 
 
 def parse(file: AdapterFile, found: Sniff, type_name: str) -> Adapter:
+    import torch
+
+    from .module import config_from, load_module
+
     config = config_from(file.extra, file.path)
     widths = widths_of(file) or {}
     patches = {}
@@ -123,6 +128,10 @@ def summary(adapter: Adapter) -> dict:
 def write(layers: dict[int, tuple[HyperModule, HyperModule]], config: Config, path: Path,
           facts: dict | None = None) -> Path:
     """A1111's ``Hypernetwork.save`` layout (the only format there is), written atomically."""
+    import torch
+
+    from .module import state_of
+
     facts = facts or {}
     state: dict = {w: (state_of(k), state_of(v)) for w, (k, v) in sorted(layers.items())}
     settings = config.as_dict()
@@ -153,12 +162,18 @@ def attention_widths(unet) -> list[int]:
 
 
 def _is_attention(module) -> bool:
+    import torch
+
     return hasattr(module, "set_processor") and isinstance(getattr(module, "to_k", None), torch.nn.Linear)
 
 
 def example(model, path: Path, seed: int = 0, activation: str = "relu") -> Path:
     """A1111's defaults ([1, 2, 1], Normal init: weights N(0, 0.01), zero bias) for every width of the UNet."""
+    import torch
+
     from adapterhub.weights import component
+
+    from .module import Config, HyperModule
 
     unet = component(model, "unet")
     if unet is None:

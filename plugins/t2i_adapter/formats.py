@@ -21,15 +21,14 @@ import math
 import re
 from pathlib import Path
 
-import torch
-
 from adapterhub.archs import arch_from_metadata
-from adapterhub.base import METADATA_KEY, PRESETS
 from adapterhub.errors import AdapterError
 from adapterhub.io import AdapterFile
 from adapterhub.types import Adapter, Sniff
-from adapterhub.conditioning import (check_state, control_kind, materialise, save_model_folder,
-                                     write_model_folder)
+
+# torch, diffusers, adapterhub.base and adapterhub.conditioning are imported inside the functions that
+# build models or read values: registering and sniffing the type (``adapterhub plugins``, ``inspect`` of
+# another type's file) must not pay for them.
 
 DIFFUSERS, TENCENTARC = "diffusers", "tencentarc"
 CLASS_NAME = "T2IAdapter"
@@ -166,6 +165,8 @@ def fit_problem(config: dict, unet_config, vae_scale: int = 8) -> str | None:
 
 
 def base_of(config: dict, metadata: dict) -> str:
+    from adapterhub.base import METADATA_KEY, PRESETS
+
     if metadata.get(METADATA_KEY) in PRESETS:
         return metadata[METADATA_KEY]
     arch = arch_from_metadata(metadata)
@@ -217,6 +218,7 @@ def sniff(file: AdapterFile) -> Sniff | None:
 
 
 def meta_model(config: dict):
+    import torch
     from diffusers import T2IAdapter
 
     with torch.device("meta"):
@@ -226,6 +228,8 @@ def meta_model(config: dict):
 def parse(file: AdapterFile, found: Sniff, type_name: str) -> Adapter:
     if layout_of(file.keys) is None:
         raise AdapterError(file.path, "not a T2I-Adapter (no adapter.body / body.N.block1 tensors)")
+    from adapterhub.conditioning import check_state, control_kind
+
     layout, prefix, shapes, source, config = _described(file)
     try:
         model = meta_model(config)
@@ -252,6 +256,8 @@ def summary(adapter: Adapter) -> dict:
 
 def load_model(adapter: Adapter):
     """The ``T2IAdapter`` (read on first use, then kept in ``adapter.extra["model"]``)."""
+    from adapterhub.conditioning import materialise
+
     if adapter.extra.get("model") is not None:
         return adapter.extra["model"]
     file, source = adapter.file, adapter.extra["source"]
@@ -266,6 +272,8 @@ def save(adapter: Adapter, path: Path, format: str | None) -> Path:
     """``diffusers``: a ``T2IAdapter`` folder. ``a1111`` (or ``tencentarc``): one file in TencentARC's
     original layout, what the webui's ControlNet extension loads (.safetensors, or a weights-only
     pickle for .pth/.pt); SD1-shaped adapters only, as TencentARC published no other."""
+    from adapterhub.conditioning import save_model_folder
+
     if format in ("a1111", TENCENTARC):
         return _save_tencentarc(adapter, path)
     return save_model_folder(adapter, load_model(adapter), path, format, "T2I-Adapter")
@@ -296,6 +304,9 @@ def original_names(state_keys, config: dict) -> dict[str, str]:
 
 
 def _save_tencentarc(adapter: Adapter, path: Path) -> Path:
+    import torch
+
+    from adapterhub.base import METADATA_KEY
     from adapterhub.io import atomic_path, save_safetensors
 
     config = adapter.extra["config"]
@@ -330,8 +341,11 @@ def example_config(unet_config, vae_scale: int = 8) -> dict:
 
 def example(model, path: Path, seed: int = 0, **options) -> Path:
     """A seeded random ``T2IAdapter`` shaped for ``model``'s UNet, saved as a diffusers folder."""
+    import torch
     from diffusers import T2IAdapter
 
+    from adapterhub.base import METADATA_KEY
+    from adapterhub.conditioning import write_model_folder
     from adapterhub.weights import architecture_of, component
 
     unet = component(model, "unet")

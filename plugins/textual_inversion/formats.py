@@ -15,14 +15,17 @@ The prompt name follows AUTOMATIC1111, which names an embedding after its file; 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from adapterhub.archs import TEXT2_WIDTH, TEXT_WIDTH
 from adapterhub.errors import AdapterError
 from adapterhub.io import AdapterFile, atomic_path, save_safetensors
 from adapterhub.types import Adapter, Patch, Sniff
+
+if TYPE_CHECKING:  # torch is imported where values are read or written: sniffing needs keys and shapes only
+    import torch
 
 FORMATS = ("a1111-pt", "a1111-safetensors", "diffusers", "sdxl", "cog-sdxl")
 # ``save`` also takes ``a1111`` (and ``diffusers`` for SDXL vectors): see ``layout_for``
@@ -67,13 +70,20 @@ class EmbeddingPatch(Patch):
 # --------------------------------------------------------------------------------------------
 # recognise
 # --------------------------------------------------------------------------------------------
+def is_tensor(obj) -> bool:
+    """Whether ``obj`` is a torch tensor, without importing torch: only a loaded pickle holds one, and
+    loading it imported torch."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
 def _vector_shape(shape: tuple[int, ...]) -> bool:
     return len(shape) == 1 and shape[0] >= 8 or len(shape) == 2 and 1 <= shape[0] <= MAX_VECTORS and shape[1] >= 8
 
 
 def layout(file: AdapterFile) -> tuple[str, dict[str, str], float] | None:
     """(format, encoder -> key in the file, score) from keys and shapes only, or None."""
-    if isinstance(file.raw, torch.Tensor):
+    if is_tensor(file.raw):
         return None  # a bare tensor has no name: not claimed (see the aesthetic-gradients type)
     keys = file.keys
     param_keys = [k for k in keys if k.startswith("string_to_param.")]
@@ -132,6 +142,8 @@ def _cog_trigger(path: Path) -> str | None:
 
 
 def parse(file: AdapterFile, found: Sniff, type_name: str) -> Adapter:
+    import torch
+
     fmt, keys, n = found.format, found.facts["keys"], found.facts["vectors"]
     if fmt == "a1111-pt" and len([k for k in file.keys if k.startswith("string_to_param.")]) > 1:
         raise AdapterError(file.path, "string_to_param holds several terms; an embedding file holds one",
@@ -188,6 +200,8 @@ def summary(adapter: Adapter) -> dict:
 # write
 # --------------------------------------------------------------------------------------------
 def _torch_save(obj, path: Path) -> Path:
+    import torch
+
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(obj, str(tmp))
     return path
@@ -251,6 +265,8 @@ def save(adapter: Adapter, path: Path, fmt: str | None) -> Path:
 
 def example(model, path: Path, seed: int = 0, vectors: int = 2) -> Path:
     """Random vectors with the spread of the model's own token table, in the layout the model takes."""
+    import torch
+
     from adapterhub.weights import component
 
     gen = torch.Generator().manual_seed(seed)
