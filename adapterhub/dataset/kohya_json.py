@@ -14,6 +14,9 @@ the later silently replacing the earlier.
 sidecars, the image found as kohya's fine-tuning finds it (the key is the image's path, else its
 file stem). It holds the folder's writer lock and writes through the undo journal; every key is
 resolved and every value checked before the first file is written.
+
+:func:`read_training_metadata` is the same file as a training set (``adapterhub train --dataset
+meta.json``): each entry's image and caption found as kohya's fine-tuning dataset finds them.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import json
 from pathlib import Path
 
 from adapterhub.dataset.config import KohyaImportConfig, KohyaJsonConfig
-from adapterhub.dataset.folder import decode_caption, encode_caption, require_items, scan
+from adapterhub.dataset.folder import IMAGE_EXTS, decode_caption, encode_caption, require_items, scan
 from adapterhub.errors import AdapterhubError
 
 
@@ -128,3 +131,64 @@ def import_metadata(cfg: KohyaImportConfig) -> dict:
                     write_caption(journal, path, before, after)
                     report["written"] += 1
     return report
+
+
+# -- the metadata as a training set ------------------------------------------------------------------
+def fine_tuning_caption(entry: dict) -> str:
+    """The caption kohya's fine-tuning dataset trains an entry with: ``caption``, then ``", "`` and
+    ``tags`` when both are there (and the tags are not empty); ``tags`` alone without a caption;
+    else empty."""
+    caption, tags = entry.get("caption"), entry.get("tags")
+    if caption is None:
+        caption = tags
+    elif tags:
+        caption = f"{caption}, {tags}"
+    return (caption or "").strip()
+
+
+def _training_image(key: str, image_dir: Path, source: Path) -> Path | None:
+    """The image of ``key`` as kohya's fine-tuning finds it: the key as a path (absolute, or here
+    relative to ``image_dir`` rather than to the working directory), else the key plus an image
+    extension in ``image_dir`` (kohya's ``glob_images``). Several images for one key (``cat.png``
+    and ``cat.jpg``) is an error: kohya would take whichever its glob lists first."""
+    base = image_dir / Path(key).expanduser()
+    if base.is_file() and base.suffix.lower() in IMAGE_EXTS:
+        return base
+    found = {}
+    for ext in sorted(IMAGE_EXTS):
+        for candidate in (base.with_name(base.name + ext), base.with_name(base.name + ext.upper())):
+            if candidate.is_file():
+                found.setdefault(candidate.resolve(), candidate)  # one file, on a case-blind disk
+    if len(found) > 1:
+        names = ", ".join(sorted(p.name for p in found.values()))
+        raise AdapterhubError(f"{source}: key {key!r} matches {len(found)} images in {base.parent} ({names}); "
+                              "name the file in the key")
+    return next(iter(found.values()), None)
+
+
+def read_training_metadata(path: Path, image_dir: Path) -> list[tuple[str, Path, str]]:
+    """``(key, image, caption)`` per entry of the metadata JSON ``path``, in the file's order, with
+    images resolved in ``image_dir`` (kohya's ``--train_data_dir``) and captions by
+    :func:`fine_tuning_caption`. A file that is not metadata, a value that is not text, or a key no
+    image answers to is an error naming the file, before anything is trained. (kohya's fallback to a
+    cached ``.npz`` latent without its image is not followed: the image is needed.)"""
+    path = Path(path)
+    metadata = read_metadata(path)
+    if not metadata:
+        raise AdapterhubError(f"{path}: no entries (kohya metadata maps each image to its caption and tags)")
+    if not Path(image_dir).is_dir():
+        raise AdapterhubError(f"{image_dir}: no such folder (the images of {path})")
+    entries, missing = [], []
+    for key, entry in metadata.items():
+        for field in ("caption", "tags"):
+            if entry.get(field) is not None and not isinstance(entry[field], str):
+                raise AdapterhubError(f"{path}: {key!r}: {field} is not text")
+        image = _training_image(key, Path(image_dir), path)
+        if image is None:
+            missing.append(key)
+        else:
+            entries.append((key, image, fine_tuning_caption(entry)))
+    if missing:
+        raise AdapterhubError(f"{path}: {len(missing)} of {len(metadata)} entries have no image in {image_dir} "
+                              f"(first: {missing[0]!r}); give the images' folder with --train-data-dir")
+    return entries

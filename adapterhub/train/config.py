@@ -40,7 +40,8 @@ class TrainConfig:
                                  "hypernetwork, t2i_adapter, controlnet, full (hyphens also accepted)", "run")
     base: str | None = opt(None, "base model: tiny-sd1, tiny-sdxl, a diffusers folder, a single-file "
                                  "checkpoint or a hub id in the local cache", "run")
-    dataset: Path | None = opt(None, "dataset folder (kohya 'N_trigger class' subfolders allowed)", "run")
+    dataset: Path | None = opt(None, "dataset folder (kohya 'N_trigger class' subfolders allowed), or a kohya "
+                                     "fine-tuning metadata JSON (meta_cap.json: captions and tags per image)", "run")
     out: Path | None = opt(None, "output file (.safetensors; a hypernetwork writes .pt; controlnet, t2i_adapter and "
                                  "full write a diffusers folder, or a single file when OUT ends in .safetensors)",
                            "run")
@@ -106,6 +107,8 @@ class TrainConfig:
                                   "bucket_no_upscale)", "data")
     caption_ext: str = opt(".txt", "caption file extension (.txt and .caption are both read)", "data")
     caption_default: str | None = opt(None, "caption for images without one (else they are an error)", "data")
+    train_data_dir: Path | None = opt(None, "the images of a kohya metadata JSON given as --dataset (kohya "
+                                            "--train_data_dir; default: the JSON's folder)", "data")
     shuffle_tags: bool = opt(False, "shuffle the comma-separated tags of each caption every time it is used",
                              "data")
     keep_tokens: int = opt(0, "tags kept in place at the front when shuffling (trigger words)", "data")
@@ -304,7 +307,7 @@ def load_toml(path: Path) -> dict:
     for name, value in flat.items():
         value = coerce(name, value, str(path))
         if isinstance(value, Path) and not value.is_absolute() and name in ("dataset", "out", "cache_dir", "resume",
-                                                                            "class_dir"):
+                                                                            "class_dir", "train_data_dir"):
             value = base / value  # paths in a file are relative to the file
         if name == "datasets":
             value = tuple({**e, "dir": e["dir"] if e["dir"].is_absolute() else base / e["dir"]} for e in value)

@@ -4,6 +4,10 @@
   class tokens); captions are the first line of the sidecar file. Images without a caption are an
   error (naming the first) unless ``caption_default`` is given; unreadable images are skipped and
   reported.
+* A dataset that is a ``.json`` file is kohya's fine-tuning metadata (``meta_cap.json``, ``meta_lat.json``):
+  its entries are the samples, their images found in ``train_data_dir`` (default: the JSON's folder)
+  and their captions taken from the JSON (:func:`adapterhub.dataset.kohya_json.read_training_metadata`);
+  repeats come from the source (default 1), the subset name is the JSON's file name, as kohya's.
 * Buckets are kohya's (:class:`adapterhub.dataset.buckets.Bucketer`): each image is scaled to cover its
   bucket and centre-cropped.
 * Latents are cached once per (image bytes, bucket, resize, crop, VAE weights): a content-addressed
@@ -89,6 +93,8 @@ def _collect_source(source: dict, cfg, samples: list, skipped: list) -> None:
     from adapterhub.train.control import is_sidecar
 
     root = Path(source["dir"])
+    if root.suffix.lower() == ".json" and not root.is_dir():
+        return _collect_metadata(source, cfg, samples, skipped)
     if not root.is_dir():
         raise AdapterhubError(f"{root}: no such dataset folder")
     caption_ext = source.get("caption_ext") or cfg.caption_ext
@@ -100,27 +106,57 @@ def _collect_source(source: dict, cfg, samples: list, skipped: list) -> None:
     bucketer = bucketer_for(cfg, source.get("resolution"), root)
     uncaptioned = []
     for item in items:
-        try:
-            size = image_size(item.path)
-        except ImageReadError as exc:
-            skipped.append({"file": item.rel, "problem": str(exc)})
+        folder = Path(item.subset.rel).name if item.subset.rel else root.resolve().name
+        repeats = item.subset.repeats or source.get("repeats") or 1
+        sample = Sample(item.path, item.rel, folder, repeats, item.subset.class_tokens or source.get("class_tokens"),
+                        item.caption().first_line, (0, 0))
+        if not _place(sample, bucketer, skipped):
             continue
-        caption = item.caption().first_line
-        if not caption:
+        if not sample.caption:
             if default is None:
                 uncaptioned.append(item.rel)
                 continue
-            caption = default
-        folder = Path(item.subset.rel).name if item.subset.rel else root.resolve().name
-        repeats = item.subset.repeats or source.get("repeats") or 1
-        placement = bucketer.place(*size)
-        samples.append(Sample(item.path, item.rel, folder, repeats, item.subset.class_tokens or
-                              source.get("class_tokens"), caption, size, placement.bucket, placement.resized,
-                              placement.crop_ltrb))
+            sample.caption = default
+        samples.append(sample)
     if uncaptioned:
         raise AdapterhubError(f"{root}: {len(uncaptioned)} of {len(items)} images have no caption (first: "
                               f"{uncaptioned[0]}); write {caption_ext} files (adapterhub dataset caption) or "
                               f"pass --caption-default TEXT")
+
+
+def _collect_metadata(source: dict, cfg, samples: list, skipped: list) -> None:
+    """The samples of a kohya fine-tuning metadata JSON: every key resolved to its image and every
+    caption present (else ``caption_default``) before the first image header is read."""
+    from adapterhub.dataset.kohya_json import read_training_metadata
+
+    path = Path(source["dir"])
+    image_dir = Path(getattr(cfg, "train_data_dir", None) or path.parent)
+    entries = read_training_metadata(path, image_dir)
+    default = source.get("class_tokens") or cfg.caption_default
+    uncaptioned = [key for key, _, caption in entries if not caption and default is None]
+    if uncaptioned:
+        raise AdapterhubError(f"{path}: {len(uncaptioned)} of {len(entries)} entries have no caption or tags "
+                              f"(first: {uncaptioned[0]!r}); pass --caption-default TEXT")
+    bucketer = bucketer_for(cfg, source.get("resolution"), image_dir)
+    for _, image, caption in entries:
+        rel = image.relative_to(image_dir).as_posix() if image.is_relative_to(image_dir) else str(image)
+        sample = Sample(image, rel, path.name, source.get("repeats") or 1, source.get("class_tokens"),
+                        caption or default, (0, 0))
+        if _place(sample, bucketer, skipped):
+            samples.append(sample)
+
+
+def _place(sample: Sample, bucketer: Bucketer, skipped: list) -> bool:
+    """Size ``sample`` from its image header and place it in its bucket; False (and the image listed in
+    ``skipped``) when the image cannot be read."""
+    try:
+        sample.size = image_size(sample.path)
+    except ImageReadError as exc:
+        skipped.append({"file": sample.rel, "problem": str(exc)})
+        return False
+    placement = bucketer.place(*sample.size)
+    sample.bucket, sample.resized, sample.crop = placement.bucket, placement.resized, placement.crop_ltrb
+    return True
 
 
 def collect(cfg) -> Data:
