@@ -1,4 +1,4 @@
-"""Core types shared by every plugin and service: Patch, Adapter, AdapterType, Sniff.
+"""Core types shared by every plugin and service: Patch, Adapter, AdapterType, Sniff, TrainOption.
 
 An :class:`Adapter` is what a plugin's ``parse`` makes of a file: target module path -> :class:`Patch`.
 A weight-space patch knows its float32 delta for the target's weight (``Patch.delta``); the weight
@@ -243,6 +243,31 @@ class Trainable:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class TrainOption:
+    """One training option a type declares (``AdapterType.train_options``): the training service makes it an
+    ``adapterhub train`` flag (``--name-with-hyphens``), a key of the ``--config`` TOML file under ``[section]``
+    (``--print-config`` writes it there) and a value the type reads in ``make_trainable`` as
+    ``config.<name>`` (``config.type_options[name]``).
+
+    ``type`` is what the value is converted to: ``int``, ``float``, ``str``, ``bool``, ``Path`` or a tuple such
+    as ``tuple[int, ...]`` (a flag takes it comma-separated; ``tuple[str, ...]`` repeats the flag instead).
+    ``default`` is the value when the run gives none (None: unset, the type decides); ``choices`` limits the
+    values; ``minimum`` is the smallest value allowed (a number option); ``section`` is the TOML section
+    (None: the type's name). The option applies to the type that declares it: given for another ``--type``
+    it is refused (on the command line, in ``TrainConfig``), or ignored (in a TOML file, which may hold the
+    sections of several types).
+    """
+
+    name: str
+    type: Any
+    default: Any = None
+    help: str = ""
+    choices: tuple | None = None
+    section: str | None = None
+    minimum: float | None = None
+
+
 # How an attached adapter reaches the UNet (``AdapterType.unet_runtime``): what a backend that compiles the
 # UNet (``compiled``) needs to know to run it without recompiling. A type declaring none is run by ``eager`` only.
 UNET_WEIGHTS = "weights"  # deltas written into the UNet's parameters in place (every ``weight_space`` type)
@@ -295,6 +320,9 @@ class AdapterType:
     # the webui extra-networks page the server lists this type's files on (``adapterhub.serve.networks.KINDS``;
     # weight-space types are on the first without saying so); None: not listed
     extra_network: ClassVar[str | None] = None
+    # the training options of this type (:class:`TrainOption`), besides the general ones of
+    # ``adapterhub.train.TrainConfig``: flags, TOML keys and ``config.<name>`` in ``make_trainable``
+    train_options: ClassVar[tuple[TrainOption, ...]] = ()
     source: Any = None  # filled by the registry: which distribution registered the type
 
     @property
@@ -372,8 +400,9 @@ class AdapterType:
     def make_trainable(self, model, config) -> Trainable:
         """Add this type's trainable modules to ``model`` (a pipeline whose weights are all frozen) and
         return them as a :class:`Trainable`. ``config`` is the training config
-        (:class:`adapterhub.train.TrainConfig`), read by attribute (``rank``, ``alpha``, ``conv_rank``,
-        ``train_text_encoder``, ``token`` ...). Types that train list ``train`` in ``capabilities``."""
+        (:class:`adapterhub.train.TrainConfig`), read by attribute: the general options (``rank``, ``alpha``,
+        ``conv_rank``, ``train_text_encoder`` ...) and this type's own ``train_options``, every one present
+        (given or its default). Types that train list ``train`` in ``capabilities``."""
         raise AdapterError(None, f"{self.name}: training is not supported")
 
     def merge_into(self, adapter: Adapter, pipe, weight: float) -> None:

@@ -1,13 +1,12 @@
 """``adapterhub train``: one command for every trainable adapter type.
 
-Every option comes from :class:`adapterhub.train.config.TrainConfig` (declared once there); each flag
-is also a key of the ``--config`` TOML file (``--max-steps`` is ``max_steps``), and flags given on the
-command line override the file.
+Every option comes from :class:`adapterhub.train.config.TrainConfig` (the general ones) or from a registered
+type's ``train_options`` (its own, taken only with that ``--type``); each flag is also a key of the ``--config``
+TOML file (``--max-steps`` is ``max_steps``), and flags given on the command line override the file.
 ``--print-config`` writes the resolved configuration as TOML and trains nothing.
 """
 from __future__ import annotations
 
-import dataclasses
 import typing
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,12 +16,12 @@ import click
 from adapterhub.cli.output import emit, key_values, table
 
 
-def _click_type(hint, meta):
+def _click_type(spec):
     from adapterhub.train.config import _base_type
 
-    if meta.get("choices"):
-        return click.Choice(meta["choices"])
-    hint = _base_type(hint)
+    if spec.choices:
+        return click.Choice([str(c) for c in spec.choices])
+    hint = _base_type(spec.type)
     if typing.get_origin(hint) is tuple:
         return str  # a comma-separated list, parsed by the config
     if hint is Path:
@@ -30,44 +29,43 @@ def _click_type(hint, meta):
     return {int: int, float: float, str: str}.get(hint, str)
 
 
-def _base_type_of(hint):
-    from adapterhub.train.config import _base_type
-
-    return _base_type(hint)
-
-
 def _inverted(_ctx, _param, value):
     """The positive flag of a ``no_*`` option (``--upscale``) sets it False; unset stays None."""
     return None if value is None else not value
 
 
-def config_options(fn):
-    """One click option per TrainConfig field; all default to None, so only what was typed overrides."""
-    from adapterhub.train.config import fields, hints
+def _specs() -> list:
+    """(option, help) for every flag: the general options, then each registered type's own (its help saying
+    which ``--type`` takes it)."""
+    from adapterhub.train.config import declared_options, general_options, help_of
 
-    types_ = hints()
-    for f in reversed(list(fields().values())):
-        meta = f.metadata
-        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = f" [default: {default}]" if default not in (None, ()) else ""
-        help_text = f"{meta['help']}{shown}"
-        if f.name == "datasets":
-            continue  # TOML [[datasets]] tables only
-        hint = _base_type_of(types_[f.name])
-        if typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
-            fn = click.option(flag, f.name, multiple=True, default=None, help=help_text + " (repeatable)")(fn)
-            continue
-        if hint is bool and f.name.startswith("no_"):  # no_upscale: --upscale/--no-upscale, not --no-no-upscale
-            on = "--" + flag[len("--no-"):]
-            shown = f" [default: {flag if default else on}]"
-            fn = click.option(f"{on}/{flag}", f.name, default=None, callback=_inverted,
-                              help=f"{meta['help']}{shown}")(fn)
-        elif hint is bool:
-            off = "--no-" + flag[2:]
-            fn = click.option(f"{flag}/{off}", f.name, default=None, help=help_text)(fn)
-        else:
-            fn = click.option(flag, f.name, type=_click_type(types_[f.name], meta), default=None, help=help_text)(fn)
+    specs = [(spec, help_of(spec)) for spec in general_options().values() if spec.name != "datasets"]
+    return specs + [(spec, f"{spec.help} (--type {' or '.join(owners)})")
+                    for spec, owners in declared_options().values()]
+
+
+def _option(spec, help: str):
+    """The click option of one training option; it defaults to None, so only what was typed overrides."""
+    from adapterhub.train.config import _base_type
+
+    flag = "--" + spec.name.replace("_", "-")
+    shown = f" [default: {spec.default}]" if spec.default not in (None, ()) else ""
+    hint = _base_type(spec.type)
+    if typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
+        return click.option(flag, spec.name, multiple=True, default=None, help=help + shown + " (repeatable)")
+    if hint is bool and spec.name.startswith("no_"):  # no_upscale: --upscale/--no-upscale, not --no-no-upscale
+        on = "--" + flag[len("--no-"):]
+        return click.option(f"{on}/{flag}", spec.name, default=None, callback=_inverted,
+                            help=f"{help} [default: {flag if spec.default else on}]")
+    if hint is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", spec.name, default=None, help=help + shown)
+    return click.option(flag, spec.name, type=_click_type(spec), default=None, help=help + shown)
+
+
+def config_options(fn):
+    """One click option per training option: the general ones and every registered type's declared ones."""
+    for spec, help in reversed(_specs()):
+        fn = _option(spec, help)(fn)
     return fn
 
 
@@ -78,11 +76,14 @@ class _Progress:
         self.stack, self.quiet, self.bar, self.task, self.cache_task = stack, quiet, None, None, None
 
     def _progress(self):
-        """A rich bar on a terminal; rate-limited plain lines (step, loss) in logs, CI and ``nohup``."""
         if self.bar is None:
-            from adapterhub.cli.output import tasks
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
 
-            self.bar = self.stack.enter_context(tasks())
+            self.bar = self.stack.enter_context(Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=Console(stderr=True)))
         return self.bar
 
     def __call__(self, kind: str, **data) -> None:
@@ -149,6 +150,9 @@ def train_cmd(config_file, print_config, as_json, **options):
         --resolution 64 --bucket-step 32 --max-steps 100
     adapterhub train --config run.toml --lr 5e-5
     adapterhub train --resume demo-step000050-state
+
+    A type's own options (its help names the --type that takes them) are refused with another --type; a
+    --config file may hold the sections of several types, and only the chosen type's apply.
 
     The output folder is checked before the first step. If a save fails later (a full disk), the run's
     state goes to $ADAPTERHUB_CACHE/rescued (else the temp folder) and the error says how to resume.

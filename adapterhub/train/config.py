@@ -1,10 +1,15 @@
-"""Every training option, declared once: the typed :class:`TrainConfig`.
+"""Every training option, declared once: the general ones here (:class:`TrainConfig`'s fields), a type's own in
+its ``AdapterType.train_options`` (:class:`adapterhub.types.TrainOption`).
 
-A field's ``metadata`` carries its help text, its TOML section and (where they differ from the field
-name) its flag and choices. ``adapterhub.cli.train`` turns the fields into click options; a TOML file
-uses the same names (``batch_size`` or ``batch-size``, flat or under the section headers that
-``--print-config`` writes); Python callers build the dataclass directly. Flags override the file,
-the file overrides the defaults.
+A field's ``metadata`` carries its help text, its TOML section and its choices. ``adapterhub.cli.train`` turns the general fields and every registered type's
+declared options into click options; a TOML file uses the same names (``batch_size`` or ``batch-size``,
+flat or under the section headers that ``--print-config`` writes); Python callers build the dataclass
+directly. Flags override the file, the file overrides the defaults.
+
+The chosen type's options reach it complete (given or their default) in ``config.type_options``, and read
+like fields (``config.num_vectors``). An option of another type is refused on the command line and in
+``TrainConfig(...)`` (it would do nothing), and ignored in a TOML file (a file may hold the sections of
+several types, as earlier ``--print-config`` files do).
 
 Resuming (:func:`resolve` with ``resume``) starts from the configuration saved in the checkpoint;
 only the options in :data:`CHANGEABLE_ON_RESUME` may be given differently (an option that shapes the
@@ -18,26 +23,29 @@ import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from adapterhub.errors import AdapterhubError
+from adapterhub.types import TrainOption
 
-SECTIONS = ("run", "network", "optimizer", "data", "loss", "checkpoints", "dreambooth", "sampling", "adalora",
-            "control", "textual_inversion", "hypernetwork")
+# the general options' sections; a type's options add the sections they declare (by default the type's name)
+SECTIONS = ("run", "network", "optimizer", "data", "loss", "checkpoints", "dreambooth", "sampling", "control")
 
 
-def opt(default, help: str, section: str, *, choices: tuple | None = None, flag: str | None = None):
-    meta = {"help": help, "section": section, "choices": choices, "flag": flag}
+def opt(default, help: str, section: str, *, choices: tuple | None = None):
+    meta = {"help": help, "section": section, "choices": choices}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda d=tuple(default): d, metadata=meta)
     return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class _Options:
+    """The general options (every type's), and ``type_options``: the chosen type's own (see :class:`TrainConfig`)."""
+
     # -- run ---------------------------------------------------------------------------------
-    type: str | None = opt(None, "adapter type to train: lora, locon, loha, lokr, adalora, textual_inversion, "
-                                 "hypernetwork, t2i_adapter, controlnet, full (hyphens also accepted)", "run")
+    type: str | None = opt(None, "adapter type to train", "run")  # the registered trainable types: type_help()
     base: str | None = opt(None, "base model: tiny-sd1, tiny-sdxl, a diffusers folder, a single-file "
                                  "checkpoint or a hub id in the local cache", "run")
     dataset: Path | None = opt(None, "dataset folder (kohya 'N_trigger class' subfolders allowed), or a kohya "
@@ -141,39 +149,39 @@ class TrainConfig:
                                              "first caption)", "sampling")
     sample_steps: int = opt(20, "sampling steps of the validation images", "sampling")
     sample_sampler: str = opt("Euler a", "sampler of the validation images (A1111 name)", "sampling")
-    # -- adalora --------------------------------------------------------------------------------------
-    adalora_init_rank: int | None = opt(None, "AdaLoRA: starting rank of every module (default: 1.5 x --rank)",
-                                        "adalora")
-    adalora_tinit: int | None = opt(None, "AdaLoRA: steps before rank pruning starts (default: 10% of the run)",
-                                    "adalora")
-    adalora_tfinal: int | None = opt(None, "AdaLoRA: steps at the end with the final budget fixed (default: 20%)",
-                                     "adalora")
-    adalora_delta_t: int = opt(1, "AdaLoRA: steps between budget allocations", "adalora")
-    adalora_orth_reg: float = opt(0.1, "AdaLoRA: weight of the orthogonality regulariser", "adalora")
-    # -- control (t2i_adapter, controlnet) ------------------------------------------------------------
+    # -- control (the conditioning types) --------------------------------------------------------------
     conditioning: str = opt("sidecar", "conditioning image source: 'sidecar' (IMG.cond.png beside each image) or a "
                                        "preprocessor (canny)", "control", choices=("sidecar", "canny"))
     cond_suffix: str = opt(".cond", "sidecar name: IMAGE_STEM + this + an image extension", "control")
     canny_low: float = opt(100.0, "canny lower threshold (0-255 scale)", "control")
     canny_high: float = opt(200.0, "canny upper threshold (0-255 scale)", "control")
-    t2i_channels: tuple[int, ...] = opt((), "T2I-Adapter channels (default: the UNet's block widths)", "control")
-    t2i_adapter_type: str = opt("full_adapter", "T2I-Adapter architecture", "control",
-                                choices=("full_adapter", "light_adapter", "full_adapter_xl"))
-    # -- textual inversion -----------------------------------------------------------------------
-    token: str | None = opt(None, "textual inversion: the new token (default: the output file's stem)",
-                            "textual_inversion")
-    init_word: str = opt("*", "textual inversion: word whose embedding starts the vectors", "textual_inversion")
-    num_vectors: int = opt(1, "textual inversion: vectors per token", "textual_inversion")
-    # -- hypernetwork ----------------------------------------------------------------------------
-    hn_layer_structure: str = opt("1,2,1", "hypernetwork MLP widths as multiples of the context width",
-                                  "hypernetwork")
-    hn_activation: str = opt("linear", "hypernetwork activation (A1111 names: linear, relu, swish ...)",
-                             "hypernetwork")
-    hn_layer_norm: bool = opt(False, "hypernetwork: LayerNorm after each Linear", "hypernetwork")
-    hn_dropout: bool = opt(False, "hypernetwork: A1111's dropout structure (0.3 on hidden layers)",
-                           "hypernetwork")
-    hn_widths: tuple[int, ...] = opt((), "context widths that get an MLP pair (default: every attention "
-                                         "width of the UNet)", "hypernetwork")
+
+    # -- the chosen type's own options (``AdapterType.train_options``), complete once the type is known ------
+    type_options: dict[str, typing.Any] = field(default_factory=dict, metadata={"section": None, "help": ""})
+
+    def __post_init__(self):
+        # what ``make_trainable`` reads: checked against the type's declaration, converted, defaults filled in
+        object.__setattr__(self, "type_options", own_options(self.type, self.type_options))
+
+
+class TrainConfig(_Options):
+    """The whole training configuration. ``TrainConfig(type="textual_inversion", num_vectors=2, ...)``: the
+    general options are fields; the chosen type's own options (``AdapterType.train_options``) are keywords too,
+    kept in ``type_options`` (all of them, the defaults filled in) and read as attributes
+    (``config.num_vectors``). An unknown keyword, or one of another type, is an :class:`AdapterhubError`
+    naming it (with a did-you-mean)."""
+
+    def __init__(self, *, type_options: dict | None = None, **options):
+        general = {k: v for k, v in options.items() if k in _FIELD_NAMES}
+        own = {**(type_options or {}), **{k: v for k, v in options.items() if k not in _FIELD_NAMES}}
+        super().__init__(**general, type_options=own)
+
+    def __getattr__(self, name: str):
+        # only reached when no field has the name: the chosen type's options read like fields
+        options = self.__dict__.get("type_options") or {}
+        if not name.startswith("_") and name in options:
+            return options[name]
+        raise AttributeError(f"TrainConfig has no option {name!r}")
 
     # -- derived -----------------------------------------------------------------------------------
     @property
@@ -181,7 +189,12 @@ class TrainConfig:
         return Path(self.out).stem if self.out else "adapter"
 
     def as_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """Every option by name, flat (the type's own beside the general ones): the checkpoint's ``config.json``."""
+        general = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "type_options"}
+        return {**general, **{k: _plain(v) for k, v in self.type_options.items()}}
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(_Options)) - {"type_options"}  # the general options
 
 
 # Options a resume may change; every other option comes from the checkpoint.
@@ -224,12 +237,123 @@ def _plain(value):
     return value
 
 
+# --------------------------------------------------------------------------------------------
+# the options: the general ones (the fields) and the ones the registered types declare
+# --------------------------------------------------------------------------------------------
+RESERVED = ("config", "print_config", "json", "type_options")  # the train command's own parameters
+
+
 def fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+    """The general options' dataclass fields by name."""
+    return {f.name: f for f in dataclasses.fields(_Options) if f.name in _FIELD_NAMES}
 
 
 def hints() -> dict[str, typing.Any]:
-    return typing.get_type_hints(TrainConfig)
+    return typing.get_type_hints(_Options)
+
+
+@lru_cache(maxsize=1)
+def general_options() -> dict[str, TrainOption]:
+    """The general options as :class:`TrainOption`, as a type declares its own: the CLI and ``--print-config``
+    treat both alike."""
+    types_ = hints()
+    specs = {}
+    for f in fields().values():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        specs[f.name] = TrainOption(f.name, types_[f.name], default, f.metadata["help"], f.metadata["choices"],
+                                    f.metadata["section"])
+    return specs
+
+
+def _adapter_type(name):
+    """The registered type ``name`` names, as given or with hyphens as underscores (None: not registered)."""
+    from adapterhub.plugins import adapter_types
+
+    types = adapter_types()
+    return types.get(str(name)) or types.get(str(name).replace("-", "_"))
+
+
+def type_name(value) -> str:
+    """A ``--type`` value as registered (``textual-inversion`` is ``textual_inversion``; ``scale-diff`` stays)."""
+    found = _adapter_type(value)
+    return found.name if found is not None else str(value).replace("-", "_")
+
+
+def type_help() -> str:
+    """The ``type`` option's help, listing the trainable types registered now (third-party ones included)."""
+    from adapterhub.plugins import adapter_types
+
+    names = sorted(n for n, t in adapter_types().items() if "train" in t.capabilities)
+    return f"adapter type to train: {', '.join(names)} (hyphens also accepted)"
+
+
+def declared_options() -> dict[str, tuple[TrainOption, tuple[str, ...]]]:
+    """name -> (the option, the types declaring it) over every registered type's ``train_options``, in
+    registration order. A type's option may not take a general option's name (nor one of the command's own),
+    and types declaring one name must agree on its value type: one flag serves them all."""
+    from adapterhub.plugins import adapter_types
+
+    found: dict[str, tuple[TrainOption, tuple[str, ...]]] = {}
+    for owner, adapter_type in adapter_types().items():
+        for spec in adapter_type.train_options:
+            if not spec.name.isidentifier() or spec.name in _FIELD_NAMES or spec.name in RESERVED:
+                raise AdapterhubError(f"adapter type {owner}: training option {spec.name!r} is not an identifier "
+                                      "or is a general option of adapterhub train; give it the type's own name")
+            if spec.name in found and found[spec.name][0].type != spec.type:
+                first, owners = found[spec.name]
+                raise AdapterhubError(f"adapter type {owner}: training option {spec.name!r} is a {spec.type}, "
+                                      f"{owners[0]} declares it a {first.type}")
+            first, owners = found.get(spec.name, (spec, ()))
+            found[spec.name] = (first, owners + (owner,))
+    return found
+
+
+def options_of(kind) -> dict[str, TrainOption] | None:
+    """The options the type ``kind`` declares, by name (None: no type, or none registered by that name)."""
+    found = _adapter_type(kind) if kind is not None else None
+    return None if found is None else {spec.name: spec for spec in found.train_options}
+
+
+def _prefix(where: str | None) -> str:
+    return f"{where}: " if where else ""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unknown(name: str, where: str | None, spell=str) -> AdapterhubError:
+    known = [*general_options(), *declared_options()]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {spell(close[0])!r}?)" if close else ""
+    return AdapterhubError(f"{_prefix(where)}unknown option {spell(name)!r}{hint}")
+
+
+def _not_own(name: str, kind: str, own: dict, where: str | None, spell=str) -> AdapterhubError:
+    """The error for an option ``kind`` does not declare: another type's (saying whose), else unknown."""
+    owners = declared_options().get(name, (None, ()))[1]
+    if not owners:
+        return _unknown(name, where, spell)
+    takes = ", ".join(spell(n) for n in own) or "no options of its own"
+    return AdapterhubError(f"{_prefix(where)}{spell(name)} is an option of {' and '.join(owners)}, not of "
+                           f"{type_name(kind)} ({type_name(kind)} takes {takes})")
+
+
+def own_options(kind, given: dict | None, where: str | None = None) -> dict:
+    """``given`` (option -> value) as the type ``kind`` takes it: every name one it declares, each value
+    converted, and the options not given at their defaults. Without a registered type the names are only
+    checked to be some type's option and the values kept (the training loop refuses the type itself)."""
+    given = {str(k).replace("-", "_"): v for k, v in (given or {}).items()}
+    own = options_of(kind)
+    if own is None:
+        unknown = [n for n in given if n not in declared_options()]
+        if unknown:
+            raise _unknown(unknown[0], where)
+        return given
+    for name in given:
+        if name not in own:
+            raise _not_own(name, kind, own, where)
+    return {name: convert(spec, given.get(name, spec.default), where) for name, spec in own.items()}
 
 
 def _base_type(hint):
@@ -239,53 +363,67 @@ def _base_type(hint):
     return hint
 
 
-def coerce(name: str, value, where: str = "config"):
-    """``value`` as the field's type (TOML and flags give str/int/float/bool/list)."""
+def _as(hint, value, where: str | None):
+    """``value`` as ``hint`` (raises TypeError / ValueError where it is not one)."""
+    if typing.get_origin(hint) is tuple:
+        inner = typing.get_args(hint)[0]
+        if inner is dict:
+            return _dataset_entries(value, where or "config")
+        if inner is str:  # prompts may hold commas: one string is one item
+            items = [value] if isinstance(value, str) else list(value)
+            return tuple(str(v) for v in items if str(v).strip() != "")
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(inner(v) for v in items if str(v).strip() != "")
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        return bool(value)
+    if hint is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    if hint is Path:
+        return Path(value).expanduser()
+    return hint(value)
+
+
+def convert(spec: TrainOption, value, where: str | None = "config"):
+    """``value`` as ``spec.type`` (TOML and flags give str/int/float/bool/list), one of its ``choices`` and at
+    least its ``minimum``; None stays None (unset)."""
     if value is None:
         return None
-    hint = _base_type(hints()[name])
+    hint = _base_type(spec.type)
     try:
-        if typing.get_origin(hint) is tuple:
-            inner = typing.get_args(hint)[0]
-            if inner is dict:
-                return _dataset_entries(value, where)
-            if inner is str:  # prompts may hold commas: one string is one item
-                items = [value] if isinstance(value, str) else list(value)
-                return tuple(str(v) for v in items if str(v).strip() != "")
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(inner(v) for v in items if str(v).strip() != "")
-        if hint is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if hint is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        if hint is Path:
-            return Path(value).expanduser()
-        result = hint(value)
-        if name == "type" and isinstance(result, str):
-            result = result.replace("-", "_")
+        result = _as(hint, value, where)
     except (TypeError, ValueError):
-        raise AdapterhubError(f"{where}: {name} = {value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
-    choices = fields()[name].metadata.get("choices")
-    if choices and result not in choices:
-        raise AdapterhubError(f"{where}: {name} = {value!r}; choose one of {', '.join(choices)}")
+        raise AdapterhubError(f"{_prefix(where)}{spec.name} = {value!r} is not a valid "
+                              f"{getattr(hint, '__name__', hint)}") from None
+    if spec.choices and result not in spec.choices:
+        raise AdapterhubError(f"{_prefix(where)}{spec.name} = {value!r}; choose one of "
+                              f"{', '.join(map(str, spec.choices))}")
+    if spec.minimum is not None and result < spec.minimum:
+        raise AdapterhubError(f"{_flag(spec.name)} must be at least {spec.minimum}, not {result}")
+    return result
+
+
+def coerce(name: str, value, where: str = "config"):
+    """A general option's ``value`` as its field's type (:func:`convert`); ``type`` as registered."""
+    result = convert(general_options()[name], value, where)
+    if name == "type" and isinstance(result, str):
+        result = type_name(result)
     return result
 
 
 def _key(raw: str, where: str) -> str:
     name = raw.replace("-", "_")
-    if name not in fields():
-        close = difflib.get_close_matches(name, list(fields()), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise AdapterhubError(f"{where}: unknown option {raw!r}{hint}")
+    if name not in _FIELD_NAMES and name not in declared_options():
+        raise _unknown(name, where)
     return name
 
 
 def load_toml(path: Path) -> dict:
-    """The options in a TOML file, flat or under section headers, checked against the fields."""
+    """The options in a TOML file, flat or under section headers, checked against the general options and
+    every registered type's (which of them apply is decided with the type: :func:`resolve`)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -305,9 +443,9 @@ def load_toml(path: Path) -> dict:
     base = path.parent
     out = {}
     for name, value in flat.items():
-        value = coerce(name, value, str(path))
-        if isinstance(value, Path) and not value.is_absolute() and name in ("dataset", "out", "cache_dir", "resume",
-                                                                            "class_dir", "train_data_dir"):
+        general = name in _FIELD_NAMES
+        value = coerce(name, value, str(path)) if general else convert(declared_options()[name][0], value, str(path))
+        if isinstance(value, Path) and not value.is_absolute():
             value = base / value  # paths in a file are relative to the file
         if name == "datasets":
             value = tuple({**e, "dir": e["dir"] if e["dir"].is_absolute() else base / e["dir"]} for e in value)
@@ -316,7 +454,10 @@ def load_toml(path: Path) -> dict:
 
 
 def build(options: dict, check: bool = True) -> TrainConfig:
-    cfg = TrainConfig(**{k: coerce(k, v) for k, v in options.items()})
+    """A :class:`TrainConfig` from flat options (the general ones and the type's own, as a file or flags
+    give them)."""
+    options = {str(k).replace("-", "_"): v for k, v in options.items()}
+    cfg = TrainConfig(**{k: coerce(k, v) if k in _FIELD_NAMES else v for k, v in options.items()})
     if check:
         validate(cfg)
     return cfg
@@ -330,7 +471,7 @@ def validate(cfg: TrainConfig) -> None:
                               f"{', '.join('--' + m.replace('_', '-') for m in missing)}")
     if cfg.max_steps is not None and cfg.epochs is not None:
         raise AdapterhubError("give --max-steps or --epochs, not both")
-    positive = ("rank", "batch_size", "resolution", "gradient_accumulation", "num_vectors", "bucket_step")
+    positive = ("rank", "batch_size", "resolution", "gradient_accumulation", "bucket_step")
     for name in positive + ("max_steps", "epochs", "save_every", "keep_last", "conv_rank"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
@@ -344,8 +485,8 @@ def validate(cfg: TrainConfig) -> None:
         raise AdapterhubError("--ema-decay must be in (0, 1)")
     if cfg.lr is not None and cfg.lr <= 0:
         raise AdapterhubError("--lr must be positive")
-    for name in ("loraplus_lr_ratio", "max_norm", "prior_loss_weight", "adalora_init_rank", "sample_every",
-                 "num_class_images", "class_steps", "sample_steps", "adalora_delta_t"):
+    for name in ("loraplus_lr_ratio", "max_norm", "prior_loss_weight", "sample_every", "num_class_images",
+                 "class_steps", "sample_steps"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise AdapterhubError(f"--{name.replace('_', '-')} must be positive, not {value}")
@@ -356,24 +497,45 @@ def validate(cfg: TrainConfig) -> None:
 
 def resolve(config_file: Path | None = None, overrides: dict | None = None, check: bool = True) -> TrainConfig:
     """Defaults < the TOML file < ``overrides`` (explicit flags); with ``resume`` (in either), the
-    checkpoint's saved configuration replaces the defaults and the file."""
+    checkpoint's saved configuration replaces the defaults and the file. A flag of another type than the
+    chosen one is refused; a file's (or a checkpoint's) options of other types are ignored."""
     options = load_toml(config_file) if config_file else {}
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None and v != ()}
-    options.update(overrides)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None and v != ()}
+    options.update(flags)
     resume = options.get("resume")
-    if resume:
-        saved = saved_config(Path(resume))
+    saved = saved_config(Path(resume)) if resume else None
+    kind = (saved if saved is not None else options).get("type")
+    if saved is not None:
         changed = sorted(k for k, v in options.items()
-                         if k not in CHANGEABLE_ON_RESUME and coerce(k, v) != coerce(k, saved.get(k)))
+                         if k not in CHANGEABLE_ON_RESUME and _differs(k, v, saved, kind))
         if changed:
             raise AdapterhubError(f"--resume continues the saved run; these options differ from it and cannot "
                                   f"change: {', '.join(changed)} (may change: "
                                   f"{', '.join(CHANGEABLE_ON_RESUME)})")
+    own = options_of(kind)
+    if own is not None:
+        foreign = [k for k in flags if k not in _FIELD_NAMES and k not in own]
+        if foreign:
+            raise _not_own(foreign[0], kind, own, None, _flag)
+    if saved is not None:
         options = {**saved, **{k: v for k, v in options.items() if k in CHANGEABLE_ON_RESUME}}
+    if own is not None:
+        options = {k: v for k, v in options.items() if k in _FIELD_NAMES or k in own}
     return build(options, check)
 
 
+def _differs(name: str, value, saved: dict, kind) -> bool:
+    """Whether a resume's ``value`` of option ``name`` differs from the checkpoint's."""
+    if name in _FIELD_NAMES:
+        return coerce(name, value) != coerce(name, saved.get(name))
+    spec = (options_of(kind) or {}).get(name)
+    if spec is None:  # another type's option: refused (a flag) or ignored (a file) by the caller
+        return False
+    return convert(spec, value) != convert(spec, saved.get(name, spec.default))
+
+
 def saved_config(state_dir: Path) -> dict:
+    """The flat options a checkpoint's ``config.json`` holds (those no longer declared left out)."""
     path = Path(state_dir) / "config.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -382,7 +544,8 @@ def saved_config(state_dir: Path) -> dict:
                               "NAME-stepNNNNNN-state folder") from None
     except (OSError, ValueError) as exc:
         raise AdapterhubError(f"{path}: unreadable: {exc}") from None
-    return {k: v for k, v in data.items() if k in fields()}
+    declared = declared_options()
+    return {k: v for k, v in data.items() if k in _FIELD_NAMES or k in declared}
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,23 +561,44 @@ def _toml_value(value) -> str:
     return json.dumps(str(value), ensure_ascii=False)
 
 
+def help_of(spec: TrainOption) -> str:
+    """An option's help as the CLI and ``--print-config`` show it (``type`` lists the registered types)."""
+    return type_help() if spec.name == "type" else spec.help
+
+
+def _sections(cfg: TrainConfig) -> dict[str, list[tuple[TrainOption, typing.Any, bool]]]:
+    """section -> (option, value, given) in writing order: the general options, then the chosen type's own;
+    with no type chosen, every registered type's (those not given at their defaults, not given)."""
+    sections: dict[str, list] = {name: [] for name in SECTIONS}
+    for spec in general_options().values():
+        if spec.name != "datasets":  # written as [[datasets]] tables at the end
+            sections[spec.section].append((spec, getattr(cfg, spec.name), True))
+    own = options_of(cfg.type)
+    if own is not None:
+        for spec in own.values():
+            sections.setdefault(spec.section or type_name(cfg.type), []).append(
+                (spec, cfg.type_options[spec.name], True))
+        return sections
+    for name, (spec, owners) in declared_options().items():
+        given = name in cfg.type_options
+        sections.setdefault(spec.section or owners[0], []).append(
+            (spec, cfg.type_options[name] if given else spec.default, given))
+    return sections
+
+
 def to_toml(cfg: TrainConfig) -> str:
     """The whole configuration as TOML, by section, with each option's help as a comment; unset options
-    are written commented out, so the file loads back to the same configuration."""
-    lines, by_section = [], {s: [] for s in SECTIONS}
-    for f in dataclasses.fields(cfg):
-        by_section[f.metadata["section"]].append(f)
-    for section, fs in by_section.items():
+    (and, with no type chosen, the types' options not given) are written commented out, so the file loads
+    back to the same configuration."""
+    lines = []
+    for section, entries in _sections(cfg).items():
         lines.append(f"[{section}]")
-        for f in fs:
-            value = getattr(cfg, f.name)
-            if f.name == "datasets":
-                continue  # written as [[datasets]] tables at the end
-            lines.append(f"# {f.metadata['help']}")
+        for spec, value, given in entries:
+            lines.append(f"# {help_of(spec)}")
             if value is None:
-                lines.append(f"# {f.name} =")
+                lines.append(f"# {spec.name} =")
             else:
-                lines.append(f"{f.name} = {_toml_value(_plain(value))}")
+                lines.append(f"{'' if given else '# '}{spec.name} = {_toml_value(_plain(value))}")
         lines.append("")
     for entry in cfg.datasets:
         lines.append("[[datasets]]")

@@ -31,7 +31,7 @@ from adapterhub.train import data as D
 from adapterhub.train import metadata as M
 from adapterhub.train import state as S
 from adapterhub.train.conditioning import TextConditioner, time_ids
-from adapterhub.train.config import TrainConfig, validate
+from adapterhub.train.config import TrainConfig, type_name, validate
 from adapterhub.train.schedule import LrFactor, a1111_end, parse_a1111
 
 DEFAULT_STEPS = 1600  # kohya's --max_train_steps default
@@ -64,7 +64,7 @@ def trainable_type(name: str):
     from adapterhub.plugins import adapter_type, adapter_types
 
     trainable = sorted(n for n, t in adapter_types().items() if "train" in t.capabilities)
-    name = str(name).replace("-", "_")
+    name = type_name(name)  # as registered: textual-inversion is textual_inversion, a third party's scale-diff stays
     if name not in adapter_types() or "train" not in adapter_type(name).capabilities:
         raise AdapterhubError(f"cannot train {name!r}: trainable types are {', '.join(trainable)}")
     return adapter_type(name)

@@ -10,11 +10,10 @@ from pathlib import Path
 
 from adapterhub.hookspecs import hookimpl
 from adapterhub.io import AdapterFile
-from adapterhub.types import Adapter, AdapterType, Sniff
+from adapterhub.types import Adapter, AdapterType, Sniff, TrainOption
 
-# Only the key tables at the top: parsing, the patches' math and saving import torch, and are imported by
-# the methods that use them, so that registering the types (``adapterhub plugins``) stays light.
-from . import keys
+from . import keys, parse, save
+from .patches import LoRAPatch
 
 LAYOUTS = ("kohya", "lycoris", "diffusers", "diffusers-attnproc", "peft")
 # ``adapterhub convert`` targets (``save`` writes each): a low-rank product has every layout; LoHa and LoKr
@@ -48,28 +47,18 @@ class LoRAFamilyType(AdapterType):
         return Sniff(0.9, found[1])
 
     def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
-        from . import parse
-
         return parse.parse(file, self.name)
 
     def info(self, adapter: Adapter) -> dict:
-        from . import parse
-
         return parse.summary(adapter)
 
     def validate(self, adapter: Adapter) -> None:
-        from . import parse
-
         parse.refuse_if_unsupported(adapter)
 
     def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
-        from . import save
-
         return save.save(adapter, path, format or "kohya")
 
     def example(self, model, path: Path, seed: int = 0, **options) -> Path:
-        from . import save
-
         return save.write_example(self.name, model, Path(path), seed, **options)
 
     def target_modules(self, model, text: bool = True) -> dict:
@@ -89,8 +78,6 @@ class LoRAFamilyType(AdapterType):
         """A LoRA / LoCon from ``{target: (up, down, alpha)}`` (kohya shapes); see ``AdapterType``."""
         if self.name not in ("lora", "locon"):
             return super().from_factors(factors, metadata, base)
-        from .patches import LoRAPatch
-
         patches = {target: LoRAPatch(target, target, {"up": up, "down": down}, alpha=float(alpha))
                    for target, (up, down, alpha) in factors.items()}
         return Adapter(type=self.name, format="kohya", patches=patches, metadata=dict(metadata or {}), base=base)
@@ -135,11 +122,18 @@ class AdaLoRAType(LoRAFamilyType):
     example_suffix = ""  # a PEFT folder: adapter_model.safetensors + adapter_config.json
     # PEFT AdaLoRA is written only as PEFT; every other layout holds the plain LoRA it equals
     reads_back_as = {"kohya": "lora", "lycoris": "lora", "a1111": "lora", "diffusers": "lora"}
+    train_options = (  # PEFT AdaLoraConfig's schedule (init_r, tinit, tfinal, deltaT, orth_reg_weight); see ``train``
+        TrainOption("adalora_init_rank", int, None, "AdaLoRA: starting rank of every module (default: 1.5 x --rank)",
+                    minimum=1),
+        TrainOption("adalora_tinit", int, None, "AdaLoRA: steps before rank pruning starts (default: 10% of the run)"),
+        TrainOption("adalora_tfinal", int, None, "AdaLoRA: steps at the end with the final budget fixed (default: "
+                                                 "20%)"),
+        TrainOption("adalora_delta_t", int, 1, "AdaLoRA: steps between budget allocations", minimum=1),
+        TrainOption("adalora_orth_reg", float, 0.1, "AdaLoRA: weight of the orthogonality regulariser"),
+    )
 
     def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
         """PEFT AdaLoRA folders by default (``unet/``, ``text_encoder/`` ...), read back as ``adalora``."""
-        from . import save
-
         return save.save(adapter, path, format or "peft")
 
 

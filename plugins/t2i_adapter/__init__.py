@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from adapterhub.errors import AdapterError
 from adapterhub.hookspecs import hookimpl
-from adapterhub.types import UNET_RESIDUALS, Adapter, Handle, ModuleBackedType
+from adapterhub.types import UNET_RESIDUALS, Adapter, Handle, ModuleBackedType, TrainOption
 
-from . import formats  # light at the top: torch and diffusers are imported where a model is built
+from . import formats, runtime
 
 
 class T2IAdapterType(ModuleBackedType):
@@ -24,6 +24,11 @@ class T2IAdapterType(ModuleBackedType):
     weight_space = False
     unet_runtime = UNET_RESIDUALS  # a forward pre-hook on the UNet adds its residuals (``runtime``)
     convert_targets = ("diffusers", "a1111")
+    train_options = (  # the diffusers ``T2IAdapter`` trained (see ``train``)
+        TrainOption("t2i_channels", tuple[int, ...], (), "T2I-Adapter channels (default: the UNet's block widths)"),
+        TrainOption("t2i_adapter_type", str, "full_adapter", "T2I-Adapter architecture",
+                    choices=("full_adapter", "light_adapter", "full_adapter_xl")),
+    )
 
     def infotext_fields(self, adapter: Adapter, entry, prompt: str) -> list:
         """A ``ControlNet N`` unit as sd-webui-controlnet writes its T2I-Adapter units."""
@@ -38,8 +43,6 @@ class T2IAdapterType(ModuleBackedType):
         return make_trainable(model, config)
 
     def attach(self, adapter: Adapter, pipe, weight: float = 1.0, **options) -> Handle:
-        from . import runtime
-
         return runtime.attach(adapter, pipe, weight, **options)
 
     def example_options(self, model) -> dict:

@@ -10,18 +10,15 @@ named for what it is rather than mistaken for a textual inversion.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
 
 from adapterhub.archs import TEXT_WIDTH
 from adapterhub.errors import AdapterError
 from adapterhub.hookspecs import hookimpl
 from adapterhub.io import AdapterFile
-from adapterhub.types import UNET_UNTOUCHED, Adapter, AdapterType, ModuleBackedType, Sniff
+from adapterhub.types import UNET_UNTOUCHED, Adapter, AdapterType, ModuleBackedType, Sniff, TrainOption
 
-from . import formats  # light at the top: torch is imported where tensors are read or a pipe is changed
-
-if TYPE_CHECKING:
-    from . import vocab
+from . import formats, vocab
 
 
 class TextualInversionType(ModuleBackedType):
@@ -36,6 +33,11 @@ class TextualInversionType(ModuleBackedType):
     convert_targets = ("a1111", "diffusers")
     prompt_tokens = True  # ``extra["token"]``: a prompt naming it uses it
     extra_network = "embedding"
+    train_options = (
+        TrainOption("token", str, None, "textual inversion: the new token (default: the output file's stem)"),
+        TrainOption("init_word", str, "*", "textual inversion: word whose embedding starts the vectors"),
+        TrainOption("num_vectors", int, 1, "textual inversion: vectors per token", minimum=1),
+    )
 
     def infotext_fields(self, adapter: Adapter, entry, prompt: str) -> list:
         """A ``TI hashes`` entry (token: sha256 of the file, 12 digits) when ``prompt`` names the token, as the
@@ -57,14 +59,10 @@ class TextualInversionType(ModuleBackedType):
         return make_trainable(model, config)
 
     def attach(self, adapter: Adapter, pipe, weight: float = 1.0) -> vocab.EmbeddingHandle:
-        from . import vocab
-
         return vocab.attach(adapter, pipe, weight)
 
     def merge_into(self, adapter: Adapter, pipe, weight: float = 1.0) -> None:
         """Add the tokens for good: a pipeline saved afterwards carries them in tokenizer and encoder."""
-        from . import vocab
-
         vocab.attach(adapter, pipe, weight)
 
 
@@ -81,7 +79,7 @@ class AestheticEmbeddingType(AdapterType):
 
     def sniff(self, file: AdapterFile) -> Sniff | None:
         raw = file.raw
-        if not formats.is_tensor(raw) or not raw.is_floating_point():
+        if not isinstance(raw, torch.Tensor) or not raw.is_floating_point():
             return None
         if raw.dim() == 2 and raw.shape[0] == 1 or raw.dim() == 1:
             return Sniff(0.5, "aesthetic-gradients", {"width": int(raw.shape[-1])})

@@ -18,7 +18,7 @@ from adapterhub.errors import AdapterError
 from adapterhub.hookspecs import hookimpl
 from adapterhub.io import save_safetensors
 from adapterhub.keymaps import canonical
-from adapterhub.types import UNET_RESIDUALS, Adapter, AdapterType, Patch, Sniff
+from adapterhub.types import UNET_RESIDUALS, Adapter, AdapterType, Patch, Sniff, TrainOption
 from adapterhub.weights import component
 
 SUFFIX = ".scale_diff"
@@ -93,6 +93,10 @@ class ResidualShiftType(AdapterType):
     formats = ("residual-shift",)
     capabilities = ("inspect", "attach", "save", "example")
     unet_runtime = UNET_RESIDUALS
+    # its own training option: ``adapterhub train --shift-init``, ``shift_init`` under ``[residual-shift]`` in a
+    # config file, ``config.shift_init`` in ``make_trainable``
+    train_options = (TrainOption("shift_init", float, 0.0, "residual-shift: standard deviation of the starting "
+                                                           "shifts (0: start from none)", minimum=0.0),)
 
     def sniff(self, file):
         if file.metadata.get("format") == "residual-shift" and file.keys and \
