@@ -1,0 +1,102 @@
+"""A damaged image in the set: every captioner skips it, lists it (file and reason) in the summary,
+captions the others exactly as a clean run would and exits 0, as ``clip-tags`` does
+(tests/test_dataset_captioning.py); in the loop and in data-loading worker processes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from adapterhub.cli import main  # noqa: E402
+from adapterhub.dataset import scan  # noqa: E402
+from test_captioner_wd import DEMO, captions, kohya_set, kohya_tags, reference_scores, tagger  # noqa: E402,F401
+from test_dataset_captioning import tiny_blip  # noqa: E402,F401 - the tiny BLIP fixture
+
+BROKEN = {"3_style/garbage.png": "cannot identify image file",
+          "3_style/half cat.jpg": "image file is truncated",
+          "10_sks girl/empty.webp": "cannot identify image file"}
+
+
+def add_broken_images(root: Path) -> dict:
+    """A PNG of garbage, a JPEG cut off after a third, an empty file; returns the clean captions'
+    files for comparison (``rel -> path``)."""
+    clean = {i.rel: i.path for i in scan(root).items}
+    (root / "3_style" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png at all")
+    data = (DEMO / "10_demo subject" / "cat.jpg").read_bytes()
+    (root / "3_style" / "half cat.jpg").write_bytes(data[: len(data) // 3])
+    (root / "10_sks girl" / "empty.webp").write_bytes(b"")
+    return clean
+
+
+def run(capsys, root: Path, *args) -> tuple[int, str, str]:
+    rc = main(["dataset", "caption", str(root), "--mode", "overwrite", "--device", "cpu", "--batch-size", "2",
+               *map(str, args)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return rc, out, err
+
+
+def assert_broken_listed(report: dict, root: Path) -> None:
+    failed = {f["file"]: f["problem"] for f in report["failed"]}
+    assert set(failed) == set(BROKEN)
+    for rel, reason in BROKEN.items():
+        assert reason in failed[rel], failed[rel]
+        assert not (root / rel).with_suffix(".txt").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])  # in the loop; in worker processes
+def test_wd_skips_and_lists_damaged_images(tagger, kohya_set, capsys, workers):
+    d, w, b = tagger
+    clean = add_broken_images(kohya_set)
+    rc, out, _ = run(capsys, kohya_set, "--captioner", "wd", "--model", d, "--num-workers", workers, "--json")
+    assert rc == 0
+    report = json.loads(out)
+    assert report["captioned"] == len(clean) == 6
+    assert_broken_listed(report, kohya_set)
+    got = captions(kohya_set)
+    for rel, path in clean.items():
+        assert got[rel] == ", ".join(kohya_tags(reference_scores(path, w, b)))
+
+
+def test_the_summary_names_each_damaged_file_and_why(tagger, kohya_set, capsys):
+    d, _, _ = tagger
+    add_broken_images(kohya_set)
+    rc, out, _ = run(capsys, kohya_set, "--captioner", "wd", "--model", d, "--num-workers", 0)
+    assert rc == 0
+    assert "not captioned" in out
+    lines = out.splitlines()
+    for rel, reason in BROKEN.items():
+        row = [ln for ln in lines if rel in ln]
+        assert row and reason in " ".join(lines[lines.index(row[0]):lines.index(row[0]) + 2]), out
+
+
+@pytest.mark.parametrize("captioner", ["caption", "caption+wd"])
+def test_sentence_captioners_skip_and_list_damaged_images(tagger, tiny_blip, kohya_set, capsys, captioner):
+    d, _, _ = tagger
+    clean = add_broken_images(kohya_set)
+    rc, out, _ = run(capsys, kohya_set, "--captioner", captioner, "--model", tiny_blip, "--tagger", d,
+                     "--max-length", 3, "--num-workers", 0, "--json")
+    assert rc == 0
+    report = json.loads(out)
+    assert report["captioned"] == len(clean)
+    assert_broken_listed(report, kohya_set)
+    assert all(captions(kohya_set)[rel] for rel in clean)
+
+
+def test_a_set_of_only_damaged_images_writes_nothing(tagger, tmp_path, capsys):
+    d, _, _ = tagger
+    root = tmp_path / "set"
+    (root / "3_style").mkdir(parents=True)
+    (root / "10_sks girl").mkdir()
+    add_broken_images(root)
+    rc, out, _ = run(capsys, root, "--captioner", "wd", "--model", d, "--num-workers", 0, "--json")
+    assert rc == 0
+    report = json.loads(out)
+    assert report["captioned"] == 0
+    assert_broken_listed(report, root)
+    assert sorted(p.name for p in root.rglob("*") if p.is_file() and ".adapterhub" not in p.parts) == \
+        ["empty.webp", "garbage.png", "half cat.jpg"]
