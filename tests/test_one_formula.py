@@ -210,7 +210,7 @@ def test_a_folder_hashes_as_one_stream_of_its_files_in_path_order(tmp_path):
 
 
 def test_small_files_share_one_autov1_that_identifies_nothing(tmp_path):
-    """The webui hashes the (empty) bytes past the end of a file under 1 MiB: shown, never an identifier."""
+    """The webui hashes the (empty) bytes past the end of a file of 1 MiB or less: shown, never an identifier."""
     from adapterhub import hashes
 
     small, edge = tmp_path / "small.bin", tmp_path / "edge.bin"

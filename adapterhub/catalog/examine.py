@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterhub.hashes import hash_file, hash_folder
 from adapterhub.errors import AdapterError
+from adapterhub.hashes import hash_file, hash_folder
 from adapterhub.io import FOLDER_WEIGHT_FILES, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
 EXTRA_VALUE_CHARS = 2000

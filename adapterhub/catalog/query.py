@@ -13,8 +13,8 @@ from sqlalchemy.engine import Connection, Row
 
 from adapterhub.catalog import fulltext as fts
 from adapterhub.catalog.db import Catalog, CatalogError, reading
-from adapterhub.hashes import EMPTY_AUTOV1
 from adapterhub.catalog.tables import ENTRIES, TAGS
+from adapterhub.hashes import EMPTY_AUTOV1, autov1_identifies
 
 SORTS = {"name": ENTRIES.c.name, "path": ENTRIES.c.path, "size": ENTRIES.c.size,
          "mtime": ENTRIES.c.mtime_ns, "added": ENTRIES.c.added_at, "rating": ENTRIES.c.rating,
@@ -154,7 +154,7 @@ def _candidates(conn: Connection, ref: str) -> list[Row]:
     if _HEX.match(ref):
         prefix = ref.lower().removeprefix("0x")
         conds = [ENTRIES.c.sha256.startswith(prefix), ENTRIES.c.autov3.startswith(prefix)]
-        if len(prefix) == 8 and prefix != EMPTY_AUTOV1:  # that one is every small file's
+        if len(prefix) == 8 and autov1_identifies(prefix):  # not the one every small file has
             conds.append(ENTRIES.c.autov1 == prefix)
         return conn.execute(select(ENTRIES).where(or_(*conds)).order_by(ENTRIES.c.path)).all()
     return []
