@@ -4,7 +4,7 @@
     python benchmarks/sample.py --base sd1 --device cuda --dtype fp16 --size 512 --steps 20 --backends eager compiled
     python benchmarks/sample.py --backends compiled compiled:fuse_qkv=0 compiled:channels_last=1 --profile 10
 
-A thin script over :mod:`adapterhub.sample.bench` (also ``adapterhub bench sample``), which documents
+A thin script over ``sample_harness.py`` beside it (also ``adapterhub bench sample``), which documents
 what is measured: ms per step and images/s with no adapters and with a stack of two random LoRAs,
 the stack-switch time, the compile time of the compiled backend, and the same through diffusers'
 own pipeline (diffusers + peft LoRAs unfused and fused, diffusers + ``torch.compile`` of the UNet) in the
@@ -49,7 +49,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from adapterhub import plugins
-    from adapterhub.sample.bench import BenchConfig, bench_sample, format_report
+    from sample_harness import BenchConfig, bench_sample, format_report  # benchmarks/ is on sys.path
 
     if "eager" not in plugins.sampler_backends():  # running from a checkout without the entry points
         import adapterhub_plugins.backends as backends_module

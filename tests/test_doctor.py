@@ -70,8 +70,9 @@ def test_doctor_json_names_versions_device_and_compiler():
 
 
 def test_features_that_need_peft_refuse_in_one_line_under_the_mismatch(monkeypatch):
-    from adapterhub.sample.bench import _lora_reference_unavailable
+    from adapterhub.cli.bench import harness
 
+    _lora_reference_unavailable = harness("sample")._lora_reference_unavailable
     assert _lora_reference_unavailable() is None
     _pretend(monkeypatch, transformers="5.24.0", peft="0.21.2")
     why = _lora_reference_unavailable()

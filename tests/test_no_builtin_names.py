@@ -64,16 +64,11 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("adapterhub/cli/bench.py", "--no-lora-reference"): "a CLI option naming diffusers' fuse_lora reference run",
     ("adapterhub/compat.py", "diffusers + PEFT LoRA loading (load_lora_weights on text encoders, the bench's LoRA "
                              "reference)"): "diffusers' load_lora_weights, an outside API",
-    ("adapterhub/sample/bench.py", "diffusers: load_lora_weights"): "diffusers' load_lora_weights, an outside API",
-    ("adapterhub/sample/bench.py", "diffusers: fuse_lora"): "diffusers' fuse_lora, an outside API",
 }
 # built-in types named in code owned by other engineers, to become declarations in a later slice of #18
 PENDING: dict[tuple[str, str], str] = {
     ("adapterhub/algebra/ops.py", "lora"): "combine/resize write lora or locon: a type's from_factors capability",
     ("adapterhub/algebra/ops.py", "locon"): "combine/resize write lora or locon: a type's from_factors capability",
-    ("adapterhub/sample/bench.py", "lora"): "bench's LoRA-vs-diffusers reference run (an outside-tool comparison)",
-    ("adapterhub/sample/bench.py", "lora_fused"): "bench's LoRA-vs-diffusers reference run (an outside-tool "
-                                                  "comparison)",
     ("adapterhub/train/metadata.py", "lora"): "modelspec architecture suffix: the Trainable's metadata says it",
     ("adapterhub/stack.py", "lora"): "stack: the <lora:> tag default type",
     ("adapterhub/cli/lora.py", "lora"): "lora extract writes the lora type by name",

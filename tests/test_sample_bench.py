@@ -1,4 +1,4 @@
-"""``adapterhub bench sample`` and :mod:`adapterhub.sample.bench`: it runs, measures every path and
+"""``adapterhub bench sample`` and its harness, ``benchmarks/sample_harness.py``: it runs, measures every path and
 prints the ratios (no timing is asserted). The check that cannot be tuned: the eager generator's
 latents equal diffusers' own pipeline's, bit for bit, in the same run. The added rows are checked the
 same way: diffusers with the two LoRAs fused against the same LoRAs unfused (peft), diffusers +
@@ -16,6 +16,15 @@ from adapterhub import cli
 TINY = ["--steps", "1", "--size", "64", "--repeat", "1"]
 
 
+def _harness_names(*names):
+    """Names of the harness, as ``adapterhub bench sample`` loads it (by path from the repository)."""
+    from adapterhub.cli.bench import harness
+
+    module = harness("sample")
+    values = tuple(getattr(module, n) for n in names)
+    return values if len(values) > 1 else values[0]
+
+
 def run(capsys, *args):
     rc = cli.main([str(a) for a in args])
     captured = capsys.readouterr()
@@ -31,7 +40,7 @@ FUSED_RTOL = 1e-5
 def report(tiny_sd1):
     import torch._dynamo
 
-    from adapterhub.sample.bench import BenchConfig, bench_sample
+    BenchConfig, bench_sample = _harness_names("BenchConfig", "bench_sample")
 
     notes = []
     with pytest.MonkeyPatch.context() as mp:
@@ -106,7 +115,7 @@ def test_memory_over_alternating_sizes(report):
 
 
 def test_format_report_prints_the_ratios(report):
-    from adapterhub.sample.bench import format_report
+    format_report = _harness_names("format_report")
 
     text = format_report(report)
     header = text.splitlines()[1].split()
@@ -156,7 +165,7 @@ def test_bad_options_fail_before_loading(capsys, tmp_path, args, message):
 def test_compiled_backend_reports_its_compile_time(tiny_sd1, monkeypatch):
     import torch._dynamo
 
-    from adapterhub.sample.bench import BenchConfig, bench_sample
+    BenchConfig, bench_sample = _harness_names("BenchConfig", "bench_sample")
 
     monkeypatch.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")  # graph capture without C++ codegen
     torch._dynamo.reset()
@@ -173,7 +182,7 @@ def test_compiled_backend_reports_its_compile_time(tiny_sd1, monkeypatch):
 
 def test_backend_options_become_its_environment():
     from adapterhub.errors import AdapterhubError
-    from adapterhub.sample.bench import backend_spec
+    backend_spec = _harness_names("backend_spec")
 
     assert backend_spec("compiled:fuse_qkv=0, channels_last=1,mode=reduce-overhead") == (
         "compiled", {"ADAPTERHUB_COMPILE_FUSE_QKV": "0", "ADAPTERHUB_COMPILE_CHANNELS_LAST": "1",
@@ -186,7 +195,7 @@ def test_backend_options_become_its_environment():
 def test_profile_and_second_process(tiny_sd1):
     """``--profile N``: the top kernels of one request, by self time, shares summing to at most 1; ``--second-process``:
     a fresh process makes its first image and reports the time."""
-    from adapterhub.sample.bench import BenchConfig, bench_sample, format_report
+    BenchConfig, bench_sample, format_report = _harness_names("BenchConfig", "bench_sample", "format_report")
 
     data = bench_sample(BenchConfig(backends=("eager",), steps=1, size=64, repeat=1, lora_reference=False,
                                    diffusers_compile=False, memory=False, profile=4, second_process=True))
@@ -200,3 +209,25 @@ def test_profile_and_second_process(tiny_sd1):
     assert second["first_image_s"] >= second["load_s"] > 0
     text = format_report(data)
     assert "eager top kernels of one request" in text and "eager second process: first image after" in text
+
+
+def test_the_harness_lives_in_benchmarks_not_in_the_service():
+    """The sampling service carries no benchmark: the harness is ``benchmarks/sample_harness.py``, loaded by path."""
+    from pathlib import Path
+
+    import adapterhub
+    from adapterhub.cli.bench import harness
+
+    root = Path(adapterhub.__file__).resolve().parent
+    assert not (root / "sample" / "bench.py").exists()
+    module = harness("sample")
+    assert Path(module.__file__).resolve() == root.parent / "benchmarks" / "sample_harness.py"
+    assert harness("sample") is module  # loaded once
+
+
+def test_bench_without_the_repository_says_so_in_one_line(capsys, tmp_path, monkeypatch):
+    """adapterhub installed without its source (no benchmarks/ folder): one line naming the missing file, exit 2."""
+    monkeypatch.setenv("ADAPTERHUB_BENCHMARKS", str(tmp_path))
+    rc, out, err = run(capsys, "bench", "sample", *TINY)
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert str(tmp_path / "sample_harness.py") in err and "source checkout" in err and "Traceback" not in err

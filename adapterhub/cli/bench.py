@@ -1,15 +1,53 @@
 """``adapterhub bench``: measurements that compare adapterhub with the reference libraries.
 
-``adapterhub bench sample`` runs :func:`adapterhub.sample.bench.bench_sample` (ms per step, images/s,
-stack-switch time, compile time, TFLOP/s and share of the measured peak, peak memory over alternating
-sizes) against diffusers' own pipeline (eager, peft LoRAs unfused and fused, ``torch.compile``) in the
-same run and prints the ratios; ``--json`` prints the whole report. Further subcommands (``bench train`` ...) join the group.
+A subcommand is a thin entry over a harness in the repository's ``benchmarks/`` folder (not an installed
+package), loaded by path with :func:`harness`. ``adapterhub bench sample`` runs
+``benchmarks/sample_harness.py`` (ms per step, images/s, stack-switch time, compile time, TFLOP/s and share
+of the measured peak, peak memory over alternating sizes, against diffusers' own pipeline in the same run)
+and prints the ratios; ``--json`` prints the whole report.
 """
 from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
 
 import click
 
 from adapterhub.cli import output
+from adapterhub.errors import AdapterhubError
+
+_LOADED: dict[Path, object] = {}  # harness file -> its module, loaded once per process
+
+
+def benchmarks_dir() -> Path:
+    """``$ADAPTERHUB_BENCHMARKS``, else the ``benchmarks/`` folder beside the ``adapterhub`` package (a source
+    checkout, installed with ``pip install -e .``)."""
+    return Path(os.environ.get("ADAPTERHUB_BENCHMARKS") or Path(__file__).resolve().parents[2] / "benchmarks")
+
+
+def harness(name: str):
+    """The module ``benchmarks/<name>_harness.py``, imported by path; one-line :class:`AdapterhubError` naming the
+    file when it is not there (adapterhub installed without its source)."""
+    path = benchmarks_dir() / f"{name}_harness.py"
+    if not path.is_file():
+        raise AdapterhubError(f"{path}: not found: `adapterhub bench {name}` runs the harness in the benchmarks/ "
+                              "folder of a source checkout (install adapterhub from one with pip install -e ., or "
+                              "set ADAPTERHUB_BENCHMARKS to its benchmarks/ folder)")
+    path = path.resolve()
+    if path not in _LOADED:
+        module_name = f"adapterhub_bench_{name}_harness"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up while the file runs
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(module_name, None)
+            raise
+        _LOADED[path] = module
+    return _LOADED[path]
 
 
 @click.group("bench")
@@ -44,8 +82,7 @@ def bench():
 def bench_sample_cmd(base, backends, steps, size, repeat, batch, sampler, device, dtype, no_lora_reference,
                      no_diffusers_fused, no_diffusers_compile, no_memory, profile, second_process, as_json):
     """Sampling: adapterhub's generator vs diffusers' pipeline (ms/step, images/s, switches, compile)."""
-    from adapterhub.sample import bench as measure
-
+    measure = harness("sample")
     cfg = measure.BenchConfig(base=base, backends=tuple(backends), steps=steps, size=size, repeat=repeat,
                               batch=batch, sampler=sampler, device=device, dtype=dtype,
                               lora_reference=not no_lora_reference, diffusers_fused=not no_diffusers_fused,

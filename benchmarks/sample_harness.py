@@ -1,8 +1,12 @@
 """Sampling throughput: adapterhub's generator against diffusers' own pipeline, measured in one run.
 
-    from adapterhub.sample.bench import BenchConfig, bench_sample, format_report
-    report = bench_sample(BenchConfig(base="tiny-sd1", backends=("eager",), steps=8, size=256, repeat=4))
-    print(format_report(report))
+The harness of ``adapterhub bench sample`` (which loads this file by path: :func:`adapterhub.cli.bench.harness`)
+and of ``python benchmarks/sample.py``; it is not part of the installed package.
+
+    from adapterhub.cli.bench import harness
+    bench = harness("sample")
+    report = bench.bench_sample(bench.BenchConfig(base="tiny-sd1", backends=("eager",), steps=8, size=256, repeat=4))
+    print(bench.format_report(report))
 
 The base is loaded once; every path runs on the same modules, one after the other:
 
