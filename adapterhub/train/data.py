@@ -35,6 +35,7 @@ from adapterhub.dataset.config import BucketConfig
 from adapterhub.dataset.folder import IMAGE_EXTS, scan
 from adapterhub.dataset.images import ImageReadError, image_size, load_rgb
 from adapterhub.errors import AdapterhubError
+from adapterhub.hashes import sha256_file
 from adapterhub.io import atomic_path
 
 LATENT_FORMAT = "adapterhub-latents-1"
@@ -227,14 +228,6 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def latent_path(cache: Path, sample: Sample, image_sha: str, vae_fp: str) -> Path:
     key = hashlib.sha256(json.dumps([LATENT_FORMAT, image_sha, sample.bucket, sample.resized, sample.crop, vae_fp])
                          .encode()).hexdigest()
@@ -265,7 +258,7 @@ def cache_latents(data: Data, vae, cache: Path, device, on_progress=None, batch:
     everyone = data.samples + data.validation
     for sample in everyone:
         try:
-            sha = _file_sha(sample.path)
+            sha = sha256_file(sample.path)
         except OSError as exc:
             data.skipped.append({"file": sample.rel, "problem": str(exc)})
             continue
