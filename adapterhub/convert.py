@@ -4,7 +4,8 @@ Four target names, each named after the tools that read it:
 
 * ``kohya``: sd-scripts / LyCORIS files (``lora_unet_…``, ``lora_down`` / ``lora_up`` / ``alpha``; LoHa and
   LoKr in the LyCORIS names; module names as kohya writes them for the base: SD1/SD2 UNets by diffusers
-  block names, SDXL UNets by sgm names, ``lora_unet_input_blocks_4_1_…``, with ``lora_te1_`` / ``lora_te2_``);
+  block names, SDXL UNets by sgm names, ``lora_unet_input_blocks_4_1_…``, with ``lora_te1_`` / ``lora_te2_``;
+  Flux transformers by BFL's names, ``lora_unet_double_blocks_0_img_attn_qkv``);
 * ``a1111``: what the AUTOMATIC1111 webui loads (the kohya layout for the LoRA family, ``emb_params`` /
   ``string_to_param`` / ``clip_l`` + ``clip_g`` embeddings, a single-file ControlNet, TencentARC
   T2I-Adapters, the hypernetwork ``.pt``);
@@ -33,7 +34,7 @@ from adapterhub.errors import AdapterError, AdapterhubError
 from adapterhub.hashes import sha256_file
 from adapterhub.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from adapterhub.types import Adapter, AdapterType
-from adapterhub.weights import check_adapter_finite
+from adapterhub.weights import WEIGHT_FAMILIES, check_adapter_finite
 
 TARGET_NAMES = ("kohya", "diffusers", "peft", "a1111")
 CONVERTED_FROM = "adapterhub.converted_from"
@@ -72,9 +73,9 @@ def _check_convertible(adapter: Adapter, to: str) -> None:
     if to not in targets:
         have = f"layouts for it: {', '.join(targets)}" if targets else "it has no layout to convert to"
         raise AdapterError(adapter.path, f"{_article(adapter.type)} {adapter.type} has no {to} layout; {have}")
-    if adapter.family != "stable-diffusion":
-        raise AdapterError(adapter.path, f"this {adapter.type} is for {adapter.family} models, not Stable Diffusion; "
-                                         "only Stable Diffusion adapters convert")
+    if adapter.family not in WEIGHT_FAMILIES:
+        raise AdapterError(adapter.path, f"this {adapter.type} is for {adapter.family} models; only Stable Diffusion, "
+                                         "Flux and SD3 adapters convert")
     for entry in (adapter.extra.get("refused") or {}).values():
         raise AdapterError(adapter.path, f"holds {entry['count']} modules of {entry['label']}, which no other layout "
                                          "can carry", entry["first_key"])

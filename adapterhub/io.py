@@ -14,6 +14,7 @@ Writes are atomic: :func:`atomic_write` writes a temp file beside the target and
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -91,6 +92,7 @@ class AdapterFile:
     raw: Any = None
     weight_file: Path | None = None
     header_bytes: int = 0
+    data_offsets: dict[str, tuple[int, int]] | None = field(default=None, repr=False)  # safetensors: key -> bytes
     cache: dict[str, Any] = field(default_factory=dict, repr=False)  # plugins' per-file scratch
     _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -250,8 +252,121 @@ def _check_header_entry(path: Path, key: str, entry: Any, data_len: int, size: i
 def _open_safetensors(path: Path) -> AdapterFile:
     header, metadata, n = read_safetensors_header(path)
     keys = {k: TensorInfo(tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
-    return AdapterFile(path=path, container="safetensors", keys=keys, metadata=metadata,
-                       weight_file=path, header_bytes=n)
+    return AdapterFile(path=path, container="safetensors", keys=keys, metadata=metadata, weight_file=path,
+                       header_bytes=n, data_offsets={k: tuple(v["data_offsets"]) for k, v in header.items()})
+
+
+# NaN / infinity by bit pattern: the raw integer type of each float dtype, and the (mask, pattern) that marks
+# a value NaN or infinite (all exponent bits set; the float8 formats without infinity have one NaN pattern)
+_ST_NONFINITE = {"F64": ("<u8", 0x7FF0000000000000, 0x7FF0000000000000), "F32": ("<u4", 0x7F800000, 0x7F800000),
+                 "F16": ("<u2", 0x7C00, 0x7C00), "BF16": ("<u2", 0x7F80, 0x7F80), "F8_E5M2": ("u1", 0x7C, 0x7C),
+                 "F8_E4M3": ("u1", 0x7F, 0x7F), "F8_E8M0": ("u1", 0xFF, 0xFF)}
+_ST_SCALAR = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b",
+              "U64": "<Q", "U32": "<I", "U16": "<H", "U8": "<B", "BOOL": "<?"}
+
+
+def _scalar(dtype: str, raw: bytes) -> float | int | bool:
+    """One value from its little-endian bytes, as torch's ``item()`` gives it."""
+    if dtype in _ST_SCALAR:
+        return struct.unpack(_ST_SCALAR[dtype], raw)[0]
+    if dtype == "BF16":  # the upper half of a float32
+        return struct.unpack("<f", b"\0\0" + raw)[0]
+    if dtype == "F8_E5M2":  # the upper byte of a float16
+        return struct.unpack("<e", b"\0" + raw)[0]
+    b = raw[0]
+    if dtype == "F8_E8M0":  # a power of two, 0xFF NaN
+        return math.nan if b == 0xFF else 2.0 ** (b - 127)
+    sign, exponent, mantissa = -1.0 if b & 0x80 else 1.0, (b >> 3) & 0xF, b & 7  # F8_E4M3 (fn): no infinity
+    if exponent == 0xF and mantissa == 7:
+        return math.nan
+    return sign * (mantissa / 8 * 2.0 ** -6 if exponent == 0 else (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+
+
+def _float32(value: float | int | bool) -> float:
+    """``value`` rounded to float32, as torch's ``.float()`` rounds it (beyond its range: infinite)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", float(value)))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+class StoredTensor:
+    """One tensor of a safetensors file, known by its header entry and read from disk only on request,
+    without torch: its shape, ``dim()`` and ``numel()`` as a torch tensor has them, ``item()`` of a
+    one-element tensor (its few bytes read directly), ``float().item()`` rounded to float32 as torch's is,
+    and :meth:`nonfinite`, the count of NaN / infinite values (by bit pattern, numpy over the mapped bytes).
+    What ``adapterhub inspect`` parses a safetensors file with (:func:`stored_view`)."""
+
+    def __init__(self, path: Path, key: str, info: TensorInfo, start: int, end: int, as_float32: bool = False):
+        self.path, self.key, self.info, self.start, self.end = path, key, info, start, end
+        self.as_float32 = as_float32
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    def dim(self) -> int:
+        return len(self.info.shape)
+
+    def numel(self) -> int:
+        return self.info.numel
+
+    def is_floating_point(self) -> bool:
+        return self.info.dtype in _ST_NONFINITE
+
+    def float(self) -> StoredTensor:
+        """The values as float32: ``item()`` then rounds to float32."""
+        return StoredTensor(self.path, self.key, self.info, self.start, self.end, as_float32=True)
+
+    def item(self) -> float | int | bool:
+        """The one value of a one-element tensor."""
+        if self.info.numel != 1:
+            raise ValueError(f"{self.key}: item() of a tensor of {self.info.numel} values")
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            value = _scalar(self.info.dtype, f.read(self.end - self.start))
+        return _float32(value) if self.as_float32 else value
+
+    def nonfinite(self) -> int:
+        """How many values are NaN or infinite (none in an integer tensor)."""
+        if self.info.dtype not in _ST_NONFINITE or self.info.numel == 0:
+            return 0
+        import numpy as np
+
+        raw_type, mask, pattern = _ST_NONFINITE[self.info.dtype]
+        bits = np.memmap(self.path, dtype=np.dtype(raw_type), mode="r", offset=self.start, shape=(self.info.numel,))
+        return int(np.count_nonzero((bits & mask) == pattern))
+
+
+def _back_to_back(offsets, data_len: int) -> bool:
+    """Whether the tensors' byte ranges fill the data section exactly, one after another (what the
+    safetensors library requires before it reads any tensor)."""
+    end = 0
+    for begin, stop in sorted(offsets):
+        if begin != end:
+            return False
+        end = stop
+    return end == data_len
+
+
+def stored_view(file: AdapterFile) -> AdapterFile:
+    """A copy of a safetensors ``file`` whose ``tensors()`` are :class:`StoredTensor` s: a type's ``parse``
+    describes the file from them (shapes, scalars, NaN counts) without torch and without reading the
+    factors into memory. Other files come back as they are."""
+    import dataclasses
+
+    offsets = file.data_offsets
+    if file.container != "safetensors" or file._tensors is not None or offsets is None \
+            or not _back_to_back(offsets.values(), file.weight_file.stat().st_size - file.data_offset()):
+        return file  # a layout the safetensors library refuses: reading the tensors says so, as before
+    base = file.data_offset()
+    tensors = {k: StoredTensor(file.weight_file, k, info, base + offsets[k][0], base + offsets[k][1])
+               for k, info in file.keys.items()}
+    return dataclasses.replace(file, _tensors=tensors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,7 +495,7 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-COMPONENT_FOLDERS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENT_FOLDERS = ("unet", "text_encoder", "text_encoder_2", "transformer")  # transformer: Flux / SD3
 
 
 def _open_component_folders(path: Path) -> AdapterFile:

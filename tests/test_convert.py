@@ -466,5 +466,5 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(problem, sources, tmp_
 
 def test_service_refuses_non_stable_diffusion_adapters(tmp_path):
     src = _wild("anirudhak_peft_gpt2_adapter_model.safetensors")
-    with pytest.raises(AdapterhubError, match="only Stable Diffusion adapters convert"):
+    with pytest.raises(AdapterhubError, match="only Stable Diffusion, Flux and SD3 adapters convert"):
         convert(src, "kohya", tmp_path / "gpt2.safetensors")

@@ -12,17 +12,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-RANK = 4
+from flux_helpers import RANK, bfl_file as _bfl_file, lora_pair as _lora, peft_file as _peft_file, quiet_pipe as _quiet
+from flux_helpers import assert_same as _assert_same, diffusers_fused as _diffusers_fused, ours_merged as _ours_merged
+from flux_helpers import state as _state
 
 
 # ---------------------------------------------------------------------------------------------
-# fixtures and helpers
+# fixtures
 # ---------------------------------------------------------------------------------------------
-def _quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def tiny_flux(adapterhub_cache):
     from adapterhub.base import load_base
@@ -35,100 +32,6 @@ def tiny_sd3(adapterhub_cache):
     from adapterhub.base import load_base
 
     return _quiet(load_base("tiny-sd3"))
-
-
-def _linear_shapes(transformer, paths):
-    modules = dict(transformer.named_modules())
-    return {p: tuple(modules[p].weight.shape) for p in paths}
-
-
-def _lora(out_f, in_f, gen, rank=RANK):
-    return (torch.randn(out_f, rank, generator=gen) * 0.1, torch.randn(rank, in_f, generator=gen) * 0.1)
-
-
-def _peft_file(path, transformer, paths, seed=0, prefix="transformer."):
-    """A diffusers / PEFT LoRA (``lora_A`` / ``lora_B``) on the given transformer modules."""
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for p, (out_f, in_f) in _linear_shapes(transformer, paths).items():
-        up, down = _lora(out_f, in_f, gen)
-        sd[f"{prefix}{p}.lora_A.weight"], sd[f"{prefix}{p}.lora_B.weight"] = down, up
-    save_file(sd, str(path))
-    return path
-
-
-def _dotted(bfl: str) -> str:
-    """``img_attn_qkv`` -> ``img_attn.qkv``, ``img_mlp_0`` -> ``img_mlp.0`` (BFL's own dotted names)."""
-    return bfl.replace("_attn_", "_attn.").replace("_mlp_", "_mlp.").replace("_mod_", "_mod.")
-
-
-# BFL module -> (diffusers modules it fuses, in row order) on the tiny Flux (2 double, 2 single blocks)
-def _bfl_modules(transformer):
-    from adapterhub_plugins.lora.transformer_keys import DOUBLE, SINGLE, TOP
-
-    cfg = transformer.config
-    out = {}
-    for i in range(cfg.num_layers):
-        out.update({f"double_blocks.{i}.{_dotted(k)}": [f"transformer_blocks.{i}.{t}" for t in v]
-                    for k, v in DOUBLE.items()})
-    for i in range(cfg.num_single_layers):
-        out.update({f"single_blocks.{i}.{k.replace('modulation_', 'modulation.')}":
-                    [f"single_transformer_blocks.{i}.{t}" for t in v] for k, v in SINGLE.items()})
-    bfl_top = {"img_in": "img_in", "txt_in": "txt_in", "time_in_in_layer": "time_in.in_layer",
-               "time_in_out_layer": "time_in.out_layer", "vector_in_in_layer": "vector_in.in_layer",
-               "vector_in_out_layer": "vector_in.out_layer", "guidance_in_in_layer": "guidance_in.in_layer",
-               "guidance_in_out_layer": "guidance_in.out_layer", "final_layer_linear": "final_layer.linear",
-               "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1"}
-    out.update({bfl_top[k]: [v] for k, v in TOP.items()})
-    return out
-
-
-def _bfl_file(path, transformer, style, seed=0, skip=(), alpha=2.0):
-    """A kohya (``lora_unet_double_blocks_0_img_attn_qkv``) or ComfyUI (``diffusion_model.double_blocks.0.
-    img_attn.qkv``) Flux LoRA on every BFL module; a fused module's ``up`` spans all of its parts."""
-    gen = torch.Generator().manual_seed(seed)
-    modules = dict(transformer.named_modules())
-    sd = {}
-    for bfl, parts in _bfl_modules(transformer).items():
-        if any(s in bfl for s in skip):
-            continue
-        out_f = sum(modules[p].weight.shape[0] for p in parts)
-        in_f = modules[parts[0]].weight.shape[1]
-        up, down = _lora(out_f, in_f, gen)
-        name = "lora_unet_" + bfl.replace(".", "_") if style == "kohya" else "diffusion_model." + bfl
-        sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
-        sd[f"{name}.alpha"] = torch.tensor(alpha)
-    save_file(sd, str(path))
-    return path
-
-
-def _diffusers_fused(pipe, path):
-    """The oracle: diffusers' loader and ``fuse_lora`` on a copy of ``pipe``; its transformer weights."""
-    ref = copy.deepcopy(pipe)
-    ref.load_lora_weights(str(path), adapter_name="oracle")
-    ref.fuse_lora(components=["transformer"], lora_scale=1.0)
-    ref.unload_lora_weights()
-    return {k: v.detach().clone() for k, v in ref.transformer.state_dict().items()}
-
-
-def _ours_merged(pipe, path):
-    import adapterhub
-
-    mine = copy.deepcopy(pipe)
-    adapterhub.load(path).merge_into(mine, 1.0)
-    return {k: v.detach().clone() for k, v in mine.transformer.state_dict().items()}
-
-
-def _assert_same(ours, oracle, base_state, min_changed):
-    assert ours.keys() == oracle.keys()
-    changed = [k for k in oracle if not torch.equal(oracle[k], base_state[k])]
-    assert len(changed) >= min_changed  # the oracle did apply the file
-    for k in oracle:
-        torch.testing.assert_close(ours[k], oracle[k], atol=1e-5, rtol=0, msg=k)
-
-
-def _state(pipe):
-    return {k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------

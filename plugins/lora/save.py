@@ -49,7 +49,10 @@ from .targets import target_modules
 
 NETWORK_MODULE = {"lora": "networks.lora", "locon": "networks.lora", "loha": "lycoris.kohya",
                   "lokr": "lycoris.kohya", "adalora": "networks.lora"}
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")  # the transformer: Flux / SD3
+TRANSFORMER_FAMILIES = ("flux", "sd3")
+KOHYA_FAMILY_META = {"flux": {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"},
+                     "sd3": {"ss_base_model_version": "sd3", "ss_network_module": "networks.lora_sd3"}}
 KOHYA_LAYOUTS = ("kohya", "lycoris", "a1111")
 SAVE_LAYOUTS = (*KOHYA_LAYOUTS, "diffusers", "peft")
 STALE_METADATA = ("lora_adapter_metadata",)  # a config for the layout read, wrong for the one written
@@ -72,42 +75,56 @@ def naming_arch(adapter: Adapter) -> str:
 
 
 def kohya_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    if adapter.family in TRANSFORMER_FAMILIES:  # BFL / sd-scripts names, fused modules joined
+        from .transformer_save import kohya_tensors as transformer_kohya_tensors
+
+        return transformer_kohya_tensors(adapter, lambda name, patch: module_tensors(adapter, name, patch))
     arch = naming_arch(adapter)
     out: dict[str, torch.Tensor] = {}
     for patch in adapter.patches.values():
-        name = kohya_name(patch.target, arch)
-        t = patch.tensors
-        if isinstance(patch, AdaLoRAPatch):
-            out[f"{name}.lora_down.weight"] = (t["down"].float() * t["E"].float()).contiguous()
-            out[f"{name}.lora_up.weight"] = t["up"]
+        out.update(module_tensors(adapter, kohya_name(patch.target, arch), patch))
+    return out
+
+
+def module_tensors(adapter: Adapter, name: str, patch) -> dict[str, torch.Tensor]:
+    """One module's kohya / LyCORIS tensors under ``name``."""
+    out: dict[str, torch.Tensor] = {}
+    t = patch.tensors
+    if isinstance(patch, AdaLoRAPatch):
+        out[f"{name}.lora_down.weight"] = (t["down"].float() * t["E"].float()).contiguous()
+        out[f"{name}.lora_up.weight"] = t["up"]
+        out[f"{name}.alpha"] = _alpha(patch)
+    elif isinstance(patch, LoRAPatch):
+        out[f"{name}.lora_down.weight"] = t["down"]
+        out[f"{name}.lora_up.weight"] = t["up"]
+        if "mid" in t:
+            out[f"{name}.lora_mid.weight"] = t["mid"]
+        out[f"{name}.alpha"] = _alpha(patch)
+    elif isinstance(patch, (LoHaPatch, LoKrPatch)):
+        out.update({f"{name}.{k}": v for k, v in t.items()})
+        if patch.rank:
             out[f"{name}.alpha"] = _alpha(patch)
-        elif isinstance(patch, LoRAPatch):
-            out[f"{name}.lora_down.weight"] = t["down"]
-            out[f"{name}.lora_up.weight"] = t["up"]
-            if "mid" in t:
-                out[f"{name}.lora_mid.weight"] = t["mid"]
-            out[f"{name}.alpha"] = _alpha(patch)
-        elif isinstance(patch, (LoHaPatch, LoKrPatch)):
-            out.update({f"{name}.{k}": v for k, v in t.items()})
-            if patch.rank:
-                out[f"{name}.alpha"] = _alpha(patch)
-            elif patch.alpha is not None:  # both LoKr factors whole: scale 1, but LyCORIS' loader needs an alpha
-                out[f"{name}.alpha"] = torch.tensor(float(patch.alpha), dtype=torch.float32)
-        elif isinstance(patch, DiffPatch):
-            out[f"{name}.{'diff' if patch.param == 'weight' else 'diff_b'}"] = t["diff"]
-        else:  # pragma: no cover - every family patch is listed above
-            raise AdapterError(adapter.path, f"cannot write {type(patch).__name__} in the kohya layout")
+        elif patch.alpha is not None:  # both LoKr factors whole: scale 1, but LyCORIS' loader needs an alpha
+            out[f"{name}.alpha"] = torch.tensor(float(patch.alpha), dtype=torch.float32)
+    elif isinstance(patch, DiffPatch):
+        out[f"{name}.{'diff' if patch.param == 'weight' else 'diff_b'}"] = t["diff"]
+    else:  # pragma: no cover - every family patch is listed above
+        raise AdapterError(adapter.path, f"cannot write {type(patch).__name__} in the kohya layout")
     return out
 
 
 def kohya_metadata(adapter: Adapter) -> dict[str, str]:
     meta = dict(adapter.metadata)
     ranks = sorted({p.rank for p in adapter.patches.values() if getattr(p, "rank", None)})
+    if adapter.family in KOHYA_FAMILY_META and adapter.type in ("lora", "locon", "adalora"):
+        meta.setdefault("ss_network_module", KOHYA_FAMILY_META[adapter.family]["ss_network_module"])
     meta.setdefault("ss_network_module", NETWORK_MODULE.get(adapter.type, "networks.lora"))
     if ranks:
         meta.setdefault("ss_network_dim", str(ranks[0]) if len(ranks) == 1 else "Dynamic")
     if adapter.type in ("loha", "lokr"):
         meta.setdefault("ss_network_args", json.dumps({"algo": adapter.type}))
+    if adapter.family in KOHYA_FAMILY_META:  # sd-scripts' own value for its Flux / SD3 networks
+        meta.setdefault("ss_base_model_version", KOHYA_FAMILY_META[adapter.family]["ss_base_model_version"])
     if adapter.base in ("sdxl",):
         meta.setdefault("ss_base_model_version", "sdxl_base_v1-0")
     elif adapter.base == "sd2":
@@ -180,6 +197,18 @@ def diffusers_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
         down_key, up_key = diffusers_key_stems(patch.target)
         out[down_key] = down.contiguous()
         out[up_key] = baked(up, scale).contiguous()
+    return out
+
+
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor with storage of its own (safetensors refuses shared memory): the parts of a fused
+    module read from one file hold the same ``down``."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
     return out
 
 
@@ -306,16 +335,16 @@ def write_peft(adapter: Adapter, path: Path) -> Path:
         for component, (tensors, config) in components.items():
             folder = tmp / component
             folder.mkdir()
-            save_safetensors(tensors, folder / "adapter_model.safetensors", meta)
+            save_safetensors(unshared(tensors), folder / "adapter_model.safetensors", meta)
             config.save_pretrained(str(folder))
     return path
 
 
 def save(adapter: Adapter, path: Path, format: str) -> Path:
     if format in KOHYA_LAYOUTS:
-        return save_safetensors(kohya_tensors(adapter), path, kohya_metadata(adapter))
+        return save_safetensors(unshared(kohya_tensors(adapter)), path, kohya_metadata(adapter))
     if format == "diffusers":
-        return save_safetensors(diffusers_tensors(adapter), path, diffusers_metadata(adapter))
+        return save_safetensors(unshared(diffusers_tensors(adapter)), path, diffusers_metadata(adapter))
     if format == "peft":
         return write_peft(adapter, Path(path))
     raise AdapterError(path, f"cannot save a {adapter.type} in the {format!r} layout "

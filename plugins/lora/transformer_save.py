@@ -1,0 +1,131 @@
+"""Writing Flux / SD3 LoRAs in kohya sd-scripts' names (the reverse of :mod:`.transformer_keys`).
+
+sd-scripts names Flux modules after BFL's model (``lora_unet_double_blocks_0_img_attn_qkv``), which fuses
+modules diffusers keeps apart. Patches on the parts of one fused module become one LoRA on it:
+
+* every part present with the same ``down`` and scale (a kohya file read back): that ``down`` and the
+  parts' ``up`` stacked by rows, the file's own tensors;
+* otherwise block-diagonal: ``down`` is the parts' ``down`` stacked (each padded to the largest rank
+  ``r``), ``up`` holds part ``j``'s ``up`` in its rows and rank block ``j`` and zeros elsewhere, so
+  ``up @ down`` is exactly each part's product in its rows; a missing part is a zero block. One alpha
+  carries a shared scale (``scale * n * r``); differing scales are baked into ``up`` (float32), alpha
+  ``n * r``. diffusers' kohya converter and our reader recognise the block structure and give each
+  part back its own rank-``r`` LoRA.
+
+BFL's final modulation holds (shift, scale) where diffusers' ``norm_out`` holds (scale, shift): its rows
+are swapped back. Text encoders: ``lora_te1_`` / ``lora_te2_`` for the CLIP encoders, as sd-scripts.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from adapterhub.errors import AdapterError
+from adapterhub.keymaps import kohya_name
+from adapterhub.types import Adapter
+
+from .patches import AdaLoRAPatch, LoRAPatch
+from .transformer_keys import DOUBLE, SINGLE, SWAPPED, TOP
+
+_BLOCK = re.compile(r"^transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+# output rows of each part of a fused module, in multiples of the hidden width (Flux: MLP ratio 4)
+PART_WIDTHS = {"attn.to_q": 1, "attn.to_k": 1, "attn.to_v": 1, "attn.add_q_proj": 1, "attn.add_k_proj": 1,
+               "attn.add_v_proj": 1, "proj_mlp": 4}
+TEXT_ENCODERS = {"flux": ("text_encoder",), "sd3": ("text_encoder", "text_encoder_2")}
+
+
+def flux_module_of(target: str) -> tuple[str, tuple[str, ...], int] | None:
+    """(kohya name, the diffusers parts it fuses, this target's index among them) of a Flux target."""
+    m = _BLOCK.match(target)
+    if m is None:
+        rest = target.removeprefix("transformer.")
+        name = next((bfl for bfl, path in TOP.items() if path == rest), None)
+        return (f"lora_unet_{name}", (rest,), 0) if name else None
+    table, kind = (DOUBLE, "double") if m[1] == "transformer_blocks" else (SINGLE, "single")
+    for bfl, parts in table.items():
+        if m[3] in parts:
+            return f"lora_unet_{kind}_blocks_{m[2]}_{bfl}", parts, parts.index(m[3])
+    return None
+
+
+MODULE_NAMERS = {"flux": flux_module_of}
+
+
+def kohya_tensors(adapter: Adapter, module_tensors) -> dict[str, torch.Tensor]:
+    """The kohya tensors of a Flux / SD3 adapter; ``module_tensors(name, patch)`` writes one unfused module
+    (any kind), as for Stable Diffusion."""
+    namer = MODULE_NAMERS.get(adapter.family)
+    if namer is None:
+        raise AdapterError(adapter.path, f"no kohya names for {adapter.family} modules yet; write it as diffusers "
+                                         "or peft")
+    fused: dict[str, tuple[tuple[str, ...], list]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for patch in adapter.patches.values():
+        component = patch.target.split(".", 1)[0]
+        if component in TEXT_ENCODERS[adapter.family]:
+            out.update(module_tensors(kohya_name(patch.target, "sdxl"), patch))
+            continue
+        found = namer(patch.target) if patch.param == "weight" else None
+        if found is None:
+            raise AdapterError(adapter.path, f"{patch.target} has no kohya name for {adapter.family}", patch.source)
+        name, parts, index = found
+        if len(parts) == 1 and parts[0] not in SWAPPED:
+            out.update(module_tensors(name, patch))
+        else:
+            fused.setdefault(name, (parts, [None] * len(parts)))[1][index] = patch
+    for name, (parts, patches) in fused.items():
+        out.update(_fused_module(adapter, name, parts, patches))
+    return out
+
+
+def _factors(adapter: Adapter, name: str, patch) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(up, down, scale) of a patch joining a fused or swapped module: a plain LoRA's own tensors, an
+    AdaLoRA's ``A * E`` (float32); other kinds cannot join (their product is no stack of rows)."""
+    from .save import low_rank
+
+    if not isinstance(patch, (LoRAPatch, AdaLoRAPatch)) or "mid" in patch.tensors:
+        raise AdapterError(adapter.path, f"a {patch.kind} on {patch.target} cannot join the fused kohya module "
+                                         f"{name} (only LoRA factors can); write it as peft", patch.source)
+    return low_rank(adapter, patch, "kohya")
+
+
+def _alpha(value: float) -> torch.Tensor:
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+def _fused_module(adapter: Adapter, name: str, parts: tuple[str, ...], patches: list) -> dict[str, torch.Tensor]:
+    factors = [None if p is None else _factors(adapter, name, p) for p in patches]
+    present = [f for f in factors if f is not None]
+    up0, down0, scale0 = present[0]
+    if len(parts) == 1:  # the final modulation: rows swapped back to BFL's (shift, scale)
+        half = up0.shape[0] // 2
+        return {f"{name}.lora_down.weight": down0, f"{name}.lora_up.weight": torch.cat([up0[half:], up0[:half]]),
+                f"{name}.alpha": _alpha(scale0 * down0.shape[0])}
+    shared = len(present) == len(factors) and all(
+        s == scale0 and u.dtype == up0.dtype and d.dtype == down0.dtype and torch.equal(d, down0)
+        for u, d, s in present)
+    if shared:
+        return {f"{name}.lora_down.weight": down0, f"{name}.lora_up.weight": torch.cat([u for u, _, _ in present]),
+                f"{name}.alpha": _alpha(scale0 * down0.shape[0])}
+    return _block_diagonal(name, parts, factors)
+
+
+def _block_diagonal(name: str, parts: tuple[str, ...], factors: list) -> dict[str, torch.Tensor]:
+    present = [f for f in factors if f is not None]
+    n, r, width = len(parts), max(d.shape[0] for _, d, _ in present), present[0][1].shape[1]
+    same_scale = all(s == present[0][2] for _, _, s in present)
+    dtypes = {t.dtype for u, d, _ in present for t in (u, d)}
+    dtype = dtypes.pop() if len(dtypes) == 1 and same_scale else torch.float32
+    rows = [f[0].shape[0] if f is not None else PART_WIDTHS[part] * width for f, part in zip(factors, parts)]
+    down = torch.zeros(n * r, width, dtype=dtype)
+    up = torch.zeros(sum(rows), n * r, dtype=dtype)
+    start = 0
+    for j, found in enumerate(factors):
+        if found is not None:
+            u, d, s = found
+            down[j * r: j * r + d.shape[0]] = d.to(dtype)
+            up[start: start + rows[j], j * r: j * r + d.shape[0]] = u.to(dtype) if same_scale else u.float() * s
+        start += rows[j]
+    scale = present[0][2] if same_scale else 1.0
+    return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": _alpha(scale * n * r)}
