@@ -314,3 +314,21 @@ def test_third_party_option_reaches_its_make_trainable(registered, monkeypatch, 
     with pytest.raises(AdapterhubError, match="recorded"):
         train(resolve(path, {"max_steps": 1, **SMALL}))
     assert seen == [(0.125, {"shift_init": 0.125})]
+
+
+# --------------------------------------------------------------------------------------------
+# the documentation is generated from the declarations
+# --------------------------------------------------------------------------------------------
+def test_training_page_table_is_current():
+    """docs/training.md's table of each type's options is what docs/gen_train_options.py renders from the
+    registered declarations (regenerate: python docs/gen_train_options.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_train_options", HERE.parent / "docs" / "gen_train_options.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.PAGE.read_text(encoding="utf-8") == gen.page(), "stale: run python docs/gen_train_options.py"
+    table = gen.render()
+    for name, options in MOVED.items():
+        for option in options:
+            assert f"| `{name}` | `--{option.replace('_', '-')}` |" in table
