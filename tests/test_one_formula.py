@@ -42,8 +42,16 @@ def _called(node: ast.Call) -> str:
     return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
 
 
-def _hashlib_call(node: ast.Call) -> bool:
+def _hashlib_names(tree: ast.AST) -> set[str]:
+    """Names bound by ``from hashlib import ...`` in a module."""
+    return {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "hashlib"
+            for a in n.names}
+
+
+def _hashlib_call(node: ast.Call, imported: set[str]) -> bool:
     f = node.func
+    if isinstance(f, ast.Name):
+        return f.id in imported
     return isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "hashlib"
 
 
@@ -76,9 +84,10 @@ def formula_copies(path: Path, root: Path = ROOT) -> list[str]:
                 and any(isinstance(a, ast.Constant) and a.value == "little" for a in node.args):
             found.append(f"{where} a little-endian header length (int.from_bytes)")
     if rel != HASHES:
+        imported = _hashlib_names(tree)
         for fn, own in _functions(tree):
             calls = [n for n in own if isinstance(n, ast.Call)]
-            if any(_hashlib_call(c) for c in calls) and any(_called(c) in FILE_READS for c in calls):
+            if any(_hashlib_call(c, imported) for c in calls) and any(_called(c) in FILE_READS for c in calls):
                 found.append(f"{rel}:{fn.lineno} a file's bytes hashed with hashlib")
     return found
 
@@ -109,13 +118,16 @@ def offset(blob):
     return 8 + struct.unpack("<Q", blob[:8])[0] + int.from_bytes(blob[:8], "little")
 def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
+def digest2(path):
+    from hashlib import sha256 as h
+    with open(path, "rb") as f:
+        return h(f.read()).hexdigest()
 def key(text):
     return hashlib.sha256(text.encode()).hexdigest()  # an in-memory key, not a file formula
 ''')
     kinds = sorted(f.split(" ", 1)[1] for f in formula_copies(sample, tmp_path))
-    assert kinds == ["a file's bytes hashed with hashlib", "a file's bytes hashed with hashlib",
-                     "a little-endian header length (int.from_bytes)", "a u64 header length ('<Q')",
-                     "the AutoV1 window (0x100000)"]
+    assert kinds == ["a file's bytes hashed with hashlib"] * 3 + [
+        "a little-endian header length (int.from_bytes)", "a u64 header length ('<Q')", "the AutoV1 window (0x100000)"]
     lora = tmp_path / "plugins" / "lora" / "x.py"
     lora.parent.mkdir(parents=True)
     lora.write_text("import torch\nd = up @ down\ne = torch.einsum('ij,jk->ik', a, b)\nf = a.mm(b)\n")
