@@ -44,6 +44,7 @@ from adapterhub.keymaps import kohya_arch, kohya_name
 from adapterhub.types import Adapter
 from adapterhub.weights import architecture_of
 
+from . import math as lmath
 from .patches import AdaLoRAPatch, DiffPatch, LoHaPatch, LoKrPatch, LoRAPatch
 from .targets import target_modules
 
@@ -154,9 +155,7 @@ def low_rank(adapter: Adapter, patch, layout: str) -> tuple[torch.Tensor, torch.
         return patch.tensors["up"], patch.tensors["down"], float(patch.scale)
     if isinstance(patch, (LoRAPatch, AdaLoRAPatch)):
         up, down, scale = patch.low_rank_factors()
-        shape = tuple(patch.expected_shape())
-        ones = (1,) * (len(shape) - 2)
-        return up.reshape(up.shape[0], up.shape[1], *ones), down.reshape(down.shape[0], *shape[1:]), scale
+        return (*lmath.conv_factors(up, down, tuple(patch.expected_shape())), scale)
     raise AdapterError(adapter.path, f"a {patch.kind} module has no {layout} layout (only LoRA, LoCon and AdaLoRA "
                                      "modules do); write it as kohya", patch.source)
 
