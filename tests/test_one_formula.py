@@ -284,3 +284,13 @@ def test_a_training_run_names_its_base_checkpoint_by_the_webui_hashes(big):
     facts = base_facts(str(big), "sd1", v_prediction=False)
     assert (facts["ss_sd_model_hash"], facts["ss_new_sd_model_hash"]) == (webui_model_hash(data), webui_sha256(data))
     assert "ss_sd_model_hash" not in base_facts("tiny-sd1", "tiny-sd1", v_prediction=False)  # a name, not a file
+
+
+def test_hashing_imports_no_torch(tmp_path):
+    """The catalog's workers and ``inspect`` hash files without paying for torch's import."""
+    import subprocess
+    import sys
+
+    code = "import sys, adapterhub.hashes; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "False", out.stderr
