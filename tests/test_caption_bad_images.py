@@ -100,3 +100,22 @@ def test_a_set_of_only_damaged_images_writes_nothing(tagger, tmp_path, capsys):
     assert_broken_listed(report, root)
     assert sorted(p.name for p in root.rglob("*") if p.is_file() and ".adapterhub" not in p.parts) == \
         ["empty.webp", "garbage.png", "half cat.jpg"]
+
+
+def test_a_banner_image_is_tagged_without_a_giant_canvas(tmp_path):
+    """A 1 x 20000 px strip (a 60 KB PNG) padded whole to its square needs a 20000² canvas (a 1.6 GB
+    peak); the tagger reduces a side past 8192 px first, bounding the canvas for any file. Measured in
+    a process of its own (about 40 MB before the image)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1, 20000), (200, 30, 30)).save(strip)
+    code = ("import resource, sys; from PIL import Image; from adapterhub_plugins.captioners.wd import prepare_image\n"
+            "x = prepare_image(Image.open(sys.argv[1]), 448)\n"
+            "print(x.shape, x.dtype, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(strip)], capture_output=True, text=True, check=True).stdout
+    shape, dtype, peak_mib = out.rsplit(" ", 2)
+    assert shape + " " + dtype == "(448, 448, 3) float32" and int(peak_mib) < 600, out

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -41,6 +42,7 @@ DEFAULT_MODEL = "SmilingWolf/wd-v1-4-convnext-tagger-v2"  # kohya's default
 RATING, GENERAL, CHARACTER = 9, 0, 4
 DEFAULT_THRESHOLD = 0.35  # kohya's --thresh
 RELEASED_SIZE = 448  # every released tagger's input; for exports that leave height and width free
+MAX_PAD_SIDE = 8192  # longer sides are reduced before padding (memory), far above every real input
 MIN_CHARACTER_MCUT = 0.15  # the space never lets MCut take a character tag below this
 # kohya keeps tags of 3 characters or fewer as they are; these longer kaomoji too (the space's list)
 KAOMOJI = frozenset(["0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3",
@@ -194,7 +196,9 @@ def interface(session, path: Path, table: TagTable, tags_path: Path) -> Interfac
 def prepare_image(image, size: int) -> np.ndarray:
     """(size, size, 3) float32 BGR 0-255: padded to a centred white square, bicubic-resized.
 
-    ``image`` is a PIL image; transparency is composited on white first.
+    ``image`` is a PIL image; transparency is composited on white first. An image longer than
+    ``MAX_PAD_SIDE`` on a side is box-reduced by a whole factor before padding (the reference taggers
+    pad it whole), which bounds the canvas for any file.
     """
     from PIL import Image
 
@@ -202,6 +206,9 @@ def prepare_image(image, size: int) -> np.ndarray:
 
     image = to_rgb(image)
     side = max(image.size)
+    if side > MAX_PAD_SIDE:  # box-reduce first: a 1 x 60000 banner's square would be 10 GB of pixels
+        image = image.reduce(math.ceil(side / MAX_PAD_SIDE))
+        side = max(image.size)
     if image.size != (side, side):
         canvas = Image.new("RGB", (side, side), (255, 255, 255))
         canvas.paste(image, ((side - image.size[0]) // 2, (side - image.size[1]) // 2))
