@@ -67,6 +67,7 @@ EXAMPLES = _rows(lambda t: "example" in t.capabilities)
 ATTACHES = _rows(lambda t: {"example", "attach"} <= set(t.capabilities))
 SAVES = _rows(lambda t: {"example", "save"} <= set(t.capabilities))
 MERGES = _rows(lambda t: t.weight_space and {"example", "merge", "attach"} <= set(t.capabilities))
+TRAINS = _rows(lambda t: "train" in t.capabilities)
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +100,24 @@ def examples(registry, tiny_sd1, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("contract_examples")
     return {name: Path(registry[name].example(tiny_sd1, folder / f"{name}{registry[name].example_suffix}",
                                               seed=1)) for name in EXAMPLES}
+
+
+@pytest.fixture(scope="module")
+def two_images(tmp_path_factory) -> Path:
+    """A dataset of two 64 px images with captions and conditioning sidecars (``x.cond.png``: a control type
+    trains on them, the others never see them)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("dataset") / "1_square"
+    folder.mkdir()
+    gen = np.random.default_rng(0)
+    for i, caption in enumerate(("a red square", "a blue square")):
+        pixels = gen.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        Image.fromarray((pixels > 127).astype(np.uint8) * 255).save(folder / f"{i}.cond.png")
+        (folder / f"{i}.txt").write_text(caption, encoding="utf-8")
+    return folder.parent
 
 
 @pytest.fixture(scope="module")
@@ -275,3 +294,99 @@ def test_samples_eager_and_compiled_where_declared(registry, examples, backends,
             compiled.generate(request(entries()), output="latent")
         return
     assert torch.equal(compiled.generate(request(entries()), output="latent").latents, got)
+
+
+@pytest.mark.parametrize("name", TRAINS)
+def test_trains_two_steps_and_the_result_is_its_type(registry, two_images, fresh_sd1, tmp_path, name):
+    """Two optimiser steps on tiny-sd1 (64 px, the type's defaults): the loss is finite; what is written reads
+    back as the type (where it ``inspect``s) and changes the model when attached, detached bit for bit (where it
+    ``attach``es)."""
+    import math
+
+    from adapterhub.train import TrainConfig, train
+
+    out = tmp_path / f"trained{registry[name].example_suffix}"
+    result = train(TrainConfig(type=name, base="tiny-sd1", dataset=two_images, out=out, max_steps=2,
+                               resolution=SIZE, bucket_step=32, seed=0, log_with="none", register=False))
+    assert result["steps"] == 2 and math.isfinite(result["last_loss"])
+    assert Path(result["out"]).exists()
+    if "inspect" in registry[name].capabilities:
+        trained = _load(result["out"])
+        _same_type(name, trained, trained.format)
+        assert trained.format in registry[name].formats
+    if "attach" in registry[name].capabilities:
+        before = _probe(fresh_sd1)
+        handle = _load(result["out"]).attach(fresh_sd1, 1.0, **registry[name].example_options(fresh_sd1))
+        with pytest.raises(AssertionError):
+            _same(before, _probe(fresh_sd1))  # two steps moved it away from doing nothing
+        handle.detach()
+        _same(before, _probe(fresh_sd1))
+
+
+@pytest.mark.parametrize("name", ATTACHES)
+def test_infotext_holds_the_fields_the_type_declares(registry, examples, backends, name):
+    """The image's infotext holds each field the type's ``infotext_fields`` declares for the applied entry: a hash
+    list's entry under the entry's name, a unit numbered from 0."""
+    from adapterhub.sample import infotext
+    from adapterhub.sample.generator import Request
+    from adapterhub.stack import Entry, Stack
+
+    eager, _ = backends
+    prompt = f"a house, {examples[name].stem}"
+    entry = Entry(str(examples[name]), te=0.5, options=registry[name].example_options(eager.pipe))
+    text = eager.generate(Request(prompt, stack=Stack([entry]), seed=4, steps=1, sampler="Euler", width=SIZE,
+                                  height=SIZE), output="latent").infotexts[0]
+    fields = infotext.parse(text)
+    declared = registry[name].infotext_fields(entry.adapter, entry, prompt + "\n")
+    for field, label, value in declared:
+        value = value() if callable(value) else value
+        if label is None:
+            assert fields[f"{field} 0"] == value, field
+        else:
+            assert infotext.parse_hashes(fields[field])[label] == value, field
+
+
+# --------------------------------------------------------------------------------------------
+# the third-party plugin: every column, through the public contract only
+# --------------------------------------------------------------------------------------------
+def test_thirdparty_types_are_in_every_column():
+    """The third-party rows reach every column: both train, ``scale-diff`` converts (its kohya layout) and merges,
+    both sample with the compiled backend (a weight delta; residuals)."""
+    assert {"scale-diff", "residual-shift"} <= set(TRAINS) & set(ATTACHES) & set(SAVES)
+    assert ("scale-diff", "kohya") in _conversions() and "scale-diff" in MERGES
+    assert all(_compiled_runs(DECLARED[name]) for name in THIRD_PARTY)
+
+
+def test_thirdparty_kohya_layout_is_kohya_named(registry, examples, tmp_path):
+    """``scale-diff`` in the kohya layout names its module as sd-scripts does (``lora_unet_`` + the diffusers path
+    with ``_``) and reads back as a kohya-layout ``scale-diff`` with the same tensor."""
+    from safetensors import safe_open
+
+    out = _convert(examples["scale-diff"], "kohya", tmp_path / "kohya.safetensors")
+    with safe_open(out, "pt") as f:
+        assert set(f.keys()) == {"lora_unet_conv_in.scale_diff"}
+        converted = f.get_tensor("lora_unet_conv_in.scale_diff")
+    again, source = _load(out), _load(examples["scale-diff"])
+    assert (again.type, again.format) == ("scale-diff", "kohya")
+    assert torch.equal(converted, source.patches["unet.conv_in"].tensors["diff"])
+
+
+def test_thirdparty_infotext_fields_are_its_own(registry, examples, backends):
+    """``scale-diff`` lists ``Scale-diff hashes`` (name: the first 12 hex digits of the file's sha256, hashlib as
+    the oracle) and ``residual-shift`` writes numbered ``Residual shift`` units (name and weight)."""
+    import hashlib
+
+    from adapterhub.sample import infotext
+    from adapterhub.sample.generator import Request
+    from adapterhub.stack import Entry, Stack
+
+    eager, _ = backends
+    entries = [Entry(str(examples["scale-diff"]), te=0.8), Entry(str(examples["residual-shift"]), te=0.5),
+               Entry(str(examples["residual-shift"]), te=0.25)]
+    text = eager.generate(Request("a house", stack=Stack(entries), seed=4, steps=1, sampler="Euler", width=SIZE,
+                                  height=SIZE), output="latent").infotexts[0]
+    fields = infotext.parse(text)
+    digest = hashlib.sha256(examples["scale-diff"].read_bytes()).hexdigest()[:12]
+    assert fields["Scale-diff hashes"] == f"scale-diff: {digest}"
+    assert (fields["Residual shift 0"], fields["Residual shift 1"]) == ("residual-shift 0.5", "residual-shift 0.25")
+    assert "Lora hashes" not in fields
