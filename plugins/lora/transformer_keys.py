@@ -5,15 +5,18 @@ Every layout is translated to one target naming, the diffusers module path under
 
 * diffusers / PEFT (Flux and SD3): ``transformer.<path>`` or ``base_model.model.<path>``: already it;
 * kohya sd-scripts Flux: ``lora_unet_double_blocks_0_img_attn_qkv``, BFL's module names joined by ``_``;
-* ComfyUI-native Flux: ``diffusion_model.double_blocks.0.img_attn.qkv``, the same BFL names dotted.
+* ComfyUI-native Flux: ``diffusion_model.double_blocks.0.img_attn.qkv``, the same BFL names dotted;
+* sd-scripts SD3: ``lora_unet_joint_blocks_0_x_block_attn_qkv``, SAI's MMDiT names joined by ``_``.
 
 BFL fuses modules diffusers keeps apart: ``img_attn.qkv`` (to_q, to_k, to_v), ``txt_attn.qkv``
-(add_q/k/v_proj) and a single block's ``linear1`` (to_q, to_k, to_v, proj_mlp). A LoRA on a fused
+(add_q/k/v_proj) and a single block's ``linear1`` (to_q, to_k, to_v, proj_mlp); SAI's ``attn.qkv`` the
+same three (``context_block``: add_q/k/v_proj). A LoRA on a fused
 module is ``up @ down`` with ``up`` stacked by output rows, so it splits exactly into one LoRA per
 diffusers module: the shared ``down`` and that module's rows of ``up`` (diffusers' own kohya converter
 does the same). The split sizes come from the shapes alone: a fused module's input is the hidden
-width ``h``; qkv is three ``h``, linear1 three ``h`` and the MLP's rest. BFL's final modulation
-emits (shift, scale) where diffusers' ``norm_out`` emits (scale, shift): its rows are swapped.
+width ``h``; qkv is three ``h``, linear1 three ``h`` and the MLP's rest. BFL's and SAI's final
+modulation emits (shift, scale) where diffusers' ``norm_out`` emits (scale, shift): its rows are
+swapped (and those of SD3's last context modulation, see :func:`is_swapped`).
 
 Family and base come from tensor shapes first (the hidden width, see :data:`HIDDEN_WIDTH`), names
 second (only Flux has single-stream blocks), metadata last.
@@ -67,9 +70,29 @@ TOP = {
     "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
     "final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear",
 }
-SWAPPED = ("norm_out.linear",)  # BFL (shift, scale) -> diffusers (scale, shift)
+# SD3's reference (SAI MMDiT) module (underscore-joined, after ``joint_blocks_N_``) -> diffusers modules
+JOINT = {
+    "x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "x_block_attn_proj": ("attn.to_out.0",),
+    "x_block_attn2_qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"), "x_block_attn2_proj": ("attn2.to_out.0",),
+    "x_block_mlp_fc1": ("ff.net.0.proj",), "x_block_mlp_fc2": ("ff.net.2",),
+    "x_block_adaLN_modulation_1": ("norm1.linear",),
+    "context_block_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "context_block_attn_proj": ("attn.to_add_out",), "context_block_mlp_fc1": ("ff_context.net.0.proj",),
+    "context_block_mlp_fc2": ("ff_context.net.2",), "context_block_adaLN_modulation_1": ("norm1_context.linear",),
+}
+SD3_TOP = {
+    "x_embedder_proj": "pos_embed.proj", "context_embedder": "context_embedder",
+    "t_embedder_mlp_0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder_mlp_2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder_mlp_0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder_mlp_2": "time_text_embed.text_embedder.linear_2",
+    "final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear",
+}
+SWAPPED = ("norm_out.linear",)  # BFL / SAI (shift, scale) -> diffusers (scale, shift)
 BFL_PREFIXES = ("lora_unet_", "diffusion_model.", "lora_transformer_")
 _BLOCK = re.compile(r"(double|single)_blocks_(\d+)_(.+)$")
+_JOINT_BLOCK = re.compile(r"joint_blocks_(\d+)_(.+)$")
+SD3_ONLY = ("joint_blocks_", "t_embedder_", "y_embedder_", "x_embedder_proj")  # SAI names Flux does not have
 
 
 @dataclass(frozen=True)
@@ -82,14 +105,20 @@ class Piece:
 
 
 def bfl_targets(name: str) -> tuple[str, ...] | None:
-    """The diffusers paths (under ``transformer.``) a kohya / ComfyUI Flux module name stands for."""
+    """The diffusers paths (under ``transformer.``) a module name in the original model's names stands for:
+    kohya / ComfyUI Flux (BFL's names) or sd-scripts SD3 (SAI's MMDiT names)."""
     prefix = next((p for p in BFL_PREFIXES if name.startswith(p)), None)
     if prefix is None:
         return None
     rest = name[len(prefix):].replace(".", "_")
     m = _BLOCK.match(rest)
     if m is None:
-        return (TOP[rest],) if rest in TOP else None
+        joint = _JOINT_BLOCK.match(rest)
+        if joint is not None:
+            found = JOINT.get(joint[2])
+            return tuple(f"transformer_blocks.{joint[1]}.{t}" for t in found) if found else None
+        top = TOP.get(rest) or SD3_TOP.get(rest)
+        return (top,) if top else None
     table, root = (DOUBLE, "transformer_blocks") if m[1] == "double" else (SINGLE, "single_transformer_blocks")
     found = table.get(m[3])
     return tuple(f"{root}.{m[2]}.{t}" for t in found) if found else None
@@ -112,12 +141,12 @@ def pieces_of(mod: ModuleKeys) -> list[Piece] | None:
         plain = diffusers_target(mod.name)
         return [Piece(f"transformer.{plain}")] if plain else None
     targets = [f"transformer.{t}" for t in fused]
-    if len(targets) == 1 and fused[0] not in SWAPPED:
-        return [Piece(targets[0])]
     rows, width = _out_rows(mod), _in_width(mod)
+    if len(targets) == 1 and not is_swapped(fused[0], rows, width):
+        return [Piece(targets[0])]
     if rows is None or width is None:
         return None  # not a low-rank LoRA: refused by the caller by name
-    if fused[0] in SWAPPED:
+    if len(targets) == 1:
         half = rows // 2
         return [Piece(targets[0], ((half, rows), (0, half)))]
     sizes = [width] * 3 + ([rows - 3 * width] if len(targets) == 4 else [])
@@ -128,6 +157,15 @@ def pieces_of(mod: ModuleKeys) -> list[Piece] | None:
         bounds.append((start, start + size))
         start += size
     return [Piece(t, (b,)) for t, b in zip(targets, bounds)]
+
+
+def is_swapped(target: str, rows: int | None, width: int | None) -> bool:
+    """Whether the original model holds ``target``'s rows as (shift, scale) where diffusers holds (scale,
+    shift): the final modulation, and SD3's last context modulation, which alone emits only those two
+    (``2 x`` its input width rows; the others emit six)."""
+    if target in SWAPPED:
+        return True
+    return target.endswith("norm1_context.linear") and rows is not None and width is not None and rows == 2 * width
 
 
 def _out_rows(mod: ModuleKeys) -> int | None:
@@ -162,6 +200,8 @@ def family_and_base(file: AdapterFile, grouped: Grouped) -> tuple[str, str]:
             if base == "sd3-medium" and any(".attn2." in n for n in names):
                 base = "sd3.5-medium"
             return family, base
+    if any(bfl_targets(n) and any(part in n.replace(".", "_") for part in SD3_ONLY) for n in names):
+        return "sd3", "unknown"
     if any(bfl_targets(n) or "single_transformer_blocks" in n for n in names):
         return "flux", "unknown"
     for key, needle, family in METADATA_FAMILY:

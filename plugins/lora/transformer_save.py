@@ -1,7 +1,7 @@
 """Writing Flux / SD3 LoRAs in kohya sd-scripts' names (the reverse of :mod:`.transformer_keys`).
 
-sd-scripts names Flux modules after BFL's model (``lora_unet_double_blocks_0_img_attn_qkv``), which fuses
-modules diffusers keeps apart. Patches on the parts of one fused module become one LoRA on it:
+sd-scripts names Flux modules after BFL's model (``lora_unet_double_blocks_0_img_attn_qkv``) and SD3 ones
+after SAI's MMDiT (``lora_unet_joint_blocks_0_x_block_attn_qkv``); both fuse modules diffusers keeps apart. Patches on the parts of one fused module become one LoRA on it:
 
 * every part present with the same ``down`` and scale (a kohya file read back): that ``down`` and the
   parts' ``up`` stacked by rows, the file's own tensors;
@@ -12,8 +12,8 @@ modules diffusers keeps apart. Patches on the parts of one fused module become o
   ``n * r``. diffusers' kohya converter and our reader recognise the block structure and give each
   part back its own rank-``r`` LoRA.
 
-BFL's final modulation holds (shift, scale) where diffusers' ``norm_out`` holds (scale, shift): its rows
-are swapped back. Text encoders: ``lora_te1_`` / ``lora_te2_`` for the CLIP encoders, as sd-scripts.
+BFL's and SAI's final modulation (and SD3's last context modulation) hold (shift, scale) where diffusers
+holds (scale, shift): their rows are swapped back. Text encoders: ``lora_te1_`` / ``lora_te2_`` for the CLIP encoders, as sd-scripts.
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ from adapterhub.keymaps import kohya_name
 from adapterhub.types import Adapter
 
 from .patches import AdaLoRAPatch, LoRAPatch
-from .transformer_keys import DOUBLE, SINGLE, SWAPPED, TOP
+from .transformer_keys import DOUBLE, JOINT, SD3_TOP, SINGLE, TOP, is_swapped
 
 _BLOCK = re.compile(r"^transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 # output rows of each part of a fused module, in multiples of the hidden width (Flux: MLP ratio 4)
 PART_WIDTHS = {"attn.to_q": 1, "attn.to_k": 1, "attn.to_v": 1, "attn.add_q_proj": 1, "attn.add_k_proj": 1,
-               "attn.add_v_proj": 1, "proj_mlp": 4}
+               "attn.add_v_proj": 1, "attn2.to_q": 1, "attn2.to_k": 1, "attn2.to_v": 1, "proj_mlp": 4}
 TEXT_ENCODERS = {"flux": ("text_encoder",), "sd3": ("text_encoder", "text_encoder_2")}
 
 
@@ -49,7 +49,23 @@ def flux_module_of(target: str) -> tuple[str, tuple[str, ...], int] | None:
     return None
 
 
-MODULE_NAMERS = {"flux": flux_module_of}
+def sd3_module_of(target: str) -> tuple[str, tuple[str, ...], int] | None:
+    """(kohya name, the diffusers parts it fuses, this target's index among them) of an SD3 target, in
+    sd-scripts' names (``lora_unet_joint_blocks_0_x_block_attn_qkv``)."""
+    m = _BLOCK.match(target)
+    if m is None:
+        rest = target.removeprefix("transformer.")
+        name = next((sai for sai, path in SD3_TOP.items() if path == rest), None)
+        return (f"lora_unet_{name}", (rest,), 0) if name else None
+    if m[1] != "transformer_blocks":
+        return None
+    for sai, parts in JOINT.items():
+        if m[3] in parts:
+            return f"lora_unet_joint_blocks_{m[2]}_{sai}", parts, parts.index(m[3])
+    return None
+
+
+MODULE_NAMERS = {"flux": flux_module_of, "sd3": sd3_module_of}
 
 
 def kohya_tensors(adapter: Adapter, module_tensors) -> dict[str, torch.Tensor]:
@@ -70,7 +86,8 @@ def kohya_tensors(adapter: Adapter, module_tensors) -> dict[str, torch.Tensor]:
         if found is None:
             raise AdapterError(adapter.path, f"{patch.target} has no kohya name for {adapter.family}", patch.source)
         name, parts, index = found
-        if len(parts) == 1 and parts[0] not in SWAPPED:
+        shape = tuple(patch.expected_shape())
+        if len(parts) == 1 and not is_swapped(parts[0], shape[0], shape[1] if len(shape) > 1 else None):
             out.update(module_tensors(name, patch))
         else:
             fused.setdefault(name, (parts, [None] * len(parts)))[1][index] = patch
@@ -98,7 +115,7 @@ def _fused_module(adapter: Adapter, name: str, parts: tuple[str, ...], patches: 
     factors = [None if p is None else _factors(adapter, name, p) for p in patches]
     present = [f for f in factors if f is not None]
     up0, down0, scale0 = present[0]
-    if len(parts) == 1:  # the final modulation: rows swapped back to BFL's (shift, scale)
+    if len(parts) == 1:  # a final modulation: rows swapped back to BFL's / SAI's (shift, scale)
         half = up0.shape[0] // 2
         return {f"{name}.lora_down.weight": down0, f"{name}.lora_up.weight": torch.cat([up0[half:], up0[:half]]),
                 f"{name}.alpha": _alpha(scale0 * down0.shape[0])}
