@@ -294,3 +294,18 @@ def test_hashing_imports_no_torch(tmp_path):
     code = "import sys, adapterhub.hashes; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_rewriting_the_metadata_in_place_keeps_the_tensors_and_their_hash(big):
+    from safetensors.torch import load_file
+
+    from adapterhub import hashes
+    from adapterhub.io import read_safetensors_header, rewrite_metadata
+
+    before, tensors = hashes.tensor_sha256(big), load_file(str(big))
+    rewrite_metadata(big, big, {"title": "renamed", "ss_network_dim": "4"})
+    assert read_safetensors_header(big)[1] == {"title": "renamed", "ss_network_dim": "4"}
+    assert hashes.tensor_sha256(big) == before
+    after = load_file(str(big))
+    assert all(torch.equal(after[k], t) for k, t in tensors.items()) and after.keys() == tensors.keys()
+    assert [p.name for p in big.parent.iterdir()] == [big.name]  # no temp file left behind

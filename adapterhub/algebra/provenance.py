@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from adapterhub import hashes
-from adapterhub.io import atomic_path
+from adapterhub.io import atomic_path, read_safetensors_header, rewrite_metadata
 from adapterhub.types import Adapter
 
 STALE = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
@@ -107,15 +107,10 @@ def build(kept: dict[str, str], factors, comment: str, method: str, sources: lis
 
 def write(adapter: Adapter, out: Path) -> Path:
     """Save ``adapter`` in the kohya layout with its hashes stamped in; atomic (temp file + rename)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     out = Path(out)
     with atomic_path(out, suffix=".safetensors") as tmp:
         adapter.save(tmp, "kohya")
-        tensors = load_file(str(tmp))
-        with safe_open(str(tmp), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        metadata.update(hashes.kohya_hashes(tensors, metadata))
-        save_file(tensors, str(tmp), metadata=metadata)
+        _, metadata, _ = read_safetensors_header(tmp)
+        metadata.update(hashes.kohya_hashes_of_file(tmp, metadata))
+        rewrite_metadata(tmp, tmp, metadata)  # the tensors stay on disk: only the header is new
     return out

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from adapterhub import hashes
-from adapterhub.io import atomic_path, header_bytes, read_safetensors_header
+from adapterhub.io import atomic_path, read_safetensors_header, rewrite_metadata
 BASE_VERSION = {"sd1": "sd_v1", "tiny-sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0",
                 "tiny-sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "tiny-sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
@@ -128,7 +128,6 @@ def sshs_hashes(tensors: dict, metadata: dict[str, str]) -> dict[str, str]:
 
 
 SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-COPY_BLOCK = 1 << 24
 
 
 def finish_safetensors(written: Path, target: Path, dtype=None) -> Path:
@@ -141,19 +140,13 @@ def finish_safetensors(written: Path, target: Path, dtype=None) -> Path:
     only the length of the ``ss_*``-only header, which is computed as safetensors writes it.
     """
     written, target = Path(written), Path(target)
-    entries, metadata, header_len = read_safetensors_header(written)
+    entries, metadata, _ = read_safetensors_header(written)
     want = None if dtype is None else str(dtype).replace("torch.", "")
     if want is not None and any(info["dtype"] in SAFETENSORS_FLOATS and SAFETENSORS_FLOATS[info["dtype"]] != want
                                 for info in entries.values()):
         return _finish_in_memory(written, target, dtype)
     metadata.update(hashes.kohya_hashes_of_file(written, metadata))
-    with atomic_path(target, suffix=".safetensors") as tmp:
-        with open(written, "rb") as src, open(tmp, "wb") as out:
-            out.write(header_bytes(entries, metadata))
-            src.seek(8 + header_len)
-            while block := src.read(COPY_BLOCK):
-                out.write(block)
-    return target
+    return rewrite_metadata(written, target, metadata)
 
 
 def _finish_in_memory(written: Path, target: Path, dtype) -> Path:
