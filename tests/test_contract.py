@@ -325,8 +325,9 @@ def test_trains_two_steps_and_the_result_is_its_type(registry, two_images, fresh
 
 @pytest.mark.parametrize("name", ATTACHES)
 def test_infotext_holds_the_fields_the_type_declares(registry, examples, backends, name):
-    """The image's infotext holds each field the type's ``infotext_fields`` declares for the applied entry: a hash
-    list's entry under the entry's name, a unit numbered from 0."""
+    """The entry adds to the image's infotext exactly the fields its type's ``infotext_fields`` declares (none
+    where it declares none), with the declared values: a hash list's entry under the entry's name, a unit
+    numbered from 0."""
     from adapterhub.sample import infotext
     from adapterhub.sample.generator import Request
     from adapterhub.stack import Entry, Stack
@@ -334,16 +335,20 @@ def test_infotext_holds_the_fields_the_type_declares(registry, examples, backend
     eager, _ = backends
     prompt = f"a house, {examples[name].stem}"
     entry = Entry(str(examples[name]), te=0.5, options=registry[name].example_options(eager.pipe))
-    text = eager.generate(Request(prompt, stack=Stack([entry]), seed=4, steps=1, sampler="Euler", width=SIZE,
-                                  height=SIZE), output="latent").infotexts[0]
-    fields = infotext.parse(text)
+
+    def fields(entries):
+        return infotext.parse(eager.generate(Request(prompt, stack=Stack(entries), seed=4, steps=1, sampler="Euler",
+                                                     width=SIZE, height=SIZE), output="latent").infotexts[0])
+
+    plain, got = fields([]), fields([entry])
     declared = registry[name].infotext_fields(entry.adapter, entry, prompt + "\n")
+    assert set(got) - set(plain) == {field if label else f"{field} 0" for field, label, _ in declared}
     for field, label, value in declared:
         value = value() if callable(value) else value
         if label is None:
-            assert fields[f"{field} 0"] == value, field
+            assert got[f"{field} 0"] == value, field
         else:
-            assert infotext.parse_hashes(fields[field])[label] == value, field
+            assert infotext.parse_hashes(got[field])[label] == value, field
 
 
 # --------------------------------------------------------------------------------------------
