@@ -5,8 +5,10 @@ its own example is sniffed as its own and parses; saved and read back it behaves
 the model and detach restores it bit for bit; a weight delta merges to exactly what attach gives; it
 converts to each target ``adapterhub.convert.targets_of`` lists and the result behaves the same; it samples
 with the eager backend and, where its ``runtime_kind`` is one the compiled backend runs, with the compiled
-backend (dynamo ``aot_eager``, tiny-sd1, 2 steps, 64 px) bit for bit like eager. A new type gets every
-column from its declarations alone.
+backend (dynamo ``aot_eager``, tiny-sd1, 2 steps, 64 px) bit for bit like eager; the image's infotext holds
+exactly the fields its ``infotext_fields`` declares; where it lists ``train``, two optimiser steps on tiny-sd1
+(64 px, two images) write a file that reads back as the type and, attached, changes the model. A new type gets
+every column from its declarations alone.
 
 The third-party distribution (``tests/thirdparty_plugin``) is pip-installed into a private folder and found
 through its entry point like any other; the table's rows are read at collection from the built-ins and from
