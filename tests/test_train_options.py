@@ -9,6 +9,7 @@ third-party test plugin (pip-installed, found through its entry point) get the s
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -332,3 +333,28 @@ def test_training_page_table_is_current():
     for name, options in MOVED.items():
         for option in options:
             assert f"| `{name}` | `--{option.replace('_', '-')}` |" in table
+
+
+@pytest.mark.parametrize("declared, message", [
+    ((TrainOption("rank", int, 4, "a second rank"),), "adapter type clash-kind: training option 'rank' is an option "
+                                                      "of adapterhub train itself; give it a name of the type's own"),
+    ((TrainOption("print_config", bool, False, "x"),), "training option 'print_config' is an option of adapterhub "
+                                                       "train itself"),
+    ((TrainOption("num-vectors", int, 1, "x"),), "training option 'num-vectors' is not a Python identifier"),
+    ((TrainOption("num_vectors", float, 1.0, "x"),), "adapter type clash-kind: training option 'num_vectors' is a "
+                                                     "<class 'float'>, textual_inversion declares it a <class 'int'>"),
+])
+def test_a_declaration_that_cannot_be_a_flag_is_refused(monkeypatch, capsys, declared, message):
+    """A type's option may not shadow a general option or the command's own, must be a name, and a name two types
+    declare must have one value type (one flag serves both): ``adapterhub train`` says which type is wrong."""
+    from adapterhub import plugins
+    from adapterhub.cli.train import config_options
+
+    clash = type("ClashType", (AdapterType,), {"name": "clash-kind", "capabilities": ("train",),
+                                               "train_options": declared})()
+    types = {**plugins.adapter_types(), "clash-kind": clash}
+    monkeypatch.setattr(plugins, "adapter_types", lambda: types)
+    with pytest.raises(AdapterhubError, match=re.escape(message)):
+        config_options(lambda **options: None)
+    with pytest.raises(AdapterhubError, match=re.escape(message)):
+        TrainConfig(type="lora", base="tiny-sd1", max_steps=1, type_options={"no_such": 1})

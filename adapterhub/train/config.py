@@ -296,9 +296,12 @@ def declared_options() -> dict[str, tuple[TrainOption, tuple[str, ...]]]:
     found: dict[str, tuple[TrainOption, tuple[str, ...]]] = {}
     for owner, adapter_type in adapter_types().items():
         for spec in adapter_type.train_options:
-            if not spec.name.isidentifier() or spec.name in _FIELD_NAMES or spec.name in RESERVED:
-                raise AdapterhubError(f"adapter type {owner}: training option {spec.name!r} is not an identifier "
-                                      "or is a general option of adapterhub train; give it the type's own name")
+            if not spec.name.isidentifier():
+                raise AdapterhubError(f"adapter type {owner}: training option {spec.name!r} is not a Python "
+                                      "identifier (letters, digits, _)")
+            if spec.name in _FIELD_NAMES or spec.name in RESERVED:
+                raise AdapterhubError(f"adapter type {owner}: training option {spec.name!r} is an option of "
+                                      "adapterhub train itself; give it a name of the type's own")
             if spec.name in found and found[spec.name][0].type != spec.type:
                 first, owners = found[spec.name]
                 raise AdapterhubError(f"adapter type {owner}: training option {spec.name!r} is a {spec.type}, "
