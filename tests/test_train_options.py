@@ -160,6 +160,13 @@ def test_stub_types_flag_values_reach_its_config(stub, tmp_path):
     assert build(load_toml(written), check=False) == cfg
 
 
+def test_format_takes_a_layout_of_any_type(stub):
+    """``--format`` names a layout of the trained type (``Trainable.formats``, checked by the loop once the type
+    made its trainable), not one of a list the core keeps: a third-party type's own layout passes the config."""
+    assert resolve(overrides={"type": "stub-kind", "format": "stub-layout"}, check=False).format == "stub-layout"
+    assert resolve(overrides={"type": "textual_inversion", "format": "diffusers"}, check=False).format == "diffusers"
+
+
 def test_another_types_flag_is_refused_in_one_line(capsys, tmp_path):
     rc, _, err = cli(capsys, "--type", "lora", "--base", "tiny-sd1", "--dataset", tmp_path, "--out",
                      tmp_path / "o.safetensors", "--num-vectors", 2)

@@ -59,9 +59,10 @@ class _Options:
     device: str = opt("auto", "auto, cpu, cuda, cuda:N", "run")
     mixed_precision: str = opt("no", "autocast precision", "run", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute UNet activations in the backward pass", "run")
+    # the layouts are the trained type's (``Trainable.formats``), checked once it made its trainable
     format: str | None = opt(None, "output layout where a type has several: textual inversion 'a1111' (default) or "
                                    "'diffusers' (learned_embeds; SDXL writes clip_l/clip_g either way); other layouts: "
-                                   "adapterhub convert", "run", choices=("a1111", "diffusers"))
+                                   "adapterhub convert", "run")
     save_precision: str = opt("fp32", "dtype of the saved tensors", "run", choices=("fp32", "fp16", "bf16"))
     cache_dir: Path | None = opt(None, "latent cache folder (default: ADAPTERHUB_CACHE/latents)", "run")
     log_with: str = opt("auto", "loss log besides NAME.loss.csv: TensorBoard events in NAME-logs/ through accelerate's "
