@@ -241,8 +241,8 @@ def test_bad_requests_get_the_webuis_errors(served):
                  "size 256x64 is beyond this server's --max-size 128x128")
     _webui_error(post(served, "txt2img", json={**SMALL, "prompt": "x", "enable_hr": True, "hr_scale": 4}), 422,
                  "hires size 256x256 is beyond this server's --max-size 128x128")
-    _webui_error(post(served, "txt2img", json={**SMALL, "prompt": "x", "alwayson_scripts": {"ControlNet": {}}}),
-                 422, "always on script ControlNet not found")
+    _webui_error(post(served, "txt2img", json={**SMALL, "prompt": "x", "alwayson_scripts": {"ADetailer": {}}}),
+                 422, "always on script ADetailer not found")
     _webui_error(post(served, "img2img", json={**SMALL, "prompt": "x", "init_images": ["not an image"]}), 422,
                  "init_images[0]: invalid encoded image (not base64)")
     _webui_error(post(served, "options", json={"sd_model_checkpoint": "other.safetensors"}), 404,
@@ -293,8 +293,8 @@ def test_full_queue_gets_429_and_interrupt_stops_the_running_request(served):
     waiting.join(DEADLINE)
     assert not long.is_alive() and not waiting.is_alive()
     stopped = out["long"].json()
-    assert out["long"].status_code == 200 and stopped["images"] == []
-    assert json.loads(stopped["info"])["interrupted"] is True
+    assert out["long"].status_code == 200 and len(stopped["images"]) == 1  # the image so far, as the webui
+    assert json.loads(stopped["info"])["interrupted"] is True and json.loads(stopped["info"])["all_seeds"] == [1]
     after = out["waiting"].json()
     assert out["waiting"].status_code == 200 and not json.loads(after["info"])["interrupted"]
     assert after["images"] == before["images"]  # the interrupted stack was switched away exactly
@@ -334,7 +334,8 @@ def test_skip_drops_the_iteration_in_progress_and_goes_on(served):
     long.join(DEADLINE)
     assert not long.is_alive() and out["r"].status_code == 200
     info = json.loads(out["r"].json()["info"])
-    assert out["r"].json()["images"] == [] and info["interrupted"] is True
+    # the skipped first iteration gives nothing, the interrupted second its image so far
+    assert len(out["r"].json()["images"]) == 1 and info["interrupted"] is True and info["all_seeds"] == [2]
 
 
 def test_png_info_of_a_bad_or_plain_image(served):

@@ -267,7 +267,29 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/sdapi/v1/scripts")
     def scripts():
-        return {"txt2img": [], "img2img": []}
+        from adapterhub.serve.controls import SCRIPT
+
+        return {"txt2img": [SCRIPT], "img2img": [SCRIPT]}  # always-on scripts are listed by the webui too
+
+    # -- the ControlNet extension's routes --------------------------------------------------------
+    @app.get("/controlnet/model_list")
+    def controlnet_models(update: bool = True):
+        from adapterhub.serve.controls import model_title
+        from adapterhub.serve.networks import CONTROL
+
+        if update:  # the extension re-scans its folder unless told not to
+            service.networks.refresh()
+        return {"model_list": [model_title(n) for n in service.networks.of_kind(CONTROL)]}
+
+    @app.get("/controlnet/module_list")
+    def controlnet_modules(alias_names: bool = False):
+        from adapterhub.serve.controls import MODULES
+
+        detail = {"none": {"model_free": False, "sliders": []},
+                  "canny": {"model_free": False, "sliders": [
+                      {"name": "Canny Low Threshold", "value": 100, "min": 1, "max": 255},
+                      {"name": "Canny High Threshold", "value": 200, "min": 1, "max": 255}]}}
+        return {"module_list": list(MODULES), "module_detail": {m: detail[m] for m in MODULES}}
 
     # -- options ----------------------------------------------------------------------------------
     @app.get("/sdapi/v1/options")

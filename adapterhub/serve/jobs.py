@@ -5,8 +5,9 @@ recompile: :mod:`adapterhub.sample.backend`).
 ``Worker.submit`` queues a :class:`~adapterhub.serve.plan.Plan` and returns a future, or raises
 :class:`QueueFull` when ``max_queue`` requests already wait (the API answers 429). :class:`State` is what
 ``/sdapi/v1/progress`` reports (the webui's ``shared.state``), and how ``/sdapi/v1/interrupt`` stops the
-running request: the sampler's step callback raises :class:`Interrupted`, the iteration in progress is
-dropped, the images of the iterations already done are returned (the webui returns what it has).
+running request: the sampler's step callback raises :class:`Interrupted`; the images of the iterations
+already done are returned with the iteration in progress as far as it got (its last step's clean-latent
+estimate decoded, :mod:`adapterhub.serve.partial`), as the webui returns what it has.
 ``/sdapi/v1/skip`` drops only the iteration in progress (:class:`Skipped`); the next one runs.
 """
 from __future__ import annotations
@@ -120,16 +121,23 @@ class State:
 
 
 class _PreviewRunner:
-    """The generator's runner, remembering the latest latents it was called with (for the live preview).
+    """The generator's runner, remembering the latest latents it was called with (for the live preview) and its
+    last two calls (for the image so far of an interrupted request, :mod:`adapterhub.serve.partial`).
     Everything else goes to the runner it wraps: a compiled graph is called exactly as before."""
 
     def __init__(self, runner):
         self.runner = runner
         self.latest = None
+        self.calls: list[tuple] = []  # (input, timestep, output) of the last two UNet calls
 
-    def __call__(self, sample, *args, **kwargs):
+    def __call__(self, sample, timestep, *args, **kwargs):
         self.latest = sample
-        return self.runner(sample, *args, **kwargs)
+        output = self.runner(sample, timestep, *args, **kwargs)
+        self.calls = [*self.calls[-1:], (sample, timestep, output)]
+        return output
+
+    def forget(self) -> None:
+        self.latest, self.calls = None, []
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
@@ -196,7 +204,8 @@ class Worker:
                 future.set_exception(exc)
 
     def run(self, plan) -> Outcome:
-        """Run a plan's iterations in turn; an interrupt drops the iteration in progress and ends the plan."""
+        """Run a plan's iterations in turn; an interrupt ends the plan with the iteration in progress as far as it
+        got (:meth:`_partial`)."""
         from adapterhub.sample.generator import sampling_steps
 
         state, gen = self.state, self.generator
@@ -209,24 +218,49 @@ class Worker:
                     break
                 state.job_no, state.sampling_step, state.skipped = k, 0, False
                 state.sampling_steps = sampling_steps(req)
+                self.preview.forget()
                 try:
                     result = gen.generate(req, progress=self._progress(req))
                 except Interrupted:
                     out.interrupted = True
+                    self._partial(req, plan, out)
                     break
                 except Skipped:
                     out.comments.append(f"skipped: iteration {k + 1} of {len(plan.requests)}")
                     continue
                 out.images += result.images
-                out.infotexts += [_with_prompts(text, req, plan) for text in result.infotexts]
+                out.infotexts += [_with_controls(_with_prompts(text, req, plan), gen.stack, plan)
+                                  for text in result.infotexts]
                 out.seeds += result.seeds
                 out.comments += [w for w in result.warnings if w not in out.comments]
         finally:
-            self.preview.latest = None
+            self.preview.forget()
             state.end()
         if out.interrupted:
             out.comments.append("interrupted")
         return out
+
+    def _partial(self, req, plan, out: Outcome) -> None:
+        """The interrupted iteration's image so far (the webui returns it): the clean-latent estimate of its last
+        step, decoded, with the infotext the finished images would have had. Nothing when no step ran."""
+        from adapterhub.sample import infotext
+        from adapterhub.sample.samplers import resolve_sampler
+        from adapterhub.serve.partial import estimate
+
+        gen = self.generator
+        scheduler = gen.pipe.scheduler
+        latents = estimate(self.preview.calls, req.batch, req.cfg, scheduler.config,
+                           getattr(scheduler, "alphas_cumprod", None))
+        if latents is None:
+            return
+        images = gen.decode(latents.to(gen.device, gen.dtype))
+        sampler, schedule = resolve_sampler(req.sampler, req.schedule)
+        params = gen.parameters(req, sampler, schedule, gen.stack)
+        seeds = [req.seed + i for i in range(len(images))]
+        texts = [infotext.create(req.prompt, req.negative, {**params, "Seed": seed}) for seed in seeds]
+        out.images += images
+        out.infotexts += [_with_controls(_with_prompts(text, req, plan), gen.stack, plan) for text in texts]
+        out.seeds += seeds
 
     def _progress(self, req):
         state, preview, gen = self.state, self.preview, self.generator
@@ -244,6 +278,18 @@ class Worker:
                 state.current_image, state.preview_wanted, state.preview_step = png_base64(image), False, done
 
         return on_progress
+
+
+def _with_controls(text: str, stack, plan) -> str:
+    """The infotext with the stack's ``ControlNet N`` units, as ``adapterhub sample --control`` writes them, each
+    naming the preprocessor its request unit ran (:func:`adapterhub.serve.controls.with_modules`)."""
+    from adapterhub.sample import infotext
+    from adapterhub.serve.controls import with_modules
+
+    units = infotext.control_units(stack) if stack is not None else {}
+    if not units:
+        return text
+    return infotext.insert(text, with_modules(units, getattr(plan, "control_fields", [])))
 
 
 def _with_prompts(text: str, req, plan) -> str:

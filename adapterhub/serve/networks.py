@@ -1,6 +1,8 @@
 """The extra networks a server offers: LoRAs (every weight-space type), textual inversions and hypernetworks,
 found in the adapter folders (by file stem, top level: where ``<lora:NAME>`` tags are looked up) and in the
-catalog, as the webui lists its ``models/Lora``, ``embeddings`` and ``models/hypernetworks`` folders.
+catalog, as the webui lists its ``models/Lora``, ``embeddings`` and ``models/hypernetworks`` folders; and the
+conditioning networks (every type fed with a control image, its UNet runtime ``UNET_RESIDUALS``: ControlNets,
+T2I-Adapters; files or diffusers folders) that ControlNet units name, as the extension lists ``models/ControlNet``.
 
 A scan reads headers only (:func:`adapterhub.api.identify`); embeddings are parsed (small files) for their
 token, vector count and width. Results are cached by (path, mtime, size): ``refresh`` re-reads only what
@@ -17,6 +19,7 @@ from pathlib import Path
 from adapterhub.errors import AdapterhubError
 
 KINDS = ("lora", "embedding", "hypernetwork")  # the webui's extra-network pages, each type declaring its own
+CONTROL = "control"  # the ControlNet extension's model list
 
 
 @dataclass
@@ -38,14 +41,18 @@ class Network:
 
 
 def _kind(adapter_type) -> str | None:
-    """The page ``adapter_type`` is listed on: the first of KINDS for a weight delta, else its declared
-    ``extra_network`` (None, or a page the server has not: not listed)."""
+    """The page ``adapter_type`` is listed on: the first of KINDS for a weight delta, CONTROL for a network fed
+    with a control image, else its declared ``extra_network`` (None, or a page the server has not: not listed)."""
+    from adapterhub.types import UNET_RESIDUALS
+
+    if adapter_type.runtime_kind == UNET_RESIDUALS:
+        return CONTROL
     kind = KINDS[0] if adapter_type.weight_space else adapter_type.extra_network
     return kind if kind in KINDS else None
 
 
 def _read(path: Path) -> Network | None:
-    """The network in ``path``, or None when it is none of KINDS (a ControlNet, a full model ...)."""
+    """The network in ``path``, or None when it is none of KINDS nor CONTROL (a full model ...)."""
     from adapterhub.api import identify, load
 
     file, adapter_type, _ = identify(path)
@@ -53,7 +60,7 @@ def _read(path: Path) -> Network | None:
     if kind is None:
         return None
     if kind != "embedding":
-        return Network(path.stem, kind, path, dict(file.metadata))
+        return Network(path.stem if path.is_file() else path.name, kind, path, dict(file.metadata))
     adapter = load(path)
     widths = sorted({p.width for p in adapter.patches.values()})
     return Network(path.stem, kind, path, dict(adapter.metadata), token=str(adapter.extra.get("token") or path.stem),
@@ -82,7 +89,7 @@ class Networks:
         skipped: dict[str, str] = {}
         cache: dict[tuple, Network | None] = {}
         # the folders first: a name in both is the folder's, as a tag finds it
-        sources = [(p.stem, p) for p in self._files()] + self._catalog_files()
+        sources = [(p.stem if p.is_file() else p.name, p) for p in self._files()] + self._catalog_files()
         for name, path in sources:
             network = self._identified(path, cache, skipped)
             if network is not None:
@@ -96,10 +103,9 @@ class Networks:
     def _identified(self, path: Path, cache: dict, skipped: dict) -> Network | None:
         """The network in ``path`` through the cache, by (path, mtime, size); None when it is none or unreadable."""
         try:
-            st = path.stat()
+            key = _fingerprint(path)
         except OSError:
             return None
-        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
         if key not in self._cache:
             try:
                 self._cache[key] = _read(path)
@@ -110,11 +116,13 @@ class Networks:
         return cache[key]
 
     def _files(self) -> list[Path]:
+        """The adapter files of the folders, and their subfolders that hold a diffusers ``config.json`` (a
+        ControlNet saved by diffusers): what a name finds there (:func:`adapterhub.stack.find_adapter`)."""
         files = []
         for folder in self.dirs:
             if folder.is_dir():
-                files += sorted(p for p in folder.iterdir()
-                                if p.suffix.lower() in self._suffixes and not p.name.startswith("."))
+                files += sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (
+                    p.suffix.lower() in self._suffixes and p.is_file() or (p / "config.json").is_file()))
         return files
 
     def _catalog_files(self) -> list[tuple[str, Path]]:
@@ -142,6 +150,15 @@ class Networks:
         joined = "\n".join(texts)
         return [n for n in self.of_kind("embedding")
                 if re.search(rf"(?<![\w-]){re.escape(n.token or n.name)}(?![\w-])", joined, re.IGNORECASE)]
+
+
+def _fingerprint(path: Path) -> tuple:
+    """(path, mtime, size) of a file; of a folder, the newest mtime and the total size of its files."""
+    if path.is_dir():
+        stats = [p.stat() for p in path.rglob("*") if p.is_file()]
+        return (str(path.resolve()), max((s.st_mtime_ns for s in stats), default=0), sum(s.st_size for s in stats))
+    st = path.stat()
+    return (str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
 def drop_missing_networks(prompt: str, dirs: Sequence[str | Path]) -> tuple[str, list[tuple[str, str]]]:

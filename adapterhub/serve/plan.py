@@ -5,7 +5,8 @@ interrupt can stop between iterations.
 
 Everything is checked here, before the request is queued (:class:`ApiError`, the webui's statuses): an
 unknown sampler (404, as the webui), sizes beyond the server's limit, bad values, masks and scripts
-(422: not done here, and doing something else would give another picture). A missing LoRA or hypernetwork
+(422: not done here, and doing something else would give another picture). ControlNet units
+(``alwayson_scripts.controlnet``) join the stack (:mod:`adapterhub.serve.controls`). A missing LoRA or hypernetwork
 is left out with a note in ``info`` (the webui warns and goes on). Embeddings whose word is in the prompt or
 the negative prompt join the stack, as the webui applies its embeddings folder.
 """
@@ -48,6 +49,7 @@ class Plan:
     return_grid: bool = True  # the webui's API: only with save_images (it sets do_not_save_grid = not save_images)
     clip_skip: int = 1
     denoising_strength: float | None = None
+    control_fields: list = field(default_factory=list)  # per ControlNet unit, its preprocessor's infotext fields
 
     @property
     def images(self) -> int:
@@ -129,11 +131,24 @@ def _ignored(req, comments: list[str]) -> None:
         comments.append("eta_noise_seed_delta: not applied here")
 
 
-def _refuse_scripts(req) -> None:
-    if req.script_name:
-        raise ApiError(422, f"Script '{req.script_name}' not found")
-    for name in req.alwayson_scripts or {}:
+def _scripts(req, networks, init_image, hires: bool):
+    """The ControlNet units' stack entries (:mod:`adapterhub.serve.controls`); any other script is refused as
+    the webui refuses one it has not."""
+    from adapterhub.serve.controls import Units, find_model, script_args, units
+    from adapterhub.serve.networks import CONTROL
+
+    args, others = script_args(req.alwayson_scripts)
+    for name in others:
         raise ApiError(422, f"always on script {name} not found")
+    if not args:
+        return Units()
+    models = networks.of_kind(CONTROL)
+    named = [u.get("model") for u in args if isinstance(u, dict) and u.get("enabled", True) is not False]
+    if any(m not in (None, "", "None", "none") and find_model(m, models) is None for m in named):
+        networks.refresh()  # a model added since the last scan (the extension re-scans its folder too)
+        models = networks.of_kind(CONTROL)
+    return units(args, models=models, size=(req.width, req.height), init_image=init_image,
+                 hires=hires)
 
 
 def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model_titles: set[str], networks,
@@ -145,7 +160,8 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
 
     kind = "img2img" if isinstance(req, Img2ImgRequest) else "txt2img"
     settings = _overrides(req, options, model_titles)
-    _refuse_scripts(req)
+    if req.script_name:
+        raise ApiError(422, f"Script '{req.script_name}' not found")
     comments: list[str] = []
     _ignored(req, comments)
     common = _sampling(req, settings, max_size)
@@ -158,14 +174,17 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
             raise ApiError(422, str(err)) from None
     hires = _hires(req, comments, max_size) if kind == "txt2img" and req.enable_hr else {}
     init_image = _init_image(req, comments) if kind == "img2img" else None
+    controls = _scripts(req, networks, init_image, bool(hires))
+    comments += controls.comments
     denoise = hires["hr_denoise"] if hires else req.denoising_strength if init_image is not None else None
     prompt, missing = drop_missing_networks(req.prompt, dirs)
     negative, missing_negative = drop_missing_networks(req.negative_prompt, dirs)
     comments += missing_notes(missing + missing_negative)
     # paths, not names: a file name with a comma or a colon is no spec
     embeddings = [(n.path, 1.0) for n in networks.embeddings_in(prompt, negative)]
+    stack = [*embeddings, *controls.entries]
     seed = req.seed if req.seed is not None and req.seed >= 0 else random.randrange(MAX_SEED)
-    requests = [Request(prompt, negative=negative, stack=embeddings, seed=seed + k * req.batch_size,
+    requests = [Request(prompt, negative=negative, stack=stack, seed=seed + k * req.batch_size,
                         batch=req.batch_size, images=req.batch_size, init_image=init_image,
                         denoising_strength=denoise if init_image is not None else 0.75, **common, **hires)
                 for k in range(req.n_iter)]
@@ -175,7 +194,7 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
         raise ApiError(422, str(err)) from None
     return Plan(kind, requests, req.prompt, req.negative_prompt, comments, send_images=req.send_images,
                 return_grid=bool(settings.get("return_grid", True)) and req.save_images,
-                clip_skip=common["clip_skip"], denoising_strength=denoise)
+                clip_skip=common["clip_skip"], denoising_strength=denoise, control_fields=controls.module_fields)
 
 
 def _sampling(req, settings: dict[str, Any], max_size: tuple[int, int] | None) -> dict[str, Any]:
