@@ -29,6 +29,7 @@ BUILTIN = ("lora", "locon", "loha", "lokr", "adalora", "textual_inversion", "hyp
 WORD = re.compile(r"(?<![a-z0-9])(" + "|".join(BUILTIN) + r")(?![a-z0-9])")
 
 _TAG = "the webui's <lora:…> / <hypernet:…> tag kind and extra-network page, an outside syntax"
+_CN_API = "the sd-webui-controlnet extension's API routes, an outside interface"
 _KOHYA = "kohya's key prefix (lora_unet_, lora_te1_ …), the outside file layout, not our type"
 ALLOWED: dict[tuple[str, str], str] = {
     ("adapterhub/serve/networks.py", "lora"): _TAG,
@@ -57,6 +58,10 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("adapterhub/serve/networks.py", "Lora"): "the webui's label for a missing <lora:…> network",
     ("adapterhub/serve/networks.py", "Hypernetwork"): "the webui's label for a missing <hypernet:…> network",
     ("adapterhub/sample/infotext.py", "ControlNet"): "sd-webui-controlnet's infotext field (ControlNet 0, …)",
+    ("adapterhub/serve/app.py", "/controlnet/model_list"): _CN_API,
+    ("adapterhub/serve/app.py", "/controlnet/module_list"): _CN_API,
+    ("adapterhub/serve/controls.py", "controlnet"): "sd-webui-controlnet's always-on script name (alwayson_scripts)",
+    ("adapterhub/serve/controls.py", " not found (GET /controlnet/model_list lists this server's)"): _CN_API,
     ("adapterhub/algebra/provenance.py", "networks.lora"): "the webui Lora extension's module (networks.lora)",
     ("adapterhub/cli/__init__.py", "lora"): "the `adapterhub lora` command group",
     ("adapterhub/cli/__init__.py", "adapterhub.cli.lora:lora"): "the `adapterhub lora` command group",
