@@ -1,10 +1,10 @@
 """Every training option, declared once: the general ones here (:class:`TrainConfig`'s fields), a type's own in
 its ``AdapterType.train_options`` (:class:`adapterhub.types.TrainOption`).
 
-A field's ``metadata`` carries its help text, its TOML section and its choices. ``adapterhub.cli.train`` turns the general fields and every registered type's
-declared options into click options; a TOML file uses the same names (``batch_size`` or ``batch-size``,
-flat or under the section headers that ``--print-config`` writes); Python callers build the dataclass
-directly. Flags override the file, the file overrides the defaults.
+A field's ``metadata`` carries its help text, its TOML section and its choices. ``adapterhub.cli.train`` turns
+the general fields and every registered type's declared options into click options; a TOML file uses the same
+names (``batch_size`` or ``batch-size``, flat or under the section headers that ``--print-config`` writes);
+Python callers build the dataclass directly. Flags override the file, the file overrides the defaults.
 
 The chosen type's options reach it complete (given or their default) in ``config.type_options``, and read
 like fields (``config.num_vectors``). An option of another type is refused on the command line and in
