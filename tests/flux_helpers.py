@@ -117,7 +117,8 @@ def assert_same(ours, oracle, base_state, min_changed, atol=1e-5):
 
 def deltas(adapter) -> dict[str, torch.Tensor]:
     """target -> the delta each patch adds at multiplier 1 (float32)."""
-    return {target: patch.delta(torch.zeros(patch.expected_shape())) for target, patch in adapter.patches.items()}
+    return {target: patch.delta(torch.zeros(patch.expected_shape() or (patch.out_features, patch.in_features)))
+            for target, patch in adapter.patches.items()}
 
 
 def assert_bitwise_same_deltas(a, b):

@@ -158,3 +158,123 @@ def test_sd3_written_as_sd_scripts_names_is_placed_right_by_the_converter(tiny_s
         expected = source.get(target, torch.zeros_like(delta))
         torch.testing.assert_close(delta, expected, atol=1e-6, rtol=0, msg=target)
     assert_bitwise_same_deltas(adapterhub.load(src), adapterhub.load(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# XLabs and the lora_transformer_ names: diffusers' own loader
+# ---------------------------------------------------------------------------------------------
+def _xlabs_file(path, transformer, seed=0):
+    """An XLabs Flux LoRA (x-flux's attention-processor LoRAs, no alpha): per double block the image and text
+    qkv (``qkv_lora1`` / ``qkv_lora2``) and output projections (``proj_lora1`` / ``proj_lora2``), per single
+    block the qkv (3 x hidden rows, without the MLP) and the output projection."""
+    gen = torch.Generator().manual_seed(seed)
+    h = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    shapes = {}
+    for i in range(transformer.config.num_layers):
+        shapes.update({f"double_blocks.{i}.processor.qkv_lora1": (3 * h, h), f"double_blocks.{i}.processor.qkv_lora2":
+                       (3 * h, h), f"double_blocks.{i}.processor.proj_lora1": (h, h),
+                       f"double_blocks.{i}.processor.proj_lora2": (h, h)})
+    for i in range(transformer.config.num_single_layers):
+        shapes.update({f"single_blocks.{i}.processor.qkv_lora": (3 * h, h),
+                       f"single_blocks.{i}.processor.proj_lora": (h, 5 * h)})
+    sd = {}
+    for name, (out_f, in_f) in shapes.items():
+        up, down = lora_pair(out_f, in_f, gen)
+        sd[f"{name}.down.weight"], sd[f"{name}.up.weight"] = down, up
+    save_file(sd, str(path))
+    return path
+
+
+def test_xlabs_flux_merge_equals_diffusers(tiny_flux, tmp_path):
+    import adapterhub
+
+    path = _xlabs_file(tmp_path / "xlabs.safetensors", tiny_flux.transformer)
+    adapter = adapterhub.load(path)
+    assert (adapter.family, adapter.base, len(adapter.patches)) == ("flux", "tiny-flux", 2 * 8 + 2 * 4)
+    assert_same(ours_merged(tiny_flux, path), diffusers_fused(tiny_flux, path), state(tiny_flux), 24)
+
+
+UNDERSCORED = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_k_proj", "transformer_blocks.0.attn.to_out.0",
+               "transformer_blocks.1.attn.to_add_out", "transformer_blocks.0.ff_context.net.0.proj",
+               "transformer_blocks.1.ff.net.2", "single_transformer_blocks.0.attn.to_v",
+               "single_transformer_blocks.1.proj_mlp", "single_transformer_blocks.0.proj_out", "x_embedder",
+               "context_embedder", "proj_out", "norm_out.linear", "time_text_embed.guidance_embedder.linear_1"]
+
+
+# diffusers' mixture converter names a block's attention modules only (a block's ff / proj_mlp / proj_out
+# become the block itself); those are decoded the same way in the LyCORIS tests below
+MIXTURE = [p for p in UNDERSCORED if ".attn." in p or not p.startswith(("transformer_blocks", "single_"))]
+
+
+def test_lora_transformer_names_merge_equals_diffusers(tiny_flux, tmp_path):
+    """``lora_transformer_`` + the diffusers path joined by ``_``, kohya tensors with alpha (what diffusers'
+    Flux loader calls the mixture layout): each name decoded back to its module, whatever ``_`` it holds."""
+    gen = torch.Generator().manual_seed(3)
+    modules = dict(tiny_flux.transformer.named_modules())
+    sd = {}
+    for path in MIXTURE:
+        up, down = lora_pair(*modules[path].weight.shape, gen)
+        name = "lora_transformer_" + path.replace(".", "_")
+        sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)})
+    save_file(sd, str(tmp_path / "mixture.safetensors"))
+    path = tmp_path / "mixture.safetensors"
+    assert_same(ours_merged(tiny_flux, path), diffusers_fused(tiny_flux, path), state(tiny_flux), len(MIXTURE))
+
+
+# ---------------------------------------------------------------------------------------------
+# LyCORIS on Flux: lycoris-lora's own wrapper
+# ---------------------------------------------------------------------------------------------
+def _lycoris_file(path, transformer, kind, seed=0, alpha=2.0, rank=2):
+    """LoKr (``lokr_w1`` whole, ``lokr_w2_a`` / ``lokr_w2_b`` factored) or LoHa (``hada_w1_a`` ...) on
+    diffusers' module paths, named as LyCORIS' wrapper names them (``lycoris_`` + the path joined by ``_``)."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = dict(transformer.named_modules())
+    sd = {}
+    for module_path in UNDERSCORED:
+        out_f, in_f = modules[module_path].weight.shape
+        name = "lycoris_" + module_path.replace(".", "_")
+        if kind == "lokr":
+            a, c = 4, 4 if in_f % 4 == 0 else 1
+            sd[f"{name}.lokr_w1"] = torch.randn(a, c, generator=gen) * 0.1
+            sd[f"{name}.lokr_w2_a"] = torch.randn(out_f // a, rank, generator=gen) * 0.1
+            sd[f"{name}.lokr_w2_b"] = torch.randn(rank, in_f // c, generator=gen) * 0.1
+        else:
+            for w in ("w1", "w2"):
+                sd[f"{name}.hada_{w}_a"] = torch.randn(out_f, rank, generator=gen) * 0.3
+                sd[f"{name}.hada_{w}_b"] = torch.randn(rank, in_f, generator=gen) * 0.3
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    save_file(sd, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_lycoris_on_flux_merge_equals_lycoris(tiny_flux, tmp_path, kind):
+    import adapterhub
+    from lycoris import create_lycoris_from_weights
+
+    path = _lycoris_file(tmp_path / f"{kind}.safetensors", tiny_flux.transformer, kind)
+    adapter = adapterhub.load(path)
+    assert (adapter.type, adapter.family, adapter.base) == (kind, "flux", "tiny-flux")
+    reference = copy.deepcopy(tiny_flux.transformer)
+    network, _ = create_lycoris_from_weights(1.0, str(path), reference)
+    assert len(network.loras) == len(UNDERSCORED)
+    network.merge_to(1.0)
+    theirs = {k: v.detach() for k, v in reference.state_dict().items()}
+    assert_same(ours_merged(tiny_flux, path), theirs, state(tiny_flux), len(UNDERSCORED))
+
+
+def test_lycoris_on_flux_converts_to_peft_or_kohya_where_it_can(tiny_flux, tmp_path, capsys):
+    """A LoHa on q / k / v: peft holds it (one LoHa per module); kohya's fused modules cannot (one line, exit 2)."""
+    import adapterhub
+    from adapterhub.cli import main
+
+    path = _lycoris_file(tmp_path / "loha.safetensors", tiny_flux.transformer, "loha")
+    folder = tmp_path / "peft"
+    assert main(["convert", str(path), "--to", "peft", "--out", str(folder)]) == 0
+    assert_bitwise_same_deltas(adapterhub.load(path), adapterhub.load(folder))
+    capsys.readouterr()
+    rc = main(["convert", str(path), "--to", "kohya", "--out", str(tmp_path / "k.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a loha on transformer." in err and "cannot join the fused kohya module lora_unet_" in err, err
+    assert len([line for line in err.splitlines() if line.startswith("error")]) == 1
+    assert not (tmp_path / "k.safetensors").exists()

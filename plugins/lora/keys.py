@@ -5,6 +5,7 @@ translated by :func:`adapterhub.keymaps.canonical`; nothing here knows about blo
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -55,8 +56,16 @@ REFUSED = {
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
+# XLabs' Flux attention-processor LoRAs (``double_blocks.0.processor.qkv_lora1.down.weight``): the module
+# name keeps ``qkv_lora1`` / ``qkv_lora2`` apart (a suffix table would fold both into ``qkv``)
+_XLABS = re.compile(r"^(.+\.processor\.(?:qkv|proj)_lora[12]?)\.(down|up)\.weight$")
+
+
 def split_key(key: str) -> tuple[str, str] | None:
     """``module.lora_down.weight`` -> (``module``, ``down``); None if no LoRA-family suffix."""
+    xlabs = _XLABS.match(key)
+    if xlabs is not None:
+        return xlabs[1], xlabs[2]
     for suffix in _BY_LENGTH:
         if key.endswith(suffix) and len(key) > len(suffix):
             return key[: -len(suffix)], SUFFIXES[suffix]

@@ -6,7 +6,10 @@ Every layout is translated to one target naming, the diffusers module path under
 * diffusers / PEFT (Flux and SD3): ``transformer.<path>`` or ``base_model.model.<path>``: already it;
 * kohya sd-scripts Flux: ``lora_unet_double_blocks_0_img_attn_qkv``, BFL's module names joined by ``_``;
 * ComfyUI-native Flux: ``diffusion_model.double_blocks.0.img_attn.qkv``, the same BFL names dotted;
-* sd-scripts SD3: ``lora_unet_joint_blocks_0_x_block_attn_qkv``, SAI's MMDiT names joined by ``_``.
+* sd-scripts SD3: ``lora_unet_joint_blocks_0_x_block_attn_qkv``, SAI's MMDiT names joined by ``_``;
+* XLabs Flux: ``double_blocks.0.processor.qkv_lora1`` (image qkv; ``qkv_lora2`` text, ``proj_lora1/2``);
+* LyCORIS' wrapper (SimpleTuner) and OneTrainer: ``lycoris_`` / ``lora_transformer_`` + the diffusers
+  path joined by ``_`` (``lycoris_transformer_blocks_0_attn_to_q``), decoded by the modules that exist.
 
 BFL fuses modules diffusers keeps apart: ``img_attn.qkv`` (to_q, to_k, to_v), ``txt_attn.qkv``
 (add_q/k/v_proj) and a single block's ``linear1`` (to_q, to_k, to_v, proj_mlp); SAI's ``attn.qkv`` the
@@ -93,6 +96,17 @@ BFL_PREFIXES = ("lora_unet_", "diffusion_model.", "lora_transformer_")
 _BLOCK = re.compile(r"(double|single)_blocks_(\d+)_(.+)$")
 _JOINT_BLOCK = re.compile(r"joint_blocks_(\d+)_(.+)$")
 SD3_ONLY = ("joint_blocks_", "t_embedder_", "y_embedder_", "x_embedder_proj")  # SAI names Flux does not have
+# XLabs (x-flux attention processors): a single block's qkv LoRA holds q, k, v only (not the MLP)
+XLABS = {"double": {"qkv_lora1": DOUBLE["img_attn_qkv"], "qkv_lora2": DOUBLE["txt_attn_qkv"],
+                    "proj_lora1": ("attn.to_out.0",), "proj_lora2": ("attn.to_add_out",)},
+         "single": {"qkv_lora": ("attn.to_q", "attn.to_k", "attn.to_v"), "proj_lora": ("proj_out",)}}
+_XLABS = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(\w+)$")
+# diffusers paths joined by ``_`` (LyCORIS' wrapper: ``lycoris_``; OneTrainer / diffusers' "mixture": ``lora_transformer_``),
+# decoded by the module names the two transformers have
+UNDERSCORED_PREFIXES = ("lycoris_", "lora_transformer_")
+_BLOCK_TAILS = {t.replace(".", "_"): t for table in (DOUBLE, SINGLE, JOINT) for parts in table.values() for t in parts}
+_TOP_PATHS = {p.replace(".", "_"): p for p in (*TOP.values(), *SD3_TOP.values())}
+_UNDERSCORED_BLOCK = re.compile(r"^(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)$")
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,11 @@ class Piece:
 def bfl_targets(name: str) -> tuple[str, ...] | None:
     """The diffusers paths (under ``transformer.``) a module name in the original model's names stands for:
     kohya / ComfyUI Flux (BFL's names) or sd-scripts SD3 (SAI's MMDiT names)."""
+    xlabs = _XLABS.match(name)
+    if xlabs is not None:
+        found = XLABS[xlabs[1]].get(xlabs[3])
+        root = "transformer_blocks" if xlabs[1] == "double" else "single_transformer_blocks"
+        return tuple(f"{root}.{xlabs[2]}.{t}" for t in found) if found else None
     prefix = next((p for p in BFL_PREFIXES if name.startswith(p)), None)
     if prefix is None:
         return None
@@ -125,7 +144,15 @@ def bfl_targets(name: str) -> tuple[str, ...] | None:
 
 
 def diffusers_target(name: str) -> str | None:
-    """The diffusers path of a diffusers / PEFT transformer module name, or None."""
+    """The diffusers path of a diffusers / PEFT transformer module name (or one joined by ``_``), or None."""
+    for prefix in UNDERSCORED_PREFIXES:
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            block = _UNDERSCORED_BLOCK.match(rest)
+            if block is None:
+                return _TOP_PATHS.get(rest)
+            tail = _BLOCK_TAILS.get(block[3])
+            return f"{block[1]}.{block[2]}.{tail}" if tail else None
     for prefix in ("base_model.model.transformer.", "base_model.model.", "transformer."):
         if name.startswith(prefix):
             rest = name[len(prefix):]
@@ -178,6 +205,19 @@ def _in_width(mod: ModuleKeys) -> int | None:
     return down[1] if down is not None and len(down) == 2 else None
 
 
+def _in_features(mod: ModuleKeys) -> int | None:
+    """The input width of any kind of module (LoRA, LoHa, LoKr), from the header shapes."""
+    shapes = mod.shapes
+    if "down" in shapes or "hada_w1_b" in shapes:
+        shape = shapes.get("down") or shapes["hada_w1_b"]
+        return shape[1] if len(shape) == 2 else None
+    w1 = shapes.get("lokr_w1") or shapes.get("lokr_w1_b")
+    w2 = shapes.get("lokr_w2") or shapes.get("lokr_w2_b")
+    if w1 is None or w2 is None or len(w1) != 2 or len(w2) != 2 or "lokr_t2" in shapes:
+        return None
+    return w1[1] * w2[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # family and base
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +252,7 @@ def family_and_base(file: AdapterFile, grouped: Grouped) -> tuple[str, str]:
 
 def _hidden_width(mod: ModuleKeys) -> int | None:
     """The hidden width a transformer module's input width tells, or None."""
-    pieces, width = pieces_of(mod), _in_width(mod)
+    pieces, width = pieces_of(mod), _in_features(mod)
     if not pieces or width is None:
         return None
     target = pieces[0].target

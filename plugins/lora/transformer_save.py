@@ -86,14 +86,24 @@ def kohya_tensors(adapter: Adapter, module_tensors) -> dict[str, torch.Tensor]:
         if found is None:
             raise AdapterError(adapter.path, f"{patch.target} has no kohya name for {adapter.family}", patch.source)
         name, parts, index = found
-        shape = tuple(patch.expected_shape())
-        if len(parts) == 1 and not is_swapped(parts[0], shape[0], shape[1] if len(shape) > 1 else None):
+        if len(parts) == 1 and not is_swapped(parts[0], *_out_in(patch)):
             out.update(module_tensors(name, patch))
         else:
             fused.setdefault(name, (parts, [None] * len(parts)))[1][index] = patch
     for name, (parts, patches) in fused.items():
         out.update(_fused_module(adapter, name, parts, patches))
     return out
+
+
+def _out_in(patch) -> tuple[int | None, int | None]:
+    """The target weight's (rows, input width) as the patch's tensors tell them."""
+    shape = patch.expected_shape()
+    if shape:
+        return shape[0], (shape[1] if len(shape) > 1 else None)
+    if hasattr(patch, "_factor_dims"):  # LoKr: a Kronecker product of (l, m) and (k, n) factors
+        (l, m), (k, n) = patch._factor_dims()
+        return l * k, m * n
+    return getattr(patch, "out_features", None), getattr(patch, "in_features", None)
 
 
 def _factors(adapter: Adapter, name: str, patch) -> tuple[torch.Tensor, torch.Tensor, float]:
