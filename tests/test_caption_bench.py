@@ -66,7 +66,8 @@ def test_the_random_tagger_is_a_vit(bench, tmp_path):
     assert rows[0] == "tag_id,name,category,count" and len(rows) == 41
 
 
-def test_a_tiny_wd_run_prints_both_ways_and_the_ratio(bench, capsys):
+def test_a_tiny_wd_run_prints_both_ways_and_the_ratio(bench, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # its work folder, removed at the end
     assert bench.main(["--captioner", "wd", "--device", "cpu", "--wd-depth", "1", "--images", "4",
                        "--batch-size", "2", "--rounds", "1", "--workers", "1"]) == 0
     out = capsys.readouterr().out
@@ -74,4 +75,4 @@ def test_a_tiny_wd_run_prints_both_ways_and_the_ratio(bench, capsys):
     assert row["captioner"] == "wd" and row["workers"] == 1 and row["overlap_bound"] >= 1
     for way in ("serial", "overlapped"):
         assert row[way]["loop_images_per_s"] > 0
-    assert "loading workers" in out.splitlines()[-1]
+    assert "loading workers" in out.splitlines()[-1] and list(tmp_path.iterdir()) == []
