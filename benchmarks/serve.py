@@ -13,8 +13,10 @@ random LoRAs) or staying on one (``--streams``) goes, in turn:
   PNG encoding with the infotext, base64 and JSON back, decoded by the client;
 * **serve xC**: ``--clients`` such clients at once (the queue keeps one request running at a time).
 
-The paths take turns in ``--rounds`` rounds (a shared machine's load hits them alike). Each prints
-requests/s and p50/p95 latency; the ratios serve / direct are the figure. The stack switch
+Direct and serve run on two generators of the same base (each switching its own stacks in the stream's
+order) and take turns request by request, so a shared machine's load hits both alike; serve xC follows in
+each of ``--rounds`` rounds. Each path prints requests/s (one client: 1 / mean latency; xC: requests over wall
+time) and p50/p95 latency; the ratios serve / direct are the figure. The stack switch
 (``Generator.use_stack``, device synchronised around it) is timed inside every request, and reported as ms
 per request and its share of the request's time. The first image of each stack through the server is
 checked pixel for pixel against the direct one.
@@ -98,33 +100,27 @@ def body(prompt: str, args, seed: int) -> dict:
             "sampler_name": args.sampler, "cfg_scale": 7.0}
 
 
-def run_direct(generator, requests_: list, clock: SwitchClock, device: str) -> tuple[list[float], list[float]]:
-    latencies, switches = [], []
-    for req in requests_:
-        clock.take()
-        sync(device)
-        start = time.perf_counter()
-        generator.generate(req)
-        sync(device)
-        latencies.append(time.perf_counter() - start)
-        switches.append(clock.take())
-    return latencies, switches
+def direct_one(generator, req, clock: SwitchClock, device: str) -> tuple[float, float]:
+    """One request on the generator: its latency and the seconds it spent switching stacks."""
+    clock.take()
+    sync(device)
+    start = time.perf_counter()
+    generator.generate(req)
+    sync(device)
+    return time.perf_counter() - start, clock.take()
 
 
-def run_served(session, url: str, bodies: list[dict], clock: SwitchClock) -> tuple[list[float], list[float]]:
+def served_one(session, url: str, payload: dict, clock: SwitchClock) -> tuple[float, float]:
+    """One request through the server, its images decoded as a client does: latency and switch seconds."""
     from PIL import Image
 
-    latencies, switches = [], []
-    for payload in bodies:
-        clock.take()
-        start = time.perf_counter()
-        response = session.post(f"{url}/txt2img", json=payload, timeout=600)
-        response.raise_for_status()
-        for image in response.json()["images"]:  # what a client does with the answer
-            Image.open(io.BytesIO(base64.b64decode(image))).load()
-        latencies.append(time.perf_counter() - start)
-        switches.append(clock.take())
-    return latencies, switches
+    clock.take()
+    start = time.perf_counter()
+    response = session.post(f"{url}/txt2img", json=payload, timeout=600)
+    response.raise_for_status()
+    for image in response.json()["images"]:
+        Image.open(io.BytesIO(base64.b64decode(image))).load()
+    return time.perf_counter() - start, clock.take()
 
 
 def run_concurrent(url: str, bodies: list[dict], clients: int) -> tuple[list[float], float]:
@@ -145,8 +141,9 @@ def run_concurrent(url: str, bodies: list[dict], clients: int) -> tuple[list[flo
     return latencies, time.perf_counter() - start
 
 
-def row(name: str, latencies: list[float], wall: float, switches: list[float] | None) -> dict:
-    out = {"path": name, "requests": len(latencies), "req_s": len(latencies) / wall,
+def row(name: str, latencies: list[float], wall: float | None, switches: list[float] | None) -> dict:
+    """A path's figures; ``wall`` None: one client, requests/s from its own latencies."""
+    out = {"path": name, "requests": len(latencies), "req_s": len(latencies) / (wall or sum(latencies)),
            "p50_ms": 1e3 * statistics.median(latencies), "p95_ms": 1e3 * percentile(latencies, 0.95)}
     if switches is not None:
         out["switch_ms"] = 1e3 * sum(switches) / len(switches)
@@ -184,12 +181,13 @@ def main() -> None:
 
     quiet_model_loading()
     folder = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    generator = Generator(args.base, backend=args.backend, dtype=args.dtype, device=args.device, adapter_dirs=[folder])
+    direct = Generator(args.base, backend=args.backend, dtype=args.dtype, device=args.device, adapter_dirs=[folder])
     for name, seed in (("a", 1), ("b", 2)):
-        adapter_type("lora").example(generator.pipe, folder / f"{name}.safetensors", seed=seed, rank=args.rank)
+        adapter_type("lora").example(direct.pipe, folder / f"{name}.safetensors", seed=seed, rank=args.rank)
+    generator = Generator(args.base, backend=args.backend, dtype=args.dtype, device=args.device)
     service = Service(generator, adapter_dirs=[folder], catalog=False, max_queue=max(16, args.clients * 2),
                       max_size=None)
-    clock = SwitchClock(generator, args.device)
+    direct_clock, served_clock = SwitchClock(direct, args.device), SwitchClock(generator, args.device)
     server = Server(service)
     session = requests.Session()
     print(f"base {args.base}, {args.device}, backend {args.backend}, {args.size}x{args.size}, {args.steps} steps "
@@ -204,34 +202,31 @@ def main() -> None:
             # warm-up (first reads of the LoRAs, a compile) and the check: served = direct, pixel for pixel
             identical = True
             for k in range(len(prompts)):
-                direct = np.asarray(generator.generate(reqs[k]).images[0])
+                ours = np.asarray(direct.generate(reqs[k]).images[0])
                 served = session.post(f"{server.url}/txt2img", json=bodies[k], timeout=600).json()["images"][0]
-                identical &= np.array_equal(direct, np.asarray(Image.open(io.BytesIO(base64.b64decode(served)))
-                                                               .convert("RGB")))
-            timings: dict[str, list] = {"direct": [[], [], 0.0], "serve": [[], [], 0.0], "serve xC": [[], None, 0.0]}
+                identical &= np.array_equal(ours, np.asarray(Image.open(io.BytesIO(base64.b64decode(served)))
+                                                             .convert("RGB")))
+            got = {"direct": ([], []), "serve": ([], [])}
+            many, many_wall = [], 0.0
             for _ in range(args.rounds):
-                for name in timings:
-                    start = time.perf_counter()
-                    if name == "direct":
-                        lat, sw = run_direct(generator, reqs, clock, args.device)
-                    elif name == "serve":
-                        lat, sw = run_served(session, server.url, bodies, clock)
-                    elif args.clients:
-                        lat, _ = run_concurrent(server.url, bodies, args.clients)
-                        sw = None
-                    else:
-                        continue
-                    timings[name][0] += lat
-                    if sw is not None:
-                        timings[name][1] += sw
-                    timings[name][2] += time.perf_counter() - start
-            rows = [row(n if n != "serve xC" else f"serve x{args.clients}", lat, wall, sw)
-                    for n, (lat, sw, wall) in timings.items() if lat]
+                for req, payload in zip(reqs, bodies):  # request by request: the load hits both alike
+                    for name, (lat, sw) in (("direct", direct_one(direct, req, direct_clock, args.device)),
+                                            ("serve", served_one(session, server.url, payload, served_clock))):
+                        got[name][0].append(lat)
+                        got[name][1].append(sw)
+                if args.clients:
+                    lat, wall = run_concurrent(server.url, bodies, args.clients)
+                    many += lat
+                    many_wall += wall
+            rows = [row(name, lat, None, sw) for name, (lat, sw) in got.items()]
+            if many:
+                rows.append(row(f"serve x{args.clients}", many, many_wall, None))
             report(stream, rows, identical)
     finally:
         server.close()
         service.close()
         generator.close()
+        direct.close()
 
 
 def report(stream: str, rows: list[dict], identical: bool) -> None:
