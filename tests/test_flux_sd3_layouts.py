@@ -278,3 +278,18 @@ def test_lycoris_on_flux_converts_to_peft_or_kohya_where_it_can(tiny_flux, tmp_p
     assert rc == 2 and "a loha on transformer." in err and "cannot join the fused kohya module lora_unet_" in err, err
     assert len([line for line in err.splitlines() if line.startswith("error")]) == 1
     assert not (tmp_path / "k.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# ai-toolkit's other names: diffusers paths under diffusion_model. (its ComfyUI prefix), or bare
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prefix", ["diffusion_model.", ""])
+def test_ai_toolkit_comfy_prefixed_names_merge_as_diffusers_paths(tiny_flux, tmp_path, prefix):
+    """ai-toolkit writes ``diffusion_model.<diffusers path>.lora_A.weight`` (``lora_keys_use_comfy_prefix``;
+    no alpha: scale 1), and ComfyUI reads bare ``<diffusers path>`` keys too. diffusers' Flux loader reads
+    neither, so its oracle is the same tensors under ``transformer.``, the names they stand for."""
+    src = peft_file(tmp_path / "src.safetensors", tiny_flux.transformer, UNDERSCORED, prefix=prefix)
+    renamed = {f"transformer.{k.removeprefix(prefix)}": v for k, v in load_file(str(src)).items()}
+    save_file(renamed, str(tmp_path / "diffusers.safetensors"))
+    assert_same(ours_merged(tiny_flux, src), diffusers_fused(tiny_flux, tmp_path / "diffusers.safetensors"),
+                state(tiny_flux), len(UNDERSCORED))

@@ -3,7 +3,8 @@
 Every layout is translated to one target naming, the diffusers module path under ``transformer.``
 (``transformer.transformer_blocks.0.attn.to_q``), as the UNet layouts are translated to ``unet.``:
 
-* diffusers / PEFT (Flux and SD3): ``transformer.<path>`` or ``base_model.model.<path>``: already it;
+* diffusers / PEFT (Flux and SD3): ``transformer.<path>`` or ``base_model.model.<path>``: already it (also
+  under ai-toolkit's ``diffusion_model.``, or bare);
 * kohya sd-scripts Flux: ``lora_unet_double_blocks_0_img_attn_qkv``, BFL's module names joined by ``_``;
 * ComfyUI-native Flux: ``diffusion_model.double_blocks.0.img_attn.qkv``, the same BFL names dotted;
 * sd-scripts SD3: ``lora_unet_joint_blocks_0_x_block_attn_qkv``, SAI's MMDiT names joined by ``_``;
@@ -153,10 +154,13 @@ def diffusers_target(name: str) -> str | None:
                 return _TOP_PATHS.get(rest)
             tail = _BLOCK_TAILS.get(block[3])
             return f"{block[1]}.{block[2]}.{tail}" if tail else None
-    for prefix in ("base_model.model.transformer.", "base_model.model.", "transformer."):
+    # ai-toolkit's ComfyUI prefix (``diffusion_model.``) and bare paths (ComfyUI reads them) last: a
+    # Stable Diffusion UNet has none of these roots
+    for prefix in ("base_model.model.transformer.", "base_model.model.", "transformer.", "diffusion_model.", ""):
         if name.startswith(prefix):
             rest = name[len(prefix):]
-            return rest if rest.split(".", 1)[0] in TRANSFORMER_ROOTS else None
+            if rest.split(".", 1)[0] in TRANSFORMER_ROOTS:
+                return rest
     return None
 
 
