@@ -128,16 +128,17 @@ class _PreviewRunner:
     def __init__(self, runner):
         self.runner = runner
         self.latest = None
-        self.calls: list[tuple] = []  # (input, timestep, output) of the last two UNet calls
+        self.recent: list[tuple] = []  # (input, timestep, output) of the last two UNet calls ("calls": the runner's)
 
     def __call__(self, sample, timestep, *args, **kwargs):
         self.latest = sample
         output = self.runner(sample, timestep, *args, **kwargs)
-        self.calls = [*self.calls[-1:], (sample, timestep, output)]
+        # a copy: a CUDA-graph runner hands out the same output buffer at every call
+        self.recent = [*self.recent[-1:], (sample, timestep, output.detach().clone())]
         return output
 
     def forget(self) -> None:
-        self.latest, self.calls = None, []
+        self.latest, self.recent = None, []
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
@@ -249,7 +250,7 @@ class Worker:
 
         gen = self.generator
         scheduler = gen.pipe.scheduler
-        latents = estimate(self.preview.calls, req.batch, req.cfg, scheduler.config,
+        latents = estimate(self.preview.recent, req.batch, req.cfg, scheduler.config,
                            getattr(scheduler, "alphas_cumprod", None))
         if latents is None:
             return
