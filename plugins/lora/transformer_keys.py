@@ -17,7 +17,8 @@ BFL fuses modules diffusers keeps apart: ``img_attn.qkv`` (to_q, to_k, to_v), ``
 same three (``context_block``: add_q/k/v_proj). A LoRA on a fused
 module is ``up @ down`` with ``up`` stacked by output rows, so it splits exactly into one LoRA per
 diffusers module: the shared ``down`` and that module's rows of ``up`` (diffusers' own kohya converter
-does the same). The split sizes come from the shapes alone: a fused module's input is the hidden
+does the same). When ``up`` is block-diagonal (separate LoRAs stacked, as sd-scripts' converters and
+our writer join them), each part keeps only its own block of ranks, as diffusers' converter does. The split sizes come from the shapes alone: a fused module's input is the hidden
 width ``h``; qkv is three ``h``, linear1 three ``h`` and the MLP's rest. BFL's and SAI's final
 modulation emits (shift, scale) where diffusers' ``norm_out`` emits (scale, shift): its rows are
 swapped (and those of SD3's last context modulation, see :func:`is_swapped`).
@@ -308,15 +309,35 @@ def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch) -> l
         pieces = [Piece(target)]
     if mod.kind not in ("lora", "loha", "lokr"):
         raise AdapterError(file.path, f"a {mod.kind} module is not supported on Flux / SD3 yet", first_key)
+    blocks = _rank_blocks(t["up"], pieces) if mod.kind == "lora" and len(pieces) > 1 else None
     out = []
-    for piece in pieces:
+    for j, piece in enumerate(pieces):
         part = dict(t)
         if piece.rows is not None:
             part["up"] = _slice_rows(t["up"], piece.rows)
+        if blocks is not None:  # each part's own rank block; the scale stays the file's alpha / its whole rank
+            part["up"], part["down"] = part["up"][:, blocks[j]].contiguous(), t["down"][blocks[j]].contiguous()
         patch = make_patch(mod.kind, piece.target, mod.name, part, alpha, cfg)
+        if blocks is not None and alpha is not None:
+            patch._scale = alpha / t["down"].shape[0]
         patch.file_keys = dict(mod.roles)
         out.append(patch)
     return out
+
+
+def _rank_blocks(up, pieces: list[Piece]) -> list[slice] | None:
+    """The rank block of each part when a fused module's ``up`` is block-diagonal (part ``j``'s rows are zero
+    outside ranks ``j*r .. (j+1)*r``: the parts were separate LoRAs, stacked), else None."""
+    count, rank = len(pieces), up.shape[1]
+    if rank % count or any(p.rows is None for p in pieces):
+        return None
+    size = rank // count
+    blocks = [slice(j * size, (j + 1) * size) for j in range(count)]
+    for j, piece in enumerate(pieces):
+        rows = _slice_rows(up, piece.rows)
+        if rows[:, : blocks[j].start].any() or rows[:, blocks[j].stop:].any():
+            return None
+    return blocks
 
 
 def parse_transformer(file: AdapterFile, grouped: Grouped, kind: str, layout: str) -> Adapter | None:
