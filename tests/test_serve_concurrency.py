@@ -1,5 +1,6 @@
 """``adapterhub serve`` under concurrent clients: several threads post requests with different stacks at once
-(loopback, bounded: 4 clients x 2 requests, 64 px, 2 steps). Every answer must be the image and infotext the
+(LoRAs, a hypernetwork, an embedding, a ControlNet unit; loopback, bounded: 4 clients x 2 requests, 64 px,
+2 steps). Every answer must be the image and infotext the
 same request gives alone, computed by a separate generator that never served anything (so a stack leaking
 from one request into the next, or a preview decoded mid-request, would show), and /progress must stay a
 consistent snapshot throughout."""
@@ -26,7 +27,8 @@ CLIENTS = [
     [{"prompt": "a hill <lora:style:1>", "seed": 1}, {"prompt": "a hill", "seed": 1}],
     [{"prompt": "a hill <lora:other:0.7>", "seed": 1}, {"prompt": "a hill <lora:style:0.5> <lora:other:0.5>",
                                                         "seed": 4, "batch_size": 2}],
-    [{"prompt": "a hill <hypernet:anime:1>", "seed": 1}, {"prompt": "a hill <lora:style:1>", "seed": 6}],
+    [{"prompt": "a hill <hypernet:anime:1>", "seed": 1}, {"prompt": "a hill <lora:style:1>", "seed": 6,
+                                                          "control": 0.9}],  # a ControlNet unit of that weight
     [{"prompt": "a hill", "negative_prompt": "easyneg", "seed": 1}, {"prompt": "a hill <lora:other:1>", "seed": 2}],
 ]
 
@@ -40,23 +42,45 @@ def networks(tmp_path_factory, tiny_sd1):
     adapter_type("lora").example(tiny_sd1, folder / "other.safetensors", seed=11)
     adapter_types()["textual_inversion"].example(tiny_sd1, folder / "easyneg.pt", seed=1)
     adapter_types()["hypernetwork"].example(tiny_sd1, folder / "anime.pt", seed=2)
+    adapter_type("controlnet").example(tiny_sd1, folder / "cn", seed=1)
+    from adapterhub.conditioning import example_condition_image
+
+    example_condition_image(tiny_sd1).resize((64, 64)).save(folder / "edges.png")
     return folder
+
+
+def body(payload: dict, networks) -> dict:
+    """The webui request of a payload (a ``control`` weight becomes a ControlNet unit with the edges image)."""
+    out = {**SMALL, **{k: v for k, v in payload.items() if k != "control"}}
+    if "control" in payload:
+        image = base64.b64encode((networks / "edges.png").read_bytes()).decode()
+        out["alwayson_scripts"] = {"controlnet": {"args": [{"image": image, "model": "cn",
+                                                             "weight": payload["control"]}]}}
+    return out
 
 
 def alone(networks) -> dict[tuple, tuple[list, list[str]]]:
     """Each request's images (as arrays) and infotexts from a generator of its own, one request at a time."""
+    from PIL import Image
+
     from adapterhub.sample.generator import Generator, Request
+    from adapterhub.stack import Entry
 
     generator = Generator("tiny-sd1", adapter_dirs=[networks])
     try:
         out = {}
         for payload in (p for client in CLIENTS for p in client):
             batch = payload.get("batch_size", 1)
+            stack = [Entry(str(networks / "cn"), te=payload["control"],
+                           options={"image": Image.open(networks / "edges.png").convert("RGB")})] \
+                if "control" in payload else None
             result = generator.generate(Request(payload["prompt"], negative=payload.get("negative_prompt", ""),
-                                                seed=payload["seed"], batch=batch, images=batch,
+                                                stack=stack, seed=payload["seed"], batch=batch, images=batch,
                                                 steps=SMALL["steps"], width=64, height=64,
                                                 sampler=SMALL["sampler_name"], cfg=SMALL["cfg_scale"]))
-            out[key(payload)] = ([np.asarray(i.convert("RGB")) for i in result.images], result.infotexts)
+            units = infotext.control_units(generator.stack)  # as `adapterhub sample --control` writes them
+            texts = [infotext.insert(t, units) if units else t for t in result.infotexts]
+            out[key(payload)] = ([np.asarray(i.convert("RGB")) for i in result.images], texts)
         return out
     finally:
         generator.close()
@@ -104,7 +128,7 @@ def test_concurrent_clients_each_get_their_own_stack(networks):
             session = requests.Session()
             start.wait(DEADLINE)
             for payload in payloads:
-                response = session.post(f"{url}/txt2img", json={**SMALL, **payload}, timeout=DEADLINE)
+                response = session.post(f"{url}/txt2img", json=body(payload, networks), timeout=DEADLINE)
                 if response.status_code != 200:
                     failures.append(f"{payload}: {response.status_code} {response.text[:200]}")
                     continue
@@ -146,6 +170,7 @@ def test_concurrent_clients_each_get_their_own_stack(networks):
             {t for t in ("style", "other") if f"<lora:{t}:" in payload["prompt"]}, payload
         assert info["all_seeds"] == [payload["seed"] + i for i in range(payload.get("batch_size", 1))]
         assert not info["interrupted"] and info["prompt"] == payload["prompt"]
+        assert ("ControlNet 0" in info["extra_generation_params"]) == ("control" in payload), payload
     problems: list[str] = []
     for snapshot in snapshots:
         check_progress(snapshot, problems)
