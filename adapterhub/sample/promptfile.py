@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from adapterhub.errors import AdapterhubError
-from adapterhub.sample.generator import Request
+from adapterhub.sample.request import Request
 
 T = TypeVar("T")
 

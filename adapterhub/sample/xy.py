@@ -45,7 +45,7 @@ from typing import Any
 
 from adapterhub.errors import AdapterhubError
 from adapterhub.sample import infotext
-from adapterhub.sample.generator import MAX_SEED, Request, check_request
+from adapterhub.sample.request import MAX_SEED, Request, check_request
 
 SCRIPT = "X/Y/Z plot"
 NUMBER = r"[+-]?\s*\d+"

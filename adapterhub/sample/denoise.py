@@ -1,0 +1,136 @@
+"""The denoising loop: diffusers' own, step for step, with the webui's guidance over ``AND`` sub-prompts.
+
+Every image n of a batch gets its own noise source seeded ``seed + n`` (:mod:`adapterhub.sample.rng`: the
+webui's ``RNG: CPU`` is diffusers with a list of CPU generators), used for its initial noise and for its
+ancestral/SDE noise, so with the same scheduler, seeds and embeddings the latents equal diffusers' bit for
+bit. The conditioning of a call changes only where a prompt's schedule does (:class:`Prompts`).
+
+The functions take the ``model`` they run on, the generator: ``pipe``, ``runner`` (the sampler backend's
+noise prediction, read at every call: a server may swap it between requests), ``device``, ``dtype``,
+``is_xl``.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+
+from adapterhub.conditioning import running
+from adapterhub.sample.conditioning import Conditioning, Prompts, add_time_ids, stack_conds
+from adapterhub.sample.request import img2img_steps
+from adapterhub.sample.samplers import set_timesteps
+
+
+def draw_noise(model, seeds: Sequence[int], width: int, height: int, rng: str = "CPU",
+               ensd: int = 0) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Per image its initial noise (C, H/8, W/8), float32, from source ``rng`` seeded with its seed, and the
+    torch generators for the sampler's later draws (:func:`adapterhub.sample.rng.initial_noise`; ``CPU``
+    is ``diffusers.utils.torch_utils.randn_tensor`` with a list of CPU generators; ``ensd``: the webui's eta
+    noise seed delta)."""
+    from adapterhub.sample.rng import initial_noise
+
+    channels = model.pipe.unet.config.in_channels
+    scale = model.pipe.vae_scale_factor
+    return initial_noise(rng, seeds, (channels, height // scale, width // scale), model.device, ensd)
+
+
+def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: Sequence[int], width: int,
+            height: int, on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
+            strength: float = 1.0, fixed_steps: bool = False, rng: str = "CPU", ensd: int = 0) -> torch.Tensor:
+    """The denoising loop (diffusers' own, step for step); returns the final latents.
+
+    From noise, or with ``init`` latents (one per seed) from the point of the schedule that
+    ``strength`` gives (:func:`img2img_steps`: ``fixed_steps`` for the hires pass), the latents noised
+    there with each image's generator, as diffusers' img2img pipeline does (``add_noise``)."""
+    batch = len(seeds)
+    dtype, device = model.dtype, model.device
+    noise, generators = draw_noise(model, seeds, width, height, rng, ensd)
+    noise = noise.to(device=device, dtype=dtype)
+    if init is None:
+        set_timesteps(scheduler, steps, device=device)
+        timesteps = scheduler.timesteps
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        length, run = img2img_steps(steps, strength, fixed_steps)
+        set_timesteps(scheduler, length, device=device)
+        begin = (length - run) * scheduler.order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin)
+        timesteps = scheduler.timesteps[begin:]
+        latents = scheduler.add_noise(init.to(device=device, dtype=dtype), noise, timesteps[:1].repeat(batch))
+    # DDIM CFG++ (the webui's): the scale shrunk by the scheduler's multiplier, the unconditional prediction
+    # handed to its step as well
+    cfg = float(cfg) * getattr(scheduler, "cfg_scale_multiplier", 1.0)
+    with_uncond = bool(getattr(scheduler, "wants_uncond", False))
+    guided = cfg != 1.0 or not prompts.plain or with_uncond
+    weights = [w for _, w in prompts.conds]
+    extra = {"generator": generators} if "generator" in _step_params(scheduler) else {}
+    built, inputs = None, None
+    with torch.inference_mode(), running(scheduler):  # controls gate by this scheduler's steps
+        for i, t in enumerate(timesteps):
+            key = (tuple(s.index(i) for s, _ in prompts.conds), prompts.uncond.index(i) if guided else None)
+            if key != built:  # the conditioning changes only where a schedule does
+                inputs, built = _step_inputs(model, prompts, key, batch, width, height), key
+            noise_pred = _guided(model, latents, t, scheduler, inputs, weights, cfg, batch, with_uncond)
+            if with_uncond:
+                noise_pred, uncond = noise_pred
+                extra["uncond_output"] = uncond
+            latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+            # the k-diffusion samplers (ksamplers) say how many steps a call finished: progress adds up to steps
+            for _ in range(getattr(scheduler, "completed_steps", 1) if on_step is not None else 0):
+                on_step(i)
+    return latents
+
+
+def _step_inputs(model, prompts: Prompts, key: tuple, batch: int, width: int, height: int) -> dict:
+    """The UNet inputs for one choice of schedule entries: the sub-prompts (padded to one length, each
+    repeated over the batch), the negative, and whether they go through the UNet as one batch."""
+    chosen = [s.conds[k] for (s, _), k in zip(prompts.conds, key[0])]
+    embeds = stack_conds([c.embeds for c in chosen])
+    parts = [_unet_inputs(model, Conditioning(e, c.pooled, c.token_count), batch, width, height)
+             for e, c in zip(embeds, chosen)]
+    conds = (torch.cat([p[0] for p in parts]),
+             {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]} if parts[0][1] else None)
+    if key[1] is None:
+        return {"conds": conds, "unconds": None, "together": None}
+    unconds = _unet_inputs(model, prompts.uncond.conds[key[1]], batch, width, height)
+    together = None
+    if unconds[0].shape[1] == conds[0].shape[1]:  # else two UNet calls, as the webui
+        together = (torch.cat([unconds[0], conds[0]]),
+                    {k: torch.cat([unconds[1][k], conds[1][k]]) for k in conds[1]} if conds[1] else None)
+    return {"conds": conds, "unconds": unconds, "together": together}
+
+
+def _guided(model, latents, t, scheduler, inputs: dict, weights: list[float], cfg: float, batch: int,
+            with_uncond: bool = False):
+    """The noise prediction with classifier-free guidance over the ``AND`` sub-prompts: the webui's
+    ``combine_denoised``, ``uncond + sum_i (cond_i - uncond) x (weight_i x cfg)`` (and the unconditional
+    prediction beside it when ``with_uncond``)."""
+    n = len(weights)
+    if inputs["together"] is not None:
+        x = scheduler.scale_model_input(torch.cat([latents] * (n + 1)), t)
+        out = model.runner(x, t, *inputs["together"])
+        uncond, cond = out[:batch], out[batch:]
+    else:
+        x = scheduler.scale_model_input(latents, t)
+        cond = model.runner(torch.cat([x] * n) if n > 1 else x, t, *inputs["conds"])
+        if inputs["unconds"] is None:
+            return cond
+        uncond = model.runner(x, t, *inputs["unconds"])
+    pred = uncond
+    for i, weight in enumerate(weights):
+        pred = pred + (cond[i * batch:(i + 1) * batch] - uncond) * (weight * cfg)
+    return (pred, uncond) if with_uncond else pred
+
+
+def _unet_inputs(model, c: Conditioning, batch: int, width: int, height: int):
+    embeds = c.embeds.to(device=model.device, dtype=model.dtype).repeat(batch, 1, 1)
+    if not model.is_xl:
+        return embeds, None
+    pooled = c.pooled.to(device=model.device, dtype=model.dtype).repeat(batch, 1)
+    return embeds, {"text_embeds": pooled, "time_ids": add_time_ids(width, height, batch, model.dtype, model.device)}
+
+
+def _step_params(scheduler) -> set[str]:
+    return set(inspect.signature(scheduler.step).parameters)
