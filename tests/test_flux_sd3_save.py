@@ -176,3 +176,38 @@ def test_flux_adapter_save_api_writes_kohya_by_default(tiny_flux, tmp_path):
     src = peft_file(tmp_path / "src.safetensors", tiny_flux.transformer, ["transformer_blocks.0.attn.to_q"])
     path = adapterhub.load(src).save(tmp_path / "saved.safetensors")
     assert {k.split(".")[0] for k in load_file(str(path))} == {"lora_unet_double_blocks_0_img_attn_qkv"}
+
+
+def test_flux_kohya_text_encoder_modules_load_in_diffusers_and_round_trip(tiny_flux, tmp_path):
+    """``lora_te1_`` (CLIP-L) modules beside the transformer's: written as diffusers, diffusers' loader fuses
+    the text encoder to our merge of the kohya source; kohya -> kohya writes the same names and tensors.
+    (diffusers' own kohya converter renames them to its old attention-processor names, of which its loader
+    applies only the MLP's with transformers 5: not the oracle here.)"""
+    import adapterhub
+
+    gen = torch.Generator().manual_seed(11)
+    sd = load_file(str(bfl_file(tmp_path / "unet.safetensors", tiny_flux.transformer, "kohya", skip=("single",))))
+    encoder = dict(tiny_flux.text_encoder.named_modules())
+    for layer in range(2):
+        for module in ("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1"):
+            path = next(p for p in encoder if p.endswith(f"layers.{layer}.{module}"))
+            up, down = lora_pair(*encoder[path].weight.shape, gen)
+            name = f"lora_te1_text_model_encoder_layers_{layer}_{module.replace('.', '_')}"
+            sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)})
+    save_file(sd, str(tmp_path / "with_te.safetensors"))
+    src = tmp_path / "with_te.safetensors"
+
+    ours = copy.deepcopy(tiny_flux)
+    adapterhub.load(src).merge_into(ours)
+    ref = copy.deepcopy(tiny_flux)
+    ref.load_lora_weights(str(_convert(src, "diffusers", tmp_path / "d.safetensors")), adapter_name="oracle")
+    ref.fuse_lora(components=["transformer", "text_encoder"], lora_scale=1.0)
+    ref.unload_lora_weights()
+    base = tiny_flux.text_encoder.state_dict()
+    theirs = {k: v.detach() for k, v in ref.text_encoder.state_dict().items()}
+    assert sum(not torch.equal(v, base[k]) for k, v in theirs.items()) == 6
+    assert_same({k: v.detach() for k, v in ours.text_encoder.state_dict().items()}, theirs, base, 6)
+
+    out = _convert(src, "kohya", tmp_path / "again.safetensors")
+    before, after = load_file(str(src)), load_file(str(out))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
