@@ -242,7 +242,7 @@ def family_and_base(file: AdapterFile, grouped: Grouped) -> tuple[str, str]:
         hidden = _hidden_width(mod)
         if hidden in HIDDEN_WIDTH:
             family, base = HIDDEN_WIDTH[hidden]
-            if base == "sd3-medium" and any(".attn2." in n for n in names):
+            if base == "sd3-medium" and any("attn2" in n for n in names):  # any naming: .attn2. or _attn2_
                 base = "sd3.5-medium"
             return family, base
     if any(bfl_targets(n) and any(part in n.replace(".", "_") for part in SD3_ONLY) for n in names):
