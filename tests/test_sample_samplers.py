@@ -225,3 +225,20 @@ def test_ddim_cfg_pp_follows_the_webui(tiny_sd1, prediction):
     plain = gen.generate(Request("a house", negative="fog", seed=3, steps=steps, cfg=cfg, sampler="DDIM", width=64,
                                  height=64, batch=2), output="latent")
     assert (plain.latents - got.latents).abs().max() > 1e-3  # CFG++ is not DDIM
+
+
+def test_dpmpp_sde_noise_comes_from_the_image_seeds(tiny_sd1):
+    """DPM++ SDE draws its noise from a Brownian tree; the webui seeds the tree with the images' seeds
+    (``create_noise_sampler``: the same image from the same seed, whatever the batch). Unseeded, diffusers draws a
+    random seed per request and no image could be made again, not even with --from-png."""
+    from adapterhub.sample.generator import Generator, Request
+
+    gen = Generator(tiny_sd1, hash_model=False)
+    common = dict(steps=3, sampler="DPM++ SDE", width=64, height=64)
+    first = gen.generate(Request("a house", seed=5, **common), output="latent").latents
+    again = gen.generate(Request("a house", seed=5, **common), output="latent").latents
+    assert torch.equal(first, again)
+    pair = gen.generate(Request("a house", seed=4, batch=2, **common), output="latent").latents
+    scale = float(first.abs().max())
+    assert float((pair[1:] - first).abs().max()) < 1e-4 * scale  # the batch's second image: seed 5 (rounding only)
+    assert float((pair[:1] - first).abs().max()) > 0.1 * scale  # seed 4 is another image

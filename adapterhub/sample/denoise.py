@@ -45,6 +45,10 @@ def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: S
     there with each image's generator, as diffusers' img2img pipeline does (``add_noise``)."""
     batch = len(seeds)
     dtype, device = model.dtype, model.device
+    if hasattr(scheduler, "noise_sampler_seed"):
+        # DPM++ SDE's Brownian tree, seeded per image as the webui does (create_noise_sampler); unseeded, diffusers
+        # draws a random seed and the image could not be made again
+        scheduler.noise_sampler_seed = list(seeds)
     noise, generators = draw_noise(model, seeds, width, height, rng, ensd)
     noise = noise.to(device=device, dtype=dtype)
     if init is None:
