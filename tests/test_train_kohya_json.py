@@ -147,3 +147,14 @@ def test_a_missing_train_data_dir_is_one_line(tmp_path, capsys):
                      "--out", tmp_path / "o.safetensors")
     line = one_line_error(err)
     assert rc == 2 and f"{tmp_path / 'nowhere'}: no such folder (the images of {path})" in line
+
+
+def test_a_config_file_names_the_json_and_the_images_relative_to_itself(tmp_path):
+    images = images_only(tmp_path / "project" / "train_data")
+    (tmp_path / "project" / "meta_cap.json").write_text(json.dumps({"cat": {"tags": "cat"}}), encoding="utf-8")
+    config = tmp_path / "project" / "run.toml"
+    config.write_text('[run]\ntype = "lora"\nbase = "tiny-sd1"\ndataset = "meta_cap.json"\nout = "o.safetensors"\n'
+                      '[data]\ntrain_data_dir = "train_data"\nresolution = 64\nbucket_step = 32\n', encoding="utf-8")
+    cfg = resolve(config)
+    assert cfg.train_data_dir == images and cfg.dataset == tmp_path / "project" / "meta_cap.json"
+    assert [s.path for s in collect(cfg).samples] == [images / "cat.jpg"]
