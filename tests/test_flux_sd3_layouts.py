@@ -293,3 +293,14 @@ def test_ai_toolkit_comfy_prefixed_names_merge_as_diffusers_paths(tiny_flux, tmp
     save_file(renamed, str(tmp_path / "diffusers.safetensors"))
     assert_same(ours_merged(tiny_flux, src), diffusers_fused(tiny_flux, tmp_path / "diffusers.safetensors"),
                 state(tiny_flux), len(UNDERSCORED))
+
+
+def test_lokr_on_fused_flux_modules_is_refused_for_kohya_without_sending_elsewhere(tiny_flux, tmp_path, capsys):
+    """PEFT cannot hold a LyCORIS LoKr either, so the line does not send the user there."""
+    from adapterhub.cli import main
+
+    path = _lycoris_file(tmp_path / "lokr.safetensors", tiny_flux.transformer, "lokr")
+    rc = main(["convert", str(path), "--to", "kohya", "--out", str(tmp_path / "k.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a lokr on transformer." in err and "keep it in its own layout" in err, err
+    assert not (tmp_path / "k.safetensors").exists()

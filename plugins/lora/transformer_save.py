@@ -112,8 +112,10 @@ def _factors(adapter: Adapter, name: str, patch) -> tuple[torch.Tensor, torch.Te
     from .save import low_rank
 
     if not isinstance(patch, (LoRAPatch, AdaLoRAPatch)) or "mid" in patch.tensors:
+        # PEFT holds a LoHa per module; a LoKr's factor shapes no other layout here can carry
+        where = "write it as peft" if patch.kind == "loha" else "keep it in its own layout"
         raise AdapterError(adapter.path, f"a {patch.kind} on {patch.target} cannot join the fused kohya module "
-                                         f"{name} (only LoRA factors can); write it as peft", patch.source)
+                                         f"{name} (only LoRA factors can); {where}", patch.source)
     return low_rank(adapter, patch, "kohya")
 
 
