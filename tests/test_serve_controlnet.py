@@ -195,3 +195,20 @@ def test_resize_mode_of_another_aspect_ratio_is_refused(served):
     response = requests.post(f"{served['url']}/txt2img", json={**SMALL, "prompt": "x", "alwayson_scripts": {
         "ControlNet": {"args": [unit]}}}, timeout=DEADLINE)
     assert response.status_code == 200
+
+
+def test_a_model_added_after_start_is_found_by_the_next_request(api, served, folder, tiny_sd1):
+    import shutil
+
+    from adapterhub.plugins import adapter_type
+
+    assert "late" not in str(api.controlnet_model_list())
+    adapter_type("controlnet").example(tiny_sd1, folder / "late", seed=4)
+    try:
+        unit = webuiapi.ControlNetUnit(image=open_image(folder / "edges.png"), model="late")
+        result = api.txt2img(prompt="a hill", seed=1, **with_units([unit]), **SMALL)
+        fields = infotext.parse_control_unit(result.info["extra_generation_params"]["ControlNet 0"])
+        assert fields["model"] == f"late [{infotext.short_hash(folder / 'late')}]"
+    finally:
+        shutil.rmtree(folder / "late")
+        requests.get(f"http://127.0.0.1:{served['port']}/controlnet/model_list", timeout=DEADLINE)  # re-scan
