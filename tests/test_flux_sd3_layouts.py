@@ -45,7 +45,8 @@ SAI_BLOCK = {"x_block.attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"], "x_blo
              "x_block.adaLN_modulation.1": ["norm1.linear"],
              "context_block.attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
              "context_block.attn.proj": ["attn.to_add_out"], "context_block.mlp.fc1": ["ff_context.net.0.proj"],
-             "context_block.mlp.fc2": ["ff_context.net.2"], "context_block.adaLN_modulation.1": ["norm1_context.linear"]}
+             "context_block.mlp.fc2": ["ff_context.net.2"],
+             "context_block.adaLN_modulation.1": ["norm1_context.linear"]}
 SAI_TOP = {"x_embedder.proj": "pos_embed.proj", "context_embedder": "context_embedder",
            "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
            "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
@@ -104,7 +105,8 @@ def _converter_deltas(sai_deltas: dict) -> dict[str, torch.Tensor]:
 
 
 def _our_deltas(adapter) -> dict[str, torch.Tensor]:
-    return {t.removeprefix("transformer."): p.delta(torch.zeros(p.expected_shape())) for t, p in adapter.patches.items()}
+    return {t.removeprefix("transformer."): p.delta(torch.zeros(p.expected_shape()))
+            for t, p in adapter.patches.items()}
 
 
 def test_sd_scripts_sd3_modules_are_where_diffusers_sd3_converter_puts_them(tiny_sd3, tmp_path):
@@ -194,8 +196,8 @@ def test_xlabs_flux_merge_equals_diffusers(tiny_flux, tmp_path):
     assert_same(ours_merged(tiny_flux, path), diffusers_fused(tiny_flux, path), state(tiny_flux), 24)
 
 
-UNDERSCORED = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_k_proj", "transformer_blocks.0.attn.to_out.0",
-               "transformer_blocks.1.attn.to_add_out", "transformer_blocks.0.ff_context.net.0.proj",
+UNDERSCORED = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_k_proj",
+               "transformer_blocks.0.attn.to_out.0", "transformer_blocks.1.attn.to_add_out", "transformer_blocks.0.ff_context.net.0.proj",
                "transformer_blocks.1.ff.net.2", "single_transformer_blocks.0.attn.to_v",
                "single_transformer_blocks.1.proj_mlp", "single_transformer_blocks.0.proj_out", "x_embedder",
                "context_embedder", "proj_out", "norm_out.linear", "time_text_embed.guidance_embedder.linear_1"]
@@ -304,3 +306,43 @@ def test_lokr_on_fused_flux_modules_is_refused_for_kohya_without_sending_elsewhe
     err = capsys.readouterr().err
     assert rc == 2 and "a lokr on transformer." in err and "keep it in its own layout" in err, err
     assert not (tmp_path / "k.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# T5 modules (sd-scripts' lora_te3_): no reference loader reads them (diffusers drops T5 keys), so each
+# merges by the layout's own formula, on the T5 encoder of the family (Flux text_encoder_2, SD3 text_encoder_3)
+# ---------------------------------------------------------------------------------------------
+T5_MODULES = ["encoder.block.0.layer.0.SelfAttention.q", "encoder.block.1.layer.0.SelfAttention.o",
+              "encoder.block.0.layer.1.DenseReluDense.wi_0", "encoder.block.1.layer.1.DenseReluDense.wo"]
+
+
+@pytest.mark.parametrize("base,t5", [("tiny-flux", "text_encoder_2"), ("tiny-sd3", "text_encoder_3")])
+def test_sd_scripts_t5_modules_merge_by_the_formula_and_round_trip(base, t5, request, tmp_path):
+    import adapterhub
+    from adapterhub.convert import convert
+
+    pipe = request.getfixturevalue(base.replace("-", "_"))
+    modules = dict(getattr(pipe, t5).named_modules())
+    gen = torch.Generator().manual_seed(5)
+    sd = {}
+    first = "transformer_blocks.0.attn.to_q"
+    up, down = lora_pair(*dict(pipe.transformer.named_modules())[first].weight.shape, gen)
+    sd.update({"transformer." + first + ".lora_A.weight": down, "transformer." + first + ".lora_B.weight": up})
+    expected = {}
+    for path in T5_MODULES:
+        up, down = lora_pair(*modules[path].weight.shape, gen)
+        name = "lora_te3_" + path.replace(".", "_")
+        sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)})
+        expected[path] = modules[path].weight.detach() + up @ down * (2.0 / up.shape[1])
+    save_file(sd, str(tmp_path / "t5.safetensors"))
+    adapter = adapterhub.load(tmp_path / "t5.safetensors")
+    assert {f"{t5}.{p}" for p in T5_MODULES} <= adapter.patches.keys()
+    merged = copy.deepcopy(pipe)
+    adapter.merge_into(merged)
+    got = dict(getattr(merged, t5).named_modules())
+    for path, weight in expected.items():
+        torch.testing.assert_close(got[path].weight, weight, atol=1e-6, rtol=0, msg=path)
+    convert(tmp_path / "t5.safetensors", "kohya", tmp_path / "kohya.safetensors")
+    written = load_file(str(tmp_path / "kohya.safetensors"))
+    assert all(f"lora_te3_{p.replace('.', '_')}.lora_down.weight" in written for p in T5_MODULES)
+    assert_bitwise_same_deltas(adapter, adapterhub.load(tmp_path / "kohya.safetensors"))

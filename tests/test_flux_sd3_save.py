@@ -193,7 +193,8 @@ def test_flux_kohya_text_encoder_modules_load_in_diffusers_and_round_trip(tiny_f
             path = next(p for p in encoder if p.endswith(f"layers.{layer}.{module}"))
             up, down = lora_pair(*encoder[path].weight.shape, gen)
             name = f"lora_te1_text_model_encoder_layers_{layer}_{module.replace('.', '_')}"
-            sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)})
+            sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                       f"{name}.alpha": torch.tensor(2.0)})
     save_file(sd, str(tmp_path / "with_te.safetensors"))
     src = tmp_path / "with_te.safetensors"
 

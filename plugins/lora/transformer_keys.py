@@ -18,7 +18,8 @@ same three (``context_block``: add_q/k/v_proj). A LoRA on a fused
 module is ``up @ down`` with ``up`` stacked by output rows, so it splits exactly into one LoRA per
 diffusers module: the shared ``down`` and that module's rows of ``up`` (diffusers' own kohya converter
 does the same). When ``up`` is block-diagonal (separate LoRAs stacked, as sd-scripts' converters and
-our writer join them), each part keeps only its own block of ranks, as diffusers' converter does. The split sizes come from the shapes alone: a fused module's input is the hidden
+our writer join them), each part keeps only its own block of ranks, as diffusers' converter does.
+The split sizes come from the shapes alone: a fused module's input is the hidden
 width ``h``; qkv is three ``h``, linear1 three ``h`` and the MLP's rest. BFL's and SAI's final
 modulation emits (shift, scale) where diffusers' ``norm_out`` emits (scale, shift): its rows are
 swapped (and those of SD3's last context modulation, see :func:`is_swapped`).
@@ -103,11 +104,15 @@ XLABS = {"double": {"qkv_lora1": DOUBLE["img_attn_qkv"], "qkv_lora2": DOUBLE["tx
                     "proj_lora1": ("attn.to_out.0",), "proj_lora2": ("attn.to_add_out",)},
          "single": {"qkv_lora": ("attn.to_q", "attn.to_k", "attn.to_v"), "proj_lora": ("proj_out",)}}
 _XLABS = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(\w+)$")
-# diffusers paths joined by ``_`` (LyCORIS' wrapper: ``lycoris_``; OneTrainer / diffusers' "mixture": ``lora_transformer_``),
-# decoded by the module names the two transformers have
+# diffusers paths joined by ``_`` (LyCORIS' wrapper: ``lycoris_``; OneTrainer / diffusers' "mixture":
+# ``lora_transformer_``), decoded by the module names the two transformers have
 UNDERSCORED_PREFIXES = ("lycoris_", "lora_transformer_")
 _BLOCK_TAILS = {t.replace(".", "_"): t for table in (DOUBLE, SINGLE, JOINT) for parts in table.values() for t in parts}
 _TOP_PATHS = {p.replace(".", "_"): p for p in (*TOP.values(), *SD3_TOP.values())}
+# sd-scripts' T5 modules (``lora_te3_`` + the T5EncoderModel path joined by ``_``) on each family's T5 encoder
+T5_COMPONENT = {"flux": "text_encoder_2", "sd3": "text_encoder_3"}
+T5_PREFIX = "lora_te3_"
+_T5 = re.compile(r"^lora_te3_encoder_block_(\d+)_layer_(\d+)_(SelfAttention|DenseReluDense)_(q|k|v|o|wi|wi_0|wi_1|wo)$")
 _UNDERSCORED_BLOCK = re.compile(r"^(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)$")
 
 
@@ -163,6 +168,12 @@ def diffusers_target(name: str) -> str | None:
             if rest.split(".", 1)[0] in TRANSFORMER_ROOTS:
                 return rest
     return None
+
+
+def t5_path(name: str) -> str | None:
+    """The T5 encoder path of a ``lora_te3_`` module name (``encoder.block.0.layer.0.SelfAttention.q``), or None."""
+    m = _T5.match(name)
+    return f"encoder.block.{m[1]}.layer.{m[2]}.{m[3]}.{m[4]}" if m else None
 
 
 def pieces_of(mod: ModuleKeys) -> list[Piece] | None:
@@ -276,9 +287,10 @@ def _slice_rows(up, rows):
     return torch.cat([up[a:b] for a, b in rows], dim=0).contiguous()
 
 
-def build_transformer_patches(file: AdapterFile, grouped: Grouped) -> dict:
+def build_transformer_patches(file: AdapterFile, grouped: Grouped, family: str) -> dict:
     """Patches by target for a Flux / SD3 file; every module must be a transformer module or a text
-    encoder one (``lora_te1_`` ...: translated as for Stable Diffusion, it names the pipeline's CLIP).
+    encoder one (``lora_te1_`` ...: translated as for Stable Diffusion, it names the pipeline's CLIP;
+    ``lora_te3_``: the family's T5 encoder).
     A fused module takes any LoRA; other kinds (LoHa, LoKr ...) only on unfused modules."""
     from .parse import _config_alpha, _make_patch, check_structure, peft_config
 
@@ -289,22 +301,23 @@ def build_transformer_patches(file: AdapterFile, grouped: Grouped) -> dict:
     for name, mod in grouped.modules.items():
         t = {role: tensors[key] for role, key in mod.roles.items()}
         alpha = float(t["alpha"].float().item()) if "alpha" in t else _config_alpha(cfg, name)[0]
-        for patch in _module_patches(file, mod, t, alpha, cfg, _make_patch):
+        for patch in _module_patches(file, mod, t, alpha, cfg, _make_patch, family):
             if patch.target in patches:
                 raise AdapterError(file.path, f"two modules target {patch.target}", name)
             patches[patch.target] = patch
     return patches
 
 
-def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch) -> list:
+def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch, family: str) -> list:
     pieces = pieces_of(mod)
     first_key = next(iter(mod.roles.values()))
     if pieces is None:
         if bfl_targets(mod.name) is not None:
             raise AdapterError(file.path, f"a {mod.kind} on the fused module {mod.name} is not supported "
                                           "(only a low-rank LoRA splits onto diffusers' modules)", first_key)
-        target = canonical(mod.name)
-        if not target.startswith(("text_encoder.", "text_encoder_2.")):
+        t5 = t5_path(mod.name)
+        target = f"{T5_COMPONENT[family]}.{t5}" if t5 else canonical(mod.name)
+        if not target.startswith(("text_encoder.", "text_encoder_2.", "text_encoder_3.")):
             raise AdapterError(file.path, f"module {mod.name} is not a Flux or SD3 module", first_key)
         pieces = [Piece(target)]
     if mod.kind not in ("lora", "loha", "lokr"):
@@ -347,7 +360,7 @@ def parse_transformer(file: AdapterFile, grouped: Grouped, kind: str, layout: st
     family, base = family_and_base(file, grouped)
     if base == "unknown" and family == "sd3":
         base = _sd3_from_metadata(file)
-    adapter = Adapter(type=kind, format=layout, patches=build_transformer_patches(file, grouped),
+    adapter = Adapter(type=kind, format=layout, patches=build_transformer_patches(file, grouped, family),
                       metadata=dict(file.metadata), path=file.path, file=file, base=base, family=family)
     return adapter
 

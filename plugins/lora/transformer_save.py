@@ -1,7 +1,8 @@
 """Writing Flux / SD3 LoRAs in kohya sd-scripts' names (the reverse of :mod:`.transformer_keys`).
 
 sd-scripts names Flux modules after BFL's model (``lora_unet_double_blocks_0_img_attn_qkv``) and SD3 ones
-after SAI's MMDiT (``lora_unet_joint_blocks_0_x_block_attn_qkv``); both fuse modules diffusers keeps apart. Patches on the parts of one fused module become one LoRA on it:
+after SAI's MMDiT (``lora_unet_joint_blocks_0_x_block_attn_qkv``); both fuse modules diffusers keeps apart.
+Patches on the parts of one fused module become one LoRA on it:
 
 * every part present with the same ``down`` and scale (a kohya file read back): that ``down`` and the
   parts' ``up`` stacked by rows, the file's own tensors;
@@ -13,7 +14,8 @@ after SAI's MMDiT (``lora_unet_joint_blocks_0_x_block_attn_qkv``); both fuse mod
   part back its own rank-``r`` LoRA.
 
 BFL's and SAI's final modulation (and SD3's last context modulation) hold (shift, scale) where diffusers
-holds (scale, shift): their rows are swapped back. Text encoders: ``lora_te1_`` / ``lora_te2_`` for the CLIP encoders, as sd-scripts.
+holds (scale, shift): their rows are swapped back. Text encoders as sd-scripts names them: ``lora_te1_`` /
+``lora_te2_`` for the CLIP encoders, ``lora_te3_`` for T5.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from adapterhub.keymaps import kohya_name
 from adapterhub.types import Adapter
 
 from .patches import AdaLoRAPatch, LoRAPatch
-from .transformer_keys import DOUBLE, JOINT, SD3_TOP, SINGLE, TOP, is_swapped
+from .transformer_keys import DOUBLE, JOINT, SD3_TOP, SINGLE, T5_COMPONENT, T5_PREFIX, TOP, is_swapped
 
 _BLOCK = re.compile(r"^transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 # output rows of each part of a fused module, in multiples of the hidden width (Flux: MLP ratio 4)
@@ -78,9 +80,12 @@ def kohya_tensors(adapter: Adapter, module_tensors) -> dict[str, torch.Tensor]:
     fused: dict[str, tuple[tuple[str, ...], list]] = {}
     out: dict[str, torch.Tensor] = {}
     for patch in adapter.patches.values():
-        component = patch.target.split(".", 1)[0]
+        component, _, path = patch.target.partition(".")
         if component in TEXT_ENCODERS[adapter.family]:
             out.update(module_tensors(kohya_name(patch.target, "sdxl"), patch))
+            continue
+        if component == T5_COMPONENT[adapter.family]:  # sd-scripts: the T5EncoderModel path joined by _
+            out.update(module_tensors(T5_PREFIX + path.replace(".", "_"), patch))
             continue
         found = namer(patch.target) if patch.param == "weight" else None
         if found is None:
