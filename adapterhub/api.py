@@ -6,7 +6,7 @@ from pathlib import Path
 
 from adapterhub.errors import AdapterError
 from adapterhub.hashes import sha256_file  # noqa: F401 - part of this module's API (inspect's sha256)
-from adapterhub.io import AdapterFile, foreign_layout, open_adapter_file
+from adapterhub.io import AdapterFile, foreign_layout, open_adapter_file, stored_view
 from adapterhub.plugins import adapter_types
 from adapterhub.types import Adapter, AdapterType, Sniff
 
@@ -42,9 +42,29 @@ def load(path: str | os.PathLike) -> Adapter:
     return adapter
 
 
+def describe(path: str | os.PathLike) -> tuple[Adapter, dict]:
+    """``(adapter, its type's info)`` for what :func:`inspect` shows. A safetensors file is parsed from its
+    header (:func:`adapterhub.io.stored_view`: shapes, and the few values the facts need read from disk), so
+    describing it imports no torch; a type whose parse or info computes with the tensors themselves (an
+    embedding's vectors, a ControlNet's model) gets the file with its tensors read, as :func:`load` does."""
+    file, adapter_type, result = identify(path)
+    view = stored_view(file)
+    if view is not file:
+        try:
+            return _described(adapter_type.parse(view, result), path, view)
+        except (AttributeError, TypeError, NotImplementedError):  # the parse needs torch tensors
+            pass
+    return _described(adapter_type.parse(file, result), path, file)
+
+
+def _described(adapter: Adapter, path, file: AdapterFile) -> tuple[Adapter, dict]:
+    adapter.path, adapter.file = Path(path), file
+    return adapter, adapter.info()
+
+
 def inspect(path: str | os.PathLike, with_hash: bool = True) -> dict:
     """The facts ``adapterhub inspect`` prints: type, format, base, rank, alpha, targets, metadata..."""
-    adapter = load(path)
+    adapter, info = describe(path)
     facts = {
         "path": str(path),
         "name": adapter.name,
@@ -54,7 +74,7 @@ def inspect(path: str | os.PathLike, with_hash: bool = True) -> dict:
         "family": adapter.family,
         "targets": len(adapter.patches),
     }
-    facts.update(adapter.info())
+    facts.update(info)
     facts["metadata"] = adapter.metadata
     if with_hash:
         facts["sha256"] = sha256_file(path)

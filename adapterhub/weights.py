@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from adapterhub.errors import AdapterError
+from adapterhub.finite import F32_MAX, nonfinite_parts  # noqa: F401 - nonfinite_parts is this module's API too
 from adapterhub.keymaps import canonical, text_model_path, underscored
 from adapterhub.types import Adapter, Handle, Patch
 
@@ -147,27 +148,7 @@ def resolve_weights(bindings: list[Binding], weight: Weight) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 # no silent NaN: every result finite in its dtype, checked before the first weight changes
 # ---------------------------------------------------------------------------------------------
-F32_MAX = torch.finfo(torch.float32).max
 SLACK = 1e-2  # float32 rounding of the bounds and of the sums (n * eps for n terms) stays inside this fraction
-
-
-def nonfinite_parts(patch: Patch) -> Iterator[tuple[str, str]]:
-    """``(key, problem)`` for every NaN / Inf among a patch's own numbers: each tensor (named by its key
-    in the file where the parser recorded it), then its alpha or scale (the engine uses it as a float32).
-    One ``isfinite`` pass per tensor."""
-    keys = getattr(patch, "file_keys", None) or {}
-    tensors = patch.tensors if isinstance(patch.tensors, Mapping) else {}
-    for role, t in tensors.items():
-        # shape-only (meta) tensors, as the catalog parses files, hold no values to check
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
-            bad = int(t.numel() - torch.isfinite(t).sum())
-            if bad:
-                yield keys.get(role, f"{patch.source}.{role}"), f"{bad} of {t.numel()} values are NaN or infinite"
-    for name in ("alpha", "scale"):
-        value = getattr(patch, name, None)
-        if isinstance(value, (int, float)) and not (math.isfinite(value) and abs(value) <= F32_MAX):
-            yield keys.get("alpha", patch.source), f"{name} {value:g} is not a finite float32 number"
-            return
 
 
 def nonfinite(patch: Patch) -> tuple[str, str] | None:

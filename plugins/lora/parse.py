@@ -397,7 +397,7 @@ def summary(adapter: Adapter) -> dict:
 def nonfinite_keys(adapter: Adapter) -> list[str]:
     """The file keys of every tensor (or alpha) holding NaN / Inf, in file order; merging or attaching
     such a file is refused (:func:`adapterhub.weights.check_finite`), inspect reports them."""
-    from adapterhub.weights import nonfinite_parts
+    from adapterhub.finite import nonfinite_parts
 
     found = {key for patch in adapter.patches.values() for key, _ in nonfinite_parts(patch)}
     order = {k: i for i, k in enumerate(adapter.file.keys)} if adapter.file is not None else {}

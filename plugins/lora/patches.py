@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math as pymath
-
-import torch
+from typing import TYPE_CHECKING
 
 from adapterhub.types import Patch
 
-from . import math as lmath
+# torch and ``math`` (which imports torch) are imported by the methods that compute: ``inspect`` builds
+# patches from a file's shapes and scalars (``adapterhub.io.StoredTensor``) without torch
+if TYPE_CHECKING:  # pragma: no cover - types only
+    import torch
 
 
 def _prod(shape) -> int:
@@ -45,6 +47,8 @@ class ScaledPatch(Patch):
         return abs(self.scale) * self.factor_bound()
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        from . import math as lmath
+
         moved = {k: v.to(weight.device) for k, v in self.tensors.items()}
         saved, self.tensors = self.tensors, moved
         try:
@@ -77,14 +81,20 @@ class LoRAPatch(ScaledPatch):
         return (up.shape[0], *down.shape[1:])
 
     def factor(self, weight):
+        from . import math as lmath
+
         t = self.tensors
         return lmath.lora(t["up"], t["down"], t.get("mid"))
 
     def factor_bound(self):
+        from . import math as lmath
+
         t = self.tensors
         return lmath.lora_bound(t["up"], t["down"], t.get("mid"))
 
     def add_to(self, acc, multiplier):
+        from . import math as lmath
+
         t = self.tensors
         if "mid" in t or not acc.is_contiguous():
             return super().add_to(acc, multiplier)
@@ -93,6 +103,8 @@ class LoRAPatch(ScaledPatch):
     def low_rank_factors(self):
         """Flattened ``(up, down, scale)``; a CP/Tucker core is folded into ``down`` (exact:
         ``down'[n] = sum_m mid[n, m] * down[m]`` per kernel tap), so LoCon-CP concatenates too."""
+        from . import math as lmath
+
         t = self.tensors
         down = lmath.fold_core(t["mid"], t["down"]) if "mid" in t else t["down"].float()
         return lmath.flat(t["up"].float()), lmath.flat(down), float(self.scale)
@@ -137,10 +149,14 @@ class AdaLoRAPatch(ScaledPatch):
         return shape[0] == self.tensors["up"].shape[0] and _prod(shape[1:]) == self.tensors["down"].shape[1]
 
     def factor(self, weight):
+        from . import math as lmath
+
         t = self.tensors
         return lmath.adalora(t["down"], t["E"], t["up"])
 
     def factor_bound(self):
+        from . import math as lmath
+
         t = self.tensors
         return lmath.adalora_bound(t["down"], t["E"], t["up"])
 
@@ -184,11 +200,15 @@ class LoHaPatch(ScaledPatch):
         return shape[0] == self.out_features and _prod(shape[1:]) == self.in_features
 
     def factor(self, weight):
+        from . import math as lmath
+
         t = self.tensors
         return lmath.loha(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"],
                           t.get("hada_t1"), t.get("hada_t2"))
 
     def factor_bound(self):
+        from . import math as lmath
+
         t = self.tensors
         return lmath.loha_bound(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"],
                                 t.get("hada_t1"), t.get("hada_t2"))
@@ -232,11 +252,15 @@ class LoKrPatch(ScaledPatch):
         return shape[0] == l * k and _prod(shape[1:]) == m * n
 
     def factor(self, weight):
+        from . import math as lmath
+
         t = self.tensors
         return lmath.lokr(t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"), t.get("lokr_w2"),
                           t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2"))
 
     def factor_bound(self):
+        from . import math as lmath
+
         t = self.tensors
         return lmath.lokr_bound(t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"), t.get("lokr_w2"),
                                 t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2"))
@@ -255,7 +279,11 @@ class DiffPatch(Patch):
         return tuple(self.tensors["diff"].shape)
 
     def delta_bound(self) -> float:
+        from . import math as lmath
+
         return lmath.magnitude(self.tensors["diff"])
 
     def delta(self, weight):
+        import torch
+
         return self.tensors["diff"].to(device=weight.device, dtype=torch.float32).reshape(weight.shape).clone()
