@@ -346,3 +346,36 @@ def test_sd_scripts_t5_modules_merge_by_the_formula_and_round_trip(base, t5, req
     written = load_file(str(tmp_path / "kohya.safetensors"))
     assert all(f"lora_te3_{p.replace('.', '_')}.lora_down.weight" in written for p in T5_MODULES)
     assert_bitwise_same_deltas(adapter, adapterhub.load(tmp_path / "kohya.safetensors"))
+
+
+CLIP_L, CLIP_G, T5XXL = (f"text_encoders.{m}.transformer." for m in ("clip_l", "clip_g", "t5xxl"))
+
+
+@pytest.mark.parametrize("base,prefixes", [
+    ("tiny-flux", {CLIP_L: "text_encoder", T5XXL: "text_encoder_2"}),
+    ("tiny-sd3", {CLIP_L: "text_encoder", CLIP_G: "text_encoder_2", T5XXL: "text_encoder_3"})])
+def test_comfyui_text_encoder_names_merge_by_the_formula(base, prefixes, request, tmp_path):
+    """ComfyUI's own names for the text encoders beside ``diffusion_model.``:
+    ``text_encoders.clip_l.transformer.`` + the transformers module path (``clip_g`` for SD3's second CLIP,
+    ``t5xxl`` for T5). No reference loader applies them all (diffusers keeps only CLIP-L): the formula is the oracle."""
+    import adapterhub
+
+    pipe = request.getfixturevalue(base.replace("-", "_"))
+    gen = torch.Generator().manual_seed(9)
+    sd, expected = {}, {}
+    for prefix, component in prefixes.items():
+        modules = dict(getattr(pipe, component).named_modules())
+        path = next(p for p in modules if p.endswith(("layers.1.self_attn.k_proj", "block.1.layer.0.SelfAttention.k")))
+        up, down = lora_pair(*modules[path].weight.shape, gen)
+        name = prefix + ("text_model." + path if "layers." in path and not path.startswith("text_model.") else path)
+        sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)})
+        expected[(component, path)] = modules[path].weight.detach() + up @ down * 0.5
+    up, down = lora_pair(*pipe.transformer.transformer_blocks[0].attn.to_q.weight.shape, gen)
+    sd.update({"diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": down,
+               "diffusion_model.transformer_blocks.0.attn.to_q.lora_B.weight": up})
+    save_file(sd, str(tmp_path / "comfy.safetensors"))
+    merged = copy.deepcopy(pipe)
+    adapterhub.load(tmp_path / "comfy.safetensors").merge_into(merged)
+    for (component, path), weight in expected.items():
+        got = dict(getattr(merged, component).named_modules())[path].weight
+        torch.testing.assert_close(got, weight, atol=1e-6, rtol=0, msg=f"{component}.{path}")

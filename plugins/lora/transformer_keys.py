@@ -113,6 +113,9 @@ _TOP_PATHS = {p.replace(".", "_"): p for p in (*TOP.values(), *SD3_TOP.values())
 T5_COMPONENT = {"flux": "text_encoder_2", "sd3": "text_encoder_3"}
 T5_PREFIX = "lora_te3_"
 _T5 = re.compile(r"^lora_te3_encoder_block_(\d+)_layer_(\d+)_(SelfAttention|DenseReluDense)_(q|k|v|o|wi|wi_0|wi_1|wo)$")
+# ComfyUI's own text-encoder names: its model's prefix + the transformers module path
+COMFY_TEXT_ENCODERS = {"text_encoders.clip_l.transformer.": "text_encoder",
+                       "text_encoders.clip_g.transformer.": "text_encoder_2", "text_encoders.t5xxl.transformer.": "t5"}
 _UNDERSCORED_BLOCK = re.compile(r"^(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)$")
 
 
@@ -174,6 +177,20 @@ def t5_path(name: str) -> str | None:
     """The T5 encoder path of a ``lora_te3_`` module name (``encoder.block.0.layer.0.SelfAttention.q``), or None."""
     m = _T5.match(name)
     return f"encoder.block.{m[1]}.layer.{m[2]}.{m[3]}.{m[4]}" if m else None
+
+
+def text_encoder_target(name: str, family: str) -> str:
+    """The text-encoder target of a non-transformer module name: sd-scripts' ``lora_te3_`` (T5) and ComfyUI's
+    ``text_encoders.<clip_l|clip_g|t5xxl>.transformer.`` names on the family's encoders, else the Stable
+    Diffusion translation (``lora_te1_`` ...)."""
+    t5 = t5_path(name)
+    if t5:
+        return f"{T5_COMPONENT[family]}.{t5}"
+    for prefix, component in COMFY_TEXT_ENCODERS.items():
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            return f"{T5_COMPONENT[family]}.{rest}" if component == "t5" else canonical(f"{component}.{rest}")
+    return canonical(name)
 
 
 def pieces_of(mod: ModuleKeys) -> list[Piece] | None:
@@ -315,8 +332,7 @@ def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch, fami
         if bfl_targets(mod.name) is not None:
             raise AdapterError(file.path, f"a {mod.kind} on the fused module {mod.name} is not supported "
                                           "(only a low-rank LoRA splits onto diffusers' modules)", first_key)
-        t5 = t5_path(mod.name)
-        target = f"{T5_COMPONENT[family]}.{t5}" if t5 else canonical(mod.name)
+        target = text_encoder_target(mod.name, family)
         if not target.startswith(("text_encoder.", "text_encoder_2.", "text_encoder_3.")):
             raise AdapterError(file.path, f"module {mod.name} is not a Flux or SD3 module", first_key)
         pieces = [Piece(target)]
