@@ -197,7 +197,8 @@ def test_xlabs_flux_merge_equals_diffusers(tiny_flux, tmp_path):
 
 
 UNDERSCORED = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_k_proj",
-               "transformer_blocks.0.attn.to_out.0", "transformer_blocks.1.attn.to_add_out", "transformer_blocks.0.ff_context.net.0.proj",
+               "transformer_blocks.0.attn.to_out.0", "transformer_blocks.1.attn.to_add_out",
+               "transformer_blocks.0.ff_context.net.0.proj",
                "transformer_blocks.1.ff.net.2", "single_transformer_blocks.0.attn.to_v",
                "single_transformer_blocks.1.proj_mlp", "single_transformer_blocks.0.proj_out", "x_embedder",
                "context_embedder", "proj_out", "norm_out.linear", "time_text_embed.guidance_embedder.linear_1"]
