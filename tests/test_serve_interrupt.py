@@ -84,8 +84,8 @@ def test_interrupt_returns_the_image_so_far():
     service = Service(Generator("tiny-sd1"), catalog=False)
     progress = service.worker._progress
 
-    def interrupt_after_two_steps(req):  # deterministic: /interrupt's flag set in the callback of step 2
-        report = progress(req)
+    def interrupt_after_two_steps(req, plan=None):  # deterministic: /interrupt's flag set in the callback of step 2
+        report = progress(req, plan)
 
         def on_progress(done, total):
             if done == 2:

@@ -32,6 +32,7 @@ from adapterhub.serve.plan import ApiError, Plan, clip_skip, decode_bytes, plan
 
 log = logging.getLogger("adapterhub.serve")
 # infotext keys the webui's ``info`` reports in fields of their own, not in ``extra_generation_params``
+DISCONNECT_CHECK = 0.25  # seconds between checks that a waiting request's client is still connected
 STANDARD_KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Seed", "Size", "Size-1", "Size-2",
                  "Model hash", "Model", "Denoising strength", "Clip skip", "Version"}
 
@@ -169,7 +170,7 @@ def create_app(service: Service) -> FastAPI:
         return _error(500, type(exc).__name__, "", str(exc))
 
     # -- generation -------------------------------------------------------------------------------
-    async def generate(req: Txt2ImgRequest | Img2ImgRequest) -> dict[str, Any]:
+    async def generate(req: Txt2ImgRequest | Img2ImgRequest, request: Request) -> dict[str, Any]:
         planned = await run_in_threadpool(plan, req, options=service.options, model_titles=service.model_titles,
                                           networks=service.networks, dirs=service.adapter_dirs,
                                           max_size=service.max_size, device=service.generator.device)
@@ -177,16 +178,19 @@ def create_app(service: Service) -> FastAPI:
             future = service.worker.submit(planned)
         except QueueFull as exc:
             raise ApiError(429, f"queue full: {exc} (--max-queue)") from None
-        outcome = await asyncio.wrap_future(future)
+        outcome = await _outcome(future, planned, request)
+        if outcome is None:  # nobody is listening any more
+            return JSONResponse(status_code=499, content={"error": "ClientClosedRequest", "detail": "",
+                                                          "body": "", "errors": "client hung up"})
         return await run_in_threadpool(_response, service, req, planned, outcome)
 
     @app.post("/sdapi/v1/txt2img")
-    async def txt2img(req: Txt2ImgRequest):
-        return await generate(req)
+    async def txt2img(req: Txt2ImgRequest, request: Request):
+        return await generate(req, request)
 
     @app.post("/sdapi/v1/img2img")
-    async def img2img(req: Img2ImgRequest):
-        return await generate(req)
+    async def img2img(req: Img2ImgRequest, request: Request):
+        return await generate(req, request)
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False):
@@ -311,6 +315,22 @@ def create_app(service: Service) -> FastAPI:
         service.options.update(values)
 
     return app
+
+
+async def _outcome(future, planned: Plan, request: Request, every: float = DISCONNECT_CHECK) -> Outcome | None:
+    """The plan's outcome, or None when the client hangs up first: then the plan is cancelled (a queued one never
+    runs, a running one stops at its next step, as ``/interrupt`` stops it), so nobody's request waits for it."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=every)
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            planned.cancelled = True
+            future.cancel()
+            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is nobody's now
+            log.info("client hung up: %s request cancelled", planned.kind)
+            return None
 
 
 def _response(service: Service, req, planned: Plan, outcome: Outcome) -> dict[str, Any]:

@@ -8,7 +8,8 @@ recompile: :mod:`adapterhub.sample.backend`).
 running request: the sampler's step callback raises :class:`Interrupted`; the images of the iterations
 already done are returned with the iteration in progress as far as it got (its last step's clean-latent
 estimate decoded, :mod:`adapterhub.serve.partial`), as the webui returns what it has.
-``/sdapi/v1/skip`` drops only the iteration in progress (:class:`Skipped`); the next one runs.
+``/sdapi/v1/skip`` drops only the iteration in progress (:class:`Skipped`); the next one runs. A plan whose
+client hung up (``plan.cancelled``) stops the same way at its next step; a queued one is never started.
 """
 from __future__ import annotations
 
@@ -214,14 +215,14 @@ class Worker:
         out = Outcome(comments=list(plan.comments), job_timestamp=state.job_timestamp)
         try:
             for k, req in enumerate(plan.requests):
-                if state.interrupted:
+                if state.interrupted or plan.cancelled:
                     out.interrupted = True
                     break
                 state.job_no, state.sampling_step, state.skipped = k, 0, False
                 state.sampling_steps = sampling_steps(req)
                 self.preview.forget()
                 try:
-                    result = gen.generate(req, progress=self._progress(req))
+                    result = gen.generate(req, progress=self._progress(req, plan))
                 except Interrupted:
                     out.interrupted = True
                     self._partial(req, plan, out)
@@ -263,13 +264,13 @@ class Worker:
         out.infotexts += [_with_controls(_with_prompts(text, req, plan), gen.stack, plan) for text in texts]
         out.seeds += seeds
 
-    def _progress(self, req):
+    def _progress(self, req, plan=None):
         state, preview, gen = self.state, self.preview, self.generator
         per_image = max(1, state.sampling_steps)
 
         def on_progress(done: int, total: int) -> None:
             state.sampling_step = min(per_image, done * per_image // max(1, total))
-            if state.interrupted:
+            if state.interrupted or getattr(plan, "cancelled", False):
                 raise Interrupted()
             if state.skipped:
                 raise Skipped()

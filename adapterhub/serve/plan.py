@@ -50,6 +50,7 @@ class Plan:
     clip_skip: int = 1
     denoising_strength: float | None = None
     control_fields: list = field(default_factory=list)  # per ControlNet unit, its preprocessor's infotext fields
+    cancelled: bool = False  # its client hung up: the worker stops it at the next step (or never starts it)
 
     @property
     def images(self) -> int:
