@@ -165,8 +165,8 @@ class Trainable:
     optimiser step and writes the result with ``save``. ``trains_text`` says whether the text
     encoders' output changes while training (then it is not cached). ``metadata`` holds the type's
     own training metadata (kohya ``ss_network_*``; ``modelspec.architecture`` may name only the
-    adapter part, ``lora``, and the loop prefixes the base's). Nothing else about the type is known
-    to the loop.
+    adapter part, ``lora``, and the loop prefixes the base's; without it the part is the type's name).
+    Nothing else about the type is known to the loop.
 
     Optional parts, each with a do-nothing default:
 
@@ -320,6 +320,10 @@ class AdapterType:
     # the webui extra-networks page the server lists this type's files on (``adapterhub.serve.networks.KINDS``;
     # weight-space types are on the first without saying so); None: not listed
     extra_network: ClassVar[str | None] = None
+    # the modules ``from_factors`` builds: ``"linear"`` (Linear and 1x1 conv weights), ``"conv"`` (kxk convs too).
+    # The LoRA algebra (combine, resize, extract) writes each result through the registered type that holds every
+    # kind the result has, the one declaring the fewest first (``adapterhub.algebra.factor_type``); empty: none
+    factor_modules: ClassVar[frozenset[str]] = frozenset()
     # the training options of this type (:class:`TrainOption`), besides the general ones of
     # ``adapterhub.train.TrainConfig``: flags, TOML keys and ``config.<name>`` in ``make_trainable``
     train_options: ClassVar[tuple[TrainOption, ...]] = ()
@@ -360,7 +364,7 @@ class AdapterType:
             return []
         from functools import partial
 
-        from adapterhub.sample.infotext import lora_hash
+        from adapterhub.infotext_fields import lora_hash
 
         return [("Lora hashes", entry.label, partial(lora_hash, path, adapter.metadata))]
 
@@ -388,8 +392,9 @@ class AdapterType:
     def from_factors(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
                      metadata: dict[str, str] | None = None, base: str = "unknown") -> Adapter:
         """An adapter of this type from low-rank factors by target path: ``(up, down, alpha)`` in kohya
-        shapes (Linear: up (out, r), down (r, in); conv: up (out, r, 1, 1), down (r, in, kh, kw)).
-        The LoRA algebra writes its results through this, without importing a plugin."""
+        shapes (Linear: up (out, r), down (r, in); conv: up (out, r, 1, 1), down (r, in, kh, kw)), for the
+        modules ``factor_modules`` declares. The LoRA algebra writes its results through this, without
+        importing a plugin."""
         raise AdapterError(None, f"{self.name}: cannot be built from low-rank factors")
 
     def target_modules(self, model, text: bool = True) -> dict:

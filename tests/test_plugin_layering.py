@@ -16,16 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("train", "cli", "sample", "serve")  # the layers above the plugins that a plugin must not import
 SCANNED = (ROOT / "plugins", ROOT / "tests" / "thirdparty_plugin" / "src")
 
-_INFOTEXT = "infotext's formatting helpers (hashes, numbered units), to move below the plugins with item 8 of #18"
-_BACKEND = "the sampler-backend base classes (SamplerBackend, Runner) live in the sampling service"
-PENDING: dict[tuple[str, str], str] = {
-    ("plugins/textual_inversion/__init__.py", "adapterhub.sample.infotext"): _INFOTEXT,
-    ("plugins/controlnet/__init__.py", "adapterhub.sample.infotext"): _INFOTEXT,
-    ("plugins/t2i_adapter/__init__.py", "adapterhub.sample.infotext"): _INFOTEXT,
-    ("plugins/backends/__init__.py", "adapterhub.sample.backend"): _BACKEND,
-    ("plugins/backends/compiled.py", "adapterhub.sample.backend"): _BACKEND,
-    ("plugins/backends/eager.py", "adapterhub.sample.backend"): _BACKEND,
-}
+PENDING: dict[tuple[str, str], str] = {}  # imports still to move below the plugins (none left)
 
 
 def _is_service(module: str) -> bool:
@@ -83,3 +74,20 @@ def test_control_trainable_is_core_contract():
     assert issubclass(ControlNetTrainable, ControlTrainable) and issubclass(T2IAdapterTrainable, ControlTrainable)
     assert callable(check_out) and callable(control_metadata)
     assert not {"ControlTrainable", "check_out", "control_metadata"} & set(vars(service))
+
+
+def test_the_server_imports_nothing_of_the_training_service():
+    """Services sit side by side: what the server shares with training (the canny preprocessor) is core."""
+    found = {(str(path.relative_to(ROOT)), module) for path in sorted((ROOT / "adapterhub" / "serve").rglob("*.py"))
+             for module in imported_services(path.read_text(encoding="utf-8"))
+             if module.startswith("adapterhub.train")}
+    assert not found, f"the server imports the training service: {sorted(found)}"
+
+
+def test_canny_is_core_and_shared():
+    """One canny preprocessor, in core: training and the server use the same function."""
+    import adapterhub.serve.controls as serve_controls  # noqa: F401  (imports it where it is used)
+    import adapterhub.train.control as train_control
+    from adapterhub.preprocessors import canny
+
+    assert train_control.canny is canny

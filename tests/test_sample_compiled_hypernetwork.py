@@ -71,7 +71,7 @@ def test_hypernetworks_compiled_equal_eager_without_recompiles(generators, files
     assert torch.equal(got["plain"], got["off"]) and torch.equal(got["hn_a"], got["hn_a again"])
     stats = compiled.runner.stats()
     assert stats["recompiles"] == 0
-    assert stats["graphs"] == {"unet_plain": 1, "unet_hn_plain": 1, "unet_hn_controlnet": 1, "controlnet": 1}
+    assert stats["graphs"] == {"unet_plain": 1, "unet_context_plain": 1, "unet_context_controlnet": 1, "controlnet": 1}
     # the hypernetwork removed: the UNet runs its original processor objects again, not the fixed ones
     compiled.generate(_request([]), output="latent")
     assert all(unet.attn_processors[k] is v for k, v in original.items())

@@ -2,9 +2,9 @@
 ``adapterhub lora``).
 
 Works on deltas, generically: any weight-space patch (LoRA, LoCon, LoHa, LoKr, full diffs) gives its
-float32 delta, so inputs of every type can be combined or resized; the output is always a LoRA (or a
-LoCon when 3x3 convs are written) in the kohya layout, built through the registry
-(``adapter_type("lora").from_factors``) and never by importing a plugin.
+float32 delta, so inputs of every type can be combined or resized; the output is a low-rank adapter in the
+kohya layout, built through the registry by the type that declares the modules it holds
+(:func:`factor_type`: ``AdapterType.factor_modules``, ``from_factors``), never by importing a plugin.
 
 * ``linalg``: the pure math (truncated SVD, kohya's dynamic ranks, PEFT's TIES / DARE);
 * ``deltas``: reading patches: target shapes, full deltas, low-rank factors;
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .linalg import DYNAMIC_METHODS, MAJORITY_SIGN_METHODS
 from .ops import (METHODS, AlgebraResult, ModuleReport, combine, combine_files, extract, extract_files,
-                  parse_dynamic, resize, resize_file)
+                  factor_type, parse_dynamic, resize, resize_file)
 
 __all__ = ["METHODS", "DYNAMIC_METHODS", "MAJORITY_SIGN_METHODS", "AlgebraResult", "ModuleReport", "combine",
-           "combine_files", "resize", "resize_file", "extract", "extract_files", "parse_dynamic"]
+           "combine_files", "resize", "resize_file", "extract", "extract_files", "factor_type", "parse_dynamic"]

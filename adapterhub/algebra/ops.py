@@ -1,9 +1,9 @@
 """The three operations: combine adapters, resize one, extract one from two checkpoints.
 
-Each works in memory and returns an :class:`AlgebraResult` (a LoRA / LoCon :class:`Adapter` built by
-the ``lora`` / ``locon`` type's ``from_factors``, a per-module report, the metadata); ``save`` writes it
-atomically. Nothing is written when an input is refused. Progress is reported through
-``progress(done, total)``; only the CLI prints.
+Each works in memory and returns an :class:`AlgebraResult` (a low-rank :class:`Adapter` built by the
+``from_factors`` of the registered type that declares the result's modules, :func:`factor_type`; a
+per-module report; the metadata); ``save`` writes it atomically. Nothing is written when an input is
+refused. Progress is reported through ``progress(done, total)``; only the CLI prints.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from adapterhub.errors import AdapterhubError
-from adapterhub.plugins import adapter_type
+from adapterhub.plugins import adapter_types
 from adapterhub.types import Adapter
 
 from . import linalg, provenance
@@ -104,13 +104,26 @@ def _kohya_shapes(shape: tuple[int, ...], up: torch.Tensor, down: torch.Tensor):
     return up, down
 
 
+def factor_type(conv: bool):
+    """The registered type a result is written through: of the types whose ``factor_modules`` hold Linear
+    layers (and kxk convs, with ``conv``), the one declaring the fewest kinds (a linear-only result stays
+    linear-only); a tie goes to the product's own type, so installing a plugin never changes what
+    ``adapterhub lora`` writes, then to registration order."""
+    needed = {"linear", "conv"} if conv else {"linear"}
+    found = [t for t in adapter_types().values() if needed <= set(t.factor_modules)]
+    if not found:
+        raise AdapterhubError(f"no registered adapter type declares factor_modules {sorted(needed)}: nothing can "
+                              "hold the result (is adapterhub installed with its entry points?)")
+    return min(found, key=lambda t: (len(t.factor_modules), not getattr(t.source, "builtin", False)))
+
+
 def _build(factors: FactorMap, shapes: dict[str, tuple[int, ...]], metadata: dict, base: str,
            dtype: torch.dtype | None) -> Adapter:
-    kind = "locon" if any(is_kxk(s) for s in shapes.values()) else "lora"
+    writer = factor_type(conv=any(is_kxk(s) for s in shapes.values()))
     dtype = dtype or torch.float32
     cast = {t: (up.to("cpu", dtype).contiguous(), down.to("cpu", dtype).contiguous(), alpha)
             for t, (up, down, alpha) in factors.items()}
-    return adapter_type(kind).from_factors(cast, metadata, base)
+    return writer.from_factors(cast, metadata, base)
 
 
 def _tick(progress: Progress | None, done: int, total: int) -> None:
@@ -199,7 +212,7 @@ def combine(entries: list[tuple[Adapter, float]], method: str = "concat", rank: 
             conv_rank: int | None = None, density: float | None = None, majority_sign: str = "total",
             seed: int = 0, clamp_quantile: float | None = None, dtype: torch.dtype | None = None,
             device: str = "cpu", model=None, progress: Progress | None = None) -> AlgebraResult:
-    """Combine ``(adapter, weight)`` pairs into one LoRA.
+    """Combine ``(adapter, weight)`` pairs into one low-rank adapter (:func:`factor_type` writes it).
 
     * ``concat``: exact, ``delta = sum_i w_i * delta_i``, rank = sum of the ranks (LoRA/LoCon only).
     * ``svd``: the exact summed delta, re-factorised to ``rank`` (``conv_rank`` for 3x3 convs; default:
@@ -323,8 +336,8 @@ def resize(adapter: Adapter, rank: int | None = None, conv_rank: int | None = No
 # extract
 # ---------------------------------------------------------------------------------------------
 def _paired_targets(base, tuned, conv: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    plugin = adapter_type("locon" if conv else "lora")
-    ours, theirs = plugin.target_modules(base), plugin.target_modules(tuned)
+    writer = factor_type(conv)
+    ours, theirs = writer.target_modules(base), writer.target_modules(tuned)
     missing = sorted(set(ours) ^ set(theirs))
     if missing:
         raise AdapterhubError(f"base and tuned models differ in structure (first difference: {missing[0]})")

@@ -7,6 +7,7 @@ TOML file (``--max-steps`` is ``max_steps``), and flags given on the command lin
 """
 from __future__ import annotations
 
+import inspect
 import typing
 from contextlib import ExitStack
 from pathlib import Path
@@ -132,7 +133,23 @@ class _Progress:
             self._progress().console.print(f"samples step {data['step']}: {', '.join(data['files'])}")
 
 
-@click.command("train")
+TYPES = "{types}"  # where the description names the types that train
+
+
+class _TrainCommand(click.Command):
+    """``train``: its description names the types that train as registered when the help is written (a plugin's
+    type too), where the docstring holds :data:`TYPES`."""
+
+    def format_help_text(self, ctx, formatter) -> None:
+        from adapterhub.plugins import adapter_types
+
+        names = sorted(name for name, t in adapter_types().items() if "train" in t.capabilities)
+        formatter.write_paragraph()
+        with formatter.indentation():
+            formatter.write_text(inspect.cleandoc(self.help or "").replace(TYPES, ", ".join(names)))
+
+
+@click.command("train", cls=_TrainCommand)
 @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
               help="TOML file of options (the flags' names); flags override it")
 @click.option("--print-config", is_flag=True,
@@ -142,8 +159,9 @@ class _Progress:
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @config_options
 def train_cmd(config_file, print_config, as_json, **options):
-    """Train an adapter (lora, locon, loha, lokr, adalora, textual-inversion, hypernetwork, t2i-adapter, controlnet)
-    or the whole UNet (full) on a dataset folder.
+    """Train an adapter, or the whole UNet, on a dataset folder.
+
+    Types that train (--type): {types}. A full fine-tune (full) trains the whole UNet.
 
     \b
     adapterhub train --type lora --base tiny-sd1 --dataset datasets/demo --out demo.safetensors \\

@@ -5,12 +5,10 @@ Layout, quoting and key order follow AUTOMATIC1111 v1.9/1.10 ``create_infotext``
 included), an optional ``Negative prompt:`` line, then ``Key: value, …`` with ``Steps`` first; a value
 containing ``,``, ``:`` or a newline is JSON-quoted.
 
-ControlNet and T2I-Adapter entries are written as the sd-webui-controlnet extension writes its units
-(``ControlNetUnit.serialize``): one ``ControlNet N`` key per unit whose value is ``Field: value, …``
-(``Module``, ``Model`` as ``name [hash]``, ``Weight``, ``Resize Mode``, ``Guidance Start``, ``Guidance End``,
-``Pixel Perfect``, ``Control Mode``), so the whole value is JSON-quoted like any value with commas.
-No preprocessor runs here, so ``Module`` is ``none`` and the preprocessor's resolution and thresholds
-are left out (the extension fills its defaults when it reads such a unit).
+Each adapter's fields are its type's (``AdapterType.infotext_fields``, whose values
+:mod:`adapterhub.infotext_fields` computes): hash lists are joined here and units numbered, as the
+sd-webui-controlnet extension writes its units: one ``ControlNet N`` key per unit whose value is
+``Field: value, …``, so the whole value is JSON-quoted like any value with commas.
 """
 from __future__ import annotations
 
@@ -21,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub import hashes
+# the values the types write (core, below the plugins); named here too, where the service's readers look
+from adapterhub.infotext_fields import CONTROL_FIELD, control_unit, embedding_hash, lora_hash, short_hash  # noqa: F401
 
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # infotext_utils.re_param_code
 RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -147,61 +147,10 @@ def model_hash(path: str | Path) -> str:
     return hashes.sha256_file(path)[:10]
 
 
-def lora_hash(path: str | Path, metadata: Mapping[str, str] | None = None) -> str:
-    """``Lora hashes`` entry: ``sshs_model_hash`` from kohya metadata, else the addnet hash (AutoV3) of a
-    ``.safetensors`` file, else the sha256 of the file; 12 hex digits."""
-    if metadata and metadata.get("sshs_model_hash"):
-        return str(metadata["sshs_model_hash"])[:12]
-    path = Path(path)
-    tensors = hashes.tensor_sha256(path) if path.is_file() and path.suffix.lower() == ".safetensors" else None
-    return (tensors or hashes.sha256_file(path))[:12]
-
-
-def embedding_hash(path: str | Path) -> str:
-    """``TI hashes`` entry: sha256 of the embedding file, 12 hex digits."""
-    return hashes.sha256_file(path)[:12]
-
-
 # ---------------------------------------------------------------------------------------------
 # ControlNet units (sd-webui-controlnet ``ControlNetUnit.serialize`` / ``parse``)
 # ---------------------------------------------------------------------------------------------
-CONTROL_FIELD = "ControlNet"  # the extension's units: ``ControlNet 0``, ``ControlNet 1`` ...
 CONTROL_KEY = re.compile(r"^ControlNet (\d+)$")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
-
-
-def short_hash(path: str | Path) -> str:
-    """The webui's old ``sd_models.model_hash`` (8 hex digits of the sha256 of the 64 KiB at 1 MiB),
-    which the ControlNet extension puts after a model's name. For a diffusers folder: of its
-    largest weights file."""
-    path = Path(path)
-    if path.is_dir():
-        weights = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES]
-        if not weights:
-            return "NOFILE"
-        path = max(weights, key=lambda p: (p.stat().st_size, str(p)))
-    return hashes.autov1(path)
-
-
-def _text(value: float) -> str:
-    return str(float(value))
-
-
-def control_unit(entry, adapter, guess: bool | None = None) -> str:
-    """A stack entry of a conditioning type (a residual network fed with an image: ControlNet, T2I-Adapter) as
-    the extension writes its unit's value; ``guess``: the options' ``guess_mode`` unless given (a type that
-    knows better, from the network's config, passes it)."""
-    path = Path(entry.path or adapter.path)
-    name = (path.stem if path.suffix.lower() in WEIGHT_SUFFIXES else path.name).translate(
-        str.maketrans("", "", ":,"))
-    options = entry.options
-    if guess is None:
-        guess = options.get("guess_mode")
-    fields = {"Module": "none", "Model": f"{name} [{short_hash(path)}]", "Weight": _text(entry.weight),
-              "Resize Mode": "Just Resize", "Guidance Start": _text(options.get("start", 0.0)),
-              "Guidance End": _text(options.get("end", 1.0)), "Pixel Perfect": "False",
-              "Control Mode": "ControlNet is more important" if guess else "Balanced"}
-    return ", ".join(f"{key}: {value}" for key, value in fields.items())
 
 
 def adapter_fields(stack, prompt: str = "", only: str | None = None, compute=None) -> dict[str, str]:

@@ -103,7 +103,7 @@ def _preprocess(module: str, image, unit: dict, where: str) -> tuple[Any, dict[s
     if module == "none":
         return image, {}
     from adapterhub.sample.infotext import number
-    from adapterhub.train.control import canny
+    from adapterhub.preprocessors import canny
 
     low, high = (_number(unit, key, default, where) for key, default in
                  (("threshold_a", CANNY_DEFAULTS[0]), ("threshold_b", CANNY_DEFAULTS[1])))

@@ -6,9 +6,9 @@ Two sources, chosen by ``--conditioning``:
   ``.cond`` part is ``--cond-suffix``), the control image the model learns to follow: an edge map,
   a depth map, a pose skeleton. Sidecars are never training images themselves (the dataset scan
   drops an image whose name is another image's stem plus the suffix).
-* ``canny``: the conditioning is computed from the image itself with scikit-image's Canny detector
-  (thresholds on the 0-255 scale, as OpenCV's and the ControlNet annotators' are), white edges on
-  black, three channels.
+* ``canny``: the conditioning is computed from the image itself with the canny preprocessor
+  (:func:`adapterhub.preprocessors.canny`: scikit-image's detector, thresholds on the 0-255 scale),
+  white edges on black, three channels.
 
 Either way the conditioning image is resized (Lanczos) and cropped exactly as its training image was
 for its bucket (:func:`adapterhub.train.data.pixels`), so pixels line up with the latents and a Canny
@@ -25,6 +25,7 @@ import torch
 from adapterhub.dataset.folder import IMAGE_EXTS
 from adapterhub.dataset.images import ImageReadError, image_size, load_rgb
 from adapterhub.errors import AdapterhubError
+from adapterhub.preprocessors import canny
 
 # a sidecar may differ from its image's aspect ratio by this fraction (rounding of a rescaled copy)
 ASPECT_TOLERANCE = 0.02
@@ -48,21 +49,6 @@ def is_sidecar(path: Path, suffix: str) -> bool:
     stem = path.stem[: -len(suffix)]
     return any(path.with_name(stem + ext).is_file() or path.with_name(stem + ext.upper()).is_file()
                for ext in IMAGE_EXTS)
-
-
-def canny(image, low: float, high: float):
-    """White-on-black Canny edges of a PIL image, as an RGB PIL image (scikit-image's detector)."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        from skimage.feature import canny as sk_canny
-    except ImportError:  # pragma: no cover - scikit-image is a dependency
-        raise AdapterhubError("--conditioning canny needs scikit-image (pip install scikit-image)") from None
-    gray = np.asarray(image.convert("L"), dtype=np.float64)
-    edges = sk_canny(gray, sigma=1.0, low_threshold=float(low), high_threshold=float(high))
-    array = (edges.astype(np.uint8) * 255)[..., None].repeat(3, axis=2)
-    return Image.fromarray(array, "RGB")
 
 
 def check(samples, cfg) -> None:

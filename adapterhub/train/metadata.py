@@ -98,7 +98,10 @@ def trigger_phrase(cfg, data) -> str | None:
 
 
 def modelspec(cfg, run: dict, data, trainable_meta: dict[str, str], arch: str, v_prediction: bool) -> dict[str, str]:
-    kind = trainable_meta.get("modelspec.architecture", "lora")
+    """The ``modelspec.*`` keys. ``architecture`` is the base's followed by the adapter part the trainable's
+    metadata names (else the trained type's name); a whole model's (a full fine-tune's) is its own."""
+    # the trainable names its part (``lora``, ``textual-inversion``); one that names none is its type
+    kind = trainable_meta.get("modelspec.architecture") or cfg.type
     whole_model = kind in MODELSPEC_ARCH.values()  # a full fine-tune names the base's architecture itself
     architecture = kind if "/" in kind or whole_model else f"{MODELSPEC_ARCH.get(arch, 'stable-diffusion-v1')}/{kind}"
     sdxl = "xl" in architecture

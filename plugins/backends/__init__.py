@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from adapterhub.hookspecs import hookimpl
-from adapterhub.sample.backend import Runner, SamplerBackend
+from adapterhub.backends import Runner, SamplerBackend
 
 
 class CompiledBackend(SamplerBackend):

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from adapterhub.errors import AdapterhubError
-from adapterhub.sample.backend import Runner
+from adapterhub.backends import Runner
 from adapterhub.types import ATTENTION_CONTEXT, UNET_RESIDUALS, UNET_UNTOUCHED, UNET_WEIGHTS
 
 RUNS = (UNET_WEIGHTS, UNET_UNTOUCHED, UNET_RESIDUALS, ATTENTION_CONTEXT)  # the declared kinds this backend feeds
@@ -67,28 +67,28 @@ def _unet_both(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs,
                               return_dict=False)[0]
 
 
-# the same four with attention contexts (``hn``: hypernetworks were the first): ``context`` (precomputed cross-attention
-# contexts, self-attention graph inputs) reaches the fixed processors through ``cross_attention_kwargs``
-def _unet_hn_plain(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, context):
+# the same four for ``attention-context`` types: ``context`` (precomputed cross-attention contexts, self-attention
+# graph inputs) reaches the fixed processors through ``cross_attention_kwargs``
+def _unet_context_plain(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, context):
     return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
                               added_cond_kwargs=added_cond_kwargs,
                               cross_attention_kwargs={"attention_context": context}, return_dict=False)[0]
 
 
-def _unet_hn_controlnet(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, down, mid, context):
+def _unet_context_controlnet(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, down, mid, context):
     return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
                               added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down,
                               mid_block_additional_residual=mid, cross_attention_kwargs={"attention_context": context},
                               return_dict=False)[0]
 
 
-def _unet_hn_t2i(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, intrablock, context):
+def _unet_context_t2i(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, intrablock, context):
     return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
                               added_cond_kwargs=added_cond_kwargs, down_intrablock_additional_residuals=intrablock,
                               cross_attention_kwargs={"attention_context": context}, return_dict=False)[0]
 
 
-def _unet_hn_both(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, down, mid, intrablock,
+def _unet_context_both(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, down, mid, intrablock,
                   context):
     return type(unet).forward(unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
                               added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down,
@@ -120,9 +120,9 @@ CONTROLNET_INPUTS = ("self", "sample", "timestep", "encoder_hidden_states", "con
                      "guess_mode", "added_cond_kwargs", "return_dict")
 UNET_ENTRIES = {(False, False): _unet_plain, (True, False): _unet_controlnet, (False, True): _unet_t2i,
                 (True, True): _unet_both}
-UNET_HN_ENTRIES = {(False, False): _unet_hn_plain, (True, False): _unet_hn_controlnet, (False, True): _unet_hn_t2i,
-                   (True, True): _unet_hn_both}
-ENTRIES = (*UNET_ENTRIES.values(), *UNET_HN_ENTRIES.values(), _controlnet, _controlnet_guess, _t2i_adapter)
+UNET_CONTEXT_ENTRIES = {(False, False): _unet_context_plain, (True, False): _unet_context_controlnet,
+                        (False, True): _unet_context_t2i, (True, True): _unet_context_both}
+ENTRIES = (*UNET_ENTRIES.values(), *UNET_CONTEXT_ENTRIES.values(), _controlnet, _controlnet_guess, _t2i_adapter)
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,7 +392,7 @@ class CompiledRunner(Runner):
             return self._call(UNET_ENTRIES[controlnet, t2i], unet, *inputs)
         context = self._context_inputs(layers, call.get("encoder_hidden_states"))
         with self._fixed_processors(layers):
-            return self._call(UNET_HN_ENTRIES[controlnet, t2i], unet, *inputs, context)
+            return self._call(UNET_CONTEXT_ENTRIES[controlnet, t2i], unet, *inputs, context)
 
     def _attention(self, unet) -> list[torch.nn.Module]:
         """The UNet's attention layers (modules with a ``processor``), found once per UNet: walking every module

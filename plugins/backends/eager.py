@@ -1,7 +1,7 @@
 """``eager``: the UNet as it is, one Python call per step; every adapter type works."""
 from __future__ import annotations
 
-from adapterhub.sample.backend import Runner, SamplerBackend
+from adapterhub.backends import Runner, SamplerBackend
 
 
 class EagerBackend(SamplerBackend):

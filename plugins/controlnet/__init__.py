@@ -28,7 +28,7 @@ class ControlNetType(ModuleBackedType):
     def infotext_fields(self, adapter: Adapter, entry, prompt: str) -> list:
         """A ``ControlNet N`` unit as sd-webui-controlnet writes it; a shuffle-like network (its config's
         ``global_pool_conditions``) runs in guess mode, the extension's "ControlNet is more important"."""
-        from adapterhub.sample.infotext import CONTROL_FIELD, control_unit
+        from adapterhub.infotext_fields import CONTROL_FIELD, control_unit
 
         guess = entry.options.get("guess_mode")
         guess = (adapter.extra.get("config") or {}).get("global_pool_conditions") if guess is None else guess

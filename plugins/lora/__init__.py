@@ -76,7 +76,7 @@ class LoRAFamilyType(AdapterType):
 
     def from_factors(self, factors, metadata=None, base: str = "unknown") -> Adapter:
         """A LoRA / LoCon from ``{target: (up, down, alpha)}`` (kohya shapes); see ``AdapterType``."""
-        if self.name not in ("lora", "locon"):
+        if not self.factor_modules:
             return super().from_factors(factors, metadata, base)
         patches = {target: LoRAPatch(target, target, {"up": up, "down": down}, alpha=float(alpha))
                    for target, (up, down, alpha) in factors.items()}
@@ -87,6 +87,7 @@ class LoRAType(LoRAFamilyType):
     name = "lora"
     capabilities = LoRAFamilyType.capabilities + ("train",)
     description = "LoRA: low-rank deltas on linear and 1x1 conv layers (kohya, diffusers, PEFT)"
+    factor_modules = frozenset({"linear"})  # the LoRA algebra's results without kxk convs are LoRAs
 
 
 class LoConType(LoRAFamilyType):
@@ -94,6 +95,7 @@ class LoConType(LoRAFamilyType):
     capabilities = LoRAFamilyType.capabilities + ("train",)
     description = "LoCon: LoRA that also targets 3x3 convs (kohya conv_dim, LyCORIS, CP/Tucker lora_mid)"
     conv = True
+    factor_modules = frozenset({"linear", "conv"})  # ... and those with kxk convs LoCons
 
 
 class LoHaType(LoRAFamilyType):

@@ -32,7 +32,7 @@ class T2IAdapterType(ModuleBackedType):
 
     def infotext_fields(self, adapter: Adapter, entry, prompt: str) -> list:
         """A ``ControlNet N`` unit as sd-webui-controlnet writes its T2I-Adapter units."""
-        from adapterhub.sample.infotext import CONTROL_FIELD, control_unit
+        from adapterhub.infotext_fields import CONTROL_FIELD, control_unit
 
         return [(CONTROL_FIELD, None, control_unit(entry, adapter))]
 

@@ -44,7 +44,7 @@ class TextualInversionType(ModuleBackedType):
         webui lists the embeddings a prompt used."""
         from functools import partial
 
-        from adapterhub.sample.infotext import embedding_hash
+        from adapterhub.infotext_fields import embedding_hash
 
         path = entry.path or adapter.path
         token = str(adapter.extra.get("token") or entry.label)
