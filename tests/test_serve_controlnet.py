@@ -212,3 +212,41 @@ def test_a_model_added_after_start_is_found_by_the_next_request(api, served, fol
     finally:
         shutil.rmtree(folder / "late")
         requests.get(f"http://127.0.0.1:{served['port']}/controlnet/model_list", timeout=DEADLINE)  # re-scan
+
+
+@pytest.mark.slow
+def test_compiled_backend_runs_units_without_recompiling(tiny_sd1, folder):
+    """dynamo's ``aot_eager``: requests with and without units, two control images and two models, then the first
+    again: one graph, no recompile, and the repeated request gives the same image."""
+    import base64
+    import copy
+
+    import torch._dynamo
+    from fastapi.testclient import TestClient
+
+    from adapterhub.sample.generator import Generator
+    from adapterhub.serve.app import Service, create_app
+
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")
+        generator = Generator(copy.deepcopy(tiny_sd1), backend="compiled", hash_model=False)
+    service = Service(generator, adapter_dirs=[folder], catalog=False)
+    images = {name: base64.b64encode((folder / f"{name}.png").read_bytes()).decode() for name in ("edges", "photo")}
+    try:
+        with TestClient(create_app(service)) as client:
+            def one(*units):
+                scripts = {"controlnet": {"args": [{"image": images[i], "model": m, "weight": 0.8} for i, m in units]}}
+                response = client.post("/sdapi/v1/txt2img", json={"prompt": "a hill <lora:style:0.5>", **SMALL,
+                                                                  "seed": 8, "alwayson_scripts": scripts})
+                assert response.status_code == 200, response.text
+                return response.json()["images"][0]
+
+            got = [one(("edges", "cn")), one(), one(("photo", "cn")), one(("edges", "t2i"), ("photo", "cn")),
+                   one(("edges", "cn"))]
+        assert got[0] == got[4] and len(set(got)) == 4
+        assert generator.runner.recompiles() == 0
+    finally:
+        service.close()
+        generator.close()
+        torch._dynamo.reset()
