@@ -16,8 +16,9 @@ def _say_if_noise(base: str) -> None:
     """Where images are listed: a tiny base or preset (built from a seed, never trained) draws noise, and a new
     user's first images are theirs, so say why before they look (once the images exist: errors stay one line)."""
     from adapterhub.base import PRESETS, TINY_BASES
+    from adapterhub.transformer_bases import TRANSFORMER_PRESETS
 
-    if str(base) in TINY_BASES or str(base) in PRESETS:
+    if str(base) in TINY_BASES or str(base) in PRESETS or str(base) in TRANSFORMER_PRESETS:
         click.echo(f"note: {base} has random weights (a tiny base for trying things out): its images are noise; "
                    "give --base a real model (a .safetensors checkpoint or a diffusers folder) for pictures", err=True)
 
@@ -55,7 +56,8 @@ def _table(summary: dict, many: bool):
 
 @click.command("sample")
 @click.option("--base", required=True,
-              help="tiny-sd1, tiny-sdxl, a diffusers folder, a .safetensors checkpoint or a hub id.")
+              help="tiny-sd1, tiny-sdxl, tiny-flux, tiny-sd3, a diffusers folder, a .safetensors checkpoint or a "
+                   "hub id.")
 @click.option("--prompt", default=None, help="The prompt, A1111 syntax: (word:1.2), [word], BREAK, <lora:name:0.8>.")
 @click.option("--negative", default="", help="The negative prompt.")
 @click.option("--stack", "stacks", multiple=True,
@@ -68,11 +70,14 @@ def _table(summary: dict, many: bool):
               help="Where <lora:name> tags and stack names are looked up by file stem (then the catalog).")
 @click.option("--steps", default=20, show_default=True, type=int, help="Sampling steps.")
 @click.option("--sampler", default="DPM++ 2M", show_default=True,
-              help="A webui sampler name (Euler a, DPM++ 2M, DDIM ...).")
+              help="A webui sampler name (Euler a, DPM++ 2M, DDIM ...; Flux and SD3: Euler, their default).")
 @click.option("--schedule", default="Automatic", show_default=True,
               help="Automatic, Uniform, Karras, Exponential, SGM Uniform, Beta, Polyexponential, KL Optimal, "
                    "Align Your Steps, Simple, Normal or DDIM (the webui's schedule types).")
-@click.option("--cfg", default=7.0, show_default=True, type=float, help="CFG scale.")
+@click.option("--cfg", default=7.0, show_default=True, type=float,
+              help="CFG scale (Flux: default 1, real CFG with the negative prompt only above 1).")
+@click.option("--distilled-cfg", "distilled_cfg", default=None, type=float,
+              help="Flux-dev's distilled guidance, Forge's Distilled CFG Scale (default 3.5; not for SD3 or schnell).")
 @click.option("--seed", default=-1, show_default=True, type=int, help="-1: random. Image n gets seed + n.")
 @click.option("--size", default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the base's native size).")
 @click.option("--batch", default=1, show_default=True, type=int, help="Images per UNet batch.")

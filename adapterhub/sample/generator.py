@@ -59,7 +59,16 @@ from adapterhub.sample.stacks import (  # noqa: F401 - importable from here
 
 
 class Generator:
-    """A base pipeline and a sampling backend, built once; call it per request (see module doc)."""
+    """A base pipeline and a sampling backend, built once; call it per request (see module doc). A Flux or SD3
+    base gives a :class:`adapterhub.sample.flow.FlowGenerator` (the same calls, flow-matching sampling)."""
+
+    def __new__(cls, base="tiny-sd1", *args, **kwargs):
+        if cls is Generator:
+            from adapterhub.sample.flow import FlowGenerator, flow_family
+
+            if flow_family(base) is not None:
+                return FlowGenerator(base, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, base="tiny-sd1", backend: str = "eager", dtype: str | torch.dtype | None = None,
                  device: str | None = None, adapter_dirs: Sequence[str | Path] = (), model_name: str | None = None,

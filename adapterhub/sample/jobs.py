@@ -46,6 +46,7 @@ class SampleOptions:
     sampler: str = "DPM++ 2M"
     schedule: str = "Automatic"
     cfg: float = 7.0
+    distilled_cfg: float | None = None
     seed: int = -1
     size: str | None = None
     batch: int = 1
@@ -113,11 +114,31 @@ def plan_run(options: SampleOptions) -> Plan:
         raise AdapterhubError("--denoise is the img2img strength: give --init-image (the hires pass takes "
                               "--hires-denoise)")
     check_request(request, dirs)  # bad input fails here: no model loaded, nothing written
+    request = _family_request(options, request)
     _check_rng(request.rng, options.device)
     plan = Plan(options, request, dirs, notes)
     if plan.many:
         plan.jobs, plan.plots = _jobs(options, request, dirs)
     return plan
+
+
+def _family_request(options: SampleOptions, request: Request) -> Request:
+    """For a Flux or SD3 base (told from its files, nothing built) the request with the family's defaults for the
+    options not given, checked against what the family can do (:mod:`adapterhub.sample.flow`); other bases refuse
+    Flux's distilled guidance."""
+    from adapterhub.sample.flow import check_flow_request, flow_family, flow_request
+
+    family = flow_family(options.base)
+    if family is None:
+        if options.distilled_cfg is not None:
+            raise AdapterhubError(f"--distilled-cfg is Flux-dev's guidance: the base {options.base} is not a Flux "
+                                  "model (use --cfg)")
+        return request
+    if options.prompts_file or options.x_axis or options.y_axis or options.z_axis:
+        raise AdapterhubError(f"--prompts and X/Y/Z plots are not available for {family} bases yet")
+    request = replace(flow_request(request, family, options.given), distilled_cfg=options.distilled_cfg)
+    check_flow_request(request, family)
+    return request
 
 
 def _as_dict(options: SampleOptions) -> dict:

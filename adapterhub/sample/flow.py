@@ -1,0 +1,306 @@
+"""Sampling the transformer families (FLUX.1, SD3 / SD3.5): flow matching on diffusers' own pipelines.
+
+    gen = Generator("tiny-flux")          # a FlowGenerator: Generator picks it for a Flux or SD3 base
+    result = gen("a castle <lora:style:0.8>", seed=42, steps=20, distilled_cfg=3.5)
+
+The denoising loop is the base's diffusers pipeline (``FluxPipeline`` / ``StableDiffusion3Pipeline``) with its
+``FlowMatchEulerDiscreteScheduler`` (the base's ``shift``, and for Flux the dynamic shift by image size, as
+diffusers computes them): with the same seeds, prompts and weights the latents and images equal the pipeline's
+bit for bit. What this module adds is the webui's (Forge's) side: each image n of a request gets its own noise
+source seeded ``seed + n`` (:mod:`adapterhub.sample.rng`; the noise is drawn in the pipeline's unpacked latent
+shape, (C, H/8, W/8), and handed to the pipeline), the adapter stack and ``<lora:…>`` tags are switched in
+through the one weight engine (:class:`~adapterhub.sample.stacks.StackSwitcher`: bitwise restore between
+requests), and every image gets Forge's infotext (``Distilled CFG Scale`` after ``CFG scale``).
+
+Guidance: Flux-dev's distilled guidance is the model's guidance embedding (``distilled_cfg``, Forge's
+``Distilled CFG Scale``, default 3.5); real CFG with the negative prompt runs only above ``cfg`` 1 (Forge's
+default for Flux is 1: one transformer call per step). SD3 / SD3.5 use CFG with the negative prompt.
+
+Not here yet (refused in one line, before a model loads): samplers other than Euler and schedules other than
+the pipeline's own, the hires fix, img2img, clip skip, and backends other than ``eager``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapterhub.errors import AdapterhubError
+from adapterhub.sample.request import DTYPES, Request, Result, normalized
+
+FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+FLOW_SAMPLERS = ("Euler",)  # flow matching: FlowMatchEulerDiscreteScheduler, the pipelines' own
+FLOW_SCHEDULES = ("Automatic",)  # the pipeline's shifted sigmas (linear in t, then the base's shift)
+DISTILLED_CFG = 3.5  # Forge's default Distilled CFG Scale (and diffusers' FluxPipeline guidance_scale)
+FAMILY_DEFAULTS = {"flux": {"sampler": "Euler", "cfg": 1.0}, "sd3": {"sampler": "Euler", "cfg": 7.0}}
+
+
+@dataclass
+class FlowRequest(Request):
+    """A :class:`Request` for a Flux or SD3 base. ``distilled_cfg``: Flux-dev's guidance embedding (None: 3.5 on a
+    model that has one); not for SD3 or Flux-schnell, which have no guidance embedding."""
+
+    sampler: str = "Euler"
+    distilled_cfg: float | None = None
+
+
+def flow_family(base) -> str | None:
+    """``"flux"`` or ``"sd3"`` when ``base`` (a name, a path or a pipeline) is of a transformer family, else None.
+    Names and paths are told from their files (:func:`adapterhub.transformer_bases.transformer_base_facts`)
+    without building anything."""
+    if isinstance(base, (str, Path)):
+        from adapterhub.transformer_bases import transformer_base_facts
+
+        facts = transformer_base_facts(str(base))
+        return facts[0] if facts else None
+    return FLOW_PIPELINES.get(type(base).__name__)
+
+
+def flow_request(req: Request, family: str, given: Sequence[str] | None = None) -> FlowRequest:
+    """``req`` as a :class:`FlowRequest`. ``given``: the fields the user set (the command line's); the others take
+    the family's defaults (Euler; CFG 1 for Flux, as Forge). ``None``: every field is taken as given."""
+    values = {f.name: getattr(req, f.name) for f in fields(req)}
+    if given is not None:
+        values.update({k: v for k, v in FAMILY_DEFAULTS[family].items() if k not in given})
+    return FlowRequest(**values)
+
+
+def check_flow_request(req: FlowRequest, family: str, guidance_embeds: bool | None = None) -> None:
+    """What the family cannot do, in one line (:class:`AdapterhubError`), before a model loads.
+    ``guidance_embeds``: whether the model has Flux-dev's guidance embedding (None: not known yet)."""
+    name = "Flux" if family == "flux" else "SD3"
+    if str(req.sampler).strip().lower() not in {s.lower() for s in FLOW_SAMPLERS}:
+        raise AdapterhubError(f"sampler {req.sampler!r}: {name} is a flow-matching model; choose "
+                              f"{', '.join(FLOW_SAMPLERS)} (FlowMatchEulerDiscreteScheduler)")
+    if str(req.schedule).strip().lower() not in {s.lower() for s in FLOW_SCHEDULES}:
+        raise AdapterhubError(f"schedule {req.schedule!r}: {name} samples on its own shifted flow-matching "
+                              f"schedule; choose {', '.join(FLOW_SCHEDULES)}")
+    if req.hr_scale is not None:
+        raise AdapterhubError(f"the hires fix is not available for {name} models")
+    if req.init_image is not None:
+        raise AdapterhubError(f"img2img (an init image) is not available for {name} models")
+    if int(req.clip_skip) != 1:
+        raise AdapterhubError(f"clip skip {req.clip_skip}: not available for {name} models (their text "
+                              "encoders' last layers are used as trained)")
+    if req.distilled_cfg is not None:
+        if family != "flux" or guidance_embeds is False:
+            model = "SD3" if family != "flux" else "this Flux model (schnell: no guidance embedding)"
+            raise AdapterhubError(f"distilled CFG {req.distilled_cfg}: {model} has no distilled guidance; "
+                                  "use the CFG scale")
+        if not float(req.distilled_cfg) >= 0 or float(req.distilled_cfg) == float("inf"):
+            raise AdapterhubError(f"distilled CFG {req.distilled_cfg}: must be a finite number, 0 or more")
+
+
+class FlowGenerator:
+    """A Flux or SD3 pipeline built once; call it per request (see module doc). The same constructor and
+    ``generate`` as :class:`adapterhub.sample.generator.Generator`."""
+
+    def __init__(self, base="tiny-flux", backend: str = "eager", dtype: str | torch.dtype | None = None,
+                 device: str | None = None, adapter_dirs: Sequence[str | Path] = (), model_name: str | None = None,
+                 model_hash: str | None = None, hash_model: bool = True):
+        from adapterhub.base import load_base
+        from adapterhub.sample import record
+        from adapterhub.sample.backend import backend as find_backend
+        from adapterhub.sample.stacks import StackSwitcher
+
+        self.family = flow_family(base)
+        if self.family is None:
+            raise AdapterhubError(f"{base}: not a Flux or SD3 base")
+        found = find_backend(backend)  # an unknown backend fails before the model loads
+        if found.name != "eager":
+            # the compiled backend compiles a UNet; the transformers' in-place switching is not built yet
+            raise AdapterhubError(f"backend {backend!r}: Flux and SD3 sample with the eager backend only")
+        self.backend = found
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise AdapterhubError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        if isinstance(base, (str, Path)):
+            self.pipe = load_base(str(base), dtype=dtype, device=device)
+            path = Path(str(base)).expanduser()
+            self.base_path = path if path.exists() else None
+            self.model_name = model_name or (path.stem if path.exists() else str(base))
+        else:
+            self.pipe, self.base_path = base, None
+            self.model_name = model_name or Path(str(getattr(base.config, "_name_or_path", "") or "model")).name
+        self.pipe.set_progress_bar_config(disable=True)
+        self.device, self.dtype = self.pipe.transformer.device, self.pipe.transformer.dtype
+        self.guidance_embeds = bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))
+        self.stacks = StackSwitcher(self.pipe, adapter_dirs)
+        self.runner = self.backend.prepare(self.pipe)
+        self.hashes = record.HashCache()
+        self._model_hash, self._hash_model = model_hash, hash_model
+        self.is_xl, self.arch = False, self.family
+
+    # -- facts ------------------------------------------------------------------------------------
+    @property
+    def model_hash(self) -> str | None:
+        if self._model_hash is None and self._hash_model and self.base_path is not None:
+            from adapterhub.sample import infotext
+
+            self._model_hash = infotext.model_hash(self.base_path)
+        return self._model_hash
+
+    @property
+    def default_size(self) -> int:
+        """The pipeline's own default (``default_sample_size`` latents x the VAE's scale)."""
+        return int(self.pipe.default_sample_size) * self.pipe.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this: the VAE's scale times the transformer's patch (Flux packs
+        2 x 2 latents into one token)."""
+        patch = 2 if self.family == "flux" else int(self.pipe.transformer.config.patch_size)
+        return self.pipe.vae_scale_factor * patch
+
+    @property
+    def stack(self):
+        return self.stacks.stack
+
+    @property
+    def adapter_dirs(self) -> list:
+        return self.stacks.adapter_dirs
+
+    @adapter_dirs.setter
+    def adapter_dirs(self, dirs: Sequence[str | Path]) -> None:
+        self.stacks.adapter_dirs = list(dirs)
+
+    def apply_stack(self, req: Request):
+        """Switch to the request's stack (``stack=`` plus prompt tags); returns it and the prompt without tags."""
+        stack, prompt = self.stacks.request_stack(req.stack, req.prompt, req.negative)
+        self.use_stack(stack)
+        return self.stacks.applied(stack), prompt
+
+    def use_stack(self, stack) -> None:
+        self.stacks.use(stack, self.runner)
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def __call__(self, prompt: str, **options) -> Result:
+        """``options`` as :class:`FlowRequest`'s fields; those left out take the family's defaults."""
+        given = set(options)
+        return self.generate(flow_request(FlowRequest(prompt, **options), self.family, given))
+
+    def request(self, req: Request) -> FlowRequest:
+        """``req`` checked (one line) and completed: size, seed, image count; the family's defaults apply only
+        to a :class:`FlowRequest`'s unset fields, a plain :class:`Request` is taken as written."""
+        if not isinstance(req, FlowRequest):
+            req = flow_request(req, self.family)
+        check_flow_request(req, self.family, self.guidance_embeds)
+        req = normalized(req, self.default_size)
+        step = self.size_multiple
+        if req.width % step or req.height % step:
+            raise AdapterhubError(f"size {req.width}x{req.height}: this {self.family} base needs width and height "
+                                  f"in multiples of {step}")
+        from adapterhub.sample import rng as noise_sources
+
+        noise_sources.check_device(req.rng, self.device)
+        return replace(req, sampler=FLOW_SAMPLERS[0], schedule=FLOW_SCHEDULES[0])
+
+    def generate(self, req: Request, output: str = "pil",
+                 progress: Callable[[int, int], None] | None = None) -> Result:
+        """Run one request. ``output="latent"``: the final latents (B, C, H/8, W/8; Flux's unpacked) and no
+        images; ``progress(done, total)`` after every step of every image."""
+        from adapterhub.sample.generator import _progress
+
+        req = self.request(req)
+        stack, prompt = self.apply_stack(req)
+        seeds = [req.seed + i for i in range(req.images)]
+        counter = _progress(progress, req.steps * req.images)
+        images, latents_out = [], []
+        for start in range(0, len(seeds), req.batch):
+            batch_seeds = seeds[start:start + req.batch]
+            latents = self.denoise(req, prompt, batch_seeds, counter(len(batch_seeds)))
+            if output == "latent":
+                latents_out.append(latents)
+            else:
+                images += self.decode(latents)
+        texts = flow_infotexts(req, seeds, self.parameters(req, stack))
+        warnings = [*self.stacks.notes, *_prompt_warnings(prompt + req.negative)]
+        return Result(images, texts, seeds, torch.cat(latents_out) if latents_out else None, warnings, req)
+
+    def noise(self, seeds: Sequence[int], width: int, height: int, rng: str = "CPU") -> torch.Tensor:
+        """Per image its initial noise (C, H/8, W/8) from source ``rng`` seeded with its seed (the webui's
+        ``ImageRNG``; C the VAE's latent channels), in the transformer's device and dtype."""
+        from adapterhub.sample.rng import initial_noise
+
+        scale = self.pipe.vae_scale_factor
+        channels = int(self.pipe.vae.config.latent_channels)
+        noise, _ = initial_noise(rng, seeds, (channels, height // scale, width // scale), self.device)
+        return noise.to(device=self.device, dtype=self.dtype)
+
+    def denoise(self, req: FlowRequest, prompt: str, seeds: Sequence[int],
+                on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        """The pipeline's denoising loop from each image's own noise; the final latents (B, C, H/8, W/8)."""
+        noise = self.noise(seeds, req.width, req.height, req.rng)
+        batch, channels, rows, cols = noise.shape
+        kwargs: dict[str, Any] = {"prompt": prompt, "height": req.height, "width": req.width,
+                                  "num_inference_steps": req.steps, "num_images_per_prompt": batch,
+                                  "output_type": "latent"}
+        if self.family == "flux":
+            kwargs["latents"] = self.pipe._pack_latents(noise, batch, channels, rows, cols)
+            kwargs["guidance_scale"] = DISTILLED_CFG if req.distilled_cfg is None else float(req.distilled_cfg)
+            if req.cfg > 1:  # Forge's Flux: real CFG (two transformer calls a step) only above 1
+                kwargs.update(negative_prompt=req.negative, true_cfg_scale=float(req.cfg))
+        else:
+            kwargs.update(latents=noise, negative_prompt=req.negative, guidance_scale=float(req.cfg))
+        if on_step is not None:
+            kwargs["callback_on_step_end"] = lambda _pipe, i, _t, _tensors: (on_step(i), {})[1]
+        latents = self.pipe(**kwargs).images
+        if self.family == "flux":
+            latents = self.pipe._unpack_latents(latents, req.height, req.width, self.pipe.vae_scale_factor)
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> list:
+        """PIL images, as the pipeline decodes its final latents (the VAE's scale and shift undone)."""
+        vae = self.pipe.vae
+        with torch.no_grad():
+            scaled = latents / vae.config.scaling_factor + vae.config.shift_factor
+            image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pil")
+
+    # -- infotext ---------------------------------------------------------------------------------
+    def parameters(self, req: FlowRequest, stack) -> dict[str, Any]:
+        """The infotext fields, in Forge's order (``Distilled CFG Scale`` right after ``CFG scale``)."""
+        from adapterhub import __version__
+        from adapterhub.sample import infotext
+
+        fields_ = infotext.adapter_fields(stack, req.prompt + "\n" + req.negative, compute=self.hashes)
+        distilled = None
+        if self.guidance_embeds:
+            distilled = infotext.number(DISTILLED_CFG if req.distilled_cfg is None else req.distilled_cfg)
+        return {"Steps": req.steps, "Sampler": req.sampler, "Schedule type": req.schedule,
+                "CFG scale": infotext.number(req.cfg), "Distilled CFG Scale": distilled, "Seed": req.seed,
+                "Size": f"{req.width}x{req.height}", "Model hash": self.model_hash, "Model": self.model_name,
+                "RNG": req.rng if req.rng != "GPU" else None,
+                "Lora hashes": fields_.pop("Lora hashes", None), "TI hashes": fields_.pop("TI hashes", None),
+                **fields_, "Version": f"adapterhub {__version__}"}
+
+    def close(self) -> None:
+        """Take the applied stack off the pipeline (every tensor restored)."""
+        self.stacks.remove()
+        self.runner.close()
+
+
+def flow_infotexts(req: Request, seeds: list[int], params: dict[str, Any]) -> list[str]:
+    """One infotext per image, the fields in the order given (Forge's for these families), ``None`` left out."""
+    from adapterhub.sample.infotext import quote
+
+    texts = []
+    for seed in seeds:
+        line = ", ".join(f"{k}: {quote(v)}" for k, v in {**params, "Seed": seed}.items() if v is not None)
+        negative = f"\nNegative prompt: {req.negative}" if req.negative else ""
+        texts.append(f"{req.prompt}{negative}\n{line}".strip())
+    return texts
+
+
+def _prompt_warnings(text: str) -> list[str]:
+    """The webui's emphasis syntax is not applied to these text encoders yet: say so rather than weigh silently."""
+    if any(c in text for c in "()[]"):
+        return ["emphasis and prompt editing ((word:1.2), [a:b:0.5]) are not applied to Flux / SD3 prompts yet: "
+                "the text encoders read them as written"]
+    return []

@@ -1,0 +1,221 @@
+"""Sampling Flux and SD3 (#21): our generator against diffusers' own FluxPipeline / StableDiffusion3Pipeline.
+
+The oracle is the pipeline called as diffusers' users call it: a list of CPU generators seeded ``seed + n`` (the
+webui's per-image seeds), the same prompt, and for a LoRA the pipeline with ``load_lora_weights`` + ``fuse_lora``.
+fp32 on CPU, 64 px, 2 steps: latents and images must be equal bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from flux_helpers import peft_file, quiet_pipe, state
+
+FLUX_LORA_PATHS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v",
+                   "single_transformer_blocks.1.proj_out", "transformer_blocks.1.ff.net.2"]
+SD3_LORA_PATHS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+                  "transformer_blocks.1.ff.net.2"]
+SIZE, STEPS = 64, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(adapterhub_cache):
+    from adapterhub.base import load_base
+
+    return quiet_pipe(load_base("tiny-flux"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(adapterhub_cache):
+    from adapterhub.base import load_base
+
+    return quiet_pipe(load_base("tiny-sd3"))
+
+
+def _gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _oracle(pipe, prompt, seeds, output_type="latent", **kwargs):
+    """diffusers' pipeline with one CPU generator per image; Flux's packed latents unpacked as ours are."""
+    out = pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS, generator=_gens(seeds),
+               num_images_per_prompt=len(seeds), output_type=output_type, **kwargs).images
+    if output_type == "latent" and hasattr(pipe, "_unpack_latents"):
+        out = pipe._unpack_latents(out, SIZE, SIZE, pipe.vae_scale_factor)
+    return out
+
+
+def _generator(pipe, **kwargs):
+    from adapterhub.sample import Generator
+
+    return Generator(pipe, model_name="tiny", hash_model=False, **kwargs)
+
+
+def _same_images(ours, theirs):
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_generator_picks_the_flow_generator_for_flux_and_sd3(tiny_flux, tiny_sd3, tiny_sd1):
+    from adapterhub.sample import Generator
+    from adapterhub.sample.flow import FlowGenerator
+
+    assert isinstance(_generator(tiny_flux), FlowGenerator) and _generator(tiny_flux).family == "flux"
+    assert isinstance(_generator(tiny_sd3), FlowGenerator) and _generator(tiny_sd3).family == "sd3"
+    assert type(Generator(tiny_sd1, hash_model=False)) is Generator
+
+
+def test_flux_latents_and_images_equal_the_pipeline_bitwise(tiny_flux):
+    gen = _generator(tiny_flux)
+    latents = gen("a red cat", seed=5, batch=2, steps=STEPS, width=SIZE, height=SIZE).latents
+    assert latents is None  # images were asked for
+    result = gen.generate(gen.request(_flux_req("a red cat", seed=5, batch=2)), output="latent")
+    theirs = _oracle(tiny_flux, "a red cat", [5, 6], guidance_scale=3.5)
+    assert result.latents.shape == theirs.shape and torch.equal(result.latents, theirs)
+    images = gen("a red cat", seed=5, batch=2, steps=STEPS, width=SIZE, height=SIZE).images
+    _same_images(images, _oracle(tiny_flux, "a red cat", [5, 6], output_type="pil", guidance_scale=3.5))
+    # each image is its own seed's: the second image alone is the batch's second (up to the batched kernels' last
+    # bits); another seed's would differ everywhere
+    alone = gen.generate(gen.request(_flux_req("a red cat", seed=6)), output="latent").latents
+    torch.testing.assert_close(alone[0], result.latents[1], atol=1e-4, rtol=0)
+    assert not torch.allclose(alone[0], result.latents[0], atol=1e-1)
+
+
+def _flux_req(prompt, **kwargs):
+    from adapterhub.sample.flow import FlowRequest
+
+    return FlowRequest(prompt, **{"steps": STEPS, "width": SIZE, "height": SIZE, "cfg": 1.0, **kwargs})
+
+
+def test_flux_distilled_guidance_and_true_cfg_equal_the_pipeline(tiny_flux):
+    gen = _generator(tiny_flux)
+    ours = gen.generate(gen.request(_flux_req("a dog", seed=9, distilled_cfg=7.0)), output="latent").latents
+    assert torch.equal(ours, _oracle(tiny_flux, "a dog", [9], guidance_scale=7.0))
+    assert not torch.equal(ours, _oracle(tiny_flux, "a dog", [9], guidance_scale=3.5))  # the guidance counts
+    ours = gen.generate(gen.request(_flux_req("a dog", seed=9, cfg=2.5, negative="blurry")), output="latent").latents
+    theirs = _oracle(tiny_flux, "a dog", [9], guidance_scale=3.5, negative_prompt="blurry", true_cfg_scale=2.5)
+    assert torch.equal(ours, theirs)
+
+
+def test_sd3_cfg_with_negative_equals_the_pipeline_bitwise(tiny_sd3):
+    gen = _generator(tiny_sd3)
+    result = gen("a house", negative="ugly", cfg=5.0, seed=3, batch=2, steps=STEPS, width=SIZE, height=SIZE)
+    _same_images(result.images, _oracle(tiny_sd3, "a house", [3, 4], output_type="pil", negative_prompt="ugly",
+                                        guidance_scale=5.0))
+    ours = gen.generate(gen.request(_flux_req("a house", negative="ugly", cfg=5.0, seed=3)), output="latent").latents
+    assert torch.equal(ours, _oracle(tiny_sd3, "a house", [3], negative_prompt="ugly", guidance_scale=5.0))
+    assert "Distilled CFG Scale" not in result.infotexts[0]
+    assert "Negative prompt: ugly" in result.infotexts[0] and "CFG scale: 5," in result.infotexts[0]
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_lora_tag_equals_the_fused_pipeline_and_is_restored_bitwise(family, tiny_flux, tiny_sd3, tmp_path):
+    pipe = tiny_flux if family == "flux" else tiny_sd3
+    paths = FLUX_LORA_PATHS if family == "flux" else SD3_LORA_PATHS
+    peft_file(tmp_path / "style.safetensors", pipe.transformer, paths, seed=1)
+    before = state(pipe)
+    fused = copy.deepcopy(pipe)
+    fused.load_lora_weights(str(tmp_path / "style.safetensors"), adapter_name="oracle")
+    fused.fuse_lora(components=["transformer"], lora_scale=1.0)
+    extra = {"guidance_scale": 3.5} if family == "flux" else {"guidance_scale": 7.0, "negative_prompt": ""}
+    gen = _generator(pipe, adapter_dirs=[tmp_path])
+    req = _flux_req("a tree <lora:style:1>", seed=11, cfg=1.0 if family == "flux" else 7.0)
+    ours = gen.generate(gen.request(req), output="latent")
+    assert torch.equal(ours.latents, _oracle(fused, "a tree", [11], **extra))
+    assert "Lora hashes: \"style: " in ours.infotexts[0]
+    plain = gen.generate(gen.request(replace_prompt(req, "a tree")), output="latent").latents
+    assert all(torch.equal(v, before[k]) for k, v in state(pipe).items())  # the stack is off, every tensor back
+    assert torch.equal(plain, _oracle(pipe, "a tree", [11], **extra))
+    gen.generate(gen.request(req), output="latent")
+    gen.close()
+    assert all(torch.equal(v, before[k]) for k, v in state(pipe).items())
+
+
+def replace_prompt(req, prompt):
+    from dataclasses import replace
+
+    return replace(req, prompt=prompt)
+
+
+def test_flux_infotext_is_forges(tiny_flux):
+    from adapterhub.sample import infotext
+
+    result = _generator(tiny_flux)("a red cat", seed=5, steps=STEPS, width=SIZE, height=SIZE)
+    text = result.infotexts[0]
+    line = text.splitlines()[-1]
+    assert line.startswith("Steps: 2, Sampler: Euler, Schedule type: Automatic, CFG scale: 1, "
+                           "Distilled CFG Scale: 3.5, Seed: 5, Size: 64x64, Model: tiny, ")
+    fields = infotext.parse(text)
+    assert float(fields["Distilled CFG Scale"]) == 3.5 and int(fields["Seed"]) == 5 and fields["Sampler"] == "Euler"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"sampler": "DPM++ 2M"}, "flow-matching model; choose Euler"),
+    ({"schedule": "Karras"}, "choose Automatic"),
+    ({"hr_scale": 2.0}, "hires fix is not available"),
+    ({"clip_skip": 2}, "clip skip 2: not available"),
+])
+def test_flow_request_refusals(tiny_flux, options, message):
+    from adapterhub.errors import AdapterhubError
+
+    gen = _generator(tiny_flux)
+    with pytest.raises(AdapterhubError, match=message.replace("(", r"\(")):
+        gen.request(_flux_req("a cat", **options))
+
+
+def test_size_off_the_token_grid_is_refused(tiny_flux, monkeypatch):
+    """FLUX.1's grid is 16 px (VAE 8 x 2 x 2 packing); the tiny base's 4 px lets every multiple of 8 through, so the
+    real grid is set here: 72 px would be resized by the pipeline, away from the noise drawn for it."""
+    from adapterhub.errors import AdapterhubError
+    from adapterhub.sample.flow import FlowGenerator
+
+    gen = _generator(tiny_flux)
+    assert gen.size_multiple == 4
+    monkeypatch.setattr(FlowGenerator, "size_multiple", property(lambda self: 16))
+    with pytest.raises(AdapterhubError, match="size 72x64: this flux base needs width and height in multiples of 16"):
+        gen.request(_flux_req("a cat", width=72))
+
+
+def _cli(capsys, *argv):
+    from adapterhub.cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_samples_tiny_flux_with_forges_infotext(capsys, tmp_path, tiny_flux):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    rc, stdout, err = _cli(capsys, "sample", "--base", "tiny-flux", "--prompt", "a red cat", "--steps", "2",
+                           "--size", "64x64", "--seed", "5", "--distilled-cfg", "4", "--out", str(out), "--json")
+    assert rc == 0, err
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 1
+    with Image.open(files[0]) as image:
+        text = image.info["parameters"]
+        pixels = np.asarray(image.convert("RGB"))
+    assert "Sampler: Euler, Schedule type: Automatic, CFG scale: 1, Distilled CFG Scale: 4, Seed: 5" in text
+    theirs = _oracle(tiny_flux, "a red cat", [5], output_type="pil", guidance_scale=4.0)[0]
+    assert np.array_equal(pixels, np.asarray(theirs))
+
+
+@pytest.mark.parametrize("base, args, message", [
+    ("tiny-flux", ["--sampler", "DPM++ 2M"], "sampler 'DPM++ 2M': Flux is a flow-matching model"),
+    ("tiny-flux", ["--hires", "2"], "the hires fix is not available for Flux models"),
+    ("tiny-sd3", ["--distilled-cfg", "3"], "SD3 has no distilled guidance"),
+    ("tiny-sd1", ["--distilled-cfg", "3"], "--distilled-cfg is Flux-dev's guidance"),
+    ("tiny-flux", ["--backend", "compiled"], "Flux and SD3 sample with the eager backend only"),
+])
+def test_cli_refusals_are_one_line_exit_2_nothing_written(capsys, tmp_path, base, args, message):
+    out = tmp_path / "out"
+    rc, stdout, err = _cli(capsys, "sample", "--base", base, "--prompt", "a cat", "--steps", "2", *args,
+                           "--out", str(out))
+    assert rc == 2
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    assert not out.exists() or not any(out.iterdir())
