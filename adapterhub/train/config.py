@@ -30,7 +30,8 @@ from adapterhub.errors import AdapterhubError
 from adapterhub.types import TrainOption
 
 # the general options' sections; a type's options add the sections they declare (by default the type's name)
-SECTIONS = ("run", "network", "optimizer", "data", "loss", "checkpoints", "dreambooth", "sampling", "control")
+SECTIONS = ("run", "network", "optimizer", "data", "loss", "checkpoints", "dreambooth", "sampling", "control",
+            "flow")
 
 
 def opt(default, help: str, section: str, *, choices: tuple | None = None):
@@ -156,6 +157,18 @@ class _Options:
     cond_suffix: str = opt(".cond", "sidecar name: IMAGE_STEM + this + an image extension", "control")
     canny_low: float = opt(100.0, "canny lower threshold (0-255 scale)", "control")
     canny_high: float = opt(200.0, "canny upper threshold (0-255 scale)", "control")
+    # -- flow matching (the transformer bases: SD3 / SD3.5, FLUX.1; see adapterhub.train.flow) -------------
+    timestep_sampling: str = opt("uniform", "how sigmas are drawn on flow-matching bases: uniform, sigmoid, shift "
+                                            "(sd-scripts) or logit_normal, mode (diffusers' DreamBooth scripts)",
+                                 "flow", choices=("uniform", "sigmoid", "shift", "logit_normal", "mode"))
+    logit_mean: float = opt(0.0, "mean of the logit-normal timestep density", "flow")
+    logit_std: float = opt(1.0, "standard deviation of the logit-normal timestep density", "flow")
+    mode_scale: float = opt(1.29, "scale of the mode timestep density", "flow")
+    sigmoid_scale: float = opt(1.0, "scale of the normal draw inside sigmoid and shift sampling", "flow")
+    discrete_flow_shift: float = opt(3.0, "time shift of --timestep-sampling shift (sd-scripts "
+                                          "--discrete_flow_shift)", "flow")
+    guidance_scale: float = opt(3.5, "guidance value fed to a transformer with a guidance embedding (FLUX.1 dev)",
+                                "flow")
 
     # -- the chosen type's own options (``AdapterType.train_options``), complete once the type is known ------
     type_options: dict[str, typing.Any] = field(default_factory=dict, metadata={"section": None, "help": ""})

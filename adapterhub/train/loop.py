@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from adapterhub.errors import AdapterError, AdapterhubError
 from adapterhub.outputs import check_writable
 from adapterhub.train import data as D
+from adapterhub.train import flow as FM
 from adapterhub.train import metadata as M
 from adapterhub.train import state as S
 from adapterhub.train.conditioning import TextConditioner, time_ids
@@ -109,7 +110,7 @@ def _tracker(cfg: TrainConfig) -> str | None:
 
 
 def _freeze(pipe) -> None:
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False).eval()
@@ -257,7 +258,12 @@ class Trainer:
         self.pipe = load_base(cfg.base, device=str(self.device))
         self.arch = architecture_of(self.pipe)
         _freeze(self.pipe)
+        flow = FM.is_flow_base(self.pipe)  # SD3 / FLUX.1 transformers: the flow-matching objective
+        if flow:
+            FM.check(cfg)
         self.trainable = self.adapter_type.make_trainable(self.pipe, cfg)
+        if flow:
+            FM.check_trainable(cfg, self.trainable)
         if cfg.format and cfg.format not in self.trainable.formats:
             raise AdapterhubError(f"--format {cfg.format}: {cfg.type} writes "
                                   f"{', '.join(self.trainable.formats) or 'one layout only'} (other layouts: "
@@ -270,8 +276,9 @@ class Trainer:
             from adapterhub.train.control import check
 
             check(self.data.samples + self.data.validation, cfg)
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        self.v_prediction = self.noise_scheduler.config.prediction_type == "v_prediction"
+        self.flow = FM.FlowObjective(self.pipe, cfg, self.device) if flow else None
+        self.noise_scheduler = None if flow else DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.v_prediction = not flow and self.noise_scheduler.config.prediction_type == "v_prediction"
         vae = self.pipe.vae
         self.latent_scale = (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
         cache = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "latents"
@@ -280,8 +287,9 @@ class Trainer:
         for skipped in self.data.skipped:
             self.emit("skipped", **skipped)
         frozen_text = not self.trainable.trains_text
-        self.conditioner = TextConditioner(self.pipe, cfg.clip_skip, self.device,
-                                           cache=frozen_text and not D.captions_vary(cfg))
+        cache_text = frozen_text and not D.captions_vary(cfg)
+        self.conditioner = (FM.PromptConditioner(self.pipe, self.device, cache=cache_text) if flow else
+                            TextConditioner(self.pipe, cfg.clip_skip, self.device, cache=cache_text))
         self.conditioner.warm(self.trainable.caption(s.caption) for s in self.data.samples + self.data.validation)
         self._schedule()
         self.emit("start", images=len(self.data.samples), with_repeats=self.data.images_with_repeats,
@@ -307,13 +315,13 @@ class Trainer:
         self.optimizer = optimizer
         # gradients are summed across processes by hand (``_sync_gradients``), which covers parameters
         # outside the UNet too (text encoders, a ControlNet), so the UNet is not wrapped in DDP
-        self.unet = self.pipe.unet
+        self.unet = self.pipe.transformer if self.flow else self.pipe.unet  # the denoiser
         self.accel_optimizer = self.accelerator.prepare_optimizer(optimizer)
         self.noise = torch.Generator().manual_seed(cfg.seed)
         self.captions = random.Random(cfg.seed)
         self.ema = Ema(self.params, cfg.ema_decay) if cfg.ema_decay else None
         if cfg.gradient_checkpointing:
-            self.pipe.unet.enable_gradient_checkpointing()
+            self.unet.enable_gradient_checkpointing()
         self._epoch_cache: dict[int, list[list[int]]] = {}
 
     def _restore(self) -> None:
@@ -378,13 +386,21 @@ class Trainer:
         noise = torch.randn(latents.shape, generator=gen)
         if self.cfg.noise_offset:
             noise = noise + self.cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen)
-        steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(samples),), generator=gen)
+        if self.flow is not None:  # sigmas in [0, 1] (adapterhub.train.flow), drawn for the whole batch
+            steps = self.flow.sigmas(len(samples), gen)
+        else:
+            steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(samples),), generator=gen)
         part = self._shard(full, shard)
         samples, captions = samples[part], captions[part]
         if not samples:  # more processes than samples in this batch: contribute nothing
             return sum(p.sum() * 0.0 for p in self.params)
         latents, noise, steps = latents[part], noise[part], steps[part]
         latents, noise, steps = latents.to(self.device), noise.to(self.device), steps.to(self.device)
+        if self.flow is not None:
+            cond = self.conditioner(captions, grad=grad and self.trainable.trains_text)
+            loss = self.flow.loss(latents, noise, steps, cond, self.accelerator.autocast)
+            weights = torch.tensor([s.loss_weight for s in samples], dtype=loss.dtype, device=loss.device)
+            return (loss * weights).sum() / full
         hidden, pooled = self.conditioner(captions, grad=grad and self.trainable.trains_text)
         extra = {}
         if pooled is not None:
@@ -592,7 +608,7 @@ class Trainer:
             scalars = {k: v for k, v in self.cfg.as_dict().items() if isinstance(v, (int, float, str, bool))}
             with self._writing(logs_dir(self.cfg.out)):
                 self.accelerator.init_trackers(self.cfg.output_name, config=scalars)
-        self.pipe.unet.train()
+        self.unet.train()
         for module in self.trainable.modules:
             module.train()
         checkpoints, self.sample_files = [], []

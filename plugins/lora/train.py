@@ -64,12 +64,13 @@ from adapterhub.weights import architecture_of, component
 from . import math as lmath
 from . import save as lora_save
 from .patches import LoHaPatch, LoKrPatch, LoRAPatch
+from . import transformer_train
 from .targets import target_modules
 
 TRAINABLE_KINDS = ("lora", "locon", "loha", "lokr", "adalora")
 LYCORIS_KINDS = ("loha", "lokr")  # written with LyCORIS tensor names; ss_network_args carries the algo
 LOKR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 ADAPTER = "default"  # the PEFT adapter name
 UP_NAMES = ("lora_B",)  # PEFT's name of the up matrices (LoRA, LoCon, AdaLoRA)
 
@@ -204,9 +205,13 @@ class LoRATrainable(Trainable):
     """
 
     def __init__(self, kind: str, layers: dict[str, nn.Module], groups: list[dict], trains_text: bool,
-                 metadata: dict[str, str], base: str, max_norm: float | None = None):
+                 metadata: dict[str, str], base: str, max_norm: float | None = None,
+                 family: str = "stable-diffusion", fixed: dict[str, str] | None = None):
         super().__init__(groups, trains_text, metadata)
         self.kind, self.layers, self.base, self.max_norm = kind, layers, base, max_norm
+        # a transformer base's family (its kohya names) and the keys the loop's general metadata must not
+        # replace (the family's modelspec implementation; a prediction type only Stable Diffusion has)
+        self.family, self.fixed = family, dict(fixed or {})
         self.norm_stats: tuple[int, float, float] | None = None
 
     def after_step(self) -> None:
@@ -233,11 +238,13 @@ class LoRATrainable(Trainable):
                 up = layer.lora_B[ADAPTER].weight.detach().float().clone()
                 patches[target] = LoRAPatch(target, target, {"up": up, "down": down}, alpha=alpha)
         return Adapter(type=self.kind, format="lycoris" if self.kind in LYCORIS_KINDS else "kohya",
-                       patches=patches, metadata={}, base=self.base)
+                       patches=patches, metadata={}, base=self.base, family=self.family)
 
     def save(self, path: Path, metadata: dict[str, str]) -> Path:
         adapter = self.adapter()
-        adapter.metadata = {**self.metadata, **metadata}
+        adapter.metadata = {**self.metadata, **metadata, **self.fixed}
+        if self.family != "stable-diffusion":
+            adapter.metadata.pop("modelspec.prediction_type", None)
         return lora_save.save(adapter, Path(path), "kohya")
 
 
@@ -265,6 +272,8 @@ def make_trainable(kind: str, model, config) -> Trainable:
     if kind not in TRAINABLE_KINDS:
         raise AdapterhubError(f"{kind}: training is not supported (trainable: {', '.join(TRAINABLE_KINDS)})")
     _refuse_options(kind, config)
+    if transformer_train.transformer_of(model) is not None:
+        return make_transformer_trainable(kind, model, config)
     if kind == "adalora":
         return make_adalora(model, config)
     text = bool(getattr(config, "train_text_encoder", False))
@@ -290,6 +299,33 @@ def make_trainable(kind: str, model, config) -> Trainable:
         raise AdapterhubError(f"{kind}: the model has no module this type targets")
     return LoRATrainable(kind, layers, groups, trains_text=text, metadata=network_metadata(kind, config, has_conv),
                          base=architecture_of(model), max_norm=getattr(config, "max_norm", None))
+
+
+def make_transformer_trainable(kind: str, model, config) -> LoRATrainable:
+    """LoRA (or LoCon, the same on linear layers) on a transformer base's targets
+    (:mod:`.transformer_train`), written in sd-scripts' Flux / SD3 names."""
+    from peft import inject_adapter_in_model
+
+    transformer_train.refuse(kind, config)
+    if getattr(config, "train_text_encoder", False):
+        raise AdapterhubError(f"{kind}: --train-text-encoder is not available on a transformer base (FLUX.1, SD3): "
+                              "its text encoders stay frozen")
+    root = transformer_train.transformer_of(model)
+    own = transformer_train.transformer_targets(model)
+    if not own:
+        raise AdapterhubError(f"{kind}: the model has no module this type targets")
+    real = _real_names(root, own)
+    inject_adapter_in_model(_peft_config(kind, sorted(real.values()), [], config), root, adapter_name=ADAPTER)
+    params = [(n, p) for n, p in root.named_parameters() if "lora_" in n]
+    for _, p in params:
+        p.requires_grad_(True)
+    groups = _groups("transformer", params, getattr(config, "loraplus_lr_ratio", None))
+    layers = {t: root.get_submodule(real[t]) for t in own}
+    family, base = transformer_train.family_and_base(model)
+    meta = transformer_train.metadata(model, kind, network_metadata(kind, config, has_conv=False))
+    fixed = {k: meta[k] for k in ("modelspec.implementation", "ss_base_model_version")}
+    return LoRATrainable(kind, layers, groups, trains_text=False, metadata=meta, base=base,
+                         max_norm=getattr(config, "max_norm", None), family=family, fixed=fixed)
 
 
 # ---------------------------------------------------------------------------------------------

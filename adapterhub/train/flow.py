@@ -1,0 +1,177 @@
+"""The flow-matching objective of the transformer bases (SD3 / SD3.5 MMDiT, FLUX.1), as their trainers define it.
+
+A base is trained with this objective when its pipeline has a ``transformer`` denoiser and a flow-matching
+scheduler (``sigmas`` in [0, 1], ``timesteps = sigma * num_train_timesteps``). Per sample, with the VAE latent
+``x0`` (scaled and shifted as for the UNet bases) and Gaussian ``noise``::
+
+    noisy  = (1 - sigma) * x0 + sigma * noise
+    target = noise - x0                       # the velocity the transformer predicts
+    loss   = mean((prediction - target) ** 2)
+
+``sigma`` is drawn by ``--timestep-sampling``:
+
+* ``uniform``, ``sigmoid``, ``shift``: sd-scripts' continuous draws (``flux_train_utils.
+  get_noisy_model_input_and_timesteps``): ``u ~ U(0, 1)``; ``sigmoid(sigmoid_scale * n)``, ``n ~ N(0, 1)``;
+  that sigmoid draw shifted, ``shift * s / (1 + (shift - 1) * s)`` with ``--discrete-flow-shift``.
+* ``logit_normal`` (``--logit-mean``, ``--logit-std``) and ``mode`` (``--mode-scale``): diffusers' DreamBooth
+  scripts (``train_dreambooth_lora_flux.py`` / ``_sd3.py``): ``u`` from the density of
+  ``training_utils.compute_density_for_timestep_sampling`` (:func:`density` draws the same numbers from the
+  same generator), then ``sigma`` is the base scheduler's training sigma at index ``floor(u * N)``; that table
+  carries the scheduler's own shift where the base has a fixed one (SD3: 3.0), none where it shifts by image
+  size at inference (FLUX.1 dev).
+
+The transformer is called as the pipeline calls it: the text conditioning is the pipeline's own
+``encode_prompt`` (CLIP, plus T5; SD3 without classifier-free guidance); a pipeline that packs latents
+(FLUX.1) gets them as 2x2 patches (``_pack_latents``) with the pipeline's image ids, the timestep divided by
+1000, and ``guidance`` (``--guidance-scale``) when the transformer embeds one (FLUX.1 dev); the prediction is
+compared with the packed target (the same elements as diffusers' unpacked comparison).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from adapterhub.errors import AdapterhubError
+from adapterhub.weights import component
+
+SAMPLINGS = ("uniform", "sigmoid", "shift", "logit_normal", "mode")
+CONTINUOUS = ("uniform", "sigmoid", "shift")  # sd-scripts' draws; the others index the scheduler's table
+
+
+def is_flow_base(pipe) -> bool:
+    """A transformer base trained with the flow-matching objective (no UNet, a ``transformer`` denoiser)."""
+    return component(pipe, "unet") is None and component(pipe, "transformer") is not None
+
+
+def density(kind: str, n: int, gen: torch.Generator | None, logit_mean: float = 0.0, logit_std: float = 1.0,
+            mode_scale: float = 1.29) -> torch.Tensor:
+    """``n`` draws of ``u`` in [0, 1] for ``logit_normal`` (the sigmoid of a normal), ``mode`` (the SD3 paper's
+    mode-heavy density) or anything else (uniform); the same numbers, from the same generator, as diffusers'
+    ``compute_density_for_timestep_sampling``."""
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.normal(mean=float(logit_mean), std=float(logit_std), size=(n,), generator=gen))
+    u = torch.rand(size=(n,), generator=gen)
+    if kind == "mode":
+        return 1 - u - float(mode_scale) * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def shifted(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The time shift of SD3 / sd-scripts: ``shift * s / (1 + (shift - 1) * s)`` (1: unchanged)."""
+    return sigmas * shift / (1 + (shift - 1) * sigmas)
+
+
+class FlowObjective:
+    """Draws the sigmas and computes the per-sample loss of one batch (see the module doc)."""
+
+    def __init__(self, pipe, cfg, device):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.pipe, self.cfg, self.device = pipe, cfg, device
+        self.transformer = component(pipe, "transformer")
+        # a fresh copy: set_timesteps at inference would replace the training table
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        self.train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.packs = callable(getattr(pipe, "_pack_latents", None))  # FLUX.1: 2x2 patches and image ids
+        embeds_guidance = bool(getattr(self.transformer.config, "guidance_embeds", False))
+        self.guidance = float(cfg.guidance_scale) if embeds_guidance else None
+
+    # -- sigmas -------------------------------------------------------------------------------
+    def sigmas(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """``n`` sigmas in [0, 1] by ``--timestep-sampling`` (float32, on the CPU)."""
+        cfg, kind = self.cfg, self.cfg.timestep_sampling
+        if kind == "uniform":
+            return torch.rand((n,), generator=gen)
+        if kind in ("sigmoid", "shift"):
+            s = torch.sigmoid(float(cfg.sigmoid_scale) * torch.randn((n,), generator=gen))
+            return shifted(s, float(cfg.discrete_flow_shift)) if kind == "shift" else s
+        u = density(kind, n, gen, cfg.logit_mean, cfg.logit_std, cfg.mode_scale)
+        indices = (u * self.train_timesteps).long().clamp(0, self.train_timesteps - 1)  # mode reaches u = 1
+        return self.scheduler.sigmas[indices].float()
+
+    # -- the loss -----------------------------------------------------------------------------
+    def loss(self, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, cond: dict,
+             autocast) -> torch.Tensor:
+        """Per-sample mean squared error of the predicted velocity (shape ``(batch,)``)."""
+        s = sigmas.to(x0.dtype).view(-1, 1, 1, 1)
+        noisy = (1 - s) * x0 + s * noise
+        target = noise - x0
+        timesteps = sigmas * self.train_timesteps
+        with autocast():
+            prediction = self.predict(noisy, timesteps, cond)
+        if self.packs:
+            target = self.pack(target)
+        return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = latents.shape
+        return type(self.pipe)._pack_latents(latents, b, c, h, w)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The transformer's output for ``noisy`` latents (packed where the pipeline packs)."""
+        b, _, h, w = noisy.shape
+        kwargs = dict(cond)
+        if not self.packs:
+            return self.transformer(hidden_states=noisy, timestep=timesteps, return_dict=False, **kwargs)[0]
+        ids = type(self.pipe)._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        if self.guidance is not None:
+            kwargs["guidance"] = torch.full((b,), self.guidance, device=noisy.device, dtype=noisy.dtype)
+        return self.transformer(hidden_states=self.pack(noisy), timestep=timesteps / 1000, img_ids=ids,
+                                return_dict=False, **kwargs)[0]
+
+
+class PromptConditioner:
+    """The transformer's text inputs from the pipeline's own ``encode_prompt``, one caption at a time (so a
+    caption's tensors never depend on its batch), kept per caption while the text encoders are frozen."""
+
+    def __init__(self, pipe, device, cache: bool):
+        self.pipe, self.device, self.cache_on = pipe, device, cache
+        self.packs = callable(getattr(pipe, "_pack_latents", None))
+        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _encode(self, caption: str) -> dict[str, torch.Tensor]:
+        if self.packs:  # FLUX.1: (T5 sequence, CLIP pooled, text ids)
+            hidden, pooled, text_ids = self.pipe.encode_prompt(caption, prompt_2=None, device=self.device)
+            return {"encoder_hidden_states": hidden[0], "pooled_projections": pooled[0], "txt_ids": text_ids}
+        hidden, _, pooled, _ = self.pipe.encode_prompt(caption, None, None, device=self.device,
+                                                       do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": hidden[0], "pooled_projections": pooled[0]}
+
+    def warm(self, captions) -> None:
+        if not self.cache_on:
+            return
+        with torch.no_grad():
+            for caption in sorted(set(captions)):
+                if caption not in self.cache:
+                    self.cache[caption] = self._encode(caption)
+
+    def __call__(self, captions: list[str], grad: bool) -> dict[str, torch.Tensor]:
+        with torch.set_grad_enabled(grad):
+            parts = [self.cache[c] if self.cache_on and c in self.cache else self._encode(c) for c in captions]
+        batch = {k: torch.stack([p[k] for p in parts]) for k in ("encoder_hidden_states", "pooled_projections")}
+        if "txt_ids" in parts[0]:
+            batch["txt_ids"] = parts[0]["txt_ids"]  # one id table for the batch (every caption has its length)
+        return batch
+
+
+def check(cfg) -> None:
+    """Refuse, in one line, the options the flow-matching loop does not define (before the model is changed)."""
+    if cfg.timestep_sampling not in SAMPLINGS:
+        raise AdapterhubError(f"--timestep-sampling {cfg.timestep_sampling}: choose one of {', '.join(SAMPLINGS)}")
+    refused = [("min_snr_gamma", "--min-snr-gamma", "min-SNR weighting is defined for the DDPM noise schedule"),
+               ("sample_every", "--sample-every", "validation images of transformer bases are made with "
+                                                  "adapterhub sample"),
+               ("class_prompt", "--class-prompt", "class images of transformer bases are not generated here"),
+               ("train_text_encoder", "--train-text-encoder", "the text encoders of transformer bases stay frozen")]
+    for name, flag, why in refused:
+        if getattr(cfg, name):
+            raise AdapterhubError(f"{flag}: not available on {cfg.base} (a flow-matching base): {why}")
+
+
+def check_trainable(cfg, trainable) -> None:
+    """A trainable the flow loop can train: no conditioning image input (a ControlNet-like type)."""
+    if trainable.conditioning:
+        raise AdapterhubError(f"--type {cfg.type}: adapters with a conditioning image are not trained on "
+                              f"{cfg.base} (a flow-matching base)")
