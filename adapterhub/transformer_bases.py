@@ -149,7 +149,8 @@ _CHECKPOINT_KEYS = (
 def transformer_base_facts(spec: str) -> tuple[str, int | None] | None:
     """``(family, hidden width)`` of a transformer-family base named by ``spec``, from what its files say
     (a preset's recipe, a diffusers folder's ``transformer/config.json`` or ``model_index.json``, a
-    safetensors checkpoint's header), without building a weight; None for anything else (a Stable
+    safetensors checkpoint's header, a hub id's copies of those in the local Hugging Face cache),
+    without building a weight; None for anything else (a Stable
     Diffusion base, an unreadable file: loading tells). The width is None where the files do not say."""
     if spec in TRANSFORMER_PRESETS:
         rec = TRANSFORMER_PRESETS[spec]
@@ -157,20 +158,36 @@ def transformer_base_facts(spec: str) -> tuple[str, int | None] | None:
     path = Path(spec).expanduser()
     try:
         if path.is_dir():
-            return _folder_facts(path)
+            return _config_facts(path / "model_index.json", path / "transformer" / "config.json")
         if path.is_file() and path.suffix.lower() in (".safetensors", ".sft"):
             return _checkpoint_facts(path)
+        if not path.exists() and _HUB_ID.match(spec):  # the local Hugging Face cache's copy, never the network
+            return _config_facts(*(_hub_cached_file(spec, name) for name in ("model_index.json",
+                                                                              "transformer/config.json")))
     except (OSError, ValueError, AdapterhubError):
         pass
     return None
 
 
-def _folder_facts(folder: Path) -> tuple[str, int | None] | None:
-    config_file = folder / "transformer" / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _hub_cached_file(repo_id: str, filename: str) -> Path | None:
+    import os
+
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=os.environ.get("HF_HUB_CACHE") or None)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _config_facts(model_index: Path | None, config_file: Path | None) -> tuple[str, int | None] | None:
+    """From a diffusers folder's ``transformer/config.json`` (class and width), else its ``model_index.json``
+    (the pipeline class: the family only)."""
+    config = json.loads(config_file.read_text()) if config_file is not None and config_file.is_file() else {}
     family = TRANSFORMER_CLASSES.get(config.get("_class_name", ""))
-    if family is None and (folder / "model_index.json").is_file():
-        pipeline = str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
+    if family is None and model_index is not None and model_index.is_file():
+        pipeline = str(json.loads(model_index.read_text()).get("_class_name", ""))
         family = next((f for prefix, f in PIPELINE_FAMILIES if pipeline.startswith(prefix)), None)
     return (family, hidden_width(config)) if family else None
 

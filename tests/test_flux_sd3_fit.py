@@ -123,3 +123,20 @@ def test_matching_bases_pass_the_early_check(tmp_path):
     unknown_width = _lora(tmp_path / "d.safetensors", {"transformer.context_embedder": (1536, 4096)},
                           metadata={"modelspec.architecture": "stable-diffusion-3.5-medium/lora"})
     check_fits_base("sd3.5-medium", [adapterhub.load(unknown_width)])
+
+
+def test_hub_id_in_the_local_cache_is_told_by_its_cached_config(tmp_path, capsys, no_base_loading, monkeypatch):
+    """``--base black-forest-labs/FLUX.1-dev`` (a hub id in the local Hugging Face cache): its cached
+    ``model_index.json`` / ``transformer/config.json`` decide, before 12 B parameters are loaded."""
+    snapshot = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-dev" / "snapshots" / "0123abcd"
+    (snapshot / "transformer").mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    (snapshot / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (snapshot / "transformer" / "config.json").write_text(json.dumps(
+        {"_class_name": "FluxTransformer2DModel", "num_attention_heads": 24, "attention_head_dim": 128}))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    path = _lora(tmp_path / "sd35.safetensors", SD35_LARGE_LORA)
+    rc, _, err = _cli(capsys, "merge", str(path), "--base", "black-forest-labs/FLUX.1-dev", "--out",
+                      str(tmp_path / "out"))
+    assert rc == 2 and "sd3 adapter" in err and "FLUX.1-dev is a flux model" in err, err
