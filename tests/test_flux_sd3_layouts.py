@@ -380,3 +380,17 @@ def test_comfyui_text_encoder_names_merge_by_the_formula(base, prefixes, request
     for (component, path), weight in expected.items():
         got = dict(getattr(merged, component).named_modules())[path].weight
         torch.testing.assert_close(got, weight, atol=1e-6, rtol=0, msg=f"{component}.{path}")
+
+
+def test_xlabs_converts_to_kohya_compactly_and_back_bit_for_bit(tiny_flux, tmp_path):
+    """XLabs' single-block qkv LoRA (q, k, v share one ``down``; no MLP part) becomes sd-scripts' ``linear1``
+    at the same rank (zero ``up`` rows for the MLP), and reads back to the same deltas, bit for bit."""
+    import adapterhub
+    from adapterhub.convert import convert
+
+    src = _xlabs_file(tmp_path / "xlabs.safetensors", tiny_flux.transformer)
+    convert(src, "kohya", tmp_path / "kohya.safetensors")
+    written = load_file(str(tmp_path / "kohya.safetensors"))
+    assert written["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape[0] == 4
+    assert written["lora_unet_double_blocks_1_txt_attn_qkv.lora_down.weight"].shape[0] == 4
+    assert_bitwise_same_deltas(adapterhub.load(src), adapterhub.load(tmp_path / "kohya.safetensors"))

@@ -4,8 +4,8 @@ sd-scripts names Flux modules after BFL's model (``lora_unet_double_blocks_0_img
 after SAI's MMDiT (``lora_unet_joint_blocks_0_x_block_attn_qkv``); both fuse modules diffusers keeps apart.
 Patches on the parts of one fused module become one LoRA on it:
 
-* every part present with the same ``down`` and scale (a kohya file read back): that ``down`` and the
-  parts' ``up`` stacked by rows, the file's own tensors;
+* the parts present share one ``down`` and scale (a kohya file read back, XLabs' qkv): that ``down`` and
+  the parts' ``up`` stacked by rows (zero rows for a missing part), the file's own tensors;
 * otherwise block-diagonal: ``down`` is the parts' ``down`` stacked (each padded to the largest rank
   ``r``), ``up`` holds part ``j``'s ``up`` in its rows and rank block ``j`` and zeros elsewhere, so
   ``up @ down`` is exactly each part's product in its rows; a missing part is a zero block. One alpha
@@ -136,11 +136,13 @@ def _fused_module(adapter: Adapter, name: str, parts: tuple[str, ...], patches: 
         half = up0.shape[0] // 2
         return {f"{name}.lora_down.weight": down0, f"{name}.lora_up.weight": torch.cat([up0[half:], up0[:half]]),
                 f"{name}.alpha": _alpha(scale0 * down0.shape[0])}
-    shared = len(present) == len(factors) and all(
-        s == scale0 and u.dtype == up0.dtype and d.dtype == down0.dtype and torch.equal(d, down0)
-        for u, d, s in present)
-    if shared:
-        return {f"{name}.lora_down.weight": down0, f"{name}.lora_up.weight": torch.cat([u for u, _, _ in present]),
+    shared = all(s == scale0 and u.dtype == up0.dtype and d.dtype == down0.dtype and torch.equal(d, down0)
+                 for u, d, s in present)
+    if shared:  # one down: the parts' up stacked, zero rows for a missing part
+        width = down0.shape[1]
+        ups = [f[0] if f is not None else torch.zeros(PART_WIDTHS[part] * width, down0.shape[0], dtype=up0.dtype)
+               for f, part in zip(factors, parts)]
+        return {f"{name}.lora_down.weight": down0, f"{name}.lora_up.weight": torch.cat(ups),
                 f"{name}.alpha": _alpha(scale0 * down0.shape[0])}
     return _block_diagonal(name, parts, factors)
 
