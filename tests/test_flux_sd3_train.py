@@ -252,7 +252,18 @@ def test_saved_file_carries_sd_scripts_names_and_metadata(base, two_images, tmp_
     assert meta["modelspec.implementation"].startswith("https://github.com/")
     assert meta["ss_steps"] == "1" and "sshs_model_hash" in meta and "modelspec.prediction_type" not in meta
     assert json.loads(meta["ss_tag_frequency"])
+    assert meta["ss_timestep_sampling"] == "uniform" and meta["ss_model_prediction_type"] == "raw"
+    assert meta["ss_guidance_scale"] == "3.5" and meta["ss_discrete_flow_shift"] == "3.0"
     assert adapterhub.load(out).base == name
+
+
+def test_flow_options_are_refused_on_a_unet_base(two_images, tmp_path, capsys):
+    out = tmp_path / "sd1.safetensors"
+    rc = main(["train", "--type", "lora", "--base", "tiny-sd1", "--dataset", str(two_images), "--out", str(out),
+               "--resolution", "64", "--bucket-step", "32", "--max-steps", "1", "--log-with", "none",
+               "--timestep-sampling", "logit_normal"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--timestep-sampling" in one_line_error(err) and not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------

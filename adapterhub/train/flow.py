@@ -78,6 +78,15 @@ class FlowObjective:
         embeds_guidance = bool(getattr(self.transformer.config, "guidance_embeds", False))
         self.guidance = float(cfg.guidance_scale) if embeds_guidance else None
 
+    def metadata(self) -> dict[str, str]:
+        """sd-scripts' ``ss_*`` keys of a Flux / SD3 run (``flux_train_network.py`` writes the same names)."""
+        cfg = self.cfg
+        return {"ss_timestep_sampling": cfg.timestep_sampling, "ss_sigmoid_scale": str(cfg.sigmoid_scale),
+                "ss_discrete_flow_shift": str(cfg.discrete_flow_shift), "ss_logit_mean": str(cfg.logit_mean),
+                "ss_logit_std": str(cfg.logit_std), "ss_mode_scale": str(cfg.mode_scale),
+                "ss_weighting_scheme": cfg.timestep_sampling if cfg.timestep_sampling not in CONTINUOUS else "uniform",
+                "ss_guidance_scale": str(cfg.guidance_scale), "ss_model_prediction_type": "raw"}
+
     # -- sigmas -------------------------------------------------------------------------------
     def sigmas(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """``n`` sigmas in [0, 1] by ``--timestep-sampling`` (float32, on the CPU)."""
@@ -168,6 +177,16 @@ def check(cfg) -> None:
     for name, flag, why in refused:
         if getattr(cfg, name):
             raise AdapterhubError(f"{flag}: not available on {cfg.base} (a flow-matching base): {why}")
+
+
+def check_not_flow(cfg) -> None:
+    """On a UNet base the flow options would do nothing: one given there (not at its default) is refused."""
+    from adapterhub.train.config import fields
+
+    for name, f in fields().items():
+        if f.metadata["section"] == "flow" and getattr(cfg, name) != f.default:
+            raise AdapterhubError(f"--{name.replace('_', '-')}: applies to flow-matching bases (FLUX.1, SD3); "
+                                  f"{cfg.base} is trained with its own noise schedule")
 
 
 def check_trainable(cfg, trainable) -> None:

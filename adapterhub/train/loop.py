@@ -259,8 +259,7 @@ class Trainer:
         self.arch = architecture_of(self.pipe)
         _freeze(self.pipe)
         flow = FM.is_flow_base(self.pipe)  # SD3 / FLUX.1 transformers: the flow-matching objective
-        if flow:
-            FM.check(cfg)
+        FM.check(cfg) if flow else FM.check_not_flow(cfg)
         self.trainable = self.adapter_type.make_trainable(self.pipe, cfg)
         if flow:
             FM.check_trainable(cfg, self.trainable)
@@ -519,8 +518,9 @@ class Trainer:
                 "base_facts": self._base_facts}
 
     def metadata(self) -> dict[str, str]:
-        return M.training_metadata(self.cfg, self._run_facts(), self.data, self.trainable.metadata, self.arch,
+        meta = M.training_metadata(self.cfg, self._run_facts(), self.data, self.trainable.metadata, self.arch,
                                    self.v_prediction)
+        return {**meta, **self.flow.metadata()} if self.flow is not None else meta
 
     def write_adapter(self, target: Path) -> Path:
         """The adapter at the current step, written to a hidden file then finished into ``target``."""
