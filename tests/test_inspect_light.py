@@ -133,3 +133,12 @@ def test_real_world_safetensors_files_show_the_same_facts_or_the_same_error(monk
         except adapterhub.AdapterError as exc:
             heavy = f"error: {exc}"
         assert light == heavy, path
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_nonfinite_count_of_a_float8_torch_tensor(dtype):
+    """torch has no float8 ``isfinite``: the count goes through float32, which holds every float8 value."""
+    from adapterhub.finite import nonfinite_count
+
+    values = torch.tensor([1.0, math.nan, -2.0, math.nan, 0.5]).to(dtype)
+    assert nonfinite_count(values) == 2
