@@ -12,15 +12,18 @@ Every layout is translated to one target naming, the diffusers module path under
 * LyCORIS' wrapper (SimpleTuner) and OneTrainer: ``lycoris_`` / ``lora_transformer_`` + the diffusers
   path joined by ``_`` (``lycoris_transformer_blocks_0_attn_to_q``), decoded by the modules that exist.
 
+Text encoders: ``lora_te1_`` / ``lora_te2_`` as for Stable Diffusion (the CLIP encoders), sd-scripts'
+``lora_te3_`` and ComfyUI's ``text_encoders.t5xxl.transformer.`` on the family's T5 encoder.
+
 BFL fuses modules diffusers keeps apart: ``img_attn.qkv`` (to_q, to_k, to_v), ``txt_attn.qkv``
 (add_q/k/v_proj) and a single block's ``linear1`` (to_q, to_k, to_v, proj_mlp); SAI's ``attn.qkv`` the
-same three (``context_block``: add_q/k/v_proj). A LoRA on a fused
-module is ``up @ down`` with ``up`` stacked by output rows, so it splits exactly into one LoRA per
-diffusers module: the shared ``down`` and that module's rows of ``up`` (diffusers' own kohya converter
-does the same). When ``up`` is block-diagonal (separate LoRAs stacked, as sd-scripts' converters and
-our writer join them), each part keeps only its own block of ranks, as diffusers' converter does.
-The split sizes come from the shapes alone: a fused module's input is the hidden
-width ``h``; qkv is three ``h``, linear1 three ``h`` and the MLP's rest. BFL's and SAI's final
+same three (``context_block``: add_q/k/v_proj). A LoRA on a fused module is ``up @ down`` with ``up``
+stacked by output rows, so it splits exactly into one LoRA per diffusers module: the shared ``down``
+and that module's rows of ``up`` (diffusers' own kohya converter does the same). When ``up`` is
+block-diagonal (separate LoRAs stacked, as sd-scripts' converters and our writer join them), each part
+keeps only its own block of ranks, as diffusers' converter does. The split sizes come from the shapes
+alone: a fused module's input is the hidden width ``h``; qkv is three ``h``, linear1 three ``h`` and
+the MLP's rest. BFL's and SAI's final
 modulation emits (shift, scale) where diffusers' ``norm_out`` emits (scale, shift): its rows are
 swapped (and those of SD3's last context modulation, see :func:`is_swapped`).
 
@@ -130,7 +133,7 @@ class Piece:
 
 def bfl_targets(name: str) -> tuple[str, ...] | None:
     """The diffusers paths (under ``transformer.``) a module name in the original model's names stands for:
-    kohya / ComfyUI Flux (BFL's names) or sd-scripts SD3 (SAI's MMDiT names)."""
+    kohya / ComfyUI Flux (BFL's names), sd-scripts SD3 (SAI's MMDiT names) or XLabs' processors."""
     xlabs = _XLABS.match(name)
     if xlabs is not None:
         found = XLABS[xlabs[1]].get(xlabs[3])
@@ -201,9 +204,9 @@ def pieces_of(mod: ModuleKeys) -> list[Piece] | None:
         plain = diffusers_target(mod.name)
         return [Piece(f"transformer.{plain}")] if plain else None
     targets = [f"transformer.{t}" for t in fused]
-    rows, width = _out_rows(mod), _in_width(mod)
-    if len(targets) == 1 and not is_swapped(fused[0], rows, width):
+    if len(targets) == 1 and not is_swapped(fused[0], _out_features(mod), _in_features(mod)):
         return [Piece(targets[0])]
+    rows, width = _out_rows(mod), _in_width(mod)
     if rows is None or width is None:
         return None  # not a low-rank LoRA: refused by the caller by name
     if len(targets) == 1:
@@ -236,6 +239,17 @@ def _out_rows(mod: ModuleKeys) -> int | None:
 def _in_width(mod: ModuleKeys) -> int | None:
     down = mod.shapes.get("down")
     return down[1] if down is not None and len(down) == 2 else None
+
+
+def _out_features(mod: ModuleKeys) -> int | None:
+    """The output rows of any kind of module (LoRA, LoHa, LoKr), from the header shapes."""
+    shapes = mod.shapes
+    shape = shapes.get("up") or shapes.get("hada_w1_a")
+    if shape is not None:
+        return shape[0]
+    w1 = shapes.get("lokr_w1") or shapes.get("lokr_w1_a")
+    w2 = shapes.get("lokr_w2") or shapes.get("lokr_w2_a")
+    return w1[0] * w2[0] if w1 is not None and w2 is not None else None
 
 
 def _in_features(mod: ModuleKeys) -> int | None:
