@@ -219,3 +219,41 @@ def test_cli_refusals_are_one_line_exit_2_nothing_written(capsys, tmp_path, base
     assert message in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_samples_a_diffusers_folder_of_sd3(capsys, tmp_path, tiny_sd3):
+    """A diffusers folder of the family is told from its files and sampled as the tiny base is."""
+    folder = tmp_path / "my-sd3"
+    tiny_sd3.save_pretrained(folder)
+    out = tmp_path / "out"
+    rc, stdout, err = _cli(capsys, "sample", "--base", str(folder), "--prompt", "a house", "--negative", "ugly",
+                           "--steps", "2", "--size", "64x64", "--seed", "3", "--cfg", "5", "--out", str(out))
+    assert rc == 0, err
+    from PIL import Image
+
+    (path,) = sorted(out.glob("*.png"))
+    with Image.open(path) as image:
+        text, pixels = image.info["parameters"], np.asarray(image.convert("RGB"))
+    assert "Sampler: Euler" in text and "Model: my-sd3" in text and "Model hash: " in text
+    theirs = _oracle(tiny_sd3, "a house", [3], output_type="pil", negative_prompt="ugly", guidance_scale=5.0)[0]
+    assert np.array_equal(pixels, np.asarray(theirs))
+
+
+def test_from_png_reruns_a_flux_image_pixel_for_pixel(capsys, tmp_path, tiny_flux):
+    """--from-png takes Forge's fields back: the Distilled CFG Scale, and a CFG above Flux's default of 1 (the
+    family's defaults fill in only what neither the command line nor the image gives)."""
+    from PIL import Image
+
+    first, again = tmp_path / "first", tmp_path / "again"
+    rc, _, err = _cli(capsys, "sample", "--base", "tiny-flux", "--prompt", "a red cat", "--negative", "blurry",
+                      "--steps", "2", "--size", "64x64", "--seed", "8", "--cfg", "1.5", "--distilled-cfg", "5",
+                      "--out", str(first))
+    assert rc == 0, err
+    (made,) = sorted(first.glob("*.png"))
+    rc, _, err = _cli(capsys, "sample", "--base", "tiny-flux", "--from-png", str(made), "--out", str(again))
+    assert rc == 0, err
+    (rerun,) = sorted(again.glob("*.png"))
+    with Image.open(made) as a, Image.open(rerun) as b:
+        assert a.info["parameters"].replace("RNG: CPU, ", "") == b.info["parameters"].replace("RNG: CPU, ", "")
+        assert "CFG scale: 1.5, Distilled CFG Scale: 5," in b.info["parameters"]
+        assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))

@@ -101,11 +101,14 @@ def plan_run(options: SampleOptions) -> Plan:
     the control images, the RNG for the device, then every job and plot (one-line :class:`AdapterhubError`)."""
     notes: list[str] = []
     options = replace(options, format=image_format(options.format))
+    chosen = set(options.given)  # the options the user or the image set: a family's defaults leave them alone
     if options.from_png:
         from adapterhub.sample.rerun import from_png
 
-        values, notes = from_png(options.from_png, _as_dict(options), set(options.given))
+        before = _as_dict(options)
+        values, notes = from_png(options.from_png, dict(before), set(options.given))
         options = SampleOptions(**values)
+        chosen |= {name for name, value in values.items() if before.get(name) != value}
     if options.prompt is None and not options.prompts_file:
         raise AdapterhubError("give --prompt (or --prompts FILE, or --from-png IMAGE)")
     dirs = [Path(d) for d in options.adapter_dirs]
@@ -114,7 +117,7 @@ def plan_run(options: SampleOptions) -> Plan:
         raise AdapterhubError("--denoise is the img2img strength: give --init-image (the hires pass takes "
                               "--hires-denoise)")
     check_request(request, dirs)  # bad input fails here: no model loaded, nothing written
-    request = _family_request(options, request)
+    request = _family_request(options, request, chosen)
     _check_rng(request.rng, options.device)
     plan = Plan(options, request, dirs, notes)
     if plan.many:
@@ -122,10 +125,10 @@ def plan_run(options: SampleOptions) -> Plan:
     return plan
 
 
-def _family_request(options: SampleOptions, request: Request) -> Request:
+def _family_request(options: SampleOptions, request: Request, chosen: set[str]) -> Request:
     """For a Flux or SD3 base (told from its files, nothing built) the request with the family's defaults for the
-    options not given, checked against what the family can do (:mod:`adapterhub.sample.flow`); other bases refuse
-    Flux's distilled guidance."""
+    options not ``chosen`` (by the command line or ``--from-png``'s image), checked against what the family can do
+    (:mod:`adapterhub.sample.flow`); other bases refuse Flux's distilled guidance."""
     from adapterhub.sample.flow import check_flow_request, flow_family, flow_request
 
     family = flow_family(options.base)
@@ -136,7 +139,7 @@ def _family_request(options: SampleOptions, request: Request) -> Request:
         return request
     if options.prompts_file or options.x_axis or options.y_axis or options.z_axis:
         raise AdapterhubError(f"--prompts and X/Y/Z plots are not available for {family} bases yet")
-    request = replace(flow_request(request, family, options.given), distilled_cfg=options.distilled_cfg)
+    request = replace(flow_request(request, family, chosen), distilled_cfg=options.distilled_cfg)
     check_flow_request(request, family)
     return request
 

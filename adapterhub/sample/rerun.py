@@ -16,7 +16,8 @@ from adapterhub.errors import AdapterhubError
 FROM_PNG = {"Prompt": ("prompt", str), "Negative prompt": ("negative", str), "Steps": ("steps", int),
             "Sampler": ("sampler", str), "Schedule type": ("schedule", str), "CFG scale": ("cfg", float),
             "Seed": ("seed", int), "Clip skip": ("clip_skip", int), "Hires upscale": ("hires", float),
-            "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str), "ENSD": ("ensd", int)}
+            "Hires steps": ("hires_steps", int), "Hires upscaler": ("hires_upscaler", str), "ENSD": ("ensd", int),
+            "Distilled CFG Scale": ("distilled_cfg", float)}  # Forge's, for Flux-dev
 FALLBACK_UPSCALER = "Lanczos"  # for a model upscaler (ESRGAN family) named in an infotext
 
 
