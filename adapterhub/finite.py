@@ -24,7 +24,8 @@ def nonfinite_count(t: Any) -> int | None:
     if callable(counter):  # a StoredTensor: counted on disk
         return counter()
     torch = sys.modules.get("torch")  # a torch tensor exists only once torch is imported
-    if torch is not None and isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
+    tensor = getattr(torch, "Tensor", None)  # None too while torch is half imported
+    if tensor is not None and isinstance(t, tensor) and t.is_floating_point() and t.device.type != "meta":
         if t.element_size() == 1:  # float8: torch has no isfinite for some; float32 holds every value exactly
             t = t.float()
         return int(t.numel() - torch.isfinite(t).sum())

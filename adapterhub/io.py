@@ -305,6 +305,21 @@ def _float32(value: float | int | bool) -> float:
         return math.copysign(math.inf, value)
 
 
+class _MappedFile:
+    """A file's bytes, memory-mapped read-only on first use and shared by its :class:`StoredTensor` s (one
+    mapping per file, not one per tensor: a file holds thousands)."""
+
+    def __init__(self, path: Path):
+        self.path, self._bytes = path, None
+
+    def bytes(self):
+        if self._bytes is None:
+            import numpy as np
+
+            self._bytes = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._bytes
+
+
 class StoredTensor:
     """One tensor of a safetensors file, known by its header entry and read from disk only on request,
     without torch: its shape, ``dim()`` and ``numel()`` as a torch tensor has them, ``item()`` of a
@@ -312,8 +327,9 @@ class StoredTensor:
     and :meth:`nonfinite`, the count of NaN / infinite values (by bit pattern, numpy over the mapped bytes).
     What ``adapterhub inspect`` parses a safetensors file with (:func:`stored_view`)."""
 
-    def __init__(self, path: Path, key: str, info: TensorInfo, start: int, end: int, as_float32: bool = False):
-        self.path, self.key, self.info, self.start, self.end = path, key, info, start, end
+    def __init__(self, source: _MappedFile, key: str, info: TensorInfo, start: int, end: int,
+                 as_float32: bool = False):
+        self.source, self.key, self.info, self.start, self.end = source, key, info, start, end
         self.as_float32 = as_float32
 
     @property
@@ -335,15 +351,13 @@ class StoredTensor:
 
     def float(self) -> StoredTensor:
         """The values as float32: ``item()`` then rounds to float32."""
-        return StoredTensor(self.path, self.key, self.info, self.start, self.end, as_float32=True)
+        return StoredTensor(self.source, self.key, self.info, self.start, self.end, as_float32=True)
 
     def item(self) -> float | int | bool:
         """The one value of a one-element tensor."""
         if self.info.numel != 1:
             raise ValueError(f"{self.key}: item() of a tensor of {self.info.numel} values")
-        with open(self.path, "rb") as f:
-            f.seek(self.start)
-            value = _scalar(self.info.dtype, f.read(self.end - self.start))
+        value = _scalar(self.info.dtype, self.source.bytes()[self.start:self.end].tobytes())
         return _float32(value) if self.as_float32 else value
 
     def nonfinite(self) -> int:
@@ -353,7 +367,7 @@ class StoredTensor:
         import numpy as np
 
         raw_type, mask, pattern = _ST_NONFINITE[self.info.dtype]
-        bits = np.memmap(self.path, dtype=np.dtype(raw_type), mode="r", offset=self.start, shape=(self.info.numel,))
+        bits = self.source.bytes()[self.start:self.end].view(np.dtype(raw_type))
         return int(np.count_nonzero((bits & mask) == pattern))
 
 
@@ -378,8 +392,8 @@ def stored_view(file: AdapterFile) -> AdapterFile:
     if file.container != "safetensors" or file._tensors is not None or offsets is None \
             or not _back_to_back(offsets.values(), file.weight_file.stat().st_size - file.data_offset()):
         return file  # a layout the safetensors library refuses: reading the tensors says so, as before
-    base = file.data_offset()
-    tensors = {k: StoredTensor(file.weight_file, k, info, base + offsets[k][0], base + offsets[k][1])
+    base, source = file.data_offset(), _MappedFile(file.weight_file)
+    tensors = {k: StoredTensor(source, k, info, base + offsets[k][0], base + offsets[k][1])
                for k, info in file.keys.items()}
     return dataclasses.replace(file, _tensors=tensors)
 

@@ -73,8 +73,8 @@ class EmbeddingPatch(Patch):
 def is_tensor(obj) -> bool:
     """Whether ``obj`` is a torch tensor, without importing torch: only a loaded pickle holds one, and
     loading it imported torch."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.Tensor)
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)  # None too while torch is half imported
+    return tensor is not None and isinstance(obj, tensor)
 
 
 def _vector_shape(shape: tuple[int, ...]) -> bool:
