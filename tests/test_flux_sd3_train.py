@@ -266,6 +266,27 @@ def test_flow_options_are_refused_on_a_unet_base(two_images, tmp_path, capsys):
     assert rc == 2 and "--timestep-sampling" in one_line_error(err) and not out.exists()
 
 
+@pytest.mark.parametrize("kind, key", [("loha", "hada_w1_a"), ("lokr", "lokr_w1")])
+def test_lycoris_kinds_save_in_lycoris_names_and_read_back_as_peft_merges(kind, key, two_images, tmp_path):
+    """LoHa / LoKr cannot join kohya's fused modules: written in LyCORIS' own names (the diffusers path joined
+    by _, as LyCORIS' wrapper and SimpleTuner write them); read back, our merge equals PEFT's merge."""
+    from adapterhub.base import load_base
+
+    pipe = quiet_pipe(load_base("tiny-flux"))
+    cfg = TrainConfig(type=kind, base="tiny-flux", dataset=two_images, out=tmp_path / f"{kind}.safetensors",
+                      max_steps=2, lr=1e-2, **SMALL)
+    trainer = Trainer(cfg)
+    trainer.run()
+    with safe_open(str(cfg.out), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert f"lycoris_transformer_blocks_0_attn_to_q.{key}" in keys and all(k.startswith("lycoris_") for k in keys)
+    assert json.loads(meta["ss_network_args"])["algo"] == kind and meta["modelspec.architecture"] == "flux-1-dev/lora"
+    truth = _peft_merged(pipe, trainer)
+    trained = sum(not torch.equal(truth[k], v) for k, v in state(pipe).items())
+    assert trained >= len(trainer.trainable.layers) - 1
+    assert_same(ours_merged(pipe, cfg.out), truth, state(pipe), min_changed=trained)
+
+
 # ---------------------------------------------------------------------------------------------
 # the command line
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +301,7 @@ def test_cli_trains_sd3_with_shift_sampling(two_images, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, words", [(["--min-snr-gamma", "5"], "--min-snr-gamma"),
                                          (["--train-text-encoder"], "--train-text-encoder"),
-                                         (["--type", "loha"], "loha")])
+                                         (["--type", "adalora"], "adalora")])
 def test_cli_refuses_what_flow_training_does_not_define(two_images, tmp_path, capsys, args, words):
     out = tmp_path / "bad.safetensors"
     kind = [] if "--type" in args else ["--type", "lora"]

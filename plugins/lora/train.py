@@ -245,6 +245,8 @@ class LoRATrainable(Trainable):
         adapter.metadata = {**self.metadata, **metadata, **self.fixed}
         if self.family != "stable-diffusion":
             adapter.metadata.pop("modelspec.prediction_type", None)
+            if self.kind in LYCORIS_KINDS:  # no fused kohya module can hold them
+                return transformer_train.save_lycoris(adapter, Path(path))
         return lora_save.save(adapter, Path(path), "kohya")
 
 
@@ -302,8 +304,8 @@ def make_trainable(kind: str, model, config) -> Trainable:
 
 
 def make_transformer_trainable(kind: str, model, config) -> LoRATrainable:
-    """LoRA (or LoCon, the same on linear layers) on a transformer base's targets
-    (:mod:`.transformer_train`), written in sd-scripts' Flux / SD3 names."""
+    """LoRA (LoCon is the same on linear layers), LoHa or LoKr on a transformer base's targets
+    (:mod:`.transformer_train`), written in sd-scripts' Flux / SD3 names (LoHa, LoKr: LyCORIS')."""
     from peft import inject_adapter_in_model
 
     transformer_train.refuse(kind, config)
@@ -316,7 +318,7 @@ def make_transformer_trainable(kind: str, model, config) -> LoRATrainable:
         raise AdapterhubError(f"{kind}: the model has no module this type targets")
     real = _real_names(root, own)
     inject_adapter_in_model(_peft_config(kind, sorted(real.values()), [], config), root, adapter_name=ADAPTER)
-    params = [(n, p) for n, p in root.named_parameters() if "lora_" in n]
+    params = [(n, p) for n, p in root.named_parameters() if ("lora_" in n or "hada_" in n or "lokr_" in n)]
     for _, p in params:
         p.requires_grad_(True)
     groups = _groups("transformer", params, getattr(config, "loraplus_lr_ratio", None))

@@ -13,6 +13,9 @@ The targets are the linear layers diffusers' DreamBooth LoRA scripts (``train_dr
 The file is written in sd-scripts' names (``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_single_blocks
 _0_linear1``, ``lora_unet_joint_blocks_0_x_block_attn_qkv``): the separately trained q / k / v (and
 ``proj_mlp``) join block-diagonally (:mod:`.transformer_save`), which diffusers' kohya converter splits back.
+A LoHa or LoKr cannot join a fused module (its product is no stack of rows): it is written in LyCORIS' own
+names, the diffusers path joined by ``_`` (``lycoris_transformer_blocks_0_attn_to_q.hada_w1_a``), as LyCORIS'
+wrapper and SimpleTuner write them.
 """
 from __future__ import annotations
 
@@ -21,10 +24,11 @@ import re
 from torch import nn
 
 from adapterhub.errors import AdapterhubError
+from adapterhub.io import save_safetensors
 from adapterhub.transformer_bases import WIDTH_BASES
 from adapterhub.weights import component
 
-from .save import KOHYA_FAMILY_META
+from .save import KOHYA_FAMILY_META, kohya_metadata, module_tensors, unshared
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 CONTEXT = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -33,7 +37,7 @@ DOUBLE_TARGETS = frozenset({f"attn.{n}" for n in ATTENTION + CONTEXT} | {f"attn2
                            | set(FEED_FORWARD))
 SINGLE_TARGETS = frozenset({"attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"})
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.(.+)$")
-TRANSFORMER_KINDS = ("lora", "locon")  # on linear layers only the two are one; LyCORIS kinds: see refuse()
+TRANSFORMER_KINDS = ("lora", "locon", "loha", "lokr")  # lora and locon are one on linear layers
 # sd-scripts' modelspec architectures (library/sai_model_spec.py)
 MODELSPEC = {"flux-dev": "flux-1-dev", "flux-schnell": "flux-1-schnell", "sd3-medium": "stable-diffusion-3-medium",
              "sd3.5-medium": "stable-diffusion-3.5-medium", "sd3.5-large": "stable-diffusion-3.5-large"}
@@ -92,8 +96,7 @@ def refuse(kind: str, config) -> None:
     """The LoRA-family options that have no transformer form yet, refused before the model is changed."""
     if kind not in TRANSFORMER_KINDS:
         raise AdapterhubError(f"{kind}: training on a transformer base (FLUX.1, SD3) is available for "
-                              f"{' and '.join(TRANSFORMER_KINDS)} (a {kind} on the fused kohya modules has no "
-                              "reader to check it against)")
+                              f"{', '.join(TRANSFORMER_KINDS)}")
 
 
 def metadata(model, kind: str, base_meta: dict[str, str]) -> dict[str, str]:
@@ -104,3 +107,12 @@ def metadata(model, kind: str, base_meta: dict[str, str]) -> dict[str, str]:
     meta["modelspec.architecture"] = f"{modelspec_architecture(model)}/lora"
     meta["modelspec.implementation"] = FLUX_IMPLEMENTATION if family == "flux" else SD3_IMPLEMENTATION
     return meta
+
+
+def save_lycoris(adapter, path):
+    """A LoHa / LoKr on a transformer in LyCORIS' names (see the module doc), with the kohya metadata."""
+    tensors = {}
+    for patch in adapter.patches.values():
+        name = "lycoris_" + patch.target.removeprefix("transformer.").replace(".", "_")
+        tensors.update(module_tensors(adapter, name, patch))
+    return save_safetensors(unshared(tensors), path, kohya_metadata(adapter))
