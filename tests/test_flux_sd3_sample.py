@@ -209,7 +209,7 @@ def test_cli_samples_tiny_flux_with_forges_infotext(capsys, tmp_path, tiny_flux)
     ("tiny-flux", ["--hires", "2"], "the hires fix is not available for Flux models"),
     ("tiny-sd3", ["--distilled-cfg", "3"], "SD3 has no distilled guidance"),
     ("tiny-sd1", ["--distilled-cfg", "3"], "--distilled-cfg is Flux-dev's guidance"),
-    ("tiny-flux", ["--backend", "compiled"], "Flux and SD3 sample with the eager backend only"),
+    ("tiny-flux", ["--backend", "nonesuch"], "unknown sampler backend 'nonesuch'"),
 ])
 def test_cli_refusals_are_one_line_exit_2_nothing_written(capsys, tmp_path, base, args, message):
     out = tmp_path / "out"
@@ -257,3 +257,32 @@ def test_from_png_reruns_a_flux_image_pixel_for_pixel(capsys, tmp_path, tiny_flu
         assert a.info["parameters"].replace("RNG: CPU, ", "") == b.info["parameters"].replace("RNG: CPU, ", "")
         assert "CFG scale: 1.5, Distilled CFG Scale: 5," in b.info["parameters"]
         assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+
+
+def test_compiled_backend_switches_stacks_in_place_with_no_recompile(tiny_flux, tmp_path, monkeypatch):
+    """``--backend compiled`` on Flux: the transformer compiled once (dynamo's ``aot_eager``: capture and guards
+    without code generation); switching between two LoRAs, a weight and no stack compiles nothing again, and
+    every image equals the eager generator's bit for bit; closing restores the weights and the eager forward."""
+    from dataclasses import replace
+
+    monkeypatch.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")
+    peft_file(tmp_path / "a.safetensors", tiny_flux.transformer, FLUX_LORA_PATHS, seed=2)
+    peft_file(tmp_path / "b.safetensors", tiny_flux.transformer, FLUX_LORA_PATHS[:2], seed=3)
+    before = state(tiny_flux)
+    req = _flux_req("a cat", seed=4)
+    stacks = [None, "a:0.8", "b:1", "a:0.8, b:0.5", "a:0.3", None]
+    eager = _generator(tiny_flux, adapter_dirs=[tmp_path])
+    expected = [eager.generate(eager.request(replace(req, stack=s)), output="latent").latents for s in stacks]
+    eager.close()
+    gen = _generator(copy.deepcopy(tiny_flux), backend="compiled", adapter_dirs=[tmp_path])
+    torch._dynamo.reset()
+    first = gen.generate(gen.request(req), output="latent").latents  # compiles
+    assert torch.equal(first, expected[0]) and gen.runner.stats()["graphs"] == 1
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for stack, want in zip(stacks[1:], expected[1:]):
+        got = gen.generate(gen.request(replace(req, stack=stack)), output="latent").latents
+        assert torch.equal(got, want), stack
+    assert gen.runner.stats()["graphs"] == 1
+    gen.close()
+    assert gen.pipe.transformer._compiled_call_impl is None
+    assert all(torch.equal(v, before[k]) for k, v in state(gen.pipe).items())

@@ -17,7 +17,7 @@ Guidance: Flux-dev's distilled guidance is the model's guidance embedding (``dis
 default for Flux is 1: one transformer call per step). SD3 / SD3.5 use CFG with the negative prompt.
 
 Not here yet (refused in one line, before a model loads): samplers other than Euler and schedules other than
-the pipeline's own, the hires fix, img2img, clip skip, and backends other than ``eager``.
+the pipeline's own, the hires fix, img2img, clip skip, and backends other than ``eager`` and ``compiled`` (:class:`CompiledTransformer`).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from adapterhub.backends import Runner
 from adapterhub.errors import AdapterhubError
 from adapterhub.sample.request import DTYPES, Request, Result, normalized
 
@@ -35,6 +36,7 @@ FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
 FLOW_SAMPLERS = ("Euler",)  # flow matching: FlowMatchEulerDiscreteScheduler, the pipelines' own
 FLOW_SCHEDULES = ("Automatic",)  # the pipeline's shifted sigmas (linear in t, then the base's shift)
 DISTILLED_CFG = 3.5  # Forge's default Distilled CFG Scale (and diffusers' FluxPipeline guidance_scale)
+FLOW_BACKENDS = ("eager", "compiled")
 FAMILY_DEFAULTS = {"flux": {"sampler": "Euler", "cfg": 1.0}, "sd3": {"sampler": "Euler", "cfg": 7.0}}
 
 
@@ -94,6 +96,40 @@ def check_flow_request(req: FlowRequest, family: str, guidance_embeds: bool | No
             raise AdapterhubError(f"distilled CFG {req.distilled_cfg}: must be a finite number, 0 or more")
 
 
+class CompiledTransformer(Runner):
+    """``--backend compiled`` for a Flux or SD3 pipeline: the transformer's forward compiled in place
+    (``torch.compile``, ``fullgraph``, static shapes; ``ADAPTERHUB_COMPILE_BACKEND`` / ``ADAPTERHUB_COMPILE_MODE``
+    as for the UNet), so the pipeline's own loop calls the graph. The parameters are graph inputs: the weight
+    engine's in-place writes (a stack switch, a new weight) change their values, never the graph, so switching
+    compiles nothing again. Only weight deltas reach the transformer; other kinds are refused by
+    :meth:`check_stack`. :meth:`close` puts the eager forward back."""
+
+    def __init__(self, pipe):
+        import os
+
+        super().__init__(pipe)
+        backend = os.environ.get("ADAPTERHUB_COMPILE_BACKEND", "inductor")
+        pipe.transformer.compile(backend=backend, mode=os.environ.get("ADAPTERHUB_COMPILE_MODE") or None,
+                                 fullgraph=True, dynamic=False)
+
+    def check_stack(self, stack) -> None:
+        from adapterhub.types import UNET_UNTOUCHED, UNET_WEIGHTS
+
+        for entry in stack.entries:
+            kind = entry.adapter.plugin.runtime_kind if entry.adapter is not None else None
+            if kind not in (UNET_WEIGHTS, UNET_UNTOUCHED):
+                raise AdapterhubError(f"{entry.label}: the compiled backend runs weight deltas on Flux / SD3 (this "
+                                      f"adapter is {kind or 'code'} at run time); use --backend eager")
+
+    def stats(self) -> dict[str, Any]:
+        from torch._dynamo.utils import counters
+
+        return {"graphs": int(counters["stats"]["unique_graphs"])}
+
+    def close(self) -> None:
+        self.pipe.transformer._compiled_call_impl = None  # nn.Module.compile's slot: eager forward again
+
+
 class FlowGenerator:
     """A Flux or SD3 pipeline built once; call it per request (see module doc). The same constructor and
     ``generate`` as :class:`adapterhub.sample.generator.Generator`."""
@@ -110,9 +146,10 @@ class FlowGenerator:
         if self.family is None:
             raise AdapterhubError(f"{base}: not a Flux or SD3 base")
         found = find_backend(backend)  # an unknown backend fails before the model loads
-        if found.name != "eager":
-            # the compiled backend compiles a UNet; the transformers' in-place switching is not built yet
-            raise AdapterhubError(f"backend {backend!r}: Flux and SD3 sample with the eager backend only")
+        if found.name not in FLOW_BACKENDS:
+            # a registered backend prepares a UNet; the transformers have their own compiled runner here
+            raise AdapterhubError(f"backend {backend!r}: Flux and SD3 sample with the "
+                                  f"{' or '.join(FLOW_BACKENDS)} backend")
         self.backend = found
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(dtype, str):
@@ -132,7 +169,7 @@ class FlowGenerator:
         self.device, self.dtype = self.pipe.transformer.device, self.pipe.transformer.dtype
         self.guidance_embeds = bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))
         self.stacks = StackSwitcher(self.pipe, adapter_dirs)
-        self.runner = self.backend.prepare(self.pipe)
+        self.runner = CompiledTransformer(self.pipe) if found.name == "compiled" else found.prepare(self.pipe)
         self.hashes = record.HashCache()
         self._model_hash, self._hash_model = model_hash, hash_model
         self.is_xl, self.arch = False, self.family
