@@ -12,14 +12,16 @@ noise prediction, read at every call: a server may swap it between requests), ``
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from adapterhub.conditioning import running
+from adapterhub.errors import AdapterhubError
 from adapterhub.sample.conditioning import Conditioning, Prompts, add_time_ids, stack_conds
 from adapterhub.sample.request import img2img_steps
-from adapterhub.sample.samplers import set_timesteps
+from adapterhub.sample.samplers import KDIFFUSION, set_timesteps
 
 
 def draw_noise(model, seeds: Sequence[int], width: int, height: int, rng: str = "CPU",
@@ -37,12 +39,21 @@ def draw_noise(model, seeds: Sequence[int], width: int, height: int, rng: str = 
 
 def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: Sequence[int], width: int,
             height: int, on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
-            strength: float = 1.0, fixed_steps: bool = False, rng: str = "CPU", ensd: int = 0) -> torch.Tensor:
+            strength: float = 1.0, fixed_steps: bool = False, rng: str = "CPU", ensd: int = 0,
+            mask: torch.Tensor | None = None, fill: int = 1) -> torch.Tensor:
     """The denoising loop (diffusers' own, step for step); returns the final latents.
 
     From noise, or with ``init`` latents (one per seed) from the point of the schedule that
     ``strength`` gives (:func:`img2img_steps`: ``fixed_steps`` for the hires pass), the latents noised
-    there with each image's generator, as diffusers' img2img pipeline does (``add_noise``)."""
+    there with each image's generator, as diffusers' img2img pipeline does (``add_noise``).
+
+    With a ``mask`` (inpainting: (1, 1, H/8, W/8), 1 repaints) the masked area starts from ``init`` as ``fill``
+    says (1 the image, 2 the image's own noise, 3 zeros; 0 was filled in pixels) and after every step the latents
+    outside it are the init latents noised to the next step (at the last step: the init latents), as diffusers'
+    inpainting pipeline does with a 4-channel UNet.
+
+    ``model.step_hook`` (when set): called after every step with its index, the latents and the denoised estimate
+    of that step (the clean latents the guided prediction points at, :func:`clean_estimate`)."""
     batch = len(seeds)
     dtype, device = model.dtype, model.device
     if hasattr(scheduler, "noise_sampler_seed"):
@@ -62,7 +73,14 @@ def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: S
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(begin)
         timesteps = scheduler.timesteps[begin:]
-        latents = scheduler.add_noise(init.to(device=device, dtype=dtype), noise, timesteps[:1].repeat(batch))
+        init = init.to(device=device, dtype=dtype)
+        if mask is not None:
+            if type(scheduler).__name__ == KDIFFUSION:  # the k-diffusion algorithms: no step to blend at
+                raise AdapterhubError("this sampler runs its own loop: no masks (inpainting) with it here")
+            mask = mask.to(device=device, dtype=dtype)
+            if fill in (2, 3):  # the webui's latent noise / latent nothing
+                init = init * (1 - mask) + (noise * mask if fill == 2 else 0)
+        latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(batch))
     # DDIM CFG++ (the webui's): the scale shrunk by the scheduler's multiplier, the unconditional prediction
     # handed to its step as well
     cfg = float(cfg) * getattr(scheduler, "cfg_scale_multiplier", 1.0)
@@ -71,6 +89,7 @@ def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: S
     weights = [w for _, w in prompts.conds]
     extra = {"generator": generators} if "generator" in _step_params(scheduler) else {}
     built, inputs = None, None
+    hook = getattr(model, "step_hook", None)
     with torch.inference_mode(), running(scheduler):  # controls gate by this scheduler's steps
         for i, t in enumerate(timesteps):
             key = (tuple(s.index(i) for s, _ in prompts.conds), prompts.uncond.index(i) if guided else None)
@@ -80,7 +99,13 @@ def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: S
             if with_uncond:
                 noise_pred, uncond = noise_pred
                 extra["uncond_output"] = uncond
+            denoised = denoised_estimate(model, scheduler, latents, t, noise_pred) if hook is not None else None
             latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+            if mask is not None:  # diffusers' blend, in its order: outside the mask the init latents, noised on
+                proper = init if i == len(timesteps) - 1 else scheduler.add_noise(init, noise, timesteps[i + 1:i + 2])
+                latents = (1 - mask) * proper + mask * latents
+            if hook is not None:
+                hook(i, latents, denoised)
             # the k-diffusion samplers (ksamplers) say how many steps a call finished: progress adds up to steps
             for _ in range(getattr(scheduler, "completed_steps", 1) if on_step is not None else 0):
                 on_step(i)
@@ -138,3 +163,40 @@ def _unet_inputs(model, c: Conditioning, batch: int, width: int, height: int):
 
 def _step_params(scheduler) -> set[str]:
     return set(inspect.signature(scheduler.step).parameters)
+
+
+# -- the denoised estimate of a step (the step hook's, the image so far of an interrupted request) ----------------
+def alpha_at(alphas_cumprod: torch.Tensor, t) -> float:
+    """``alphas_cumprod`` at timestep ``t`` (a fractional one interpolated in log sigma, as the k-diffusion samplers
+    map sigmas to timesteps)."""
+    t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+    a = alphas_cumprod.double().cpu()
+    last = len(a) - 1
+    t = min(max(t, 0.0), float(last))
+    lo, hi = int(math.floor(t)), int(math.ceil(t))
+    log_sigma = torch.log(((1 - a) / a) ** 0.5)
+    value = log_sigma[lo] + (log_sigma[hi] - log_sigma[lo]) * (t - lo)
+    return float(1.0 / (1.0 + math.exp(2.0 * float(value))))
+
+
+def clean_estimate(x_t: torch.Tensor, prediction: torch.Tensor, alpha: float, kind: str = "epsilon") -> torch.Tensor:
+    """x0 from the UNet's input ``x_t`` (DDPM space, ``sqrt(a) x0 + sqrt(1 - a) eps``) and its prediction
+    (``epsilon``, ``v_prediction`` or ``sample``), in float32: diffusers' ``pred_original_sample``."""
+    x_t, prediction = x_t.float(), prediction.float()
+    if kind == "v_prediction":
+        return alpha ** 0.5 * x_t - (1 - alpha) ** 0.5 * prediction
+    if kind == "sample":
+        return prediction
+    return (x_t - (1 - alpha) ** 0.5 * prediction) / alpha ** 0.5
+
+
+def denoised_estimate(model, scheduler, latents: torch.Tensor, t, prediction: torch.Tensor) -> torch.Tensor:
+    """The clean latents a step's guided ``prediction`` points at (float32): the UNet's input at ``t`` (a
+    k-diffusion sampler's scaled input is that very DDPM ``x_t``) through :func:`clean_estimate`."""
+    x_t = scheduler.scale_model_input(latents, t)
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        alphas = model.pipe.scheduler.alphas_cumprod
+    config = scheduler.config if hasattr(scheduler, "config") else model.pipe.scheduler.config
+    kind = getattr(config, "prediction_type", None) or config.get("prediction_type", "epsilon")
+    return clean_estimate(x_t, prediction, alpha_at(alphas, t), kind)

@@ -14,7 +14,8 @@ noise source per image seeded ``seed + n``) and decoded (:mod:`~adapterhub.sampl
 gets its infotext (:mod:`~adapterhub.sample.record`).
 
 The webui's passes: img2img (``init_image``; ``int(min(d, 0.999) x steps) + 1`` steps of a ``steps``-step
-schedule, :func:`img2img_steps`) and the hires fix (``hr_scale``: the first pass, the latents upscaled, then an
+schedule, :func:`img2img_steps`; with a ``mask``, inpainting: :func:`adapterhub.sample.images.prepare_mask`) and
+the hires fix (``hr_scale``: the first pass, the latents upscaled, then an
 img2img pass of exactly ``hr_steps`` steps with fresh noise from the same seeds and the prompt's hires
 schedule).
 """
@@ -102,6 +103,8 @@ class Generator:
         self.runner = self.backend.prepare(self.pipe)
         self.is_xl = self.encoder.is_xl
         self.arch = "sdxl" if self.is_xl else "sd1"  # what the schedules tell apart (Align Your Steps' tables)
+        # called after every denoising step with (index, latents, denoised estimate): see adapterhub.sample.denoise
+        self.step_hook: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
     # -- facts ------------------------------------------------------------------------------------
     @staticmethod
@@ -181,31 +184,36 @@ class Generator:
         if req.hr_scale is not None:
             hires = self.prompts(prompt, req.negative, req.steps * order, (req.hr_steps or req.steps) * order,
                                  req.clip_skip, req.emphasis, cache)
-        init = self.encode_image(resize_image(req.init_image, req.width, req.height)) \
+        inpaint = pixels.prepare_inpaint(req)  # None without a mask
+        init = self.encode_image(inpaint.init if inpaint else resize_image(req.init_image, req.width, req.height)) \
             if req.init_image is not None else None
+        mask = pixels.latent_mask(inpaint.mask, *init.shape[:1:-1]) if inpaint else None
         seeds = [req.seed + i for i in range(req.images)]
         counter = _progress(progress, sampling_steps(req) * req.images)
         images, latents_out = [], []
         for start in range(0, len(seeds), req.batch):
             batch_seeds = seeds[start:start + req.batch]
-            latents = self._batch(req, sampler, schedule, first, hires, init, batch_seeds, counter(len(batch_seeds)))
+            latents = self._batch(req, sampler, schedule, first, hires, init, batch_seeds, counter(len(batch_seeds)),
+                                  mask)
             if output == "latent":
                 latents_out.append(latents)
             else:
-                images += self.decode(latents)
+                images += [pixels.paste_back(i, inpaint) for i in self.decode(latents)] if inpaint else \
+                    self.decode(latents)
         texts = record.infotexts(req, seeds, self.parameters(req, sampler, schedule, stack))
         warnings = [*self.stacks.notes, *record.request_warnings(req, sampler, self.is_xl)]
         latents = torch.cat(latents_out) if latents_out else None
         return Result(images, texts, seeds, latents, warnings, req)
 
     def _batch(self, req: Request, sampler, schedule: str, first: Prompts, hires: Prompts | None, init,
-               seeds: list[int], step_done: Callable[[int], None]) -> torch.Tensor:
-        """One batch's final latents: the first pass (from noise, or from ``init`` for img2img), then the hires
-        pass when the request asks for one. Each pass gets a fresh scheduler."""
+               seeds: list[int], step_done: Callable[[int], None], mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One batch's final latents: the first pass (from noise, or from ``init`` for img2img, inpainting inside
+        ``mask``), then the hires pass when the request asks for one. Each pass gets a fresh scheduler."""
         scheduler = make_scheduler(sampler, schedule, self.pipe.scheduler.config, self.arch)
         init_batch = None if init is None else init.repeat(len(seeds), 1, 1, 1)
         latents = self.denoise(first, scheduler, req.steps, req.cfg, seeds, req.width, req.height, on_step=step_done,
-                               init=init_batch, strength=req.denoising_strength, rng=req.rng, ensd=req.ensd)
+                               init=init_batch, strength=req.denoising_strength, rng=req.rng, ensd=req.ensd,
+                               mask=mask, fill=req.inpainting_fill)
         if hires is None:
             return latents
         width, height = hires_size(req.width, req.height, req.hr_scale)
@@ -228,10 +236,11 @@ class Generator:
 
     def denoise(self, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: Sequence[int], width: int,
                 height: int, on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
-                strength: float = 1.0, fixed_steps: bool = False, rng: str = "CPU", ensd: int = 0) -> torch.Tensor:
+                strength: float = 1.0, fixed_steps: bool = False, rng: str = "CPU", ensd: int = 0,
+                mask: torch.Tensor | None = None, fill: int = 1) -> torch.Tensor:
         """The denoising loop on this model (:func:`adapterhub.sample.denoise.denoise`); the final latents."""
         return loop.denoise(self, prompts, scheduler, steps, cfg, seeds, width, height, on_step, init, strength,
-                            fixed_steps, rng, ensd)
+                            fixed_steps, rng, ensd, mask, fill)
 
     # -- latents and images (adapterhub.sample.images) ----------------------------------------------
     def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
@@ -252,8 +261,9 @@ class Generator:
     # -- infotext (adapterhub.sample.record) ----------------------------------------------------------
     def parameters(self, req: Request, sampler, schedule: str, stack) -> dict[str, Any]:
         """The infotext fields of a normalized request run on this model with ``stack``."""
-        return record.request_fields(req, sampler, schedule, stack, self.model_name, self.model_hash,
-                                     compute=self.hashes)
+        fields = record.request_fields(req, sampler, schedule, stack, self.model_name, self.model_hash,
+                                       compute=self.hashes)
+        return pixels.with_mask_fields(fields, req)
 
     def close(self) -> None:
         """Take the applied stack off the pipeline (every tensor restored) and undo the backend's changes to it

@@ -58,6 +58,13 @@ class Request:
     hr_upscaler: str = "Latent"  # a ``Latent …`` mode or an image upscaler: None, Lanczos, Nearest
     rng: str = "CPU"  # the noise source (:mod:`adapterhub.sample.rng`): CPU, GPU (CUDA only) or NV
     ensd: int = 0  # the webui's eta noise seed delta: later draws (ancestral, SDE) from generators seeded seed + ensd
+    # inpainting (img2img with a mask; :mod:`adapterhub.sample.images`): white repaints, as in the webui
+    mask: Any = None  # a PIL image or an image file; resized to the init image's size
+    mask_blur: int = 4  # the Gaussian blur's sigma in pixels (0: none)
+    inpainting_fill: int = 1  # the masked area's start: 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = False  # "Only masked": the masked region cropped, sampled at the size, pasted back
+    inpaint_full_res_padding: int = 32  # pixels around the masked region's box (with inpaint_full_res)
+    inpainting_mask_invert: bool = False  # black repaints
 
 
 @dataclass
@@ -73,15 +80,21 @@ class Result:
         return infotext.pnginfo(self.infotexts[i])
 
 
-def _load_image(value, what: str = "init image"):
-    """A PIL image (RGB) from an image or a path; one line naming it if it cannot be read."""
+FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # the webui's "Masked content"
+MASK_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa")  # image modes read as a mask
+
+
+def _load_image(value, what: str = "init image", mode: str | None = "RGB"):
+    """A PIL image (``mode``; None: as stored, loaded) from an image or a path; one line naming it if it cannot
+    be read."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return value.convert(mode) if mode else value.copy()
     try:
         with Image.open(value) as opened:
-            return opened.convert("RGB")
+            opened.load()
+            return opened.convert(mode) if mode else opened.copy()
     except (OSError, UnidentifiedImageError, ValueError, TypeError) as exc:
         raise AdapterhubError(f"{what} {value}: cannot read it as an image ({exc.__class__.__name__})") from None
 
@@ -131,6 +144,9 @@ def normalized(req: Request, default_size: int) -> Request:
     upscaler = req.hr_upscaler
     if init is not None:
         problems.append(_strength_problem("denoising strength", req.denoising_strength))
+    mask = _load_image(req.mask, "mask", mode=None) if req.mask is not None else None
+    if mask is not None:
+        problems += _mask_problems(req, init, mask)
     if req.hr_scale is not None:
         if init is not None:
             problems.append("hires fix is a txt2img pass (as in the webui): not with an init image")
@@ -146,7 +162,36 @@ def normalized(req: Request, default_size: int) -> Request:
         raise AdapterhubError(problems[0])
     seed = int(req.seed) if req.seed is not None and int(req.seed) >= 0 else random.randrange(MAX_SEED)
     return replace(req, width=width, height=height, seed=seed, images=int(req.images or req.batch), init_image=init,
-                   hr_upscaler=upscaler, rng=source)
+                   hr_upscaler=upscaler, rng=source, mask=mask)
+
+
+def _mask_problems(req: Request, init, mask) -> list[str | None]:
+    """What is wrong with an inpainting request's mask (read) and its settings."""
+    problems: list[str | None] = []
+    if mask.mode not in MASK_MODES:
+        where = "mask" if hasattr(req.mask, "mode") else f"mask {req.mask}"  # an image, or its file
+        problems.append(f"{where}: mode {mask.mode} is not a mask (save it as greyscale, RGB or RGBA)")
+    if init is None:
+        problems.append("mask: give an init image too (inpainting repaints part of it)")
+    if req.hr_scale is not None:
+        problems.append("mask: inpainting is an img2img pass, not with the hires fix")
+    if int(req.inpainting_fill) not in FILLS:
+        problems.append(f"inpainting fill {req.inpainting_fill}: choose 0 (fill), 1 (original), 2 (latent noise) "
+                        "or 3 (latent nothing)")
+    for name in ("mask_blur", "inpaint_full_res_padding"):
+        if int(getattr(req, name)) < 0:
+            problems.append(f"{name.replace('_', ' ')} {getattr(req, name)}: must be 0 or more")
+    return problems
+
+
+def mask_problem(req: Request, sampler) -> str | None:
+    """Why ``sampler`` cannot inpaint: the k-diffusion algorithms run their own loop, so no step can blend the
+    unmasked latents back (None when it can, or when there is no mask)."""
+    from adapterhub.sample.samplers import KDIFFUSION
+
+    if req.mask is not None and sampler.scheduler == KDIFFUSION:
+        return f"{sampler.name}: no masks (inpainting) with this sampler here; choose another, e.g. Euler a or DPM++ 2M"
+    return None
 
 
 def img2img_steps(steps: int, strength: float, fixed: bool = False) -> tuple[int, int]:
@@ -180,8 +225,10 @@ def check_request(req: Request, adapter_dirs: Sequence[str | Path] = ()) -> None
     before it loads a base or writes anything."""
     from adapterhub.stack import Stack
 
-    normalized(req, 512)  # the init image too: an unreadable one fails here
-    resolve_sampler(req.sampler, req.schedule)
+    normalized(req, 512)  # the init image and the mask too: an unreadable one fails here
+    problem = mask_problem(req, resolve_sampler(req.sampler, req.schedule)[0])
+    if problem:
+        raise AdapterhubError(problem)
     Stack.from_prompt(req.prompt, dirs=adapter_dirs)
     if isinstance(req.stack, str) and req.stack.strip():
         Stack.parse(req.stack, dirs=adapter_dirs)
