@@ -85,7 +85,7 @@ def test_flux_latents_and_images_equal_the_pipeline_bitwise(tiny_flux):
 
 
 def _flux_req(prompt, **kwargs):
-    from adapterhub.sample.flow import FlowRequest
+    from adapterhub.sample import FlowRequest  # exported beside Generator
 
     return FlowRequest(prompt, **{"steps": STEPS, "width": SIZE, "height": SIZE, "cfg": 1.0, **kwargs})
 

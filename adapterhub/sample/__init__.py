@@ -20,6 +20,7 @@ _EXPORTS = {
     "make_grid": "adapterhub.sample.grid",
     "SampleOptions": "adapterhub.sample.jobs", "plan_run": "adapterhub.sample.jobs",
     "SampleRun": "adapterhub.sample.jobs",
+    "FlowGenerator": "adapterhub.sample.flow", "FlowRequest": "adapterhub.sample.flow",
 }
 __all__ = list(_EXPORTS)
 

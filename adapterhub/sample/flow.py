@@ -16,8 +16,9 @@ Guidance: Flux-dev's distilled guidance is the model's guidance embedding (``dis
 ``Distilled CFG Scale``, default 3.5); real CFG with the negative prompt runs only above ``cfg`` 1 (Forge's
 default for Flux is 1: one transformer call per step). SD3 / SD3.5 use CFG with the negative prompt.
 
-Not here yet (refused in one line, before a model loads): samplers other than Euler and schedules other than
-the pipeline's own, the hires fix, img2img, clip skip, and backends other than ``eager`` and ``compiled`` (:class:`CompiledTransformer`).
+``--backend compiled`` compiles the transformer in place (:class:`CompiledTransformer`). Not here yet (refused in
+one line, before a model loads): samplers other than Euler and schedules other than the pipeline's own, the hires
+fix, img2img, clip skip, and other backends.
 """
 from __future__ import annotations
 
