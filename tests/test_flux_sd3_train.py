@@ -43,6 +43,27 @@ def _cfg(base_name, tmp_path, **options):
 
 
 # ---------------------------------------------------------------------------------------------
+# the targets at the real widths (meta-device presets)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset, spec, count", [
+    ("flux-dev", "flux-1-dev", 19 * 12 + 38 * 5), ("flux-schnell", "flux-1-schnell", 19 * 12 + 38 * 5),
+    # SD3: 12 per joint block, 9 in the last (context_pre_only: no to_add_out, no ff_context), attn2 x 4
+    ("sd3.5-medium", "stable-diffusion-3.5-medium", 23 * 12 + 9 + 13 * 4),
+    ("sd3.5-large", "stable-diffusion-3.5-large", 37 * 12 + 9)])
+def test_targets_and_names_at_the_real_widths(preset, spec, count):
+    from adapterhub.transformer_bases import build_transformer_base
+    from adapterhub_plugins.lora import transformer_train
+    from adapterhub_plugins.lora.transformer_save import MODULE_NAMERS
+
+    model = build_transformer_base(preset)
+    family, base = transformer_train.family_and_base(model)
+    assert base == preset and transformer_train.modelspec_architecture(model) == spec
+    targets = transformer_train.transformer_targets(model)
+    assert len(targets) == count
+    assert all(MODULE_NAMERS[family](t) is not None for t in targets)  # every one has an sd-scripts name
+
+
+# ---------------------------------------------------------------------------------------------
 # timestep sampling
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheme, options", [("logit_normal", dict(logit_mean=0.0, logit_std=1.0)),
