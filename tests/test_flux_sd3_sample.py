@@ -286,3 +286,11 @@ def test_compiled_backend_switches_stacks_in_place_with_no_recompile(tiny_flux, 
     gen.close()
     assert gen.pipe.transformer._compiled_call_impl is None
     assert all(torch.equal(v, before[k]) for k, v in state(gen.pipe).items())
+
+
+def test_progress_counts_every_step_of_every_image(tiny_sd3):
+    gen = _generator(tiny_sd3)
+    seen = []
+    gen.generate(gen.request(_flux_req("a cat", seed=1, batch=2, images=4, steps=3)), output="latent",
+                 progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(2 * i, 12) for i in range(1, 7)]
