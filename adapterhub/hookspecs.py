@@ -60,7 +60,7 @@ def adapterhub_captioners() -> list[Any]:
 def adapterhub_sampler_backends() -> list[Any]:
     """Return the sampling backends this plugin provides (eager, compiled, a vendor's compiler).
 
-    Called when a generator is built. Each object has a unique ``name``; see ``adapterhub.sample``.
+    Called when a generator is built. Each is an ``adapterhub.backends.SamplerBackend`` with a unique ``name``.
     """
 
 
