@@ -90,6 +90,18 @@ def _table(summary: dict, many: bool):
 @click.option("--init-image", "init_image", default=None, metavar="FILE",
               help="img2img: start from this image (resized to --size; default size: the image's own).")
 @click.option("--denoise", default=None, type=float, help="img2img denoising strength, in (0, 1] (default 0.75).")
+@click.option("--mask", default=None, metavar="FILE",
+              help="Inpainting (with --init-image): repaint where this image is white (a transparent image: where "
+                   "it is opaque); resized to the init image's size.")
+@click.option("--mask-blur", default=4, show_default=True, type=int, help="Gaussian blur of the mask, in pixels.")
+@click.option("--inpainting-fill", default="original", show_default=True,
+              type=click.Choice(["fill", "original", "latent-noise", "latent-nothing", "0", "1", "2", "3"]),
+              help="What the masked area starts from (the webui's Masked content, 0-3).")
+@click.option("--inpaint-full-res", is_flag=True,
+              help="Only masked: sample the masked region (and --inpaint-padding) at --size, paste it back.")
+@click.option("--inpaint-padding", default=32, show_default=True, type=int,
+              help="With --inpaint-full-res: pixels around the masked region.")
+@click.option("--invert-mask", is_flag=True, help="Repaint where the mask is black.")
 @click.option("--hires", default=None, type=float, metavar="SCALE",
               help="Hires fix: the first pass at --size, then upscaled by SCALE and denoised again.")
 @click.option("--hires-steps", default=0, show_default=True, type=int, help="Steps of the hires pass (0: --steps).")

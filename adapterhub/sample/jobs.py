@@ -29,6 +29,10 @@ from adapterhub.sample import writing
 from adapterhub.sample.request import Request, check_request, sampling_steps
 
 
+INPAINTING_FILLS = ("fill", "original", "latent-noise", "latent-nothing")  # --inpainting-fill, the webui's 0-3
+INPAINT_OPTIONS = ("mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_padding", "invert_mask")
+
+
 @dataclass
 class SampleOptions:
     """The options of ``adapterhub sample``, by their option names (see its ``--help``); ``given``: the names the
@@ -55,6 +59,12 @@ class SampleOptions:
     emphasis: str = "Original"
     init_image: str | None = None
     denoise: float | None = None
+    mask: str | None = None
+    mask_blur: int = 4
+    inpainting_fill: str = "original"
+    inpaint_full_res: bool = False
+    inpaint_padding: int = 32
+    invert_mask: bool = False
     hires: float | None = None
     hires_steps: int = 0
     hires_denoise: float = 0.7
@@ -116,6 +126,8 @@ def plan_run(options: SampleOptions) -> Plan:
     if options.denoise is not None and not options.init_image:
         raise AdapterhubError("--denoise is the img2img strength: give --init-image (the hires pass takes "
                               "--hires-denoise)")
+    if not options.mask and set(INPAINT_OPTIONS) & set(options.given):
+        raise AdapterhubError("--mask-blur and the other inpainting options need --mask (and --init-image)")
     check_request(request, dirs)  # bad input fails here: no model loaded, nothing written
     request = _family_request(options, request, chosen)
     _check_rng(request.rng, options.device)
@@ -162,7 +174,17 @@ def _request(options: SampleOptions, dirs: list[Path]) -> Request:
                    clip_skip=options.clip_skip, emphasis=options.emphasis, init_image=options.init_image,
                    denoising_strength=0.75 if options.denoise is None else options.denoise, hr_scale=options.hires,
                    hr_steps=options.hires_steps, hr_denoise=options.hires_denoise,
-                   hr_upscaler=options.hires_upscaler, rng=options.rng or "CPU", ensd=options.ensd)
+                   hr_upscaler=options.hires_upscaler, rng=options.rng or "CPU", ensd=options.ensd,
+                   **_inpaint_fields(options))
+
+
+def _inpaint_fields(options: SampleOptions) -> dict[str, Any]:
+    """The request's inpainting fields from ``--mask`` and its options (``--inpainting-fill`` by name or number)."""
+    fill = str(options.inpainting_fill).strip().lower().replace(" ", "-")
+    fill = int(fill) if fill.isdigit() else INPAINTING_FILLS.index(fill) if fill in INPAINTING_FILLS else -1
+    return {"mask": options.mask, "mask_blur": options.mask_blur, "inpainting_fill": fill,
+            "inpaint_full_res": options.inpaint_full_res, "inpaint_full_res_padding": options.inpaint_padding,
+            "inpainting_mask_invert": options.invert_mask}
 
 
 def parse_size(text: str | None) -> tuple[int | None, int | None]:
