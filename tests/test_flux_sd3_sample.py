@@ -294,3 +294,20 @@ def test_progress_counts_every_step_of_every_image(tiny_sd3):
     gen.generate(gen.request(_flux_req("a cat", seed=1, batch=2, images=4, steps=3)), output="latent",
                  progress=lambda done, total: seen.append((done, total)))
     assert seen == [(2 * i, 12) for i in range(1, 7)]
+
+
+def test_compiled_backend_refuses_what_is_not_a_weight_delta(tiny_flux, tiny_sd1, tmp_path):
+    """A hypernetwork runs code at run time, which a compiled transformer cannot take in: refused by name before
+    anything is attached (the eager backend would try, and the shapes decide)."""
+    import adapterhub
+    from adapterhub.errors import AdapterhubError
+    from adapterhub.plugins import adapter_type
+    from adapterhub.sample.flow import CompiledTransformer
+    from adapterhub.stack import Stack
+
+    path = adapter_type("hypernetwork").example(tiny_sd1, tmp_path / "hyper.pt")
+    stack = Stack([(adapterhub.load(path), 1.0)])
+    runner = CompiledTransformer(copy.deepcopy(tiny_flux))  # torch.compile is lazy: nothing is built here
+    with pytest.raises(AdapterhubError, match=r"hyper: the compiled backend runs weight deltas on Flux / SD3"):
+        runner.check_stack(stack)
+    runner.close()

@@ -123,6 +123,7 @@ class CompiledTransformer(Runner):
                                       f"adapter is {kind or 'code'} at run time); use --backend eager")
 
     def stats(self) -> dict[str, Any]:
+        """``graphs``: the graphs dynamo has built in this process (a switch of stack or weight adds none)."""
         from torch._dynamo.utils import counters
 
         return {"graphs": int(counters["stats"]["unique_graphs"])}
