@@ -1,7 +1,7 @@
 """The webui API's request bodies (``modules/api/models.py``): the same field names and defaults, so a client
 that talks to the webui sends what it always sends. Fields the webui has and adapterhub does not use are
 accepted; :mod:`adapterhub.serve.plan` warns (in ``info``) where one asks for something that is not done, and
-refuses (422) what would silently give another picture (a mask, a script)."""
+refuses (422) what would silently give another picture (a script, a separate latent mask)."""
 from __future__ import annotations
 
 from typing import Any

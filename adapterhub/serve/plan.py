@@ -4,8 +4,9 @@
 interrupt can stop between iterations.
 
 Everything is checked here, before the request is queued (:class:`ApiError`, the webui's statuses): an
-unknown sampler (404, as the webui), sizes beyond the server's limit, bad values, masks and scripts
-(422: not done here, and doing something else would give another picture). ControlNet units
+unknown sampler (404, as the webui), sizes beyond the server's limit, bad values, scripts and the mask fields not
+done here (422: doing something else would give another picture). An img2img ``mask`` inpaints
+(:func:`_inpaint`: the webui's fields). ControlNet units
 (``alwayson_scripts.controlnet``) join the stack (:mod:`adapterhub.serve.controls`). A missing LoRA or hypernetwork
 is left out with a note in ``info`` (the webui warns and goes on). Embeddings whose word is in the prompt or
 the negative prompt join the stack, as the webui applies its embeddings folder.
@@ -175,6 +176,7 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
             raise ApiError(422, str(err)) from None
     hires = _hires(req, comments, max_size) if kind == "txt2img" and req.enable_hr else {}
     init_image = _init_image(req, comments) if kind == "img2img" else None
+    inpaint = _inpaint(req, comments) if kind == "img2img" else {}
     controls = _scripts(req, networks, init_image, bool(hires))
     comments += controls.comments
     denoise = hires["hr_denoise"] if hires else req.denoising_strength if init_image is not None else None
@@ -187,7 +189,7 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
     seed = req.seed if req.seed is not None and req.seed >= 0 else random.randrange(MAX_SEED)
     requests = [Request(prompt, negative=negative, stack=stack, seed=seed + k * req.batch_size,
                         batch=req.batch_size, images=req.batch_size, init_image=init_image,
-                        denoising_strength=denoise if init_image is not None else 0.75, **common, **hires)
+                        denoising_strength=denoise if init_image is not None else 0.75, **common, **hires, **inpaint)
                 for k in range(req.n_iter)]
     try:
         check_request(requests[0], dirs)
@@ -227,9 +229,7 @@ def _sampling(req, settings: dict[str, Any], max_size: tuple[int, int] | None) -
 
 
 def _init_image(req: Img2ImgRequest, comments: list[str]):
-    """img2img's init image (the first of ``init_images``, "Just resize"); a mask is refused (no inpainting)."""
-    if req.mask or req.latent_mask:
-        raise ApiError(422, "mask: inpainting is not available here (send no mask for img2img)")
+    """img2img's init image (the first of ``init_images``, "Just resize")."""
     if not req.init_images:
         raise ApiError(404, "Init image not found")
     if req.resize_mode:
@@ -237,6 +237,25 @@ def _init_image(req: Img2ImgRequest, comments: list[str]):
     if len(req.init_images) > 1:
         comments.append(f"init_images: {len(req.init_images)} given; the first is used for every image")
     return decode_image(req.init_images[0], "init_images[0]").convert("RGB")
+
+
+def _inpaint(req: Img2ImgRequest, comments: list[str]) -> dict[str, Any]:
+    """The generator request's inpainting fields from ``mask`` and the webui's mask fields (none without a mask).
+    ``mask_blur`` sets both axes, as in the webui; different ``mask_blur_x`` and ``_y`` and a separate
+    ``latent_mask`` are refused (another picture)."""
+    if req.latent_mask:
+        raise ApiError(422, "latent_mask: a separate latent mask is not available here (send only mask)")
+    if not req.mask:
+        return {}
+    blur_x, blur_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else \
+        (4 if req.mask_blur_x is None else req.mask_blur_x, 4 if req.mask_blur_y is None else req.mask_blur_y)
+    if blur_x != blur_y:
+        raise ApiError(422, f"mask_blur_x {blur_x} and mask_blur_y {blur_y}: one blur for both axes here (mask_blur)")
+    if req.initial_noise_multiplier not in (None, 1, 1.0):
+        comments.append(f"initial_noise_multiplier {req.initial_noise_multiplier}: not applied here (1)")
+    return {"mask": decode_image(req.mask, "mask"), "mask_blur": int(blur_x), "inpainting_fill": req.inpainting_fill,
+            "inpaint_full_res": bool(req.inpaint_full_res), "inpaint_full_res_padding": req.inpaint_full_res_padding,
+            "inpainting_mask_invert": bool(req.inpainting_mask_invert)}
 
 
 def _hires(req: Txt2ImgRequest, comments: list[str], max_size: tuple[int, int] | None) -> dict[str, Any]:
