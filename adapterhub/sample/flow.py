@@ -167,6 +167,9 @@ class FlowGenerator:
         else:
             self.pipe, self.base_path = base, None
             self.model_name = model_name or Path(str(getattr(base.config, "_name_or_path", "") or "model")).name
+        if type(self.pipe).__name__ not in FLOW_PIPELINES:  # Fill, Kontext, ControlNet ... want more than a prompt
+            raise AdapterhubError(f"{base}: a {type(self.pipe).__name__}; text-to-image sampling takes a "
+                                  f"{' or '.join(FLOW_PIPELINES)} base")
         self.pipe.set_progress_bar_config(disable=True)
         self.device, self.dtype = self.pipe.transformer.device, self.pipe.transformer.dtype
         self.guidance_embeds = bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))
