@@ -329,3 +329,23 @@ def test_a_flux_folder_of_another_pipeline_is_refused_in_one_line(capsys, tmp_pa
     assert f"error: {folder}: a FluxFillPipeline; text-to-image sampling takes a FluxPipeline or " \
            "StableDiffusion3Pipeline base" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_stack_file_equals_the_fused_pipeline(capsys, tmp_path, tiny_sd3):
+    """--stack FILE:W from the command line: the image equals diffusers' pipeline with the LoRA fused at W."""
+    from PIL import Image
+
+    lora = peft_file(tmp_path / "style.safetensors", tiny_sd3.transformer, SD3_LORA_PATHS, seed=4)
+    fused = copy.deepcopy(tiny_sd3)
+    fused.load_lora_weights(str(lora), adapter_name="oracle")
+    fused.fuse_lora(components=["transformer"], lora_scale=0.5)
+    out = tmp_path / "out"
+    rc, _, err = _cli(capsys, "sample", "--base", "tiny-sd3", "--prompt", "a boat", "--stack", f"{lora}:0.5",
+                      "--steps", "2", "--size", "64x64", "--seed", "12", "--cfg", "4", "--out", str(out))
+    assert rc == 0, err
+    (path,) = sorted(out.glob("*.png"))
+    with Image.open(path) as image:
+        pixels, text = np.asarray(image.convert("RGB")), image.info["parameters"]
+    theirs = _oracle(fused, "a boat", [12], output_type="pil", negative_prompt="", guidance_scale=4.0)[0]
+    assert np.array_equal(pixels, np.asarray(theirs))
+    assert "Lora hashes: \"style: " in text
