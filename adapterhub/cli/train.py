@@ -77,14 +77,11 @@ class _Progress:
         self.stack, self.quiet, self.bar, self.task, self.cache_task = stack, quiet, None, None, None
 
     def _progress(self):
+        """A rich bar on a terminal; rate-limited plain lines (step, loss) in logs, CI and ``nohup``."""
         if self.bar is None:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
+            from adapterhub.cli.output import tasks
 
-            self.bar = self.stack.enter_context(Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=Console(stderr=True)))
+            self.bar = self.stack.enter_context(tasks())
         return self.bar
 
     def __call__(self, kind: str, **data) -> None:

@@ -5,13 +5,18 @@ Not a weight delta: ``attach`` installs an attention processor that feeds ``to_k
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from adapterhub.errors import AdapterError
 from adapterhub.hookspecs import hookimpl
 from adapterhub.types import ATTENTION_CONTEXT, Adapter, ModuleBackedType, TrainOption
 
-from . import formats, processor
+from . import formats
+
+if TYPE_CHECKING:  # torch and the processor (diffusers) are imported where a hypernetwork runs
+    import torch
+
+    from . import processor
 
 
 class HypernetworkType(ModuleBackedType):
@@ -33,7 +38,13 @@ class HypernetworkType(ModuleBackedType):
         TrainOption("hn_widths", tuple[int, ...], (), "context widths that get an MLP pair (default: every "
                                                       "attention width of the UNet)"),
     )
-    attention_processor = processor.HypernetworkAttnProcessor
+
+    @property
+    def attention_processor(self) -> type:
+        """The processor class ``attach`` installs (imported on first use: listing the type needs no torch)."""
+        from .processor import HypernetworkAttnProcessor
+
+        return HypernetworkAttnProcessor
 
     def attention_chain(self, attached: processor.HypernetworkAttnProcessor) -> tuple:
         """The hypernetworks the layer runs, in attach order."""
@@ -41,12 +52,16 @@ class HypernetworkType(ModuleBackedType):
 
     def attention_graph_inputs(self, chain: tuple, width: int, device) -> list:
         """Each hypernetwork's (k MLP, v MLP, multiplier as a float32 tensor) for ``width``."""
+        import torch
+
         return [(*h.layers[width], torch.tensor(h.multiplier, dtype=torch.float32, device=device))
                 for h in chain if width in h.layers]
 
     def attention_graph_contexts(self, inputs: list, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``Hypernetwork._run`` over the chain, the multiplier a tensor: a float32 product, the same as with
         the Python number."""
+        import torch
+
         context_k = context_v = context
         for mlp_k, mlp_v, multiplier in inputs:
             context_k = mlp_k(context_k.to(torch.float32), multiplier).to(context_k.dtype)
@@ -60,6 +75,8 @@ class HypernetworkType(ModuleBackedType):
         return make_trainable(model, config)
 
     def attach(self, adapter: Adapter, pipe, weight: float = 1.0) -> processor.HypernetworkHandle:
+        from . import processor
+
         return processor.attach(adapter, pipe, weight)
 
     def merge_into(self, adapter: Adapter, pipe, weight: float = 1.0) -> None:

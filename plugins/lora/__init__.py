@@ -12,8 +12,9 @@ from adapterhub.hookspecs import hookimpl
 from adapterhub.io import AdapterFile
 from adapterhub.types import Adapter, AdapterType, Sniff, TrainOption
 
-from . import keys, parse, save
-from .patches import LoRAPatch
+# Only the key tables at the top: parsing, the patches' math and saving import torch, and are imported by
+# the methods that use them, so that registering the types (``adapterhub plugins``) stays light.
+from . import keys
 
 LAYOUTS = ("kohya", "lycoris", "diffusers", "diffusers-attnproc", "peft")
 # ``adapterhub convert`` targets (``save`` writes each): a low-rank product has every layout; LoHa and LoKr
@@ -47,18 +48,28 @@ class LoRAFamilyType(AdapterType):
         return Sniff(0.9, found[1])
 
     def parse(self, file: AdapterFile, sniff: Sniff) -> Adapter:
+        from . import parse
+
         return parse.parse(file, self.name)
 
     def info(self, adapter: Adapter) -> dict:
+        from . import parse
+
         return parse.summary(adapter)
 
     def validate(self, adapter: Adapter) -> None:
+        from . import parse
+
         parse.refuse_if_unsupported(adapter)
 
     def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
+        from . import save
+
         return save.save(adapter, path, format or "kohya")
 
     def example(self, model, path: Path, seed: int = 0, **options) -> Path:
+        from . import save
+
         return save.write_example(self.name, model, Path(path), seed, **options)
 
     def target_modules(self, model, text: bool = True) -> dict:
@@ -78,6 +89,8 @@ class LoRAFamilyType(AdapterType):
         """A LoRA / LoCon from ``{target: (up, down, alpha)}`` (kohya shapes); see ``AdapterType``."""
         if not self.factor_modules:
             return super().from_factors(factors, metadata, base)
+        from .patches import LoRAPatch
+
         patches = {target: LoRAPatch(target, target, {"up": up, "down": down}, alpha=float(alpha))
                    for target, (up, down, alpha) in factors.items()}
         return Adapter(type=self.name, format="kohya", patches=patches, metadata=dict(metadata or {}), base=base)
@@ -136,6 +149,8 @@ class AdaLoRAType(LoRAFamilyType):
 
     def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
         """PEFT AdaLoRA folders by default (``unet/``, ``text_encoder/`` ...), read back as ``adalora``."""
+        from . import save
+
         return save.save(adapter, path, format or "peft")
 
 

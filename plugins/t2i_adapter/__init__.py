@@ -11,7 +11,7 @@ from adapterhub.errors import AdapterError
 from adapterhub.hookspecs import hookimpl
 from adapterhub.types import UNET_RESIDUALS, Adapter, Handle, ModuleBackedType, TrainOption
 
-from . import formats, runtime
+from . import formats  # light at the top: torch and diffusers are imported where a model is built
 
 
 class T2IAdapterType(ModuleBackedType):
@@ -43,6 +43,8 @@ class T2IAdapterType(ModuleBackedType):
         return make_trainable(model, config)
 
     def attach(self, adapter: Adapter, pipe, weight: float = 1.0, **options) -> Handle:
+        from . import runtime
+
         return runtime.attach(adapter, pipe, weight, **options)
 
     def example_options(self, model) -> dict:

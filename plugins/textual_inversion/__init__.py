@@ -10,7 +10,7 @@ named for what it is rather than mistaken for a textual inversion.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from adapterhub.archs import TEXT_WIDTH
 from adapterhub.errors import AdapterError
@@ -18,7 +18,10 @@ from adapterhub.hookspecs import hookimpl
 from adapterhub.io import AdapterFile
 from adapterhub.types import UNET_UNTOUCHED, Adapter, AdapterType, ModuleBackedType, Sniff, TrainOption
 
-from . import formats, vocab
+from . import formats  # light at the top: torch is imported where tensors are read or a pipe is changed
+
+if TYPE_CHECKING:
+    from . import vocab
 
 
 class TextualInversionType(ModuleBackedType):
@@ -59,10 +62,14 @@ class TextualInversionType(ModuleBackedType):
         return make_trainable(model, config)
 
     def attach(self, adapter: Adapter, pipe, weight: float = 1.0) -> vocab.EmbeddingHandle:
+        from . import vocab
+
         return vocab.attach(adapter, pipe, weight)
 
     def merge_into(self, adapter: Adapter, pipe, weight: float = 1.0) -> None:
         """Add the tokens for good: a pipeline saved afterwards carries them in tokenizer and encoder."""
+        from . import vocab
+
         vocab.attach(adapter, pipe, weight)
 
 
@@ -79,7 +86,7 @@ class AestheticEmbeddingType(AdapterType):
 
     def sniff(self, file: AdapterFile) -> Sniff | None:
         raw = file.raw
-        if not isinstance(raw, torch.Tensor) or not raw.is_floating_point():
+        if not formats.is_tensor(raw) or not raw.is_floating_point():
             return None
         if raw.dim() == 2 and raw.shape[0] == 1 or raw.dim() == 1:
             return Sniff(0.5, "aesthetic-gradients", {"width": int(raw.shape[-1])})
