@@ -349,3 +349,34 @@ def test_cli_stack_file_equals_the_fused_pipeline(capsys, tmp_path, tiny_sd3):
     theirs = _oracle(fused, "a boat", [12], output_type="pil", negative_prompt="", guidance_scale=4.0)[0]
     assert np.array_equal(pixels, np.asarray(theirs))
     assert "Lora hashes: \"style: " in text
+
+
+def test_cli_prompt_file_on_flux(capsys, tmp_path, tiny_flux):
+    """--prompts on Flux: each line a job with the family's defaults and its own options; its images equal the
+    pipeline's. A line asking for a sampler the family has not is refused with the file and line, nothing written."""
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n--prompt a blue dog --seed 21\n")
+    out = tmp_path / "out"
+    rc, _, err = _cli(capsys, "sample", "--base", "tiny-flux", "--prompts", str(prompts), "--steps", "2",
+                      "--size", "64x64", "--seed", "5", "--out", str(out))
+    assert rc == 0, err
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 2
+    with Image.open(files[1]) as image:
+        pixels, text = np.asarray(image.convert("RGB")), image.info["parameters"]
+    assert text.startswith("a blue dog\n") and "Sampler: Euler" in text and "Seed: 21," in text
+    assert np.array_equal(pixels, np.asarray(_oracle(tiny_flux, "a blue dog", [21], output_type="pil",
+                                                     guidance_scale=3.5)[0]))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a red cat\n--prompt a dog --sampler_name \"DPM++ 2M\"\n")
+    rc, _, err = _cli(capsys, "sample", "--base", "tiny-flux", "--prompts", str(bad), "--out", str(tmp_path / "b"))
+    assert rc == 2 and f"{bad}:2: sampler 'DPM++ 2M': Flux is a flow-matching model" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_plots_are_refused_on_flux(capsys, tmp_path):
+    rc, _, err = _cli(capsys, "sample", "--base", "tiny-flux", "--prompt", "a cat", "--x", "steps=1,2", "--out",
+                      str(tmp_path / "out"))
+    assert rc == 2 and "X/Y/Z plots are not available for flux bases yet" in err

@@ -134,6 +134,7 @@ def plan_run(options: SampleOptions) -> Plan:
     plan = Plan(options, request, dirs, notes)
     if plan.many:
         plan.jobs, plan.plots = _jobs(options, request, dirs)
+        _check_family_jobs(options, plan.jobs)
     return plan
 
 
@@ -149,11 +150,26 @@ def _family_request(options: SampleOptions, request: Request, chosen: set[str]) 
             raise AdapterhubError(f"--distilled-cfg is Flux-dev's guidance: the base {options.base} is not a Flux "
                                   "model (use --cfg)")
         return request
-    if options.prompts_file or options.x_axis or options.y_axis or options.z_axis:
-        raise AdapterhubError(f"--prompts and X/Y/Z plots are not available for {family} bases yet")
+    if options.x_axis or options.y_axis or options.z_axis:
+        raise AdapterhubError(f"X/Y/Z plots are not available for {family} bases yet")
     request = replace(flow_request(request, family, chosen), distilled_cfg=options.distilled_cfg)
     check_flow_request(request, family)
     return request
+
+
+def _check_family_jobs(options: SampleOptions, jobs: list) -> None:
+    """A prompt file's lines on a Flux or SD3 base: each line's request (the family's defaults, then the line's own
+    options) checked against what the family can do; an error names the file and line."""
+    from adapterhub.sample.flow import check_flow_request, flow_family
+
+    family = flow_family(options.base)
+    if family is None:
+        return
+    for job in jobs:
+        try:
+            check_flow_request(job.request, family)
+        except AdapterhubError as err:
+            raise AdapterhubError(f"{options.prompts_file}:{job.line}: {err}") from None
 
 
 def _as_dict(options: SampleOptions) -> dict:
