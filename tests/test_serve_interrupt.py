@@ -1,7 +1,7 @@
-"""``/sdapi/v1/interrupt`` returns the image so far, as the webui does: the clean-latent estimate of the last
-step, decoded. The estimate is checked against diffusers' schedulers (their ``pred_original_sample``) as the
-oracle, and end to end: a request interrupted after its second step returns the decoded
-``pred_original_sample`` of that step in a reference run of the same request."""
+"""``/sdapi/v1/interrupt`` returns the image so far, as the webui does: the denoised estimate of the last step
+(the generator's step hook), decoded. The estimate is checked against diffusers' schedulers (their
+``pred_original_sample``) as the oracle, and end to end: a request interrupted after its second step returns the
+decoded ``pred_original_sample`` of that step in a reference run of the same request, ``AND`` prompts too."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +26,7 @@ SMALL = {"width": 64, "height": 64, "cfg_scale": 6.5}
 def test_clean_estimate_is_diffusers_pred_original_sample(tiny_sd1, name, options):
     import diffusers
 
-    from adapterhub.serve.partial import alpha_at, clean_estimate
+    from adapterhub.sample.denoise import alpha_at, clean_estimate
 
     scheduler = getattr(diffusers, name).from_config(tiny_sd1.scheduler.config, **options)
     scheduler.set_timesteps(10)
@@ -42,16 +42,6 @@ def test_clean_estimate_is_diffusers_pred_original_sample(tiny_sd1, name, option
         got = clean_estimate(x_t, prediction, alpha_at(scheduler.alphas_cumprod, t),
                              scheduler.config.prediction_type)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_guided_prediction_from_one_or_two_calls():
-    from adapterhub.serve.partial import guided
-
-    uncond, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    expected = uncond + (cond - uncond) * 7.0
-    torch.testing.assert_close(guided([torch.cat([uncond, cond])], 2, 7.0), expected)
-    torch.testing.assert_close(guided([cond, uncond], 2, 7.0), expected)  # cond first, then uncond (two lengths)
-    torch.testing.assert_close(guided([cond], 2, 7.0), cond)  # CFG 1 without a negative: one call
 
 
 def reference_estimates(prompt: str, seed: int, steps: int) -> tuple[list, object]:
@@ -75,12 +65,13 @@ def reference_estimates(prompt: str, seed: int, steps: int) -> tuple[list, objec
     return seen, generator
 
 
-def test_interrupt_returns_the_image_so_far():
+@pytest.mark.parametrize("prompt", ["a hill", "a hill AND a red sky :0.6 AND fog :-0.4"])
+def test_interrupt_returns_the_image_so_far(prompt):
     from adapterhub.sample import infotext
     from adapterhub.sample.generator import Generator
     from adapterhub.serve.app import Service
 
-    estimates, reference = reference_estimates("a hill", seed=4, steps=6)
+    estimates, reference = reference_estimates(prompt, seed=4, steps=6)
     service = Service(Generator("tiny-sd1"), catalog=False)
     progress = service.worker._progress
 
@@ -97,7 +88,7 @@ def test_interrupt_returns_the_image_so_far():
     service.worker._progress = interrupt_after_two_steps
     with running_server(service) as port:
         api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
-        result = api.txt2img(prompt="a hill", seed=4, steps=6, sampler_name="Euler", **SMALL)
+        result = api.txt2img(prompt=prompt, seed=4, steps=6, sampler_name="Euler", **SMALL)
     expected = np.asarray(reference.decode(estimates[1])[0].convert("RGB"), dtype=int)
     got = np.asarray(result.image.convert("RGB"), dtype=int)
     assert len(result.images) == 1 and np.abs(got - expected).max() <= 1

@@ -10,7 +10,7 @@ Clients of the webui's API (the ``webuiapi`` package, painting plugins, bots) ta
 
 Modules: :mod:`.models` (the webui's request bodies), :mod:`.plan` (a request checked and planned as
 generator requests), :mod:`.controls` (the ControlNet extension's units), :mod:`.jobs` (the queue, its worker,
-progress and interrupt), :mod:`.partial` (an interrupted request's image so far), :mod:`.networks` (the LoRAs,
+progress, interrupt and an interrupted request's image so far), :mod:`.networks` (the LoRAs,
 embeddings, hypernetworks and ControlNets offered), :mod:`.app` (the routes and the error shapes).
 FastAPI and uvicorn are imported by :mod:`.app` only: the rest of adapterhub does not need them.
 """

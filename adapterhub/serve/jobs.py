@@ -6,8 +6,8 @@ recompile: :mod:`adapterhub.sample.backend`).
 :class:`QueueFull` when ``max_queue`` requests already wait (the API answers 429). :class:`State` is what
 ``/sdapi/v1/progress`` reports (the webui's ``shared.state``), and how ``/sdapi/v1/interrupt`` stops the
 running request: the sampler's step callback raises :class:`Interrupted`; the images of the iterations
-already done are returned with the iteration in progress as far as it got (its last step's clean-latent
-estimate decoded, :mod:`adapterhub.serve.partial`), as the webui returns what it has.
+already done are returned with the iteration in progress as far as it got (its last step's denoised estimate,
+which the generator's step hook hands over, decoded), as the webui returns what it has.
 ``/sdapi/v1/skip`` drops only the iteration in progress (:class:`Skipped`); the next one runs. A plan whose
 client hung up (``plan.cancelled``) stops the same way at its next step; a queued one is never started.
 """
@@ -122,24 +122,25 @@ class State:
 
 
 class _PreviewRunner:
-    """The generator's runner, remembering the latest latents it was called with (for the live preview) and its
-    last two calls (for the image so far of an interrupted request, :mod:`adapterhub.serve.partial`).
-    Everything else goes to the runner it wraps: a compiled graph is called exactly as before."""
+    """The generator's runner, remembering the latest latents it was called with (for the live preview), and the
+    generator's step hook, remembering the last step's denoised estimate (the image so far of an interrupted
+    request). Everything else goes to the runner it wraps: a compiled graph is called exactly as before."""
 
     def __init__(self, runner):
         self.runner = runner
         self.latest = None
-        self.recent: list[tuple] = []  # (input, timestep, output) of the last two UNet calls ("calls": the runner's)
+        self.denoised = None  # the last step's denoised estimate (the generator's step hook)
 
     def __call__(self, sample, timestep, *args, **kwargs):
         self.latest = sample
-        output = self.runner(sample, timestep, *args, **kwargs)
-        # a copy: a CUDA-graph runner hands out the same output buffer at every call
-        self.recent = [*self.recent[-1:], (sample, timestep, output.detach().clone())]
-        return output
+        return self.runner(sample, timestep, *args, **kwargs)
+
+    def step(self, index: int, latents, denoised) -> None:
+        """The generator's step hook."""
+        self.denoised = denoised
 
     def forget(self) -> None:
-        self.latest, self.recent = None, []
+        self.latest, self.denoised = None, None
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
@@ -164,6 +165,7 @@ class Worker:
         self.generator = generator
         self.preview = _PreviewRunner(generator.runner)
         generator.runner = self.preview
+        generator.step_hook = self.preview.step
         self.state = State()
         self.queue: queue.Queue = queue.Queue(maxsize=max(0, int(max_queue)) or 1)
         self._stop = threading.Event()
@@ -191,6 +193,8 @@ class Worker:
             future.set_exception(RuntimeError("the server is shutting down"))
         if self.generator.runner is self.preview:
             self.generator.runner = self.preview.runner
+        if getattr(self.generator, "step_hook", None) == self.preview.step:
+            self.generator.step_hook = None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -243,16 +247,14 @@ class Worker:
         return out
 
     def _partial(self, req, plan, out: Outcome) -> None:
-        """The interrupted iteration's image so far (the webui returns it): the clean-latent estimate of its last
-        step, decoded, with the infotext the finished images would have had. Nothing when no step ran."""
+        """The interrupted iteration's image so far (the webui returns it): the denoised estimate of its last step
+        (the generator's step hook: the guided prediction of every sub-prompt), decoded, with the infotext the
+        finished images would have had. Nothing when no step ran."""
         from adapterhub.sample import infotext
         from adapterhub.sample.samplers import resolve_sampler
-        from adapterhub.serve.partial import estimate
 
         gen = self.generator
-        scheduler = gen.pipe.scheduler
-        latents = estimate(self.preview.recent, req.batch, req.cfg, scheduler.config,
-                           getattr(scheduler, "alphas_cumprod", None))
+        latents = self.preview.denoised
         if latents is None:
             return
         images = gen.decode(latents.to(gen.device, gen.dtype))
