@@ -376,7 +376,26 @@ def test_cli_prompt_file_on_flux(capsys, tmp_path, tiny_flux):
     assert not (tmp_path / "b").exists()
 
 
-def test_cli_plots_are_refused_on_flux(capsys, tmp_path):
-    rc, _, err = _cli(capsys, "sample", "--base", "tiny-flux", "--prompt", "a cat", "--x", "steps=1,2", "--out",
-                      str(tmp_path / "out"))
-    assert rc == 2 and "X/Y/Z plots are not available for flux bases yet" in err
+def test_cli_xy_plot_on_flux(capsys, tmp_path, tiny_flux):
+    """An X/Y plot on Flux: every cell equals the pipeline's image for its values (CFG 2 is real CFG with the empty
+    negative prompt); a sampler axis naming a sampler the family has not is refused with the cell, nothing written."""
+    import json
+
+    from PIL import Image
+
+    out = tmp_path / "out"
+    rc, stdout, err = _cli(capsys, "sample", "--base", "tiny-flux", "--prompt", "a cat", "--x", "cfg=1,2", "--steps",
+                           "2", "--size", "64x64", "--seed", "3", "--out", str(out), "--json")
+    assert rc == 0, err
+    cells = json.loads(stdout)["cells"]
+    assert len(cells) == 2
+    for cell, extra in zip(cells, [{}, {"negative_prompt": "", "true_cfg_scale": 2.0}]):
+        with Image.open(cell["path"]) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        theirs = _oracle(tiny_flux, "a cat", [3], output_type="pil", guidance_scale=3.5, **extra)[0]
+        assert np.array_equal(pixels, np.asarray(theirs))
+    assert "Distilled CFG Scale: 3.5" in cells[1]["parameters"] and "CFG scale: 2," in cells[1]["parameters"]
+    rc, _, err = _cli(capsys, "sample", "--base", "tiny-flux", "--prompt", "a cat", "--x", "sampler=Euler,DDIM",
+                      "--out", str(tmp_path / "bad"))
+    assert rc == 2 and "sampler 'DDIM': Flux is a flow-matching model" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()

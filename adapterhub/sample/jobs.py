@@ -134,7 +134,7 @@ def plan_run(options: SampleOptions) -> Plan:
     plan = Plan(options, request, dirs, notes)
     if plan.many:
         plan.jobs, plan.plots = _jobs(options, request, dirs)
-        _check_family_jobs(options, plan.jobs)
+        _check_family_jobs(options, plan.jobs, plan.plots)
     return plan
 
 
@@ -150,26 +150,28 @@ def _family_request(options: SampleOptions, request: Request, chosen: set[str]) 
             raise AdapterhubError(f"--distilled-cfg is Flux-dev's guidance: the base {options.base} is not a Flux "
                                   "model (use --cfg)")
         return request
-    if options.x_axis or options.y_axis or options.z_axis:
-        raise AdapterhubError(f"X/Y/Z plots are not available for {family} bases yet")
     request = replace(flow_request(request, family, chosen), distilled_cfg=options.distilled_cfg)
     check_flow_request(request, family)
     return request
 
 
-def _check_family_jobs(options: SampleOptions, jobs: list) -> None:
-    """A prompt file's lines on a Flux or SD3 base: each line's request (the family's defaults, then the line's own
-    options) checked against what the family can do; an error names the file and line."""
+def _check_family_jobs(options: SampleOptions, jobs: list, plots: dict) -> None:
+    """A prompt file's lines and a plot's cells on a Flux or SD3 base: each request (the family's defaults, then the
+    line's options and the cell's axis values) checked against what the family can do; an error names the file and
+    line, or the cell."""
     from adapterhub.sample.flow import check_flow_request, flow_family
 
     family = flow_family(options.base)
     if family is None:
         return
     for job in jobs:
-        try:
-            check_flow_request(job.request, family)
-        except AdapterhubError as err:
-            raise AdapterhubError(f"{options.prompts_file}:{job.line}: {err}") from None
+        where = f"{options.prompts_file}:{job.line}: " if options.prompts_file else ""
+        cells = plots[job.index].cells if job.index in plots else []
+        for request, label in [(job.request, ""), *((c.request, ", ".join(x for x in c.labels if x)) for c in cells)]:
+            try:
+                check_flow_request(request, family)
+            except AdapterhubError as err:
+                raise AdapterhubError(f"{where}{f'plot cell {label}: ' if label else ''}{err}") from None
 
 
 def _as_dict(options: SampleOptions) -> dict:
