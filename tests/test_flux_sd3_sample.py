@@ -399,3 +399,13 @@ def test_cli_xy_plot_on_flux(capsys, tmp_path, tiny_flux):
                       "--out", str(tmp_path / "bad"))
     assert rc == 2 and "sampler 'DDIM': Flux is a flow-matching model" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_flow_request_without_cfg_takes_the_familys(tiny_flux, tiny_sd3):
+    from adapterhub.sample import FlowRequest, Request
+
+    assert _generator(tiny_flux).request(FlowRequest("a cat", width=SIZE, height=SIZE)).cfg == 1.0
+    assert _generator(tiny_sd3).request(FlowRequest("a cat", width=SIZE, height=SIZE)).cfg == 7.0
+    assert _generator(tiny_flux).request(FlowRequest("a cat", cfg=2.0, width=SIZE, height=SIZE)).cfg == 2.0
+    plain = _generator(tiny_flux).request(Request("a cat", sampler="Euler", width=SIZE, height=SIZE))
+    assert plain.cfg == 7.0  # a plain Request is taken as written

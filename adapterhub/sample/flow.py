@@ -43,10 +43,12 @@ FAMILY_DEFAULTS = {"flux": {"sampler": "Euler", "cfg": 1.0}, "sd3": {"sampler": 
 
 @dataclass
 class FlowRequest(Request):
-    """A :class:`Request` for a Flux or SD3 base. ``distilled_cfg``: Flux-dev's guidance embedding (None: 3.5 on a
-    model that has one); not for SD3 or Flux-schnell, which have no guidance embedding."""
+    """A :class:`Request` for a Flux or SD3 base. ``cfg`` None: the family's (1 for Flux, 7 for SD3).
+    ``distilled_cfg``: Flux-dev's guidance embedding (None: 3.5 on a model that has one); not for SD3 or
+    Flux-schnell, which have no guidance embedding."""
 
     sampler: str = "Euler"
+    cfg: float | None = None
     distilled_cfg: float | None = None
 
 
@@ -228,10 +230,12 @@ class FlowGenerator:
         return self.generate(flow_request(FlowRequest(prompt, **options), self.family, given))
 
     def request(self, req: Request) -> FlowRequest:
-        """``req`` checked (one line) and completed: size, seed, image count; the family's defaults apply only
-        to a :class:`FlowRequest`'s unset fields, a plain :class:`Request` is taken as written."""
+        """``req`` checked (one line) and completed: size, seed, image count, a :class:`FlowRequest`'s CFG left
+        unset (the family's); a plain :class:`Request` is taken as written."""
         if not isinstance(req, FlowRequest):
             req = flow_request(req, self.family)
+        if req.cfg is None:
+            req = replace(req, cfg=FAMILY_DEFAULTS[self.family]["cfg"])
         check_flow_request(req, self.family, self.guidance_embeds)
         req = normalized(req, self.default_size)
         step = self.size_multiple
