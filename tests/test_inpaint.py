@@ -193,3 +193,24 @@ def test_bad_masks_are_one_line(gen, tmp_path):
         check_request(_request(mask=_mask(), init_image=_mask(), inpainting_fill=7))
     with pytest.raises(AdapterhubError, match="DPM fast: no masks"):
         check_request(_request(mask=_mask(), init_image=_mask(), sampler="DPM fast"))
+
+
+def test_initial_noise_multiplier_scales_the_initial_noise_only(gen, init_image, monkeypatch):
+    """The webui's img2img ``initial_noise_multiplier``: the first noise drawn, times the multiplier (the later
+    draws of an ancestral sampler are not scaled); recorded as ``Noise multiplier``."""
+    from adapterhub.sample import rng
+
+    scaled = gen.generate(_request(init_image=init_image, mask=_mask(), initial_noise_multiplier=0.6))
+    original = rng.initial_noise
+
+    def smaller(*args, **kwargs):
+        noise, generators = original(*args, **kwargs)
+        return noise * 0.6, generators
+
+    monkeypatch.setattr(rng, "initial_noise", smaller)
+    by_hand = gen.generate(_request(init_image=init_image, mask=_mask()))
+    monkeypatch.undo()
+    assert np.array_equal(np.asarray(scaled.images[0]), np.asarray(by_hand.images[0]))
+    plain = gen.generate(_request(init_image=init_image, mask=_mask()))
+    assert not np.array_equal(np.asarray(scaled.images[0]), np.asarray(plain.images[0]))
+    assert "Noise multiplier: 0.6" in scaled.infotexts[0] and "Noise multiplier" not in plain.infotexts[0]

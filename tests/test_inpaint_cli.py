@@ -35,8 +35,8 @@ def run(capsys, *args):
     ([], {}),
     (["--mask-blur", "2", "--inpainting-fill", "latent-noise", "--invert-mask"],
      {"mask_blur": 2, "inpainting_fill": 2, "inpainting_mask_invert": True}),
-    (["--inpaint-full-res", "--inpaint-padding", "4", "--inpainting-fill", "fill"],
-     {"inpaint_full_res": True, "inpaint_full_res_padding": 4, "inpainting_fill": 0}),
+    (["--inpaint-full-res", "--inpaint-padding", "4", "--inpainting-fill", "fill", "--noise-multiplier", "0.8"],
+     {"inpaint_full_res": True, "inpaint_full_res_padding": 4, "inpainting_fill": 0, "initial_noise_multiplier": 0.8}),
 ])
 def test_sample_with_a_mask_equals_the_generator(capsys, tmp_path, pictures, tiny_sd1, extra, request_fields):
     from PIL import Image

@@ -54,8 +54,10 @@ def sample_cli(tmp_path, *args):
 @pytest.mark.parametrize("fields, options", [
     # the client's defaults: only masked, no padding, fill, blur 4
     ({}, ["--inpaint-full-res", "--inpaint-padding", 0, "--inpainting-fill", "fill"]),
-    ({"inpaint_full_res": True, "inpaint_full_res_padding": 6, "inpainting_fill": 1, "mask_blur": 2},
-     ["--inpaint-full-res", "--inpaint-padding", 6, "--inpainting-fill", "original", "--mask-blur", 2]),
+    ({"inpaint_full_res": True, "inpaint_full_res_padding": 6, "inpainting_fill": 1, "mask_blur": 2,
+      "initial_noise_multiplier": 0.9},
+     ["--inpaint-full-res", "--inpaint-padding", 6, "--inpainting-fill", "original", "--mask-blur", 2,
+      "--noise-multiplier", 0.9]),
     ({"inpaint_full_res": False, "inpainting_fill": 2, "inpainting_mask_invert": 1},
      ["--inpainting-fill", "latent-noise", "--invert-mask"]),
 ])

@@ -102,6 +102,8 @@ def _table(summary: dict, many: bool):
 @click.option("--inpaint-padding", default=32, show_default=True, type=int,
               help="With --inpaint-full-res: pixels around the masked region.")
 @click.option("--invert-mask", is_flag=True, help="Repaint where the mask is black.")
+@click.option("--noise-multiplier", default=1.0, show_default=True, type=float,
+              help="img2img: the init image's noise times this (the webui's initial noise multiplier).")
 @click.option("--hires", default=None, type=float, metavar="SCALE",
               help="Hires fix: the first pass at --size, then upscaled by SCALE and denoised again.")
 @click.option("--hires-steps", default=0, show_default=True, type=int, help="Steps of the hires pass (0: --steps).")

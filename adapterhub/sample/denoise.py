@@ -40,7 +40,7 @@ def draw_noise(model, seeds: Sequence[int], width: int, height: int, rng: str = 
 def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: Sequence[int], width: int,
             height: int, on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
             strength: float = 1.0, fixed_steps: bool = False, rng: str = "CPU", ensd: int = 0,
-            mask: torch.Tensor | None = None, fill: int = 1) -> torch.Tensor:
+            mask: torch.Tensor | None = None, fill: int = 1, noise_scale: float = 1.0) -> torch.Tensor:
     """The denoising loop (diffusers' own, step for step); returns the final latents.
 
     From noise, or with ``init`` latents (one per seed) from the point of the schedule that
@@ -51,6 +51,9 @@ def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: S
     says (1 the image, 2 the image's own noise, 3 zeros; 0 was filled in pixels) and after every step the latents
     outside it are the init latents noised to the next step (at the last step: the init latents), as diffusers'
     inpainting pipeline does with a 4-channel UNet.
+
+    ``noise_scale`` (the webui's img2img ``initial_noise_multiplier``) multiplies the noise ``init`` is noised with
+    (not the sampler's later draws).
 
     ``model.step_hook`` (when set): called after every step with its index, the latents and the denoised estimate
     of that step (the clean latents the guided prediction points at, :func:`clean_estimate`)."""
@@ -74,6 +77,8 @@ def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: S
             scheduler.set_begin_index(begin)
         timesteps = scheduler.timesteps[begin:]
         init = init.to(device=device, dtype=dtype)
+        if noise_scale != 1.0:
+            noise = noise * noise_scale
         if mask is not None:
             if type(scheduler).__name__ == KDIFFUSION:  # the k-diffusion algorithms: no step to blend at
                 raise AdapterhubError("this sampler runs its own loop: no masks (inpainting) with it here")

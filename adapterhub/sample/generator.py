@@ -213,7 +213,7 @@ class Generator:
         init_batch = None if init is None else init.repeat(len(seeds), 1, 1, 1)
         latents = self.denoise(first, scheduler, req.steps, req.cfg, seeds, req.width, req.height, on_step=step_done,
                                init=init_batch, strength=req.denoising_strength, rng=req.rng, ensd=req.ensd,
-                               mask=mask, fill=req.inpainting_fill)
+                               mask=mask, fill=req.inpainting_fill, noise_scale=req.initial_noise_multiplier)
         if hires is None:
             return latents
         width, height = hires_size(req.width, req.height, req.hr_scale)
@@ -237,10 +237,10 @@ class Generator:
     def denoise(self, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: Sequence[int], width: int,
                 height: int, on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
                 strength: float = 1.0, fixed_steps: bool = False, rng: str = "CPU", ensd: int = 0,
-                mask: torch.Tensor | None = None, fill: int = 1) -> torch.Tensor:
+                mask: torch.Tensor | None = None, fill: int = 1, noise_scale: float = 1.0) -> torch.Tensor:
         """The denoising loop on this model (:func:`adapterhub.sample.denoise.denoise`); the final latents."""
         return loop.denoise(self, prompts, scheduler, steps, cfg, seeds, width, height, on_step, init, strength,
-                            fixed_steps, rng, ensd, mask, fill)
+                            fixed_steps, rng, ensd, mask, fill, noise_scale)
 
     # -- latents and images (adapterhub.sample.images) ----------------------------------------------
     def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
@@ -263,7 +263,7 @@ class Generator:
         """The infotext fields of a normalized request run on this model with ``stack``."""
         fields = record.request_fields(req, sampler, schedule, stack, self.model_name, self.model_hash,
                                        compute=self.hashes)
-        return pixels.with_mask_fields(fields, req)
+        return pixels.with_img2img_fields(fields, req)
 
     def close(self) -> None:
         """Take the applied stack off the pipeline (every tensor restored) and undo the backend's changes to it

@@ -264,13 +264,20 @@ def prepare_inpaint(req) -> PreparedMask | None:
                         req.inpaint_full_res, req.inpaint_full_res_padding, req.init_image, req.inpainting_fill)
 
 
-def with_mask_fields(fields: dict, req) -> dict:
-    """The infotext ``fields`` with what the webui records of a mask (``Mask blur``; "only masked": ``Inpaint
-    area``, ``Masked area padding``), placed before ``Version``."""
-    if req.mask is None:
+def with_img2img_fields(fields: dict, req) -> dict:
+    """The infotext ``fields`` with what the webui records of an img2img pass's mask (``Mask blur``; "only
+    masked": ``Inpaint area``, ``Masked area padding``) and noise multiplier (``Noise multiplier``, when not 1),
+    placed before ``Version``."""
+    from adapterhub.sample.infotext import number
+
+    extra: dict = {}
+    if req.mask is not None:
+        extra["Mask blur"] = req.mask_blur
+        if req.inpaint_full_res:
+            extra.update({"Inpaint area": "Only masked", "Masked area padding": req.inpaint_full_res_padding})
+    if req.init_image is not None and float(req.initial_noise_multiplier) != 1.0:
+        extra["Noise multiplier"] = number(req.initial_noise_multiplier)
+    if not extra:
         return fields
-    extra = {"Mask blur": req.mask_blur}
-    if req.inpaint_full_res:
-        extra.update({"Inpaint area": "Only masked", "Masked area padding": req.inpaint_full_res_padding})
     version = {"Version": fields.pop("Version")} if "Version" in fields else {}
     return {**fields, **extra, **version}

@@ -65,6 +65,7 @@ class SampleOptions:
     inpaint_full_res: bool = False
     inpaint_padding: int = 32
     invert_mask: bool = False
+    noise_multiplier: float = 1.0
     hires: float | None = None
     hires_steps: int = 0
     hires_denoise: float = 0.7
@@ -193,7 +194,7 @@ def _request(options: SampleOptions, dirs: list[Path]) -> Request:
                    denoising_strength=0.75 if options.denoise is None else options.denoise, hr_scale=options.hires,
                    hr_steps=options.hires_steps, hr_denoise=options.hires_denoise,
                    hr_upscaler=options.hires_upscaler, rng=options.rng or "CPU", ensd=options.ensd,
-                   **_inpaint_fields(options))
+                   initial_noise_multiplier=options.noise_multiplier, **_inpaint_fields(options))
 
 
 def _inpaint_fields(options: SampleOptions) -> dict[str, Any]:

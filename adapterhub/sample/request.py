@@ -65,6 +65,7 @@ class Request:
     inpaint_full_res: bool = False  # "Only masked": the masked region cropped, sampled at the size, pasted back
     inpaint_full_res_padding: int = 32  # pixels around the masked region's box (with inpaint_full_res)
     inpainting_mask_invert: bool = False  # black repaints
+    initial_noise_multiplier: float = 1.0  # img2img: the init image's noise times this (the webui's option)
 
 
 @dataclass
@@ -144,6 +145,11 @@ def normalized(req: Request, default_size: int) -> Request:
     upscaler = req.hr_upscaler
     if init is not None:
         problems.append(_strength_problem("denoising strength", req.denoising_strength))
+    multiplier = float(req.initial_noise_multiplier)
+    if not (math.isfinite(multiplier) and multiplier >= 0):
+        problems.append(f"noise multiplier {req.initial_noise_multiplier}: must be a number, 0 or more")
+    elif multiplier != 1.0 and init is None:
+        problems.append("noise multiplier: an img2img setting (give an init image)")
     mask = _load_image(req.mask, "mask", mode=None) if req.mask is not None else None
     if mask is not None:
         problems += _mask_problems(req, init, mask)

@@ -176,7 +176,9 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
             raise ApiError(422, str(err)) from None
     hires = _hires(req, comments, max_size) if kind == "txt2img" and req.enable_hr else {}
     init_image = _init_image(req, comments) if kind == "img2img" else None
-    inpaint = _inpaint(req, comments) if kind == "img2img" else {}
+    inpaint = _inpaint(req) if kind == "img2img" else {}
+    if kind == "img2img" and req.initial_noise_multiplier is not None:  # None: the webui's option, 1
+        inpaint["initial_noise_multiplier"] = float(req.initial_noise_multiplier)
     controls = _scripts(req, networks, init_image, bool(hires))
     comments += controls.comments
     denoise = hires["hr_denoise"] if hires else req.denoising_strength if init_image is not None else None
@@ -239,7 +241,7 @@ def _init_image(req: Img2ImgRequest, comments: list[str]):
     return decode_image(req.init_images[0], "init_images[0]").convert("RGB")
 
 
-def _inpaint(req: Img2ImgRequest, comments: list[str]) -> dict[str, Any]:
+def _inpaint(req: Img2ImgRequest) -> dict[str, Any]:
     """The generator request's inpainting fields from ``mask`` and the webui's mask fields (none without a mask).
     ``mask_blur`` sets both axes, as in the webui; different ``mask_blur_x`` and ``_y`` and a separate
     ``latent_mask`` are refused (another picture)."""
@@ -251,8 +253,6 @@ def _inpaint(req: Img2ImgRequest, comments: list[str]) -> dict[str, Any]:
         (4 if req.mask_blur_x is None else req.mask_blur_x, 4 if req.mask_blur_y is None else req.mask_blur_y)
     if blur_x != blur_y:
         raise ApiError(422, f"mask_blur_x {blur_x} and mask_blur_y {blur_y}: one blur for both axes here (mask_blur)")
-    if req.initial_noise_multiplier not in (None, 1, 1.0):
-        comments.append(f"initial_noise_multiplier {req.initial_noise_multiplier}: not applied here (1)")
     return {"mask": decode_image(req.mask, "mask"), "mask_blur": int(blur_x), "inpainting_fill": req.inpainting_fill,
             "inpaint_full_res": bool(req.inpaint_full_res), "inpaint_full_res_padding": req.inpaint_full_res_padding,
             "inpainting_mask_invert": bool(req.inpainting_mask_invert)}
