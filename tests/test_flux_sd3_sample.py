@@ -408,3 +408,53 @@ def test_a_flow_request_without_cfg_takes_the_familys(tiny_flux, tiny_sd3):
     assert _generator(tiny_flux).request(FlowRequest("a cat", cfg=2.0, width=SIZE, height=SIZE)).cfg == 2.0
     plain = _generator(tiny_flux).request(Request("a cat", sampler="Euler", width=SIZE, height=SIZE))
     assert plain.cfg == 7.0  # a plain Request is taken as written
+
+
+def _kdiffusion_heun(pipe, prompt, negative, cfg, seed, steps):
+    """The oracle for Heun on SD3: k-diffusion's ``sample_heun`` on the flow model as a denoiser (x - sigma v, the
+    velocity guided with CFG), on the pipeline scheduler's own shifted sigmas, from the seed's noise."""
+    from test_sample_ksamplers import load_kdiffusion  # k-diffusion's sampling module without its training deps
+
+    k = load_kdiffusion()
+    if k is None:
+        pytest.skip("the oracle k-diffusion is not installed")
+    sample_heun = k.sampling.sample_heun
+    with torch.no_grad():
+        pe, ne, pp, npp = pipe.encode_prompt(prompt, prompt, prompt, negative_prompt=negative, negative_prompt_2=negative,
+                                             negative_prompt_3=negative, device="cpu", do_classifier_free_guidance=True)
+        scheduler = copy.deepcopy(pipe.scheduler)
+        scheduler.set_timesteps(steps)
+        sigmas = scheduler.sigmas.to(torch.float32)
+        noise = torch.randn((1, 4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(seed))
+
+        def denoiser(x, sigma):
+            t = (sigma * 1000).expand(2)
+            v = pipe.transformer(hidden_states=torch.cat([x, x]), timestep=t, encoder_hidden_states=torch.cat([ne, pe]),
+                                 pooled_projections=torch.cat([npp, pp]), return_dict=False)[0]
+            v_u, v_c = v.chunk(2)
+            return x - sigma * (v_u + cfg * (v_c - v_u))
+
+        return sample_heun(denoiser, noise * sigmas[0], sigmas, disable=True)
+
+
+def test_sd3_heun_equals_k_diffusions_heun_on_the_flow_sigmas(tiny_sd3):
+    gen = _generator(tiny_sd3)
+    seen = []
+    req = _flux_req("a house", negative="ugly", cfg=5.0, seed=3, sampler="Heun", steps=3)
+    result = gen.generate(gen.request(req), output="latent", progress=lambda d, t: seen.append((d, t)))
+    theirs = _kdiffusion_heun(tiny_sd3, "a house", "ugly", 5.0, 3, 3)
+    torch.testing.assert_close(result.latents, theirs, atol=1e-4, rtol=1e-4)
+    from dataclasses import replace
+
+    euler = gen.generate(gen.request(replace(req, sampler="Euler")), output="latent").latents
+    assert not torch.allclose(result.latents, euler, atol=1e-3)  # the oracle tells the two apart
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert "Sampler: Heun, " in result.infotexts[0]
+    assert type(tiny_sd3.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"  # the base's is put back
+
+
+def test_heun_is_refused_on_flux(tiny_flux):
+    from adapterhub.errors import AdapterhubError
+
+    with pytest.raises(AdapterhubError, match=r"sampler 'Heun': Flux is a flow-matching model; choose Euler \("):
+        _generator(tiny_flux).request(_flux_req("a cat", sampler="Heun"))

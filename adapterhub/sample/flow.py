@@ -16,9 +16,9 @@ Guidance: Flux-dev's distilled guidance is the model's guidance embedding (``dis
 ``Distilled CFG Scale``, default 3.5); real CFG with the negative prompt runs only above ``cfg`` 1 (Forge's
 default for Flux is 1: one transformer call per step). SD3 / SD3.5 use CFG with the negative prompt.
 
-``--backend compiled`` compiles the transformer in place (:class:`CompiledTransformer`). Not here yet (refused in
-one line, before a model loads): samplers other than Euler and schedules other than the pipeline's own, the hires
-fix, img2img, clip skip, and other backends.
+Samplers: Euler on both families, Heun on SD3 (:data:`FLOW_SAMPLERS`). ``--backend compiled`` compiles the
+transformer in place (:class:`CompiledTransformer`). Not here yet (refused in one line, before a model loads):
+other samplers and schedules other than the pipeline's own, the hires fix, img2img, clip skip, other backends.
 """
 from __future__ import annotations
 
@@ -34,7 +34,11 @@ from adapterhub.errors import AdapterhubError
 from adapterhub.sample.request import DTYPES, Request, Result, normalized
 
 FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
-FLOW_SAMPLERS = ("Euler",)  # flow matching: FlowMatchEulerDiscreteScheduler, the pipelines' own
+# per family, the webui names of its flow-matching samplers -> diffusers' scheduler class. Euler is the pipelines'
+# own; Heun (second order, the last step Euler as k-diffusion's) only where the pipeline can drive it: FluxPipeline
+# hands the scheduler its dynamically shifted sigmas, which FlowMatchHeunDiscreteScheduler does not take
+FLOW_SAMPLERS = {"flux": {"Euler": "FlowMatchEulerDiscreteScheduler"},
+                 "sd3": {"Euler": "FlowMatchEulerDiscreteScheduler", "Heun": "FlowMatchHeunDiscreteScheduler"}}
 FLOW_SCHEDULES = ("Automatic",)  # the pipeline's shifted sigmas (linear in t, then the base's shift)
 DISTILLED_CFG = 3.5  # Forge's default Distilled CFG Scale (and diffusers' FluxPipeline guidance_scale)
 FLOW_BACKENDS = ("eager", "compiled")
@@ -73,13 +77,18 @@ def flow_request(req: Request, family: str, given: Sequence[str] | None = None) 
     return FlowRequest(**values)
 
 
+def flow_sampler(name: str, family: str) -> str | None:
+    """The canonical name of sampler ``name`` (any case) among the family's, else None."""
+    return next((k for k in FLOW_SAMPLERS[family] if k.lower() == str(name).strip().lower()), None)
+
+
 def check_flow_request(req: FlowRequest, family: str, guidance_embeds: bool | None = None) -> None:
     """What the family cannot do, in one line (:class:`AdapterhubError`), before a model loads.
     ``guidance_embeds``: whether the model has Flux-dev's guidance embedding (None: not known yet)."""
     name = "Flux" if family == "flux" else "SD3"
-    if str(req.sampler).strip().lower() not in {s.lower() for s in FLOW_SAMPLERS}:
-        raise AdapterhubError(f"sampler {req.sampler!r}: {name} is a flow-matching model; choose "
-                              f"{', '.join(FLOW_SAMPLERS)} (FlowMatchEulerDiscreteScheduler)")
+    if flow_sampler(req.sampler, family) is None:
+        known = ", ".join(f"{k} ({v})" for k, v in FLOW_SAMPLERS[family].items())
+        raise AdapterhubError(f"sampler {req.sampler!r}: {name} is a flow-matching model; choose {known}")
     if str(req.schedule).strip().lower() not in {s.lower() for s in FLOW_SCHEDULES}:
         raise AdapterhubError(f"schedule {req.schedule!r}: {name} samples on its own shifted flow-matching "
                               f"schedule; choose {', '.join(FLOW_SCHEDULES)}")
@@ -245,7 +254,7 @@ class FlowGenerator:
         from adapterhub.sample import rng as noise_sources
 
         noise_sources.check_device(req.rng, self.device)
-        return replace(req, sampler=FLOW_SAMPLERS[0], schedule=FLOW_SCHEDULES[0])
+        return replace(req, sampler=flow_sampler(req.sampler, self.family), schedule=FLOW_SCHEDULES[0])
 
     def generate(self, req: Request, output: str = "pil",
                  progress: Callable[[int, int], None] | None = None) -> Result:
@@ -295,11 +304,23 @@ class FlowGenerator:
         else:
             kwargs.update(latents=noise, negative_prompt=req.negative, guidance_scale=float(req.cfg))
         if on_step is not None:
-            kwargs["callback_on_step_end"] = lambda _pipe, i, _t, _tensors: (on_step(i), {})[1]
-        latents = self.pipe(**kwargs).images
+            kwargs["callback_on_step_end"] = _step_counter(on_step, req.sampler, req.steps)
+        latents = self._run(kwargs, FLOW_SAMPLERS[self.family][req.sampler])
         if self.family == "flux":
             latents = self.pipe._unpack_latents(latents, req.height, req.width, self.pipe.vae_scale_factor)
         return latents
+
+    def _run(self, kwargs: dict[str, Any], scheduler: str):
+        """The pipeline called with ``kwargs`` on a fresh ``scheduler`` of the base's config (the base's own is put
+        back after: a second-order scheduler keeps state between calls)."""
+        import diffusers
+
+        own = self.pipe.scheduler
+        self.pipe.scheduler = getattr(diffusers, scheduler).from_config(own.config)
+        try:
+            return self.pipe(**kwargs).images
+        finally:
+            self.pipe.scheduler = own
 
     def decode(self, latents: torch.Tensor) -> list:
         """PIL images, as the pipeline decodes its final latents (the VAE's scale and shift undone)."""
@@ -330,6 +351,16 @@ class FlowGenerator:
         """Take the applied stack off the pipeline (every tensor restored)."""
         self.stacks.remove()
         self.runner.close()
+
+
+def _step_counter(on_step: Callable[[int], None], sampler: str, steps: int):
+    """The pipeline's step callback reporting each finished sampling step once: Heun's schedule has two entries per
+    step (its first-order estimate, then the correction) but one for the last (an Euler step to sigma 0)."""
+    def callback(_pipe, i: int, _t, _tensors) -> dict:
+        if sampler != "Heun" or i % 2 == 1 or i == 2 * steps - 2:
+            on_step(i)
+        return {}
+    return callback
 
 
 def flow_infotexts(req: Request, seeds: list[int], params: dict[str, Any]) -> list[str]:
