@@ -214,3 +214,16 @@ def test_initial_noise_multiplier_scales_the_initial_noise_only(gen, init_image,
     plain = gen.generate(_request(init_image=init_image, mask=_mask()))
     assert not np.array_equal(np.asarray(scaled.images[0]), np.asarray(plain.images[0]))
     assert "Noise multiplier: 0.6" in scaled.infotexts[0] and "Noise multiplier" not in plain.infotexts[0]
+
+
+def test_only_masked_region_is_padded_and_grown_to_the_sizes_aspect_ratio():
+    from adapterhub.sample.images import crop_region
+
+    mask = _mask((40, 48, 72, 80), size=128)
+    assert crop_region(mask, 8, 64, 64) == (32, 40, 80, 88)  # padded; already square
+    assert crop_region(mask, 8, 128, 64) == (8, 40, 104, 88)  # grown evenly along x to 2:1
+    assert crop_region(_mask((0, 48, 32, 80), size=128), 0, 128, 64) == (0, 48, 64, 80)  # shifted back inside
+    from PIL import Image
+
+    assert crop_region(Image.new("L", (128, 128)), 8, 64, 64) == (0, 0, 128, 128)  # nothing masked
+    assert crop_region(_mask((8, 0, 24, 128), size=128), 0, 128, 64) == (0, 0, 128, 128)  # clamped to the image

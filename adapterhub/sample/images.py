@@ -137,8 +137,7 @@ def blur_mask(mask, blur_x: float, blur_y: float):
         half = len(kernel) // 2
         pad = [(0, 0), (0, 0)]
         pad[axis] = (half, half)
-        mode = "reflect" if values.shape[axis] > half else "symmetric"  # numpy's reflect needs a long enough line
-        padded = np.pad(values, pad, mode=mode)
+        padded = np.pad(values, pad, mode="reflect")  # cv2's BORDER_REFLECT_101, repeated on short lines too
         values = sum(kernel[k] * np.take(padded, range(k, k + values.shape[axis]), axis=axis)
                      for k in range(len(kernel)))
         values = np.clip(np.floor(values + 0.5), 0, 255)  # 8 bits between the passes, as cv2 keeps the image
