@@ -55,8 +55,9 @@ def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: S
     ``noise_scale`` (the webui's img2img ``initial_noise_multiplier``) multiplies the noise ``init`` is noised with
     (not the sampler's later draws).
 
-    ``model.step_hook`` (when set): called after every step with its index, the latents and the denoised estimate
-    of that step (the clean latents the guided prediction points at, :func:`clean_estimate`)."""
+    ``model.step_hook`` (when set): called after every step with its index (of the loop's calls: a second-order
+    sampler's steps count twice), the latents and the denoised estimate of that step (the clean latents the
+    guided prediction points at, :func:`clean_estimate`)."""
     batch = len(seeds)
     dtype, device = model.dtype, model.device
     if hasattr(scheduler, "noise_sampler_seed"):
