@@ -115,7 +115,9 @@ TINY_TRANSFORMER_BASES = ("tiny-sd3", "tiny-flux")
 # FLUX.1 dev and schnell is the same ("flux"); SD3 Medium and SD3.5 Medium share 1536 (SD3.5 adds attn2)
 WIDTH_BASES = {3072: ("flux", "flux"), 32: ("flux", "tiny-flux"), 1536: ("sd3", "sd3-medium"),
                2432: ("sd3", "sd3.5-large"), 48: ("sd3", "tiny-sd3")}
-BASE_WIDTHS = {**{base: width for width, (_, base) in WIDTH_BASES.items()}, "sd3.5-medium": 1536}
+# an adapter's base (the detected names: ``flux-dev`` / ``flux-schnell`` by the guidance embedder) -> hidden width
+BASE_WIDTHS = {**{base: width for width, (_, base) in WIDTH_BASES.items()}, "sd3.5-medium": 1536,
+               "flux-dev": 3072, "flux-schnell": 3072}
 
 
 def transformer_recipe(name: str) -> TransformerRecipe:

@@ -26,7 +26,7 @@ def _every_linear(path, transformer):
 
 # preset, base reported, kohya modules (Flux: 19 x 10 + 38 x 3 + 10 top level; SD3: per joint block x and
 # context streams, the last block's context stream only its modulation, SD3.5 Medium's attn2 on 13 blocks)
-CASES = [("flux-dev", "flux", 19 * 10 + 38 * 3 + 10), ("sd3.5-large", "sd3.5-large", 38 * 10 - 3 + 7),
+CASES = [("flux-dev", "flux-dev", 19 * 10 + 38 * 3 + 10), ("sd3.5-large", "sd3.5-large", 38 * 10 - 3 + 7),
          ("sd3.5-medium", "sd3.5-medium", 24 * 10 - 3 + 13 * 2 + 7)]
 
 

@@ -56,14 +56,15 @@ def _entries(conn: Connection, rows: list[Row]) -> list[dict]:
 def list_entries(catalog: Catalog, type: str | None = None, base: str | None = None,
                  tags: tuple[str, ...] = (), missing: bool = False, unreadable: bool = False,
                  sort: str = "name", limit: int | None = None) -> list[dict]:
-    """Entries matching every filter given (``missing``: only the missing ones; else only present)."""
+    """Entries matching every filter given (``missing``: only the missing ones; else only present; ``base``: the
+    detected base or the family, so ``flux`` lists flux-dev, flux-schnell and width-only Flux files)."""
     if sort not in SORTS:
         raise CatalogError(f"cannot sort by {sort!r}; choose one of {', '.join(SORTS)}")
     q = select(ENTRIES).where(ENTRIES.c.missing == missing)
     if type:
         q = q.where(func.lower(ENTRIES.c.type) == type.lower())
-    if base:
-        q = q.where(func.lower(ENTRIES.c.base) == base.lower())
+    if base:  # a base (flux-dev, sd3.5-large, sdxl ...) or a family (flux, sd3: each of its bases)
+        q = q.where(or_(func.lower(ENTRIES.c.base) == base.lower(), func.lower(ENTRIES.c.family) == base.lower()))
     if unreadable:
         q = q.where(ENTRIES.c.status != "ok")
     for tag in tags:

@@ -16,7 +16,8 @@ from adapterhub.types import Adapter, AdapterType, Sniff, TrainOption
 # the methods that use them, so that registering the types (``adapterhub plugins``) stays light.
 from . import keys
 
-LAYOUTS = ("kohya", "lycoris", "diffusers", "diffusers-attnproc", "peft")
+# xlabs and comfyui are read-only layouts of Flux (and SD3: ComfyUI's names) files, written as kohya or diffusers
+LAYOUTS = ("kohya", "lycoris", "diffusers", "diffusers-attnproc", "peft", "xlabs", "comfyui")
 # ``adapterhub convert`` targets (``save`` writes each): a low-rank product has every layout; LoHa and LoKr
 # declare fewer (diffusers' loader reads neither)
 LOW_RANK_TARGETS = ("kohya", "a1111", "diffusers", "peft")
@@ -115,7 +116,7 @@ class LoHaType(LoRAFamilyType):
     name = "loha"
     capabilities = LoRAFamilyType.capabilities + ("train",)
     description = "LoHa: Hadamard product of two low-rank products (LyCORIS hada_*)"
-    formats = ("lycoris", "peft")
+    formats = ("lycoris", "peft", "comfyui")
     conv = True
     convert_targets = ("kohya", "a1111", "peft")
 
@@ -123,7 +124,7 @@ class LoHaType(LoRAFamilyType):
 class LoKrType(LoRAFamilyType):
     name = "lokr"
     description = "LoKr: Kronecker product of two factors (LyCORIS lokr_*)"
-    formats = ("lycoris", "peft")
+    formats = ("lycoris", "peft", "comfyui")
     capabilities = ("inspect", "merge", "attach", "save", "train")
     conv = True
     convert_targets = ("kohya", "a1111")

@@ -146,7 +146,12 @@ def adapter_type_of(grouped: Grouped) -> str:
 
 
 def layout_of(file: AdapterFile, grouped: Grouped, adapter_type: str) -> str:
-    """kohya, lycoris, diffusers, diffusers-attnproc or peft."""
+    """kohya, lycoris, diffusers, diffusers-attnproc or peft; for Flux / SD3 also xlabs and comfyui."""
+    from .transformer_keys import transformer_layout  # here: that module imports this one
+
+    named = transformer_layout(grouped)
+    if named is not None:
+        return named
     names = list(grouped.modules)
     keys = [k for m in grouped.modules.values() for k in m.roles.values()]
     # the old attention-processor files hold nothing else; ours (``save.diffusers_tensors``) add LoRACompatible

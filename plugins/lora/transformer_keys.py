@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from adapterhub.errors import AdapterError
 from adapterhub.io import AdapterFile
 from adapterhub.keymaps import canonical
-from adapterhub.transformer_bases import WIDTH_BASES
+from adapterhub.transformer_bases import BASE_WIDTHS, WIDTH_BASES
 from adapterhub.types import Adapter
 
 from .keys import Grouped, ModuleKeys
@@ -266,11 +266,27 @@ def _in_features(mod: ModuleKeys) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# family and base
+# layout, family and base
 # ---------------------------------------------------------------------------------------------
 def is_transformer_file(grouped: Grouped) -> bool:
     """Whether any module of the file names a Flux / SD3 transformer module."""
     return any(bfl_targets(n) or diffusers_target(n) for n in grouped.modules)
+
+
+def transformer_layout(grouped: Grouped) -> str | None:
+    """The layout named after the tool that writes it, where the generic classification would misname it:
+    ``xlabs`` (x-flux's attention processors: they look like diffusers' old attention-processor files) and
+    ``comfyui`` (the original model's module names, dotted, under ``diffusion_model.``: every transformer
+    module; ComfyUI's text-encoder names may sit beside them). None: the generic layout stands (ai-toolkit's
+    diffusers paths under ``diffusion_model.`` are the diffusers layout, sd-scripts' names kohya)."""
+    names = [n for n in grouped.modules if bfl_targets(n) or diffusers_target(n)]
+    if any(_XLABS.match(n) for n in names):
+        return "xlabs"
+    others = [n for n in grouped.modules if n not in names]
+    if names and all(n.startswith("diffusion_model.") and bfl_targets(n) for n in names) and \
+            all(n.startswith(tuple(COMFY_TEXT_ENCODERS)) for n in others):
+        return "comfyui"
+    return None
 
 
 def family_and_base(file: AdapterFile, grouped: Grouped) -> tuple[str, str]:
@@ -390,9 +406,40 @@ def parse_transformer(file: AdapterFile, grouped: Grouped, kind: str, layout: st
     family, base = family_and_base(file, grouped)
     if base == "unknown" and family == "sd3":
         base = _sd3_from_metadata(file)
+    if family == "flux" and base in ("flux", "unknown"):
+        base = _flux_variant(file, grouped, base)
     adapter = Adapter(type=kind, format=layout, patches=build_transformer_patches(file, grouped, family),
                       metadata=dict(file.metadata), path=file.path, file=file, base=base, family=family)
     return adapter
+
+
+def _flux_variant(file: AdapterFile, grouped: Grouped, base: str) -> str:
+    """``flux-dev`` / ``flux-schnell`` for a FLUX.1-wide file (``base`` ``flux``, or ``unknown`` when no module
+    told a width): a module on the guidance embedder is dev's (schnell has none), else the modelspec
+    architecture (``flux-1-dev`` / ``flux-1-schnell``, as sd-scripts and our trainer write it) decides, else
+    ``base`` stands (every other shape is the same in both). An unknown width is FLUX.1's only when an
+    embedder's output rows say so."""
+    if base == "unknown":
+        if _embedder_width(grouped) not in (None, BASE_WIDTHS["flux-dev"]):
+            return base
+    targets = [p.target for m in grouped.modules.values() for p in (pieces_of(m) or ())]
+    if any(".guidance_embedder." in t for t in targets):
+        return "flux-dev"
+    arch = file.metadata.get("modelspec.architecture", "").lower()
+    for variant in ("flux-dev", "flux-schnell"):
+        if arch.startswith(variant.replace("flux-", "flux-1-")):
+            return variant
+    return base
+
+
+def _embedder_width(grouped: Grouped) -> int | None:
+    """The hidden width an embedder's output rows tell (they emit the hidden state), or None."""
+    for mod in grouped.modules.values():
+        pieces = pieces_of(mod)
+        if pieces and len(pieces) == 1 and pieces[0].target.startswith(
+                ("transformer.time_text_embed.", "transformer.x_embedder", "transformer.context_embedder")):
+            return _out_features(mod)
+    return None
 
 
 def _sd3_from_metadata(file: AdapterFile) -> str:
