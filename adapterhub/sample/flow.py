@@ -12,13 +12,21 @@ shape, (C, H/8, W/8), and handed to the pipeline), the adapter stack and ``<lora
 through the one weight engine (:class:`~adapterhub.sample.stacks.StackSwitcher`: bitwise restore between
 requests), and every image gets Forge's infotext (``Distilled CFG Scale`` after ``CFG scale``).
 
+img2img (``init_image``, ``denoising_strength`` d): the webui's step count, ``int(min(d, 0.999) x steps) + 1``
+steps at the end of the ``steps``-step schedule (:func:`~adapterhub.sample.request.img2img_steps`), started from
+the init image's latents (the VAE posterior's mean, resized as the webui's "Just resize") noised to the first of
+them with each image's own noise (times the initial noise multiplier) as the img2img pipelines do
+(``scale_noise``); equal to diffusers' ``FluxImg2ImgPipeline`` / ``StableDiffusion3Img2ImgPipeline`` given those
+latents and the strength that runs as many steps. The infotext records ``Denoising strength`` where Forge does.
+
 Guidance: Flux-dev's distilled guidance is the model's guidance embedding (``distilled_cfg``, Forge's
 ``Distilled CFG Scale``, default 3.5); real CFG with the negative prompt runs only above ``cfg`` 1 (Forge's
 default for Flux is 1: one transformer call per step). SD3 / SD3.5 use CFG with the negative prompt.
 
 Samplers: Euler on both families, Heun on SD3 (:data:`FLOW_SAMPLERS`). ``--backend compiled`` compiles the
 transformer in place (:class:`CompiledTransformer`). Not here yet (refused in one line, before a model loads):
-other samplers and schedules other than the pipeline's own, the hires fix, img2img, clip skip, other backends.
+other samplers and schedules other than the pipeline's own, the hires fix, inpainting (a mask), clip skip, other
+backends.
 """
 from __future__ import annotations
 
@@ -94,8 +102,8 @@ def check_flow_request(req: FlowRequest, family: str, guidance_embeds: bool | No
                               f"schedule; choose {', '.join(FLOW_SCHEDULES)}")
     if req.hr_scale is not None:
         raise AdapterhubError(f"the hires fix is not available for {name} models")
-    if req.init_image is not None:
-        raise AdapterhubError(f"img2img (an init image) is not available for {name} models")
+    if req.mask is not None:
+        raise AdapterhubError(f"inpainting (a mask) is not available for {name} models")
     if int(req.clip_skip) != 1:
         raise AdapterhubError(f"clip skip {req.clip_skip}: not available for {name} models (their text "
                               "encoders' last layers are used as trained)")
@@ -261,15 +269,19 @@ class FlowGenerator:
         """Run one request. ``output="latent"``: the final latents (B, C, H/8, W/8; Flux's unpacked) and no
         images; ``progress(done, total)`` after every step of every image."""
         from adapterhub.sample.generator import _progress
+        from adapterhub.sample.images import resize_image
+        from adapterhub.sample.request import sampling_steps
 
         req = self.request(req)
         stack, prompt = self.apply_stack(req)
+        init = self.encode_image(resize_image(req.init_image, req.width, req.height)) \
+            if req.init_image is not None else None
         seeds = [req.seed + i for i in range(req.images)]
-        counter = _progress(progress, req.steps * req.images)
+        counter = _progress(progress, sampling_steps(req) * req.images)
         images, latents_out = [], []
         for start in range(0, len(seeds), req.batch):
             batch_seeds = seeds[start:start + req.batch]
-            latents = self.denoise(req, prompt, batch_seeds, counter(len(batch_seeds)))
+            latents = self.denoise(req, prompt, batch_seeds, counter(len(batch_seeds)), init)
             if output == "latent":
                 latents_out.append(latents)
             else:
@@ -288,11 +300,33 @@ class FlowGenerator:
         noise, _ = initial_noise(rng, seeds, (channels, height // scale, width // scale), self.device)
         return noise.to(device=self.device, dtype=self.dtype)
 
+    def encode_image(self, image) -> torch.Tensor:
+        """A PIL image (at the request's size) as the img2img pipelines' latents (1, C, H/8, W/8): diffusers'
+        preprocessing, the VAE posterior's mean (deterministic, as the webui's), shifted and scaled."""
+        vae = self.pipe.vae
+        pixels = self.pipe.image_processor.preprocess(image, height=image.height, width=image.width)
+        with torch.no_grad():
+            z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        return ((z - vae.config.shift_factor) * vae.config.scaling_factor).to(device=self.device, dtype=self.dtype)
+
     def denoise(self, req: FlowRequest, prompt: str, seeds: Sequence[int],
-                on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-        """The pipeline's denoising loop from each image's own noise; the final latents (B, C, H/8, W/8)."""
+                on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
+        """The pipeline's denoising loop from each image's own noise (img2img: from ``init``, the init image's
+        latents, noised with it); the final latents (B, C, H/8, W/8)."""
+        from adapterhub.sample.request import img2img_steps
+
         noise = self.noise(seeds, req.width, req.height, req.rng)
         batch, channels, rows, cols = noise.shape
+        start, run = 0, req.steps
+        if init is not None:
+            length, run = img2img_steps(req.steps, req.denoising_strength)
+            start = length - run
+        scheduler = self._scheduler(FLOW_SAMPLERS[self.family][req.sampler], start)
+        if init is not None:
+            if float(req.initial_noise_multiplier) != 1.0:
+                noise = noise * float(req.initial_noise_multiplier)
+            self._set_timesteps(scheduler, req.steps, req.width, req.height)
+            noise = scheduler.scale_noise(init, scheduler.timesteps[:1], noise)
         kwargs: dict[str, Any] = {"prompt": prompt, "height": req.height, "width": req.width,
                                   "num_inference_steps": req.steps, "num_images_per_prompt": batch,
                                   "output_type": "latent"}
@@ -304,19 +338,59 @@ class FlowGenerator:
         else:
             kwargs.update(latents=noise, negative_prompt=req.negative, guidance_scale=float(req.cfg))
         if on_step is not None:
-            kwargs["callback_on_step_end"] = _step_counter(on_step, req.sampler, req.steps)
-        latents = self._run(kwargs, FLOW_SAMPLERS[self.family][req.sampler])
+            kwargs["callback_on_step_end"] = _step_counter(on_step, req.sampler, run)
+        latents = self._run(kwargs, scheduler)
         if self.family == "flux":
             latents = self.pipe._unpack_latents(latents, req.height, req.width, self.pipe.vae_scale_factor)
         return latents
 
-    def _run(self, kwargs: dict[str, Any], scheduler: str):
-        """The pipeline called with ``kwargs`` on a fresh ``scheduler`` of the base's config (the base's own is put
-        back after: a second-order scheduler keeps state between calls)."""
+    def _scheduler(self, name: str, start: int = 0):
+        """A fresh scheduler ``name`` of the base's config (a second-order one keeps state between calls) whose
+        schedule, each time it is set, starts at step ``start`` as the img2img pipelines' ``get_timesteps`` does:
+        the pipeline's own loop then runs the last steps of the full schedule."""
+        import functools
+
         import diffusers
 
+        base = getattr(diffusers, name)
+        if not start:
+            return base.from_config(self.pipe.scheduler.config)
+
+        class FromStep(base):
+            @functools.wraps(base.set_timesteps)  # the pipelines read its signature (custom sigmas taken or not)
+            def set_timesteps(self, *args, **kwargs):
+                super().set_timesteps(*args, **kwargs)
+                self.timesteps = self.timesteps[start * self.order:]
+                self.set_begin_index(0)
+
+            def set_begin_index(self, begin_index: int = 0):
+                # the loop's first step is the schedule's ``start`` (FluxPipeline sets 0 after the timesteps)
+                super().set_begin_index(start * self.order + begin_index)
+
+        return FromStep.from_config(self.pipe.scheduler.config)
+
+    def _set_timesteps(self, scheduler, steps: int, width: int, height: int) -> None:
+        """``scheduler``'s schedule set as the pipeline's ``__call__`` sets it for this size (Flux: its sigmas and
+        the shift by image size), so the init latents are noised to the sigma the loop starts at."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        config, scale = scheduler.config, self.pipe.vae_scale_factor
+        patch = 2 if self.family == "flux" else int(self.pipe.transformer.config.patch_size)
+        kwargs: dict[str, Any] = {}
+        if self.family == "flux" or config.get("use_dynamic_shifting"):
+            tokens = (height // scale // patch) * (width // scale // patch)
+            kwargs["mu"] = calculate_shift(tokens, config.get("base_image_seq_len", 256),
+                                           config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                           config.get("max_shift", 1.15))
+        if self.family == "flux" and not config.get("use_flow_sigmas"):
+            kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+        retrieve_timesteps(scheduler, steps, self.device, **kwargs)
+
+    def _run(self, kwargs: dict[str, Any], scheduler):
+        """The pipeline called with ``kwargs`` on ``scheduler`` (the base's own is put back after)."""
         own = self.pipe.scheduler
-        self.pipe.scheduler = getattr(diffusers, scheduler).from_config(own.config)
+        self.pipe.scheduler = scheduler
         try:
             return self.pipe(**kwargs).images
         finally:
@@ -332,20 +406,23 @@ class FlowGenerator:
 
     # -- infotext ---------------------------------------------------------------------------------
     def parameters(self, req: FlowRequest, stack) -> dict[str, Any]:
-        """The infotext fields, in Forge's order (``Distilled CFG Scale`` right after ``CFG scale``)."""
+        """The infotext fields, in Forge's order (``Distilled CFG Scale`` right after ``CFG scale``; img2img's
+        ``Denoising strength`` after ``Model``, ``Noise multiplier`` before ``Version``)."""
         from adapterhub import __version__
         from adapterhub.sample import infotext
+        from adapterhub.sample.images import with_img2img_fields
 
         fields_ = infotext.adapter_fields(stack, req.prompt + "\n" + req.negative, compute=self.hashes)
         distilled = None
         if self.guidance_embeds:
             distilled = infotext.number(DISTILLED_CFG if req.distilled_cfg is None else req.distilled_cfg)
-        return {"Steps": req.steps, "Sampler": req.sampler, "Schedule type": req.schedule,
+        return with_img2img_fields({"Steps": req.steps, "Sampler": req.sampler, "Schedule type": req.schedule,
                 "CFG scale": infotext.number(req.cfg), "Distilled CFG Scale": distilled, "Seed": req.seed,
                 "Size": f"{req.width}x{req.height}", "Model hash": self.model_hash, "Model": self.model_name,
+                "Denoising strength": infotext.number(req.denoising_strength) if req.init_image is not None else None,
                 "RNG": req.rng if req.rng != "GPU" else None,
                 "Lora hashes": fields_.pop("Lora hashes", None), "TI hashes": fields_.pop("TI hashes", None),
-                **fields_, "Version": f"adapterhub {__version__}"}
+                **fields_, "Version": f"adapterhub {__version__}"}, req)
 
     def close(self) -> None:
         """Take the applied stack off the pipeline (every tensor restored)."""
