@@ -29,6 +29,7 @@ from adapterhub.sample import writing
 from adapterhub.sample.request import Request, check_request, sampling_steps
 
 
+TRANSFORMER_FAMILIES = ("flux", "sd3")  # the families whose adapters the early fit check looks at
 INPAINTING_FILLS = ("fill", "original", "latent-noise", "latent-nothing")  # --inpainting-fill, the webui's 0-3
 INPAINT_OPTIONS = ("mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_padding", "invert_mask")
 
@@ -136,7 +137,38 @@ def plan_run(options: SampleOptions) -> Plan:
     if plan.many:
         plan.jobs, plan.plots = _jobs(options, request, dirs)
         _check_family_jobs(options, plan.jobs, plan.plots)
+    _check_fits(options.base, _all_requests(plan), dirs)
     return plan
+
+
+def _all_requests(plan: Plan) -> list[Request]:
+    """The base request, every job's and every plot cell's (an axis may change the prompt's tags or the stack)."""
+    requests = [plan.request, *(job.request for job in plan.jobs)]
+    return requests + [cell.request for p in plan.plots.values() for cell in p.cells]
+
+
+def _check_fits(base: str, requests: list[Request], dirs: list[Path]) -> None:
+    """Before the base loads (minutes for a real Flux): the adapters of the stacks and ``<lora:>`` tags against
+    the base's family and width (:func:`adapterhub.merge.check_fits_base`), each file described from its header
+    only. Checked where a transformer family is on either side; between Stable Diffusion bases and adapters the
+    loading decides, as it always has. Control entries (``--control`` / ``--adapter``) are not weight files."""
+    from adapterhub.api import describe
+    from adapterhub.merge import check_fits_base
+    from adapterhub.sample.flow import flow_family
+    from adapterhub.stack import Stack
+
+    paths: dict[Path, None] = {}
+    loaded = []  # a stack built in Python may hold loaded adapters
+    for req in requests:
+        stack = req.stack if isinstance(req.stack, Stack) else Stack.parse(req.stack or "", dirs=dirs)
+        for entry in [*stack.entries, *Stack.from_prompt(req.prompt, dirs=dirs)[0].entries]:
+            if entry.adapter is not None:
+                loaded.append(entry.adapter)
+            elif not entry.options:
+                paths.setdefault(entry.resolve(dirs), None)
+    adapters = loaded + [describe(path)[0] for path in paths]
+    if flow_family(base) is not None or any(a.family in TRANSFORMER_FAMILIES for a in adapters):
+        check_fits_base(base, adapters)
 
 
 def _family_request(options: SampleOptions, request: Request, chosen: set[str]) -> Request:
