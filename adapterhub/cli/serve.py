@@ -56,7 +56,8 @@ def _check_catalog(url: str) -> None:
 
 @click.command("serve")
 @click.option("--base", required=True,
-              help="tiny-sd1, tiny-sdxl, a diffusers folder, a .safetensors checkpoint or a hub id.")
+              help="tiny-sd1, tiny-sdxl, tiny-flux, tiny-sd3, a diffusers folder, a .safetensors checkpoint or a "
+                   "hub id.")
 @click.option("--backend", default="eager", show_default=True,
               help="A registered sampler backend: eager, compiled (stacks switched without recompiling) ...")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")

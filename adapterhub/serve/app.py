@@ -86,6 +86,13 @@ class Service:
             names.add(self.generator.model_hash)
         return names
 
+    @property
+    def flow(self):
+        """The generator when it is a Flux / SD3 one (its requests are planned for the family), else None."""
+        from adapterhub.sample.flow import FlowGenerator
+
+        return self.generator if isinstance(self.generator, FlowGenerator) else None
+
     def close(self) -> None:
         self.worker.close()
 
@@ -173,7 +180,8 @@ def create_app(service: Service) -> FastAPI:
     async def generate(req: Txt2ImgRequest | Img2ImgRequest, request: Request) -> dict[str, Any]:
         planned = await run_in_threadpool(plan, req, options=service.options, model_titles=service.model_titles,
                                           networks=service.networks, dirs=service.adapter_dirs,
-                                          max_size=service.max_size, device=service.generator.device)
+                                          max_size=service.max_size, device=service.generator.device,
+                                          flow=service.flow)
         try:
             future = service.worker.submit(planned)
         except QueueFull as exc:

@@ -54,6 +54,7 @@ class _Processing(BaseModel):
     save_images: bool = False
     alwayson_scripts: dict = Field(default_factory=dict)
     infotext: str | None = None
+    distilled_cfg_scale: float | None = None  # Forge's: Flux-dev's distilled guidance (None: the model's 3.5)
 
 
 class Txt2ImgRequest(_Processing):

@@ -154,9 +154,11 @@ def _scripts(req, networks, init_image, hires: bool):
 
 
 def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model_titles: set[str], networks,
-         dirs, max_size: tuple[int, int] | None = None, device=None) -> Plan:
+         dirs, max_size: tuple[int, int] | None = None, device=None, flow=None) -> Plan:
     """The :class:`Plan` of one API request (see the module doc), or :class:`ApiError`. ``device``: the
-    generator's, which the noise source must be able to run on."""
+    generator's, which the noise source must be able to run on. ``flow``: the server's
+    :class:`~adapterhub.sample.flow.FlowGenerator` on a Flux or SD3 base (None on Stable Diffusion): the requests
+    are its ``FlowRequest`` s, checked by it (what the family cannot do is 422, one line)."""
     from adapterhub.sample.generator import MAX_SEED, Request, check_request
     from adapterhub.serve.networks import drop_missing_networks, missing_notes
 
@@ -166,6 +168,7 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
         raise ApiError(422, f"Script '{req.script_name}' not found")
     comments: list[str] = []
     _ignored(req, comments)
+    _check_family(req, flow)
     common = _sampling(req, settings, max_size)
     if device is not None:
         from adapterhub.sample.rng import check_device
@@ -193,13 +196,40 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
                         batch=req.batch_size, images=req.batch_size, init_image=init_image,
                         denoising_strength=denoise if init_image is not None else 0.75, **common, **hires, **inpaint)
                 for k in range(req.n_iter)]
+    if flow is not None:
+        requests = [_flow_request(r, req, flow) for r in requests]
     try:
-        check_request(requests[0], dirs)
+        check_request(requests[0], dirs) if flow is None else flow.request(requests[0])
     except AdapterhubError as err:
         raise ApiError(422, str(err)) from None
     return Plan(kind, requests, req.prompt, req.negative_prompt, comments, send_images=req.send_images,
                 return_grid=bool(settings.get("return_grid", True)) and req.save_images,
                 clip_skip=common["clip_skip"], denoising_strength=denoise, control_fields=controls.module_fields)
+
+
+def _check_family(req, flow) -> None:
+    """What a request asks of the base's family that is not done here (422): Forge's ``distilled_cfg_scale`` on a
+    Stable Diffusion base, ControlNet units on a Flux or SD3 one."""
+    from adapterhub.serve.controls import script_args
+
+    if flow is None:
+        if req.distilled_cfg_scale is not None:
+            raise ApiError(422, f"distilled_cfg_scale {req.distilled_cfg_scale}: Flux-dev's distilled guidance; this "
+                                "server's base is not a Flux model (use cfg_scale)")
+        return
+    args, _ = script_args(req.alwayson_scripts)
+    if args:
+        name = "Flux" if flow.family == "flux" else "SD3"
+        raise ApiError(422, f"ControlNet: not available for {name} models")
+
+
+def _flow_request(request, req, flow):
+    """A planned generator request as the flow generator's ``FlowRequest``, with Forge's distilled CFG."""
+    from dataclasses import replace
+
+    from adapterhub.sample.flow import flow_request
+
+    return replace(flow_request(request, flow.family), distilled_cfg=req.distilled_cfg_scale)
 
 
 def _sampling(req, settings: dict[str, Any], max_size: tuple[int, int] | None) -> dict[str, Any]:

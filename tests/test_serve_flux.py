@@ -1,0 +1,140 @@
+"""``adapterhub serve`` on Flux and SD3 bases (#21): the real ``webuiapi`` client against a loopback server running
+the flow generator; the images are checked against what ``adapterhub sample`` writes for the same parameters, and
+what these families cannot do is refused with 422 and one line."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+webuiapi = pytest.importorskip("webuiapi")
+requests = pytest.importorskip("requests")
+
+from adapterhub import cli  # noqa: E402
+from adapterhub.sample import infotext  # noqa: E402
+from serve_helpers import DEADLINE, running_server  # noqa: E402
+
+SMALL = {"steps": 2, "width": 64, "height": 64, "sampler_name": "Euler"}
+
+
+def _served(base):
+    from adapterhub.sample.generator import Generator
+    from adapterhub.serve.app import Service
+
+    service = Service(Generator(base), catalog=False, max_size=(128, 128))
+    with running_server(service) as port:
+        yield {"port": port, "url": f"http://127.0.0.1:{port}/sdapi/v1", "service": service}
+
+
+@pytest.fixture(scope="module")
+def flux(adapterhub_cache):
+    yield from _served("tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def sd3(adapterhub_cache):
+    yield from _served("tiny-sd3")
+
+
+def _api(served):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=served["port"], sampler="Euler")
+
+
+def _post(served, path, **body):
+    return requests.post(f"{served['url']}/{path}", json=body, timeout=DEADLINE)
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def _sample(tmp_path, base, *args):
+    from PIL import Image
+
+    out = tmp_path / "sampled"
+    assert cli.main(["sample", "--base", base, "--size", "64x64", "--steps", "2", "--out", str(out), "--json",
+                     *map(str, args)]) == 0
+    return [Image.open(p) for p in sorted(out.glob("0*.png"))]
+
+
+def _decoded(response):
+    import base64
+    import io
+
+    from PIL import Image
+
+    assert response.status_code == 200, response.text
+    return [Image.open(io.BytesIO(base64.b64decode(b))) for b in response.json()["images"]]
+
+
+def _refused(response, detail):
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert detail in body["detail"] and "\n" not in body["detail"]
+
+
+def test_flux_txt2img_equals_adapterhub_sample(flux, tmp_path):
+    result = _api(flux).txt2img(prompt="a red cat", seed=5, cfg_scale=1, n_iter=2, **SMALL)
+    ours = _sample(tmp_path, "tiny-flux", "--prompt", "a red cat", "--seed", 5, "--cfg", 1, "--images", 2)
+    assert result.info["all_seeds"] == [5, 6] and result.info["sampler_name"] == "Euler"
+    for served_image, text, sampled in zip(result.images, result.info["infotexts"], ours, strict=True):
+        assert np.array_equal(_pixels(served_image), _pixels(sampled))
+        assert served_image.info["parameters"] == text == infotext.read_png(sampled.filename)
+    assert "CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 5" in result.info["infotexts"][0]
+
+
+def test_flux_distilled_cfg_scale_as_forges_api_names_it(flux, tmp_path):
+    served = _decoded(_post(flux, "txt2img", prompt="a dog", seed=9, cfg_scale=1, distilled_cfg_scale=5.5, **SMALL))
+    ours = _sample(tmp_path, "tiny-flux", "--prompt", "a dog", "--seed", 9, "--cfg", 1, "--distilled-cfg", 5.5)
+    assert np.array_equal(_pixels(served[0]), _pixels(ours[0]))
+    assert "Distilled CFG Scale: 5.5" in served[0].info["parameters"]
+
+
+def test_flux_img2img_equals_adapterhub_sample(flux, tmp_path):
+    from PIL import Image
+
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    init.save(tmp_path / "init.png")
+    result = _api(flux).img2img(images=[init], prompt="a boat", seed=12, cfg_scale=1, denoising_strength=0.6,
+                                **SMALL)
+    ours = _sample(tmp_path, "tiny-flux", "--prompt", "a boat", "--seed", 12, "--cfg", 1,
+                   "--init-image", tmp_path / "init.png", "--denoise", 0.6)
+    assert np.array_equal(_pixels(result.image), _pixels(ours[0]))
+    assert result.image.info["parameters"] == infotext.read_png(ours[0].filename)
+    assert "Denoising strength: 0.6" in result.image.info["parameters"]
+    assert result.info["denoising_strength"] == 0.6
+
+
+def test_what_flux_cannot_do_is_refused_in_one_line(flux):
+    _refused(_post(flux, "txt2img", prompt="x", **{**SMALL, "sampler_name": "DPM++ 2M"}),
+             "sampler 'DPM++ 2M': Flux is a flow-matching model")
+    _refused(_post(flux, "txt2img", prompt="x", **{**SMALL, "scheduler": "Karras"}), "choose Automatic")
+    _refused(_post(flux, "txt2img", prompt="x", enable_hr=True, **SMALL), "the hires fix is not available for Flux")
+    _refused(_post(flux, "txt2img", prompt="x", override_settings={"CLIP_stop_at_last_layers": 2}, **SMALL),
+             "clip skip 2: not available for Flux")
+    _refused(_post(flux, "txt2img", prompt="x", distilled_cfg_scale=-1, **SMALL), "must be a finite number, 0 or more")
+    _refused(_post(flux, "txt2img", prompt="x", alwayson_scripts={"ControlNet": {"args": [{"model": "m"}]}},
+                   **SMALL), "ControlNet: not available for Flux models")
+    init = webuiapi.raw_b64_img(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (64, 64)))
+    _refused(_post(flux, "img2img", prompt="x", init_images=[init], mask=init, **SMALL),
+             "inpainting (a mask) is not available for Flux models")
+    assert _post(flux, "txt2img", prompt="x", seed=1, **SMALL).status_code == 200  # and it goes on serving
+
+
+def test_sd3_txt2img_equals_adapterhub_sample_and_refuses_distilled_cfg(sd3, tmp_path):
+    result = _api(sd3).txt2img(prompt="a castle", negative_prompt="fog", seed=3, cfg_scale=5, **SMALL)
+    ours = _sample(tmp_path, "tiny-sd3", "--prompt", "a castle", "--negative", "fog", "--seed", 3, "--cfg", 5)
+    assert np.array_equal(_pixels(result.image), _pixels(ours[0]))
+    assert result.image.info["parameters"] == infotext.read_png(ours[0].filename)
+    _refused(_post(sd3, "txt2img", prompt="x", distilled_cfg_scale=3.5, **SMALL), "SD3 has no distilled guidance")
+
+
+def test_distilled_cfg_scale_on_a_stable_diffusion_base_is_refused():
+    from adapterhub.serve.models import Txt2ImgRequest
+    from adapterhub.serve.plan import ApiError, plan
+
+    with pytest.raises(ApiError) as err:
+        plan(Txt2ImgRequest(prompt="x", distilled_cfg_scale=3.0), options={}, model_titles=set(), networks=None,
+             dirs=[])
+    assert err.value.status_code == 422 and "this server's base is not a Flux model" in err.value.detail
