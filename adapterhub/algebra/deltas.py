@@ -62,10 +62,13 @@ def _squeezed(shape: Shape) -> Shape:
 
 
 def check_adapter(adapter: Adapter) -> None:
-    """Refuse what cannot become a LoRA: other families, non-weight types, refused variants, biases."""
-    if adapter.family != "stable-diffusion":
+    """Refuse what cannot become a LoRA: families without weight deltas we merge (Stable Diffusion, FLUX.1 and
+    SD3 have them), non-weight types, refused variants, biases."""
+    from adapterhub.weights import WEIGHT_FAMILIES
+
+    if adapter.family not in WEIGHT_FAMILIES:
         raise AdapterError(adapter.path, f"this is a {adapter.family} adapter; the LoRA algebra handles "
-                                         "Stable Diffusion adapters only")
+                                         "Stable Diffusion, Flux and SD3 adapters only")
     plugin = adapter.plugin
     if not plugin.weight_space:
         raise AdapterError(adapter.path, f"a {adapter.type} is not a weight delta; it cannot be combined, "
@@ -78,13 +81,41 @@ def check_adapter(adapter: Adapter) -> None:
 
 
 def check_bases(adapters: list[Adapter]) -> str:
-    """The common base of ``adapters`` (``unknown`` if none says); two different known bases are an error."""
+    """The common base of ``adapters`` (``unknown`` if none says); two different known bases, or two families,
+    are an error. Transformer bases of one family and width are one architecture (``flux-dev`` and the
+    width-only ``flux``; dev and schnell): the most specific name is the result's, ``flux`` where two
+    variants meet."""
+    first = adapters[0] if adapters else None
+    for adapter in adapters[1:]:
+        if adapter.family != first.family:
+            raise AdapterhubError(f"{first.path} is for {first.base} ({first.family}) but {adapter.path} is for "
+                                  f"{adapter.base} ({adapter.family}); adapters of different families cannot be "
+                                  "combined")
     known = [(a, a.base) for a in adapters if a.base and a.base != "unknown"]
+    result = known[0][1] if known else "unknown"
     for adapter, base in known[1:]:
-        if base != known[0][1]:
+        if base == result:
+            continue
+        common = _same_transformer(result, base)
+        if common is None:
             raise AdapterhubError(f"{known[0][0].path} is for {known[0][1]} but {adapter.path} is for {base}; "
                                   "adapters of different bases cannot be combined")
-    return known[0][1] if known else "unknown"
+        result = common
+    return result
+
+
+def _same_transformer(a: str, b: str) -> str | None:
+    """The base name two transformer base names share (the specific one over its family's width-only name,
+    else that name), or None when they differ in architecture."""
+    from adapterhub.transformer_bases import BASE_WIDTHS, WIDTH_BASES
+
+    width = BASE_WIDTHS.get(a)
+    if width is None or width != BASE_WIDTHS.get(b) or a.startswith("tiny") or b.startswith("tiny"):
+        return None
+    generic = WIDTH_BASES[width][1]  # flux (3072), sd3-medium (1536)
+    if generic in (a, b):
+        return b if a == generic else a
+    return generic
 
 
 def meta_model(base: str):

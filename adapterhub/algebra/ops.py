@@ -27,6 +27,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Progress = Callable[[int, int], None]
 SUMMARY_KEYS = ("ss_network", "adapterhub.", "sshs_")  # the metadata shown by as_dict
 FactorMap = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+DENOISERS = ("unet.", "transformer.")  # the targets that are not text encoders' (kohya's extract rule)
 
 
 @dataclass
@@ -118,12 +119,16 @@ def factor_type(conv: bool):
 
 
 def _build(factors: FactorMap, shapes: dict[str, tuple[int, ...]], metadata: dict, base: str,
-           dtype: torch.dtype | None) -> Adapter:
+           dtype: torch.dtype | None, family: str = "stable-diffusion") -> Adapter:
+    """The result through :func:`factor_type`'s ``from_factors``, of the inputs' ``family`` (a Flux / SD3 result
+    is written in that family's names)."""
     writer = factor_type(conv=any(is_kxk(s) for s in shapes.values()))
     dtype = dtype or torch.float32
     cast = {t: (up.to("cpu", dtype).contiguous(), down.to("cpu", dtype).contiguous(), alpha)
             for t, (up, down, alpha) in factors.items()}
-    return writer.from_factors(cast, metadata, base)
+    adapter = writer.from_factors(cast, metadata, base)
+    adapter.family = family
+    return adapter
 
 
 def _tick(progress: Progress | None, done: int, total: int) -> None:
@@ -255,7 +260,8 @@ def combine(entries: list[tuple[Adapter, float]], method: str = "concat", rank: 
     sources = [provenance.source_entry(a.path, w, a.metadata) for a, w in entries]
     metadata = provenance.build(provenance.agreed([a.metadata for a in adapters]), factors,
                                 f"combined with {method} from {names}", f"combine:{method}", sources, params)
-    adapter = _build(factors, {m.target: m.shape for m in modules.values()}, metadata, base, dtype)
+    adapter = _build(factors, {m.target: m.shape for m in modules.values()}, metadata, base, dtype,
+                     adapters[0].family)
     return AlgebraResult(adapter, method, reports, seconds=time.perf_counter() - start)
 
 
@@ -328,7 +334,8 @@ def resize(adapter: Adapter, rank: int | None = None, conv_rank: int | None = No
     sources = [provenance.source_entry(adapter.path, 1.0, adapter.metadata)]
     metadata = provenance.build(provenance.agreed([adapter.metadata]), factors, comment, "resize", sources,
                                 params, dynamic=dynamic is not None)
-    built = _build(factors, {m.target: m.shape for m in modules.values()}, metadata, adapter.base, dtype)
+    built = _build(factors, {m.target: m.shape for m in modules.values()}, metadata, adapter.base, dtype,
+                   adapter.family)
     return AlgebraResult(built, "resize", reports, seconds=time.perf_counter() - start)
 
 
@@ -356,7 +363,7 @@ def _text_differs(pairs, min_diff: float) -> tuple[bool, float]:
     largest = 0.0
     with torch.no_grad():
         for target, (a, b) in pairs.items():
-            if not target.startswith("unet."):
+            if not target.startswith(DENOISERS):
                 largest = max(largest, float((b.float() - a.float()).abs().max()))
     return largest > min_diff, largest
 
@@ -371,10 +378,11 @@ def extract(base, tuned, rank: int, conv_rank: int | None = None, min_diff: floa
 
     start = time.perf_counter()
     _check_rank("--rank", rank)
+    family, arch = _transformer_facts(base) or ("stable-diffusion", None)
     _check_rank("--conv-rank", conv_rank)
     if rank is None:
         raise AdapterhubError("extract needs --rank")
-    arch = detect_architecture(base)
+    arch = arch or detect_architecture(base)
     pairs = _paired_targets(base, tuned, conv=conv_rank is not None)
     text, largest = _text_differs(pairs, min_diff)
     verdict = "differ" if text else "are the same"
@@ -383,7 +391,7 @@ def extract(base, tuned, rank: int, conv_rank: int | None = None, min_diff: floa
     with torch.no_grad():
         for done, (target, (a, b)) in enumerate(pairs.items(), 1):
             _tick(progress, done, len(pairs))
-            if not text and not target.startswith("unet."):
+            if not text and not target.startswith(DENOISERS):
                 continue
             diff = b.to(device, torch.float32) - a.to(device, torch.float32)
             if not bool(diff.any()):
@@ -407,8 +415,29 @@ def extract(base, tuned, rank: int, conv_rank: int | None = None, min_diff: floa
         kept["ss_base_model_version"] = provenance.BASE_MODEL_VERSION[arch]
     metadata = provenance.build(kept, factors, f"extracted from {Path(str(names[1])).name} - "
                                 f"{Path(str(names[0])).name} at rank {rank}", "extract", sources, params)
-    adapter = _build(factors, shapes, metadata, arch, dtype)
+    adapter = _build(factors, shapes, metadata, arch, dtype, family)
     return AlgebraResult(adapter, "extract", reports, notes, seconds=time.perf_counter() - start)
+
+
+def _transformer_facts(model) -> tuple[str, str] | None:
+    """``(family, base)`` of a FLUX.1 / SD3 pipeline (a transformer denoiser, no UNet), as the files' detection
+    names it: ``flux-dev`` / ``flux-schnell`` by the guidance embedding, ``sd3.5-medium`` by the dual attention,
+    the tiny bases by their widths; None for any other model."""
+    from adapterhub.transformer_bases import TRANSFORMER_CLASSES, WIDTH_BASES, hidden_width
+
+    transformer = getattr(model, "transformer", None)
+    if transformer is None or getattr(model, "unet", None) is not None:
+        return None
+    cfg = dict(transformer.config)
+    family = TRANSFORMER_CLASSES.get(type(transformer).__name__)
+    if family is None:
+        return None
+    found, base = WIDTH_BASES.get(hidden_width(cfg), (family, "unknown"))
+    if base == "flux":
+        base = "flux-dev" if cfg.get("guidance_embeds") else "flux-schnell"
+    elif base == "sd3-medium" and cfg.get("dual_attention_layers"):
+        base = "sd3.5-medium"
+    return family, base if found == family else "unknown"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,10 +75,15 @@ class LoRAFamilyType(AdapterType):
 
     def target_modules(self, model, text: bool = True) -> dict:
         """Attention-block Linear/1x1 layers, resnet and sampler convs for types with ``conv``, and the
-        text encoders' attention and MLP layers with ``text`` (kohya / LyCORIS targets)."""
+        text encoders' attention and MLP layers with ``text`` (kohya / LyCORIS targets); on a FLUX.1 / SD3
+        base the transformer's attention and MLP linears instead of a UNet's (the training targets)."""
         from .targets import target_modules
+        from .transformer_train import transformer_of, transformer_targets
 
-        return target_modules(model, conv=self.conv, text=text)
+        found = target_modules(model, conv=self.conv, text=text)
+        if transformer_of(model) is not None:
+            found.update(transformer_targets(model))
+        return found
 
     def make_trainable(self, model, config):
         """PEFT LoRA / LoCon / LoHa / LoKr / AdaLoRA layers on this type's targets (see ``train``); others refuse."""
