@@ -62,14 +62,16 @@ def _close(ours, expected, base, min_changed, atol=1e-5):
         torch.testing.assert_close(ours[k], expected[k], atol=atol, rtol=0, msg=k)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_combine_concat_is_the_weighted_sum_of_diffusers_deltas(family, request, tmp_path, capsys):
+@pytest.mark.parametrize("family,method", [("flux", "concat"), ("sd3", "concat"), ("flux", "svd")])
+def test_combine_is_the_weighted_sum_of_diffusers_deltas(family, method, request, tmp_path, capsys):
+    """concat exactly; svd at rank 8 >= the sum's rank (4 + 4) exactly too, up to float32 rounding."""
     import adapterhub
 
     pipe = request.getfixturevalue(f"tiny_{family}")
     first, second = _two_files(pipe, family, tmp_path)
     out = tmp_path / "sum.safetensors"
-    rc, stdout, err = _cli(capsys, "lora", "combine", f"{first}:0.7", f"{second}:-0.4", "--out", str(out), "--json")
+    rc, stdout, err = _cli(capsys, "lora", "combine", f"{first}:0.7", f"{second}:-0.4", "--out", str(out), "--json",
+                           "--method", method, *(["--rank", "8"] if method == "svd" else []))
     assert rc == 0, err
     base = state(pipe)
     one, two = diffusers_fused(pipe, first), diffusers_fused(pipe, second)
