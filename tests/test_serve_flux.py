@@ -138,3 +138,63 @@ def test_distilled_cfg_scale_on_a_stable_diffusion_base_is_refused():
         plan(Txt2ImgRequest(prompt="x", distilled_cfg_scale=3.0), options={}, model_titles=set(), networks=None,
              dirs=[])
     assert err.value.status_code == 422 and "this server's base is not a Flux model" in err.value.detail
+
+
+def _reference_estimates(prompt: str, seed: int, steps: int):
+    """Per step of a Flux run of its own, the clean-latent estimate ``sample - sigma x model_output`` (diffusers'
+    own formula in FlowMatchEulerDiscreteScheduler's stochastic step), unpacked; and that generator."""
+    import diffusers
+
+    from adapterhub.sample import FlowRequest
+    from adapterhub.sample.generator import Generator
+
+    seen = []
+    original = diffusers.FlowMatchEulerDiscreteScheduler.step
+
+    def recording(self, model_output, timestep, sample, *args, **kwargs):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        seen.append(sample.float() - self.sigmas[self.step_index] * model_output.float())
+        return original(self, model_output, timestep, sample, *args, **kwargs)
+
+    generator = Generator("tiny-flux")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(diffusers.FlowMatchEulerDiscreteScheduler, "step", recording)
+        generator.generate(FlowRequest(prompt, seed=seed, steps=steps, cfg=1.0, width=64, height=64))
+    pipe = generator.pipe
+    return [pipe._unpack_latents(x, 64, 64, pipe.vae_scale_factor) for x in seen], generator
+
+
+def test_flux_interrupt_returns_the_image_so_far_and_progress_previews():
+    from adapterhub.sample.generator import Generator
+    from adapterhub.serve.app import Service
+
+    estimates, reference = _reference_estimates("a hill", seed=4, steps=4)
+    service = Service(Generator("tiny-flux"), catalog=False)
+    progress, previews = service.worker._progress, []
+
+    def interrupt_after_two_steps(req, plan=None):  # deterministic: a preview asked for, then /interrupt's flag
+        report = progress(req, plan)
+
+        def on_progress(done, total):
+            if done == 1:
+                service.worker.state.preview_wanted = True
+            if done == 2:
+                previews.append(service.worker.state.current_image)
+                service.worker.state.interrupt()
+            report(done, total)
+
+        return on_progress
+
+    service.worker._progress = interrupt_after_two_steps
+    with running_server(service) as port:
+        result = webuiapi.WebUIApi(host="127.0.0.1", port=port).txt2img(prompt="a hill", seed=4, cfg_scale=1,
+                                                                        **{**SMALL, "steps": 4})
+    assert previews and previews[0] is not None  # the preview of step 1's latents, base64 PNG
+    expected = np.asarray(reference.decode(estimates[1])[0].convert("RGB"), dtype=int)
+    got = np.asarray(result.image.convert("RGB"), dtype=int)
+    assert len(result.images) == 1 and np.abs(got - expected).max() <= 1
+    assert result.info["interrupted"] is True and result.info["all_seeds"] == [4]
+    fields = infotext.parse(result.info["infotexts"][0])
+    assert (fields["Seed"], fields["Steps"], fields["Sampler"]) == ("4", "4", "Euler")
+    assert "Distilled CFG Scale: 3.5" in result.info["infotexts"][0]

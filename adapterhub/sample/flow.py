@@ -197,6 +197,9 @@ class FlowGenerator:
         self.hashes = record.HashCache()
         self._model_hash, self._hash_model = model_hash, hash_model
         self.is_xl, self.arch = False, self.family
+        # called after every scheduler step with (index, latents, denoised estimate), both (B, C, H/8, W/8), as
+        # Generator.step_hook (the server's previews and an interrupted request's image so far)
+        self.step_hook: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
     # -- facts ------------------------------------------------------------------------------------
     @property
@@ -322,6 +325,8 @@ class FlowGenerator:
             length, run = img2img_steps(req.steps, req.denoising_strength)
             start = length - run
         scheduler = self._scheduler(FLOW_SAMPLERS[self.family][req.sampler], start)
+        if self.step_hook is not None:
+            self._watch(scheduler, req.width, req.height)
         if init is not None:
             if float(req.initial_noise_multiplier) != 1.0:
                 noise = noise * float(req.initial_noise_multiplier)
@@ -368,6 +373,33 @@ class FlowGenerator:
                 super().set_begin_index(start * self.order + begin_index)
 
         return FromStep.from_config(self.pipe.scheduler.config)
+
+    def _watch(self, scheduler, width: int, height: int) -> None:
+        """Call :attr:`step_hook` after each of ``scheduler``'s steps with the latents it gave and the clean latents
+        the step's (guided) velocity points at, ``sample - sigma x v`` (diffusers' own estimate in the flow
+        schedulers' stochastic step); Flux's packed tokens unpacked."""
+        step = scheduler.step
+        calls = 0
+
+        def unpacked(latents: torch.Tensor) -> torch.Tensor:
+            if self.family != "flux":
+                return latents
+            return self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
+
+        def watched(model_output, timestep, sample, *args, **kwargs):
+            nonlocal calls
+            if scheduler.step_index is None:
+                scheduler._init_step_index(timestep)
+            sigma = scheduler.sigmas[scheduler.step_index]
+            out = step(model_output, timestep, sample, *args, **kwargs)
+            if self.step_hook is not None:
+                denoised = sample.float() - sigma * model_output.float()
+                latents = out[0] if isinstance(out, tuple) else out.prev_sample
+                self.step_hook(calls, unpacked(latents), unpacked(denoised))
+            calls += 1
+            return out
+
+        scheduler.step = watched
 
     def _set_timesteps(self, scheduler, steps: int, width: int, height: int) -> None:
         """``scheduler``'s schedule set as the pipeline's ``__call__`` sets it for this size (Flux: its sigmas and

@@ -129,6 +129,7 @@ class _PreviewRunner:
     def __init__(self, runner):
         self.runner = runner
         self.latest = None
+        self.stepped = None  # the last step's latents (the step hook: a Flux / SD3 pipeline never calls the runner)
         self.denoised = None  # the last step's denoised estimate (the generator's step hook)
 
     def __call__(self, sample, timestep, *args, **kwargs):
@@ -137,10 +138,15 @@ class _PreviewRunner:
 
     def step(self, index: int, latents, denoised) -> None:
         """The generator's step hook."""
-        self.denoised = denoised
+        self.stepped, self.denoised = latents, denoised
 
     def forget(self) -> None:
-        self.latest, self.denoised = None, None
+        self.latest, self.stepped, self.denoised = None, None, None
+
+    @property
+    def newest(self):
+        """The latents to preview: the runner's latest input, else the last step's latents."""
+        return self.latest if self.latest is not None else self.stepped
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
@@ -258,10 +264,16 @@ class Worker:
         if latents is None:
             return
         images = gen.decode(latents.to(gen.device, gen.dtype))
-        sampler, schedule = resolve_sampler(req.sampler, req.schedule)
-        params = gen.parameters(req, sampler, schedule, gen.stack)
         seeds = [req.seed + i for i in range(len(images))]
-        texts = [infotext.create(req.prompt, req.negative, {**params, "Seed": seed}) for seed in seeds]
+        if getattr(gen, "family", None) is not None:  # a Flux / SD3 generator: Forge's fields
+            from adapterhub.sample.flow import flow_infotexts
+
+            full = gen.request(req)
+            texts = flow_infotexts(full, seeds, gen.parameters(full, gen.stack))
+        else:
+            sampler, schedule = resolve_sampler(req.sampler, req.schedule)
+            params = gen.parameters(req, sampler, schedule, gen.stack)
+            texts = [infotext.create(req.prompt, req.negative, {**params, "Seed": seed}) for seed in seeds]
         out.images += images
         out.infotexts += [_with_controls(_with_prompts(text, req, plan), gen.stack, plan) for text in texts]
         out.seeds += seeds
@@ -276,8 +288,8 @@ class Worker:
                 raise Interrupted()
             if state.skipped:
                 raise Skipped()
-            if state.preview_wanted and preview.latest is not None and state.preview_step != done:
-                latents = preview.latest[:1]
+            if state.preview_wanted and preview.newest is not None and state.preview_step != done:
+                latents = preview.newest[:1]
                 image = gen.decode(latents.to(gen.dtype))[0]
                 state.current_image, state.preview_wanted, state.preview_step = png_base64(image), False, done
 
