@@ -198,3 +198,14 @@ def test_flux_interrupt_returns_the_image_so_far_and_progress_previews():
     fields = infotext.parse(result.info["infotexts"][0])
     assert (fields["Seed"], fields["Steps"], fields["Sampler"]) == ("4", "4", "Euler")
     assert "Distilled CFG Scale: 3.5" in result.info["infotexts"][0]
+
+
+def test_lists_offer_what_the_family_runs(flux, sd3):
+    def names(served, route, key):
+        response = requests.get(f"{served['url']}/{route}", timeout=DEADLINE)
+        assert response.status_code == 200
+        return [row[key] for row in response.json()]
+
+    assert names(flux, "samplers", "name") == ["Euler"]
+    assert names(sd3, "samplers", "name") == ["Euler", "Heun"]
+    assert names(flux, "schedulers", "label") == names(sd3, "schedulers", "label") == ["Automatic"]

@@ -222,16 +222,22 @@ def create_app(service: Service) -> FastAPI:
     # -- lists ------------------------------------------------------------------------------------
     @app.get("/sdapi/v1/samplers")
     def samplers():
+        from adapterhub.sample.flow import FLOW_SAMPLERS
         from adapterhub.sample.samplers import SAMPLERS
 
-        return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS.values()]
+        offered = SAMPLERS.values()
+        if service.flow is not None:  # a Flux / SD3 base: the family's flow-matching samplers only
+            offered = [s for s in offered if s.name in FLOW_SAMPLERS[service.flow.family]]
+        return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in offered]
 
     @app.get("/sdapi/v1/schedulers")
     def schedulers():
+        from adapterhub.sample.flow import FLOW_SCHEDULES
         from adapterhub.sample.samplers import SCHEDULES
 
         return [{"name": key, "label": label, "aliases": None, "default_rho": None, "need_inner_model": None}
-                for key, (label, flags) in SCHEDULES.items() if flags is not None]
+                for key, (label, flags) in SCHEDULES.items() if flags is not None
+                and (service.flow is None or label in FLOW_SCHEDULES)]
 
     @app.get("/sdapi/v1/upscalers")
     def upscalers():
