@@ -19,6 +19,9 @@ them with each image's own noise (times the initial noise multiplier) as the img
 (``scale_noise``); equal to diffusers' ``FluxImg2ImgPipeline`` / ``StableDiffusion3Img2ImgPipeline`` given those
 latents and the strength that runs as many steps. The infotext records ``Denoising strength`` where Forge does.
 
+``step_hook`` (when set, as by ``adapterhub serve``): called after each scheduler step with the latents and the
+clean estimate ``sample - sigma x v``; without it the pipeline's loop runs untouched.
+
 Guidance: Flux-dev's distilled guidance is the model's guidance embedding (``distilled_cfg``, Forge's
 ``Distilled CFG Scale``, default 3.5); real CFG with the negative prompt runs only above ``cfg`` 1 (Forge's
 default for Flux is 1: one transformer call per step). SD3 / SD3.5 use CFG with the negative prompt.
