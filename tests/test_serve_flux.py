@@ -3,6 +3,8 @@ the flow generator; the images are checked against what ``adapterhub sample`` wr
 what these families cannot do is refused with 422 and one line."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -122,22 +124,30 @@ def test_what_flux_cannot_do_is_refused_in_one_line(flux):
     assert _post(flux, "txt2img", prompt="x", seed=1, **SMALL).status_code == 200  # and it goes on serving
 
 
-def test_sd3_txt2img_equals_adapterhub_sample_and_refuses_distilled_cfg(sd3, tmp_path):
+def test_sd3_txt2img_equals_adapterhub_sample_and_ignores_distilled_cfg(sd3, tmp_path):
     result = _api(sd3).txt2img(prompt="a castle", negative_prompt="fog", seed=3, cfg_scale=5, **SMALL)
     ours = _sample(tmp_path, "tiny-sd3", "--prompt", "a castle", "--negative", "fog", "--seed", 3, "--cfg", 5)
     assert np.array_equal(_pixels(result.image), _pixels(ours[0]))
     assert result.image.info["parameters"] == infotext.read_png(ours[0].filename)
-    _refused(_post(sd3, "txt2img", prompt="x", distilled_cfg_scale=3.5, **SMALL), "SD3 has no distilled guidance")
+    # Forge's clients send distilled_cfg_scale with every request; Forge ignores it on a model without distilled
+    # guidance, and so do we, saying so in info: the image is the one made without it
+    answer = _post(sd3, "txt2img", prompt="a castle", negative_prompt="fog", seed=3, cfg_scale=5,
+                   distilled_cfg_scale=3.5, **SMALL)
+    assert np.array_equal(_pixels(_decoded(answer)[0]), _pixels(ours[0]))
+    info = json.loads(answer.json()["info"])
+    assert "distilled_cfg_scale 3.5: not applied" in info["comments"]
+    assert "Distilled CFG Scale" not in info["infotexts"][0]
 
 
-def test_distilled_cfg_scale_on_a_stable_diffusion_base_is_refused():
+def test_distilled_cfg_scale_on_a_stable_diffusion_base_is_ignored_and_noted():
     from adapterhub.serve.models import Txt2ImgRequest
-    from adapterhub.serve.plan import ApiError, plan
+    from adapterhub.serve.networks import Networks
+    from adapterhub.serve.plan import plan
 
-    with pytest.raises(ApiError) as err:
-        plan(Txt2ImgRequest(prompt="x", distilled_cfg_scale=3.0), options={}, model_titles=set(), networks=None,
-             dirs=[])
-    assert err.value.status_code == 422 and "this server's base is not a Flux model" in err.value.detail
+    planned = plan(Txt2ImgRequest(prompt="x", distilled_cfg_scale=3.0), options={}, model_titles=set(),
+                   networks=Networks((), catalog=False), dirs=[])
+    assert any(c.startswith("distilled_cfg_scale 3.0: not applied") for c in planned.comments)
+    assert not hasattr(planned.requests[0], "distilled_cfg")  # a Stable Diffusion request has no such field
 
 
 def _reference_estimates(prompt: str, seed: int, steps: int):

@@ -168,7 +168,7 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
         raise ApiError(422, f"Script '{req.script_name}' not found")
     comments: list[str] = []
     _ignored(req, comments)
-    _check_family(req, flow)
+    _check_family(req, flow, comments)
     common = _sampling(req, settings, max_size)
     if device is not None:
         from adapterhub.sample.rng import check_device
@@ -207,20 +207,28 @@ def plan(req: Txt2ImgRequest | Img2ImgRequest, *, options: dict[str, Any], model
                 clip_skip=common["clip_skip"], denoising_strength=denoise, control_fields=controls.module_fields)
 
 
-def _check_family(req, flow) -> None:
-    """What a request asks of the base's family that is not done here (422): Forge's ``distilled_cfg_scale`` on a
-    Stable Diffusion base, ControlNet units on a Flux or SD3 one."""
+def _check_family(req, flow, comments: list[str]) -> None:
+    """What a request asks of the base's family that is not done here: ControlNet units on a Flux or SD3 base (422).
+    Forge's ``distilled_cfg_scale`` on a model without distilled guidance (Stable Diffusion, SD3, FLUX.1 schnell) is
+    ignored and noted in ``info``, as Forge ignores it there: Forge clients send it with every request."""
     from adapterhub.serve.controls import script_args
 
+    if req.distilled_cfg_scale is not None and (flow is None or not _has_distilled_guidance(flow)):
+        comments.append(f"distilled_cfg_scale {req.distilled_cfg_scale}: not applied (the model has no distilled "
+                        "guidance; cfg_scale is)")
+        req.distilled_cfg_scale = None
     if flow is None:
-        if req.distilled_cfg_scale is not None:
-            raise ApiError(422, f"distilled_cfg_scale {req.distilled_cfg_scale}: Flux-dev's distilled guidance; this "
-                                "server's base is not a Flux model (use cfg_scale)")
         return
     args, _ = script_args(req.alwayson_scripts)
     if args:
         name = "Flux" if flow.family == "flux" else "SD3"
         raise ApiError(422, f"ControlNet: not available for {name} models")
+
+
+def _has_distilled_guidance(flow) -> bool:
+    """Whether the flow generator's model has Flux-dev's guidance embedding (None while not loaded: its family)."""
+    embeds = getattr(flow, "guidance_embeds", None)
+    return flow.family == "flux" if embeds is None else bool(embeds)
 
 
 def _flow_request(request, req, flow):
