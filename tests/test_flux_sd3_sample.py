@@ -277,10 +277,12 @@ def test_compiled_backend_switches_stacks_in_place_with_no_recompile(tiny_flux, 
     torch._dynamo.reset()
     first = gen.generate(gen.request(req), output="latent").latents  # compiles
     assert torch.equal(first, expected[0]) and gen.runner.stats()["graphs"] == 1
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    for stack, want in zip(stacks[1:], expected[1:]):
-        got = gen.generate(gen.request(replace(req, stack=stack)), output="latent").latents
-        assert torch.equal(got, want), stack
+    # config.patch, not monkeypatch: pytest's monkeypatch reads a dynamo config as missing and deletes it on undo
+    # (hiding it from every later test in the process)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for stack, want in zip(stacks[1:], expected[1:]):
+            got = gen.generate(gen.request(replace(req, stack=stack)), output="latent").latents
+            assert torch.equal(got, want), stack
     assert gen.runner.stats()["graphs"] == 1
     gen.close()
     assert gen.pipe.transformer._compiled_call_impl is None
