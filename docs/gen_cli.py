@@ -49,6 +49,10 @@ def command_tree() -> list[tuple[str, click.Command, click.Context]]:
 
 
 def _walk(command: click.Command, name: str, parent: click.Context):
+    # click caches a command's help option with the names of the first context that asked for it: a command
+    # invoked by itself earlier in this process (a test) would render "--help" without the group's "-h"
+    if getattr(command, "_help_option", None) is not None:
+        command._help_option = None
     ctx = click.Context(command, info_name=name, parent=parent, terminal_width=WIDTH, max_content_width=WIDTH)
     yield f"{ctx.command_path}", command, ctx
     if isinstance(command, click.Group):

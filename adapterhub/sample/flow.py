@@ -130,7 +130,10 @@ class CompiledTransformer(Runner):
     def __init__(self, pipe):
         import os
 
+        from torch._dynamo.utils import counters
+
         super().__init__(pipe)
+        self._graphs_before = int(counters["stats"]["unique_graphs"])  # a process-wide count, never reset
         backend = os.environ.get("ADAPTERHUB_COMPILE_BACKEND", "inductor")
         pipe.transformer.compile(backend=backend, mode=os.environ.get("ADAPTERHUB_COMPILE_MODE") or None,
                                  fullgraph=True, dynamic=False)
@@ -145,10 +148,11 @@ class CompiledTransformer(Runner):
                                       f"adapter is {kind or 'code'} at run time); use --backend eager")
 
     def stats(self) -> dict[str, Any]:
-        """``graphs``: the graphs dynamo has built in this process (a switch of stack or weight adds none)."""
+        """``graphs``: the graphs dynamo has built since this runner was made (a switch of stack or weight adds
+        none; the count is the process's, so a graph another model compiles meanwhile counts too)."""
         from torch._dynamo.utils import counters
 
-        return {"graphs": int(counters["stats"]["unique_graphs"])}
+        return {"graphs": int(counters["stats"]["unique_graphs"]) - self._graphs_before}
 
     def close(self) -> None:
         self.pipe.transformer._compiled_call_impl = None  # nn.Module.compile's slot: eager forward again
