@@ -116,9 +116,11 @@ def test_shift_moves_sigmas_towards_noise(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # one step's gradient equals the DreamBooth scripts' loss
 # ---------------------------------------------------------------------------------------------
-def _reference_loss(pipe, x0, noise, sigmas, timesteps, prompts, guidance):
-    """diffusers' train_dreambooth_lora_flux.py / _sd3.py loss (no preconditioning, weighting 'none')."""
+def _reference_loss(pipe, x0, noise, sigmas, timesteps, prompts, guidance, weighting_scheme="none"):
+    """diffusers' train_dreambooth_lora_flux.py / _sd3.py loss (no preconditioning), weighted per sample by
+    ``training_utils.compute_loss_weighting_for_sd3(weighting_scheme, sigmas)`` as the scripts weight it."""
     from diffusers import FluxPipeline
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     b, c, h, w = x0.shape
     s = sigmas.view(-1, 1, 1, 1)
@@ -139,17 +141,20 @@ def _reference_loss(pipe, x0, noise, sigmas, timesteps, prompts, guidance):
         pred = transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds,
                            pooled_projections=pooled, return_dict=False)[0]
     target = noise - x0
-    return torch.mean(((pred.float() - target.float()) ** 2).reshape(b, -1), 1).mean()
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=s)
+    return torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(b, -1), 1).mean()
 
 
-def test_one_step_gradient_equals_dreambooth_reference(base, tmp_path):
+@pytest.mark.parametrize("scheme", ["none", "sigma_sqrt", "cosmap"])
+def test_one_step_gradient_equals_dreambooth_reference(base, tmp_path, scheme):
+    """--weighting-scheme weights each sample's loss as the scripts' compute_loss_weighting_for_sd3 does."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from adapterhub.plugins import adapter_type
 
     name, pipe = base
     pipe = copy.deepcopy(pipe)
-    cfg = _cfg(name, tmp_path, timestep_sampling="logit_normal", guidance_scale=2.5)
+    cfg = _cfg(name, tmp_path, timestep_sampling="logit_normal", guidance_scale=2.5, weighting_scheme=scheme)
     trainable = adapter_type("lora").make_trainable(pipe, cfg)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # B = 0 at the start would leave every A gradient zero
@@ -173,7 +178,7 @@ def test_one_step_gradient_equals_dreambooth_reference(base, tmp_path):
     from contextlib import nullcontext
 
     ours = objective.loss(x0, noise, sigmas, cond, nullcontext).mean()
-    reference = _reference_loss(pipe, x0, noise, sigmas, timesteps, prompts, 2.5)
+    reference = _reference_loss(pipe, x0, noise, sigmas, timesteps, prompts, 2.5, scheme)
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
     mine, theirs = grads(ours), grads(reference)
     assert sum(g.abs().sum() for g in theirs) > 0
@@ -274,17 +279,20 @@ def test_saved_file_carries_sd_scripts_names_and_metadata(base, two_images, tmp_
     assert meta["ss_steps"] == "1" and "sshs_model_hash" in meta and "modelspec.prediction_type" not in meta
     assert json.loads(meta["ss_tag_frequency"])
     assert meta["ss_timestep_sampling"] == "uniform" and meta["ss_model_prediction_type"] == "raw"
+    assert meta["ss_weighting_scheme"] == "none"
     assert meta["ss_guidance_scale"] == "3.5" and meta["ss_discrete_flow_shift"] == "3.0"
     assert adapterhub.load(out).base == name
 
 
-def test_flow_options_are_refused_on_a_unet_base(two_images, tmp_path, capsys):
+@pytest.mark.parametrize("args, flag", [(["--timestep-sampling", "logit_normal"], "--timestep-sampling"),
+                                        (["--weighting-scheme", "sigma_sqrt"], "--weighting-scheme"),
+                                        (["--train-text-encoder", "--train-t5"], "--train-t5")])
+def test_flow_options_are_refused_on_a_unet_base(two_images, tmp_path, capsys, args, flag):
     out = tmp_path / "sd1.safetensors"
     rc = main(["train", "--type", "lora", "--base", "tiny-sd1", "--dataset", str(two_images), "--out", str(out),
-               "--resolution", "64", "--bucket-step", "32", "--max-steps", "1", "--log-with", "none",
-               "--timestep-sampling", "logit_normal"])
+               "--resolution", "64", "--bucket-step", "32", "--max-steps", "1", "--log-with", "none", *args])
     err = capsys.readouterr().err
-    assert rc == 2 and "--timestep-sampling" in one_line_error(err) and not out.exists()
+    assert rc == 2 and flag in one_line_error(err) and not out.exists()
 
 
 @pytest.mark.parametrize("kind, key", [("loha", "hada_w1_a"), ("lokr", "lokr_w1")])
@@ -329,17 +337,23 @@ def test_resumed_run_equals_the_uninterrupted_one(two_images, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the command line
 # ---------------------------------------------------------------------------------------------
-def test_cli_trains_sd3_with_shift_sampling(two_images, tmp_path, capsys):
+def test_cli_trains_sd3_with_a_weighting_scheme(two_images, tmp_path, capsys):
     out = tmp_path / "cli.safetensors"
     rc = main(["train", "--type", "lora", "--base", "tiny-sd3", "--dataset", str(two_images), "--out", str(out),
                "--resolution", "64", "--bucket-step", "32", "--max-steps", "2", "--seed", "1",
-               "--timestep-sampling", "shift", "--discrete-flow-shift", "3.1582", "--log-with", "none"])
+               "--timestep-sampling", "logit_normal", "--weighting-scheme", "cosmap", "--log-with", "none"])
     capsys.readouterr()
     assert rc == 0 and out.is_file()
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    # sd-scripts records its --weighting_scheme as given (flux_train_network.py / sd3_train_network.py)
+    assert meta["ss_weighting_scheme"] == "cosmap" and meta["ss_timestep_sampling"] == "logit_normal"
 
 
 @pytest.mark.parametrize("args, words", [(["--min-snr-gamma", "5"], "--min-snr-gamma"),
-                                         (["--train-text-encoder"], "--train-text-encoder"),
+                                         (["--noise-offset", "0.1"], "--noise-offset"),
+                                         (["--clip-skip", "2"], "--clip-skip"),
+                                         (["--train-t5"], "--train-t5"),
                                          (["--type", "adalora"], "adalora")])
 def test_cli_refuses_what_flow_training_does_not_define(two_images, tmp_path, capsys, args, words):
     out = tmp_path / "bad.safetensors"
@@ -355,5 +369,5 @@ def test_help_lists_the_flow_options(capsys):
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
     for flag in ("--timestep-sampling", "--logit-mean", "--logit-std", "--mode-scale", "--sigmoid-scale",
-                 "--discrete-flow-shift", "--guidance-scale"):
+                 "--discrete-flow-shift", "--guidance-scale", "--weighting-scheme", "--train-t5"):
         assert flag in text

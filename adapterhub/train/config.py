@@ -79,8 +79,8 @@ class _Options:
     conv_alpha: float | None = opt(None, "alpha of kxk convs (default: --alpha, or --conv-rank when that is "
                                          "given)", "network")
     dropout: float = opt(0.0, "dropout inside the adapter layers", "network")
-    train_text_encoder: bool = opt(False, "train the text encoder(s) too (their output is then not cached)",
-                                   "network")
+    train_text_encoder: bool = opt(False, "train the text encoder(s) too (their output is then not cached; FLUX.1: "
+                                          "CLIP-L, SD3: CLIP-L and CLIP-G, T5 with --train-t5)", "network")
     loraplus_lr_ratio: float | None = opt(None, "LoRA+: the up (B) matrices learn this many times faster than the "
                                                 "down (A) ones (e.g. 16)", "network")
     max_norm: float | None = opt(None, "max-norm regularisation: rescale each module's delta to at most this norm "
@@ -169,6 +169,11 @@ class _Options:
                                           "--discrete_flow_shift)", "flow")
     guidance_scale: float = opt(3.5, "guidance value fed to a transformer with a guidance embedding (FLUX.1 dev)",
                                 "flow")
+    weighting_scheme: str = opt("none", "loss weight of each sample by its sigma on flow-matching bases: none, "
+                                        "sigma_sqrt (1/sigma²) or cosmap (sd-scripts' and diffusers' DreamBooth "
+                                        "scripts' --weighting_scheme)", "flow", choices=("none", "sigma_sqrt", "cosmap"))
+    train_t5: bool = opt(False, "with --train-text-encoder on a flow-matching base, train its T5 encoder too "
+                                "(sd-scripts network_args train_t5xxl)", "flow")
 
     # -- the chosen type's own options (``AdapterType.train_options``), complete once the type is known ------
     type_options: dict[str, typing.Any] = field(default_factory=dict, metadata={"section": None, "help": ""})

@@ -6,7 +6,7 @@ scheduler (``sigmas`` in [0, 1], ``timesteps = sigma * num_train_timesteps``). P
 
     noisy  = (1 - sigma) * x0 + sigma * noise
     target = noise - x0                       # the velocity the transformer predicts
-    loss   = mean((prediction - target) ** 2)
+    loss   = weight(sigma) * mean((prediction - target) ** 2)
 
 ``sigma`` is drawn by ``--timestep-sampling``:
 
@@ -20,11 +20,19 @@ scheduler (``sigmas`` in [0, 1], ``timesteps = sigma * num_train_timesteps``). P
   carries the scheduler's own shift where the base has a fixed one (SD3: 3.0), none where it shifts by image
   size at inference (FLUX.1 dev).
 
+``weight`` is ``--weighting-scheme``: ``none`` (1), ``sigma_sqrt`` (``1 / sigma ** 2``) or ``cosmap``
+(``2 / (pi * (1 - 2 * sigma + 2 * sigma ** 2))``), diffusers' ``training_utils.compute_loss_weighting_for_sd3``
+as its DreamBooth scripts apply it (sd-scripts' SD3 trainer does the same; its Flux trainer only with
+``--model_prediction_type sigma_scaled``). sd-scripts' ``--weighting_scheme`` also names the densities
+``logit_normal`` / ``mode``, which are ``--timestep-sampling`` here; the metadata records the option as given
+(``ss_weighting_scheme``), as sd-scripts does.
+
 The transformer is called as the pipeline calls it: the text conditioning is the pipeline's own
 ``encode_prompt`` (CLIP, plus T5; SD3 without classifier-free guidance); a pipeline that packs latents
 (FLUX.1) gets them as 2x2 patches (``_pack_latents``) with the pipeline's image ids, the timestep divided by
 1000, and ``guidance`` (``--guidance-scale``) when the transformer embeds one (FLUX.1 dev); the prediction is
-compared with the packed target (the same elements as diffusers' unpacked comparison).
+compared with the packed target (the same elements as diffusers' unpacked comparison). With
+``--train-text-encoder`` the captions are encoded anew at every step, with gradients (nothing is cached).
 """
 from __future__ import annotations
 
@@ -37,7 +45,7 @@ from adapterhub.errors import AdapterhubError
 from adapterhub.weights import component
 
 SAMPLINGS = ("uniform", "sigmoid", "shift", "logit_normal", "mode")
-CONTINUOUS = ("uniform", "sigmoid", "shift")  # sd-scripts' draws; the others index the scheduler's table
+WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
 
 def is_flow_base(pipe) -> bool:
@@ -63,6 +71,16 @@ def shifted(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return sigmas * shift / (1 + (shift - 1) * sigmas)
 
 
+def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Each sample's loss weight by ``--weighting-scheme`` (see the module doc), float32, the shape of ``sigmas``:
+    the numbers of diffusers' ``compute_loss_weighting_for_sd3``."""
+    if scheme == "sigma_sqrt":
+        return (sigmas ** -2.0).float()
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))
+    return torch.ones_like(sigmas)
+
+
 class FlowObjective:
     """Draws the sigmas and computes the per-sample loss of one batch (see the module doc)."""
 
@@ -84,7 +102,7 @@ class FlowObjective:
         return {"ss_timestep_sampling": cfg.timestep_sampling, "ss_sigmoid_scale": str(cfg.sigmoid_scale),
                 "ss_discrete_flow_shift": str(cfg.discrete_flow_shift), "ss_logit_mean": str(cfg.logit_mean),
                 "ss_logit_std": str(cfg.logit_std), "ss_mode_scale": str(cfg.mode_scale),
-                "ss_weighting_scheme": cfg.timestep_sampling if cfg.timestep_sampling not in CONTINUOUS else "uniform",
+                "ss_weighting_scheme": cfg.weighting_scheme,
                 "ss_guidance_scale": str(cfg.guidance_scale), "ss_model_prediction_type": "raw"}
 
     # -- sigmas -------------------------------------------------------------------------------
@@ -103,7 +121,8 @@ class FlowObjective:
     # -- the loss -----------------------------------------------------------------------------
     def loss(self, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, cond: dict,
              autocast) -> torch.Tensor:
-        """Per-sample mean squared error of the predicted velocity (shape ``(batch,)``)."""
+        """Per-sample mean squared error of the predicted velocity, times the sample's loss weight by
+        ``--weighting-scheme`` (shape ``(batch,)``)."""
         s = sigmas.to(x0.dtype).view(-1, 1, 1, 1)
         noisy = (1 - s) * x0 + s * noise
         target = noise - x0
@@ -112,7 +131,8 @@ class FlowObjective:
             prediction = self.predict(noisy, timesteps, cond)
         if self.packs:
             target = self.pack(target)
-        return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+        error = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+        return error * loss_weighting(self.cfg.weighting_scheme, sigmas.to(error.device)).float()
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         b, c, h, w = latents.shape
@@ -169,14 +189,25 @@ def check(cfg) -> None:
     """Refuse, in one line, the options the flow-matching loop does not define (before the model is changed)."""
     if cfg.timestep_sampling not in SAMPLINGS:
         raise AdapterhubError(f"--timestep-sampling {cfg.timestep_sampling}: choose one of {', '.join(SAMPLINGS)}")
-    refused = [("min_snr_gamma", "--min-snr-gamma", "min-SNR weighting is defined for the DDPM noise schedule"),
+    if cfg.weighting_scheme not in WEIGHTINGS:
+        hint = " (a timestep density: --timestep-sampling)" if cfg.weighting_scheme in SAMPLINGS else ""
+        raise AdapterhubError(f"--weighting-scheme {cfg.weighting_scheme}: choose one of {', '.join(WEIGHTINGS)}"
+                              f"{hint}")
+    if cfg.train_t5 and not cfg.train_text_encoder:
+        raise AdapterhubError("--train-t5: trains the T5 encoder beside the CLIP ones; give --train-text-encoder too")
+    # sd-scripts' and diffusers' Flux / SD3 trainers ignore these; here they would change nothing or be undefined
+    refused = [("min_snr_gamma", "--min-snr-gamma", "min-SNR weighting is defined for the DDPM noise schedule "
+                                                    "(use --weighting-scheme)"),
+               ("noise_offset", "--noise-offset", "the offset noise is defined for the DDPM noise schedule"),
                ("sample_every", "--sample-every", "validation images of transformer bases are made with "
                                                   "adapterhub sample"),
-               ("class_prompt", "--class-prompt", "class images of transformer bases are not generated here"),
-               ("train_text_encoder", "--train-text-encoder", "the text encoders of transformer bases stay frozen")]
+               ("class_prompt", "--class-prompt", "class images of transformer bases are not generated here")]
     for name, flag, why in refused:
         if getattr(cfg, name):
             raise AdapterhubError(f"{flag}: not available on {cfg.base} (a flow-matching base): {why}")
+    if cfg.clip_skip != 1:
+        raise AdapterhubError(f"--clip-skip: not available on {cfg.base} (a flow-matching base): the pipeline's "
+                              "encode_prompt takes the encoders' own output layers")
 
 
 def check_not_flow(cfg) -> None:
