@@ -106,8 +106,8 @@ def _assert_same(ours, truth, base_state, atol=1e-5) -> int:
 
 
 def _train(name, dataset, out, **options) -> Trainer:
-    cfg = TrainConfig(type="lora", base=name, dataset=dataset, out=out, max_steps=2, lr=1e-2,
-                      train_text_encoder=True, **{**SMALL, **options})
+    cfg = TrainConfig(base=name, dataset=dataset, out=out, **{**SMALL, "type": "lora", "max_steps": 2, "lr": 1e-2,
+                                                               "train_text_encoder": True, **options})
     trainer = Trainer(cfg)
     trainer.run()
     return trainer
@@ -140,20 +140,25 @@ def test_text_encoder_lora_trains_clip_and_loads_in_diffusers(base, two_images, 
     assert _assert_same(_diffusers(pipe, readable, clip), truth, base_state) == moved
 
 
-def test_train_t5_adds_the_t5_encoder_in_sd_scripts_names(base, two_images, tmp_path):
+@pytest.mark.parametrize("kind, tensor", [("lora", "lora_down.weight"), ("loha", "hada_w1_a"), ("lokr", "lokr_w1")])
+def test_train_t5_adds_the_t5_encoder_in_sd_scripts_names(base, two_images, tmp_path, kind, tensor):
     """--train-t5 (sd-scripts network_args train_t5xxl): the family's T5 encoder trains too, written as
-    lora_te3_<T5EncoderModel path joined by _>; no diffusers loader reads T5 LoRAs, so our merge of the file is
+    lora_te3_<T5EncoderModel path joined by _> (CLIP as lora_te1_ / lora_te2_, for LoHa and LoKr too, beside
+    their LyCORIS-named transformer modules); no diffusers loader reads T5 LoRAs, so our merge of the file is
     checked against PEFT's own merge of the trained layers."""
     name, pipe = base
     t5 = ENCODERS[name]["t5"]
     out = tmp_path / "t5.safetensors"
-    trainer = _train(name, two_images, out, max_steps=1, train_t5=True)
+    trainer = _train(name, two_images, out, type=kind, max_steps=1, train_t5=True)
     with safe_open(str(out), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     for module in ("layer_0_SelfAttention_q", "layer_0_SelfAttention_o", "layer_1_DenseReluDense_wi_0",
                    "layer_1_DenseReluDense_wo"):
-        assert f"lora_te3_encoder_block_0_{module}.lora_down.weight" in keys
-    assert json.loads(meta["ss_network_args"])["train_t5xxl"] == "True"
+        assert f"lora_te3_encoder_block_0_{module}.{tensor}" in keys
+    for encoder in ENCODERS[name]["clip"]:
+        assert f"{PREFIX[encoder]}text_model_encoder_layers_0_self_attn_q_proj.{tensor}" in keys
+    args = json.loads(meta["ss_network_args"])
+    assert args["train_t5xxl"] == "True" and args.get("algo", "lora") == kind
     names = (*ENCODERS[name]["clip"], t5)
     moved = _assert_same(_ours(pipe, out, names), _peft_truth(pipe, trainer, names), _encoder_states(pipe, names))
     t5_layers = [t for t in trainer.trainable.layers if t.startswith(t5 + ".")]

@@ -70,7 +70,7 @@ from .targets import target_modules
 TRAINABLE_KINDS = ("lora", "locon", "loha", "lokr", "adalora")
 LYCORIS_KINDS = ("loha", "lokr")  # written with LyCORIS tensor names; ss_network_args carries the algo
 LOKR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 ADAPTER = "default"  # the PEFT adapter name
 UP_NAMES = ("lora_B",)  # PEFT's name of the up matrices (LoRA, LoCon, AdaLoRA)
 
@@ -269,8 +269,6 @@ def network_metadata(kind: str, config, has_conv: bool) -> dict[str, str]:
 
 def make_trainable(kind: str, model, config) -> Trainable:
     """Inject ``kind`` (lora, locon, loha, lokr, adalora) layers on every target of ``model``; see the module doc."""
-    from peft import inject_adapter_in_model
-
     if kind not in TRAINABLE_KINDS:
         raise AdapterhubError(f"{kind}: training is not supported (trainable: {', '.join(TRAINABLE_KINDS)})")
     _refuse_options(kind, config)
@@ -282,6 +280,16 @@ def make_trainable(kind: str, model, config) -> Trainable:
     targets = target_modules(model, conv=kind != "lora", text=text)
     if kind == "lora":  # LoRA proper: linear and 1x1 layers only (a kxk conv makes a file LoCon)
         targets = {k: m for k, m in targets.items() if not _is_kxk(m)}
+    layers, groups, has_conv = _inject(kind, model, targets, config)
+    return LoRATrainable(kind, layers, groups, trains_text=text, metadata=network_metadata(kind, config, has_conv),
+                         base=architecture_of(model), max_norm=getattr(config, "max_norm", None))
+
+
+def _inject(kind: str, model, targets: dict[str, nn.Module], config) -> tuple[dict, list[dict], bool]:
+    """PEFT ``kind`` layers on ``targets`` (canonical path -> module), component by component: (canonical target
+    -> its PEFT layer, one param group per component named after it, whether a kxk conv is among them)."""
+    from peft import inject_adapter_in_model
+
     layers, groups, has_conv = {}, [], False
     for name in COMPONENTS:
         root = component(model, name)
@@ -299,34 +307,27 @@ def make_trainable(kind: str, model, config) -> Trainable:
         layers.update({t: root.get_submodule(real[t]) for t in own})
     if not layers:
         raise AdapterhubError(f"{kind}: the model has no module this type targets")
-    return LoRATrainable(kind, layers, groups, trains_text=text, metadata=network_metadata(kind, config, has_conv),
-                         base=architecture_of(model), max_norm=getattr(config, "max_norm", None))
+    return layers, groups, has_conv
 
 
 def make_transformer_trainable(kind: str, model, config) -> LoRATrainable:
-    """LoRA (LoCon is the same on linear layers), LoHa or LoKr on a transformer base's targets
-    (:mod:`.transformer_train`), written in sd-scripts' Flux / SD3 names (LoHa, LoKr: LyCORIS')."""
-    from peft import inject_adapter_in_model
-
+    """LoRA (LoCon is the same on linear layers), LoHa or LoKr on a transformer base's targets, and with
+    ``--train-text-encoder`` (``--train-t5``) on its text encoders' (:mod:`.transformer_train`), written in
+    sd-scripts' Flux / SD3 names (LoHa, LoKr: LyCORIS')."""
     transformer_train.refuse(kind, config)
-    if getattr(config, "train_text_encoder", False):
-        raise AdapterhubError(f"{kind}: --train-text-encoder is not available on a transformer base (FLUX.1, SD3): "
-                              "its text encoders stay frozen")
-    root = transformer_train.transformer_of(model)
-    own = transformer_train.transformer_targets(model)
-    if not own:
-        raise AdapterhubError(f"{kind}: the model has no module this type targets")
-    real = _real_names(root, own)
-    inject_adapter_in_model(_peft_config(kind, sorted(real.values()), [], config), root, adapter_name=ADAPTER)
-    params = [(n, p) for n, p in root.named_parameters() if ("lora_" in n or "hada_" in n or "lokr_" in n)]
-    for _, p in params:
-        p.requires_grad_(True)
-    groups = _groups("transformer", params, getattr(config, "loraplus_lr_ratio", None))
-    layers = {t: root.get_submodule(real[t]) for t in own}
+    text = bool(getattr(config, "train_text_encoder", False))
+    targets = dict(transformer_train.transformer_targets(model))
+    if text:
+        targets.update(transformer_train.text_targets(model, t5=bool(getattr(config, "train_t5", False))))
+    layers, groups, _ = _inject(kind, model, targets, config)
     family, base = transformer_train.family_and_base(model)
-    meta = transformer_train.metadata(model, kind, network_metadata(kind, config, has_conv=False))
+    network = network_metadata(kind, config, has_conv=False)
+    if text and getattr(config, "train_t5", False):  # sd-scripts' network arg for it
+        network["ss_network_args"] = json.dumps({**json.loads(network.get("ss_network_args", "{}")),
+                                                 "train_t5xxl": "True"})
+    meta = transformer_train.metadata(model, kind, network)
     fixed = {k: meta[k] for k in ("modelspec.implementation", "ss_base_model_version")}
-    return LoRATrainable(kind, layers, groups, trains_text=False, metadata=meta, base=base,
+    return LoRATrainable(kind, layers, groups, trains_text=text, metadata=meta, base=base,
                          max_norm=getattr(config, "max_norm", None), family=family, fixed=fixed)
 
 

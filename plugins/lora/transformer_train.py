@@ -10,6 +10,12 @@ The targets are the linear layers diffusers' DreamBooth LoRA scripts (``train_dr
 * single-stream blocks (FLUX.1): ``attn.to_q/to_k/to_v``, ``proj_mlp`` (BFL's fused ``linear1``) and
   ``proj_out`` (``linear2``).
 
+With ``--train-text-encoder`` the CLIP encoders train too (FLUX.1: CLIP-L; SD3: CLIP-L and CLIP-G), their
+attention and MLP linear layers as for Stable Diffusion, and with ``--train-t5`` the family's T5 encoder, its
+``T5Attention`` (q, k, v, o) and ``T5DenseGatedActDense`` (wi_0, wi_1, wo) linear layers: sd-scripts'
+``lora_flux`` / ``lora_sd3`` networks (``train_t5xxl``), whose prefixes the file keeps: ``lora_te1_`` (CLIP-L),
+``lora_te2_`` (CLIP-G), ``lora_te3_`` (T5).
+
 The file is written in sd-scripts' names (``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_single_blocks
 _0_linear1``, ``lora_unet_joint_blocks_0_x_block_attn_qkv``): the separately trained q / k / v (and
 ``proj_mlp``) join block-diagonally (:mod:`.transformer_save`), which diffusers' kohya converter splits back.
@@ -25,10 +31,13 @@ from torch import nn
 
 from adapterhub.errors import AdapterhubError
 from adapterhub.io import save_safetensors
+from adapterhub.keymaps import kohya_name
 from adapterhub.transformer_bases import WIDTH_BASES
 from adapterhub.weights import component
 
 from .save import KOHYA_FAMILY_META, kohya_metadata, module_tensors, unshared
+from .targets import target_modules
+from .transformer_keys import T5_COMPONENT, T5_PREFIX
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 CONTEXT = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -37,6 +46,7 @@ DOUBLE_TARGETS = frozenset({f"attn.{n}" for n in ATTENTION + CONTEXT} | {f"attn2
                            | set(FEED_FORWARD))
 SINGLE_TARGETS = frozenset({"attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"})
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.(.+)$")
+T5_BLOCKS = ("T5Attention", "T5DenseGatedActDense")  # sd-scripts' T5 modules (T5 v1.1, as both families have)
 TRANSFORMER_KINDS = ("lora", "locon", "loha", "lokr")  # lora and locon are one on linear layers
 # sd-scripts' modelspec architectures (library/sai_model_spec.py)
 MODELSPEC = {"flux-dev": "flux-1-dev", "flux-schnell": "flux-1-schnell", "sd3-medium": "stable-diffusion-3-medium",
@@ -63,6 +73,20 @@ def transformer_targets(model) -> dict[str, nn.Module]:
         allowed = DOUBLE_TARGETS if m[1] == "transformer_blocks" else SINGLE_TARGETS
         if m[2] in allowed:
             found[f"transformer.{name}"] = module
+    return found
+
+
+def text_targets(model, t5: bool) -> dict[str, nn.Module]:
+    """Canonical target -> linear module of the text encoders (see the module doc): the CLIP encoders' attention
+    and MLP layers, and with ``t5`` the family's T5 encoder's (``text_encoder_2.encoder.block.0.layer.0
+    .SelfAttention.q`` on FLUX.1)."""
+    found = target_modules(model, conv=False, text=True)  # no UNet: the CLIP encoders' layers only
+    name = T5_COMPONENT[family_and_base(model)[0]]
+    encoder = component(model, name) if t5 else None
+    for path, block in encoder.named_modules() if encoder is not None else ():
+        if type(block).__name__ in T5_BLOCKS:
+            found.update({f"{name}.{path}.{child}": m for child, m in block.named_children()
+                          if isinstance(m, nn.Linear)})
     return found
 
 
@@ -109,10 +133,20 @@ def metadata(model, kind: str, base_meta: dict[str, str]) -> dict[str, str]:
     return meta
 
 
+def lycoris_name(target: str, family: str) -> str:
+    """A LoHa / LoKr module's name: LyCORIS' for the transformer (see the module doc); a text encoder's as
+    sd-scripts names it (``lora_te1_`` / ``lora_te2_`` CLIP, ``lora_te3_`` T5), as LyCORIS names them on SD."""
+    component, _, path = target.partition(".")
+    if component == "transformer":
+        return "lycoris_" + path.replace(".", "_")
+    if component == T5_COMPONENT[family]:
+        return T5_PREFIX + path.replace(".", "_")
+    return kohya_name(target, "sdxl")
+
+
 def save_lycoris(adapter, path):
-    """A LoHa / LoKr on a transformer in LyCORIS' names (see the module doc), with the kohya metadata."""
+    """A LoHa / LoKr on a transformer base in LyCORIS' names (:func:`lycoris_name`), with the kohya metadata."""
     tensors = {}
     for patch in adapter.patches.values():
-        name = "lycoris_" + patch.target.removeprefix("transformer.").replace(".", "_")
-        tensors.update(module_tensors(adapter, name, patch))
+        tensors.update(module_tensors(adapter, lycoris_name(patch.target, adapter.family), patch))
     return save_safetensors(unshared(tensors), path, kohya_metadata(adapter))
