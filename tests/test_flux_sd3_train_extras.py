@@ -163,3 +163,30 @@ def test_train_t5_adds_the_t5_encoder_in_sd_scripts_names(base, two_images, tmp_
     moved = _assert_same(_ours(pipe, out, names), _peft_truth(pipe, trainer, names), _encoder_states(pipe, names))
     t5_layers = [t for t in trainer.trainable.layers if t.startswith(t5 + ".")]
     assert len(t5_layers) == 7 * getattr(pipe, t5).config.num_layers and moved > 0
+
+
+@pytest.mark.parametrize("spec", ["tiny-flux", "folder"])
+def test_refusals_come_before_the_base_loads(two_images, tmp_path, capsys, monkeypatch, spec):
+    """A flow-matching base known by its name or its folder's model_index.json (a transformer, no UNet) refuses
+    what flow training does not define before anything is loaded."""
+    import adapterhub.base
+    from adapterhub.cli import main
+    from test_train_cli import one_line_error
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(adapterhub.base, "load_base", no_load)
+    if spec == "folder":
+        folder = tmp_path / "my-flux"
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": [
+            "diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}))
+        spec = str(folder)
+    out = tmp_path / "out" / "x.safetensors"
+    rc = main(["train", "--type", "lora", "--base", spec, "--dataset", str(two_images), "--out", str(out),
+               "--resolution", "64", "--bucket-step", "32", "--max-steps", "1", "--log-with", "none",
+               "--noise-offset", "0.1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--noise-offset" in one_line_error(err) and "Traceback" not in err
+    assert not out.parent.exists()

@@ -53,6 +53,25 @@ def is_flow_base(pipe) -> bool:
     return component(pipe, "unet") is None and component(pipe, "transformer") is not None
 
 
+def known_flow_base(spec) -> bool:
+    """Whether ``--base`` names a flow-matching base before anything is loaded: a transformer preset (``tiny-flux``,
+    ``flux-dev``, ``sd3.5-large`` ...) or a diffusers folder whose ``model_index.json`` lists a ``transformer`` and
+    no ``unet``. False where only loading tells (a single file, a hub id): :func:`is_flow_base` decides then."""
+    import json
+    from pathlib import Path
+
+    from adapterhub.transformer_bases import TRANSFORMER_PRESETS
+
+    if str(spec) in TRANSFORMER_PRESETS:
+        return True
+    index = Path(str(spec)).expanduser() / "model_index.json"
+    try:
+        parts = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(parts, dict) and "transformer" in parts and "unet" not in parts
+
+
 def density(kind: str, n: int, gen: torch.Generator | None, logit_mean: float = 0.0, logit_std: float = 1.0,
             mode_scale: float = 1.29) -> torch.Tensor:
     """``n`` draws of ``u`` in [0, 1] for ``logit_normal`` (the sigmoid of a normal), ``mode`` (the SD3 paper's

@@ -246,6 +246,8 @@ class Trainer:
         self.tracking = bool(self.accelerator.log_with)  # trackers start with the loop (nothing left on a failed setup)
         self.device = self.accelerator.device
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if FM.known_flow_base(cfg.base):  # refuse what flow training does not define before loading the model
+            FM.check(cfg)
         if cfg.class_prompt:
             from adapterhub.train.prior import class_folder, ensure_class_images
 
