@@ -140,6 +140,14 @@ def test_text_encoder_lora_trains_clip_and_loads_in_diffusers(base, two_images, 
     assert _assert_same(_diffusers(pipe, readable, clip), truth, base_state) == moved
 
 
+def _t5_path(name: str) -> str:
+    """``encoder_block_0_layer_1_DenseReluDense_wi_0`` -> ``encoder.block.0.layer.1.DenseReluDense.wi_0.weight``."""
+    head, _, module = name.partition("_DenseReluDense_") if "_DenseReluDense_" in name else name.partition(
+        "_SelfAttention_")
+    block = "DenseReluDense" if "_DenseReluDense_" in name else "SelfAttention"
+    return f"{head.replace('_', '.')}.{block}.{module}.weight"
+
+
 @pytest.mark.parametrize("kind, tensor", [("lora", "lora_down.weight"), ("loha", "hada_w1_a"), ("lokr", "lokr_w1")])
 def test_train_t5_adds_the_t5_encoder_in_sd_scripts_names(base, two_images, tmp_path, kind, tensor):
     """--train-t5 (sd-scripts network_args train_t5xxl): the family's T5 encoder trains too, written as
@@ -160,7 +168,19 @@ def test_train_t5_adds_the_t5_encoder_in_sd_scripts_names(base, two_images, tmp_
     args = json.loads(meta["ss_network_args"])
     assert args["train_t5xxl"] == "True" and args.get("algo", "lora") == kind
     names = (*ENCODERS[name]["clip"], t5)
-    moved = _assert_same(_ours(pipe, out, names), _peft_truth(pipe, trainer, names), _encoder_states(pipe, names))
+    ours = _ours(pipe, out, names)
+    moved = _assert_same(ours, _peft_truth(pipe, trainer, names), _encoder_states(pipe, names))
+    if kind == "lora":  # the file's own T5 tensors by the kohya formula W + up @ down * alpha / rank
+        from safetensors.torch import load_file
+
+        tensors, base_t5 = load_file(str(out)), getattr(pipe, t5).state_dict()
+        stems = {k.split(".")[0] for k in tensors if k.startswith("lora_te3_")}
+        for stem in stems:
+            up, down = tensors[f"{stem}.lora_up.weight"], tensors[f"{stem}.lora_down.weight"]
+            path = _t5_path(stem.removeprefix("lora_te3_"))
+            expected = base_t5[path] + up @ down * (tensors[f"{stem}.alpha"] / down.shape[0])
+            torch.testing.assert_close(ours[t5][path], expected, atol=1e-6, rtol=0)
+        assert len(stems) == 7 * getattr(pipe, t5).config.num_layers
     t5_layers = [t for t in trainer.trainable.layers if t.startswith(t5 + ".")]
     assert len(t5_layers) == 7 * getattr(pipe, t5).config.num_layers and moved > 0
 
