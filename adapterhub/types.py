@@ -76,6 +76,22 @@ class Patch:
         """The float32 change to ``weight`` at multiplier 1 (same shape as ``weight``)."""
         raise NotImplementedError
 
+    # why a widening patch (:meth:`widened`) cannot be attached: one line, after the file's name
+    widen_refusal: ClassVar[str] = "changes the shape of a parameter; merge it into a base (adapterhub merge)"
+
+    def widened(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The larger shape the target parameter must take before this patch fits it, for a patch that changes
+        a parameter's shape (its values kept in the leading entries, zeros in the new ones); None (the default):
+        the patch fits ``shape`` as it is, or not at all. Only a merge widens (an attached adapter must come
+        off in place); attaching such a patch is refused with :attr:`widen_refusal`."""
+        return None
+
+    def widen(self, root, module, value: torch.Tensor) -> None:
+        """Give ``module`` (in the pipeline component ``root``) the widened parameter ``value`` (see
+        :meth:`widened`) and whatever records its width (the module's features, the component's config).
+        Called by a merge once every adapter is bound and every result checked."""
+        raise NotImplementedError
+
     def add_to(self, acc: torch.Tensor, multiplier: float) -> None:
         """``acc += multiplier * delta`` in place on a float32 accumulator of the weight's shape.
 

@@ -82,14 +82,18 @@ class Binding:
     patch: Patch
     param: torch.Tensor
     bound: float | None = None
+    widened: tuple[int, ...] | None = None  # a merge gives the parameter this shape first (Patch.widened)
+    module: nn.Module | None = None  # where a widened parameter goes, and its component
+    root: nn.Module | None = None
 
 
 # families whose targets are diffusers module paths of a pipeline's components (``unet.``, ``transformer.`` ...)
 WEIGHT_FAMILIES = ("stable-diffusion", "flux", "sd3")
 
 
-def bind(model, adapter: Adapter) -> list[Binding]:
-    """Find the parameter of every patch and check its shape, before anything changes."""
+def bind(model, adapter: Adapter, widen: bool = False) -> list[Binding]:
+    """Find the parameter of every patch and check its shape, before anything changes. A patch that needs
+    its parameter wider (:meth:`Patch.widened`) binds only for a merge (``widen``); else it is refused."""
     if adapter.family not in WEIGHT_FAMILIES:
         raise AdapterError(adapter.path, f"this is a {adapter.family} adapter, not a Stable Diffusion one")
     adapter.plugin.validate(adapter)
@@ -110,6 +114,12 @@ def bind(model, adapter: Adapter) -> list[Binding]:
         param = getattr(module, patch.param, None)
         if not isinstance(param, torch.Tensor):
             raise AdapterError(adapter.path, f"module {patch.target} has no {patch.param}", patch.source)
+        wider = None if patch.fits(tuple(param.shape)) else patch.widened(tuple(param.shape))
+        if wider is not None and patch.fits(wider):
+            if not widen:
+                raise AdapterError(adapter.path, patch.widen_refusal, patch.source)
+            bindings.append(Binding(adapter, patch, param, widened=wider, module=module, root=root))
+            continue
         if not patch.fits(tuple(param.shape)):
             expected = patch.expected_shape() or "?"
             hint = ""
@@ -279,14 +289,46 @@ def merge(model, entries: list[tuple[Adapter, Weight]], dtype: torch.dtype | Non
     """Bake ``(adapter, weight)`` pairs into the model's weights for good: all bound and every result
     checked finite first (in ``dtype`` too, when the merged model is saved in another dtype).
 
-    A weight is a float, or per target module path a mapping / function (see :data:`Weight`)."""
-    bound = [(bindings, resolve_weights(bindings, w)) for bindings, w in ((bind(model, a), w) for a, w in entries)]
+    A weight is a float, or per target module path a mapping / function (see :data:`Weight`). A parameter a
+    patch widens (:meth:`Patch.widened`: a new shape, which only a merge gives) is checked in its widened form
+    and put in place after every check, then patched as the others are."""
+    bound = [(bindings, resolve_weights(bindings, w))
+             for bindings, w in ((bind(model, a, widen=True), w) for a, w in entries)]
     groups = _by_param(pair for bindings, values in bound for pair in zip(bindings, values))
     with torch.no_grad():
-        check_finite(groups, lambda pid: groups[pid][0][0].param, dtype)
+        wide = {pid: _widened(group) for pid, group in groups.items() if any(b.widened for b, _ in group)}
+        check_finite(groups, lambda pid: wide[pid] if pid in wide else groups[pid][0][0].param, dtype)
+        for pid, value in wide.items():
+            _install(groups[pid], value)
         for group in groups.values():
             param = group[0][0].param
             _apply(param, param, group)
+
+
+def _widened(group: list[tuple[Binding, float]]) -> torch.Tensor:
+    """The zero-padded copy of a parameter some patches widen; every patch of the group must fit it (one
+    that needs the old shape, or another width, is refused: nothing has changed yet)."""
+    widening = next(b for b, _ in group if b.widened)
+    for binding, _ in group:
+        if binding.widened != widening.widened:
+            shape = tuple(binding.param.shape) if binding.widened is None else binding.widened
+            raise AdapterError(binding.adapter.path, f"needs {binding.patch.target}.{binding.patch.param} of shape "
+                                                     f"{shape}, which {widening.adapter.name} widens to "
+                                                     f"{widening.widened}: the two cannot be merged together",
+                               binding.patch.source)
+    param = widening.param
+    value = param.new_zeros(widening.widened)
+    value[tuple(slice(0, n) for n in param.shape)] = param
+    return value
+
+
+def _install(group: list[tuple[Binding, float]], value: torch.Tensor) -> None:
+    """Put the widened parameter into its module (the patch knows how) and rebind the group to it."""
+    first = group[0][0]
+    first.patch.widen(first.root, first.module, value)
+    param = getattr(first.module, first.patch.param)
+    for binding, _ in group:
+        binding.param = param
 
 
 class WeightPatcher:

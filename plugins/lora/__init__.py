@@ -16,8 +16,9 @@ from adapterhub.types import Adapter, AdapterType, Sniff, TrainOption
 # the methods that use them, so that registering the types (``adapterhub plugins``) stays light.
 from . import keys
 
-# xlabs and comfyui are read-only layouts of Flux (and SD3: ComfyUI's names) files, written as kohya or diffusers
-LAYOUTS = ("kohya", "lycoris", "diffusers", "diffusers-attnproc", "peft", "xlabs", "comfyui")
+# xlabs and comfyui are read-only layouts of Flux (and SD3: ComfyUI's names) files, written as kohya or diffusers;
+# bfl-control (BFL's FLUX.1 control LoRAs) is read only too, written as diffusers (``flux_control``)
+LAYOUTS = ("kohya", "lycoris", "diffusers", "diffusers-attnproc", "peft", "xlabs", "comfyui", "bfl-control")
 # ``adapterhub convert`` targets (``save`` writes each): a low-rank product has every layout; LoHa and LoKr
 # declare fewer (diffusers' loader reads neither)
 LOW_RANK_TARGETS = ("kohya", "a1111", "diffusers", "peft")
@@ -56,7 +57,7 @@ class LoRAFamilyType(AdapterType):
     def info(self, adapter: Adapter) -> dict:
         from . import parse
 
-        return parse.summary(adapter)
+        return {**parse.summary(adapter), **adapter.extra.get("flux_control", {})}
 
     def validate(self, adapter: Adapter) -> None:
         from . import parse
@@ -66,6 +67,10 @@ class LoRAFamilyType(AdapterType):
     def save(self, adapter: Adapter, path: Path, format: str | None) -> Path:
         from . import save
 
+        if "flux_control" in adapter.extra:  # its norms and biases: diffusers' names only
+            from .flux_control import save_control
+
+            return save_control(adapter, path, format or "diffusers")
         return save.save(adapter, path, format or "kohya")
 
     def example(self, model, path: Path, seed: int = 0, **options) -> Path:

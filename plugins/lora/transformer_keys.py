@@ -279,6 +279,11 @@ def transformer_layout(grouped: Grouped) -> str | None:
     ``comfyui`` (the original model's module names, dotted, under ``diffusion_model.``: every transformer
     module; ComfyUI's text-encoder names may sit beside them). None: the generic layout stands (ai-toolkit's
     diffusers paths under ``diffusion_model.`` are the diffusers layout, sd-scripts' names kohya)."""
+    from .flux_control import control_layout  # here: that module imports this one
+
+    control = control_layout(grouped)  # BFL's control LoRAs: bare BFL names beside q/k norm scales
+    if control is not None:
+        return control
     names = [n for n in grouped.modules if bfl_targets(n) or diffusers_target(n)]
     if any(_XLABS.match(n) for n in names):
         return "xlabs"
@@ -401,6 +406,10 @@ def _rank_blocks(up, pieces: list[Piece]) -> list[slice] | None:
 
 def parse_transformer(file: AdapterFile, grouped: Grouped, kind: str, layout: str) -> Adapter | None:
     """The :class:`Adapter` of a Flux / SD3 LoRA file, or None when no module names a transformer one."""
+    from .flux_control import is_control, parse_control
+
+    if is_control(grouped):  # norm scales and biases beside the LoRAs, an input to widen: read there
+        return parse_control(file, grouped, kind, layout)
     if not is_transformer_file(grouped):
         return None
     family, base = family_and_base(file, grouped)

@@ -1,0 +1,334 @@
+"""Black Forest Labs' FLUX.1 control LoRAs (FLUX.1 Canny / Depth dev LoRA, issue #21): read, inspect, merge, convert.
+
+A control LoRA holds LoRA pairs in BFL's names (``double_blocks.0.img_attn.qkv.lora_A.weight``), a bias for
+each LoRA's output (``lora_B.bias``), the q/k RMS norms' scales (``img_attn.norm.query_norm.scale``: whole
+replacements) and an ``img_in`` LoRA twice as wide as the transformer's input: the control image's latents are
+concatenated to the noise latents, so the transformer's ``x_embedder`` grows (64 -> 128 inputs on FLUX.1).
+
+The oracle is diffusers: ``load_lora_weights`` (its ``_convert_bfl_flux_control_lora_to_diffusers``, with the
+layer counts and width it has written in for FLUX.1 set to the tiny base's) + ``fuse_lora`` on tiny-flux, and
+``FluxControlPipeline`` reading the merged model back. One module differs, on purpose: BFL's final modulation
+(``final_layer.adaLN_modulation.1``) emits (shift, scale) where diffusers' ``norm_out.linear`` emits (scale,
+shift), and diffusers' converter swaps the halves of ``lora_A`` (its rank rows) as well as ``lora_B``'s rows,
+which changes the product; ours is checked against BFL's own formula there, ``W + swap(B @ A)``, and diffusers'
+deviation is pinned by a test of its own.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import types
+
+import pytest
+import torch
+from flux_helpers import bfl_modules, quiet_pipe, state
+from safetensors.torch import load_file, save_file
+
+RANK = 4
+NORMS = ("query_norm", "key_norm")
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(adapterhub_cache):
+    from adapterhub.base import load_base
+
+    return quiet_pipe(load_base("tiny-flux"))
+
+
+def control_file(path, transformer, seed=0, img_in_width=None, rank=RANK, metadata=None):
+    """A control LoRA in BFL's layout for ``transformer``: every BFL module a LoRA with a ``lora_B.bias``, the
+    ``img_in`` LoRA ``img_in_width`` wide (default: twice the input, as BFL's canny / depth), every q/k norm
+    scale. Made test-side from the module shapes (never with adapterhub's writers)."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = dict(transformer.named_modules())
+    cfg = transformer.config
+    sd = {}
+    for bfl, parts in bfl_modules(transformer).items():
+        out_f = sum(modules[p].weight.shape[0] for p in parts)
+        in_f = modules[parts[0]].weight.shape[1]
+        if bfl == "img_in":
+            in_f = img_in_width or 2 * cfg.in_channels
+        sd[f"{bfl}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * 0.1
+        sd[f"{bfl}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * 0.1
+        sd[f"{bfl}.lora_B.bias"] = torch.randn(out_f, generator=gen) * 0.1
+    head = cfg.attention_head_dim
+    for i in range(cfg.num_layers):
+        for stream in ("img_attn", "txt_attn"):
+            for norm in NORMS:
+                sd[f"double_blocks.{i}.{stream}.norm.{norm}.scale"] = 1 + torch.randn(head, generator=gen) * 0.1
+    for i in range(cfg.num_single_layers):
+        for norm in NORMS:
+            sd[f"single_blocks.{i}.norm.{norm}.scale"] = 1 + torch.randn(head, generator=gen) * 0.1
+    save_file(sd, str(path), metadata=metadata)
+    return path
+
+
+def _tiny_converter(transformer):
+    """diffusers' BFL control converter with FLUX.1's 19 double blocks, 38 single blocks and 3072 width (written
+    into its code) replaced by ``transformer``'s: the same code, at the tiny base's size."""
+    from diffusers.loaders import lora_conversion_utils as conversion
+
+    original = conversion._convert_bfl_flux_control_lora_to_diffusers
+    cfg = transformer.config
+    sizes = {19: cfg.num_layers, 38: cfg.num_single_layers, 3072: cfg.num_attention_heads * cfg.attention_head_dim}
+    code = original.__code__
+    consts = tuple(sizes.get(c, c) if type(c) is int else c for c in code.co_consts)
+    return types.FunctionType(code.replace(co_consts=consts), original.__globals__, original.__name__)
+
+
+@pytest.fixture
+def tiny_converter(tiny_flux, monkeypatch):
+    import diffusers.loaders.lora_pipeline as lora_pipeline
+
+    monkeypatch.setattr(lora_pipeline, "_convert_bfl_flux_control_lora_to_diffusers", _tiny_converter(tiny_flux.transformer))
+
+
+def diffusers_control(pipe, path, scale=1.0):
+    """The oracle: a copy of ``pipe`` after diffusers' ``load_lora_weights`` + ``fuse_lora`` (what
+    FluxControlPipeline runs); its PEFT layers then removed, keeping the fused weights and the loaded norms."""
+    ref = copy.deepcopy(pipe)
+    ref.load_lora_weights(str(path), adapter_name="oracle")
+    ref.fuse_lora(components=["transformer"], lora_scale=scale)
+    ref.transformer._transformer_norm_layers = None  # keep the norms loaded (unload would put the old ones back)
+    ref.unload_lora_weights()
+    return ref
+
+
+def _cli(capsys, *argv):
+    from adapterhub.cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+SWAPPED = "norm_out.linear.weight"  # diffusers reads BFL's final modulation differently: see the module doc
+
+
+def _swap(t):
+    """BFL's (shift, scale) halves <-> diffusers' (scale, shift) (diffusers' swap_scale_shift)."""
+    return torch.cat(t.chunk(2, dim=0)[::-1])
+
+
+def _bfl_final_modulation(pipe, path, weight=1.0):
+    """BFL's own formula for the final modulation in diffusers' row order: ``W + weight * swap(B @ A)``."""
+    sd = load_file(str(path))
+    name = "final_layer.adaLN_modulation.1"
+    delta = _swap(sd[f"{name}.lora_B.weight"] @ sd[f"{name}.lora_A.weight"])
+    return state(pipe)[SWAPPED] + weight * delta
+
+
+def _assert_states_close(ours, oracle, atol=1e-5, skip=()):
+    assert ours.keys() == oracle.keys()
+    for k in oracle:
+        if k in skip:
+            continue
+        assert ours[k].shape == oracle[k].shape, k
+        torch.testing.assert_close(ours[k], oracle[k], atol=atol, rtol=0, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# recognise
+# ---------------------------------------------------------------------------------------------
+def test_inspect_names_the_layout_the_base_and_the_control_image(tiny_flux, tmp_path, capsys):
+    path = control_file(tmp_path / "flux1-canny-dev-lora.safetensors", tiny_flux.transformer)
+    rc, out, err = _cli(capsys, "inspect", "--json", "--no-hash", str(path))
+    assert rc == 0, err
+    facts = json.loads(out)
+    assert (facts["type"], facts["format"], facts["family"], facts["base"]) == ("lora", "bfl-control", "flux",
+                                                                                 "tiny-flux")
+    assert facts["control"] == "canny"
+    assert facts["input_width"] == 32
+    assert "control image" in facts["needs"] and "canny" in facts["needs"]
+    assert "other_keys" not in facts  # the norm scales and biases are part of the adapter
+
+
+def test_control_kind_from_metadata_else_unknown(tiny_flux, tmp_path):
+    import adapterhub
+
+    depth = control_file(tmp_path / "c.safetensors", tiny_flux.transformer, metadata={"modelspec.title": "FLUX.1 Depth"})
+    plain = control_file(tmp_path / "d.safetensors", tiny_flux.transformer)
+    assert adapterhub.inspect(depth, with_hash=False)["control"] == "depth"
+    facts = adapterhub.inspect(plain, with_hash=False)
+    assert facts["control"] == "unknown" and "control image" in facts["needs"]
+
+
+def test_real_flux_dev_shapes_read_as_flux_dev(tmp_path, capsys):
+    """At FLUX.1's real widths (a rank-1 file: the header decides): base flux-dev (it patches the guidance
+    embedder), the control input 128 wide."""
+    from adapterhub.transformer_bases import build_transformer_base
+
+    transformer = build_transformer_base("flux-dev").transformer  # meta device: shapes only
+    modules = dict(transformer.named_modules())
+    sd = {}
+    for bfl, parts in bfl_modules(transformer).items():
+        if bfl.startswith(("double_blocks.", "single_blocks.")) and not bfl.startswith(("double_blocks.0.",
+                                                                                        "single_blocks.0.")):
+            continue
+        out_f = sum(modules[p].weight.shape[0] for p in parts)
+        in_f = 128 if bfl == "img_in" else modules[parts[0]].weight.shape[1]
+        sd[f"{bfl}.lora_A.weight"], sd[f"{bfl}.lora_B.weight"] = torch.zeros(1, in_f), torch.zeros(out_f, 1)
+    sd["double_blocks.0.img_attn.norm.query_norm.scale"] = torch.ones(128)
+    save_file(sd, str(tmp_path / "flux1-depth-dev-lora.safetensors"))
+    rc, out, err = _cli(capsys, "inspect", "--json", "--no-hash", str(tmp_path / "flux1-depth-dev-lora.safetensors"))
+    facts = json.loads(out)
+    assert rc == 0, err
+    assert (facts["format"], facts["base"], facts["control"], facts["input_width"]) == ("bfl-control", "flux-dev",
+                                                                                         "depth", 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# merge: equal to diffusers' load_lora_weights + fuse_lora
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weight", [1.0, 0.7])
+def test_merge_equals_diffusers_control_fuse(tiny_flux, tmp_path, tiny_converter, weight):
+    """x_embedder widened (the new input columns zero, then the delta added), every LoRA delta and bias added,
+    the q/k norm scales replaced (whatever the weight, as diffusers loads them), ``in_channels`` updated."""
+    import adapterhub
+
+    path = control_file(tmp_path / "control.safetensors", tiny_flux.transformer)
+    oracle = diffusers_control(tiny_flux, path, weight)
+    mine = copy.deepcopy(tiny_flux)
+    adapterhub.load(path).merge_into(mine, weight)
+    ours, theirs, before = state(mine), state(oracle), state(tiny_flux)
+    assert theirs["x_embedder.weight"].shape == (32, 32) and before["x_embedder.weight"].shape == (32, 16)
+    changed = [k for k in theirs if theirs[k].shape != before[k].shape or not torch.equal(theirs[k], before[k])]
+    assert len(changed) > 100  # the oracle applied the whole file: weights, biases and norms
+    _assert_states_close(ours, theirs, skip=(SWAPPED,))
+    torch.testing.assert_close(ours[SWAPPED], _bfl_final_modulation(tiny_flux, path, weight), atol=1e-5, rtol=0)
+    assert mine.transformer.config.in_channels == oracle.transformer.config.in_channels == 32
+    assert mine.transformer.x_embedder.in_features == 32
+
+
+def test_diffusers_swaps_the_final_modulation_lora_A_rank_halves(tiny_flux, tmp_path, tiny_converter):
+    """Why ``norm_out.linear`` is checked against BFL's formula: diffusers' converter applies swap_scale_shift to
+    ``lora_A`` (rank rows) too, so it fuses ``W + swap(B) @ swap(A)``, not BFL's ``W + swap(B @ A)``."""
+    path = control_file(tmp_path / "control.safetensors", tiny_flux.transformer)
+    sd = load_file(str(path))
+    a, b = sd["final_layer.adaLN_modulation.1.lora_A.weight"], sd["final_layer.adaLN_modulation.1.lora_B.weight"]
+    theirs = state(diffusers_control(tiny_flux, path))[SWAPPED]
+    torch.testing.assert_close(theirs, state(tiny_flux)[SWAPPED] + _swap(b) @ _swap(a), atol=1e-6, rtol=0)
+    assert (theirs - _bfl_final_modulation(tiny_flux, path)).abs().max() > 1e-3
+
+
+def test_cli_merge_writes_a_model_flux_control_pipeline_reads(tiny_flux, tmp_path, capsys):
+    import adapterhub
+    from diffusers import FluxControlPipeline
+
+    path = control_file(tmp_path / "control.safetensors", tiny_flux.transformer)
+    rc, out, err = _cli(capsys, "merge", str(path), "--base", "tiny-flux", "--out", str(tmp_path / "out"), "--json")
+    assert rc == 0, err
+    loaded = FluxControlPipeline.from_pretrained(str(tmp_path / "out"), local_files_only=True)
+    assert (loaded.transformer.config.in_channels, loaded.transformer.out_channels) == (32, 16)
+    mine = copy.deepcopy(tiny_flux)
+    adapterhub.load(path).merge_into(mine)
+    _assert_states_close(state(loaded), state(mine), atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# attach: refused before anything changes (the engine restores tensors in place; a shape cannot be)
+# ---------------------------------------------------------------------------------------------
+def test_attach_and_stack_refuse_in_one_line_model_untouched(tiny_flux, tmp_path):
+    import adapterhub
+    from adapterhub.errors import AdapterError
+
+    path = control_file(tmp_path / "control.safetensors", tiny_flux.transformer)
+    pipe = copy.deepcopy(tiny_flux)
+    before, x_embedder = state(pipe), pipe.transformer.x_embedder
+    with pytest.raises(AdapterError, match=r"control\.safetensors: a Flux control LoRA widens the transformer's input"
+                                           r".*adapterhub merge"):
+        adapterhub.load(path).attach(pipe, 1.0)
+    with pytest.raises(AdapterError, match="widens the transformer's input"):
+        adapterhub.Stack([(str(path), 1.0)]).apply(pipe)
+    after = state(pipe)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert pipe.transformer.x_embedder is x_embedder and pipe.transformer.config.in_channels == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# convert: diffusers' layout, as diffusers' own converter names it
+# ---------------------------------------------------------------------------------------------
+def test_convert_to_diffusers_reads_back_as_the_original_in_diffusers(tiny_flux, tmp_path, capsys, tiny_converter):
+    """Our diffusers-layout file holds diffusers' converted tensors key for key (the final modulation's ``lora_A``
+    as BFL's file has it, unswapped), and diffusers' loader reading it gives the model reading the original gives,
+    and our merge there: the file carries BFL's product to diffusers' users."""
+    import adapterhub
+    from diffusers import FluxPipeline
+
+    path = control_file(tmp_path / "control.safetensors", tiny_flux.transformer)
+    out = tmp_path / "control_diffusers.safetensors"
+    rc, _, err = _cli(capsys, "convert", str(path), "--to", "diffusers", "--out", str(out))
+    assert rc == 0, err
+    converted, written = FluxPipeline.lora_state_dict(str(path)), load_file(str(out))
+    final_a = "transformer.norm_out.linear.lora_A.weight"
+    assert written.keys() == converted.keys()
+    assert all(torch.equal(written[k], converted[k]) for k in converted if k != final_a)
+    assert torch.equal(written[final_a], load_file(str(path))["final_layer.adaLN_modulation.1.lora_A.weight"])
+    from_ours, from_original = state(diffusers_control(tiny_flux, out)), state(diffusers_control(tiny_flux, path))
+    _assert_states_close(from_ours, from_original, atol=0, skip=(SWAPPED,))
+    mine = copy.deepcopy(tiny_flux)
+    adapterhub.load(path).merge_into(mine)
+    _assert_states_close(from_ours, state(mine))
+
+
+def test_converted_file_is_still_a_control_lora_and_merges_the_same(tiny_flux, tmp_path, capsys):
+    import adapterhub
+
+    path = control_file(tmp_path / "control.safetensors", tiny_flux.transformer)
+    out = tmp_path / "control_diffusers.safetensors"
+    assert _cli(capsys, "convert", str(path), "--to", "diffusers", "--out", str(out))[0] == 0
+    facts = adapterhub.inspect(out, with_hash=False)
+    assert (facts["format"], facts["base"], facts["input_width"]) == ("diffusers", "tiny-flux", 32)
+    a, b = copy.deepcopy(tiny_flux), copy.deepcopy(tiny_flux)
+    adapterhub.load(path).merge_into(a)
+    adapterhub.load(out).merge_into(b)
+    sa, sb = state(a), state(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("to", ["kohya", "peft"])
+def test_convert_to_a_layout_without_norms_and_biases_is_refused(tiny_flux, tmp_path, capsys, to):
+    path = control_file(tmp_path / "control.safetensors", tiny_flux.transformer)
+    rc, out, err = _cli(capsys, "convert", str(path), "--to", to, "--out", str(tmp_path / "out.safetensors"))
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "control.safetensors" in err and "diffusers" in err
+    assert not (tmp_path / "out.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["control.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line, exit 2, nothing written
+# ---------------------------------------------------------------------------------------------
+def test_img_in_narrower_than_the_base_is_refused(tiny_flux, tmp_path, capsys):
+    path = control_file(tmp_path / "narrow.safetensors", tiny_flux.transformer, img_in_width=8)
+    rc, out, err = _cli(capsys, "merge", str(path), "--base", "tiny-flux", "--out", str(tmp_path / "out"))
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "narrow.safetensors" in err and "x_embedder" in err and "img_in" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_control_file_is_refused(tiny_flux, tmp_path, capsys):
+    path = control_file(tmp_path / "cut.safetensors", tiny_flux.transformer)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    rc, out, err = _cli(capsys, "merge", str(path), "--base", "tiny-flux", "--out", str(tmp_path / "out"))
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err and "cut.safetensors" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_norm_scale_of_the_wrong_width_is_refused_before_any_change(tiny_flux, tmp_path):
+    import adapterhub
+    from adapterhub.errors import AdapterError
+
+    path = control_file(tmp_path / "bad.safetensors", tiny_flux.transformer)
+    sd = load_file(str(path))
+    sd["single_blocks.1.norm.key_norm.scale"] = torch.ones(7)
+    save_file(sd, str(path))
+    pipe = copy.deepcopy(tiny_flux)
+    before = state(pipe)
+    with pytest.raises(AdapterError, match=r"bad\.safetensors: .*single_transformer_blocks\.1\.attn\.norm_k"):
+        adapterhub.load(path).merge_into(pipe)
+    after = state(pipe)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
