@@ -109,9 +109,9 @@ def test_flux_img2img_equals_adapterhub_sample(flux, tmp_path):
 
 
 def test_what_flux_cannot_do_is_refused_in_one_line(flux):
-    _refused(_post(flux, "txt2img", prompt="x", **{**SMALL, "sampler_name": "DPM++ 2M"}),
-             "sampler 'DPM++ 2M': Flux is a flow-matching model")
-    _refused(_post(flux, "txt2img", prompt="x", **{**SMALL, "scheduler": "Karras"}), "choose Automatic")
+    _refused(_post(flux, "txt2img", prompt="x", **{**SMALL, "sampler_name": "DDIM"}),
+             "sampler 'DDIM': Flux is a flow-matching model")
+    _refused(_post(flux, "txt2img", prompt="x", **{**SMALL, "scheduler": "Align Your Steps"}), "choose Automatic")
     _refused(_post(flux, "txt2img", prompt="x", enable_hr=True, **SMALL), "the hires fix is not available for Flux")
     _refused(_post(flux, "txt2img", prompt="x", override_settings={"CLIP_stop_at_last_layers": 2}, **SMALL),
              "clip skip 2: not available for Flux")
@@ -216,6 +216,12 @@ def test_lists_offer_what_the_family_runs(flux, sd3):
         assert response.status_code == 200
         return [row[key] for row in response.json()]
 
-    assert names(flux, "samplers", "name") == ["Euler"]
-    assert names(sd3, "samplers", "name") == ["Euler", "Heun"]
-    assert names(flux, "schedulers", "label") == names(sd3, "schedulers", "label") == ["Automatic"]
+    from adapterhub.sample.flow import FLOW_SAMPLERS, FLOW_SCHEDULES
+
+    # the webui's k-diffusion samplers and the schedule types Forge offers these families (#21), not DDIM / UniPC
+    assert sorted(names(flux, "samplers", "name")) == sorted(names(sd3, "samplers", "name")) == sorted(
+        ["Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2M", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE",
+         "DPM++ 3M SDE"]) == sorted(FLOW_SAMPLERS["flux"])
+    assert sorted(names(flux, "schedulers", "label")) == sorted(names(sd3, "schedulers", "label")) == sorted(
+        FLOW_SCHEDULES) == sorted(["Automatic", "Simple", "Beta", "Karras", "Exponential", "Polyexponential",
+                                   "KL Optimal"])

@@ -26,10 +26,17 @@ Guidance: Flux-dev's distilled guidance is the model's guidance embedding (``dis
 ``Distilled CFG Scale``, default 3.5); real CFG with the negative prompt runs only above ``cfg`` 1 (Forge's
 default for Flux is 1: one transformer call per step). SD3 / SD3.5 use CFG with the negative prompt.
 
-Samplers: Euler on both families, Heun on SD3 (:data:`FLOW_SAMPLERS`). ``--backend compiled`` compiles the
-transformer in place (:class:`CompiledTransformer`). Not here yet (refused in one line, before a model loads):
-other samplers and schedules other than the pipeline's own, the hires fix, inpainting (a mask), clip skip, other
-backends.
+Samplers and schedules (:data:`FLOW_SAMPLERS`, :data:`FLOW_SCHEDULES`): Euler on the schedule "Automatic" (and
+Heun on SD3) is the pipeline's own loop above. Every other sampler of the webui's that Forge offers these families
+(Euler a, Heun, DPM2, DPM2 a, LMS, DPM++ 2M, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE, DPM++ 3M SDE, and Euler on
+another schedule) runs as Forge runs it: k-diffusion's sampler over the flow model as a denoiser
+(``x0 = x - sigma v``), on the schedule's sigmas over the model's shifted sigma table (Simple, Beta, Karras,
+Exponential, Polyexponential, KL Optimal; "Automatic": the pipeline's own sigmas), from ``sigma_0 x noise``
+(img2img: the schedule's last steps from ``sigma noise + (1 - sigma) init``), each image's later noise its own
+(:meth:`FlowGenerator.k_denoise`, :mod:`adapterhub.sample.flow_samplers`). ``--backend compiled`` compiles the
+transformer in place (:class:`CompiledTransformer`), which both loops call. Not here yet (refused in one line,
+before a model loads): DDIM, PLMS, UniPC, LCM, DPM fast / adaptive, Restart and the other schedule types, the hires
+fix, inpainting (a mask), clip skip, other backends.
 """
 from __future__ import annotations
 
@@ -42,15 +49,21 @@ import torch
 
 from adapterhub.backends import Runner
 from adapterhub.errors import AdapterhubError
+from adapterhub.sample import flow_samplers
 from adapterhub.sample.request import DTYPES, Request, Result, normalized
 
 FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
-# per family, the webui names of its flow-matching samplers -> diffusers' scheduler class. Euler is the pipelines'
-# own; Heun (second order, the last step Euler as k-diffusion's) only where the pipeline can drive it: FluxPipeline
-# hands the scheduler its dynamically shifted sigmas, which FlowMatchHeunDiscreteScheduler does not take
-FLOW_SAMPLERS = {"flux": {"Euler": "FlowMatchEulerDiscreteScheduler"},
-                 "sd3": {"Euler": "FlowMatchEulerDiscreteScheduler", "Heun": "FlowMatchHeunDiscreteScheduler"}}
-FLOW_SCHEDULES = ("Automatic",)  # the pipeline's shifted sigmas (linear in t, then the base's shift)
+# per family, the samplers the pipeline itself runs on its own schedule ("Automatic") -> diffusers' scheduler class.
+# Euler is the pipelines' own; Heun (second order, the last step Euler as k-diffusion's) only where the pipeline can
+# drive it: FluxPipeline hands the scheduler its dynamically shifted sigmas, which FlowMatchHeunDiscreteScheduler
+# does not take. Every other (sampler, schedule) runs k-diffusion's sampler (adapterhub.sample.flow_samplers)
+PIPELINE_SAMPLERS = {"flux": {"Euler": "FlowMatchEulerDiscreteScheduler"},
+                     "sd3": {"Euler": "FlowMatchEulerDiscreteScheduler", "Heun": "FlowMatchHeunDiscreteScheduler"}}
+KDIFFUSION = "k-diffusion"
+# per family, the webui names of its samplers -> what runs them on the "Automatic" schedule
+FLOW_SAMPLERS = {family: {**own, **{name: KDIFFUSION for name in flow_samplers.SAMPLERS if name not in own}}
+                 for family, own in PIPELINE_SAMPLERS.items()}
+FLOW_SCHEDULES = tuple(flow_samplers.SCHEDULES)  # "Automatic" first: the pipeline's shifted sigmas
 DISTILLED_CFG = 3.5  # Forge's default Distilled CFG Scale (and diffusers' FluxPipeline guidance_scale)
 FLOW_BACKENDS = ("eager", "compiled")
 FAMILY_DEFAULTS = {"flux": {"sampler": "Euler", "cfg": 1.0}, "sd3": {"sampler": "Euler", "cfg": 7.0}}
@@ -98,11 +111,11 @@ def check_flow_request(req: FlowRequest, family: str, guidance_embeds: bool | No
     ``guidance_embeds``: whether the model has Flux-dev's guidance embedding (None: not known yet)."""
     name = "Flux" if family == "flux" else "SD3"
     if flow_sampler(req.sampler, family) is None:
-        known = ", ".join(f"{k} ({v})" for k, v in FLOW_SAMPLERS[family].items())
-        raise AdapterhubError(f"sampler {req.sampler!r}: {name} is a flow-matching model; choose {known}")
-    if str(req.schedule).strip().lower() not in {s.lower() for s in FLOW_SCHEDULES}:
-        raise AdapterhubError(f"schedule {req.schedule!r}: {name} samples on its own shifted flow-matching "
-                              f"schedule; choose {', '.join(FLOW_SCHEDULES)}")
+        raise AdapterhubError(f"sampler {req.sampler!r}: {name} is a flow-matching model; choose "
+                              f"{', '.join(FLOW_SAMPLERS[family])}")
+    if flow_samplers.schedule_name(req.schedule) is None:
+        raise AdapterhubError(f"schedule {req.schedule!r}: {name} samples on its shifted flow-matching sigmas; "
+                              f"choose {', '.join(FLOW_SCHEDULES)}")
     if req.hr_scale is not None:
         raise AdapterhubError(f"the hires fix is not available for {name} models")
     if req.mask is not None:
@@ -272,7 +285,8 @@ class FlowGenerator:
         from adapterhub.sample import rng as noise_sources
 
         noise_sources.check_device(req.rng, self.device)
-        return replace(req, sampler=flow_sampler(req.sampler, self.family), schedule=FLOW_SCHEDULES[0])
+        return replace(req, sampler=flow_sampler(req.sampler, self.family),
+                       schedule=flow_samplers.schedule_name(req.schedule))
 
     def generate(self, req: Request, output: str = "pil",
                  progress: Callable[[int, int], None] | None = None) -> Result:
@@ -297,7 +311,11 @@ class FlowGenerator:
             else:
                 images += self.decode(latents)
         texts = flow_infotexts(req, seeds, self.parameters(req, stack))
+        from adapterhub.sample.rng import later_draws_note
+
         warnings = [*self.stacks.notes, *_prompt_warnings(prompt + req.negative)]
+        if later_draws_note(req.rng, req.sampler) is not None:
+            warnings.append(later_draws_note(req.rng, req.sampler))
         return Result(images, texts, seeds, torch.cat(latents_out) if latents_out else None, warnings, req)
 
     def noise(self, seeds: Sequence[int], width: int, height: int, rng: str = "CPU") -> torch.Tensor:
@@ -322,9 +340,12 @@ class FlowGenerator:
     def denoise(self, req: FlowRequest, prompt: str, seeds: Sequence[int],
                 on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
         """The pipeline's denoising loop from each image's own noise (img2img: from ``init``, the init image's
-        latents, noised with it); the final latents (B, C, H/8, W/8)."""
+        latents, noised with it); the final latents (B, C, H/8, W/8). A sampler or schedule the pipeline does not
+        run: :meth:`k_denoise`."""
         from adapterhub.sample.request import img2img_steps
 
+        if req.schedule != FLOW_SCHEDULES[0] or req.sampler not in PIPELINE_SAMPLERS[self.family]:
+            return self.k_denoise(req, prompt, seeds, on_step, init)
         noise = self.noise(seeds, req.width, req.height, req.rng)
         batch, channels, rows, cols = noise.shape
         start, run = 0, req.steps
@@ -355,6 +376,60 @@ class FlowGenerator:
         if self.family == "flux":
             latents = self.pipe._unpack_latents(latents, req.height, req.width, self.pipe.vae_scale_factor)
         return latents
+
+    def k_denoise(self, req: FlowRequest, prompt: str, seeds: Sequence[int],
+                  on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
+        """The webui's k-diffusion sampler ``req.sampler`` on schedule ``req.schedule`` (Forge's way,
+        :mod:`adapterhub.sample.flow_samplers`) from each image's own noise: txt2img from ``sigma_0 x noise``;
+        img2img the last ``int(min(d, 0.999) x steps) + 1`` steps of the schedule from
+        ``sigma noise + (1 - sigma) init`` (the flow model's noise scaling). The final latents (B, C, H/8, W/8)."""
+        from adapterhub.sample.request import img2img_steps
+        from adapterhub.sample.rng import initial_noise
+
+        sampler = flow_samplers.SAMPLERS[req.sampler]
+        scale, channels = self.pipe.vae_scale_factor, int(self.pipe.vae.config.latent_channels)
+        noise, generators = initial_noise(req.rng, seeds, (channels, req.height // scale, req.width // scale),
+                                          self.device)
+        noise = noise.to(self.device)
+        patch = 2 if self.family == "flux" else int(self.pipe.transformer.config.patch_size)
+        table = flow_samplers.flow_table(self.pipe.scheduler.config, self.family, req.width, req.height, scale, patch)
+        sigmas = flow_samplers.flow_sigmas(req.schedule, req.steps, table,
+                                           lambda n: self._pipeline_sigmas(n, req.width, req.height),
+                                           sampler.discard_penultimate)
+        full = sigmas
+        if init is None:
+            x = noise * sigmas[0]
+        else:
+            run = img2img_steps(req.steps, req.denoising_strength)[1]
+            sigmas = sigmas[len(sigmas) - 1 - run:]  # the webui's sigma_sched: the schedule's last ``run`` steps
+            if float(req.initial_noise_multiplier) != 1.0:
+                noise = noise * float(req.initial_noise_multiplier)
+            x = sigmas[0] * noise + (1 - sigmas[0]) * init.float()
+        if sampler.noise == "brownian":  # over the whole schedule's range, as the webui's create_noise_sampler
+            draw = flow_samplers.BrownianNoise(x, full, seeds)
+        else:
+            draw = flow_samplers.ancestral_noise(generators, noise.shape[1:], self.device)
+        guidance = None
+        if self.guidance_embeds:
+            guidance = DISTILLED_CFG if req.distilled_cfg is None else float(req.distilled_cfg)
+        cond = flow_samplers.FlowDenoiser.encode(self.pipe, self.family, prompt, req.negative, len(seeds), req.cfg)
+        denoiser = flow_samplers.FlowDenoiser(self.pipe, self.family, cond, req.cfg, guidance, req.width, req.height)
+
+        def stepped(i: int, latents: torch.Tensor, denoised: torch.Tensor) -> None:
+            if self.step_hook is not None:
+                self.step_hook(i, latents, denoised)
+            if on_step is not None:
+                on_step(i)
+
+        return flow_samplers.run(sampler, denoiser, x, sigmas, draw, stepped).to(self.dtype)
+
+    def _pipeline_sigmas(self, steps: int, width: int, height: int) -> torch.Tensor:
+        """The pipeline's own ``steps``-step sigmas for this size (its scheduler's, the final 0 included), CPU."""
+        import diffusers
+
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        self._set_timesteps(scheduler, steps, width, height)
+        return scheduler.sigmas.detach().float().cpu()
 
     def _scheduler(self, name: str, start: int = 0):
         """A fresh scheduler ``name`` of the base's config (a second-order one keeps state between calls) whose

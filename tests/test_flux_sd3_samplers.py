@@ -1,0 +1,362 @@
+"""The webui's samplers and schedule types on Flux and SD3 (#21), as Forge runs them on flow models.
+
+Oracles: k-diffusion's own ``sample_*`` functions (the installed ``k-diffusion`` package) driven by a denoiser this
+file writes from the pipelines (``x - sigma v``, v the transformer's guided velocity, as diffusers' pipelines call
+it), on the same sigmas and the same noise (the seed's generator; k-diffusion's ``BrownianTreeNoiseSampler`` for the
+SDE samplers); k-diffusion's ``get_sigmas_*`` for Karras, Exponential and Polyexponential; ComfyUI's / Forge's
+definitions of Simple and Beta written out here over the model's shifted sigmas; diffusers' pipelines for Euler on
+their own schedule. fp32 on CPU, 64 px, 3 steps.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from flux_helpers import quiet_pipe
+
+SIZE, STEPS, LATENT = 64, 3, (1, 4, 32, 32)
+SAMPLERS = {"Euler": "euler", "Euler a": "euler_ancestral", "Heun": "heun", "DPM2": "dpm_2",
+            "DPM2 a": "dpm_2_ancestral", "LMS": "lms", "DPM++ 2M": "dpmpp_2m", "DPM++ 2S a": "dpmpp_2s_ancestral",
+            "DPM++ SDE": "dpmpp_sde", "DPM++ 2M SDE": "dpmpp_2m_sde", "DPM++ 3M SDE": "dpmpp_3m_sde"}
+DISCARD = {"DPM2", "DPM2 a", "DPM++ 3M SDE"}  # the webui's discard_next_to_last_sigma
+BROWNIAN = {"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"}  # the webui's brownian_noise
+# the oracle's torchsde trees compare float32 ends with their rounded copies and warn; the values are unaffected
+pytestmark = pytest.mark.filterwarnings("ignore:Should have ta>=t0:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(adapterhub_cache):
+    from adapterhub.base import load_base
+
+    return quiet_pipe(load_base("tiny-flux"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(adapterhub_cache):
+    from adapterhub.base import load_base
+
+    return quiet_pipe(load_base("tiny-sd3"))
+
+
+@pytest.fixture(scope="module")
+def k():
+    from test_sample_ksamplers import load_kdiffusion  # k-diffusion's sampling module without its training deps
+
+    module = load_kdiffusion()
+    if module is None:
+        pytest.skip("the oracle k-diffusion is not installed")
+    return module
+
+
+def _pipe(request, family):
+    return request.getfixturevalue("tiny_flux" if family == "flux" else "tiny_sd3")
+
+
+def _generator(pipe):
+    from adapterhub.sample.flow import FlowGenerator
+
+    return FlowGenerator(pipe, model_name="tiny", hash_model=False)
+
+
+def _req(prompt, **kwargs):
+    from adapterhub.sample import FlowRequest
+
+    return FlowRequest(prompt, **{"steps": STEPS, "width": SIZE, "height": SIZE, **kwargs})
+
+
+def _oracle_denoiser(pipe, family, prompt, negative="", cfg=1.0, guidance=3.5):
+    """The flow model as k-diffusion's denoiser, written from diffusers' pipelines: ``x - sigma v`` with v the
+    transformer's velocity at timestep 1000 sigma (Flux's divided by 1000 again, its latents packed 2 x 2), guided
+    with CFG as the pipeline guides it."""
+    with torch.no_grad():
+        if family == "flux":
+            pe, pooled, ids = pipe.encode_prompt(prompt, prompt_2=None, device="cpu")
+            img_ids = pipe._prepare_latent_image_ids(1, 16, 16, "cpu", torch.float32)
+            g = torch.full([1], guidance, dtype=torch.float32).expand(1) if guidance is not None else None
+
+            def denoiser(x, sigma):
+                with torch.no_grad():
+                    packed = pipe._pack_latents(x, 1, 4, 32, 32)
+                    v = pipe.transformer(hidden_states=packed, timestep=sigma * 1000 / 1000, guidance=g,
+                                         pooled_projections=pooled, encoder_hidden_states=pe, txt_ids=ids,
+                                         img_ids=img_ids, return_dict=False)[0]
+                    return x - sigma.reshape(-1, 1, 1, 1) * pipe._unpack_latents(v, SIZE, SIZE, pipe.vae_scale_factor)
+            return denoiser
+        pe, ne, pp, npp = pipe.encode_prompt(prompt, None, None, negative_prompt=negative, device="cpu",
+                                             do_classifier_free_guidance=True)
+
+        def denoiser(x, sigma):
+            with torch.no_grad():
+                v = pipe.transformer(hidden_states=torch.cat([x, x]), timestep=(sigma * 1000).repeat(2),
+                                     encoder_hidden_states=torch.cat([ne, pe]),
+                                     pooled_projections=torch.cat([npp, pp]), return_dict=False)[0]
+                v_u, v_c = v.chunk(2)
+                return x - sigma.reshape(-1, 1, 1, 1) * (v_u + cfg * (v_c - v_u))
+        return denoiser
+
+
+def _table_ends(pipe, family):
+    """(sigma_min, sigma_max) of the model's shifted sigma table, from the shift formulas: Flux's first entry is
+    t = 1 / 10 000 shifted by mu for a 64 px image (diffusers' calculate_shift of its 2 x 2 tokens); SD3's
+    t = 1 / 1000 shifted by 3."""
+    config = pipe.scheduler.config
+    if family == "flux":
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        tokens = (SIZE // pipe.vae_scale_factor // 2) ** 2
+        mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+                             config.max_shift)
+        return math.exp(mu) / (math.exp(mu) + (1 / 1e-4 - 1)), 1.0
+    s = config.shift
+    return s * 1e-3 / (1 + (s - 1) * 1e-3), 1.0
+
+
+def _karras(k, pipe, family, steps, discard=False):
+    lo, hi = _table_ends(pipe, family)
+    sigmas = k.sampling.get_sigmas_karras(steps + int(discard), lo, hi)
+    return torch.cat([sigmas[:-2], sigmas[-1:]]) if discard else sigmas
+
+
+def _noise_sampler(k, name, x, sigmas, gen, seed):
+    if name in BROWNIAN:
+        return k.sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=[seed])
+    return lambda sigma, sigma_next: torch.randn(LATENT, generator=gen)
+
+
+def _oracle(k, name, denoiser, sigmas, seed, init=None):
+    """k-diffusion's sampler from the seed's first draw (``sigma_0 noise``; img2img ``sigma noise + (1 - sigma)
+    init``), its later noise the same generator's next draws (a Brownian tree seeded with the seed for the SDE
+    samplers, over the whole schedule's sigmas)."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(LATENT, generator=gen)
+    full = sigmas
+    if init is not None:
+        sigmas, init = init
+    x = noise * sigmas[0] if init is None else sigmas[0] * noise + (1 - sigmas[0]) * init
+    fn = getattr(k.sampling, f"sample_{SAMPLERS[name]}")
+    kwargs = {} if name in ("Euler", "Heun", "DPM2", "LMS", "DPM++ 2M") else \
+        {"noise_sampler": _noise_sampler(k, name, x, full, gen, seed)}
+    return fn(denoiser, x, sigmas, disable=True, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_each_sampler_equals_k_diffusions_on_the_flow_model(request, k, family, name):
+    pipe = _pipe(request, family)
+    gen = _generator(pipe)
+    cfg = 1.0 if family == "flux" else 4.0
+    seen = []
+    result = gen.generate(gen.request(_req("a red house", negative="ugly", cfg=cfg, seed=11, sampler=name,
+                                           schedule="Karras")), output="latent",
+                          progress=lambda done, total: seen.append((done, total)))
+    sigmas = _karras(k, pipe, family, STEPS, name in DISCARD)
+    theirs = _oracle(k, name, _oracle_denoiser(pipe, family, "a red house", "ugly", cfg), sigmas, 11)
+    torch.testing.assert_close(result.latents, theirs, atol=1e-6, rtol=1e-6)
+    assert seen == [(1, STEPS), (2, STEPS), (3, STEPS)]  # one report per sampling step, whatever its calls
+    assert f"Sampler: {name}, Schedule type: Karras, " in result.infotexts[0]
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_the_oracle_tells_samplers_and_schedules_apart(tiny_flux, tiny_sd3, family):
+    gen = _generator(tiny_flux if family == "flux" else tiny_sd3)
+
+    def latents(**kw):
+        return gen.generate(gen.request(_req("a cat", seed=2, **kw)), output="latent").latents
+
+    euler = latents(sampler="Euler", schedule="Karras")
+    for other in [{"sampler": "Euler a", "schedule": "Karras"}, {"sampler": "DPM++ 2M", "schedule": "Karras"},
+                  {"sampler": "Euler", "schedule": "Simple" if family == "sd3" else "Beta"}]:
+        assert not torch.allclose(euler, latents(**other), atol=1e-3), other
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_euler_on_the_pipelines_own_sigmas_equals_the_pipeline(request, family):
+    """The k-diffusion loop's Euler on the pipeline's schedule is diffusers' pipeline (to float32 rounding:
+    k-diffusion steps by (x - x0) / sigma, the scheduler by v); the default path stays the pipeline's itself."""
+    from dataclasses import replace
+
+    pipe = _pipe(request, family)
+    gen = _generator(pipe)
+    kw = {"cfg": 1.0} if family == "flux" else {"cfg": 4.0, "negative": "ugly"}
+    req = gen.request(_req("a dog", seed=3, **kw))
+    loop = gen.k_denoise(req, "a dog", [3])
+    default = gen.generate(req, output="latent").latents
+    extra = {"guidance_scale": 3.5} if family == "flux" else {"guidance_scale": 4.0, "negative_prompt": "ugly"}
+    theirs = pipe("a dog", height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="latent",
+                  generator=torch.Generator().manual_seed(3), **extra).images
+    if family == "flux":
+        theirs = pipe._unpack_latents(theirs, SIZE, SIZE, pipe.vae_scale_factor)
+    assert torch.equal(default, theirs)
+    torch.testing.assert_close(loop, theirs, atol=1e-5, rtol=1e-5)
+    if family == "flux":  # Simple over Flux's 10 000-entry table is the pipeline's t = 1 .. 1/n for n | 10 000
+        simple = gen.generate(replace(req, schedule="Simple", steps=4), output="latent").latents
+        four = pipe("a dog", height=SIZE, width=SIZE, num_inference_steps=4, output_type="latent",
+                    generator=torch.Generator().manual_seed(3), **extra).images
+        torch.testing.assert_close(simple, pipe._unpack_latents(four, SIZE, SIZE, pipe.vae_scale_factor),
+                                   atol=1e-5, rtol=1e-5)
+
+
+# -- schedules ------------------------------------------------------------------------------------------
+def _table(pipe, family):
+    from adapterhub.sample.flow_samplers import flow_table
+
+    return flow_table(pipe.scheduler.config, family, SIZE, SIZE, pipe.vae_scale_factor, 2)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_the_model_table_is_the_shifted_flow_time(request, family):
+    pipe = _pipe(request, family)
+    table = _table(pipe, family)
+    n = 10000 if family == "flux" else 1000
+    assert table.shape == (n,) and table.dtype == torch.float32
+    lo, hi = _table_ends(pipe, family)
+    t = np.arange(1, n + 1) / n
+    if family == "flux":
+        mu = math.log(lo / (1 - lo) * (1 / 1e-4 - 1))  # the mu the first entry was shifted with
+        expected = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    else:
+        expected = 3.0 * t / (1 + 2.0 * t)
+    np.testing.assert_allclose(table.numpy(), expected, rtol=1e-6, atol=0)
+    assert float(table[-1]) == hi
+
+
+def _simple(table, steps):
+    """ComfyUI's simple_scheduler: ``sigmas[-(1 + int(x * len / steps))]`` for x < steps, then 0."""
+    stride = len(table) / steps
+    return torch.tensor([float(table[-(1 + int(x * stride))]) for x in range(steps)] + [0.0])
+
+
+def _beta(table, steps, alpha=0.6, beta=0.6):
+    """ComfyUI's beta_scheduler: indices rint(ppf(1 - linspace(0, 1, steps, endpoint=False)) x (len - 1)), a
+    repeated index dropped, then 0."""
+    from scipy import stats
+
+    ts = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), alpha, beta) * (len(table) - 1))
+    sigs, last = [], -1
+    for t in ts:
+        if t != last:
+            sigs.append(float(table[int(t)]))
+        last = t
+    return torch.tensor(sigs + [0.0])
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("steps", [1, 3, 20, 30])
+def test_schedules_follow_their_definitions(request, k, family, steps):
+    from adapterhub.sample.flow_samplers import flow_sigmas
+
+    pipe = _pipe(request, family)
+    table = _table(pipe, family)
+    lo, hi = float(table[0]), float(table[-1])
+
+    def ours(name, discard=False):
+        return flow_sigmas(name, steps, table, lambda n: pytest.fail("not the pipeline's"), discard)
+
+    assert torch.equal(ours("Simple"), _simple(table, steps))
+    assert torch.equal(ours("Beta"), _beta(table, steps))
+    torch.testing.assert_close(ours("Karras"), k.sampling.get_sigmas_karras(steps, lo, hi), atol=0, rtol=1e-6)
+    torch.testing.assert_close(ours("Exponential"), k.sampling.get_sigmas_exponential(steps, lo, hi), atol=0,
+                               rtol=1e-6)
+    torch.testing.assert_close(ours("Polyexponential"), k.sampling.get_sigmas_polyexponential(steps, lo, hi),
+                               atol=0, rtol=1e-6)
+    t = torch.arange(steps + 1) / steps  # arXiv:2407.12173, as the webui's KL Optimal: steps + 1 points
+    torch.testing.assert_close(ours("KL Optimal"), torch.tan(t * math.atan(lo) + (1 - t) * math.atan(hi)),
+                               atol=0, rtol=1e-6)
+    karras = k.sampling.get_sigmas_karras(steps + 1, lo, hi)
+    torch.testing.assert_close(ours("Karras", discard=True), torch.cat([karras[:-2], karras[-1:]]), atol=0, rtol=1e-6)
+
+
+def test_beta_keeps_a_repeated_index_once():
+    from adapterhub.sample.flow_samplers import beta_sigmas
+
+    table = torch.linspace(0.01, 1.0, 10)  # a short table: 12 steps land on repeated indices
+    assert torch.equal(beta_sigmas(12, table), _beta(table, 12)) and len(beta_sigmas(12, table)) < 13
+
+
+# -- img2img, infotext, --from-png, refusals ------------------------------------------------------------
+@pytest.mark.parametrize("family, name, schedule", [("flux", "Euler a", "Simple"), ("sd3", "DPM++ 2M SDE", "Beta"),
+                                                     ("sd3", "DPM2", "Karras")])
+def test_img2img_runs_the_webuis_last_steps_of_the_schedule(request, k, family, name, schedule):
+    """img2img at strength 0.5 of 4 steps: the webui's ``int(0.5 x 4) + 1 = 3`` last steps (sigma_sched) from
+    ``sigma noise + (1 - sigma) init``; the Brownian tree spans the whole schedule, as the webui's."""
+    from PIL import Image
+
+    pipe = _pipe(request, family)
+    gen = _generator(pipe)
+    picture = Image.fromarray((np.indices((SIZE, SIZE, 3)).sum(0) * 7 % 255).astype(np.uint8))
+    cfg = 1.0 if family == "flux" else 4.0
+    req = gen.request(_req("a boat", seed=5, steps=4, cfg=cfg, sampler=name, schedule=schedule, init_image=picture,
+                           denoising_strength=0.5))
+    seen = []
+    result = gen.generate(req, output="latent", progress=lambda d, t: seen.append(d))
+    init = gen.encode_image(picture).float()
+    table = _table(pipe, family)
+    full = _simple(table, 4) if schedule == "Simple" else _beta(table, 4) if schedule == "Beta" else \
+        _karras(k, pipe, family, 4, name in DISCARD)
+    theirs = _oracle(k, name, _oracle_denoiser(pipe, family, "a boat", "", cfg), full, 5, init=(full[1:], init))
+    torch.testing.assert_close(result.latents, theirs, atol=1e-6, rtol=1e-6)
+    assert seen == [1, 2, 3]
+    assert "Denoising strength: 0.5" in result.infotexts[0] and f"Schedule type: {schedule}" in result.infotexts[0]
+
+
+def _cli(capsys, *argv):
+    from adapterhub.cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_from_png_reruns_a_k_diffusion_sampler_pixel_for_pixel(capsys, tmp_path, tiny_sd3):
+    from PIL import Image
+
+    first, again = tmp_path / "first", tmp_path / "again"
+    rc, _, err = _cli(capsys, "sample", "--base", "tiny-sd3", "--prompt", "a red cat", "--steps", "3", "--size",
+                      "64x64", "--seed", "8", "--sampler", "DPM++ 2M SDE", "--schedule", "Beta", "--out", str(first))
+    assert rc == 0, err
+    (made,) = sorted(first.glob("*.png"))
+    rc, _, err = _cli(capsys, "sample", "--base", "tiny-sd3", "--from-png", str(made), "--out", str(again))
+    assert rc == 0, err
+    (rerun,) = sorted(again.glob("*.png"))
+    with Image.open(made) as a, Image.open(rerun) as b:
+        assert "Steps: 3, Sampler: DPM++ 2M SDE, Schedule type: Beta, CFG scale: 7, " in a.info["parameters"]
+        assert a.info["parameters"].replace("RNG: CPU, ", "") == b.info["parameters"].replace("RNG: CPU, ", "")
+        assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+
+
+@pytest.mark.parametrize("base, args, message", [
+    ("tiny-flux", ["--sampler", "DDIM"], "sampler 'DDIM': Flux is a flow-matching model; choose Euler, Euler a, "),
+    ("tiny-sd3", ["--sampler", "UniPC"], "sampler 'UniPC': SD3 is a flow-matching model; choose Euler, Heun, "),
+    ("tiny-flux", ["--schedule", "Align Your Steps"],
+     "schedule 'Align Your Steps': Flux samples on its shifted flow-matching sigmas; choose Automatic, Simple, Beta"),
+    ("tiny-sd3", ["--schedule", "Normal"], "schedule 'Normal': SD3 samples on its shifted flow-matching sigmas"),
+])
+def test_what_the_families_cannot_run_is_refused_before_a_model_loads(capsys, tmp_path, monkeypatch, base, args,
+                                                                      message):
+    import adapterhub.base
+
+    monkeypatch.setattr(adapterhub.base, "load_base", lambda *a, **kw: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    rc, _, err = _cli(capsys, "sample", "--base", base, "--prompt", "a cat", "--steps", "2", *args, "--out", str(out))
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_schedule_names_are_taken_in_any_case(tiny_flux):
+    gen = _generator(tiny_flux)
+    assert gen.request(_req("a cat", sampler="dpm++ 2m", schedule="kl_optimal")).schedule == "KL Optimal"
+    assert gen.request(_req("a cat", sampler="euler a", schedule="beta")).sampler == "Euler a"
+
+
+def test_step_hook_sees_each_step_of_a_k_diffusion_sampler(tiny_sd3):
+    """The server's previews: after each step the latents reached and the step's clean estimate."""
+    gen = _generator(copy.copy(tiny_sd3))
+    calls = []
+    gen.step_hook = lambda i, latents, denoised: calls.append((i, latents.shape, denoised.shape))
+    result = gen.generate(gen.request(_req("a cat", seed=1, sampler="Heun", schedule="Karras")), output="latent")
+    assert [c[0] for c in calls] == [0, 1, 2] and all(c[1] == c[2] == LATENT for c in calls)
+    assert result.latents.shape == LATENT
