@@ -227,18 +227,24 @@ def t5_tokenizer():
 
 def _text_encoders(rec: TransformerRecipe) -> dict[str, Any]:
     """``text_encoder[_2[_3]]`` and their tokenizers: the CLIP encoders first, T5 last."""
-    import transformers
-
     from adapterhub.tokenizer import PAD_OPENCLIP, PAD_SD1, clip_tokenizer
+
+    parts: dict[str, Any] = dict(_text_encoder_modules(rec))
+    for i in range(len(rec.clip)):
+        parts[f"tokenizer{f'_{i + 1}' if i else ''}"] = clip_tokenizer(PAD_OPENCLIP if i else PAD_SD1)
+    parts[f"tokenizer_{len(rec.clip) + 1}"] = t5_tokenizer()
+    return parts
+
+
+def _text_encoder_modules(rec: TransformerRecipe) -> dict[str, Any]:
+    """``text_encoder[_2[_3]]`` only (on the current default device): the CLIP encoders first, T5 last."""
+    import transformers
 
     parts: dict[str, Any] = {}
     for i, (cls_name, kwargs) in enumerate(rec.clip):
-        suffix = f"_{i + 1}" if i else ""
-        parts[f"text_encoder{suffix}"] = getattr(transformers, cls_name)(transformers.CLIPTextConfig(**kwargs))
-        parts[f"tokenizer{suffix}"] = clip_tokenizer(PAD_OPENCLIP if i else PAD_SD1)
-    suffix = f"_{len(rec.clip) + 1}"
-    parts[f"text_encoder{suffix}"] = transformers.T5EncoderModel(transformers.T5Config(**rec.t5))
-    parts[f"tokenizer{suffix}"] = t5_tokenizer()
+        parts[f"text_encoder{f'_{i + 1}' if i else ''}"] = getattr(transformers, cls_name)(
+            transformers.CLIPTextConfig(**kwargs))
+    parts[f"text_encoder_{len(rec.clip) + 1}"] = transformers.T5EncoderModel(transformers.T5Config(**rec.t5))
     return parts
 
 
@@ -253,8 +259,9 @@ def _denoiser(rec: TransformerRecipe):
 def build_transformer_base(name: str, device: str = "meta", dtype: torch.dtype | None = None,
                            seed: int | None = None, transformer_only: bool = False):
     """Build ``name`` with random weights (``seed`` makes them reproducible): a diffusers pipeline on a
-    real device, else a :class:`~adapterhub.base.BaseComponents` holding the transformer (the meta device
-    allocates nothing). ``transformer_only`` builds just the denoiser, for shape checks."""
+    real device, else a :class:`~adapterhub.base.BaseComponents` holding the transformer and the text
+    encoders (``text_encoder``, ``text_encoder_2`` [, ``text_encoder_3``], as the pipeline names them; the
+    meta device allocates nothing). ``transformer_only`` builds just the denoiser, for shape checks."""
     import diffusers
     import torch
 
@@ -263,8 +270,10 @@ def build_transformer_base(name: str, device: str = "meta", dtype: torch.dtype |
         if seed is not None:
             torch.manual_seed(seed)
         transformer = _denoiser(rec).eval()
-        if device == "meta" or transformer_only:
+        if transformer_only:
             return _components(name, transformer, dtype)
+        if device == "meta":  # the text encoders too: a file's CLIP / T5 parts bind like its transformer part
+            return _components(name, transformer, dtype, _text_encoder_modules(rec))
         parts = {"transformer": transformer, "vae": diffusers.AutoencoderKL(**rec.vae).eval(),
                  **{k: v.eval() if isinstance(v, torch.nn.Module) else v for k, v in _text_encoders(rec).items()}}
     parts["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler.from_config(rec.scheduler)
@@ -274,13 +283,16 @@ def build_transformer_base(name: str, device: str = "meta", dtype: torch.dtype |
     return pipe
 
 
-def _components(name: str, transformer, dtype):
+def _components(name: str, transformer, dtype, text_encoders=None):
     from adapterhub.base import BaseComponents
 
-    if dtype is not None:
-        transformer.to(dtype)
     found = BaseComponents(arch=name)
     found.transformer = transformer  # BaseComponents lists UNet-era parts; the denoiser rides along
+    for attr, module in (text_encoders or {}).items():  # text_encoder_3 (SD3's T5) rides along the same way
+        setattr(found, attr, module.eval())
+    if dtype is not None:
+        for module in (transformer, *(text_encoders or {}).values()):
+            module.to(dtype)
     return found
 
 

@@ -53,7 +53,8 @@ REFUSED = {
     "embedding-lora": "embedding LoRA (lora_embedding_A/B)", "dora": "DoRA (dora_scale)",
     "bundle_emb": "embeddings bundled in a LoRA (bundle_emb.*)",
 }
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# lora_te3_: sd-scripts' T5 encoder of Flux and SD3 (a file with it is as much kohya's as one without)
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 
 
 # XLabs' Flux attention-processor LoRAs (``double_blocks.0.processor.qkv_lora1.down.weight``): the module
