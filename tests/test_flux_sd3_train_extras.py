@@ -210,3 +210,23 @@ def test_refusals_come_before_the_base_loads(two_images, tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert rc == 2 and "--noise-offset" in one_line_error(err) and "Traceback" not in err
     assert not out.parent.exists()
+
+
+def test_resumed_text_encoder_run_equals_the_uninterrupted_one(two_images, tmp_path):
+    """With the text encoders training (CLIP-L and T5 on FLUX.1) and a loss weighting: 4 steps at once == resumed
+    from the step-2 checkpoint for 2 more."""
+    from safetensors.torch import load_file
+
+    from adapterhub.train import resolve, train
+
+    run = dict(type="lora", base="tiny-flux", dataset=two_images, max_steps=4, lr=1e-3, train_text_encoder=True,
+               train_t5=True, text_encoder_lr=5e-4, weighting_scheme="cosmap", timestep_sampling="logit_normal",
+               **SMALL)
+    whole = tmp_path / "a" / "whole.safetensors"
+    train(TrainConfig(out=whole, save_every=2, **run))
+    resumed = train(resolve(overrides={"resume": whole.with_name("whole-step000002-state"),
+                                       "out": tmp_path / "b" / "resumed.safetensors"}))
+    a, b = load_file(str(whole)), load_file(resumed["out"])
+    assert a.keys() == b.keys() and any(k.startswith("lora_te3_") for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if k.startswith("lora_te1_") and k.endswith("lora_up.weight"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
