@@ -70,7 +70,8 @@ def _table(summary: dict, many: bool):
               help="Where <lora:name> tags and stack names are looked up by file stem (then the catalog).")
 @click.option("--steps", default=20, show_default=True, type=int, help="Sampling steps.")
 @click.option("--sampler", default="DPM++ 2M", show_default=True,
-              help="A webui sampler name (Euler a, DPM++ 2M, DDIM ...; Flux and SD3: Euler, their default).")
+              help="A webui sampler name (Euler a, DPM++ 2M, DDIM ...; Flux and SD3: Euler by default, or one of "
+                   "the k-diffusion samplers Forge offers them).")
 @click.option("--schedule", default="Automatic", show_default=True,
               help="Automatic, Uniform, Karras, Exponential, SGM Uniform, Beta, Polyexponential, KL Optimal, "
                    "Align Your Steps, Simple, Normal or DDIM (the webui's schedule types).")
