@@ -177,6 +177,47 @@ def test_real_flux_dev_shapes_read_as_flux_dev(tmp_path, capsys):
                                                                                          "depth", 128)
 
 
+def test_binds_to_the_flux_dev_preset_at_real_widths(tmp_path):
+    """BFL's names at FLUX.1's widths (the first and last blocks, every top-level module; rank 1) bind to the
+    flux-dev preset on the meta device: every key on a module, every shape right, ``x_embedder`` 64 -> 128."""
+    import adapterhub
+    from adapterhub.errors import AdapterError
+    from adapterhub.transformer_bases import build_transformer_base
+    from adapterhub.weights import bind
+
+    base = build_transformer_base("flux-dev")  # meta device: shapes only
+    transformer = base.transformer
+    modules, cfg = dict(transformer.named_modules()), transformer.config
+    keep = ("double_blocks.0.", f"double_blocks.{cfg.num_layers - 1}.", "single_blocks.0.",
+            f"single_blocks.{cfg.num_single_layers - 1}.")
+    sd = {}
+    for bfl, parts in bfl_modules(transformer).items():
+        if bfl.startswith(("double_blocks.", "single_blocks.")) and not bfl.startswith(keep):
+            continue
+        out_f = sum(modules[p].weight.shape[0] for p in parts)
+        in_f = 128 if bfl == "img_in" else modules[parts[0]].weight.shape[1]
+        sd[f"{bfl}.lora_A.weight"], sd[f"{bfl}.lora_B.weight"] = torch.zeros(1, in_f), torch.zeros(out_f, 1)
+        sd[f"{bfl}.lora_B.bias"] = torch.zeros(out_f)
+    for block in keep:
+        streams = ("img_attn.", "txt_attn.") if block.startswith("double") else ("",)
+        for stream in streams:
+            for norm in NORMS:
+                sd[f"{block}{stream}norm.{norm}.scale"] = torch.ones(cfg.attention_head_dim)
+    path = tmp_path / "flux1-canny-dev-lora.safetensors"
+    save_file(sd, str(path))
+    adapter = adapterhub.load(path)
+    assert adapter.base == "flux-dev"
+    bindings = bind(base, adapter, widen=True)
+    assert len(bindings) == len(adapter.patches)
+    # every file key is used: a norm per scale, a weight and a bias patch per diffusers module a LoRA stands for
+    assert {k for p in adapter.patches.values() for k in p.file_keys.values()} == set(sd)
+    widened = [b for b in bindings if b.widened]
+    assert [(b.patch.target, tuple(b.param.shape), b.widened) for b in widened] == [
+        ("transformer.x_embedder", (3072, 64), (3072, 128))]
+    with pytest.raises(AdapterError, match="widens the transformer's input"):
+        bind(base, adapter)
+
+
 # ---------------------------------------------------------------------------------------------
 # merge: equal to diffusers' load_lora_weights + fuse_lora
 # ---------------------------------------------------------------------------------------------
