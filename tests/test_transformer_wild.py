@@ -21,6 +21,10 @@ ROWS = [dict(zip(HEADER.split("\t"), line.split("\t"))) for line in LINES]
 IDS = [row["file"] for row in ROWS]
 
 
+def _family(row) -> str:
+    return "sd3" if row["preset"].startswith("sd3") else "flux"
+
+
 @pytest.fixture(scope="module")
 def presets():
     """preset name -> its meta-device base (built once per module: shapes only, no memory)."""
@@ -53,13 +57,13 @@ def test_describe_and_inspect_name_layout_family_and_base(row, capsys):
     from adapterhub.api import describe
     from adapterhub.cli import main
 
+    expected = (row["type"], row["layout"], _family(row), row["base"])
     adapter, _ = describe(DATA / row["file"])
-    family = "sd3" if row["preset"].startswith("sd3") else "flux"
-    assert (adapter.format, adapter.family, adapter.base) == (row["layout"], family, row["base"])
+    assert (adapter.type, adapter.format, adapter.family, adapter.base) == expected
     rc = main(["inspect", "--json", "--no-hash", str(DATA / row["file"])])
     facts = json.loads(capsys.readouterr().out)
     assert rc in (0, None)
-    assert (facts["format"], facts["family"], facts["base"]) == (row["layout"], family, row["base"])
+    assert (facts["type"], facts["format"], facts["family"], facts["base"]) == expected
 
 
 @pytest.mark.parametrize("row", ROWS, ids=IDS)
@@ -115,10 +119,10 @@ def _diffusers_modules(pipeline_cls, path) -> dict[str, tuple[int, int]]:
     return {m: (o, i) for m, (o, i) in out.items()}
 
 
-# diffusers' SD3 loader converts no sd-scripts names (``lora_unet_joint_blocks_…`` come back as they are):
-# those files are checked by binding alone
-DIFFUSERS_READS = [row for row in ROWS if row["layout"] in ("kohya", "xlabs", "diffusers")
-                   and not row["preset"].startswith("sd3")]
+# diffusers' SD3 loader converts no sd-scripts names (``lora_unet_joint_blocks_…`` come back as they are) and
+# its loaders read no LoKr / LoHa tensors: those files are checked by binding and by their writers' naming
+DIFFUSERS_READS = [row for row in ROWS if row["type"] in ("lora", "locon")
+                   and not (_family(row) == "sd3" and row["layout"] == "kohya")]
 
 
 @pytest.mark.parametrize("row", DIFFUSERS_READS, ids=[r["file"] for r in DIFFUSERS_READS])
@@ -129,23 +133,26 @@ def test_diffusers_maps_the_file_to_the_modules_we_bind(row):
     import adapterhub
     import diffusers
 
-    theirs = _diffusers_modules(diffusers.FluxPipeline, DATA / row["file"])
+    pipeline_cls = diffusers.StableDiffusion3Pipeline if _family(row) == "sd3" else diffusers.FluxPipeline
+    theirs = _diffusers_modules(pipeline_cls, DATA / row["file"])
     adapter = adapterhub.load(DATA / row["file"])
     ours = {t: tuple(p.expected_shape()) for t, p in adapter.patches.items()
             if t.startswith(("transformer.", "text_encoder."))}
     assert theirs and ours == theirs
 
 
-LYCORIS = [row for row in ROWS if row["layout"] == "lycoris"]
+FACTORED = [row for row in ROWS if row["type"] in ("lokr", "loha")]
 
 
-@pytest.mark.parametrize("row", LYCORIS, ids=[r["file"] for r in LYCORIS])
-def test_lycoris_names_are_the_modules_we_bind(row):
-    """diffusers' Flux loader leaves ``lycoris_`` names unconverted; LyCORIS' own rule is the oracle: its
-    prefix and the wrapped module's path joined by ``_``."""
+@pytest.mark.parametrize("row", FACTORED, ids=[r["file"] for r in FACTORED])
+def test_lokr_loha_names_are_the_modules_we_bind(row):
+    """diffusers' Flux loader leaves LoKr / LoHa files unconverted; their writers' naming is the oracle:
+    LyCORIS' ``lycoris_`` + the wrapped module's path joined by ``_``, ai-toolkit's ``transformer.`` + the
+    path as it is."""
     import adapterhub
 
     adapter = adapterhub.load(DATA / row["file"])
     for target, patch in adapter.patches.items():
-        assert patch.source == "lycoris_" + target.removeprefix("transformer.").replace(".", "_")
-    assert adapter.type == row["file"].split("_")[1].split(".")[0]  # lokr / loha, every module
+        path = target.removeprefix("transformer.")
+        assert patch.source == ("lycoris_" + path.replace(".", "_") if row["layout"] == "lycoris"
+                                else "transformer." + path)

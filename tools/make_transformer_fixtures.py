@@ -187,21 +187,28 @@ def sd_scripts_flux(repo: Path, out: Path, name: str, seed: int, te: bool = Fals
         meta = sai_model_spec.build_metadata(None, False, False, False, True, False, 0.0, title=name,
                                              model_config={"flux": "dev"})
         network.save_weights(str(out / name), torch.bfloat16, meta)
-    return "networks.lora_flux.create_network + LoRANetwork.save_weights"
+    return f"networks.lora_flux.create_network({options(kwargs, te=te)}) + LoRANetwork.save_weights"
 
 
-def sd_scripts_sd3(repo: Path, out: Path, name: str, seed: int, te: bool = False, **kwargs) -> str:
+# sd-scripts' SD3Params as its sd3_utils.analyze_state_dict_state reads them from the published checkpoints
+SD35_MEDIUM_SAI = dict(patch_size=2, depth=24, num_patches=384 * 384, pos_embed_max_size=384, adm_in_channels=2048,
+                       qk_norm="rms", x_block_self_attn_layers=list(range(13)), context_embedder_in_features=4096,
+                       context_embedder_out_features=1536, model_type="5-medium")
+SD35_LARGE_SAI = dict(patch_size=2, depth=38, num_patches=192 * 192, pos_embed_max_size=192, adm_in_channels=2048,
+                      qk_norm="rms", x_block_self_attn_layers=[], context_embedder_in_features=4096,
+                      context_embedder_out_features=2432, model_type="5-large")
+
+
+def sd_scripts_sd3(repo: Path, out: Path, name: str, seed: int, te: bool = False, large: bool = False,
+                   **kwargs) -> str:
     """sd-scripts' ``networks.lora_sd3`` on SD3.5 Medium's MMDiT (24 joint blocks, the first 13 with a
-    second attention), with CLIP-L and CLIP-G when ``te``, saved in bfloat16 with the trainer's modelspec
-    metadata."""
+    second attention) or SD3.5 Large's (38), with CLIP-L and CLIP-G when ``te``, saved in bfloat16 with
+    the trainer's modelspec metadata."""
     with on_path(repo, SD_SCRIPTS_STUBS):
         from library import sai_model_spec, sd3_models
         from networks import lora_sd3
 
-        params = sd3_models.SD3Params(
-            patch_size=2, depth=24, num_patches=384 * 384, pos_embed_max_size=384, adm_in_channels=2048,
-            qk_norm="rms", x_block_self_attn_layers=list(range(13)), context_embedder_in_features=4096,
-            context_embedder_out_features=1536, model_type="5-medium")
+        params = sd3_models.SD3Params(**(SD35_LARGE_SAI if large else SD35_MEDIUM_SAI))
         with torch.device("meta"):
             mmdit = sd3_models.create_sd3_mmdit(params)
         encoders = [clip_l(projection=True), clip_g()]
@@ -209,9 +216,9 @@ def sd_scripts_sd3(repo: Path, out: Path, name: str, seed: int, te: bool = False
         network.apply_to(encoders, mmdit, apply_text_encoder=te, apply_unet=True)
         seeded(network.parameters(), seed)
         meta = sai_model_spec.build_metadata(None, False, False, False, True, False, 0.0, title=name,
-                                             model_config={"sd3": "5-medium"})
+                                             model_config={"sd3": "5-large" if large else "5-medium"})
         network.save_weights(str(out / name), torch.bfloat16, meta)
-    return "networks.lora_sd3.create_network + LoRANetwork.save_weights"
+    return f"networks.lora_sd3.create_network({options(kwargs, te=te, large=large)}) + LoRANetwork.save_weights"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +257,8 @@ def x_flux(repo: Path, out: Path, name: str, seed: int, double=(), single=()) ->
         seeded([p for n, p in dit.named_parameters() if "_lora" in n], seed)
         state = dit.state_dict()
         save_file({k: state[k] for k in state if "_lora" in k}, str(out / name))
-    return "DoubleStreamBlockLoraProcessor / SingleStreamBlockLoraProcessor + the trainer's save_file of the _lora entries"
+    return (f"DoubleStreamBlockLoraProcessor / SingleStreamBlockLoraProcessor on double_blocks {list(double)} and "
+            f"single_blocks {list(single)} + the trainer's save_file of the _lora entries")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,10 +276,12 @@ def flux_transformer():
         return diffusers.FluxTransformer2DModel(**FLUX_DEV_DIFFUSERS)
 
 
-def ai_toolkit(repo: Path, out: Path, name: str, seed: int, only_if_contains=None) -> str:
+def ai_toolkit(repo: Path, out: Path, name: str, seed: int, only_if_contains=None, network_type: str = "lora",
+               lokr_factor: int = -1) -> str:
     """ai-toolkit's ``LoRASpecialNetwork`` as its trainer builds it for FLUX.1 (``is_flux``: PEFT names under
     ``transformer.``, transformer blocks only), ``apply_to``, ``save_weights`` in float16 (its default
-    save dtype); ``only_if_contains`` is its network option that picks the modules."""
+    save dtype); ``only_if_contains`` is its network option that picks the modules. ``network_type`` lokr:
+    its LokrModule with ``lokr_factor``, in the PEFT-style names it writes unless ``old_lokr_format``."""
     import diffusers  # noqa: F401 - imported before the stubs: it probes for optimum itself
     import transformers  # noqa: F401
 
@@ -281,11 +291,15 @@ def ai_toolkit(repo: Path, out: Path, name: str, seed: int, only_if_contains=Non
         transformer = flux_transformer()
         network = LoRASpecialNetwork(text_encoder=[clip_l(), t5_xxl()], unet=transformer, lora_dim=1, alpha=1,
                                      multiplier=1.0, train_unet=True, train_text_encoder=False, is_flux=True,
-                                     transformer_only=True, network_type="lora", only_if_contains=only_if_contains)
+                                     transformer_only=True, network_type=network_type,
+                                     only_if_contains=only_if_contains,
+                                     network_config=types.SimpleNamespace(lokr_factor=lokr_factor,
+                                                                          old_lokr_format=False))
         network.apply_to(None, transformer, False, True)
         seeded(network.parameters(), seed)
         network.save_weights(str(out / name), torch.float16, {"software": "ai-toolkit"})
-    return "toolkit.lora_special.LoRASpecialNetwork + save_weights"
+    return (f"toolkit.lora_special.LoRASpecialNetwork(is_flux, network_type={network_type}, "
+            f"only_if_contains={only_if_contains}) + save_weights")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,19 +322,29 @@ def lycoris(out: Path, name: str, seed: int, algo: str, preset: dict, **kwargs) 
         for module in network.loras:
             module.alpha.fill_(1.0)
     network.save_weights(str(out / name), torch.bfloat16, {"lycoris_config": str(preset)})
-    return f"lycoris.create_lycoris(algo={algo}) + LycorisNetwork.save_weights"
+    return f"LycorisNetwork.apply_preset({preset}) + lycoris.create_lycoris(algo={algo}) + save_weights"
 
 
 # ---------------------------------------------------------------------------------------------
 # diffusers / PEFT: diffusers' Flux DreamBooth LoRA script
 # ---------------------------------------------------------------------------------------------
+SD35_MEDIUM_DIFFUSERS = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                             attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                             caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                             dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+# train_dreambooth_lora_sd3.py's default targets (attention, attn2, context projections) on the first and
+# last joint block
+SD3_DIFFUSERS_TARGETS = (r"transformer_blocks\.(0|23)\.(attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
+                         r"add_v_proj|to_add_out)|ff\.net\.0\.proj|ff\.net\.2)")
+
+
 # the script's --lora_layers default (attention, MLPs) on the first double and last single block
 DIFFUSERS_TARGETS = (r"(transformer_blocks\.0\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
                      r"to_add_out)|ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2)|"
                      r"single_transformer_blocks\.37\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))")
 
 
-def diffusers_peft(out: Path, name: str, seed: int, target_modules: str) -> str:
+def diffusers_peft(out: Path, name: str, seed: int, target_modules: str, sd3: bool = False) -> str:
     """What ``train_dreambooth_lora_flux.py`` does: ``transformer.add_adapter(LoraConfig(...))``,
     ``get_peft_model_state_dict`` and ``FluxPipeline.save_lora_weights`` (bfloat16 training weights).
     The adapter is made on the meta device with the transformer; only its LoRA tensors are given
@@ -329,7 +353,11 @@ def diffusers_peft(out: Path, name: str, seed: int, target_modules: str) -> str:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    transformer = flux_transformer()
+    if sd3:  # train_dreambooth_lora_sd3.py: the same calls on SD3's transformer and pipeline
+        with torch.device("meta"):
+            transformer = diffusers.SD3Transformer2DModel(**SD35_MEDIUM_DIFFUSERS)
+    else:
+        transformer = flux_transformer()
     transformer.add_adapter(LoraConfig(r=1, lora_alpha=1, init_lora_weights="gaussian", target_modules=target_modules))
     params = []
     for module_name, module in transformer.named_modules():
@@ -338,13 +366,15 @@ def diffusers_peft(out: Path, name: str, seed: int, target_modules: str) -> str:
             module.to(torch.bfloat16)
             params += list(module.parameters())
     seeded(params, seed)
-    diffusers.FluxPipeline.save_lora_weights(str(out), transformer_lora_layers=get_peft_model_state_dict(transformer),
+    pipeline = diffusers.StableDiffusion3Pipeline if sd3 else diffusers.FluxPipeline
+    pipeline.save_lora_weights(str(out), transformer_lora_layers=get_peft_model_state_dict(transformer),
                                              weight_name=name)
-    return "transformer.add_adapter + get_peft_model_state_dict + FluxPipeline.save_lora_weights"
+    return (f"transformer.add_adapter(target_modules={target_modules}) + get_peft_model_state_dict + "
+            f"{pipeline.__name__}.save_lora_weights")
 
 
 # ---------------------------------------------------------------------------------------------
-# the runs: (file, preset it binds to, base it reports, layout, tool, writer); a file with neither a
+# the runs: (file, preset it binds to, base it reports, layout, adapter type, tool, writer); a file with neither a
 # guidance-embedder module nor modelspec metadata reports ``flux`` (dev and schnell share every other shape)
 # ---------------------------------------------------------------------------------------------
 def runs(args):
@@ -352,45 +382,60 @@ def runs(args):
     out = []
     if sd:
         out += [
-            ("sdscripts_flux_double_te1.safetensors", "flux-dev", "flux-dev", "kohya", "sd-scripts",
+            ("sdscripts_flux_double_te1.safetensors", "flux-dev", "flux-dev", "kohya", "lora", "sd-scripts",
              lambda n, s: sd_scripts_flux(sd, args.out, n, s, te=True, train_blocks="double",
                                           in_dims="[1,1,1,1,1]")),
-            ("sdscripts_flux_single.safetensors", "flux-dev", "flux-dev", "kohya", "sd-scripts",
+            ("sdscripts_flux_single.safetensors", "flux-dev", "flux-dev", "kohya", "lora", "sd-scripts",
              lambda n, s: sd_scripts_flux(sd, args.out, n, s, train_blocks="single")),
             # split_qkv on a double block fails in create_network at this commit (it unpacks three split
             # sizes into one name): only single blocks are split
-            ("sdscripts_flux_splitqkv_t5.safetensors", "flux-dev", "flux-dev", "kohya", "sd-scripts",
+            ("sdscripts_flux_splitqkv_t5.safetensors", "flux-dev", "flux-dev", "kohya", "lora", "sd-scripts",
              lambda n, s: sd_scripts_flux(sd, args.out, n, s, t5=True, split_qkv="True",
                                           train_double_block_indices="none", train_single_block_indices="0,37",
                                           network_reg_dims=r"lora_te3_encoder_block_([1-9]|1\d|2\d)_=0")),
-            ("sdscripts_sd35m_te.safetensors", "sd3.5-medium", "sd3.5-medium", "kohya", "sd-scripts",
+            ("sdscripts_sd35m_te.safetensors", "sd3.5-medium", "sd3.5-medium", "kohya", "locon", "sd-scripts",
              lambda n, s: sd_scripts_sd3(sd, args.out, n, s, te=True, emb_dims="[1,1,1,1,1,1]")),
+            ("sdscripts_sd35l_blocks.safetensors", "sd3.5-large", "sd3.5-large", "kohya", "locon", "sd-scripts",
+             lambda n, s: sd_scripts_sd3(sd, args.out, n, s, large=True, train_block_indices="0,37",
+                                         emb_dims="[1,1,1,1,1,1]")),
         ]
     if args.x_flux:
         xf = Path(args.x_flux)
-        out.append(("xflux.safetensors", "flux-dev", "flux", "xlabs", "x-flux",
+        out.append(("xflux.safetensors", "flux-dev", "flux", "xlabs", "lora", "x-flux",
                     lambda n, s: x_flux(xf, args.out, n, s, double=(0, 18), single=(0, 37))))
     if args.ai_toolkit:
         ai = Path(args.ai_toolkit)
-        out.append(("aitoolkit.safetensors", "flux-dev", "flux", "diffusers", "ai-toolkit",
+        out.append(("aitoolkit.safetensors", "flux-dev", "flux", "diffusers", "lora", "ai-toolkit",
                     lambda n, s: ai_toolkit(ai, args.out, n, s, only_if_contains=[
                         "transformer_blocks.0.", "transformer_blocks.18.", "single_transformer_blocks.37."])))
+        out.append(("aitoolkit_lokr.safetensors", "flux-dev", "flux", "diffusers", "lokr", "ai-toolkit",
+                    lambda n, s: ai_toolkit(ai, args.out, n, s, network_type="lokr", lokr_factor=16, only_if_contains=[
+                        "transformer_blocks.0.", "single_transformer_blocks.37."])))
     if args.lycoris:
         out += [
-            ("lycoris_lokr.safetensors", "flux-dev", "flux", "lycoris", "lycoris-lora",
+            ("lycoris_lokr.safetensors", "flux-dev", "flux", "lycoris", "lokr", "lycoris-lora",
              lambda n, s: lycoris(args.out, n, s, "lokr", {"target_module": ["FluxAttention", "FeedForward"],
                                                          "module_algo_map": {"FluxAttention": {"factor": 16},
                                                                              "FeedForward": {"factor": 8}}},
                                   factor=16)),
-            ("lycoris_loha.safetensors", "flux-dev", "flux", "lycoris", "lycoris-lora",
+            ("lycoris_loha.safetensors", "flux-dev", "flux", "lycoris", "loha", "lycoris-lora",
              lambda n, s: lycoris(args.out, n, s, "loha", {"target_module": ["FluxAttention", "FeedForward"],
                                                          "target_name": [], "use_fnmatch": True,
                                                          "exclude_name": ["*transformer_blocks.[1-9]*"]})),
         ]
     if args.diffusers:
-        out.append(("diffusers_peft.safetensors", "flux-dev", "flux", "diffusers", "diffusers",
+        out.append(("diffusers_peft.safetensors", "flux-dev", "flux", "diffusers", "lora", "diffusers",
                     lambda n, s: diffusers_peft(args.out, n, s, DIFFUSERS_TARGETS)))
+        out.append(("diffusers_sd35m_peft.safetensors", "sd3.5-medium", "sd3.5-medium", "diffusers", "lora",
+                    "diffusers",
+                    lambda n, s: diffusers_peft(args.out, n, s, SD3_DIFFUSERS_TARGETS, sd3=True)))
     return out
+
+
+def options(kwargs: dict, **flags) -> str:
+    """The tool options a file was written with, for the manifest."""
+    chosen = {**{k: v for k, v in flags.items() if v}, **kwargs}
+    return ", ".join(f"{k}={v}" for k, v in chosen.items())
 
 
 def sha256(path: Path) -> str:
@@ -416,21 +461,21 @@ def main(argv=None) -> int:
     commits = dict(c.split("=", 1) for c in args.commits)
     stub_missing()
     manifest = args.out / "MANIFEST.tsv"
-    header = "file\tpreset\tbase\tlayout\ttool\ttool_commit\thow\tsize\tsha256"
+    header = "file\tpreset\tbase\tlayout\ttype\ttool\ttool_commit\thow\tsize\tsha256"
     rows = {}
     if manifest.exists():
         for line in manifest.read_text().splitlines()[1:]:
             rows[line.split("\t")[0]] = line
     for package in ("lycoris-lora", "diffusers"):  # the installed writers: their version is the commit
         commits.setdefault(package, f"{package}=={importlib.metadata.version(package)}")
-    for i, (name, preset, base, layout, tool, write) in enumerate(runs(args)):
+    for i, (name, preset, base, layout, kind, tool, write) in enumerate(runs(args)):
         if args.only and name not in args.only:
             continue
         function = write(name, SEED + i)
         path = args.out / name
         how = f"written by {tool} {function} at rank 1, random values"
-        rows[name] = "\t".join([name, preset, base, layout, tool, commits.get(tool, ""), how, str(path.stat().st_size),
-                                sha256(path)])
+        rows[name] = "\t".join([name, preset, base, layout, kind, tool, commits.get(tool, ""), how,
+                                str(path.stat().st_size), sha256(path)])
         print(f"{name}: {path.stat().st_size} bytes", flush=True)
     manifest.write_text("\n".join([header, *sorted(rows.values())]) + "\n")
     return 0
