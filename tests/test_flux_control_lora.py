@@ -373,3 +373,78 @@ def test_a_norm_scale_of_the_wrong_width_is_refused_before_any_change(tiny_flux,
         adapterhub.load(path).merge_into(pipe)
     after = state(pipe)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling a control model with its control image: FluxControlPipeline's latents, bit for bit
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def control_model(tiny_flux, tmp_path_factory):
+    """tiny-flux with a control LoRA merged (its x_embedder 32 wide: 16 packed latents + 16 control)."""
+    import adapterhub
+
+    path = control_file(tmp_path_factory.mktemp("control") / "flux1-canny-dev-lora.safetensors", tiny_flux.transformer)
+    pipe = copy.deepcopy(tiny_flux)
+    adapterhub.load(path).merge_into(pipe)
+    return pipe
+
+
+def _control_image(size=32):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(5)
+    pixels = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+def test_control_sampling_equals_flux_control_pipeline(control_model):
+    """Each image's own noise and generator (its seed): the latents equal diffusers' FluxControlPipeline given
+    the same noise and a generator seeded the same, bit for bit."""
+    from diffusers import FluxControlPipeline
+
+    from adapterhub.sample.flow_control import FlowControlGenerator, FlowControlRequest
+
+    gen = FlowControlGenerator(control_model)
+    image, size, steps = _control_image(), 32, 2
+    result = gen.generate(FlowControlRequest("a castle", seed=7, images=2, steps=steps, width=size, height=size,
+                                             sampler="Euler", cfg=1.0, control_image=image), output="latent")
+    parts = {k: getattr(control_model, k) for k in ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+                                                     "tokenizer_2", "transformer")}
+    ref = FluxControlPipeline(**parts)
+    ref.set_progress_bar_config(disable=True)
+    for i, seed in enumerate((7, 8)):
+        noise = gen.noise([seed], size, size)
+        packed = ref._pack_latents(noise, *noise.shape)
+        out = ref("a castle", control_image=image, height=size, width=size, num_inference_steps=steps,
+                  guidance_scale=3.5, latents=packed, generator=torch.Generator().manual_seed(seed),
+                  output_type="latent").images
+        expected = ref._unpack_latents(out, size, size, ref.vae_scale_factor)
+        assert torch.equal(result.latents[i:i + 1], expected)
+    assert "Distilled CFG Scale: 3.5" in result.infotexts[0]
+
+
+def test_control_requests_a_control_model_cannot_run_are_refused(control_model, tiny_flux):
+    from adapterhub.errors import AdapterhubError
+    from adapterhub.sample.flow import FlowGenerator
+    from adapterhub.sample.flow_control import FlowControlGenerator
+
+    with pytest.raises(AdapterhubError, match="a FLUX.1 control model .* sample it with a control image"):
+        FlowGenerator(control_model)
+    with pytest.raises(AdapterhubError, match="not a FLUX.1 control model"):
+        FlowControlGenerator(tiny_flux)
+    gen = FlowControlGenerator(control_model)
+    for options, problem in (({}, "needs a control image"), ({"sampler": "DPM++ 2M"}, "samples with Euler"),
+                             ({"cfg": 3.0}, "distilled guidance only"), ({"init_image": _control_image()}, "img2img")):
+        options = {"control_image": _control_image(), **options} if problem != "needs a control image" else options
+        with pytest.raises(AdapterhubError, match=problem):
+            gen("a castle", steps=1, width=32, height=32, **options)
+
+
+def test_cli_sampling_a_merged_control_model_without_its_image_is_refused(tiny_flux, tmp_path, capsys):
+    path = control_file(tmp_path / "control.safetensors", tiny_flux.transformer)
+    assert _cli(capsys, "merge", str(path), "--base", "tiny-flux", "--out", str(tmp_path / "merged"))[0] == 0
+    rc, out, err = _cli(capsys, "sample", "--base", str(tmp_path / "merged"), "--prompt", "a castle", "--steps", "1",
+                        "--out", str(tmp_path / "images"))
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err and "control image" in err
+    assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())

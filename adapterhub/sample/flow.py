@@ -175,6 +175,8 @@ class FlowGenerator:
     """A Flux or SD3 pipeline built once; call it per request (see module doc). The same constructor and
     ``generate`` as :class:`adapterhub.sample.generator.Generator`."""
 
+    takes_control_image = False  # FLUX.1 control models: adapterhub.sample.flow_control.FlowControlGenerator
+
     def __init__(self, base="tiny-flux", backend: str = "eager", dtype: str | torch.dtype | None = None,
                  device: str | None = None, adapter_dirs: Sequence[str | Path] = (), model_name: str | None = None,
                  model_hash: str | None = None, hash_model: bool = True):
@@ -209,6 +211,10 @@ class FlowGenerator:
         if type(self.pipe).__name__ not in FLOW_PIPELINES:  # Fill, Kontext, ControlNet ... want more than a prompt
             raise AdapterhubError(f"{base}: a {type(self.pipe).__name__}; text-to-image sampling takes a "
                                   f"{' or '.join(FLOW_PIPELINES)} base")
+        if not self.takes_control_image:  # a FLUX.1 control model cannot run without its image
+            from adapterhub.sample.flow_control import refuse_control_model
+
+            refuse_control_model(self.pipe, base)
         self.pipe.set_progress_bar_config(disable=True)
         self.device, self.dtype = self.pipe.transformer.device, self.pipe.transformer.dtype
         self.guidance_embeds = bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))

@@ -1,0 +1,115 @@
+"""Sampling a FLUX.1 control model (a base a Flux control LoRA was merged into, or BFL's Canny / Depth dev) with
+its control image.
+
+    gen = FlowControlGenerator("merged_canny")        # the folder ``adapterhub merge`` wrote
+    result = gen("a castle", control_image="edges.png", seed=42, steps=20)
+
+A control model's transformer takes the control image's latents beside the noise latents (its ``x_embedder`` is
+wider than the packed latents: FLUX.1's 128 inputs for 64). Each step runs as diffusers' ``FluxControlPipeline``
+runs it, built on the base's own modules: the control image resized to the request's size, encoded by the VAE (a
+sample of its posterior drawn with each image's own generator, seeded with the image's seed, as the pipeline
+draws it from the ``generator`` it is given), shifted, scaled, packed and concatenated to the latents each step.
+Everything else is :class:`~adapterhub.sample.flow.FlowGenerator`'s: each image's own noise source, the adapter
+stack switched in through the weight engine, Forge's infotext. With the same noise and generators the latents
+equal ``FluxControlPipeline``'s bit for bit.
+
+The pipeline's loop runs it: Euler on the schedule "Automatic", distilled guidance, no real CFG, no img2img (one
+line each, before anything runs); a plain :class:`FlowGenerator` refuses a control model (it needs an image).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from adapterhub.errors import AdapterhubError
+from adapterhub.sample.flow import FLOW_SCHEDULES, FlowGenerator, FlowRequest, flow_request
+from adapterhub.sample.request import Request
+
+
+@dataclass
+class FlowControlRequest(FlowRequest):
+    """A :class:`FlowRequest` with the control image (a PIL image or an image file): canny edges, a depth map."""
+
+    control_image: Any = None
+
+
+def control_width(pipe) -> int | None:
+    """How many more input features than the packed latents the transformer takes (the control image's), or
+    None for a plain text-to-image Flux model."""
+    transformer = getattr(pipe, "transformer", None)
+    embedder = getattr(transformer, "x_embedder", None)
+    vae = getattr(pipe, "vae", None)
+    if embedder is None or vae is None or not hasattr(pipe, "_pack_latents"):
+        return None
+    extra = int(embedder.in_features) - 4 * int(vae.config.latent_channels)  # 2 x 2 latents a token
+    return extra if extra > 0 else None
+
+
+def refuse_control_model(pipe, base) -> None:
+    """One line for a control model given to text-to-image sampling: it cannot run without its image."""
+    if control_width(pipe) is not None:
+        raise AdapterhubError(f"{base}: a FLUX.1 control model (its transformer takes a control image's latents "
+                              "beside the noise); sample it with a control image (adapterhub.sample.flow_control."
+                              "FlowControlGenerator, or diffusers' FluxControlPipeline)")
+
+
+class FlowControlGenerator(FlowGenerator):
+    """A :class:`FlowGenerator` for a FLUX.1 control model; every request carries its ``control_image``."""
+
+    takes_control_image = True
+
+    def __init__(self, base, **options):
+        super().__init__(base, **options)
+        if self.family != "flux" or control_width(self.pipe) is None:
+            raise AdapterhubError(f"{base}: not a FLUX.1 control model (its transformer takes no control image)")
+        from diffusers import FluxControlPipeline
+
+        parts = {name: getattr(self.pipe, name) for name in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                               "text_encoder_2", "tokenizer_2", "transformer")}
+        self.control_pipe = FluxControlPipeline(**parts)  # the same modules: stacks and compiled runs reach it
+        self.control_pipe.set_progress_bar_config(disable=True)
+        self._control = None
+
+    def __call__(self, prompt: str, **options):
+        given = set(options)
+        image = options.pop("control_image", None)
+        req = flow_request(FlowRequest(prompt, **options), self.family, given - {"control_image"})
+        return self.generate(FlowControlRequest(**{**vars(req), "control_image": image}))
+
+    def request(self, req: Request) -> FlowControlRequest:
+        """``req`` checked as :meth:`FlowGenerator.request` does, and what a control model cannot run refused."""
+        image = getattr(req, "control_image", None)
+        checked = super().request(req)
+        if image is None:
+            raise AdapterhubError("a FLUX.1 control model needs a control image (control_image)")
+        if checked.init_image is not None:
+            raise AdapterhubError("img2img on a FLUX.1 control model is not supported (its input is the control image)")
+        if checked.sampler != "Euler" or checked.schedule != FLOW_SCHEDULES[0]:
+            raise AdapterhubError(f"sampler {checked.sampler} / schedule {checked.schedule}: a FLUX.1 control model "
+                                  f"samples with Euler on the schedule {FLOW_SCHEDULES[0]} (FluxControlPipeline's)")
+        if checked.cfg > 1:
+            raise AdapterhubError(f"CFG scale {checked.cfg:g}: a FLUX.1 control model runs distilled guidance only "
+                                  "(CFG scale 1; FluxControlPipeline has no negative prompt)")
+        from adapterhub.sample.request import _load_image
+
+        return replace(checked, control_image=_load_image(image, "control image"))
+
+    def denoise(self, req: FlowControlRequest, prompt: str, seeds, on_step=None, init=None) -> torch.Tensor:
+        """:meth:`FlowGenerator.denoise` with the control image and each image's generator for its encoding."""
+        self._control = (req.control_image, [torch.Generator("cpu").manual_seed(int(s)) for s in seeds])
+        try:
+            return super().denoise(req, prompt, seeds, on_step, init)
+        finally:
+            self._control = None
+
+    def _run(self, kwargs: dict[str, Any], scheduler):
+        """``FluxControlPipeline`` on the base's modules, called with ``kwargs`` and the control image."""
+        image, generators = self._control
+        own = self.control_pipe.scheduler
+        self.control_pipe.scheduler = scheduler
+        try:
+            return self.control_pipe(**kwargs, control_image=image, generator=generators).images
+        finally:
+            self.control_pipe.scheduler = own
