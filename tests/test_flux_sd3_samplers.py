@@ -360,3 +360,66 @@ def test_step_hook_sees_each_step_of_a_k_diffusion_sampler(tiny_sd3):
     result = gen.generate(gen.request(_req("a cat", seed=1, sampler="Heun", schedule="Karras")), output="latent")
     assert [c[0] for c in calls] == [0, 1, 2] and all(c[1] == c[2] == LATENT for c in calls)
     assert result.latents.shape == LATENT
+
+
+@pytest.fixture(scope="module")
+def served_sd3(adapterhub_cache):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from test_serve_flux import _served
+
+    yield from _served("tiny-sd3")
+
+
+def test_serve_runs_a_k_diffusion_sampler_as_adapterhub_sample_does(served_sd3, capsys, tmp_path):
+    """A Forge client's ``sampler_name`` / ``scheduler`` (the /schedulers key) on SD3: the image and infotext that
+    ``adapterhub sample`` writes for the same options."""
+    from PIL import Image
+    from test_serve_flux import _decoded, _post
+
+    body = {"prompt": "a red cat", "seed": 4, "steps": 3, "width": SIZE, "height": SIZE, "cfg_scale": 5,
+            "sampler_name": "DPM++ 2M SDE", "scheduler": "kl_optimal"}
+    response = _post(served_sd3, "txt2img", **body)
+    (served,) = _decoded(response)
+    out = tmp_path / "out"
+    rc, _, err = _cli(capsys, "sample", "--base", "tiny-sd3", "--prompt", "a red cat", "--seed", "4", "--steps", "3",
+                      "--size", "64x64", "--cfg", "5", "--sampler", "DPM++ 2M SDE", "--schedule", "KL Optimal",
+                      "--out", str(out))
+    assert rc == 0, err
+    (made,) = sorted(out.glob("*.png"))
+    with Image.open(made) as image:
+        assert np.array_equal(np.asarray(served.convert("RGB")), np.asarray(image.convert("RGB")))
+        assert "Sampler: DPM++ 2M SDE, Schedule type: KL Optimal, " in image.info["parameters"]
+    assert "Sampler: DPM++ 2M SDE, Schedule type: KL Optimal, " in response.json()["info"]
+
+
+def test_compiled_backend_runs_k_diffusion_samplers_switching_stacks_without_recompiling(tiny_flux, tmp_path,
+                                                                                       monkeypatch):
+    """``--backend compiled`` with Euler a on Karras, DPM++ 2M on Beta, then the pipeline's Euler: the same compiled
+    transformer (dynamo's ``aot_eager``) serves both loops; switching LoRAs compiles nothing again and every image equals the eager one."""
+    from dataclasses import replace
+
+    from adapterhub.sample.flow import FlowGenerator
+    from flux_helpers import peft_file
+
+    monkeypatch.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")
+    peft_file(tmp_path / "a.safetensors", tiny_flux.transformer, ["transformer_blocks.0.attn.to_q"], seed=2)
+    req = _req("a cat", seed=4, sampler="Euler a", schedule="Karras")
+    runs = [(None, "Euler a", "Karras"), ("a:0.8", "Euler a", "Karras"), ("a:0.5", "DPM++ 2M", "Beta"),
+            (None, "DPM++ 2M", "Beta"), ("a:1", "Euler", "Automatic")]  # the last: the pipeline's own loop
+    eager = FlowGenerator(tiny_flux, model_name="tiny", hash_model=False, adapter_dirs=[tmp_path])
+    expected = [eager.generate(eager.request(replace(req, stack=s, sampler=a, schedule=b)), output="latent").latents
+                for s, a, b in runs]
+    eager.close()
+    gen = FlowGenerator(copy.deepcopy(tiny_flux), backend="compiled", model_name="tiny", hash_model=False,
+                        adapter_dirs=[tmp_path])
+    torch._dynamo.reset()
+    first = gen.generate(gen.request(req), output="latent").latents  # compiles
+    assert torch.equal(first, expected[0]) and gen.runner.stats()["graphs"] == 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for (stack, sampler, schedule), want in zip(runs[1:], expected[1:]):
+            got = gen.generate(gen.request(replace(req, stack=stack, sampler=sampler, schedule=schedule)),
+                               output="latent").latents
+            assert torch.equal(got, want), (stack, sampler)
+    assert gen.runner.stats()["graphs"] == 1
+    gen.close()

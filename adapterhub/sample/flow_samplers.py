@@ -419,8 +419,9 @@ class FlowDenoiser:
             return {"embeds": embeds, "pooled": pooled}
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """The (guided) velocity at ``x``, sigma ``sigma`` (B,), in the transformer's dtype; the timestep as the
-        pipelines pass it (``1000 sigma``; Flux's divided by 1000 again)."""
+        """The (guided) velocity at ``x``, sigma ``sigma`` (B,), in the transformer's dtype; the timestep and every
+        argument as the pipelines pass them (``1000 sigma``; Flux's divided by 1000 again, its attention kwargs
+        ``{}``), so a compiled transformer's guards hold for both loops."""
         transformer, c = self.pipe.transformer, self.cond
         dtype, batch = transformer.dtype, x.shape[0]
         t = sigma.float() * 1000  # the schedulers' timesteps (float32); FluxPipeline casts them to the latents' dtype
@@ -443,7 +444,7 @@ class FlowDenoiser:
         def call(prefix: str) -> torch.Tensor:
             return transformer(hidden_states=packed, timestep=t.to(dtype) / 1000, guidance=guidance,
                                pooled_projections=c[prefix + "pooled"], encoder_hidden_states=c[prefix + "embeds"],
-                               txt_ids=c[prefix + "ids"], img_ids=ids, joint_attention_kwargs=None,
+                               txt_ids=c[prefix + "ids"], img_ids=ids, joint_attention_kwargs={},
                                return_dict=False)[0]
 
         v = call("")
