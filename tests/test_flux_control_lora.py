@@ -266,6 +266,39 @@ def test_cli_merge_writes_a_model_flux_control_pipeline_reads(tiny_flux, tmp_pat
     _assert_states_close(state(loaded), state(mine), atol=0)
 
 
+def test_merged_with_a_style_lora_in_one_run_equals_one_after_the_other(tiny_flux, tmp_path):
+    """A control LoRA and a kohya Flux LoRA merged together: the widened x_embedder and every other weight as
+    when merged one after the other (each checked against diffusers above)."""
+    import adapterhub
+    from flux_helpers import bfl_file
+
+    control = control_file(tmp_path / "control.safetensors", tiny_flux.transformer)
+    style = bfl_file(tmp_path / "style.safetensors", tiny_flux.transformer, "kohya", seed=3, skip=("img_in",))
+    together, apart = copy.deepcopy(tiny_flux), copy.deepcopy(tiny_flux)
+    adapterhub.Stack([(str(control), 0.8), (str(style), 0.6)]).apply(together, mode="merge")
+    adapterhub.load(control).merge_into(apart, 0.8)
+    adapterhub.load(style).merge_into(apart, 0.6)
+    _assert_states_close(state(together), state(apart), atol=1e-6)
+    assert together.transformer.config.in_channels == 32
+
+
+def test_a_lora_of_the_old_input_width_cannot_join_the_widening(tiny_flux, tmp_path):
+    import adapterhub
+    from adapterhub.errors import AdapterError
+    from flux_helpers import bfl_file
+
+    control = control_file(tmp_path / "control.safetensors", tiny_flux.transformer)
+    style = bfl_file(tmp_path / "style.safetensors", tiny_flux.transformer, "kohya", seed=3)  # img_in 16 wide
+    pipe = copy.deepcopy(tiny_flux)
+    before = state(pipe)
+    with pytest.raises(AdapterError, match=r"style\.safetensors: needs transformer\.x_embedder\.weight of shape "
+                                           r"\(32, 16\), which control widens to \(32, 32\)"):
+        adapterhub.Stack([(str(control), 1.0), (str(style), 1.0)]).apply(pipe, mode="merge")
+    after = state(pipe)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert pipe.transformer.config.in_channels == 16
+
+
 # ---------------------------------------------------------------------------------------------
 # attach: refused before anything changes (the engine restores tensors in place; a shape cannot be)
 # ---------------------------------------------------------------------------------------------
