@@ -423,3 +423,11 @@ def test_compiled_backend_runs_k_diffusion_samplers_switching_stacks_without_rec
             assert torch.equal(got, want), (stack, sampler)
     assert gen.runner.stats()["graphs"] == 1
     gen.close()
+
+
+def test_rng_nv_with_a_sampler_that_draws_again_says_its_later_noise_is_not_the_webuis(tiny_flux):
+    gen = _generator(tiny_flux)
+    warned = gen.generate(gen.request(_req("a cat", sampler="Euler a", schedule="Simple", rng="NV")), output="latent")
+    assert any("RNG NV with Euler a" in w for w in warned.warnings)
+    quiet = gen.generate(gen.request(_req("a cat", sampler="DPM++ 2M", schedule="Simple", rng="NV")), output="latent")
+    assert not any("RNG NV" in w for w in quiet.warnings)
