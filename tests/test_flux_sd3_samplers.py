@@ -72,17 +72,24 @@ def _oracle_denoiser(pipe, family, prompt, negative="", cfg=1.0, guidance=3.5):
     transformer's velocity at timestep 1000 sigma (Flux's divided by 1000 again, its latents packed 2 x 2), guided
     with CFG as the pipeline guides it."""
     with torch.no_grad():
-        if family == "flux":
-            pe, pooled, ids = pipe.encode_prompt(prompt, prompt_2=None, device="cpu")
+        if family == "flux":  # FluxPipeline: true CFG with the negative prompt above 1
+            encoded = {p: pipe.encode_prompt(p, prompt_2=None, device="cpu") for p in {prompt, negative}}
             img_ids = pipe._prepare_latent_image_ids(1, 16, 16, "cpu", torch.float32)
             g = torch.full([1], guidance, dtype=torch.float32).expand(1) if guidance is not None else None
+
+            def velocity(packed, sigma, text):
+                pe, pooled, ids = encoded[text]
+                return pipe.transformer(hidden_states=packed, timestep=sigma * 1000 / 1000, guidance=g,
+                                        pooled_projections=pooled, encoder_hidden_states=pe, txt_ids=ids,
+                                        img_ids=img_ids, return_dict=False)[0]
 
             def denoiser(x, sigma):
                 with torch.no_grad():
                     packed = pipe._pack_latents(x, 1, 4, 32, 32)
-                    v = pipe.transformer(hidden_states=packed, timestep=sigma * 1000 / 1000, guidance=g,
-                                         pooled_projections=pooled, encoder_hidden_states=pe, txt_ids=ids,
-                                         img_ids=img_ids, return_dict=False)[0]
+                    v = velocity(packed, sigma, prompt)
+                    if cfg > 1:
+                        v_u = velocity(packed, sigma, negative)
+                        v = v_u + cfg * (v - v_u)
                     return x - sigma.reshape(-1, 1, 1, 1) * pipe._unpack_latents(v, SIZE, SIZE, pipe.vae_scale_factor)
             return denoiser
         pe, ne, pp, npp = pipe.encode_prompt(prompt, None, None, negative_prompt=negative, device="cpu",
@@ -431,3 +438,29 @@ def test_rng_nv_with_a_sampler_that_draws_again_says_its_later_noise_is_not_the_
     assert any("RNG NV with Euler a" in w for w in warned.warnings)
     quiet = gen.generate(gen.request(_req("a cat", sampler="DPM++ 2M", schedule="Simple", rng="NV")), output="latent")
     assert not any("RNG NV" in w for w in quiet.warnings)
+
+
+@pytest.mark.parametrize("name", ["DPM++ 2M", "Euler a"])
+def test_flux_true_cfg_and_distilled_guidance_through_k_diffusion(k, tiny_flux, name):
+    """Flux above CFG 1 (Forge's real CFG: the negative prompt's velocity too) with a distilled guidance of 5."""
+    gen = _generator(tiny_flux)
+    result = gen.generate(gen.request(_req("a red house", negative="ugly", cfg=2.5, distilled_cfg=5.0, seed=7,
+                                           sampler=name, schedule="Karras")), output="latent")
+    sigmas = _karras(k, tiny_flux, "flux", STEPS)
+    theirs = _oracle(k, name, _oracle_denoiser(tiny_flux, "flux", "a red house", "ugly", 2.5, 5.0), sigmas, 7)
+    torch.testing.assert_close(result.latents, theirs, atol=1e-6, rtol=1e-6)
+    plain = _oracle(k, name, _oracle_denoiser(tiny_flux, "flux", "a red house", "ugly", 1.0, 5.0), sigmas, 7)
+    assert not torch.allclose(plain, theirs, atol=1e-3)  # the CFG counts
+    assert "CFG scale: 2.5, Distilled CFG Scale: 5, " in result.infotexts[0]
+
+
+@pytest.mark.parametrize("name", ["Euler a", "DPM++ SDE"])
+def test_each_image_of_a_batch_draws_its_own_later_noise(tiny_sd3, name):
+    """A batch of two: the second image is what its seed gives alone (its own generator, its own Brownian tree),
+    up to the batched kernels' last bits; the first differs from it."""
+    gen = _generator(tiny_sd3)
+    both = gen.generate(gen.request(_req("a cat", seed=5, batch=2, sampler=name, schedule="Karras")),
+                        output="latent").latents
+    alone = gen.generate(gen.request(_req("a cat", seed=6, sampler=name, schedule="Karras")), output="latent").latents
+    torch.testing.assert_close(both[1:], alone, atol=1e-4, rtol=0)
+    assert not torch.allclose(both[:1], alone, atol=1e-2)
