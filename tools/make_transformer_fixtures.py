@@ -187,7 +187,7 @@ def sd_scripts_flux(repo: Path, out: Path, name: str, seed: int, te: bool = Fals
         meta = sai_model_spec.build_metadata(None, False, False, False, True, False, 0.0, title=name,
                                              model_config={"flux": "dev"})
         network.save_weights(str(out / name), torch.bfloat16, meta)
-    return f"networks.lora_flux.create_network({options(kwargs, te=te)}) + LoRANetwork.save_weights"
+    return f"networks.lora_flux.create_network({options(kwargs, te=te or t5)}) + LoRANetwork.save_weights"
 
 
 # sd-scripts' SD3Params as its sd3_utils.analyze_state_dict_state reads them from the published checkpoints
@@ -308,19 +308,15 @@ def ai_toolkit(repo: Path, out: Path, name: str, seed: int, only_if_contains=Non
 def lycoris(out: Path, name: str, seed: int, algo: str, preset: dict, **kwargs) -> str:
     """``lycoris.create_lycoris`` on diffusers' Flux transformer with ``LycorisNetwork.apply_preset`` (as
     SimpleTuner's ``lycoris_config.json`` does), ``apply_to``, ``save_weights`` in bfloat16. LyCORIS makes
-    its modules on the device of the wrapped weights: they are made on the meta device and given real
-    (CPU) tensors here."""
+    its own tensors on the CPU whatever device the wrapped weights are on (its buffers, ``alpha`` and the
+    ``scalar`` it multiplies into ``hada_w1_a`` / ``lokr_w1`` on save, keep their values)."""
     from lycoris import LycorisNetwork, create_lycoris
 
     transformer = flux_transformer()
     LycorisNetwork.apply_preset(preset)
     network = create_lycoris(transformer, 1.0, linear_dim=1, linear_alpha=1, algo=algo, **kwargs)
     network.apply_to()
-    network.to_empty(device="cpu")
-    seeded([p for p in network.parameters()], seed)
-    with torch.no_grad():  # alpha is a buffer: to_empty left it uninitialised
-        for module in network.loras:
-            module.alpha.fill_(1.0)
+    seeded(network.parameters(), seed)
     network.save_weights(str(out / name), torch.bfloat16, {"lycoris_config": str(preset)})
     return f"LycorisNetwork.apply_preset({preset}) + lycoris.create_lycoris(algo={algo}) + save_weights"
 
