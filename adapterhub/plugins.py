@@ -66,6 +66,27 @@ def adapter_types() -> dict:
     return types
 
 
+@lru_cache(maxsize=1)
+def prompt_tags() -> dict:
+    """tag (lower case) -> (:class:`~adapterhub.types.PromptTag`, the AdapterType declaring it), over every
+    registered type. A tag declared by two types, or not a word, is an error naming both plugins."""
+    import re
+
+    tags: dict = {}
+    for adapter_type in adapter_types().values():
+        for tag in adapter_type.prompt_tags:
+            key = str(tag.tag).lower()
+            where = f"plugin {adapter_type.source.distribution if adapter_type.source else '?'}"
+            if not re.fullmatch(r"\w+", key):
+                raise AdapterhubError(f"{where}: type {adapter_type.name!r} declares prompt tag {tag.tag!r}, "
+                                      "which is not a word (letters, digits, _)")
+            if key in tags:
+                raise AdapterhubError(f"{where}: type {adapter_type.name!r} declares prompt tag <{key}:…>, already "
+                                      f"declared by type {tags[key][1].name!r}")
+            tags[key] = (tag, adapter_type)
+    return tags
+
+
 def adapter_type(name: str):
     types = adapter_types()
     if name not in types:
@@ -85,3 +106,4 @@ def reset() -> None:
     """Forget the cached manager (tests that install a plugin distribution call this)."""
     manager.cache_clear()
     adapter_types.cache_clear()
+    prompt_tags.cache_clear()

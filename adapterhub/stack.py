@@ -38,7 +38,6 @@ from adapterhub.errors import AdapterError, AdapterhubError
 from adapterhub.types import Adapter, Handle
 
 TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111 extra networks (modules/extra_networks.py)
-TAG_KINDS = {"lora": "lora", "lyco": "lora", "hypernet": "hypernet"}
 NAMED_FIELD = re.compile(r"^(\w+)=(.*)$", re.S)
 KEPT_FIELDS = ("dyn", "start", "stop", "step")  # parsed and kept, not applied by a stack
 SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
@@ -184,26 +183,36 @@ def _peel(item: str) -> tuple[str, list]:
         rest = name
 
 
-def _read_fields(fields: list, where: str, kind: str = "lora") -> tuple[list, dict[str, str]]:
+def tag_kind(tag: str):
+    """The :class:`~adapterhub.types.PromptTag` a registered type declares for ``<tag:…>`` (any case); None: not
+    an adapter tag (the prompt keeps it as written)."""
+    from adapterhub.plugins import prompt_tags
+
+    found = prompt_tags().get(tag.lower())
+    return found[0] if found else None
+
+
+def _read_fields(fields: list, where: str, weights: bool = True) -> tuple[list, dict[str, str]]:
     """Positional numbers and named fields (A1111: an item with ``=`` is named). A legacy positional
-    block-weight item (``<lora:name:1:INS>``, ``<lora:name:1:1,0,...>``) becomes ``lbw``."""
+    block-weight item (``<lora:name:1:INS>``, ``<lora:name:1:1,0,...>``) becomes ``lbw``. ``weights``: the
+    webui Lora fields; else one multiplier (``te``), as ``<hypernet:…>`` takes."""
     numbers: list = []
     named: dict[str, str] = {}
     for item in fields:
         match = NAMED_FIELD.match(item) if isinstance(item, str) else None
         if match:
             key, value = match.group(1).lower(), match.group(2).strip()
-            if key not in ("te", "unet", "lbw", *KEPT_FIELDS) or (kind == "hypernet" and key != "te"):
-                known = "te" if kind == "hypernet" else f"te, unet, lbw, {', '.join(KEPT_FIELDS)}"
+            if key not in ("te", "unet", "lbw", *KEPT_FIELDS) or (not weights and key != "te"):
+                known = f"te, unet, lbw, {', '.join(KEPT_FIELDS)}" if weights else "te"
                 raise AdapterhubError(f"{where}: unknown field {key}= (known: {known})")
             named[key] = value
         elif isinstance(item, (int, float)) or blocks.parse_number(str(item)) is not None:
             numbers.append(item)
-        elif "lbw" not in named and kind == "lora" and numbers:
+        elif "lbw" not in named and weights and numbers:
             named["lbw"] = item
         else:
             raise AdapterhubError(f"{where}: weight {str(item)!r} is not a number")
-    most = 1 if kind == "hypernet" else 3
+    most = 3 if weights else 1
     if len(numbers) > most:
         raise AdapterhubError(f"{where}: too many weights ({len(numbers)}; at most {most})")
     if len(numbers) > 2:
@@ -211,11 +220,11 @@ def _read_fields(fields: list, where: str, kind: str = "lora") -> tuple[list, di
     return numbers, named
 
 
-def _entry_from_fields(name: str, fields: list, where: str, kind: str = "lora") -> Entry:
+def _entry_from_fields(name: str, fields: list, where: str, weights: bool = True) -> Entry:
     """A1111's rule: ``te`` = first number (default 1), ``unet`` = second number, else ``te``."""
     if not name.strip():
         raise AdapterhubError(f"{where}: no adapter name")
-    numbers, named = _read_fields(fields, where, kind)
+    numbers, named = _read_fields(fields, where, weights)
     te = named.pop("te", numbers[0] if numbers else 1.0)
     unet = named.pop("unet", numbers[1] if len(numbers) > 1 else None)
     lbw = named.pop("lbw", None)
@@ -340,16 +349,17 @@ class Stack:
 
     @classmethod
     def from_prompt(cls, prompt: str, dirs: Sequence[str | Path] = ()) -> tuple[Stack, str]:
-        """The ``<lora:...>``, ``<lyco:...>`` and ``<hypernet:...>`` tags of an A1111 prompt as a stack,
-        and the prompt without them (other text, textual-inversion names included, stays)."""
+        """The extra-network tags of an A1111 prompt (``<lora:...>``, ``<lyco:...>``, ``<hypernet:...>``: every
+        tag a registered type declares, :func:`tag_kind`) as a stack, and the prompt without them (other text,
+        textual-inversion names and tags no type declares included, stays)."""
         entries: list[Entry] = []
 
         def take(match: re.Match) -> str:
-            kind = TAG_KINDS.get(match.group(1).lower())
+            kind = tag_kind(match.group(1))
             if kind is None:
                 return match.group(0)  # not ours: left as written
             name, *fields = [item.strip() for item in match.group(2).split(":")]
-            entry = _entry_from_fields(name.strip("\"'"), fields, match.group(0), kind)
+            entry = _entry_from_fields(name.strip("\"'"), fields, match.group(0), kind.weights)
             try:
                 entry.resolve(dirs)
             except AdapterhubError as err:

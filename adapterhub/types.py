@@ -284,6 +284,20 @@ class TrainOption:
     minimum: float | None = None
 
 
+@dataclass(frozen=True)
+class PromptTag:
+    """A webui-style extra-network tag a prompt loads adapters with (``AdapterType.prompt_tags``):
+    ``<tag:NAME:…>`` resolves NAME in the adapter folders and the catalog as a ``--stack`` entry does, and the tag
+    leaves the prompt. ``weights``: the fields of the webui's Lora tags (up to three numbers, text encoder, UNet,
+    dyn; named ``te=``, ``unet=``, ``lbw=``, ``dyn=``, ``start=``, ``stop=``, ``step=``); otherwise one multiplier
+    (``te=``), as the webui's ``<hypernet:…>``. ``label`` names the kind where a missing network is reported
+    (the server's ``info``: ``"<label> not found: NAME"``, as the webui words it)."""
+
+    tag: str
+    label: str
+    weights: bool = True
+
+
 # How an attached adapter reaches the UNet (``AdapterType.unet_runtime``): what a backend that compiles the
 # UNet (``compiled``) needs to know to run it without recompiling. A type declaring none is run by ``eager`` only.
 UNET_WEIGHTS = "weights"  # deltas written into the UNet's parameters in place (every ``weight_space`` type)
@@ -336,6 +350,9 @@ class AdapterType:
     # the webui extra-networks page the server lists this type's files on (``adapterhub.serve.networks.KINDS``;
     # weight-space types are on the first without saying so); None: not listed
     extra_network: ClassVar[str | None] = None
+    # the ``<tag:NAME:…>`` prompt tags (:class:`PromptTag`) this type's files are loaded with; a tag belongs to
+    # one type (a second type declaring it is refused when the plugins load)
+    prompt_tags: ClassVar[tuple[PromptTag, ...]] = ()
     # the modules ``from_factors`` builds: ``"linear"`` (Linear and 1x1 conv weights), ``"conv"`` (kxk convs too).
     # The LoRA algebra (combine, resize, extract) writes each result through the registered type that holds every
     # kind the result has, the one declaring the fewest first (``adapterhub.algebra.factor_type``); empty: none

@@ -70,6 +70,7 @@ ATTACHES = _rows(lambda t: {"example", "attach"} <= set(t.capabilities))
 SAVES = _rows(lambda t: {"example", "save"} <= set(t.capabilities))
 MERGES = _rows(lambda t: t.weight_space and {"example", "merge", "attach"} <= set(t.capabilities))
 TRAINS = _rows(lambda t: "train" in t.capabilities)
+TAGGED = _rows(lambda t: t.prompt_tags and {"example", "attach"} <= set(t.capabilities))
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,6 +354,49 @@ def test_infotext_holds_the_fields_the_type_declares(registry, examples, backend
             assert infotext.parse_hashes(got[field])[label] == value, field
 
 
+@pytest.mark.parametrize("name", TAGGED)
+def test_prompt_tags_load_the_type_as_a_stack_entry_does(registry, examples, tiny_sd1, name):
+    """Each ``<tag:NAME:w>`` the type declares (``prompt_tags``), NAME a file in the adapter folder, samples
+    exactly what a ``--stack`` entry of that file at ``w`` does, and leaves the prompt (the text encoder sees the
+    prompt without it)."""
+    from adapterhub.sample.generator import Generator, Request
+    from adapterhub.stack import Entry, Stack
+
+    gen = Generator(copy.deepcopy(tiny_sd1), backend="eager", hash_model=False, adapter_dirs=[examples[name].parent])
+    assert not registry[name].example_options(gen.pipe)  # a tag carries no attach options
+
+    def latents(prompt, entries=()):
+        return gen.generate(Request(prompt, stack=Stack(list(entries)), seed=4, steps=2, sampler="Euler",
+                                    width=SIZE, height=SIZE), output="latent").latents
+
+    staged = latents("a house", [Entry(str(examples[name]), te=0.5)])
+    assert not torch.equal(staged, latents("a house"))
+    for tag in registry[name].prompt_tags:
+        assert torch.equal(latents(f"a house <{tag.tag}:{examples[name].stem}:0.5>"), staged), tag.tag
+    gen.close()
+
+
+def test_a_prompt_tag_belongs_to_one_type(registry, monkeypatch):
+    """A type declaring a tag another type declares (any case), or a tag that is not a word, is refused in one
+    line naming both types when the tags are first read."""
+    from adapterhub import plugins
+    from adapterhub.errors import AdapterhubError
+    from adapterhub.types import AdapterType, PromptTag
+
+    taken = next(iter(plugins.prompt_tags()))
+    owner = plugins.prompt_tags()[taken][1].name
+    for tag, message in ((taken.upper(), rf"prompt tag <{taken}:…>, already declared by type '{owner}'"),
+                         ("two words", "prompt tag 'two words', which is not a word")):
+        stub = type("Stub", (AdapterType,), {"name": "stub-tags", "prompt_tags": (PromptTag(tag, "Stub"),)})()
+        types = {**registry, "stub-tags": stub}
+        monkeypatch.setattr(plugins, "adapter_types", lambda types=types: types)
+        plugins.prompt_tags.cache_clear()
+        with pytest.raises(AdapterhubError, match=rf"type 'stub-tags' declares {message}"):
+            plugins.prompt_tags()
+    monkeypatch.undo()
+    plugins.prompt_tags.cache_clear()
+
+
 # --------------------------------------------------------------------------------------------
 # the third-party plugin: every column, through the public contract only
 # --------------------------------------------------------------------------------------------
@@ -362,6 +406,23 @@ def test_thirdparty_types_are_in_every_column():
     assert {"scale-diff", "residual-shift"} <= set(TRAINS) & set(ATTACHES) & set(SAVES)
     assert ("scale-diff", "kohya") in _conversions() and "scale-diff" in MERGES
     assert all(_compiled_runs(DECLARED[name]) for name in THIRD_PARTY)
+
+
+def test_thirdparty_prompt_tag_is_read_and_reported_as_its_own(registry, examples):
+    """``<shift:…>`` (residual-shift's declared tag) takes one multiplier as the webui's ``<hypernet:…>`` does, and
+    a missing one is reported under the type's label, as the server's ``info`` words it."""
+    from adapterhub.errors import AdapterhubError
+    from adapterhub.serve.networks import drop_missing_networks, missing_notes
+    from adapterhub.stack import Stack
+
+    folder = examples["residual-shift"].parent
+    stack, prompt = Stack.from_prompt("a house <SHIFT:residual-shift:0.25>, red", dirs=[folder])
+    assert prompt == "a house , red" and [(e.path, e.te) for e in stack.entries] == [(examples["residual-shift"], 0.25)]
+    with pytest.raises(AdapterhubError, match=r"<shift:residual-shift:0.25:0.5>: too many weights"):
+        Stack.from_prompt("<shift:residual-shift:0.25:0.5>", dirs=[folder])
+    cleaned, missing = drop_missing_networks("a <shift:nowhere:1> <lora:gone> house", [folder])
+    assert cleaned == "a house" and missing == [("Residual shift", "nowhere"), ("Lora", "gone")]
+    assert missing_notes(missing) == ["Residual shift not found: nowhere", "Lora not found: gone"]
 
 
 def test_thirdparty_kohya_layout_is_kohya_named(registry, examples, tmp_path):

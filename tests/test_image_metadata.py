@@ -139,7 +139,7 @@ def test_webui_png_made_elsewhere_reruns_with_warnings(tmp_path, lora_dir, capsy
                        "--out", tmp_path / "again", "--json")
     assert rc == 0, err
     lines = err.splitlines()
-    assert any("add_detail" in line and "LoRA" in line for line in lines)
+    assert any("Lora 'add_detail'" in line for line in lines)  # the tag's label, as the webui names the kind
     assert any("easynegative" in line and "embedding" in line for line in lines)
     assert any("4x-UltraSharp" in line and "Lanczos" in line for line in lines)
     assert any("RNG" in line and "NV" in line and "GPU" in line for line in lines)

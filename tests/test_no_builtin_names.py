@@ -34,10 +34,6 @@ _KOHYA = "kohya's key prefix (lora_unet_, lora_te1_ …), the outside file layou
 ALLOWED: dict[tuple[str, str], str] = {
     ("adapterhub/serve/networks.py", "lora"): _TAG,
     ("adapterhub/serve/networks.py", "hypernetwork"): "the webui's hypernetworks page (/sdapi/v1/hypernetworks)",
-    ("adapterhub/stack.py", "lora"): _TAG,
-    ("adapterhub/sample/rerun.py", "lora"): _TAG,
-    ("adapterhub/sample/rerun.py", "hypernetwork"): "the webui's hypernetwork tag named in a warning",
-    ("adapterhub/sample/rerun.py", "LoRA"): "the webui's network label in a warning",
     ("adapterhub/serve/app.py", "lora"): _TAG,
     ("adapterhub/serve/app.py", "hypernetwork"): "the webui's hypernetworks page (/sdapi/v1/hypernetworks)",
     ("adapterhub/sample/xy.py", "lora"): "the webui X/Y axis name for a <lora:…> weight",
@@ -55,8 +51,6 @@ ALLOWED: dict[tuple[str, str], str] = {
                          "its keys do not name the modules they change"): "cloneofsimo's package, lora_diffusion",
     ("adapterhub/io.py", "a cloneofsimo lora_diffusion LoRA (a bare list of up/down tensors): not supported, it "
                          "does not name the modules it changes"): "cloneofsimo's package, lora_diffusion",
-    ("adapterhub/serve/networks.py", "Lora"): "the webui's label for a missing <lora:…> network",
-    ("adapterhub/serve/networks.py", "Hypernetwork"): "the webui's label for a missing <hypernet:…> network",
     ("adapterhub/infotext_fields.py", "ControlNet"): "sd-webui-controlnet's infotext field (ControlNet 0, …)",
     ("adapterhub/serve/app.py", "/controlnet/model_list"): _CN_API,
     ("adapterhub/serve/app.py", "/controlnet/module_list"): _CN_API,

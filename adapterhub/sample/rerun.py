@@ -130,19 +130,18 @@ def _find(name: str, dirs: list[Path]) -> Path | None:
 
 
 def _drop_missing_networks(path: str, prompt: str, dirs: list[Path], warnings: list[str]) -> str:
-    """``prompt`` without the ``<lora:…>``, ``<lyco:…>`` and ``<hypernet:…>`` tags whose network is not in
-    ``dirs`` or the catalog, one warning each (the webui reports and skips them too)."""
-    from adapterhub.stack import TAG, TAG_KINDS
+    """``prompt`` without the extra-network tags (``<lora:…>``, ``<hypernet:…>``, any a registered type declares)
+    whose network is not in ``dirs`` or the catalog, one warning each (the webui reports and skips them too)."""
+    from adapterhub.stack import TAG, tag_kind
 
     def keep(match) -> str:
-        kind = TAG_KINDS.get(match.group(1).lower())
+        kind = tag_kind(match.group(1))
         if kind is None:
             return match.group(0)
         name = match.group(2).split(":")[0].strip().strip("\"'")
         if _find(name, dirs) is not None:
             return match.group(0)
-        label = "LoRA" if kind == "lora" else "hypernetwork"
-        warnings.append(f"{path}: {label} {name!r} ({match.group(0)}) is not in --adapter-dir or the catalog: "
+        warnings.append(f"{path}: {kind.label} {name!r} ({match.group(0)}) is not in --adapter-dir or the catalog: "
                         "left out")
         return ""
 

@@ -162,22 +162,23 @@ def _fingerprint(path: Path) -> tuple:
 
 
 def drop_missing_networks(prompt: str, dirs: Sequence[str | Path]) -> tuple[str, list[tuple[str, str]]]:
-    """``prompt`` without the ``<lora:…>``, ``<lyco:…>`` and ``<hypernet:…>`` tags whose network cannot be found
-    in ``dirs`` or the catalog, and those networks as (kind, name), kind ``lora`` or ``hypernet``. The webui
-    reports a missing network and samples without it."""
-    from adapterhub.stack import TAG, TAG_KINDS, find_adapter
+    """``prompt`` without the extra-network tags (``<lora:…>``, ``<lyco:…>``, ``<hypernet:…>``: those the
+    registered types declare) whose network cannot be found in ``dirs`` or the catalog, and those networks as
+    (label, name), label the declaring tag's (``Lora``, ``Hypernetwork``). The webui reports a missing network and
+    samples without it."""
+    from adapterhub.stack import TAG, find_adapter, tag_kind
 
     missing: list[tuple[str, str]] = []
 
     def keep(match: re.Match) -> str:
-        kind = TAG_KINDS.get(match.group(1).lower())
+        kind = tag_kind(match.group(1))
         if kind is None:
             return match.group(0)
         name = match.group(2).split(":")[0].strip().strip("\"'")
         try:
             find_adapter(name, dirs)
         except AdapterhubError:
-            missing.append((kind, name))
+            missing.append((kind.label, name))
             return ""
         return match.group(0)
 
@@ -188,10 +189,10 @@ def drop_missing_networks(prompt: str, dirs: Sequence[str | Path]) -> tuple[str,
 
 
 def missing_notes(missing: Sequence[tuple[str, str]]) -> list[str]:
-    """The notes for ``info``: one line per kind, names joined, in the webui's wording for LoRAs."""
-    notes = []
-    for kind, label in (("lora", "Lora"), ("hypernet", "Hypernetwork")):
-        names = list(dict.fromkeys(name for k, name in missing if k == kind))
-        if names:
-            notes.append(f"{label} not found: {', '.join(names)}")
-    return notes
+    """The notes for ``info``: one line per label (in order of first appearance), names joined, in the webui's
+    wording (``Lora not found: a, b``)."""
+    names: dict[str, list[str]] = {}
+    for label, name in missing:
+        if name not in names.setdefault(label, []):
+            names[label].append(name)
+    return [f"{label} not found: {', '.join(found)}" for label, found in names.items()]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from adapterhub.errors import AdapterError
 from adapterhub.hookspecs import hookimpl
-from adapterhub.types import ATTENTION_CONTEXT, Adapter, ModuleBackedType, TrainOption
+from adapterhub.types import ATTENTION_CONTEXT, Adapter, ModuleBackedType, PromptTag, TrainOption
 
 from . import formats
 
@@ -30,6 +30,7 @@ class HypernetworkType(ModuleBackedType):
     unet_runtime = ATTENTION_CONTEXT  # only the key / value contexts change: a compiled UNet takes them as inputs
     convert_targets = ("a1111",)
     extra_network = "hypernetwork"  # the webui's hypernetworks page, what ``<hypernet:NAME>`` tags load
+    prompt_tags = (PromptTag("hypernet", "Hypernetwork", weights=False),)  # one multiplier, as the webui's
     train_options = (  # A1111's hypernetwork settings (see ``train``)
         TrainOption("hn_layer_structure", str, "1,2,1", "hypernetwork MLP widths as multiples of the context width"),
         TrainOption("hn_activation", str, "linear", "hypernetwork activation (A1111 names: linear, relu, swish ...)"),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from adapterhub.hookspecs import hookimpl
 from adapterhub.io import AdapterFile
-from adapterhub.types import Adapter, AdapterType, Sniff, TrainOption
+from adapterhub.types import Adapter, AdapterType, PromptTag, Sniff, TrainOption
 
 # Only the key tables at the top: parsing, the patches' math and saving import torch, and are imported by
 # the methods that use them, so that registering the types (``adapterhub plugins``) stays light.
@@ -112,6 +112,8 @@ class LoRAType(LoRAFamilyType):
     capabilities = LoRAFamilyType.capabilities + ("train",)
     description = "LoRA: low-rank deltas on linear and 1x1 conv layers (kohya, diffusers, PEFT)"
     factor_modules = frozenset({"linear"})  # the LoRA algebra's results without kxk convs are LoRAs
+    # the webui's Lora tags; ``<lyco:…>`` (the LyCORIS extension's) loads any file of the family as ``<lora:…>`` does
+    prompt_tags = (PromptTag("lora", "Lora"), PromptTag("lyco", "Lora"))
 
 
 class LoConType(LoRAFamilyType):

@@ -11,7 +11,8 @@ block's output, times the weight, through a forward pre-hook on the UNet (``adap
 declares ``unet_runtime = UNET_RESIDUALS``, so the compiled backend feeds its residuals to the graph. Files are
 safetensors with keys ``residual_shift.down.<i>`` (one per skip residual) and ``residual_shift.mid``, metadata
 ``format = residual-shift``. It trains its shifts as extra UNet inputs (``Trainable.unet_kwargs``), starting from
-``--shift-init`` (its own training option), and writes an infotext unit per entry (``Residual shift 0: name w``).
+``--shift-init`` (its own training option), writes an infotext unit per entry (``Residual shift 0: name w``), and
+a prompt loads it with its own tag, ``<shift:NAME:w>``.
 """
 import hashlib
 from functools import partial
@@ -24,7 +25,7 @@ from adapterhub.errors import AdapterError
 from adapterhub.hookspecs import hookimpl
 from adapterhub.io import save_safetensors
 from adapterhub.keymaps import canonical, kohya_arch, kohya_name
-from adapterhub.types import UNET_RESIDUALS, Adapter, AdapterType, Patch, Sniff, Trainable, TrainOption
+from adapterhub.types import UNET_RESIDUALS, Adapter, AdapterType, Patch, PromptTag, Sniff, Trainable, TrainOption
 from adapterhub.weights import component
 
 SUFFIX = ".scale_diff"
@@ -167,6 +168,8 @@ class ResidualShiftType(AdapterType):
     formats = ("residual-shift",)
     capabilities = ("inspect", "attach", "save", "example", "train")
     unet_runtime = UNET_RESIDUALS
+    # its own prompt tag: ``<shift:NAME:0.5>`` in a prompt attaches NAME at 0.5 (one multiplier)
+    prompt_tags = (PromptTag("shift", "Residual shift", weights=False),)
     # its own training option: ``adapterhub train --shift-init``, ``shift_init`` under ``[residual-shift]`` in a
     # config file, ``config.shift_init`` in ``make_trainable``
     train_options = (TrainOption("shift_init", float, 0.0, "residual-shift: standard deviation of the starting "
