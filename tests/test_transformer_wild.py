@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 DATA = Path(__file__).parent / "data" / "transformer-wild"
 HEADER, *LINES = (DATA / "MANIFEST.tsv").read_text().splitlines()
@@ -102,16 +103,17 @@ _OLD_TEXT = {".to_q_lora": ".q_proj", ".to_k_lora": ".k_proj", ".to_v_lora": ".v
              ".lora_linear_layer": ""}
 
 
-def _diffusers_modules(pipeline_cls, path) -> dict[str, tuple[int, int]]:
-    """module -> (out, in) as diffusers' ``lora_state_dict`` converts the file (its transformer and CLIP
-    parts; names it leaves unconverted are not its reading)."""
+def _diffusers_modules(pipeline_cls, path) -> dict[str, dict]:
+    """module -> {"down": A, "up": B} as diffusers' ``lora_state_dict`` converts the file (its transformer and
+    CLIP parts, alpha folded into the factors; names it leaves unconverted are not its reading)."""
     from adapterhub_plugins.lora.transformer_keys import TRANSFORMER_ROOTS
 
     sd = pipeline_cls.lora_state_dict(str(path))
     sd = sd[0] if isinstance(sd, tuple) else sd
-    out: dict[str, list] = {}
+    out: dict[str, dict] = {}
     for key, value in sd.items():
-        for suffix, slot in ((".lora_A.weight", 1), (".lora_B.weight", 0), (".down.weight", 1), (".up.weight", 0)):
+        for suffix, role in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".down.weight", "down"),
+                             (".up.weight", "up")):
             if key.endswith(suffix):
                 module = key[: -len(suffix)]
                 for old, new in _OLD_TEXT.items():
@@ -119,8 +121,8 @@ def _diffusers_modules(pipeline_cls, path) -> dict[str, tuple[int, int]]:
                 if module.split(".")[0] in TRANSFORMER_ROOTS:  # its kohya converter leaves the embedders bare
                     module = "transformer." + module
                 if module.startswith(("transformer.", "text_encoder.")):
-                    out.setdefault(module, [None, None])[slot] = value.shape[1 if slot else 0]
-    return {m: (o, i) for m, (o, i) in out.items()}
+                    out.setdefault(module, {})[role] = value.float()
+    return out
 
 
 # diffusers' SD3 loader converts no sd-scripts names (``lora_unet_joint_blocks_…`` come back as they are) and
@@ -131,18 +133,25 @@ DIFFUSERS_READS = [row for row in ROWS if row["type"] in ("lora", "locon")
 
 @pytest.mark.parametrize("row", DIFFUSERS_READS, ids=[r["file"] for r in DIFFUSERS_READS])
 def test_diffusers_maps_the_file_to_the_modules_we_bind(row):
-    """The same modules with the same (out, in) as diffusers' loader converts the file to: the fused qkv /
-    linear1 split into q, k, v (and the MLP) by the same rows. diffusers reads no T5 (``lora_te3_``) part:
-    it is left out of the comparison."""
+    """The same modules, (out, in) and deltas as diffusers' loader converts the file to: the fused qkv /
+    linear1 split into q, k, v (and the MLP) by the same rows, split qkv's stacked ranks kept apart.
+    diffusers reads no T5 (``lora_te3_``) part: it is left out of the comparison."""
     import adapterhub
     import diffusers
 
     pipeline_cls = diffusers.StableDiffusion3Pipeline if _family(row) == "sd3" else diffusers.FluxPipeline
     theirs = _diffusers_modules(pipeline_cls, DATA / row["file"])
     adapter = adapterhub.load(DATA / row["file"])
-    ours = {t: tuple(p.expected_shape()) for t, p in adapter.patches.items()
-            if t.startswith(("transformer.", "text_encoder."))}
-    assert theirs and ours == theirs
+    ours = {t: p for t, p in adapter.patches.items() if t.startswith(("transformer.", "text_encoder."))}
+    assert theirs and ours.keys() == theirs.keys()
+    gen = torch.Generator().manual_seed(0)
+    for target, patch in ours.items():
+        up, down = theirs[target]["up"], theirs[target]["down"]
+        assert tuple(patch.expected_shape()) == (up.shape[0], down.shape[1]), target
+        # the same delta, seen through a random vector (the deltas themselves are up to 18432 x 3072)
+        x = torch.randn(down.shape[1], generator=gen)
+        mine = patch.scale * (patch.tensors["up"].float() @ (patch.tensors["down"].float() @ x))
+        torch.testing.assert_close(mine, up @ (down @ x), rtol=1e-3, atol=1e-6, msg=target)
 
 
 FACTORED = [row for row in ROWS if row["type"] in ("lokr", "loha")]
