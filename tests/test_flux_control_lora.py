@@ -481,3 +481,29 @@ def test_cli_sampling_a_merged_control_model_without_its_image_is_refused(tiny_f
     errors = [line for line in err.splitlines() if line.startswith("error")]
     assert rc == 2 and len(errors) == 1 and "Traceback" not in err and "control image" in err
     assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())
+
+
+def test_cli_samples_a_control_model_with_its_control_image(tiny_flux, tmp_path, capsys):
+    """``adapterhub sample --control-image``: the image the Python API gives for the same request, pixel for pixel;
+    a control image for a model without a control input, or with a prompt file, is one line, nothing written."""
+    import numpy as np
+    from PIL import Image
+
+    from adapterhub.sample.flow_control import FlowControlGenerator
+
+    path = control_file(tmp_path / "control.safetensors", tiny_flux.transformer)
+    assert _cli(capsys, "merge", str(path), "--base", "tiny-flux", "--out", str(tmp_path / "merged"))[0] == 0
+    _control_image().save(tmp_path / "edges.png")
+    rc, out, err = _cli(capsys, "sample", "--base", str(tmp_path / "merged"), "--prompt", "a castle", "--steps", "2",
+                        "--size", "32x32", "--seed", "7", "--control-image", str(tmp_path / "edges.png"),
+                        "--out", str(tmp_path / "images"))
+    assert rc == 0, err
+    written = sorted((tmp_path / "images").glob("*.png"))
+    assert len(written) == 1
+    expected = FlowControlGenerator(str(tmp_path / "merged"))("a castle", steps=2, width=32, height=32, seed=7,
+                                                               control_image=str(tmp_path / "edges.png")).images[0]
+    assert np.array_equal(np.asarray(Image.open(written[0]).convert("RGB")), np.asarray(expected.convert("RGB")))
+    rc, out, err = _cli(capsys, "sample", "--base", "tiny-flux", "--prompt", "a castle", "--steps", "1",
+                        "--control-image", str(tmp_path / "edges.png"), "--out", str(tmp_path / "plain"))
+    assert rc == 2 and "not a FLUX.1 control model" in err and "Traceback" not in err
+    assert not (tmp_path / "plain").exists() or not any((tmp_path / "plain").iterdir())

@@ -90,6 +90,9 @@ def _table(summary: dict, many: bool):
                    "(weights, no re-normalisation), Ignore (syntax parsed, weights 1), None (no syntax).")
 @click.option("--init-image", "init_image", default=None, metavar="FILE",
               help="img2img: start from this image (resized to --size; default size: the image's own).")
+@click.option("--control-image", "control_image", default=None, metavar="FILE",
+              help="A FLUX.1 control model's control image (canny edges, a depth map), for a base a Flux control "
+                   "LoRA was merged into; resized to --size.")
 @click.option("--denoise", default=None, type=float, help="img2img denoising strength, in (0, 1] (default 0.75).")
 @click.option("--mask", default=None, metavar="FILE",
               help="Inpainting (with --init-image): repaint where this image is white (a transparent image: where "

@@ -55,6 +55,21 @@ def refuse_control_model(pipe, base) -> None:
                               "FlowControlGenerator, or diffusers' FluxControlPipeline)")
 
 
+def control_request(request: Request, base, image, many: bool = False) -> FlowControlRequest:
+    """The run's request with its control image (``adapterhub sample --control-image``), the image read now: a bad
+    file, a base of another family, or a prompt file / plot (one image for many prompts is not taken yet) is one
+    line before a model loads. Whether the base is a control model, loading tells."""
+    from adapterhub.sample.flow import flow_family
+    from adapterhub.sample.request import _load_image
+
+    if flow_family(base) != "flux":
+        raise AdapterhubError(f"--control-image is a FLUX.1 control model's input: the base {base} is not a Flux model")
+    if many:
+        raise AdapterhubError("--control-image takes one --prompt (not --prompts or a plot's axes)")
+    flow = request if isinstance(request, FlowRequest) else flow_request(request, "flux")
+    return FlowControlRequest(**{**vars(flow), "control_image": _load_image(image, "control image")})
+
+
 class FlowControlGenerator(FlowGenerator):
     """A :class:`FlowGenerator` for a FLUX.1 control model; every request carries its ``control_image``."""
 

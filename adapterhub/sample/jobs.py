@@ -59,6 +59,7 @@ class SampleOptions:
     clip_skip: int = 1
     emphasis: str = "Original"
     init_image: str | None = None
+    control_image: str | None = None  # a FLUX.1 control model's image (adapterhub.sample.flow_control)
     denoise: float | None = None
     mask: str | None = None
     mask_blur: int = 4
@@ -134,6 +135,10 @@ def plan_run(options: SampleOptions) -> Plan:
     request = _family_request(options, request, chosen)
     _check_rng(request.rng, options.device)
     plan = Plan(options, request, dirs, notes)
+    if options.control_image is not None:
+        from adapterhub.sample.flow_control import control_request
+
+        plan.request = control_request(request, options.base, options.control_image, plan.many)
     if plan.many:
         plan.jobs, plan.plots = _jobs(options, request, dirs)
         _check_family_jobs(options, plan.jobs, plan.plots)
@@ -370,6 +375,8 @@ class SampleRun:
         self._start = time.perf_counter()
         from adapterhub.sample.generator import Generator
 
+        if options.control_image is not None:  # a FLUX.1 control model: its own generator (one line if it is none)
+            from adapterhub.sample.flow_control import FlowControlGenerator as Generator
         self.generator = Generator(options.base, backend=options.backend, dtype=options.dtype, device=device,
                                    adapter_dirs=self.plan.dirs)
         if not self.plan.many:
