@@ -507,3 +507,23 @@ def test_cli_samples_a_control_model_with_its_control_image(tiny_flux, tmp_path,
                         "--control-image", str(tmp_path / "edges.png"), "--out", str(tmp_path / "plain"))
     assert rc == 2 and "not a FLUX.1 control model" in err and "Traceback" not in err
     assert not (tmp_path / "plain").exists() or not any((tmp_path / "plain").iterdir())
+
+
+@pytest.mark.parametrize("options,problem", [(("--sampler", "DPM++ 2M"), "samples with Euler"),
+                                             (("--cfg", "3"), "distilled guidance only"),
+                                             (("--prompts", "PROMPTS"), "takes one --prompt"),
+                                             ((), "control image")])
+def test_cli_control_image_problems_are_refused_before_a_model_loads(tmp_path, capsys, monkeypatch, options,
+                                                                     problem):
+    from adapterhub.sample import flow_control
+
+    monkeypatch.setattr(flow_control.FlowControlGenerator, "__init__", lambda *a, **k: pytest.fail("a model loaded"))
+    (tmp_path / "PROMPTS").write_text("a castle\n")
+    image = tmp_path / ("edges.png" if problem != "control image" else "missing.png")
+    if problem != "control image":
+        _control_image().save(image)
+    options = tuple(str(tmp_path / o) if o == "PROMPTS" else o for o in options)
+    rc, out, err = _cli(capsys, "sample", "--base", "tiny-flux", "--prompt", "a castle", "--steps", "1", *options,
+                        "--control-image", str(image), "--out", str(tmp_path / "out"))
+    assert rc == 2 and problem in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -55,6 +55,20 @@ def refuse_control_model(pipe, base) -> None:
                               "FlowControlGenerator, or diffusers' FluxControlPipeline)")
 
 
+def check_control_request(req: FlowRequest) -> None:
+    """What ``FluxControlPipeline``'s loop cannot run, in one line: img2img, another sampler or schedule, CFG."""
+    from adapterhub.sample.flow import flow_sampler
+
+    if req.init_image is not None:
+        raise AdapterhubError("img2img on a FLUX.1 control model is not supported (its input is the control image)")
+    if flow_sampler(req.sampler, "flux") != "Euler" or req.schedule != FLOW_SCHEDULES[0]:
+        raise AdapterhubError(f"sampler {req.sampler} / schedule {req.schedule}: a FLUX.1 control model samples "
+                              f"with Euler on the schedule {FLOW_SCHEDULES[0]} (FluxControlPipeline's)")
+    if req.cfg is not None and req.cfg > 1:
+        raise AdapterhubError(f"CFG scale {req.cfg:g}: a FLUX.1 control model runs distilled guidance only "
+                              "(CFG scale 1; FluxControlPipeline has no negative prompt)")
+
+
 def control_request(request: Request, base, image, many: bool = False) -> FlowControlRequest:
     """The run's request with its control image (``adapterhub sample --control-image``), the image read now: a bad
     file, a base of another family, or a prompt file / plot (one image for many prompts is not taken yet) is one
@@ -67,6 +81,7 @@ def control_request(request: Request, base, image, many: bool = False) -> FlowCo
     if many:
         raise AdapterhubError("--control-image takes one --prompt (not --prompts or a plot's axes)")
     flow = request if isinstance(request, FlowRequest) else flow_request(request, "flux")
+    check_control_request(flow)
     return FlowControlRequest(**{**vars(flow), "control_image": _load_image(image, "control image")})
 
 
@@ -99,14 +114,7 @@ class FlowControlGenerator(FlowGenerator):
         checked = super().request(req)
         if image is None:
             raise AdapterhubError("a FLUX.1 control model needs a control image (control_image)")
-        if checked.init_image is not None:
-            raise AdapterhubError("img2img on a FLUX.1 control model is not supported (its input is the control image)")
-        if checked.sampler != "Euler" or checked.schedule != FLOW_SCHEDULES[0]:
-            raise AdapterhubError(f"sampler {checked.sampler} / schedule {checked.schedule}: a FLUX.1 control model "
-                                  f"samples with Euler on the schedule {FLOW_SCHEDULES[0]} (FluxControlPipeline's)")
-        if checked.cfg > 1:
-            raise AdapterhubError(f"CFG scale {checked.cfg:g}: a FLUX.1 control model runs distilled guidance only "
-                                  "(CFG scale 1; FluxControlPipeline has no negative prompt)")
+        check_control_request(checked)
         from adapterhub.sample.request import _load_image
 
         return replace(checked, control_image=_load_image(image, "control image"))
