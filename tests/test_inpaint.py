@@ -125,6 +125,14 @@ def test_mask_preparation_follows_the_webui():
     kernel = np.exp(-x ** 2 / 8.0)
     kernel /= kernel.sum()
     assert np.abs(blurred[5:16] - 255 * kernel).max() <= 0.5 and blurred[:5].sum() == 0
+    # each axis its own sigma (the webui API's mask_blur_x / mask_blur_y): along y only, the same kernel
+    column = np.asarray(blur_mask(Image.fromarray(line.T.copy(), "L"), 0, 2), dtype=float)[:, 0]
+    assert np.array_equal(column, blurred)
+    spot = np.zeros((21, 21), np.uint8)
+    spot[10, 10] = 255
+    apart = prepare_mask(Image.fromarray(spot, "L"), 21, 21, blur=1, blur_y=3).mask
+    assert np.array_equal(np.asarray(apart), np.asarray(blur_mask(Image.fromarray(spot, "L"), 1, 3)))
+    assert not np.array_equal(np.asarray(apart), np.asarray(prepare_mask(Image.fromarray(spot, "L"), 21, 21, blur=1).mask))
     # a size mismatch is resized, as the webui does; the latent mask is the bicubic resize, rounded
     prepared = prepare_mask(_mask(size=32), SIZE, SIZE, blur=0)
     assert prepared.mask.size == (SIZE, SIZE)

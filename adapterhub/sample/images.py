@@ -187,13 +187,14 @@ def fill_masked(image, mask):
 
 
 def prepare_mask(mask, width: int, height: int, blur: int = 4, invert: bool = False, full_res: bool = False,
-                 padding: int = 32, init=None, fill: int = 1) -> PreparedMask:
+                 padding: int = 32, init=None, fill: int = 1, blur_y: int | None = None) -> PreparedMask:
     """An inpainting request's images (:class:`PreparedMask`), the webui's steps in its order: the mask made binary
     (:func:`binary_mask`), inverted if asked, blurred (:func:`blur_mask`); then either resized to ``width`` x
     ``height`` ("Just resize", the overlay being that mask doubled, so the blurred edge keeps some original), or
     ("only masked", ``full_res``) the region :func:`crop_region` finds cut from the init image and the mask, resized
     to the size, the overlay the blurred mask itself. ``init`` (default: black) is resized or cut the same way;
-    ``fill`` 0 fills its masked area (:func:`fill_masked`)."""
+    ``fill`` 0 fills its masked area (:func:`fill_masked`). ``blur`` is the sigma along x, and along y unless
+    ``blur_y`` is given."""
     import numpy as np
     from PIL import Image, ImageOps
 
@@ -201,8 +202,9 @@ def prepare_mask(mask, width: int, height: int, blur: int = 4, invert: bool = Fa
     mask = binary_mask(mask)
     if invert:
         mask = ImageOps.invert(mask)
-    if blur > 0:
-        mask = blur_mask(mask, blur, blur)
+    blur_y = blur if blur_y is None else blur_y
+    if blur > 0 or blur_y > 0:
+        mask = blur_mask(mask, blur, blur_y)
     lanczos = Image.Resampling.LANCZOS
     crop = None
     if full_res:
@@ -260,7 +262,8 @@ def prepare_inpaint(req) -> PreparedMask | None:
     if req.mask is None:
         return None
     return prepare_mask(req.mask, req.width, req.height, req.mask_blur, req.inpainting_mask_invert,
-                        req.inpaint_full_res, req.inpaint_full_res_padding, req.init_image, req.inpainting_fill)
+                        req.inpaint_full_res, req.inpaint_full_res_padding, req.init_image, req.inpainting_fill,
+                        getattr(req, "mask_blur_y", None))
 
 
 def with_img2img_fields(fields: dict, req) -> dict:
@@ -271,7 +274,9 @@ def with_img2img_fields(fields: dict, req) -> dict:
 
     extra: dict = {}
     if req.mask is not None:
-        extra["Mask blur"] = req.mask_blur
+        blur_y = getattr(req, "mask_blur_y", None)
+        if blur_y is None or int(blur_y) == int(req.mask_blur):  # the webui writes it only for one blur of both axes
+            extra["Mask blur"] = req.mask_blur
         if req.inpaint_full_res:
             extra.update({"Inpaint area": "Only masked", "Masked area padding": req.inpaint_full_res_padding})
     if req.init_image is not None and float(req.initial_noise_multiplier) != 1.0:

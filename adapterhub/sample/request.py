@@ -60,7 +60,8 @@ class Request:
     ensd: int = 0  # the webui's eta noise seed delta: later draws (ancestral, SDE) from generators seeded seed + ensd
     # inpainting (img2img with a mask; :mod:`adapterhub.sample.images`): white repaints, as in the webui
     mask: Any = None  # a PIL image or an image file; resized to the init image's size
-    mask_blur: int = 4  # the Gaussian blur's sigma in pixels (0: none)
+    mask_blur: int = 4  # the Gaussian blur's sigma in pixels (0: none), along x, and along y unless mask_blur_y
+    mask_blur_y: int | None = None  # the sigma along y where it differs (the webui API's mask_blur_x / mask_blur_y)
     inpainting_fill: int = 1  # the masked area's start: 0 fill, 1 original, 2 latent noise, 3 latent nothing
     inpaint_full_res: bool = False  # "Only masked": the masked region cropped, sampled at the size, pasted back
     inpaint_full_res_padding: int = 32  # pixels around the masked region's box (with inpaint_full_res)
@@ -184,8 +185,8 @@ def _mask_problems(req: Request, init, mask) -> list[str | None]:
     if int(req.inpainting_fill) not in FILLS:
         problems.append(f"inpainting fill {req.inpainting_fill}: choose 0 (fill), 1 (original), 2 (latent noise) "
                         "or 3 (latent nothing)")
-    for name in ("mask_blur", "inpaint_full_res_padding"):
-        if int(getattr(req, name)) < 0:
+    for name in ("mask_blur", "mask_blur_y", "inpaint_full_res_padding"):
+        if getattr(req, name) is not None and int(getattr(req, name)) < 0:
             problems.append(f"{name.replace('_', ' ')} {getattr(req, name)}: must be 0 or more")
     return problems
 

@@ -281,17 +281,16 @@ def _init_image(req: Img2ImgRequest, comments: list[str]):
 
 def _inpaint(req: Img2ImgRequest) -> dict[str, Any]:
     """The generator request's inpainting fields from ``mask`` and the webui's mask fields (none without a mask).
-    ``mask_blur`` sets both axes, as in the webui; different ``mask_blur_x`` and ``_y`` and a separate
-    ``latent_mask`` are refused (another picture)."""
+    ``mask_blur`` sets both axes, as in the webui, else ``mask_blur_x`` and ``mask_blur_y`` each (default 4); a
+    separate ``latent_mask`` is refused (another picture)."""
     if req.latent_mask:
         raise ApiError(422, "latent_mask: a separate latent mask is not available here (send only mask)")
     if not req.mask:
         return {}
     blur_x, blur_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else \
         (4 if req.mask_blur_x is None else req.mask_blur_x, 4 if req.mask_blur_y is None else req.mask_blur_y)
-    if blur_x != blur_y:
-        raise ApiError(422, f"mask_blur_x {blur_x} and mask_blur_y {blur_y}: one blur for both axes here (mask_blur)")
-    return {"mask": decode_image(req.mask, "mask"), "mask_blur": int(blur_x), "inpainting_fill": req.inpainting_fill,
+    return {"mask": decode_image(req.mask, "mask"), "mask_blur": int(blur_x),
+            "mask_blur_y": None if blur_y == blur_x else int(blur_y), "inpainting_fill": req.inpainting_fill,
             "inpaint_full_res": bool(req.inpaint_full_res), "inpaint_full_res_padding": req.inpaint_full_res_padding,
             "inpainting_mask_invert": bool(req.inpainting_mask_invert)}
 
