@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import types
 
 import pytest
@@ -527,3 +528,19 @@ def test_cli_control_image_problems_are_refused_before_a_model_loads(tmp_path, c
                         "--control-image", str(image), "--out", str(tmp_path / "out"))
     assert rc == 2 and problem in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key,shape", [("double_blocks.0.img_attn.norm.extra.scale", (16,)),
+                                       ("txt_in.lora_B.bias_extra", (4,)), ("img_out.lora_B.bias", (32,))])
+def test_a_key_no_control_lora_has_is_refused(tiny_flux, tmp_path, key, shape):
+    """Nothing of a control file is dropped silently: a tensor that is none of its parts is named."""
+    import adapterhub
+    from adapterhub.errors import AdapterError
+
+    path = control_file(tmp_path / "odd.safetensors", tiny_flux.transformer)
+    sd = load_file(str(path))
+    sd[key] = torch.ones(shape)
+    save_file(sd, str(path))
+    with pytest.raises(AdapterError, match=rf"odd\.safetensors: holds a tensor that is no part of a Flux control "
+                                           rf"LoRA .*\(key {re.escape(key)}\)"):
+        adapterhub.load(path)

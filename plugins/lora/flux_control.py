@@ -178,8 +178,8 @@ def control_patches(file: AdapterFile, grouped: Grouped, named: Grouped) -> dict
     biases = {k for k in grouped.stray if k.endswith(BIAS) and k[: -len(BIAS)] in grouped.modules}
     other = next((k for k in grouped.stray if norms[k] is None and k not in biases), None)
     if other is not None:
-        raise AdapterError(file.path, "is no part of a Flux control LoRA (LoRA pairs, their lora_B.bias and the "
-                                      "attention's q/k norm scales)", other)
+        raise AdapterError(file.path, "holds a tensor that is no part of a Flux control LoRA (LoRA pairs, their "
+                                      "lora_B.bias, the attention's q/k norm scales)", other)
     tensors = file.tensors([*(k for m in grouped.modules.values() for k in m.roles.values()), *grouped.stray])
     patches: dict[str, Patch] = {}
     for (name, mod), bfl_name in zip(grouped.modules.items(), named.modules):
