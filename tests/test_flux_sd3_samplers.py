@@ -464,3 +464,26 @@ def test_each_image_of_a_batch_draws_its_own_later_noise(tiny_sd3, name):
     alone = gen.generate(gen.request(_req("a cat", seed=6, sampler=name, schedule="Karras")), output="latent").latents
     torch.testing.assert_close(both[1:], alone, atol=1e-4, rtol=0)
     assert not torch.allclose(both[:1], alone, atol=1e-2)
+
+
+def test_flux_samplers_bench_rows(capsys, adapterhub_cache):
+    """``benchmarks/flux_samplers.py`` runs and reports its rows; no timing is asserted, only that both paths of the
+    same run end on the same latents."""
+    import importlib.util
+    import re
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))  # the scripts import their _common helpers
+    try:
+        spec = importlib.util.spec_from_file_location("flux_samplers_bench", root / "benchmarks" / "flux_samplers.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    bench.main(["--steps", "2", "--repeat", "1", "--samplers", "Euler a", "DPM++ 2M SDE"])
+    rows = re.findall(r"^(.+): k-diffusion [\d.]+ s, adapterhub [\d.]+ s, ratio [\d.]+x, max\|diff\| ([\d.e+-]+)$",
+                      capsys.readouterr().out, re.M)
+    assert [name for name, _ in rows] == ["Euler a", "DPM++ 2M SDE"]
+    assert all(float(diff) <= 1e-6 for _, diff in rows), rows
