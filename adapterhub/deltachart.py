@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 
 from adapterhub.blocks import SLOTS, block_of
 from adapterhub.errors import AdapterError
@@ -29,23 +28,6 @@ def slot_of(target: str) -> str:
     return block_of(target) or "other"
 
 
-def _squared_norm(patch) -> float | None:
-    """``||delta||^2`` of one patch at multiplier 1 (float64), None when the file does not fix its shape."""
-    factors = patch.low_rank_factors()
-    if factors is not None:  # ||s U D||^2 = s^2 tr(U^T U D D^T): r x r, never the full product
-        up, down, scale = (f.double() if torch.is_tensor(f) else f for f in factors)
-        return float(scale) ** 2 * float(((up.T @ up) * (down @ down.T)).sum())
-    shape = patch.expected_shape()
-    with torch.no_grad():
-        if shape is not None:
-            return float((patch.delta(torch.zeros(tuple(shape))).double() ** 2).sum())
-        if hasattr(patch, "factor") and hasattr(patch, "scale"):
-            # a scaled patch whose file leaves the weight's shape open (LoKr): its factor is the delta / scale,
-            # in some layout of the same elements, which is all a norm needs
-            return float(patch.scale) ** 2 * float((patch.factor(torch.zeros(0)).double() ** 2).sum())
-    return None
-
-
 def block_norms(adapter) -> dict[str, float]:
     """Block -> norm of the adapter's deltas there (blocks it does not touch are left out), in model order.
 
@@ -56,7 +38,7 @@ def block_norms(adapter) -> dict[str, float]:
                                          "at run time, not merged)")
     squares: dict[str, float] = {}
     for patch in adapter.patches.values():
-        value = _squared_norm(patch)
+        value = patch.squared_norm()  # the patch's own (Patch.squared_norm): no type's formula here
         if value is not None:
             slot = slot_of(patch.target)
             squares[slot] = squares.get(slot, 0.0) + value

@@ -100,6 +100,24 @@ class Patch:
         """
         acc.add_(self.delta(acc).reshape(acc.shape), alpha=multiplier)
 
+    def squared_norm(self) -> float | None:
+        """``||delta||^2`` at multiplier 1, in float64 (what ``inspect --plot`` charts per block); None when the
+        file does not fix the weight's shape. The default works from :meth:`low_rank_factors` without forming the
+        product (``||s U D||^2 = s^2 tr(U^T U D D^T)``, r x r), else from :meth:`delta` at the
+        :meth:`expected_shape`; a patch that knows a shape-free way overrides it."""
+        import torch
+
+        factors = self.low_rank_factors()
+        if factors is not None:
+            up, down, scale = factors
+            up, down = up.double(), down.double()
+            return float(scale) ** 2 * float(((up.T @ up) * (down @ down.T)).sum())
+        shape = self.expected_shape()
+        if shape is None:
+            return None
+        with torch.no_grad():
+            return float((self.delta(torch.zeros(tuple(shape))).double() ** 2).sum())
+
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(up, down, scale)``, float32, with ``delta == scale * (up @ down)`` reshaped to the weight:
         ``up`` (out, r), ``down`` (r, in*kh*kw). Patches that are a low-rank product (LoRA, LoCon,

@@ -46,6 +46,17 @@ class ScaledPatch(Patch):
         """``>= max |delta|`` at multiplier 1: what the weight engine checks against the model's dtype."""
         return abs(self.scale) * self.factor_bound()
 
+    def squared_norm(self) -> float | None:
+        """As :meth:`Patch.squared_norm`; where the file leaves the weight's shape open (LoKr), from the factor
+        alone: it holds the delta / scale in some layout of the same elements, which is all a norm needs."""
+        import torch
+
+        value = super().squared_norm()
+        if value is not None:
+            return value
+        with torch.no_grad():
+            return float(self.scale) ** 2 * float((self.factor(torch.zeros(0)).double() ** 2).sum())
+
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         from . import math as lmath
 
