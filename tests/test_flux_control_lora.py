@@ -544,3 +544,29 @@ def test_a_key_no_control_lora_has_is_refused(tiny_flux, tmp_path, key, shape):
     with pytest.raises(AdapterError, match=rf"odd\.safetensors: holds a tensor that is no part of a Flux control "
                                            rf"LoRA .*\(key {re.escape(key)}\)"):
         adapterhub.load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# a plain Flux LoRA on a control model: its img_in LoRA takes the leading input columns (diffusers pads lora_A)
+# ---------------------------------------------------------------------------------------------
+def test_a_plain_lora_with_img_in_on_a_control_model_equals_diffusers(control_model, tiny_flux, tmp_path):
+    """A FLUX.1 LoRA whose ``x_embedder`` LoRA is the base's 16 inputs wide, on a control model (32): diffusers
+    zero-pads its ``lora_A`` to the model's width (``_maybe_expand_lora_state_dict``); merged and attached alike,
+    and detaching restores the control model bit for bit."""
+    import adapterhub
+    from flux_helpers import diffusers_fused, peft_file
+
+    # made for tiny-flux (x_embedder 16 wide), in diffusers' names (its kohya converter drops top-level modules)
+    style = peft_file(tmp_path / "style.safetensors", tiny_flux.transformer,
+                      ["x_embedder", "transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.proj_mlp"], seed=3)
+    mine = copy.deepcopy(control_model)
+    adapterhub.load(style).merge_into(mine, 1.0)
+    oracle = diffusers_fused(control_model, style)
+    _assert_states_close(state(mine), oracle)
+    assert not torch.equal(oracle["x_embedder.weight"], state(control_model)["x_embedder.weight"])
+    attached = copy.deepcopy(control_model)
+    before = state(attached)
+    with adapterhub.load(style).attach(attached, 1.0):
+        _assert_states_close(state(attached), state(mine), atol=0)
+    after = state(attached)
+    assert all(torch.equal(after[k], before[k]) for k in before)

@@ -96,12 +96,52 @@ def _named(grouped: Grouped) -> Grouped:
 # ---------------------------------------------------------------------------------------------
 # patches
 # ---------------------------------------------------------------------------------------------
-class InputWideningLoRAPatch(LoRAPatch):
+class InputLoRAPatch(LoRAPatch):
+    """A LoRA on the transformer's ``x_embedder`` (``img_in``), of any Flux file. On a control model, whose input is
+    wider (the control image's latents follow the noise latents), it changes the leading input columns, the noise
+    latents': diffusers zero-pads such a ``lora_A`` to the model's width (``_maybe_expand_lora_state_dict``)."""
+
+    def fits(self, shape):
+        rows, width = self.expected_shape()
+        return len(shape) == 2 and shape[0] == rows and shape[1] >= width
+
+    def delta(self, weight):
+        width = self.in_features
+        if weight.shape[1] == width:
+            return super().delta(weight)
+        import torch
+
+        out = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        out[:, :width] = super().delta(weight[:, :width])
+        return out
+
+    def add_to(self, acc, multiplier):
+        width = self.in_features
+        if acc.shape[1] == width:
+            return super().add_to(acc, multiplier)
+        super().add_to(acc[:, :width], multiplier)  # a view: the leading columns only
+
+    @classmethod
+    def of(cls, patch: Patch) -> Patch:
+        """``patch`` as an input LoRA when it is a plain LoRA on the ``x_embedder``; else ``patch`` itself."""
+        if patch.target != INPUT or type(patch) is not LoRAPatch or "mid" in patch.tensors:
+            return patch
+        found = cls.__new__(cls)
+        found.__dict__.update(patch.__dict__)
+        return found
+
+
+class InputWideningLoRAPatch(InputLoRAPatch):
     """The ``img_in`` / ``x_embedder`` LoRA of a control LoRA: wider than the transformer's input."""
 
     widen_refusal = ("a Flux control LoRA widens the transformer's input (x_embedder takes the control image's "
                      "latents beside the noise), which cannot be attached and taken off in place; merge it into a "
                      "base (adapterhub merge) and sample the merged model")
+
+    def fits(self, shape):
+        # the model's input exactly as wide (widened already): a control input narrower than the model's is no
+        # control LoRA for it
+        return LoRAPatch.fits(self, shape)
 
     def widened(self, shape):
         rows, width = self.expected_shape()

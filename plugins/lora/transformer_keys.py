@@ -361,6 +361,8 @@ def build_transformer_patches(file: AdapterFile, grouped: Grouped, family: str) 
 
 
 def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch, family: str) -> list:
+    from .flux_control import InputLoRAPatch
+
     pieces = pieces_of(mod)
     first_key = next(iter(mod.roles.values()))
     if pieces is None:
@@ -385,7 +387,7 @@ def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch, fami
         if blocks is not None and alpha is not None:
             patch._scale = alpha / t["down"].shape[0]
         patch.file_keys = dict(mod.roles)
-        out.append(patch)
+        out.append(InputLoRAPatch.of(patch))  # on the x_embedder: a control model's wider input takes it too
     return out
 
 
