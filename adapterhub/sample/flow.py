@@ -26,6 +26,10 @@ Guidance: Flux-dev's distilled guidance is the model's guidance embedding (``dis
 ``Distilled CFG Scale``, default 3.5); real CFG with the negative prompt runs only above ``cfg`` 1 (Forge's
 default for Flux is 1: one transformer call per step). SD3 / SD3.5 use CFG with the negative prompt.
 
+The prompt's emphasis, ``BREAK``, prompt editing and alternation are applied as Forge applies them
+(:mod:`adapterhub.sample.flow_prompt`): the weighted embeddings are handed to the pipeline; a prompt that changes by
+step runs the k-diffusion loop below.
+
 Samplers and schedules (:data:`FLOW_SAMPLERS`, :data:`FLOW_SCHEDULES`): Euler on the schedule "Automatic" (and
 Heun on SD3) is the pipeline's own loop above. Every other sampler of the webui's that Forge offers these families
 (Euler a, Heun, DPM2, DPM2 a, LMS, DPM++ 2M, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE, DPM++ 3M SDE, and Euler on
@@ -49,7 +53,7 @@ import torch
 
 from adapterhub.backends import Runner
 from adapterhub.errors import AdapterhubError
-from adapterhub.sample import flow_samplers
+from adapterhub.sample import flow_prompt, flow_samplers
 from adapterhub.sample.request import DTYPES, Request, Result, normalized
 
 FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
@@ -319,7 +323,7 @@ class FlowGenerator:
         texts = flow_infotexts(req, seeds, self.parameters(req, stack))
         from adapterhub.sample.rng import later_draws_note
 
-        warnings = [*self.stacks.notes, *_prompt_warnings(prompt + req.negative)]
+        warnings = [*self.stacks.notes, *flow_prompt.prompt_warnings(prompt, req.negative)]
         if later_draws_note(req.rng, req.sampler) is not None:
             warnings.append(later_draws_note(req.rng, req.sampler))
         return Result(images, texts, seeds, torch.cat(latents_out) if latents_out else None, warnings, req)
@@ -350,8 +354,16 @@ class FlowGenerator:
         run: :meth:`k_denoise`."""
         from adapterhub.sample.request import img2img_steps
 
-        if req.schedule != FLOW_SCHEDULES[0] or req.sampler not in PIPELINE_SAMPLERS[self.family]:
-            return self.k_denoise(req, prompt, seeds, on_step, init)
+        if (req.schedule != FLOW_SCHEDULES[0] or req.sampler not in PIPELINE_SAMPLERS[self.family]
+                or flow_prompt.on_own_loop(prompt, req.negative, req.steps, req.cfg, self.family)):
+            return self.k_denoise(req, prompt, seeds, on_step, init)  # prompt editing: the conditioning by step
+        embeds = None
+        if flow_prompt.needs_engines(prompt, req.negative, req.emphasis):  # emphasis, BREAK: Forge's engines
+            negatives = self.family == "sd3" or req.cfg > 1
+            embeds = flow_prompt.pipeline_embeds(self.pipe, self.family, prompt, req.negative, req.emphasis,
+                                                 len(seeds), negatives)
+            if not flow_prompt.fits_pipeline(embeds):  # SD3's negative of another length: two calls a step
+                return self.k_denoise(req, prompt, seeds, on_step, init)
         noise = self.noise(seeds, req.width, req.height, req.rng)
         batch, channels, rows, cols = noise.shape
         start, run = 0, req.steps
@@ -376,6 +388,9 @@ class FlowGenerator:
                 kwargs.update(negative_prompt=req.negative, true_cfg_scale=float(req.cfg))
         else:
             kwargs.update(latents=noise, negative_prompt=req.negative, guidance_scale=float(req.cfg))
+        if embeds is not None:  # the texts' embeddings (already over the batch) in place of the texts
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("prompt", "negative_prompt")}
+            kwargs.update(embeds, num_images_per_prompt=1)
         if on_step is not None:
             kwargs["callback_on_step_end"] = _step_counter(on_step, req.sampler, run)
         latents = self._run(kwargs, scheduler)
@@ -418,8 +433,8 @@ class FlowGenerator:
         guidance = None
         if self.guidance_embeds:
             guidance = DISTILLED_CFG if req.distilled_cfg is None else float(req.distilled_cfg)
-        cond = flow_samplers.FlowDenoiser.encode(self.pipe, self.family, prompt, req.negative, len(seeds), req.cfg)
-        denoiser = flow_samplers.FlowDenoiser(self.pipe, self.family, cond, req.cfg, guidance, req.width, req.height)
+        denoiser = flow_prompt.k_denoiser(self.pipe, self.family, prompt, req.negative, req.steps, req.emphasis,
+                                          len(seeds), req.cfg, guidance, req.width, req.height)
 
         def stepped(i: int, latents: torch.Tensor, denoised: torch.Tensor) -> None:
             if self.step_hook is not None:
@@ -542,6 +557,7 @@ class FlowGenerator:
                 "Denoising strength": infotext.number(req.denoising_strength) if req.init_image is not None else None,
                 "RNG": req.rng if req.rng != "GPU" else None,
                 "Lora hashes": fields_.pop("Lora hashes", None), "TI hashes": fields_.pop("TI hashes", None),
+                "Emphasis": flow_prompt.emphasis_field(req.prompt, req.negative, req.emphasis),
                 **fields_, "Version": f"adapterhub {__version__}"}, req)
 
     def close(self) -> None:
@@ -571,10 +587,3 @@ def flow_infotexts(req: Request, seeds: list[int], params: dict[str, Any]) -> li
         texts.append(f"{req.prompt}{negative}\n{line}".strip())
     return texts
 
-
-def _prompt_warnings(text: str) -> list[str]:
-    """The webui's emphasis syntax is not applied to these text encoders yet: say so rather than weigh silently."""
-    if any(c in text for c in "()[]"):
-        return ["emphasis and prompt editing ((word:1.2), [a:b:0.5]) are not applied to Flux / SD3 prompts yet: "
-                "the text encoders read them as written"]
-    return []

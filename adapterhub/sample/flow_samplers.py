@@ -426,6 +426,11 @@ class FlowDenoiser:
         dtype, batch = transformer.dtype, x.shape[0]
         t = sigma.float() * 1000  # the schedulers' timesteps (float32); FluxPipeline casts them to the latents' dtype
         if self.family == "sd3":
+            if "neg_embeds" in c:  # a negative prompt of another length (adapterhub.sample.flow_prompt): two calls
+                v_c, v_u = (transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=c[p + "embeds"],
+                                        pooled_projections=c[p + "pooled"], joint_attention_kwargs=None,
+                                        return_dict=False)[0] for p in ("", "neg_"))
+                return v_u + self.cfg * (v_c - v_u)
             hidden = torch.cat([x, x]) if self.cfg > 1 else x
             v = transformer(hidden_states=hidden.to(dtype), timestep=t.repeat(hidden.shape[0] // batch),
                             encoder_hidden_states=c["embeds"], pooled_projections=c["pooled"],

@@ -1,0 +1,288 @@
+"""The webui's prompt syntax on Flux and SD3 / SD3.5, as Forge's text engines apply it.
+
+Emphasis (``(word:1.2)``, ``[word]``) and ``BREAK``. Forge encodes a Flux / SD3 prompt per text encoder with
+two engines (``backend/text_processing``): CLIP (``ClassicTextProcessingEngine``) and T5
+(``T5TextProcessingEngine``). Both parse the prompt with the webui's ``parse_prompt_attention``
+(:mod:`adapterhub.sample.prompt`), tokenize each fragment on its own, and multiply each chunk's hidden states by its
+tokens' weights as the emphasis mode says (:func:`~adapterhub.sample.conditioning.apply_emphasis`; "Original":
+multiplied, then scaled back to the chunk's mean before weighting; "No norm": multiplied only; "Ignore": the syntax
+removed, every weight 1). The engines differ in their chunks:
+
+* CLIP: the webui's 75-token chunks (BOS, 75 tokens, EOS; comma back-off; ``BREAK`` starts a chunk), each encoded
+  on its own, concatenated on the token axis; the pooled output is the first chunk's (emphasis never touches it).
+* T5: no length limit and no 75-token chunks; ``BREAK`` alone starts a new chunk. A chunk is its tokens, EOS, then
+  padding up to the engine's minimum length; a longer chunk stays whole (T5's relative positions take any length);
+  the chunks are concatenated on the token axis.
+
+Per family (Forge's ``get_learned_conditioning``): Flux takes the T5 sequence and CLIP-L's pooled output; SD3 takes
+CLIP-L and CLIP-G's hidden states side by side on the channel axis, zero-padded to T5's width, then T5's sequence
+after them on the token axis, and the two CLIP pooled outputs side by side.
+
+Where this follows the pipeline rather than Forge, so that a prompt without emphasis is the pipeline's own
+(:func:`is_plain` texts go to the pipeline's ``encode_prompt`` untouched, and a prompt whose weights are all 1 gives
+the pipeline's embeddings): the hidden states are the ones diffusers' pipelines read (SD3: each CLIP's
+penultimate layer; Flux: CLIP-L's pooled output), T5 is padded with its pad token to the pipeline's sequence
+length (Flux 512, SD3 256) where Forge pads with EOS to 256, and emphasis "None" leaves the prompt as written (the
+label's meaning; Forge's backend still strips the brackets).
+
+Prompt editing ``[a:b:N]`` and alternation ``[a|b]`` (:func:`~adapterhub.sample.prompt.prompt_schedule`): each
+schedule entry's text is encoded as above and :class:`ScheduledDenoiser` hands the flow denoiser the entry of the
+current model call (counted over the denoiser's calls, as the webui's ``CFGDenoiser.step``; a second-order
+sampler's steps count twice) for the prompt and for the negative prompt. Those prompts therefore run the
+k-diffusion loop (:mod:`adapterhub.sample.flow_samplers`), also for Euler on "Automatic", on the pipeline's own
+sigmas. ``AND`` (composable prompts) is not applied: :func:`prompt_warnings` says so.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from adapterhub.sample.conditioning import _pad_after_end, apply_emphasis
+from adapterhub.sample.prompt import (
+    RE_AND,
+    fragments,
+    parse_prompt_attention,
+    prompt_schedule,
+    schedule_index,
+    tokenize_prompt,
+    vocabulary_of,
+)
+
+T5_LENGTH = {"flux": 512, "sd3": 256}  # the pipelines' max_sequence_length (the minimum here: see module doc)
+
+
+# -- which texts need the engines -------------------------------------------------------------------------
+def is_plain(text: str, emphasis: str = "Original") -> bool:
+    """Whether ``text`` has nothing for the engines to do: no emphasis, escape or ``BREAK`` (or emphasis "None").
+    Such a text is encoded by the pipeline's own ``encode_prompt``, exactly as without this module."""
+    if emphasis == "None":
+        fragments(text, emphasis)  # checks the mode's name
+        return True
+    parsed = fragments(text, emphasis)
+    return len(parsed) == 1 and parsed[0][0] == text and parsed[0][1] == 1.0
+
+
+def is_scheduled(text: str, steps: int) -> bool:
+    """Whether ``text`` changes during sampling (prompt editing or alternation over ``steps`` steps)."""
+    return len(prompt_schedule(text, steps)) > 1
+
+
+def prompt_warnings(prompt: str, negative: str) -> list[str]:
+    """What is still not applied to Flux / SD3 prompts, in one line each."""
+    if RE_AND.search(prompt) or RE_AND.search(negative):
+        return ["AND (composable prompts) is not applied to Flux / SD3 prompts yet: the text encoders read it "
+                "as written"]
+    return []
+
+
+def emphasis_field(prompt: str, negative: str, emphasis: str) -> str | None:
+    """Forge's infotext ``Emphasis``: the mode when it is not "Original" and a text has ``(`` or ``[``."""
+    if emphasis != "Original" and any(c in prompt + negative for c in "(["):
+        return emphasis
+    return None
+
+
+# -- Forge's engines ----------------------------------------------------------------------------------------
+def t5_chunks(tokenizer, text: str, emphasis: str, length: int) -> list[tuple[list[int], list[float]]]:
+    """Forge's ``T5TextProcessingEngine.tokenize_line``: ``[(token ids, weights), ...]``, one per ``BREAK``-separated
+    part: its fragments' tokens (each fragment tokenized on its own), EOS, then the pad token up to ``length``
+    (a longer part is kept whole: no truncation)."""
+    parsed = fragments(text, emphasis)
+    ids = tokenizer([t for t, _ in parsed], add_special_tokens=False, truncation=False)["input_ids"]
+    chunks: list[tuple[list[int], list[float]]] = []
+    tokens: list[int] = []
+    weights: list[float] = []
+
+    def close() -> None:
+        fill = max(length - len(tokens) - 1, 0)
+        chunks.append((tokens + [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * fill,
+                       weights + [1.0] * (1 + fill)))
+
+    for piece, (fragment, weight) in zip(ids, parsed):
+        if fragment == "BREAK" and weight == -1:
+            close()
+            tokens, weights = [], []
+            continue
+        tokens = tokens + list(piece)
+        weights = weights + [1.0 if emphasis == "Ignore" else float(weight)] * len(piece)
+    if tokens or not chunks:
+        close()
+    return chunks
+
+
+def encode_t5(encoder, tokenizer, text: str, emphasis: str, length: int) -> torch.Tensor:
+    """T5's weighted sequence (1, L, C): each chunk encoded on its own, weighted (``emphasis``), concatenated."""
+    parts = []
+    for tokens, weights in t5_chunks(tokenizer, text, emphasis, length):
+        ids = torch.tensor([tokens], device=encoder.device)
+        with torch.no_grad():
+            z = encoder(ids)[0]
+        parts.append(apply_emphasis(z, torch.tensor([weights], device=z.device, dtype=z.dtype), emphasis))
+    return torch.cat(parts, dim=1).to(encoder.dtype)
+
+
+def clip_chunks(tokenizer, text: str, emphasis: str):
+    """The webui's / Forge's CLIP chunks of ``text`` (77 ids and weights each; :func:`tokenize_prompt`)."""
+    def ids(texts):
+        return tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+
+    return tokenize_prompt(text, ids, vocabulary_of(tokenizer), emphasis).chunks
+
+
+def encode_clip(encoder, tokenizer, text: str, emphasis: str, hidden: bool = True):
+    """One CLIP's (hidden states (1, 77 k, C) or None, pooled (1, P)) for ``text``: per chunk the penultimate hidden
+    states (SD3's layer) weighted by ``emphasis``, concatenated; the pooled output of the first chunk (the projected
+    one of a ``CLIPTextModelWithProjection``, else the pooler's). ``hidden`` False: the pooled output only (Flux)."""
+    chunks = clip_chunks(tokenizer, text, emphasis)
+    if not hidden:
+        chunks = chunks[:1]
+    parts, pooled = [], None
+    for i, chunk in enumerate(chunks):
+        ids = _pad_after_end(torch.tensor([chunk.tokens], device=encoder.device), tokenizer)
+        with torch.no_grad():
+            out = encoder(ids, output_hidden_states=True)
+        if i == 0:
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        if hidden:
+            z = out.hidden_states[-2]
+            parts.append(apply_emphasis(z, torch.tensor([chunk.multipliers], device=z.device, dtype=z.dtype),
+                                        emphasis))
+    return (torch.cat(parts, dim=1) if parts else None), pooled.to(encoder.dtype)
+
+
+def encode_text(pipe, family: str, text: str, emphasis: str = "Original") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(embeds (1, L, C), pooled (1, P))`` of one text for the family's transformer: the pipeline's own
+    ``encode_prompt`` for a :func:`is_plain` text, else Forge's engines (module doc)."""
+    device = pipe.transformer.device
+    if is_plain(text, emphasis):
+        with torch.no_grad():
+            if family == "flux":
+                embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, device=device,
+                                                       num_images_per_prompt=1, max_sequence_length=T5_LENGTH[family])
+                return embeds, pooled
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None, device=device,
+                                                      num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                                      max_sequence_length=T5_LENGTH[family])
+            return embeds, pooled
+    if family == "flux":
+        _, pooled = encode_clip(pipe.text_encoder, pipe.tokenizer, text, emphasis, hidden=False)
+        t5 = encode_t5(pipe.text_encoder_2, pipe.tokenizer_2, text, emphasis, T5_LENGTH[family])
+        return t5.to(device), pooled.to(device)
+    z_l, pooled_l = encode_clip(pipe.text_encoder, pipe.tokenizer, text, emphasis)
+    z_g, pooled_g = encode_clip(pipe.text_encoder_2, pipe.tokenizer_2, text, emphasis)
+    clip = torch.cat([z_l, z_g], dim=-1)
+    if pipe.text_encoder_3 is not None:
+        t5 = encode_t5(pipe.text_encoder_3, pipe.tokenizer_3, text, emphasis, T5_LENGTH[family])
+    else:  # the pipeline's zeros where the base has no T5
+        t5 = torch.zeros((1, T5_LENGTH[family], pipe.transformer.config.joint_attention_dim),
+                         device=clip.device, dtype=clip.dtype)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    embeds = torch.cat([clip, t5.to(clip.device, clip.dtype)], dim=-2)
+    return embeds.to(device), torch.cat([pooled_l, pooled_g], dim=-1).to(device)
+
+
+# -- the pipeline's loop: embeddings instead of text ---------------------------------------------------------
+def needs_engines(prompt: str, negative: str, emphasis: str) -> bool:
+    """Whether the prompt or the negative prompt must be encoded here rather than by the pipeline."""
+    return not (is_plain(prompt, emphasis) and is_plain(negative, emphasis))
+
+
+def pipeline_embeds(pipe, family: str, prompt: str, negative: str, emphasis: str, batch: int,
+                    negatives: bool) -> dict[str, Any]:
+    """The pipeline's ``prompt_embeds`` / ``pooled_prompt_embeds`` (and the negative ones when ``negatives``),
+    each repeated over the ``batch`` (then ``num_images_per_prompt`` is 1)."""
+    def repeated(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled = encode_text(pipe, family, text, emphasis)
+        return embeds.repeat(batch, 1, 1), pooled.repeat(batch, 1)
+
+    out: dict[str, Any] = dict(zip(("prompt_embeds", "pooled_prompt_embeds"), repeated(prompt)))
+    if negatives:
+        out.update(zip(("negative_prompt_embeds", "negative_pooled_prompt_embeds"), repeated(negative)))
+    return out
+
+
+def fits_pipeline(embeds: dict[str, Any]) -> bool:
+    """SD3's pipeline concatenates the negative and the prompt into one batch: only sequences of one length fit."""
+    neg = embeds.get("negative_prompt_embeds")
+    return neg is None or neg.shape[1] == embeds["prompt_embeds"].shape[1]
+
+
+# -- the k-diffusion loop: conditioning by model call ------------------------------------------------------
+def flow_cond(pipe, family: str, prompt: str, negative: str, emphasis: str, batch: int, cfg: float) -> dict:
+    """A :class:`~adapterhub.sample.flow_samplers.FlowDenoiser` conditioning for one prompt and negative prompt
+    (unscheduled texts). SD3 with CFG: one batch (unconditional first, as the pipeline) where the two sequences
+    have one length, else ``neg_embeds`` / ``neg_pooled`` beside them (two transformer calls, as Forge runs
+    conditionings it cannot concatenate)."""
+    if not needs_engines(prompt, negative, emphasis):
+        from adapterhub.sample.flow_samplers import FlowDenoiser
+
+        return FlowDenoiser.encode(pipe, family, prompt, negative, batch, cfg)
+    embeds, pooled = encode_text(pipe, family, prompt, emphasis)
+    cond: dict[str, Any] = {"embeds": embeds.repeat(batch, 1, 1), "pooled": pooled.repeat(batch, 1)}
+    if cfg > 1:
+        neg, neg_pooled = encode_text(pipe, family, negative, emphasis)
+        cond.update(neg_embeds=neg.repeat(batch, 1, 1), neg_pooled=neg_pooled.repeat(batch, 1))
+    if family == "flux":
+        dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.transformer.dtype
+        for prefix in ("", "neg_") if cfg > 1 else ("",):
+            cond[prefix + "ids"] = torch.zeros(cond[prefix + "embeds"].shape[1], 3, device=embeds.device, dtype=dtype)
+    elif cfg > 1 and cond["neg_embeds"].shape[1] == embeds.shape[1]:
+        cond = {"embeds": torch.cat([cond["neg_embeds"], cond["embeds"]]),
+                "pooled": torch.cat([cond["neg_pooled"], cond["pooled"]])}
+    return cond
+
+
+class ScheduledDenoiser:
+    """A :class:`~adapterhub.sample.flow_samplers.FlowDenoiser` whose conditioning follows the prompt's and the
+    negative prompt's schedules: at its n-th call (0-based) the entries the webui's ``reconstruct_cond_batch``
+    picks for step n."""
+
+    def __init__(self, denoiser, pipe, family: str, prompt: str, negative: str, steps: int, emphasis: str,
+                 batch: int, cfg: float):
+        self.denoiser, self.calls = denoiser, 0
+        self.schedule = prompt_schedule(prompt, steps)
+        self.negative = prompt_schedule(negative, steps) if cfg > 1 else [(steps, negative)]
+        self._build = lambda p, n: flow_cond(pipe, family, p, n, emphasis, batch, cfg)
+        self._conds: dict[tuple[int, int], dict] = {}
+        for i in range(len(self.schedule)):  # every entry encoded before sampling, as the webui does
+            for j in range(len(self.negative)):
+                self._cond(i, j)
+
+    def _cond(self, i: int, j: int) -> dict:
+        if (i, j) not in self._conds:
+            self._conds[(i, j)] = self._build(self.schedule[i][1], self.negative[j][1])
+        return self._conds[(i, j)]
+
+    def entries(self, call: int) -> tuple[int, int]:
+        """The (prompt, negative) schedule entries of model call ``call``."""
+        return (schedule_index([end for end, _ in self.schedule], call),
+                schedule_index([end for end, _ in self.negative], call))
+
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        self.denoiser.cond = self._cond(*self.entries(self.calls))
+        self.calls += 1
+        return self.denoiser(x, sigma)
+
+
+def k_denoiser(pipe, family: str, prompt: str, negative: str, steps: int, emphasis: str, batch: int, cfg: float,
+               guidance: float | None, width: int, height: int):
+    """The flow denoiser for the k-diffusion loop: the plain :class:`FlowDenoiser` on the pipeline's encoding
+    when neither text needs the engines nor changes during sampling (as before this module), else weighted
+    and/or scheduled (:class:`ScheduledDenoiser`)."""
+    from adapterhub.sample.flow_samplers import FlowDenoiser
+
+    if not any(is_scheduled(t, steps) for t in (prompt, negative)):
+        cond = flow_cond(pipe, family, prompt, negative, emphasis, batch, cfg)
+        return FlowDenoiser(pipe, family, cond, cfg, guidance, width, height)
+    denoiser = FlowDenoiser(pipe, family, {}, cfg, guidance, width, height)
+    return ScheduledDenoiser(denoiser, pipe, family, prompt, negative, steps, emphasis, batch, cfg)
+
+
+def on_own_loop(prompt: str, negative: str, steps: int, cfg: float, family: str) -> bool:
+    """Whether a prompt must leave the pipeline's loop for the k-diffusion one: prompt editing or alternation in
+    the prompt (or in the negative prompt where CFG reads it)."""
+    texts: Sequence[str] = (prompt, negative) if cfg > 1 else (prompt,)
+    return any(is_scheduled(t, steps) for t in texts)
+
