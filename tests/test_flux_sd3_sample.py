@@ -154,7 +154,7 @@ def test_flux_infotext_is_forges(tiny_flux):
 @pytest.mark.parametrize("options, message", [
     ({"sampler": "DDIM"}, "flow-matching model; choose Euler"),
     ({"schedule": "Align Your Steps"}, "choose Automatic"),
-    ({"hr_scale": 2.0}, "hires fix is not available"),
+    ({"hr_scale": 2.0, "hr_upscaler": "ESRGAN_4x"}, "hires upscaler 'ESRGAN_4x': choose one of"),
     ({"clip_skip": 2}, "clip skip 2: not available"),
 ])
 def test_flow_request_refusals(tiny_flux, options, message):
@@ -205,7 +205,7 @@ def test_cli_samples_tiny_flux_with_forges_infotext(capsys, tmp_path, tiny_flux)
 
 @pytest.mark.parametrize("base, args, message", [
     ("tiny-flux", ["--sampler", "DDIM"], "sampler 'DDIM': Flux is a flow-matching model"),
-    ("tiny-flux", ["--hires", "2"], "the hires fix is not available for Flux models"),
+    ("tiny-flux", ["--hires", "2", "--hires-denoise", "0"], "hires denoising strength 0.0: must be more than 0"),
     ("tiny-sd3", ["--distilled-cfg", "3"], "SD3 has no distilled guidance"),
     ("tiny-sd1", ["--distilled-cfg", "3"], "--distilled-cfg is Flux-dev's guidance"),
     ("tiny-flux", ["--backend", "nonesuch"], "unknown sampler backend 'nonesuch'"),

@@ -108,11 +108,25 @@ def test_flux_img2img_equals_adapterhub_sample(flux, tmp_path):
     assert result.info["denoising_strength"] == 0.6
 
 
+def test_flux_hires_fix_equals_adapterhub_sample(flux, tmp_path):
+    """The webui's txt2img ``enable_hr`` fields on a Flux base: the same image and infotext as ``--hires``."""
+    result = _api(flux).txt2img(prompt="a red cat", seed=5, cfg_scale=1, enable_hr=True, hr_scale=2,
+                                hr_upscaler="Latent (nearest)", hr_second_pass_steps=2, denoising_strength=0.6,
+                                **SMALL)
+    ours = _sample(tmp_path, "tiny-flux", "--prompt", "a red cat", "--seed", 5, "--cfg", 1, "--hires", 2,
+                   "--hires-upscaler", "Latent (nearest)", "--hires-steps", 2, "--hires-denoise", 0.6)
+    assert result.image.size == (128, 128)
+    assert np.array_equal(_pixels(result.image), _pixels(ours[0]))
+    assert result.image.info["parameters"] == infotext.read_png(ours[0].filename)
+    assert "Denoising strength: 0.6, Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent (nearest)" in \
+        result.image.info["parameters"]
+
+
 def test_what_flux_cannot_do_is_refused_in_one_line(flux):
     _refused(_post(flux, "txt2img", prompt="x", **{**SMALL, "sampler_name": "DDIM"}),
              "sampler 'DDIM': Flux is a flow-matching model")
     _refused(_post(flux, "txt2img", prompt="x", **{**SMALL, "scheduler": "Align Your Steps"}), "choose Automatic")
-    _refused(_post(flux, "txt2img", prompt="x", enable_hr=True, **SMALL), "the hires fix is not available for Flux")
+    _refused(_post(flux, "txt2img", prompt="x", enable_hr=True, hr_scale=4, **SMALL), "hires size 256x256")
     _refused(_post(flux, "txt2img", prompt="x", override_settings={"CLIP_stop_at_last_layers": 2}, **SMALL),
              "clip skip 2: not available for Flux")
     _refused(_post(flux, "txt2img", prompt="x", distilled_cfg_scale=-1, **SMALL), "must be a finite number, 0 or more")

@@ -39,8 +39,11 @@ Exponential, Polyexponential, KL Optimal; "Automatic": the pipeline's own sigmas
 (img2img: the schedule's last steps from ``sigma noise + (1 - sigma) init``), each image's later noise its own
 (:meth:`FlowGenerator.k_denoise`, :mod:`adapterhub.sample.flow_samplers`). ``--backend compiled`` compiles the
 transformer in place (:class:`CompiledTransformer`), which both loops call. Not here yet (refused in one line,
-before a model loads): DDIM, PLMS, UniPC, LCM, DPM fast / adaptive, Restart and the other schedule types, the hires
-fix, inpainting (a mask), clip skip, other backends.
+before a model loads): DDIM, PLMS, UniPC, LCM, DPM fast / adaptive, Restart and the other schedule types,
+inpainting (a mask), clip skip, other backends.
+
+The hires fix (``hr_scale``): the txt2img pass, then :func:`adapterhub.sample.flow_passes.hires_pass` (the latents
+upscaled in the family's layout, an img2img pass of the webui's fixed step count through :meth:`denoise`).
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ import torch
 
 from adapterhub.backends import Runner
 from adapterhub.errors import AdapterhubError
-from adapterhub.sample import flow_prompt, flow_samplers
+from adapterhub.sample import flow_passes, flow_prompt, flow_samplers
 from adapterhub.sample.request import DTYPES, Request, Result, normalized
 
 FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
@@ -120,8 +123,6 @@ def check_flow_request(req: FlowRequest, family: str, guidance_embeds: bool | No
     if flow_samplers.schedule_name(req.schedule) is None:
         raise AdapterhubError(f"schedule {req.schedule!r}: {name} samples on its shifted flow-matching sigmas; "
                               f"choose {', '.join(FLOW_SCHEDULES)}")
-    if req.hr_scale is not None:
-        raise AdapterhubError(f"the hires fix is not available for {name} models")
     if req.mask is not None:
         raise AdapterhubError(f"inpainting (a mask) is not available for {name} models")
     if int(req.clip_skip) != 1:
@@ -292,6 +293,7 @@ class FlowGenerator:
         if req.width % step or req.height % step:
             raise AdapterhubError(f"size {req.width}x{req.height}: this {self.family} base needs width and height "
                                   f"in multiples of {step}")
+        flow_passes.check_sizes(self, req)  # SD3's position embeddings: the largest size it can place
         from adapterhub.sample import rng as noise_sources
 
         noise_sources.check_device(req.rng, self.device)
@@ -315,7 +317,10 @@ class FlowGenerator:
         images, latents_out = [], []
         for start in range(0, len(seeds), req.batch):
             batch_seeds = seeds[start:start + req.batch]
-            latents = self.denoise(req, prompt, batch_seeds, counter(len(batch_seeds)), init)
+            step_done = counter(len(batch_seeds))
+            latents = self.denoise(req, prompt, batch_seeds, step_done, init)
+            if req.hr_scale is not None:  # the hires fix's second pass (adapterhub.sample.flow_passes)
+                latents = flow_passes.hires_pass(self, req, prompt, batch_seeds, latents, step_done)
             if output == "latent":
                 latents_out.append(latents)
             else:
@@ -555,6 +560,7 @@ class FlowGenerator:
                 "CFG scale": infotext.number(req.cfg), "Distilled CFG Scale": distilled, "Seed": req.seed,
                 "Size": f"{req.width}x{req.height}", "Model hash": self.model_hash, "Model": self.model_name,
                 "Denoising strength": infotext.number(req.denoising_strength) if req.init_image is not None else None,
+                **flow_passes.hires_fields(req),
                 "RNG": req.rng if req.rng != "GPU" else None,
                 "Lora hashes": fields_.pop("Lora hashes", None), "TI hashes": fields_.pop("TI hashes", None),
                 "Emphasis": flow_prompt.emphasis_field(req.prompt, req.negative, req.emphasis),

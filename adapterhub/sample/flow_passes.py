@@ -1,0 +1,122 @@
+"""The webui's second passes on Flux and SD3 / SD3.5: the hires fix and inpainting, in each family's latent layout.
+
+Hires fix (``hr_scale``; :func:`hires_pass`): the first pass is the txt2img pass at ``width`` x ``height``; its
+latents (B, C, H/8, W/8; Flux's unpacked, C the VAE's 16 channels) are upscaled to the hires size
+(:func:`hires_size`: ``int(size x scale)``, down to the base's size multiple: 16 px for Flux's 2 x 2 tokens) with a
+``Latent …`` mode (interpolated as the webui's) or, for an image upscaler (None, Lanczos, Nearest), decoded (the
+VAE's scale and shift undone), made 8-bit as the webui does, resized (:func:`adapterhub.sample.images.resize_image`)
+and encoded again (the posterior's mean, shifted and scaled). Then an img2img pass of exactly ``hr_steps`` steps
+(0: ``steps``) at the end of an ``int(hr_steps / min(hr_denoise, 0.999))``-step schedule (the webui's fixed step
+count, :func:`adapterhub.sample.request.img2img_steps`), with fresh noise from the same seeds: on the pipeline's
+own loop the second pass equals diffusers' ``FluxImg2ImgPipeline`` / ``StableDiffusion3Img2ImgPipeline`` given the
+upscaled latents; on a k-diffusion sampler, the schedule's last ``hr_steps`` sigmas.
+
+Inpainting (``mask``; :func:`prepare_inpaint`, :class:`LatentBlend`): the Stable Diffusion path's mask preparation
+(:func:`adapterhub.sample.images.prepare_mask`: binary, inverted, blurred, "only masked" cropping, the masked area's
+start) and paste back, with the flow-matching blend of diffusers' ``FluxInpaintPipeline`` /
+``StableDiffusion3InpaintPipeline``: after every scheduler step the latents outside the mask are the init latents
+noised to the step's next sigma with the image's own noise (``scale_noise``; after the last step the init latents
+themselves). The blend needs a step to act after, so it runs on the pipelines' own loop (Euler, and Heun on SD3, on
+the "Automatic" schedule); the k-diffusion samplers run their own loop and are refused with a mask, as the Stable
+Diffusion path refuses its k-diffusion samplers (:func:`mask_problem`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+
+from adapterhub.sample.request import LATENT_UPSCALERS, hires_upscaler, img2img_steps
+
+
+# -- the hires fix ------------------------------------------------------------------------------------------------
+def hires_size(gen, req) -> tuple[int, int]:
+    """The hires pass's size: the webui's ``int(size x scale)``, down to a multiple of the base's size multiple
+    (the VAE's 8 px times the transformer's patch: a Flux latent grid must pack into 2 x 2 tokens)."""
+    step = gen.size_multiple
+    return int(req.width * req.hr_scale) // step * step, int(req.height * req.hr_scale) // step * step
+
+
+def decode_tensor(gen, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1], (B, 3, H, W): the VAE's decode of flow latents (its scale and shift undone)."""
+    vae = gen.pipe.vae
+    with torch.no_grad():
+        scaled = latents / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+
+
+def upscale(gen, latents: torch.Tensor, width: int, height: int, upscaler: str) -> torch.Tensor:
+    """The hires fix's upscale of unpacked latents to ``width`` x ``height``: a ``Latent …`` mode interpolates them
+    (the webui's modes); an image upscaler decodes them, makes 8-bit images as the webui does (``clamp((x + 1) / 2)
+    x 255``, truncated), resizes each (:func:`~adapterhub.sample.images.resize_image`) and encodes it again
+    (``gen.encode_image``: the posterior's mean, shifted and scaled)."""
+    import numpy as np
+    from PIL import Image
+
+    from adapterhub.sample.images import resize_image
+
+    upscaler = hires_upscaler(upscaler)
+    scale = gen.pipe.vae_scale_factor
+    if upscaler in LATENT_UPSCALERS:
+        mode, antialias = LATENT_UPSCALERS[upscaler]
+        return torch.nn.functional.interpolate(latents, size=(height // scale, width // scale), mode=mode,
+                                               antialias=antialias)
+    decoded = torch.clamp((decode_tensor(gen, latents).float() + 1.0) / 2.0, min=0.0, max=1.0)
+    out = []
+    for x in decoded:
+        pixels = (255.0 * np.moveaxis(x.cpu().numpy(), 0, 2)).astype(np.uint8)
+        out.append(gen.encode_image(resize_image(Image.fromarray(pixels), width, height, upscaler)))
+    return torch.cat(out)
+
+
+def hires_request(req, width: int, height: int):
+    """The request of the hires pass: ``width`` x ``height``, its schedule the webui's fixed step count
+    (``int(hr_steps / min(d, 0.999))`` steps, the last ``hr_steps`` run), told to the img2img loops as a schedule
+    length and a strength that runs exactly that many steps there (``int(d' x length) + 1 = run``)."""
+    length, run = img2img_steps(req.hr_steps or req.steps, req.hr_denoise, fixed=True)
+    # (run - 0.5) / length: int() of it times length is run - 1 whatever the float rounding, and it is below 1
+    return replace(req, width=width, height=height, steps=length, denoising_strength=(run - 0.5) / length,
+                   hr_scale=None, mask=None, initial_noise_multiplier=1.0)
+
+
+def hires_pass(gen, req, prompt: str, seeds: Sequence[int], first: torch.Tensor,
+               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """The hires fix's second pass on the first pass's latents ``first`` (B, C, H/8, W/8): upscaled
+    (:func:`upscale`), then denoised from there by the request's sampler (``gen.denoise``, the img2img loops) with
+    fresh noise from the same ``seeds``; the final latents at the hires size."""
+    width, height = hires_size(gen, req)
+    upscaled = upscale(gen, first, width, height, req.hr_upscaler)
+    return gen.denoise(hires_request(req, width, height), prompt, seeds, on_step,
+                       upscaled.to(device=gen.device, dtype=gen.dtype))
+
+
+def hires_fields(req) -> dict:
+    """The hires fix's infotext fields as Forge writes them (txt2img's ``Denoising strength`` is the hires pass's);
+    none without the hires fix."""
+    from adapterhub.sample import infotext
+
+    if req.hr_scale is None:
+        return {}
+    return {"Denoising strength": infotext.number(req.hr_denoise), "Hires upscale": infotext.number(req.hr_scale),
+            "Hires steps": req.hr_steps or None, "Hires upscaler": req.hr_upscaler}
+
+
+def check_sizes(gen, req) -> None:
+    """The sizes a normalized request samples at, against what the model can place (one line, before sampling):
+    SD3's transformer embeds positions up to ``pos_embed_max_size`` patches a side (SD3.5 Large: 192, so 3072 px),
+    and the hires pass must fit too."""
+    from adapterhub.errors import AdapterhubError
+
+    most = getattr(gen.pipe.transformer.config, "pos_embed_max_size", None)
+    if most is None:
+        return
+    sides = [("size", req.width, req.height)]
+    if req.hr_scale is not None:
+        sides.append(("hires size", *hires_size(gen, req)))
+    limit = int(most) * gen.size_multiple
+    for what, width, height in sides:
+        if max(width, height) > limit:
+            raise AdapterhubError(f"{what} {width}x{height}: this SD3 model places images up to {limit} px a side "
+                                  f"(its {most} position embeddings)" + ("; choose a smaller hires scale"
+                                                                         if what == "hires size" else ""))
