@@ -247,9 +247,10 @@ def test_plain_prompt_unchanged(request, family):
         assert torch.equal(got, want), (prompt, mode)
 
 
-def _by_hand(gen, family, texts, cfg, negatives=None, sampler="Euler"):
+def _by_hand(gen, family, texts, cfg, negatives=None, sampler="Euler", conds=None):
     """The k-diffusion loop run by hand: model call i conditioned on ``texts[i]`` (and ``negatives[i]``), each
-    text encoded by the pipeline (plain texts), Euler over the pipeline's own sigmas from the seed's noise."""
+    text encoded by the pipeline (plain texts), or on ``conds[i]`` (the denoiser's conditioning) when given; the
+    sampler over the pipeline's own sigmas from the seed's noise."""
     from adapterhub.sample import flow_samplers
 
     pipe = gen.pipe
@@ -257,12 +258,11 @@ def _by_hand(gen, family, texts, cfg, negatives=None, sampler="Euler"):
     sigmas = gen._pipeline_sigmas(STEPS, SIZE, SIZE)
     x = gen.noise([SEED], SIZE, SIZE).float() * sigmas[0]
     guidance = 3.5 if gen.guidance_embeds else None
-    calls = iter(zip(texts, negatives))
+    calls = iter(conds or [flow_samplers.FlowDenoiser.encode(pipe, family, t, n, 1, cfg)
+                           for t, n in zip(texts, negatives)])
 
     def denoiser(x, sigma):
-        text, negative = next(calls)
-        cond = flow_samplers.FlowDenoiser.encode(pipe, family, text, negative, 1, cfg)
-        return flow_samplers.FlowDenoiser(pipe, family, cond, cfg, guidance, SIZE, SIZE)(x, sigma)
+        return flow_samplers.FlowDenoiser(pipe, family, next(calls), cfg, guidance, SIZE, SIZE)(x, sigma)
 
     return flow_samplers.run(flow_samplers.SAMPLERS[sampler], denoiser, x, sigmas, lambda *_: None)
 
@@ -283,6 +283,25 @@ def test_prompt_editing_switches_at_its_step(request, family):
                  "a [cat:dog:0.5] sat": ["a cat sat"] * 3 + ["a dog sat"]}[schedule]
         torch.testing.assert_close(_latents(gen, schedule, cfg=cfg).latents, _by_hand(gen, family, texts, cfg),
                                    rtol=0, atol=0)
+
+
+def test_scheduled_emphasis_is_normalised_over_the_schedule(tiny_flux):
+    """A schedule's texts are encoded as one batch, as Forge's engines encode a list of prompts: "Original" scales
+    the weighted T5 states back to the mean over the batch (both texts), not each text's own."""
+    pipe = tiny_flux
+    gen = _generator(pipe)
+    got = _latents(gen, "a [(cat:3):dog:2] sat").latents
+    rows = [_t5_tokens(pipe.tokenizer_2, f, 512) for f in ([("a ", 1.0), ("cat", 3.0), (" sat", 1.0)],
+                                                           [("a dog sat", 1.0)])]
+    with torch.no_grad():
+        z = pipe.text_encoder_2(torch.tensor([ids for ids, _ in rows]))[0]
+    m = torch.tensor([w for _, w in rows])[..., None]
+    batch = (z * m) * (z.mean() / (z * m).mean())
+    alone = (z[:1] * m[:1]) * (z[:1].mean() / (z[:1] * m[:1]).mean())
+    assert (batch[:1] - alone).abs().max() > 1e-4  # the batch's mean is not the text's own
+    pooled = [pipe._get_clip_prompt_embeds(t, device="cpu") for t in ("a cat sat", "a dog sat")]
+    conds = [{"embeds": batch[k:k + 1], "pooled": pooled[k], "ids": torch.zeros(512, 3)} for k in (0, 0, 0, 1)]
+    torch.testing.assert_close(got, _by_hand(gen, "flux", [None] * 4, 1.0, conds=conds), rtol=0, atol=1e-7)
 
 
 def test_negative_prompt_editing_sd3(tiny_sd3):

@@ -25,9 +25,10 @@ penultimate layer; Flux: CLIP-L's pooled output), T5 is padded with its pad toke
 length (Flux 512, SD3 256) where Forge pads with EOS to 256, and emphasis "None" leaves the prompt as written (the
 label's meaning; Forge's backend still strips the brackets).
 
-Prompt editing ``[a:b:N]`` and alternation ``[a|b]`` (:func:`~adapterhub.sample.prompt.prompt_schedule`): each
-schedule entry's text is encoded as above and :class:`ScheduledDenoiser` hands the flow denoiser the entry of the
-current model call (counted over the denoiser's calls, as the webui's ``CFGDenoiser.step``; a second-order
+Prompt editing ``[a:b:N]`` and alternation ``[a|b]`` (:func:`~adapterhub.sample.prompt.prompt_schedule`): the texts
+of a schedule are encoded as above as one batch, as Forge's engines encode them (chunk by chunk; "Original" restores
+the batch's mean; a text with fewer CLIP chunks gets empty ones), and :class:`ScheduledDenoiser` hands the flow
+denoiser the entry of the current model call (counted over the denoiser's calls, as the webui's ``CFGDenoiser.step``; a second-order
 sampler's steps count twice) for the prompt and for the negative prompt. Those prompts therefore run the
 k-diffusion loop (:mod:`adapterhub.sample.flow_samplers`), also for Euler on "Automatic", on the pipeline's own
 sigmas. ``AND`` (composable prompts) is not applied: :func:`prompt_warnings` says so.
@@ -112,15 +113,23 @@ def t5_chunks(tokenizer, text: str, emphasis: str, length: int) -> list[tuple[li
     return chunks
 
 
-def encode_t5(encoder, tokenizer, text: str, emphasis: str, length: int) -> torch.Tensor:
-    """T5's weighted sequence (1, L, C): each chunk encoded on its own, weighted (``emphasis``), concatenated."""
+def encode_t5(encoder, tokenizer, texts: Sequence[str], emphasis: str, length: int) -> list[torch.Tensor]:
+    """T5's weighted sequence (1, L, C) of each text: Forge's ``__call__`` over the batch, chunk by chunk (the texts'
+    i-th chunks encoded as one batch and weighted together: "Original" restores the batch's mean), concatenated.
+    Texts whose chunks differ in number or length (which Forge's engine cannot batch) are encoded one by one."""
+    chunked = [t5_chunks(tokenizer, text, emphasis, length) for text in texts]
+    shapes = {tuple(len(tokens) for tokens, _ in chunks) for chunks in chunked}
+    if len(shapes) > 1:
+        return [encode_t5(encoder, tokenizer, [text], emphasis, length)[0] for text in texts]
     parts = []
-    for tokens, weights in t5_chunks(tokenizer, text, emphasis, length):
-        ids = torch.tensor([tokens], device=encoder.device)
+    for c in range(len(chunked[0])):
+        ids = torch.tensor([chunks[c][0] for chunks in chunked], device=encoder.device)
         with torch.no_grad():
             z = encoder(ids)[0]
-        parts.append(apply_emphasis(z, torch.tensor([weights], device=z.device, dtype=z.dtype), emphasis))
-    return torch.cat(parts, dim=1).to(encoder.dtype)
+        weights = torch.tensor([chunks[c][1] for chunks in chunked], device=z.device, dtype=z.dtype)
+        parts.append(apply_emphasis(z, weights, emphasis))
+    out = torch.cat(parts, dim=1).to(encoder.dtype)
+    return [out[k:k + 1] for k in range(len(texts))]
 
 
 def clip_chunks(tokenizer, text: str, emphasis: str):
@@ -131,56 +140,76 @@ def clip_chunks(tokenizer, text: str, emphasis: str):
     return tokenize_prompt(text, ids, vocabulary_of(tokenizer), emphasis).chunks
 
 
-def encode_clip(encoder, tokenizer, text: str, emphasis: str, hidden: bool = True):
-    """One CLIP's (hidden states (1, 77 k, C) or None, pooled (1, P)) for ``text``: per chunk the penultimate hidden
-    states (SD3's layer) weighted by ``emphasis``, concatenated; the pooled output of the first chunk (the projected
-    one of a ``CLIPTextModelWithProjection``, else the pooler's). ``hidden`` False: the pooled output only (Flux)."""
-    chunks = clip_chunks(tokenizer, text, emphasis)
-    if not hidden:
-        chunks = chunks[:1]
+def encode_clip(encoder, tokenizer, texts: Sequence[str], emphasis: str, hidden: bool = True):
+    """One CLIP's ``[(hidden states (1, 77 k, C) or None, pooled (1, P)), ...]`` per text, as Forge's classic engine
+    over the batch: the texts' i-th chunks encoded as one batch (a text with fewer chunks gets an empty one: BOS, then
+    EOS), the penultimate hidden states (SD3's layer) weighted together by ``emphasis``, the chunks concatenated; the
+    pooled output of each text's first chunk (the projected one of a ``CLIPTextModelWithProjection``, else the
+    pooler's). ``hidden`` False: the pooled outputs only (Flux)."""
+    chunked = [clip_chunks(tokenizer, text, emphasis) for text in texts]
+    count = max(len(chunks) for chunks in chunked) if hidden else 1
+    empty = [tokenizer.bos_token_id] + [tokenizer.eos_token_id] * 76
     parts, pooled = [], None
-    for i, chunk in enumerate(chunks):
-        ids = _pad_after_end(torch.tensor([chunk.tokens], device=encoder.device), tokenizer)
+    for c in range(count):
+        picked = [chunks[c] if c < len(chunks) else None for chunks in chunked]
+        ids = torch.tensor([p.tokens if p else empty for p in picked], device=encoder.device)
         with torch.no_grad():
-            out = encoder(ids, output_hidden_states=True)
-        if i == 0:
-            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+            out = encoder(_pad_after_end(ids, tokenizer), output_hidden_states=True)
+        if c == 0:
+            pooled = (out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output).to(encoder.dtype)
         if hidden:
+            weights = torch.tensor([p.multipliers if p else [1.0] * 77 for p in picked], device=encoder.device)
             z = out.hidden_states[-2]
-            parts.append(apply_emphasis(z, torch.tensor([chunk.multipliers], device=z.device, dtype=z.dtype),
-                                        emphasis))
-    return (torch.cat(parts, dim=1) if parts else None), pooled.to(encoder.dtype)
+            parts.append(apply_emphasis(z, weights.to(z.dtype), emphasis))
+    z = torch.cat(parts, dim=1) if parts else None
+    return [(z[k:k + 1] if z is not None else None, pooled[k:k + 1]) for k in range(len(texts))]
+
+
+def encode_texts(pipe, family: str, texts: Sequence[str], emphasis: str = "Original") -> list[tuple[torch.Tensor,
+                                                                                                   torch.Tensor]]:
+    """``[(embeds (1, L, C), pooled (1, P)), ...]`` of the texts of one prompt's schedule for the family's transformer:
+    the pipeline's own ``encode_prompt`` of each when all are :func:`is_plain`, else Forge's engines over them as one
+    batch (module doc)."""
+    if all(is_plain(text, emphasis) for text in texts):
+        return [_pipeline_encoding(pipe, family, text) for text in texts]
+    device = pipe.transformer.device
+    if family == "flux":
+        pooled = encode_clip(pipe.text_encoder, pipe.tokenizer, texts, emphasis, hidden=False)
+        t5 = encode_t5(pipe.text_encoder_2, pipe.tokenizer_2, texts, emphasis, T5_LENGTH[family])
+        return [(e.to(device), p.to(device)) for e, (_, p) in zip(t5, pooled)]
+    clip_l = encode_clip(pipe.text_encoder, pipe.tokenizer, texts, emphasis)
+    clip_g = encode_clip(pipe.text_encoder_2, pipe.tokenizer_2, texts, emphasis)
+    if pipe.text_encoder_3 is not None:
+        t5 = encode_t5(pipe.text_encoder_3, pipe.tokenizer_3, texts, emphasis, T5_LENGTH[family])
+    else:  # the pipeline's zeros where the base has no T5
+        t5 = [torch.zeros((1, T5_LENGTH[family], pipe.transformer.config.joint_attention_dim),
+                          device=clip_l[0][0].device, dtype=clip_l[0][0].dtype)] * len(texts)
+    out = []
+    for (z_l, pooled_l), (z_g, pooled_g), z_t5 in zip(clip_l, clip_g, t5):
+        clip = torch.cat([z_l, z_g], dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, z_t5.shape[-1] - clip.shape[-1]))
+        embeds = torch.cat([clip, z_t5.to(clip.device, clip.dtype)], dim=-2)
+        out.append((embeds.to(device), torch.cat([pooled_l, pooled_g], dim=-1).to(device)))
+    return out
 
 
 def encode_text(pipe, family: str, text: str, emphasis: str = "Original") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(embeds (1, L, C), pooled (1, P))`` of one text for the family's transformer: the pipeline's own
-    ``encode_prompt`` for a :func:`is_plain` text, else Forge's engines (module doc)."""
+    """``(embeds (1, L, C), pooled (1, P))`` of one text (:func:`encode_texts`)."""
+    return encode_texts(pipe, family, [text], emphasis)[0]
+
+
+def _pipeline_encoding(pipe, family: str, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's own ``encode_prompt`` of ``text``: (embeds, pooled), batch 1."""
     device = pipe.transformer.device
-    if is_plain(text, emphasis):
-        with torch.no_grad():
-            if family == "flux":
-                embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, device=device,
-                                                       num_images_per_prompt=1, max_sequence_length=T5_LENGTH[family])
-                return embeds, pooled
-            embeds, _, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None, device=device,
-                                                      num_images_per_prompt=1, do_classifier_free_guidance=False,
-                                                      max_sequence_length=T5_LENGTH[family])
+    with torch.no_grad():
+        if family == "flux":
+            embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, device=device,
+                                                   num_images_per_prompt=1, max_sequence_length=T5_LENGTH[family])
             return embeds, pooled
-    if family == "flux":
-        _, pooled = encode_clip(pipe.text_encoder, pipe.tokenizer, text, emphasis, hidden=False)
-        t5 = encode_t5(pipe.text_encoder_2, pipe.tokenizer_2, text, emphasis, T5_LENGTH[family])
-        return t5.to(device), pooled.to(device)
-    z_l, pooled_l = encode_clip(pipe.text_encoder, pipe.tokenizer, text, emphasis)
-    z_g, pooled_g = encode_clip(pipe.text_encoder_2, pipe.tokenizer_2, text, emphasis)
-    clip = torch.cat([z_l, z_g], dim=-1)
-    if pipe.text_encoder_3 is not None:
-        t5 = encode_t5(pipe.text_encoder_3, pipe.tokenizer_3, text, emphasis, T5_LENGTH[family])
-    else:  # the pipeline's zeros where the base has no T5
-        t5 = torch.zeros((1, T5_LENGTH[family], pipe.transformer.config.joint_attention_dim),
-                         device=clip.device, dtype=clip.dtype)
-    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-    embeds = torch.cat([clip, t5.to(clip.device, clip.dtype)], dim=-2)
-    return embeds.to(device), torch.cat([pooled_l, pooled_g], dim=-1).to(device)
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None, device=device,
+                                                  num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                                  max_sequence_length=T5_LENGTH[family])
+        return embeds, pooled
 
 
 # -- the pipeline's loop: embeddings instead of text ---------------------------------------------------------
@@ -212,23 +241,29 @@ def fits_pipeline(embeds: dict[str, Any]) -> bool:
 # -- the k-diffusion loop: conditioning by model call ------------------------------------------------------
 def flow_cond(pipe, family: str, prompt: str, negative: str, emphasis: str, batch: int, cfg: float) -> dict:
     """A :class:`~adapterhub.sample.flow_samplers.FlowDenoiser` conditioning for one prompt and negative prompt
-    (unscheduled texts). SD3 with CFG: one batch (unconditional first, as the pipeline) where the two sequences
-    have one length, else ``neg_embeds`` / ``neg_pooled`` beside them (two transformer calls, as Forge runs
-    conditionings it cannot concatenate)."""
+    (unscheduled texts): the pipeline's own encoding (``FlowDenoiser.encode``) when neither needs the engines."""
     if not needs_engines(prompt, negative, emphasis):
         from adapterhub.sample.flow_samplers import FlowDenoiser
 
         return FlowDenoiser.encode(pipe, family, prompt, negative, batch, cfg)
-    embeds, pooled = encode_text(pipe, family, prompt, emphasis)
-    cond: dict[str, Any] = {"embeds": embeds.repeat(batch, 1, 1), "pooled": pooled.repeat(batch, 1)}
-    if cfg > 1:
-        neg, neg_pooled = encode_text(pipe, family, negative, emphasis)
-        cond.update(neg_embeds=neg.repeat(batch, 1, 1), neg_pooled=neg_pooled.repeat(batch, 1))
+    neg = encode_text(pipe, family, negative, emphasis) if cfg > 1 else None
+    return cond_of(pipe, family, encode_text(pipe, family, prompt, emphasis), neg, batch)
+
+
+def cond_of(pipe, family: str, pos: tuple[torch.Tensor, torch.Tensor],
+            neg: tuple[torch.Tensor, torch.Tensor] | None, batch: int) -> dict:
+    """The denoiser's conditioning from encoded texts (``neg`` None: no CFG), repeated over the ``batch``. SD3 with
+    CFG: one batch (unconditional first, as the pipeline) where the two sequences have one length, else
+    ``neg_embeds`` / ``neg_pooled`` beside them (two transformer calls, as Forge runs conditionings it cannot
+    concatenate)."""
+    cond: dict[str, Any] = {"embeds": pos[0].repeat(batch, 1, 1), "pooled": pos[1].repeat(batch, 1)}
+    if neg is not None:
+        cond.update(neg_embeds=neg[0].repeat(batch, 1, 1), neg_pooled=neg[1].repeat(batch, 1))
     if family == "flux":
         dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.transformer.dtype
-        for prefix in ("", "neg_") if cfg > 1 else ("",):
-            cond[prefix + "ids"] = torch.zeros(cond[prefix + "embeds"].shape[1], 3, device=embeds.device, dtype=dtype)
-    elif cfg > 1 and cond["neg_embeds"].shape[1] == embeds.shape[1]:
+        for prefix in ("", "neg_") if neg is not None else ("",):
+            cond[prefix + "ids"] = torch.zeros(cond[prefix + "embeds"].shape[1], 3, device=pos[0].device, dtype=dtype)
+    elif neg is not None and neg[0].shape[1] == pos[0].shape[1]:
         cond = {"embeds": torch.cat([cond["neg_embeds"], cond["embeds"]]),
                 "pooled": torch.cat([cond["neg_pooled"], cond["pooled"]])}
     return cond
@@ -237,23 +272,17 @@ def flow_cond(pipe, family: str, prompt: str, negative: str, emphasis: str, batc
 class ScheduledDenoiser:
     """A :class:`~adapterhub.sample.flow_samplers.FlowDenoiser` whose conditioning follows the prompt's and the
     negative prompt's schedules: at its n-th call (0-based) the entries the webui's ``reconstruct_cond_batch``
-    picks for step n."""
+    picks for step n. Each schedule's texts are encoded before sampling, as one batch (:func:`encode_texts`)."""
 
     def __init__(self, denoiser, pipe, family: str, prompt: str, negative: str, steps: int, emphasis: str,
                  batch: int, cfg: float):
         self.denoiser, self.calls = denoiser, 0
         self.schedule = prompt_schedule(prompt, steps)
         self.negative = prompt_schedule(negative, steps) if cfg > 1 else [(steps, negative)]
-        self._build = lambda p, n: flow_cond(pipe, family, p, n, emphasis, batch, cfg)
-        self._conds: dict[tuple[int, int], dict] = {}
-        for i in range(len(self.schedule)):  # every entry encoded before sampling, as the webui does
-            for j in range(len(self.negative)):
-                self._cond(i, j)
-
-    def _cond(self, i: int, j: int) -> dict:
-        if (i, j) not in self._conds:
-            self._conds[(i, j)] = self._build(self.schedule[i][1], self.negative[j][1])
-        return self._conds[(i, j)]
+        pos = encode_texts(pipe, family, [text for _, text in self.schedule], emphasis)
+        neg = encode_texts(pipe, family, [text for _, text in self.negative], emphasis) if cfg > 1 else None
+        self.conds = {(i, j): cond_of(pipe, family, pos[i], neg[j] if neg else None, batch)
+                      for i in range(len(self.schedule)) for j in range(len(self.negative))}
 
     def entries(self, call: int) -> tuple[int, int]:
         """The (prompt, negative) schedule entries of model call ``call``."""
@@ -261,7 +290,7 @@ class ScheduledDenoiser:
                 schedule_index([end for end, _ in self.negative], call))
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        self.denoiser.cond = self._cond(*self.entries(self.calls))
+        self.denoiser.cond = self.conds[self.entries(self.calls)]
         self.calls += 1
         return self.denoiser(x, sigma)
 
