@@ -285,6 +285,16 @@ def test_prompt_editing_switches_at_its_step(request, family):
                                    rtol=0, atol=0)
 
 
+def test_second_order_sampler_counts_model_calls(tiny_sd3):
+    """Heun (SD3's pipeline sampler on "Automatic", left for the k-diffusion loop by a schedule) calls the model twice
+    a step but once on the last: 7 calls for 4 steps, and ``[cat:dog:2]`` switches after call 2, as the webui's
+    ``CFGDenoiser`` counts."""
+    gen = _generator(tiny_sd3)
+    got = _latents(gen, "a [cat:dog:2] sat", cfg=5.0, sampler="Heun").latents
+    want = _by_hand(gen, "sd3", ["a cat sat"] * 3 + ["a dog sat"] * 4, 5.0, sampler="Heun")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_scheduled_emphasis_is_normalised_over_the_schedule(tiny_flux):
     """A schedule's texts are encoded as one batch, as Forge's engines encode a list of prompts: "Original" scales
     the weighted T5 states back to the mean over the batch (both texts), not each text's own."""

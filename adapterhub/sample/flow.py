@@ -438,7 +438,8 @@ class FlowGenerator:
         guidance = None
         if self.guidance_embeds:
             guidance = DISTILLED_CFG if req.distilled_cfg is None else float(req.distilled_cfg)
-        denoiser = flow_prompt.k_denoiser(self.pipe, self.family, prompt, req.negative, req.steps, req.emphasis,
+        denoiser = flow_prompt.k_denoiser(self.pipe, self.family, prompt, req.negative,
+                                          flow_prompt.schedule_steps(req.sampler, req.steps), req.emphasis,
                                           len(seeds), req.cfg, guidance, req.width, req.height)
 
         def stepped(i: int, latents: torch.Tensor, denoised: torch.Tensor) -> None:

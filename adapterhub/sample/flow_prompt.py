@@ -52,6 +52,9 @@ from adapterhub.sample.prompt import (
 )
 
 T5_LENGTH = {"flux": 512, "sd3": 256}  # the pipelines' max_sequence_length (the minimum here: see module doc)
+# the webui's (and Forge's) "second_order" samplers: their prompt schedules are over twice the steps (processing's
+# step_multiplier), as the denoiser counts both model calls of a step
+SECOND_ORDER = frozenset({"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE"})
 
 
 # -- which texts need the engines -------------------------------------------------------------------------
@@ -63,6 +66,12 @@ def is_plain(text: str, emphasis: str = "Original") -> bool:
         return True
     parsed = fragments(text, emphasis)
     return len(parsed) == 1 and parsed[0][0] == text and parsed[0][1] == 1.0
+
+
+def schedule_steps(sampler: str, steps: int) -> int:
+    """The steps a prompt's schedule spans for ``sampler``: the webui's ``total_steps`` (twice the steps for a
+    second-order sampler)."""
+    return int(steps) * (2 if sampler in SECOND_ORDER else 1)
 
 
 def is_scheduled(text: str, steps: int) -> bool:
