@@ -44,7 +44,6 @@ from adapterhub.sample.conditioning import _pad_after_end, apply_emphasis
 from adapterhub.sample.prompt import (
     RE_AND,
     fragments,
-    parse_prompt_attention,
     prompt_schedule,
     schedule_index,
     tokenize_prompt,
