@@ -234,3 +234,184 @@ def test_cli_refuses_a_hires_size_sd3_cannot_place_in_one_line(capsys, tmp_path)
     assert rc == 2 and "hires size 128x128: this SD3 model places images up to 64 px" in err
     assert "Traceback" not in err and len([x for x in err.splitlines() if x.startswith("error:")]) == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+# -- inpainting ---------------------------------------------------------------------------------------------------
+INPAINT_STEPS, DENOISE, STRENGTH = 4, 0.5, 0.75  # the webui runs int(0.5 x 4) + 1 = 3 of 4 steps: strength 0.75
+
+
+@pytest.fixture(scope="module")
+def init_image():
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(3).integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def mask_image():
+    """White (repaint) on a block off the centre, black elsewhere."""
+    from PIL import Image
+
+    rows = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    rows[10:40, 20:56] = 255
+    return Image.fromarray(rows, "L")
+
+
+def _inpaint_request(prompt, image, mask, **kwargs):
+    return _request(prompt, **{"steps": INPAINT_STEPS, "init_image": image, "mask": mask,
+                               "denoising_strength": DENOISE, **kwargs})
+
+
+def _latent_mask(pipe, mask, blur=4):
+    """The latent mask as the Stable Diffusion path makes it (its own tests hold it to the webui's)."""
+    from adapterhub.sample.images import latent_mask, prepare_mask
+
+    scale = pipe.vae_scale_factor
+    return latent_mask(prepare_mask(mask, SIZE, SIZE, blur).mask, SIZE // scale, SIZE // scale)
+
+
+def _inpaint_oracle(pipe, image, mask, prompt, seeds, latents=None, **kwargs):
+    """diffusers' inpainting pipeline handed the init image's latents (the posterior's mean, as the webui encodes)
+    (or ``latents``) and a mask image it reads back to exactly our latent mask (each latent a block of its
+    pixels)."""
+    import copy
+
+    from PIL import Image
+
+    latents = _image_latents(pipe, image) if latents is None else latents
+    small = _latent_mask(pipe, mask)
+    scale = pipe.vae_scale_factor
+    big = Image.fromarray((small[0, 0].numpy() * 255).astype(np.uint8), "L").resize((SIZE, SIZE), Image.NEAREST)
+    components = dict(pipe.components)
+    if _family(pipe) == "StableDiffusion3":  # its pipeline blends only for a 16-channel transformer (the tiny: 4)
+        components["transformer"] = copy.deepcopy(pipe.transformer)
+        components["transformer"].register_to_config(in_channels=16)
+    import diffusers
+
+    inpaint = getattr(diffusers, f"{_family(pipe)}InpaintPipeline")(**components)
+    inpaint.set_progress_bar_config(disable=True)
+    inpaint._encode_vae_image = lambda image, generator: latents  # the mean, not a draw from the generators
+    assert scale * small.shape[-1] == SIZE
+    out = inpaint(prompt, image=image, mask_image=big, height=SIZE, width=SIZE, strength=STRENGTH,
+                  num_inference_steps=INPAINT_STEPS, num_images_per_prompt=len(seeds),
+                  generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent", **kwargs).images
+    return _unpacked(pipe, out, SIZE), latents, small
+
+
+def test_flux_inpainting_equals_the_inpaint_pipeline_bitwise(tiny_flux, init_image, mask_image):
+    gen = _generator(tiny_flux)
+    result = gen.generate(gen.request(_inpaint_request("a red cat", init_image, mask_image, seed=5, batch=2,
+                                                       cfg=1.0)), output="latent")
+    theirs, init, mask = _inpaint_oracle(tiny_flux, init_image, mask_image, "a red cat", [5, 6], guidance_scale=3.5)
+    assert torch.equal(result.latents, theirs)
+    assert torch.equal((result.latents * (1 - mask)), (init * (1 - mask)).expand(2, -1, -1, -1))  # kept: the image
+    assert "Denoising strength: 0.5" in result.infotexts[0] and "Mask blur: 4, Version" in result.infotexts[0]
+
+
+def test_sd3_inpainting_equals_the_inpaint_pipeline_bitwise(tiny_sd3, init_image, mask_image):
+    gen = _generator(tiny_sd3)
+    result = gen.generate(gen.request(_inpaint_request("a castle", init_image, mask_image, seed=7, cfg=6.0,
+                                                       negative="fog")), output="latent")
+    theirs, _, _ = _inpaint_oracle(tiny_sd3, init_image, mask_image, "a castle", [7], guidance_scale=6.0,
+                                   negative_prompt="fog")
+    assert torch.equal(result.latents, theirs)
+
+
+def test_the_inpainted_image_keeps_the_original_outside_the_overlay(tiny_flux, init_image, mask_image):
+    from adapterhub.sample.images import prepare_mask
+
+    gen = _generator(tiny_flux)
+    result = gen.generate(gen.request(_inpaint_request("a red cat", init_image, mask_image, seed=5, cfg=1.0)))
+    pixels, original = np.asarray(result.images[0]), np.asarray(init_image)
+    overlay = np.asarray(prepare_mask(mask_image, SIZE, SIZE, 4).overlay)
+    assert np.array_equal(pixels[overlay == 0], original[overlay == 0])
+    assert not np.array_equal(pixels[overlay == 255], original[overlay == 255])
+
+
+def test_k_diffusion_inpainting_blends_the_denoised_latents(tiny_sd3, init_image, mask_image):
+    """A k-diffusion sampler runs its own loop: the denoised latents outside the mask are the init latents (the
+    webui's and Forge's blend), then the final latents too. Written out with k-diffusion's own sampler."""
+    from test_sample_ksamplers import load_kdiffusion
+
+    from adapterhub.sample import flow_samplers
+    from adapterhub.sample.rng import initial_noise
+
+    k_sampling = load_kdiffusion()
+    if k_sampling is None:
+        pytest.skip("the oracle k-diffusion is not installed")
+    gen = _generator(tiny_sd3)
+    result = gen.generate(gen.request(_inpaint_request("a tower", init_image, mask_image, seed=3, cfg=4.0,
+                                                       sampler="DPM++ 2M", schedule="Simple")), output="latent")
+    init, mask = _image_latents(tiny_sd3, init_image), _latent_mask(tiny_sd3, mask_image)
+    table = flow_samplers.flow_table(tiny_sd3.scheduler.config, "sd3", SIZE, SIZE, tiny_sd3.vae_scale_factor,
+                                     tiny_sd3.transformer.config.patch_size)
+    sigmas = flow_samplers.flow_sigmas("Simple", INPAINT_STEPS, table, None, False)[-4:]  # 3 of 4 steps
+    noise, _ = initial_noise("CPU", [3], tuple(init.shape[1:]), "cpu")
+    cond = flow_samplers.FlowDenoiser.encode(tiny_sd3, "sd3", "a tower", "", 1, 4.0)
+    denoiser = flow_samplers.FlowDenoiser(tiny_sd3, "sd3", cond, 4.0, None, SIZE, SIZE)
+    x = sigmas[0] * noise + (1 - sigmas[0]) * init
+    x = k_sampling.sampling.sample_dpmpp_2m(lambda x, s: init * (1 - mask) + mask * denoiser(x, s), x, sigmas,
+                                            disable=True)
+    x = init * (1 - mask) + mask * x
+    assert torch.allclose(result.latents, x, atol=1e-5, rtol=0)
+    assert torch.equal(result.latents * (1 - mask), init * (1 - mask))
+
+
+@pytest.mark.parametrize("fill", [2, 3])
+def test_latent_noise_and_latent_nothing_start_the_masked_area(tiny_flux, init_image, mask_image, fill):
+    """The webui's "latent noise" (the image's own noise) and "latent nothing" (zeros) inside the mask: the oracle
+    is the inpainting pipeline from the init latents so changed (pixels "fill" and "original" are the SD path's)."""
+    gen = _generator(tiny_flux)
+    result = gen.generate(gen.request(_inpaint_request("a red cat", init_image, mask_image, seed=5, cfg=1.0,
+                                                       inpainting_fill=fill)), output="latent")
+    from adapterhub.sample.rng import initial_noise
+
+    latents, mask = _image_latents(tiny_flux, init_image), _latent_mask(tiny_flux, mask_image)
+    noise, _ = initial_noise("CPU", [5], latents.shape[1:], "cpu")
+    changed = latents * (1 - mask) + (noise * mask if fill == 2 else 0)
+    plain = gen.generate(gen.request(_inpaint_request("a red cat", init_image, mask_image, seed=5, cfg=1.0)),
+                         output="latent")
+    assert not torch.equal(result.latents, plain.latents)
+    theirs, _, _ = _inpaint_oracle(tiny_flux, init_image, mask_image, "a red cat", [5], changed, guidance_scale=3.5)
+    assert torch.equal(result.latents, theirs)
+
+
+def test_cli_inpaints_on_flux_only_masked_and_inverted(capsys, tmp_path, tiny_flux, init_image, mask_image):
+    from PIL import Image
+
+    init_image.save(tmp_path / "init.png")
+    mask_image.save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    rc, _, err = _cli(capsys, "sample", "--base", "tiny-flux", "--prompt", "a red cat", "--steps", INPAINT_STEPS,
+                      "--seed", 5, "--init-image", tmp_path / "init.png", "--mask", tmp_path / "mask.png",
+                      "--denoise", DENOISE, "--inpaint-full-res", "--invert-mask", "--mask-blur", 2,
+                      "--inpainting-fill", "latent-noise", "--out", out, "--json")
+    assert rc == 0, err
+    (file,) = sorted(out.glob("*.png"))
+    with Image.open(file) as image:
+        text, pixels = image.info["parameters"], np.asarray(image.convert("RGB"))
+    assert pixels.shape == (SIZE, SIZE, 3)
+    assert "Denoising strength: 0.5" in text and "Mask blur: 2, Inpaint area: Only masked, Masked area padding: 32" \
+        in text
+    gen = _generator(tiny_flux)
+    ours = gen.generate(gen.request(_inpaint_request("a red cat", init_image, mask_image, seed=5, cfg=1.0,
+                                                     inpaint_full_res=True, inpainting_mask_invert=True,
+                                                     mask_blur=2, inpainting_fill=2))).images[0]
+    assert np.array_equal(pixels, np.asarray(ours))
+
+
+def test_a_sampler_the_sd_path_refuses_a_mask_is_refused_alike(tiny_flux, init_image, mask_image, capsys, tmp_path):
+    """DPM++ 2S a inpaints on neither family here: one line from the generator, and from the command line before a
+    model loads (exit 2, nothing written)."""
+    from adapterhub.errors import AdapterhubError
+
+    gen = _generator(tiny_flux)
+    with pytest.raises(AdapterhubError, match=r"^DPM\+\+ 2S a: no masks \(inpainting\) with this sampler here"):
+        gen.request(_inpaint_request("a cat", init_image, mask_image, sampler="DPM++ 2S a"))
+    init_image.save(tmp_path / "init.png")
+    mask_image.save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    rc, _, err = _cli(capsys, "sample", "--base", "tiny-sd3", "--prompt", "a cat", "--steps", 2, "--sampler",
+                      "DPM++ 2S a", "--init-image", tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--out", out)
+    assert rc == 2 and "DPM++ 2S a: no masks (inpainting)" in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())

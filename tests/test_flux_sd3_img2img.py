@@ -153,12 +153,12 @@ def test_progress_counts_the_steps_img2img_runs(tiny_sd3, init_image):
     assert seen == [(n, 6) for n in range(1, 7)]  # 3 steps of 4, for each of 2 images
 
 
-def test_a_mask_is_refused_in_one_line(tiny_flux, init_image):
+def test_a_mask_without_an_init_image_is_refused_in_one_line(tiny_flux, init_image):
     from adapterhub.errors import AdapterhubError
 
     gen = _generator(tiny_flux)
-    with pytest.raises(AdapterhubError, match="inpainting \\(a mask\\) is not available for Flux models"):
-        gen.request(_request("a cat", init_image, mask=init_image.convert("L")))
+    with pytest.raises(AdapterhubError, match="mask: give an init image too"):
+        gen.request(_request("a cat", None, mask=init_image.convert("L")))
 
 
 def _cli(capsys, *argv):
@@ -186,12 +186,13 @@ def test_cli_img2img_on_tiny_flux_equals_the_pipeline(capsys, tmp_path, tiny_flu
     assert np.array_equal(pixels, np.asarray(theirs))
 
 
-def test_cli_refuses_a_mask_on_sd3_in_one_line(capsys, tmp_path, init_image):
+def test_cli_refuses_an_unreadable_mask_on_sd3_in_one_line(capsys, tmp_path, init_image):
     init_image.save(tmp_path / "init.png")
+    (tmp_path / "mask.png").write_text("not an image")
     out = tmp_path / "out"
     rc, _, err = _cli(capsys, "sample", "--base", "tiny-sd3", "--prompt", "a cat", "--steps", "2",
-                      "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "init.png"),
+                      "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"),
                       "--out", str(out))
-    assert rc == 2 and "inpainting (a mask) is not available for SD3 models" in err and "Traceback" not in err
+    assert rc == 2 and "mask.png: cannot read it as an image" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
     assert not out.exists() or not any(out.iterdir())

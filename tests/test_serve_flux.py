@@ -122,6 +122,26 @@ def test_flux_hires_fix_equals_adapterhub_sample(flux, tmp_path):
         result.image.info["parameters"]
 
 
+def test_flux_inpainting_equals_adapterhub_sample(flux, tmp_path):
+    """The webui's img2img ``mask`` fields on a Flux base: the same image and infotext as ``--mask``."""
+    from PIL import Image
+
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (8, 16, 40, 56))
+    init.save(tmp_path / "init.png")
+    mask.save(tmp_path / "mask.png")
+    result = _api(flux).img2img(images=[init], mask_image=mask, prompt="a boat", seed=12, cfg_scale=1,
+                                denoising_strength=0.6, mask_blur=2, inpainting_fill=1, inpaint_full_res=False,
+                                **SMALL)
+    ours = _sample(tmp_path, "tiny-flux", "--prompt", "a boat", "--seed", 12, "--cfg", 1, "--init-image",
+                   tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--mask-blur", 2, "--denoise", 0.6)
+    assert np.array_equal(_pixels(result.image), _pixels(ours[0]))
+    assert result.image.info["parameters"] == infotext.read_png(ours[0].filename)
+    assert "Denoising strength: 0.6" in result.image.info["parameters"] and "Mask blur: 2" in \
+        result.image.info["parameters"]
+
+
 def test_what_flux_cannot_do_is_refused_in_one_line(flux):
     _refused(_post(flux, "txt2img", prompt="x", **{**SMALL, "sampler_name": "DDIM"}),
              "sampler 'DDIM': Flux is a flow-matching model")
@@ -133,8 +153,8 @@ def test_what_flux_cannot_do_is_refused_in_one_line(flux):
     _refused(_post(flux, "txt2img", prompt="x", alwayson_scripts={"ControlNet": {"args": [{"model": "m"}]}},
                    **SMALL), "ControlNet: not available for Flux models")
     init = webuiapi.raw_b64_img(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (64, 64)))
-    _refused(_post(flux, "img2img", prompt="x", init_images=[init], mask=init, **SMALL),
-             "inpainting (a mask) is not available for Flux models")
+    _refused(_post(flux, "img2img", prompt="x", init_images=[init], mask=init, inpainting_fill=7, **SMALL),
+             "inpainting fill 7: choose 0 (fill)")
     assert _post(flux, "txt2img", prompt="x", seed=1, **SMALL).status_code == 200  # and it goes on serving
 
 

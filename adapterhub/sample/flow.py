@@ -40,10 +40,13 @@ Exponential, Polyexponential, KL Optimal; "Automatic": the pipeline's own sigmas
 (:meth:`FlowGenerator.k_denoise`, :mod:`adapterhub.sample.flow_samplers`). ``--backend compiled`` compiles the
 transformer in place (:class:`CompiledTransformer`), which both loops call. Not here yet (refused in one line,
 before a model loads): DDIM, PLMS, UniPC, LCM, DPM fast / adaptive, Restart and the other schedule types,
-inpainting (a mask), clip skip, other backends.
+clip skip, other backends.
 
 The hires fix (``hr_scale``): the txt2img pass, then :func:`adapterhub.sample.flow_passes.hires_pass` (the latents
 upscaled in the family's layout, an img2img pass of the webui's fixed step count through :meth:`denoise`).
+Inpainting (``mask``): the Stable Diffusion path's mask, init image and paste back
+(:func:`adapterhub.sample.flow_passes.prepare_inpaint`); on the pipeline's loop the inpainting pipelines' blend after
+each step, on the k-diffusion loop the denoised latents blended (:mod:`adapterhub.sample.flow_passes`).
 """
 from __future__ import annotations
 
@@ -123,8 +126,8 @@ def check_flow_request(req: FlowRequest, family: str, guidance_embeds: bool | No
     if flow_samplers.schedule_name(req.schedule) is None:
         raise AdapterhubError(f"schedule {req.schedule!r}: {name} samples on its shifted flow-matching sigmas; "
                               f"choose {', '.join(FLOW_SCHEDULES)}")
-    if req.mask is not None:
-        raise AdapterhubError(f"inpainting (a mask) is not available for {name} models")
+    if flow_passes.mask_problem(req, flow_sampler(req.sampler, family)):
+        raise AdapterhubError(flow_passes.mask_problem(req, flow_sampler(req.sampler, family)))
     if int(req.clip_skip) != 1:
         raise AdapterhubError(f"clip skip {req.clip_skip}: not available for {name} models (their text "
                               "encoders' last layers are used as trained)")
@@ -310,7 +313,8 @@ class FlowGenerator:
 
         req = self.request(req)
         stack, prompt = self.apply_stack(req)
-        init = self.encode_image(resize_image(req.init_image, req.width, req.height)) \
+        inpaint, mask = flow_passes.prepare_inpaint(self, req)  # (None, None) without a mask
+        init = self.encode_image(inpaint.init if inpaint else resize_image(req.init_image, req.width, req.height)) \
             if req.init_image is not None else None
         seeds = [req.seed + i for i in range(req.images)]
         counter = _progress(progress, sampling_steps(req) * req.images)
@@ -318,13 +322,13 @@ class FlowGenerator:
         for start in range(0, len(seeds), req.batch):
             batch_seeds = seeds[start:start + req.batch]
             step_done = counter(len(batch_seeds))
-            latents = self.denoise(req, prompt, batch_seeds, step_done, init)
+            latents = self.denoise(req, prompt, batch_seeds, step_done, init, mask)
             if req.hr_scale is not None:  # the hires fix's second pass (adapterhub.sample.flow_passes)
                 latents = flow_passes.hires_pass(self, req, prompt, batch_seeds, latents, step_done)
             if output == "latent":
                 latents_out.append(latents)
             else:
-                images += self.decode(latents)
+                images += flow_passes.paste(self.decode(latents), inpaint)
         texts = flow_infotexts(req, seeds, self.parameters(req, stack))
         from adapterhub.sample.rng import later_draws_note
 
@@ -353,22 +357,24 @@ class FlowGenerator:
         return ((z - vae.config.shift_factor) * vae.config.scaling_factor).to(device=self.device, dtype=self.dtype)
 
     def denoise(self, req: FlowRequest, prompt: str, seeds: Sequence[int],
-                on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
+                on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """The pipeline's denoising loop from each image's own noise (img2img: from ``init``, the init image's
-        latents, noised with it); the final latents (B, C, H/8, W/8). A sampler or schedule the pipeline does not
-        run: :meth:`k_denoise`."""
+        latents, noised with it; inpainting inside ``mask``, (1, 1, H/8, W/8), 1 repaints: the inpainting pipelines'
+        blend after each step, :func:`~adapterhub.sample.flow_passes.blend_callback`); the final latents
+        (B, C, H/8, W/8). A sampler or schedule the pipeline does not run: :meth:`k_denoise`."""
         from adapterhub.sample.request import img2img_steps
 
         if (req.schedule != FLOW_SCHEDULES[0] or req.sampler not in PIPELINE_SAMPLERS[self.family]
                 or flow_prompt.on_own_loop(prompt, req.negative, req.steps, req.cfg, self.family)):
-            return self.k_denoise(req, prompt, seeds, on_step, init)  # prompt editing: the conditioning by step
+            return self.k_denoise(req, prompt, seeds, on_step, init, mask)  # prompt editing: the conditioning by step
         embeds = None
         if flow_prompt.needs_engines(prompt, req.negative, req.emphasis):  # emphasis, BREAK: Forge's engines
             negatives = self.family == "sd3" or req.cfg > 1
             embeds = flow_prompt.pipeline_embeds(self.pipe, self.family, prompt, req.negative, req.emphasis,
                                                  len(seeds), negatives)
             if not flow_prompt.fits_pipeline(embeds):  # SD3's negative of another length: two calls a step
-                return self.k_denoise(req, prompt, seeds, on_step, init)
+                return self.k_denoise(req, prompt, seeds, on_step, init, mask)
         noise = self.noise(seeds, req.width, req.height, req.rng)
         batch, channels, rows, cols = noise.shape
         start, run = 0, req.steps
@@ -382,6 +388,8 @@ class FlowGenerator:
             if float(req.initial_noise_multiplier) != 1.0:
                 noise = noise * float(req.initial_noise_multiplier)
             self._set_timesteps(scheduler, req.steps, req.width, req.height)
+            if mask is not None:  # the masked area's start; the blend noises the init latents with this noise
+                init, unit = flow_passes.fill(init, mask, noise, req.inpainting_fill), noise
             noise = scheduler.scale_noise(init, scheduler.timesteps[:1], noise)
         kwargs: dict[str, Any] = {"prompt": prompt, "height": req.height, "width": req.width,
                                   "num_inference_steps": req.steps, "num_images_per_prompt": batch,
@@ -398,17 +406,23 @@ class FlowGenerator:
             kwargs.update(embeds, num_images_per_prompt=1)
         if on_step is not None:
             kwargs["callback_on_step_end"] = _step_counter(on_step, req.sampler, run)
+        if mask is not None:  # the blend first, as the inpainting pipelines run it before their callback
+            kwargs["callback_on_step_end"] = flow_passes.blend_callback(self, init, mask, unit,
+                                                                        kwargs.get("callback_on_step_end"))
         latents = self._run(kwargs, scheduler)
         if self.family == "flux":
             latents = self.pipe._unpack_latents(latents, req.height, req.width, self.pipe.vae_scale_factor)
         return latents
 
     def k_denoise(self, req: FlowRequest, prompt: str, seeds: Sequence[int],
-                  on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
+                  on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
         """The webui's k-diffusion sampler ``req.sampler`` on schedule ``req.schedule`` (Forge's way,
         :mod:`adapterhub.sample.flow_samplers`) from each image's own noise: txt2img from ``sigma_0 x noise``;
         img2img the last ``int(min(d, 0.999) x steps) + 1`` steps of the schedule from
-        ``sigma noise + (1 - sigma) init`` (the flow model's noise scaling). The final latents (B, C, H/8, W/8)."""
+        ``sigma noise + (1 - sigma) init`` (the flow model's noise scaling); with a ``mask`` the denoised latents
+        outside it are ``init`` (:func:`~adapterhub.sample.flow_passes.masked_denoiser`), and so are the final ones.
+        The final latents (B, C, H/8, W/8)."""
         from adapterhub.sample.request import img2img_steps
         from adapterhub.sample.rng import initial_noise
 
@@ -430,6 +444,8 @@ class FlowGenerator:
             sigmas = sigmas[len(sigmas) - 1 - run:]  # the webui's sigma_sched: the schedule's last ``run`` steps
             if float(req.initial_noise_multiplier) != 1.0:
                 noise = noise * float(req.initial_noise_multiplier)
+            if mask is not None:
+                init = flow_passes.fill(init.float(), mask.float(), noise, req.inpainting_fill)
             x = sigmas[0] * noise + (1 - sigmas[0]) * init.float()
         if sampler.noise == "brownian":  # over the whole schedule's range, as the webui's create_noise_sampler
             draw = flow_samplers.BrownianNoise(x, full, seeds)
@@ -448,7 +464,12 @@ class FlowGenerator:
             if on_step is not None:
                 on_step(i)
 
-        return flow_samplers.run(sampler, denoiser, x, sigmas, draw, stepped).to(self.dtype)
+        if mask is not None:  # inpainting: the k-diffusion samplers run their own loop, so the blend is the denoiser's
+            denoiser = flow_passes.masked_denoiser(denoiser, init, mask)
+        latents = flow_samplers.run(sampler, denoiser, x, sigmas, draw, stepped)
+        if mask is not None:  # and the webui's last blend, for a sampler whose last step is not the denoised latents
+            latents = init.float() * (1 - mask.float()) + mask.float() * latents
+        return latents.to(self.dtype)
 
     def _pipeline_sigmas(self, steps: int, width: int, height: int) -> torch.Tensor:
         """The pipeline's own ``steps``-step sigmas for this size (its scheduler's, the final 0 included), CPU."""

@@ -16,9 +16,11 @@ Inpainting (``mask``; :func:`prepare_inpaint`, :class:`LatentBlend`): the Stable
 start) and paste back, with the flow-matching blend of diffusers' ``FluxInpaintPipeline`` /
 ``StableDiffusion3InpaintPipeline``: after every scheduler step the latents outside the mask are the init latents
 noised to the step's next sigma with the image's own noise (``scale_noise``; after the last step the init latents
-themselves). The blend needs a step to act after, so it runs on the pipelines' own loop (Euler, and Heun on SD3, on
-the "Automatic" schedule); the k-diffusion samplers run their own loop and are refused with a mask, as the Stable
-Diffusion path refuses its k-diffusion samplers (:func:`mask_problem`).
+themselves); on the pipelines' own loop (Euler, and Heun on SD3, on the "Automatic" schedule) that is a step
+callback (:func:`blend_callback`), equal to those pipelines bit for bit. The k-diffusion samplers run their own loop:
+there the denoised latents outside the mask are the init latents (:func:`masked_denoiser`, the webui's and Forge's
+blend, which keeps a deterministic sampler's unmasked latents on that same noised line) and so are the final ones.
+A sampler the Stable Diffusion path refuses a mask (DPM++ 2S a) is refused here too (:func:`mask_problem`).
 """
 from __future__ import annotations
 
@@ -120,3 +122,90 @@ def check_sizes(gen, req) -> None:
             raise AdapterhubError(f"{what} {width}x{height}: this SD3 model places images up to {limit} px a side "
                                   f"(its {most} position embeddings)" + ("; choose a smaller hires scale"
                                                                          if what == "hires size" else ""))
+
+
+# -- inpainting -------------------------------------------------------------------------------------------------
+def prepare_inpaint(gen, req):
+    """A normalized request's mask made as the Stable Diffusion path makes it: the
+    :class:`~adapterhub.sample.images.PreparedMask` (init image and overlay at the request's size) and the latent mask
+    (1, 1, H/8, W/8) on the model's device and dtype, 1 repaints; ``(None, None)`` without a mask."""
+    from adapterhub.sample.images import latent_mask
+    from adapterhub.sample.images import prepare_inpaint as prepare
+
+    prepared = prepare(req)
+    if prepared is None:
+        return None, None
+    scale = gen.pipe.vae_scale_factor
+    mask = latent_mask(prepared.mask, req.width // scale, req.height // scale)
+    return prepared, mask.to(device=gen.device, dtype=gen.dtype)
+
+
+def fill(init: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, how: int) -> torch.Tensor:
+    """The masked area's start in latents (the webui's "Masked content"): 2 latent noise (each image's own noise),
+    3 latent nothing (zeros); 0 (fill) and 1 (original) were made in pixels (:func:`prepare_inpaint`)."""
+    if how in (2, 3):
+        return init * (1 - mask) + (noise * mask if how == 2 else 0)
+    return init
+
+
+def _layout(gen, latents: torch.Tensor, batch: int) -> torch.Tensor:
+    """Unpacked latents (1 or ``batch`` images) in the pipeline's layout over the batch (Flux: packed tokens)."""
+    latents = latents.expand(batch, *latents.shape[1:])
+    if gen.family != "flux":
+        return latents
+    _, channels, rows, cols = latents.shape
+    return gen.pipe._pack_latents(latents, batch, channels, rows, cols)
+
+
+def blend_callback(gen, init: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor,
+                   then: Callable | None = None) -> Callable:
+    """The pipeline's step callback that inpaints as ``FluxInpaintPipeline`` / ``StableDiffusion3InpaintPipeline``
+    do after each scheduler step: outside ``mask`` the latents become ``init`` noised with ``noise`` to the next
+    step's sigma (``scale_noise``; after the last step ``init`` itself). ``init``, ``mask`` and ``noise``: unpacked
+    (B or 1, C or 1, H/8, W/8); ``then``: a further callback, called with the blended latents."""
+    batch, channels = noise.shape[:2]
+    init, noise = _layout(gen, init, batch), _layout(gen, noise, batch)
+    mask = _layout(gen, mask.expand(batch, channels, *mask.shape[2:]), batch)
+
+    def callback(pipe, i: int, t, tensors: dict) -> dict:
+        timesteps = pipe.scheduler.timesteps
+        proper = init
+        if i < len(timesteps) - 1:
+            proper = pipe.scheduler.scale_noise(init, torch.tensor([timesteps[i + 1]]), noise)
+        latents = (1 - mask) * proper + mask * tensors["latents"]
+        out = then(pipe, i, t, {**tensors, "latents": latents}) if then is not None else {}
+        return {**out, "latents": latents}
+
+    return callback
+
+
+def masked_denoiser(denoiser: Callable, init: torch.Tensor, mask: torch.Tensor) -> Callable:
+    """A k-diffusion denoiser whose clean estimate outside ``mask`` is ``init`` (the webui's and Forge's inpainting
+    with k-diffusion samplers, which run their own loop: the blend is on the denoised latents). On a flow model
+    this keeps the unmasked latents on the line ``sigma noise + (1 - sigma) init`` a deterministic step moves
+    along, where the pipeline's blend puts them after each step."""
+    init, mask = init.float(), mask.float()
+
+    def blended(x: torch.Tensor, sigma) -> torch.Tensor:
+        return init * (1 - mask) + mask * denoiser(x, sigma)
+
+    return blended
+
+
+def paste(images: list, prepared) -> list:
+    """The decoded images laid under the request's overlay (:func:`adapterhub.sample.images.paste_back`)."""
+    from adapterhub.sample.images import paste_back
+
+    return images if prepared is None else [paste_back(image, prepared) for image in images]
+
+
+def mask_problem(req, sampler: str) -> str | None:
+    """Why flow sampler ``sampler`` (canonical) cannot inpaint, as the Stable Diffusion path says of the same webui
+    sampler (:func:`adapterhub.sample.request.mask_problem`: the ones whose whole loop is k-diffusion's own there),
+    so a request is refused alike on every family and by every entry point; None when it can or there is no mask."""
+    from adapterhub.sample.request import mask_problem as sd_problem
+    from adapterhub.sample.samplers import resolve_sampler
+
+    if req.mask is None:
+        return None
+    return sd_problem(req, resolve_sampler(sampler, "Automatic")[0])
