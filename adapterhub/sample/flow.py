@@ -126,8 +126,9 @@ def check_flow_request(req: FlowRequest, family: str, guidance_embeds: bool | No
     if flow_samplers.schedule_name(req.schedule) is None:
         raise AdapterhubError(f"schedule {req.schedule!r}: {name} samples on its shifted flow-matching sigmas; "
                               f"choose {', '.join(FLOW_SCHEDULES)}")
-    if flow_passes.mask_problem(req, flow_sampler(req.sampler, family)):
-        raise AdapterhubError(flow_passes.mask_problem(req, flow_sampler(req.sampler, family)))
+    problem = flow_passes.mask_problem(req, flow_sampler(req.sampler, family)) or flow_passes.hires_problem(req)
+    if problem:
+        raise AdapterhubError(problem)
     if int(req.clip_skip) != 1:
         raise AdapterhubError(f"clip skip {req.clip_skip}: not available for {name} models (their text "
                               "encoders' last layers are used as trained)")

@@ -93,6 +93,18 @@ def hires_pass(gen, req, prompt: str, seeds: Sequence[int], first: torch.Tensor,
                        upscaled.to(device=gen.device, dtype=gen.dtype))
 
 
+def hires_problem(req) -> str | None:
+    """Why the hires fix cannot run ``req`` here (None when it can): the webui counts the hires pass's prompt
+    schedule on from the first pass, which the Flux / SD3 prompt schedule does not do yet, so a prompt that changes
+    by step would give another picture."""
+    from adapterhub.sample.flow_prompt import is_scheduled
+
+    if req.hr_scale is not None and any(is_scheduled(t, int(req.steps)) for t in (req.prompt, req.negative)):
+        return ("hires fix with prompt editing or alternation: not available for Flux / SD3 models yet (the hires "
+                "pass's prompt schedule); drop the [a:b:when] / [a|b] or the hires fix")
+    return None
+
+
 def hires_fields(req) -> dict:
     """The hires fix's infotext fields as Forge writes them (txt2img's ``Denoising strength`` is the hires pass's);
     none without the hires fix."""
