@@ -428,3 +428,14 @@ def test_hires_with_a_prompt_that_changes_by_step_is_refused_before_a_model_load
         check_flow_request(FlowRequest(prompt, hr_scale=2.0), "flux")
     check_flow_request(FlowRequest(prompt), "flux")  # without the hires fix it samples
     check_flow_request(FlowRequest("a (castle:1.2)", hr_scale=2.0), "sd3")  # emphasis does not change by step
+
+
+def test_the_hires_fix_on_a_flux_control_model_is_refused_before_a_model_loads():
+    """A FLUX.1 control model's second pass would need its control image at the hires size: one line."""
+    from adapterhub.errors import AdapterhubError
+    from adapterhub.sample.flow import FlowRequest
+    from adapterhub.sample.flow_control import check_control_request
+
+    with pytest.raises(AdapterhubError, match=r"^the hires fix on a FLUX.1 control model is not supported"):
+        check_control_request(FlowRequest("a cat", sampler="Euler", cfg=1.0, hr_scale=2.0))
+    check_control_request(FlowRequest("a cat", sampler="Euler", cfg=1.0))

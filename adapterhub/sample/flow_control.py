@@ -56,11 +56,15 @@ def refuse_control_model(pipe, base) -> None:
 
 
 def check_control_request(req: FlowRequest) -> None:
-    """What ``FluxControlPipeline``'s loop cannot run, in one line: img2img, another sampler or schedule, CFG."""
+    """What ``FluxControlPipeline``'s loop cannot run, in one line: img2img, the hires fix, another sampler or
+    schedule, CFG."""
     from adapterhub.sample.flow import flow_sampler
 
     if req.init_image is not None:
         raise AdapterhubError("img2img on a FLUX.1 control model is not supported (its input is the control image)")
+    if req.hr_scale is not None:  # its second pass would need the control image at the hires size
+        raise AdapterhubError("the hires fix on a FLUX.1 control model is not supported (its control image is at the "
+                              "first pass's size)")
     if flow_sampler(req.sampler, "flux") != "Euler" or req.schedule != FLOW_SCHEDULES[0]:
         raise AdapterhubError(f"sampler {req.sampler} / schedule {req.schedule}: a FLUX.1 control model samples "
                               f"with Euler on the schedule {FLOW_SCHEDULES[0]} (FluxControlPipeline's)")
@@ -119,11 +123,11 @@ class FlowControlGenerator(FlowGenerator):
 
         return replace(checked, control_image=_load_image(image, "control image"))
 
-    def denoise(self, req: FlowControlRequest, prompt: str, seeds, on_step=None, init=None) -> torch.Tensor:
+    def denoise(self, req: FlowControlRequest, prompt: str, seeds, on_step=None, init=None, mask=None) -> torch.Tensor:
         """:meth:`FlowGenerator.denoise` with the control image and each image's generator for its encoding."""
         self._control = (req.control_image, [torch.Generator("cpu").manual_seed(int(s)) for s in seeds])
         try:
-            return super().denoise(req, prompt, seeds, on_step, init)
+            return super().denoise(req, prompt, seeds, on_step, init, mask)
         finally:
             self._control = None
 
