@@ -270,7 +270,7 @@ def _latent_mask(pipe, mask, blur=4):
     return latent_mask(prepare_mask(mask, SIZE, SIZE, blur).mask, SIZE // scale, SIZE // scale)
 
 
-def _inpaint_oracle(pipe, image, mask, prompt, seeds, latents=None, **kwargs):
+def _inpaint_oracle(pipe, image, mask, prompt, seeds, latents=None, scheduler=None, **kwargs):
     """diffusers' inpainting pipeline handed the init image's latents (the posterior's mean, as the webui encodes)
     (or ``latents``) and a mask image it reads back to exactly our latent mask (each latent a block of its
     pixels)."""
@@ -291,6 +291,8 @@ def _inpaint_oracle(pipe, image, mask, prompt, seeds, latents=None, **kwargs):
     inpaint = getattr(diffusers, f"{_family(pipe)}InpaintPipeline")(**components)
     inpaint.set_progress_bar_config(disable=True)
     inpaint._encode_vae_image = lambda image, generator: latents  # the mean, not a draw from the generators
+    if scheduler is not None:
+        inpaint.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     assert scale * small.shape[-1] == SIZE
     out = inpaint(prompt, image=image, mask_image=big, height=SIZE, width=SIZE, strength=STRENGTH,
                   num_inference_steps=INPAINT_STEPS, num_images_per_prompt=len(seeds),
@@ -308,12 +310,13 @@ def test_flux_inpainting_equals_the_inpaint_pipeline_bitwise(tiny_flux, init_ima
     assert "Denoising strength: 0.5" in result.infotexts[0] and "Mask blur: 4, Version" in result.infotexts[0]
 
 
-def test_sd3_inpainting_equals_the_inpaint_pipeline_bitwise(tiny_sd3, init_image, mask_image):
+@pytest.mark.parametrize("sampler, scheduler", [("Euler", None), ("Heun", "FlowMatchHeunDiscreteScheduler")])
+def test_sd3_inpainting_equals_the_inpaint_pipeline_bitwise(tiny_sd3, init_image, mask_image, sampler, scheduler):
     gen = _generator(tiny_sd3)
     result = gen.generate(gen.request(_inpaint_request("a castle", init_image, mask_image, seed=7, cfg=6.0,
-                                                       negative="fog")), output="latent")
-    theirs, _, _ = _inpaint_oracle(tiny_sd3, init_image, mask_image, "a castle", [7], guidance_scale=6.0,
-                                   negative_prompt="fog")
+                                                       negative="fog", sampler=sampler)), output="latent")
+    theirs, _, _ = _inpaint_oracle(tiny_sd3, init_image, mask_image, "a castle", [7], scheduler=scheduler,
+                                   guidance_scale=6.0, negative_prompt="fog")
     assert torch.equal(result.latents, theirs)
 
 
