@@ -476,5 +476,5 @@ def test_catalog_networks_are_listed_and_found_by_tags(tmp_path, tiny_sd1, monke
     assert [n.name for n in networks.embeddings_in("a hill", "BadHands, blur")] == ["badhands"]
     monkeypatch.setenv("ADAPTERHUB_CATALOG", str(db))  # what `serve --catalog` sets for the tag lookups
     assert drop_missing_networks("a <lora:ink:0.5> <lora:gone:1>", [folder]) == ("a <lora:ink:0.5>",
-                                                                               [("lora", "gone")])
+                                                                               [("Lora", "gone")])
     assert Networks([folder], catalog=str(tmp_path / "none.db")).of_kind("lora")[0].name == "style"  # no catalog
