@@ -32,15 +32,44 @@ def draw_noise(model, seeds: Sequence[int], width: int, height: int, rng: str = 
     noise seed delta)."""
     from adapterhub.sample.rng import initial_noise
 
-    channels = model.pipe.unet.config.in_channels
+    channels = latent_channels(model)
     scale = model.pipe.vae_scale_factor
     return initial_noise(rng, seeds, (channels, height // scale, width // scale), model.device, ensd)
+
+
+def is_inpainting_model(model) -> bool:
+    """Whether the UNet is an inpainting model's: it takes, besides its latents, the mask and the masked image's
+    latents (sd-v1-5-inpainting's 9 input channels for 4 out; the webui's ``conditioning_key == "hybrid"``)."""
+    config = model.pipe.unet.config
+    return config.in_channels == 2 * config.out_channels + 1
+
+
+def latent_channels(model) -> int:
+    """The channels of the latents the UNet denoises (an inpainting model's extra inputs left out)."""
+    config = model.pipe.unet.config
+    return config.out_channels if is_inpainting_model(model) else config.in_channels
+
+
+def image_conditioning(model, width: int, height: int, batch: int,
+                       given: torch.Tensor | None = None) -> torch.Tensor | None:
+    """An inpainting model's extra input channels for a batch, (batch, 5, H/8, W/8) (None for any other model):
+    ``given`` (a masked img2img's, :func:`adapterhub.sample.images.inpainting_conditioning`), else the webui's
+    conditioning for a pass without a mask (txt2img, img2img, the hires pass): all-ones mask, mid-grey image."""
+    if not is_inpainting_model(model):
+        return None
+    if given is None:
+        from adapterhub.sample.images import inpainting_conditioning
+
+        given = inpainting_conditioning(model.pipe, width, height, model.device, model.dtype)
+    given = given.to(device=model.device, dtype=model.dtype)
+    return given if given.shape[0] == batch else given.expand(batch, -1, -1, -1)
 
 
 def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: Sequence[int], width: int,
             height: int, on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
             strength: float = 1.0, fixed_steps: bool = False, rng: str = "CPU", ensd: int = 0,
-            mask: torch.Tensor | None = None, fill: int = 1, noise_scale: float = 1.0) -> torch.Tensor:
+            mask: torch.Tensor | None = None, fill: int = 1, noise_scale: float = 1.0,
+            image_cond: torch.Tensor | None = None) -> torch.Tensor:
     """The denoising loop (diffusers' own, step for step); returns the final latents.
 
     From noise, or with ``init`` latents (one per seed) from the point of the schedule that
@@ -52,6 +81,11 @@ def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: S
     outside it are the init latents noised to the next step (at the last step: the init latents), as diffusers'
     inpainting pipeline does with a 4-channel UNet.
 
+    On an inpainting model (:func:`is_inpainting_model`) every UNet call also takes ``image_cond`` (the mask and the
+    masked image's latents, :func:`image_conditioning`; None: the conditioning of a pass without a mask), and the
+    latents outside the mask are not blended back: diffusers' inpainting pipeline with a 9-channel UNet (the final
+    image still keeps the original pixels outside the mask: the overlay).
+
     ``noise_scale`` (the webui's img2img ``initial_noise_multiplier``) multiplies the noise ``init`` is noised with
     (not the sampler's later draws).
 
@@ -60,6 +94,7 @@ def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: S
     guided prediction points at, :func:`clean_estimate`)."""
     batch = len(seeds)
     dtype, device = model.dtype, model.device
+    extra_channels = image_conditioning(model, width, height, batch, image_cond)
     if hasattr(scheduler, "noise_sampler_seed"):
         # DPM++ SDE's Brownian tree, seeded per image as the webui does (create_noise_sampler); unseeded, diffusers
         # draws a random seed and the image could not be made again
@@ -86,6 +121,8 @@ def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: S
             mask = mask.to(device=device, dtype=dtype)
             if fill in (2, 3):  # the webui's latent noise / latent nothing
                 init = init * (1 - mask) + (noise * mask if fill == 2 else 0)
+            if extra_channels is not None:  # the model itself keeps the unmasked region: no blend (diffusers')
+                mask = None
         latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(batch))
     # DDIM CFG++ (the webui's): the scale shrunk by the scheduler's multiplier, the unconditional prediction
     # handed to its step as well
@@ -101,7 +138,7 @@ def denoise(model, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: S
             key = (tuple(s.index(i) for s, _ in prompts.conds), prompts.uncond.index(i) if guided else None)
             if key != built:  # the conditioning changes only where a schedule does
                 inputs, built = _step_inputs(model, prompts, key, batch, width, height), key
-            noise_pred = _guided(model, latents, t, scheduler, inputs, weights, cfg, batch, with_uncond)
+            noise_pred = _guided(model, latents, t, scheduler, inputs, weights, cfg, batch, with_uncond, extra_channels)
             if with_uncond:
                 noise_pred, uncond = noise_pred
                 extra["uncond_output"] = uncond
@@ -138,25 +175,33 @@ def _step_inputs(model, prompts: Prompts, key: tuple, batch: int, width: int, he
 
 
 def _guided(model, latents, t, scheduler, inputs: dict, weights: list[float], cfg: float, batch: int,
-            with_uncond: bool = False):
+            with_uncond: bool = False, extra: torch.Tensor | None = None):
     """The noise prediction with classifier-free guidance over the ``AND`` sub-prompts: the webui's
     ``combine_denoised``, ``uncond + sum_i (cond_i - uncond) x (weight_i x cfg)`` (and the unconditional
-    prediction beside it when ``with_uncond``)."""
+    prediction beside it when ``with_uncond``). ``extra``: an inpainting model's extra channels (batch, 5, h, w),
+    joined to the scaled latents of every call (after the scaling: diffusers' order)."""
     n = len(weights)
     if inputs["together"] is not None:
         x = scheduler.scale_model_input(torch.cat([latents] * (n + 1)), t)
-        out = model.runner(x, t, *inputs["together"])
+        out = model.runner(_with_extra(x, extra, batch), t, *inputs["together"])
         uncond, cond = out[:batch], out[batch:]
     else:
         x = scheduler.scale_model_input(latents, t)
-        cond = model.runner(torch.cat([x] * n) if n > 1 else x, t, *inputs["conds"])
+        cond = model.runner(_with_extra(torch.cat([x] * n) if n > 1 else x, extra, batch), t, *inputs["conds"])
         if inputs["unconds"] is None:
             return cond
-        uncond = model.runner(x, t, *inputs["unconds"])
+        uncond = model.runner(_with_extra(x, extra, batch), t, *inputs["unconds"])
     pred = uncond
     for i, weight in enumerate(weights):
         pred = pred + (cond[i * batch:(i + 1) * batch] - uncond) * (weight * cfg)
     return (pred, uncond) if with_uncond else pred
+
+
+def _with_extra(x: torch.Tensor, extra: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """``x`` (a multiple of ``batch`` images) with ``extra``'s channels after its own, repeated to its length."""
+    if extra is None:
+        return x
+    return torch.cat([x, extra.repeat(x.shape[0] // batch, 1, 1, 1)], dim=1)
 
 
 def _unet_inputs(model, c: Conditioning, batch: int, width: int, height: int):

@@ -188,13 +188,17 @@ class Generator:
         init = self.encode_image(inpaint.init if inpaint else resize_image(req.init_image, req.width, req.height)) \
             if req.init_image is not None else None
         mask = pixels.latent_mask(inpaint.mask, *init.shape[:1:-1]) if inpaint else None
+        image_cond = None  # an inpainting model's extra inputs: the mask and the masked image
+        if inpaint and loop.is_inpainting_model(self):
+            image_cond = pixels.inpainting_conditioning(self.pipe, req.width, req.height, self.device, self.dtype,
+                                                        inpaint.init, inpaint.mask)
         seeds = [req.seed + i for i in range(req.images)]
         counter = _progress(progress, sampling_steps(req) * req.images)
         images, latents_out = [], []
         for start in range(0, len(seeds), req.batch):
             batch_seeds = seeds[start:start + req.batch]
             latents = self._batch(req, sampler, schedule, first, hires, init, batch_seeds, counter(len(batch_seeds)),
-                                  mask)
+                                  mask, image_cond)
             if output == "latent":
                 latents_out.append(latents)
             else:
@@ -206,14 +210,16 @@ class Generator:
         return Result(images, texts, seeds, latents, warnings, req)
 
     def _batch(self, req: Request, sampler, schedule: str, first: Prompts, hires: Prompts | None, init,
-               seeds: list[int], step_done: Callable[[int], None], mask: torch.Tensor | None = None) -> torch.Tensor:
+               seeds: list[int], step_done: Callable[[int], None], mask: torch.Tensor | None = None,
+               image_cond: torch.Tensor | None = None) -> torch.Tensor:
         """One batch's final latents: the first pass (from noise, or from ``init`` for img2img, inpainting inside
         ``mask``), then the hires pass when the request asks for one. Each pass gets a fresh scheduler."""
         scheduler = make_scheduler(sampler, schedule, self.pipe.scheduler.config, self.arch)
         init_batch = None if init is None else init.repeat(len(seeds), 1, 1, 1)
         latents = self.denoise(first, scheduler, req.steps, req.cfg, seeds, req.width, req.height, on_step=step_done,
                                init=init_batch, strength=req.denoising_strength, rng=req.rng, ensd=req.ensd,
-                               mask=mask, fill=req.inpainting_fill, noise_scale=req.initial_noise_multiplier)
+                               mask=mask, fill=req.inpainting_fill, noise_scale=req.initial_noise_multiplier,
+                               image_cond=image_cond)
         if hires is None:
             return latents
         width, height = hires_size(req.width, req.height, req.hr_scale)
@@ -237,10 +243,11 @@ class Generator:
     def denoise(self, prompts: Prompts, scheduler, steps: int, cfg: float, seeds: Sequence[int], width: int,
                 height: int, on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
                 strength: float = 1.0, fixed_steps: bool = False, rng: str = "CPU", ensd: int = 0,
-                mask: torch.Tensor | None = None, fill: int = 1, noise_scale: float = 1.0) -> torch.Tensor:
+                mask: torch.Tensor | None = None, fill: int = 1, noise_scale: float = 1.0,
+                image_cond: torch.Tensor | None = None) -> torch.Tensor:
         """The denoising loop on this model (:func:`adapterhub.sample.denoise.denoise`); the final latents."""
         return loop.denoise(self, prompts, scheduler, steps, cfg, seeds, width, height, on_step, init, strength,
-                            fixed_steps, rng, ensd, mask, fill, noise_scale)
+                            fixed_steps, rng, ensd, mask, fill, noise_scale, image_cond)
 
     # -- latents and images (adapterhub.sample.images) ----------------------------------------------
     def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:

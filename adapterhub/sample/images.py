@@ -59,12 +59,45 @@ def encode_image(pipe, image, device, dtype) -> torch.Tensor:
     preprocessing), the VAE posterior's mean, times the scaling factor."""
     import numpy as np
 
-    vae = _vae(pipe)
     pixels = torch.from_numpy(np.array(image.convert("RGB")).astype(np.float32).transpose(2, 0, 1)[None] / 255.0)
+    return encode_tensor(pipe, pixels * 2.0 - 1.0, device, dtype)
+
+
+def encode_tensor(pipe, pixels: torch.Tensor, device, dtype) -> torch.Tensor:
+    """Images in [-1, 1], (B, 3, H, W), as latents (B, C, H/8, W/8): the VAE posterior's mean, times the scaling
+    factor."""
+    vae = _vae(pipe)
     with torch.inference_mode():
-        z = vae.encode((pixels * 2.0 - 1.0).to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        z = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
     # contiguous: the VAE returns channels-last strides, and the UNet's kernels round by memory layout
     return (z * vae.config.scaling_factor).to(device=device, dtype=dtype).contiguous()
+
+
+def inpainting_conditioning(pipe, width: int, height: int, device, dtype, image=None, mask=None,
+                            weight: float = 1.0) -> torch.Tensor:
+    """The extra input channels of an inpainting model (a UNet of 9 input channels), (1, 5, H/8, W/8): the mask on
+    the latent grid, then the latents of the masked image.
+
+    ``image`` (RGB, ``width`` x ``height``) and ``mask`` (L, white repaints): the mask rounded to 0 or 1 (the
+    webui's default "mask_round"; diffusers binarises it the same way), the masked image ``image x (1 - weight x
+    mask)`` (``weight``: the webui's inpainting conditioning mask strength; at 1 diffusers'
+    ``image x (mask < 0.5)``), the mask downsampled nearest (diffusers' and the webui's ``interpolate``). No mask
+    (img2img without one, the hires pass): all ones. No image (txt2img): a mid-grey one (all zeros in [-1, 1]),
+    as the webui's ``txt2img_image_conditioning``; with ``weight`` 1 the img2img image is masked to the same."""
+    import numpy as np
+
+    if image is None:
+        pixels = torch.zeros(1, 3, height, width)
+    else:
+        pixels = torch.from_numpy(np.array(image.convert("RGB")).astype(np.float32).transpose(2, 0, 1)[None])
+        pixels = pixels / 255.0 * 2.0 - 1.0
+    if mask is None:
+        full = torch.ones(1, 1, height, width)
+    else:
+        full = torch.round(torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0))[None, None]
+    masked = encode_tensor(pipe, pixels * (1.0 - weight * full) if image is not None else pixels, device, dtype)
+    small = torch.nn.functional.interpolate(full, size=masked.shape[-2:])
+    return torch.cat([small.to(device=device, dtype=dtype), masked], dim=1)
 
 
 def upscale(pipe, latents: torch.Tensor, width: int, height: int, upscaler: str, device, dtype) -> torch.Tensor:

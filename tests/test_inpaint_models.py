@@ -1,0 +1,153 @@
+"""Inpainting models (a UNet of 9 input channels: latents, mask, masked image's latents, as sd-v1-5-inpainting).
+
+The oracle is diffusers' ``StableDiffusionInpaintPipeline`` with that UNet: every call takes the mask (downsampled
+nearest) and the masked image's latents after the scaled latents, and no step blends the unmasked latents back. Its
+masked image is computed here the way the pipeline does (``image x (mask < 0.5)``, preprocessed by its image
+processor) and handed to it as latents (its own encode would sample the VAE posterior with the image's generator).
+Without a mask (txt2img, img2img) the model gets the webui's conditioning: an all-ones mask and a mid-grey image.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def inpaint_pipe(tiny_sd1):
+    """``tiny-sd1`` with a UNet of 9 input channels (the same config otherwise, seeded weights)."""
+    from diffusers import UNet2DConditionModel
+
+    from adapterhub.base import TINY_UNET_SD1
+
+    torch.manual_seed(19)
+    unet = UNet2DConditionModel(**{**TINY_UNET_SD1, "in_channels": 9}).eval()
+    pipe = copy.copy(tiny_sd1)
+    components = {**tiny_sd1.components, "unet": unet}
+    pipe = type(tiny_sd1)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def gen(inpaint_pipe):
+    from adapterhub.sample.generator import Generator
+
+    return Generator(inpaint_pipe, model_name="tiny-sd1-inpainting", model_hash="0123456789")
+
+
+@pytest.fixture(scope="module")
+def init_image():
+    from PIL import Image
+
+    pixels = np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _mask(box=(8, 16, 40, 56), size=SIZE):
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=255)
+    return mask
+
+
+def _request(**kw):
+    from adapterhub.sample.generator import Request
+
+    kw = {"negative": "blurry", "seed": 11, "sampler": "Euler a", "steps": 4, "width": SIZE, "height": SIZE,
+          "denoising_strength": 0.5, "mask_blur": 0, "inpainting_fill": 1, **kw}
+    return Request("a red house", **kw)
+
+
+def _embeds(pipe, text):
+    return pipe.encode_prompt(text, "cpu", 1, False)[0]
+
+
+def _pipeline_masked_latents(pipe, image, mask):
+    """The masked image's latents as diffusers' inpainting pipeline computes them (its preprocessing and binarised
+    mask), the VAE posterior's mean."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    pixels = pipe.image_processor.preprocess(image, height=SIZE, width=SIZE).float()
+    masks = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    condition = masks.preprocess(mask, height=SIZE, width=SIZE)
+    with torch.no_grad():
+        z = pipe.vae.encode(pixels * (condition < 0.5)).latent_dist.mean
+    return z * pipe.vae.config.scaling_factor
+
+
+def _diffusers(pipe, sampler, image_latents, mask_image, masked_latents, steps, strength, seeds):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from adapterhub.sample.samplers import make_scheduler, resolve_sampler
+
+    components = {**pipe.components, "scheduler": make_scheduler(*resolve_sampler(sampler), pipe.scheduler.config)}
+    inpaint = StableDiffusionInpaintPipeline(**components)
+    inpaint.set_progress_bar_config(disable=True)
+    batch = len(seeds)
+    return inpaint(image=image_latents, mask_image=mask_image, masked_image_latents=masked_latents,
+                   prompt_embeds=_embeds(pipe, "a red house").repeat(batch, 1, 1),
+                   negative_prompt_embeds=_embeds(pipe, "blurry").repeat(batch, 1, 1), height=SIZE, width=SIZE,
+                   num_inference_steps=steps, strength=strength, guidance_scale=7.0,
+                   generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent").images
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DDIM"])
+def test_masked_img2img_on_an_inpainting_model_equals_diffusers(gen, init_image, sampler):
+    request = _request(mask=_mask(), init_image=init_image, sampler=sampler, batch=2)
+    result = gen.generate(request, output="latent")
+    latents = gen.encode_image(init_image)
+    masked = _pipeline_masked_latents(gen.pipe, init_image, _mask())
+    # our 0.5 runs int(0.5 x 4) + 1 = 3 steps (the webui's); diffusers' strength 3/4 runs the same 3
+    want = _diffusers(gen.pipe, sampler, latents, _mask(), masked, 4, 3 / 4, [11, 12])
+    assert result.latents.shape == (2, 4, SIZE // 8, SIZE // 8)
+    assert torch.allclose(result.latents, want, atol=1e-5, rtol=0)
+    # no blend: outside the mask the latents are the model's, not the init latents
+    assert not torch.allclose(result.latents[:, :, 0], latents.expand_as(result.latents)[:, :, 0])
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+def test_txt2img_on_an_inpainting_model_gets_an_all_ones_mask_and_a_grey_image(gen, sampler):
+    from PIL import Image
+
+    result = gen.generate(_request(sampler=sampler, batch=2), output="latent")
+    white = Image.new("L", (SIZE, SIZE), 255)
+    want = _diffusers(gen.pipe, sampler, torch.zeros(1, 4, 8, 8), white, _grey(gen.pipe), 4, 1.0, [11, 12])
+    assert torch.allclose(result.latents, want, atol=1e-5, rtol=0)
+
+
+def _grey(pipe):
+    """The latents of a mid-grey image (zeros in [-1, 1]): the pipeline's masked image under an all-white mask."""
+    with torch.no_grad():
+        return pipe.vae.encode(torch.zeros(1, 3, SIZE, SIZE)).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
+def test_img2img_without_a_mask_gets_the_txt2img_conditioning(gen, init_image):
+    from PIL import Image
+
+    result = gen.generate(_request(init_image=init_image, sampler="DDIM", batch=1), output="latent")
+    latents = gen.encode_image(init_image)
+    white = Image.new("L", (SIZE, SIZE), 255)
+    # the webui's image x (1 - all-ones mask): the pipeline with an all-white mask, its masked image all zeros
+    want = _diffusers(gen.pipe, "DDIM", latents, white, _grey(gen.pipe), 4, 3 / 4, [11])
+    assert torch.allclose(result.latents, want, atol=1e-5, rtol=0)
+
+
+def test_the_final_image_of_an_inpainting_model_keeps_the_original_outside_the_mask(gen, init_image):
+    result = gen.generate(_request(mask=_mask(), init_image=init_image, mask_blur=0))
+    got = np.asarray(result.images[0].convert("RGB"), dtype=int)
+    original = np.asarray(init_image, dtype=int)
+    outside = np.ones((SIZE, SIZE), bool)
+    outside[16:56, 8:40] = False
+    assert np.array_equal(got[outside], original[outside])
+    assert not np.array_equal(got[~outside], original[~outside])
+
+
+def test_the_hires_fix_on_an_inpainting_model_runs_at_the_hires_size(gen):
+    result = gen.generate(_request(steps=2, hr_scale=1.5, hr_denoise=0.5), output="latent")
+    assert result.latents.shape == (1, 4, 12, 12)
