@@ -151,3 +151,21 @@ def test_the_final_image_of_an_inpainting_model_keeps_the_original_outside_the_m
 def test_the_hires_fix_on_an_inpainting_model_runs_at_the_hires_size(gen):
     result = gen.generate(_request(steps=2, hr_scale=1.5, hr_denoise=0.5), output="latent")
     assert result.latents.shape == (1, 4, 12, 12)
+
+
+def test_the_compiled_backend_runs_an_inpainting_model_as_eager_does(inpaint_pipe, gen, init_image, monkeypatch):
+    import torch._dynamo
+
+    from adapterhub.sample.generator import Generator
+
+    torch._dynamo.reset()
+    monkeypatch.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")  # inductor's capture without its code generation
+    compiled = Generator(copy.deepcopy(inpaint_pipe), backend="compiled", hash_model=False)
+    try:
+        request = _request(mask=_mask(), init_image=init_image, sampler="DDIM", steps=2, denoising_strength=1.0)
+        got = compiled.generate(request, output="latent").latents
+    finally:
+        compiled.close()
+        torch._dynamo.reset()
+    want = gen.generate(request, output="latent").latents
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
