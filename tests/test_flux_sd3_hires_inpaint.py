@@ -420,19 +420,6 @@ def test_a_sampler_the_sd_path_refuses_a_mask_is_refused_alike(tiny_flux, init_i
     assert not out.exists() or not any(out.iterdir())
 
 
-@pytest.mark.parametrize("prompt", ["a [castle:ruin:0.5]", "a [red|blue] house"])
-def test_hires_with_a_prompt_that_changes_by_step_is_refused_before_a_model_loads(prompt):
-    """The webui counts the hires pass's prompt schedule on from the first pass; the Flux / SD3 prompt schedule
-    does not yet, so rather than another picture: one line."""
-    from adapterhub.errors import AdapterhubError
-    from adapterhub.sample.flow import FlowRequest, check_flow_request
-
-    with pytest.raises(AdapterhubError, match=r"^hires fix with prompt editing or alternation: not available"):
-        check_flow_request(FlowRequest(prompt, hr_scale=2.0), "flux")
-    check_flow_request(FlowRequest(prompt), "flux")  # without the hires fix it samples
-    check_flow_request(FlowRequest("a (castle:1.2)", hr_scale=2.0), "sd3")  # emphasis does not change by step
-
-
 def test_the_hires_fix_on_a_flux_control_model_is_refused_before_a_model_loads():
     """A FLUX.1 control model's second pass would need its control image at the hires size: one line."""
     from adapterhub.errors import AdapterhubError

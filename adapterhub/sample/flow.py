@@ -88,6 +88,7 @@ class FlowRequest(Request):
     sampler: str = "Euler"
     cfg: float | None = None
     distilled_cfg: float | None = None
+    first_pass_steps: int | None = None  # set on the hires pass's request: its prompt schedule counts on from them
 
 
 def flow_family(base) -> str | None:
@@ -126,7 +127,7 @@ def check_flow_request(req: FlowRequest, family: str, guidance_embeds: bool | No
     if flow_samplers.schedule_name(req.schedule) is None:
         raise AdapterhubError(f"schedule {req.schedule!r}: {name} samples on its shifted flow-matching sigmas; "
                               f"choose {', '.join(FLOW_SCHEDULES)}")
-    problem = flow_passes.mask_problem(req, flow_sampler(req.sampler, family)) or flow_passes.hires_problem(req)
+    problem = flow_passes.mask_problem(req, flow_sampler(req.sampler, family))
     if problem:
         raise AdapterhubError(problem)
     if int(req.clip_skip) != 1:
@@ -366,8 +367,10 @@ class FlowGenerator:
         (B, C, H/8, W/8). A sampler or schedule the pipeline does not run: :meth:`k_denoise`."""
         from adapterhub.sample.request import img2img_steps
 
+        steps, first = flow_passes.prompt_steps(req)  # the first pass asks over its own steps, as it always did
         if (req.schedule != FLOW_SCHEDULES[0] or req.sampler not in PIPELINE_SAMPLERS[self.family]
-                or flow_prompt.on_own_loop(prompt, req.negative, req.steps, req.cfg, self.family)):
+                or flow_prompt.on_own_loop(prompt, req.negative, req.steps if first is None else steps, req.cfg,
+                                           self.family, first)):
             return self.k_denoise(req, prompt, seeds, on_step, init, mask)  # prompt editing: the conditioning by step
         embeds = None
         if flow_prompt.needs_engines(prompt, req.negative, req.emphasis):  # emphasis, BREAK: Forge's engines
@@ -455,9 +458,9 @@ class FlowGenerator:
         guidance = None
         if self.guidance_embeds:
             guidance = DISTILLED_CFG if req.distilled_cfg is None else float(req.distilled_cfg)
-        denoiser = flow_prompt.k_denoiser(self.pipe, self.family, prompt, req.negative,
-                                          flow_prompt.schedule_steps(req.sampler, req.steps), req.emphasis,
-                                          len(seeds), req.cfg, guidance, req.width, req.height)
+        steps, first = flow_passes.prompt_steps(req)  # the hires pass's schedule counts on from the first pass
+        denoiser = flow_prompt.k_denoiser(self.pipe, self.family, prompt, req.negative, steps, req.emphasis,
+                                          len(seeds), req.cfg, guidance, req.width, req.height, first)
 
         def stepped(i: int, latents: torch.Tensor, denoised: torch.Tensor) -> None:
             if self.step_hook is not None:

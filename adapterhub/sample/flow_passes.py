@@ -75,34 +75,50 @@ def upscale(gen, latents: torch.Tensor, width: int, height: int, upscaler: str) 
 def hires_request(req, width: int, height: int):
     """The request of the hires pass: ``width`` x ``height``, its schedule the webui's fixed step count
     (``int(hr_steps / min(d, 0.999))`` steps, the last ``hr_steps`` run), told to the img2img loops as a schedule
-    length and a strength that runs exactly that many steps there (``int(d' x length) + 1 = run``)."""
+    length and a strength that runs exactly that many steps there (``int(d' x length) + 1 = run``);
+    ``first_pass_steps`` the first pass's steps, from which its prompt schedule counts on (:func:`prompt_steps`)."""
     length, run = img2img_steps(req.hr_steps or req.steps, req.hr_denoise, fixed=True)
     # (run - 0.5) / length: int() of it times length is run - 1 whatever the float rounding, and it is below 1
     return replace(req, width=width, height=height, steps=length, denoising_strength=(run - 0.5) / length,
-                   hr_scale=None, mask=None, initial_noise_multiplier=1.0)
+                   hr_scale=None, mask=None, initial_noise_multiplier=1.0, first_pass_steps=int(req.steps))
+
+
+def prompt_steps(req) -> tuple[int, int | None]:
+    """The model-call steps a pass's prompt schedule spans and, in the hires pass (``req.first_pass_steps`` set),
+    the first pass's (else None): the webui's ``total_steps``, twice the steps for a second-order sampler
+    (:func:`~adapterhub.sample.flow_prompt.schedule_steps`), as the Stable Diffusion path counts both. The hires
+    pass's are the steps it runs (``hr_steps``), not its fixed schedule's length."""
+    from adapterhub.sample.flow_prompt import schedule_steps
+
+    first = getattr(req, "first_pass_steps", None)
+    if first is None:
+        return schedule_steps(req.sampler, req.steps), None
+    run = img2img_steps(req.steps, req.denoising_strength)[1]
+    return schedule_steps(req.sampler, run), schedule_steps(req.sampler, first)
+
+
+def hires_text(text: str, req) -> str:
+    """``text`` for the hires pass ``req``: the one text of its hires schedule when it does not change during the
+    pass (``[a:b:0.5]``: b), so that it runs as any unscheduled prompt (the pipeline's loop for Euler); else as
+    written, scheduled by the k-diffusion loop (:func:`~adapterhub.sample.flow_prompt.pass_schedule`)."""
+    from adapterhub.sample.flow_prompt import pass_schedule
+
+    schedule = pass_schedule(text, *prompt_steps(req))
+    return schedule[0][1] if len(schedule) == 1 else text
 
 
 def hires_pass(gen, req, prompt: str, seeds: Sequence[int], first: torch.Tensor,
                on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """The hires fix's second pass on the first pass's latents ``first`` (B, C, H/8, W/8): upscaled
     (:func:`upscale`), then denoised from there by the request's sampler (``gen.denoise``, the img2img loops) with
-    fresh noise from the same ``seeds``; the final latents at the hires size."""
+    fresh noise from the same ``seeds``, the prompts on the webui's hires schedule (:func:`hires_text`); the final
+    latents at the hires size."""
     width, height = hires_size(gen, req)
     upscaled = upscale(gen, first, width, height, req.hr_upscaler)
-    return gen.denoise(hires_request(req, width, height), prompt, seeds, on_step,
+    hires = hires_request(req, width, height)
+    hires = replace(hires, negative=hires_text(hires.negative, hires))
+    return gen.denoise(hires, hires_text(prompt, hires), seeds, on_step,
                        upscaled.to(device=gen.device, dtype=gen.dtype))
-
-
-def hires_problem(req) -> str | None:
-    """Why the hires fix cannot run ``req`` here (None when it can): the webui counts the hires pass's prompt
-    schedule on from the first pass, which the Flux / SD3 prompt schedule does not do yet, so a prompt that changes
-    by step would give another picture."""
-    from adapterhub.sample.flow_prompt import is_scheduled
-
-    if req.hr_scale is not None and any(is_scheduled(t, int(req.steps)) for t in (req.prompt, req.negative)):
-        return ("hires fix with prompt editing or alternation: not available for Flux / SD3 models yet (the hires "
-                "pass's prompt schedule); drop the [a:b:when] / [a|b] or the hires fix")
-    return None
 
 
 def hires_fields(req) -> dict:

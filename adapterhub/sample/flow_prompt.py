@@ -31,7 +31,9 @@ the batch's mean; a text with fewer CLIP chunks gets empty ones), and :class:`Sc
 denoiser the entry of the current model call (counted over the denoiser's calls, as the webui's ``CFGDenoiser.step``; a second-order
 sampler's steps count twice) for the prompt and for the negative prompt. Those prompts therefore run the
 k-diffusion loop (:mod:`adapterhub.sample.flow_samplers`), also for Euler on "Automatic", on the pipeline's own
-sigmas. ``AND`` (composable prompts) is not applied: :func:`prompt_warnings` says so.
+sigmas. In the hires fix's second pass the schedules are the webui's hires schedules (:func:`pass_schedule`:
+counted on from the first pass's steps, over the hires pass's). ``AND`` (composable prompts) is not applied:
+:func:`prompt_warnings` says so.
 """
 from __future__ import annotations
 
@@ -73,9 +75,20 @@ def schedule_steps(sampler: str, steps: int) -> int:
     return int(steps) * (2 if sampler in SECOND_ORDER else 1)
 
 
-def is_scheduled(text: str, steps: int) -> bool:
-    """Whether ``text`` changes during sampling (prompt editing or alternation over ``steps`` steps)."""
-    return len(prompt_schedule(text, steps)) > 1
+def pass_schedule(text: str, steps: int, first_steps: int | None = None) -> list[tuple[int, str]]:
+    """``text``'s schedule over a pass of ``steps`` model-call steps (:func:`schedule_steps`). ``first_steps``:
+    this is the hires fix's second pass and the first pass spanned that many; the webui's hires schedule, as the
+    Stable Diffusion path's (:func:`~adapterhub.sample.prompt.prompt_schedule` with ``hires_steps``): integers
+    count on from the first pass, fractions from 1.0, over ``steps``."""
+    if first_steps is None:
+        return prompt_schedule(text, steps)
+    return prompt_schedule(text, first_steps, steps)
+
+
+def is_scheduled(text: str, steps: int, first_steps: int | None = None) -> bool:
+    """Whether ``text`` changes during sampling (prompt editing or alternation over ``steps`` steps; ``first_steps``:
+    in the hires pass, :func:`pass_schedule`)."""
+    return len(pass_schedule(text, steps, first_steps)) > 1
 
 
 def prompt_warnings(prompt: str, negative: str) -> list[str]:
@@ -280,13 +293,14 @@ def cond_of(pipe, family: str, pos: tuple[torch.Tensor, torch.Tensor],
 class ScheduledDenoiser:
     """A :class:`~adapterhub.sample.flow_samplers.FlowDenoiser` whose conditioning follows the prompt's and the
     negative prompt's schedules: at its n-th call (0-based) the entries the webui's ``reconstruct_cond_batch``
-    picks for step n. Each schedule's texts are encoded before sampling, as one batch (:func:`encode_texts`)."""
+    picks for step n. Each schedule's texts are encoded before sampling, as one batch (:func:`encode_texts`).
+    ``first_steps``: the hires pass's schedules, counted on from a first pass of that many (:func:`pass_schedule`)."""
 
     def __init__(self, denoiser, pipe, family: str, prompt: str, negative: str, steps: int, emphasis: str,
-                 batch: int, cfg: float):
+                 batch: int, cfg: float, first_steps: int | None = None):
         self.denoiser, self.calls = denoiser, 0
-        self.schedule = prompt_schedule(prompt, steps)
-        self.negative = prompt_schedule(negative, steps) if cfg > 1 else [(steps, negative)]
+        self.schedule = pass_schedule(prompt, steps, first_steps)
+        self.negative = pass_schedule(negative, steps, first_steps) if cfg > 1 else [(steps, negative)]
         pos = encode_texts(pipe, family, [text for _, text in self.schedule], emphasis)
         neg = encode_texts(pipe, family, [text for _, text in self.negative], emphasis) if cfg > 1 else None
         self.conds = {(i, j): cond_of(pipe, family, pos[i], neg[j] if neg else None, batch)
@@ -304,22 +318,24 @@ class ScheduledDenoiser:
 
 
 def k_denoiser(pipe, family: str, prompt: str, negative: str, steps: int, emphasis: str, batch: int, cfg: float,
-               guidance: float | None, width: int, height: int):
+               guidance: float | None, width: int, height: int, first_steps: int | None = None):
     """The flow denoiser for the k-diffusion loop: the plain :class:`FlowDenoiser` on the pipeline's encoding
     when neither text needs the engines nor changes during sampling (as before this module), else weighted
-    and/or scheduled (:class:`ScheduledDenoiser`)."""
+    and/or scheduled (:class:`ScheduledDenoiser`). ``first_steps``: the hires pass (:func:`pass_schedule`)."""
     from adapterhub.sample.flow_samplers import FlowDenoiser
 
-    if not any(is_scheduled(t, steps) for t in (prompt, negative)):
+    if not any(is_scheduled(t, steps, first_steps) for t in (prompt, negative)):
         cond = flow_cond(pipe, family, prompt, negative, emphasis, batch, cfg)
         return FlowDenoiser(pipe, family, cond, cfg, guidance, width, height)
     denoiser = FlowDenoiser(pipe, family, {}, cfg, guidance, width, height)
-    return ScheduledDenoiser(denoiser, pipe, family, prompt, negative, steps, emphasis, batch, cfg)
+    return ScheduledDenoiser(denoiser, pipe, family, prompt, negative, steps, emphasis, batch, cfg, first_steps)
 
 
-def on_own_loop(prompt: str, negative: str, steps: int, cfg: float, family: str) -> bool:
+def on_own_loop(prompt: str, negative: str, steps: int, cfg: float, family: str,
+                first_steps: int | None = None) -> bool:
     """Whether a prompt must leave the pipeline's loop for the k-diffusion one: prompt editing or alternation in
-    the prompt (or in the negative prompt where CFG reads it)."""
+    the prompt (or in the negative prompt where CFG reads it). ``first_steps``: the hires pass
+    (:func:`pass_schedule`)."""
     texts: Sequence[str] = (prompt, negative) if cfg > 1 else (prompt,)
-    return any(is_scheduled(t, steps) for t in texts)
+    return any(is_scheduled(t, steps, first_steps) for t in texts)
 
