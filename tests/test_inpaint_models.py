@@ -169,3 +169,46 @@ def test_the_compiled_backend_runs_an_inpainting_model_as_eager_does(inpaint_pip
         torch._dynamo.reset()
     want = gen.generate(request, output="latent").latents
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_normal_models_controlnet_on_an_inpainting_model_is_refused_in_one_line(gen, tiny_sd1, init_image,
+                                                                                    tmp_path):
+    import adapterhub
+    from adapterhub.errors import AdapterError
+    from adapterhub.plugins import adapter_type
+
+    folder = adapter_type("controlnet").example(tiny_sd1, tmp_path / "cn", seed=1)  # 4 input channels
+    with pytest.raises(AdapterError, match=r"cn: .* latent channels 4 here, 9 in the UNet") as refused:
+        adapterhub.load(folder).attach(gen.pipe, 0.8, image=init_image)
+    assert "\n" not in str(refused.value)
+    assert not gen.pipe.unet._forward_pre_hooks  # nothing attached: the model samples as before
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_the_inpainting_mask_weight_hides_part_of_the_masked_image(gen, init_image, masked):
+    from PIL import Image
+
+    mask = _mask() if masked else Image.new("L", (SIZE, SIZE), 255)
+    request = _request(mask=_mask() if masked else None, init_image=init_image, sampler="DDIM",
+                       inpainting_mask_weight=0.25)
+    result = gen.generate(request, output="latent")
+    # the webui's lerp(image, image x (1 - mask), weight) = image x (1 - weight x mask), handed to the pipeline
+    pixels = gen.pipe.image_processor.preprocess(init_image, height=SIZE, width=SIZE).float()
+    hidden = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None, None]
+    with torch.no_grad():
+        masked_latents = gen.pipe.vae.encode(pixels * (1 - 0.25 * hidden)).latent_dist.mean
+    want = _diffusers(gen.pipe, "DDIM", gen.encode_image(init_image), mask,
+                      masked_latents * gen.pipe.vae.config.scaling_factor, 4, 3 / 4, [11])
+    assert torch.allclose(result.latents, want, atol=1e-5, rtol=0)
+    full = gen.generate(_request(mask=_mask() if masked else None, init_image=init_image, sampler="DDIM"),
+                        output="latent")
+    assert not torch.allclose(result.latents, full.latents)
+
+
+def test_a_bad_inpainting_mask_weight_is_one_line():
+    from adapterhub.errors import AdapterhubError
+    from adapterhub.sample.request import normalized
+
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(AdapterhubError, match=r"^inpainting mask weight .*: must be a number from 0 to 1$"):
+            normalized(_request(inpainting_mask_weight=bad), 64)

@@ -188,10 +188,12 @@ class Generator:
         init = self.encode_image(inpaint.init if inpaint else resize_image(req.init_image, req.width, req.height)) \
             if req.init_image is not None else None
         mask = pixels.latent_mask(inpaint.mask, *init.shape[:1:-1]) if inpaint else None
-        image_cond = None  # an inpainting model's extra inputs: the mask and the masked image
-        if inpaint and loop.is_inpainting_model(self):
-            image_cond = pixels.inpainting_conditioning(self.pipe, req.width, req.height, self.device, self.dtype,
-                                                        inpaint.init, inpaint.mask)
+        image_cond = None  # an inpainting model's extra inputs for img2img: the mask and the masked image
+        if req.init_image is not None and loop.is_inpainting_model(self):
+            image_cond = pixels.inpainting_conditioning(
+                self.pipe, req.width, req.height, self.device, self.dtype,
+                inpaint.init if inpaint else resize_image(req.init_image, req.width, req.height),
+                inpaint.mask if inpaint else None, req.inpainting_mask_weight)
         seeds = [req.seed + i for i in range(req.images)]
         counter = _progress(progress, sampling_steps(req) * req.images)
         images, latents_out = [], []

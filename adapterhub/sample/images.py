@@ -86,6 +86,8 @@ def inpainting_conditioning(pipe, width: int, height: int, device, dtype, image=
     as the webui's ``txt2img_image_conditioning``; with ``weight`` 1 the img2img image is masked to the same."""
     import numpy as np
 
+    if mask is None and weight == 1.0:  # the whole image hidden: exactly the mid-grey one
+        image = None
     if image is None:
         pixels = torch.zeros(1, 3, height, width)
     else:

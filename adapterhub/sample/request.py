@@ -67,6 +67,9 @@ class Request:
     inpaint_full_res_padding: int = 32  # pixels around the masked region's box (with inpaint_full_res)
     inpainting_mask_invert: bool = False  # black repaints
     initial_noise_multiplier: float = 1.0  # img2img: the init image's noise times this (the webui's option)
+    # an inpainting model's img2img: how much of the masked area its masked image hides (the webui's "Inpainting
+    # conditioning mask strength"; 1 all of it, 0 none: the whole image)
+    inpainting_mask_weight: float = 1.0
 
 
 @dataclass
@@ -151,6 +154,9 @@ def normalized(req: Request, default_size: int) -> Request:
         problems.append(f"noise multiplier {req.initial_noise_multiplier}: must be a number, 0 or more")
     elif multiplier != 1.0 and init is None:
         problems.append("noise multiplier: an img2img setting (give an init image)")
+    weight = float(req.inpainting_mask_weight)
+    if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+        problems.append(f"inpainting mask weight {req.inpainting_mask_weight}: must be a number from 0 to 1")
     mask = _load_image(req.mask, "mask", mode=None) if req.mask is not None else None
     if mask is not None:
         problems += _mask_problems(req, init, mask)
