@@ -171,3 +171,32 @@ def test_cli_samples_the_hires_fix_with_prompt_editing(capsys, tmp_path, tiny_fl
     gen = _generator(tiny_flux)
     ours = gen.generate(gen.request(_request(prompt, SIZE, hr_scale=1.5, hr_steps=2)))
     assert np.array_equal(pixels, np.asarray(ours.images[0]))
+
+
+@pytest.mark.parametrize("prompt", ["a [day:night:1.5] castle", "a [day:night:9] castle"])
+def test_a_first_pass_prompt_that_does_not_change_is_its_one_text(tiny_flux, prompt):
+    """Over 3 steps ``[day:night:1.5]`` and ``[day:night:9]`` never switch: the webui encodes the schedule's one
+    text, "a day castle", not the brackets (which the engines would read as de-emphasis)."""
+    from adapterhub.sample.prompt import prompt_schedule
+
+    assert prompt_schedule(prompt, STEPS) == [(STEPS, "a day castle")]
+    gen = _generator(tiny_flux)
+    req = gen.request(_request(prompt, SIZE, cfg=1.0))
+    _, seen = _texts_by_call(tiny_flux, "flux", lambda: gen.generate(req, output="latent"), {"a day castle"})
+    assert seen == ["a day castle"] * STEPS
+
+
+def test_sd3_heun_on_the_pipelines_loop_schedules_over_its_doubled_steps(tiny_sd3):
+    """SD3's Heun is the pipeline's loop, but a prompt's schedule spans its model calls (2 a step): ``[day:night:3]``
+    over 3 steps ends at call 3 of 6 rather than never, so it samples on the k-diffusion loop, scheduled (5 calls:
+    the last step is one)."""
+    from adapterhub.sample.prompt import prompt_schedule, schedule_index
+
+    prompt = "a [day:night:3] castle"
+    gen = _generator(tiny_sd3)
+    req = gen.request(_request(prompt, SMALL, sampler="Heun", negative="fog"))
+    _, seen = _texts_by_call(tiny_sd3, "sd3", lambda: gen.generate(req, output="latent"),
+                             {"a day castle", "a night castle"})
+    schedule = prompt_schedule(prompt, 2 * STEPS)
+    assert seen == [schedule[schedule_index([e for e, _ in schedule], n)][1] for n in range(2 * STEPS - 1)]
+    assert seen == ["a day castle"] * 4 + ["a night castle"]

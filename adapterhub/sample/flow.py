@@ -367,10 +367,11 @@ class FlowGenerator:
         (B, C, H/8, W/8). A sampler or schedule the pipeline does not run: :meth:`k_denoise`."""
         from adapterhub.sample.request import img2img_steps
 
-        steps, first = flow_passes.prompt_steps(req)  # the first pass asks over its own steps, as it always did
+        # a text whose schedule has one entry over this pass is that entry's text; the others change by model call
+        prompt, req = flow_passes.pass_text(prompt, req), replace(req, negative=flow_passes.pass_text(req.negative, req))
+        steps, first = flow_passes.prompt_steps(req)  # model calls: a second-order sampler's steps count twice
         if (req.schedule != FLOW_SCHEDULES[0] or req.sampler not in PIPELINE_SAMPLERS[self.family]
-                or flow_prompt.on_own_loop(prompt, req.negative, req.steps if first is None else steps, req.cfg,
-                                           self.family, first)):
+                or flow_prompt.on_own_loop(prompt, req.negative, steps, req.cfg, self.family, first)):
             return self.k_denoise(req, prompt, seeds, on_step, init, mask)  # prompt editing: the conditioning by step
         embeds = None
         if flow_prompt.needs_engines(prompt, req.negative, req.emphasis):  # emphasis, BREAK: Forge's engines

@@ -97,10 +97,11 @@ def prompt_steps(req) -> tuple[int, int | None]:
     return schedule_steps(req.sampler, run), schedule_steps(req.sampler, first)
 
 
-def hires_text(text: str, req) -> str:
-    """``text`` for the hires pass ``req``: the one text of its hires schedule when it does not change during the
-    pass (``[a:b:0.5]``: b), so that it runs as any unscheduled prompt (the pipeline's loop for Euler); else as
-    written, scheduled by the k-diffusion loop (:func:`~adapterhub.sample.flow_prompt.pass_schedule`)."""
+def pass_text(text: str, req) -> str:
+    """``text`` for a pass of ``req``: the one text of its schedule when it does not change during the pass (the
+    webui encodes that text: ``[a:b:0.5]`` in the hires pass is b, ``[a:b:9]`` over 3 steps is a), so that it runs
+    as any unscheduled prompt (the pipeline's loop for Euler); else as written, scheduled by the k-diffusion loop
+    (:func:`~adapterhub.sample.flow_prompt.pass_schedule`)."""
     from adapterhub.sample.flow_prompt import pass_schedule
 
     schedule = pass_schedule(text, *prompt_steps(req))
@@ -111,13 +112,11 @@ def hires_pass(gen, req, prompt: str, seeds: Sequence[int], first: torch.Tensor,
                on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """The hires fix's second pass on the first pass's latents ``first`` (B, C, H/8, W/8): upscaled
     (:func:`upscale`), then denoised from there by the request's sampler (``gen.denoise``, the img2img loops) with
-    fresh noise from the same ``seeds``, the prompts on the webui's hires schedule (:func:`hires_text`); the final
+    fresh noise from the same ``seeds``, the prompts on the webui's hires schedule (:func:`prompt_steps`); the final
     latents at the hires size."""
     width, height = hires_size(gen, req)
     upscaled = upscale(gen, first, width, height, req.hr_upscaler)
-    hires = hires_request(req, width, height)
-    hires = replace(hires, negative=hires_text(hires.negative, hires))
-    return gen.denoise(hires, hires_text(prompt, hires), seeds, on_step,
+    return gen.denoise(hires_request(req, width, height), prompt, seeds, on_step,
                        upscaled.to(device=gen.device, dtype=gen.dtype))
 
 
