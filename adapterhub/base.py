@@ -10,9 +10,12 @@ Every recipe is plain data; one builder turns any of them into modules, config f
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -531,8 +534,25 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32):
     rec = recipe(arch)
     cls = getattr(diffusers, rec.pipeline)
     extra = {"add_watermarker": False} if rec.pipeline == SDXL_PIPELINE else {}
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    channels = conv_in[1] if conv_in is not None and len(conv_in) == 4 else rec.unet["in_channels"]
     try:
-        return cls.from_single_file(str(path), config=str(config_folder(arch)), local_files_only=True,
-                                    dtype=dtype, **extra)
+        with _config_with_in_channels(config_folder(arch), channels, rec.unet["in_channels"]) as config:
+            return cls.from_single_file(str(path), config=str(config), local_files_only=True, dtype=dtype, **extra)
     except Exception as exc:  # noqa: BLE001 - any loader failure becomes one user-facing line
         raise AdapterhubError(f"{path}: cannot load as a {arch} checkpoint: {_first_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def _config_with_in_channels(folder: Path, channels: int, usual: int):
+    """``folder``, or where the checkpoint's UNet takes other input channels than the architecture's (an
+    inpainting model's 9: latents, mask, masked image) a temporary copy whose UNet config says so."""
+    if channels == usual:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="adapterhub-config-") as tmp:
+        copy = Path(tmp) / folder.name
+        shutil.copytree(folder, copy)
+        config = json.loads((copy / "unet" / "config.json").read_text(encoding="utf-8"))
+        _write_json(copy / "unet" / "config.json", {**config, "in_channels": int(channels)})
+        yield copy

@@ -212,3 +212,14 @@ def test_a_bad_inpainting_mask_weight_is_one_line():
     for bad in (1.5, -0.1, float("nan")):
         with pytest.raises(AdapterhubError, match=r"^inpainting mask weight .*: must be a number from 0 to 1$"):
             normalized(_request(inpainting_mask_weight=bad), 64)
+
+
+def test_a_single_file_inpainting_checkpoint_loads_with_its_9_channels(inpaint_pipe, tmp_path, init_image):
+    from adapterhub.base import load_base
+    from adapterhub.checkpoint import save_pipeline
+
+    path = save_pipeline(inpaint_pipe, tmp_path / "tiny-inpainting.safetensors")  # the ldm layout
+    loaded = load_base(str(path))
+    assert loaded.unet.config.in_channels == 9
+    want = inpaint_pipe.unet.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.unet.state_dict().items())
