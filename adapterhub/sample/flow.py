@@ -368,7 +368,8 @@ class FlowGenerator:
         from adapterhub.sample.request import img2img_steps
 
         # a text whose schedule has one entry over this pass is that entry's text; the others change by model call
-        prompt, req = flow_passes.pass_text(prompt, req), replace(req, negative=flow_passes.pass_text(req.negative, req))
+        prompt = flow_passes.pass_text(prompt, req)
+        req = replace(req, negative=flow_passes.pass_text(req.negative, req))
         steps, first = flow_passes.prompt_steps(req)  # model calls: a second-order sampler's steps count twice
         if (req.schedule != FLOW_SCHEDULES[0] or req.sampler not in PIPELINE_SAMPLERS[self.family]
                 or flow_prompt.on_own_loop(prompt, req.negative, steps, req.cfg, self.family, first)):

@@ -9,7 +9,8 @@ and encoded again (the posterior's mean, shifted and scaled). Then an img2img pa
 (0: ``steps``) at the end of an ``int(hr_steps / min(hr_denoise, 0.999))``-step schedule (the webui's fixed step
 count, :func:`adapterhub.sample.request.img2img_steps`), with fresh noise from the same seeds: on the pipeline's
 own loop the second pass equals diffusers' ``FluxImg2ImgPipeline`` / ``StableDiffusion3Img2ImgPipeline`` given the
-upscaled latents; on a k-diffusion sampler, the schedule's last ``hr_steps`` sigmas.
+upscaled latents; on a k-diffusion sampler, the schedule's last ``hr_steps`` sigmas. Prompt editing and alternation
+follow the webui's hires schedule (:func:`prompt_steps`: counted on from the first pass's steps, over ``hr_steps``).
 
 Inpainting (``mask``; :func:`prepare_inpaint`, :class:`LatentBlend`): the Stable Diffusion path's mask preparation
 (:func:`adapterhub.sample.images.prepare_mask`: binary, inverted, blurred, "only masked" cropping, the masked area's
