@@ -223,3 +223,16 @@ def test_a_single_file_inpainting_checkpoint_loads_with_its_9_channels(inpaint_p
     assert loaded.unet.config.in_channels == 9
     want = inpaint_pipe.unet.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in loaded.unet.state_dict().items())
+
+
+def test_the_infotext_records_the_conditional_mask_weight_as_the_webui(gen, tiny_sd1, init_image):
+    from adapterhub.sample.generator import Generator
+
+    masked = gen.generate(_request(mask=_mask(), init_image=init_image, steps=1, inpainting_mask_weight=0.25),
+                          output="latent").infotexts[0]
+    assert "Denoising strength: 0.5, Conditional mask weight: 0.25," in masked
+    txt2img = gen.generate(_request(steps=1), output="latent").infotexts[0]
+    assert "Size: 64x64, Model hash: 0123456789, Model: tiny-sd1-inpainting, Conditional mask weight: 1.0" in txt2img
+    normal = Generator(tiny_sd1, model_name="tiny-sd1", model_hash="0123456789")
+    assert "Conditional mask weight" not in normal.generate(_request(mask=_mask(), init_image=init_image, steps=1),
+                                                            output="latent").infotexts[0]

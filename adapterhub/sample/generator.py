@@ -272,7 +272,7 @@ class Generator:
         """The infotext fields of a normalized request run on this model with ``stack``."""
         fields = record.request_fields(req, sampler, schedule, stack, self.model_name, self.model_hash,
                                        compute=self.hashes)
-        return pixels.with_img2img_fields(fields, req)
+        return pixels.with_img2img_fields(fields, req, loop.is_inpainting_model(self))
 
     def close(self) -> None:
         """Take the applied stack off the pipeline (every tensor restored) and undo the backend's changes to it

@@ -301,11 +301,14 @@ def prepare_inpaint(req) -> PreparedMask | None:
                         getattr(req, "mask_blur_y", None))
 
 
-def with_img2img_fields(fields: dict, req) -> dict:
+def with_img2img_fields(fields: dict, req, inpainting_model: bool = False) -> dict:
     """The infotext ``fields`` with what the webui records of an img2img pass's mask (``Mask blur``; "only
     masked": ``Inpaint area``, ``Masked area padding``) and noise multiplier (``Noise multiplier``, when not 1),
-    placed before ``Version``."""
+    placed before ``Version``; on an ``inpainting_model`` (any pass) ``Conditional mask weight`` too."""
     from adapterhub.sample.infotext import number
+
+    if inpainting_model:  # the webui's float (1.0); the infotext's key order puts it after Denoising strength
+        fields = {**fields, "Conditional mask weight": str(float(req.inpainting_mask_weight))}
 
     extra: dict = {}
     if req.mask is not None:

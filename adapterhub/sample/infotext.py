@@ -25,8 +25,8 @@ from adapterhub.infotext_fields import CONTROL_FIELD, control_unit, embedding_ha
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # infotext_utils.re_param_code
 RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 KEY_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash",
-             "VAE", "Denoising strength", "Clip skip", "ENSD", "RNG", "Tiling", "Hires upscale", "Hires steps",
-             "Hires upscaler", "Lora hashes", "TI hashes", "Emphasis", "Version")
+             "VAE", "Denoising strength", "Conditional mask weight", "Clip skip", "ENSD", "RNG", "Tiling",
+             "Hires upscale", "Hires steps", "Hires upscaler", "Lora hashes", "TI hashes", "Emphasis", "Version")
 DEFAULTS = {"Clip skip": "1", "RNG": "GPU", "Schedule type": "Automatic"}
 
 
