@@ -236,3 +236,29 @@ def test_the_infotext_records_the_conditional_mask_weight_as_the_webui(gen, tiny
     normal = Generator(tiny_sd1, model_name="tiny-sd1", model_hash="0123456789")
     assert "Conditional mask weight" not in normal.generate(_request(mask=_mask(), init_image=init_image, steps=1),
                                                             output="latent").infotexts[0]
+
+
+def test_an_sdxl_inpainting_model_equals_diffusers_xl_inpaint_pipeline(tiny_sdxl, init_image):
+    from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+
+    from adapterhub.base import TINY_UNET_SDXL
+    from adapterhub.sample.generator import Generator
+    from adapterhub.sample.samplers import make_scheduler, resolve_sampler
+
+    torch.manual_seed(23)
+    unet = UNet2DConditionModel(**{**TINY_UNET_SDXL, "in_channels": 9}).eval()
+    pipe = type(tiny_sdxl)(**{**tiny_sdxl.components, "unet": unet})
+    gen = Generator(pipe, model_name="tiny-sdxl-inpainting", hash_model=False)
+    result = gen.generate(_request(mask=_mask(), init_image=init_image, sampler="DPM++ 2M"), output="latent")
+    cond, uncond = gen.encode("a red house", "blurry")
+    components = {**pipe.components, "scheduler": make_scheduler(*resolve_sampler("DPM++ 2M"), pipe.scheduler.config)}
+    inpaint = StableDiffusionXLInpaintPipeline(**{k: v for k, v in components.items()
+                                                   if k not in ("image_encoder", "feature_extractor")})
+    inpaint.set_progress_bar_config(disable=True)
+    want = inpaint(image=gen.encode_image(init_image), mask_image=_mask(),
+                   masked_image_latents=_pipeline_masked_latents(pipe, init_image, _mask()),
+                   prompt_embeds=cond.embeds, negative_prompt_embeds=uncond.embeds,
+                   pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled,
+                   height=SIZE, width=SIZE, num_inference_steps=4, strength=3 / 4, guidance_scale=7.0,
+                   generator=[torch.Generator().manual_seed(11)], output_type="latent").images
+    assert torch.allclose(result.latents, want, atol=1e-5, rtol=0)
