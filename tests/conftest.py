@@ -109,6 +109,22 @@ def tiny_sdxl(adapterhub_cache):
     return _quiet(load_base("tiny-sdxl"))
 
 
+@pytest.fixture(scope="module")
+def tiny_flux(adapterhub_cache):
+    """The FLUX.1-shaped tiny base pipeline, one per test module (a module may modify it)."""
+    from adapterhub.base import load_base
+
+    return _quiet(load_base("tiny-flux"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(adapterhub_cache):
+    """The SD3-shaped tiny base pipeline, one per test module (a module may modify it)."""
+    from adapterhub.base import load_base
+
+    return _quiet(load_base("tiny-sd3"))
+
+
 @pytest.fixture
 def fresh_sd1(tiny_sd1):
     """A private deep copy of ``tiny_sd1`` that a test may modify (about 0.5 s)."""

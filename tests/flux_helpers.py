@@ -13,6 +13,13 @@ from safetensors.torch import save_file
 RANK = 4
 
 
+def flow_generator(pipe, **kwargs):
+    """A Generator on a tiny Flux / SD3 pipeline (a FlowGenerator), named ``tiny``, the model not hashed."""
+    from adapterhub.sample import Generator
+
+    return Generator(pipe, model_name="tiny", hash_model=False, **kwargs)
+
+
 def quiet_pipe(pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe

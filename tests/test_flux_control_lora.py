@@ -22,18 +22,11 @@ import types
 
 import pytest
 import torch
-from flux_helpers import bfl_modules, quiet_pipe, state
+from flux_helpers import bfl_modules, state
 from safetensors.torch import load_file, save_file
 
 RANK = 4
 NORMS = ("query_norm", "key_norm")
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-flux"))
 
 
 def control_file(path, transformer, seed=0, img_in_width=None, rank=RANK, metadata=None):

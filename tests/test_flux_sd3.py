@@ -12,26 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flux_helpers import RANK, bfl_file as _bfl_file, lora_pair as _lora, peft_file as _peft_file, quiet_pipe as _quiet
+from flux_helpers import RANK, bfl_file as _bfl_file, lora_pair as _lora, peft_file as _peft_file
 from flux_helpers import assert_same as _assert_same, diffusers_fused as _diffusers_fused, ours_merged as _ours_merged
 from flux_helpers import state as _state
-
-
-# ---------------------------------------------------------------------------------------------
-# fixtures
-# ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_flux(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return _quiet(load_base("tiny-flux"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return _quiet(load_base("tiny-sd3"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,26 +12,12 @@ import json
 
 import pytest
 import torch
-from flux_helpers import bfl_file, diffusers_fused, ours_merged, peft_file, quiet_pipe, state
+from flux_helpers import bfl_file, diffusers_fused, ours_merged, peft_file, state
 
 SD3_PATHS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
              "transformer_blocks.1.ff.net.0.proj", "transformer_blocks.0.attn.to_out.0"]
 FLUX_PATHS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_v_proj",
               "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.1.proj_out"]
-
-
-@pytest.fixture(scope="module")
-def tiny_flux():
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-flux"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3():
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-sd3"))
 
 
 def _cli(capsys, *argv):

@@ -15,32 +15,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flux_helpers import quiet_pipe
+from flux_helpers import flow_generator as _generator, quiet_pipe
 
 SIZE, STEPS = 64, 3
 SMALL = 32  # SD3 at 32 px: the tiny SD3 embeds positions up to 64 px, where its hires passes land
 HR_STEPS, HR_DENOISE = 3, 0.6  # the webui's hires pass: 3 steps of an int(3 / 0.6) = 5-step schedule
 HR_LENGTH = 5
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-flux"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-sd3"))
-
-
-def _generator(pipe):
-    from adapterhub.sample import Generator
-
-    return Generator(pipe, model_name="tiny", hash_model=False)
 
 
 def _request(prompt, size=SIZE, **kwargs):

@@ -10,29 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flux_helpers import quiet_pipe
+from flux_helpers import flow_generator as _generator
 
 SIZE, SMALL, STEPS = 64, 32, 3
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-flux"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-sd3"))
-
-
-def _generator(pipe):
-    from adapterhub.sample import Generator
-
-    return Generator(pipe, model_name="tiny", hash_model=False)
 
 
 def _request(prompt, size, **kwargs):

@@ -11,24 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flux_helpers import quiet_pipe
+from flux_helpers import flow_generator as _generator
 
 SIZE, STEPS = 64, 4
 DENOISE, STRENGTH = 0.5, 0.75  # the webui runs int(0.5 x 4) + 1 = 3 of 4 steps; diffusers' strength for 3 of 4
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-flux"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-sd3"))
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +23,6 @@ def init_image():
 
     rows = np.random.default_rng(3).integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
     return Image.fromarray(rows)
-
-
-def _generator(pipe):
-    from adapterhub.sample import Generator
-
-    return Generator(pipe, model_name="tiny", hash_model=False)
 
 
 def _request(prompt, image, **kwargs):

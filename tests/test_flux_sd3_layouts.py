@@ -16,22 +16,8 @@ import copy
 import pytest
 import torch
 from flux_helpers import (assert_bitwise_same_deltas, assert_same, diffusers_fused, lora_pair, ours_merged, peft_file,
-                          quiet_pipe, state)
+                          state)
 from safetensors.torch import load_file, save_file
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-flux"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-sd3"))
 
 
 # ---------------------------------------------------------------------------------------------

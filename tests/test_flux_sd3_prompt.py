@@ -26,23 +26,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flux_helpers import quiet_pipe
 
 SIZE, STEPS, SEED = 64, 4, 7
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-flux"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-sd3"))
 
 
 def _pipe(request, family):

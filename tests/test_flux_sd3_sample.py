@@ -11,27 +11,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from flux_helpers import peft_file, quiet_pipe, state
+from flux_helpers import flow_generator as _generator, peft_file, state
 
 FLUX_LORA_PATHS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v",
                    "single_transformer_blocks.1.proj_out", "transformer_blocks.1.ff.net.2"]
 SD3_LORA_PATHS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
                   "transformer_blocks.1.ff.net.2"]
 SIZE, STEPS = 64, 2
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-flux"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-sd3"))
 
 
 def _gens(seeds):
@@ -45,12 +31,6 @@ def _oracle(pipe, prompt, seeds, output_type="latent", **kwargs):
     if output_type == "latent" and hasattr(pipe, "_unpack_latents"):
         out = pipe._unpack_latents(out, SIZE, SIZE, pipe.vae_scale_factor)
     return out
-
-
-def _generator(pipe, **kwargs):
-    from adapterhub.sample import Generator
-
-    return Generator(pipe, model_name="tiny", hash_model=False, **kwargs)
 
 
 def _same_images(ours, theirs):

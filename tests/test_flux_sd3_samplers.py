@@ -15,7 +15,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from flux_helpers import quiet_pipe
 
 SIZE, STEPS, LATENT = 64, 3, (1, 4, 32, 32)
 SAMPLERS = {"Euler": "euler", "Euler a": "euler_ancestral", "Heun": "heun", "DPM2": "dpm_2",
@@ -25,20 +24,6 @@ DISCARD = {"DPM2", "DPM2 a", "DPM++ 3M SDE"}  # the webui's discard_next_to_last
 BROWNIAN = {"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"}  # the webui's brownian_noise
 # the oracle's torchsde trees compare float32 ends with their rounded copies and warn; the values are unaffected
 pytestmark = pytest.mark.filterwarnings("ignore:Should have ta>=t0:UserWarning")
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-flux"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-sd3"))
 
 
 @pytest.fixture(scope="module")

@@ -15,22 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from flux_helpers import (assert_bitwise_same_deltas, assert_same, bfl_file, diffusers_fused, lora_pair, ours_merged,
-                          peft_file, quiet_pipe, state)
+                          peft_file, state)
 from safetensors.torch import load_file, save_file
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-flux"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(adapterhub_cache):
-    from adapterhub.base import load_base
-
-    return quiet_pipe(load_base("tiny-sd3"))
 
 
 # PEFT-named modules on every kind of Flux module (double, single blocks' q/k/v/mlp, top level)
