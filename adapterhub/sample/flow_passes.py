@@ -30,7 +30,7 @@ from dataclasses import replace
 
 import torch
 
-from adapterhub.sample.request import LATENT_UPSCALERS, hires_upscaler, img2img_steps
+from adapterhub.sample.request import img2img_steps
 
 
 # -- the hires fix ------------------------------------------------------------------------------------------------
@@ -50,27 +50,14 @@ def decode_tensor(gen, latents: torch.Tensor) -> torch.Tensor:
 
 
 def upscale(gen, latents: torch.Tensor, width: int, height: int, upscaler: str) -> torch.Tensor:
-    """The hires fix's upscale of unpacked latents to ``width`` x ``height``: a ``Latent …`` mode interpolates them
-    (the webui's modes); an image upscaler decodes them, makes 8-bit images as the webui does (``clamp((x + 1) / 2)
-    x 255``, truncated), resizes each (:func:`~adapterhub.sample.images.resize_image`) and encodes it again
-    (``gen.encode_image``: the posterior's mean, shifted and scaled)."""
-    import numpy as np
-    from PIL import Image
+    """The hires fix's upscale of unpacked latents to ``width`` x ``height``: the SD path's
+    (:func:`adapterhub.sample.images.upscale`: the webui's latent modes, or decode, 8-bit, resize, encode) with this
+    family's VAE decode (:func:`decode_tensor`) and ``gen.encode_image`` (the posterior's mean, shifted and
+    scaled)."""
+    from adapterhub.sample.images import upscale as upscale_images
 
-    from adapterhub.sample.images import resize_image
-
-    upscaler = hires_upscaler(upscaler)
-    scale = gen.pipe.vae_scale_factor
-    if upscaler in LATENT_UPSCALERS:
-        mode, antialias = LATENT_UPSCALERS[upscaler]
-        return torch.nn.functional.interpolate(latents, size=(height // scale, width // scale), mode=mode,
-                                               antialias=antialias)
-    decoded = torch.clamp((decode_tensor(gen, latents).float() + 1.0) / 2.0, min=0.0, max=1.0)
-    out = []
-    for x in decoded:
-        pixels = (255.0 * np.moveaxis(x.cpu().numpy(), 0, 2)).astype(np.uint8)
-        out.append(gen.encode_image(resize_image(Image.fromarray(pixels), width, height, upscaler)))
-    return torch.cat(out)
+    return upscale_images(gen.pipe, latents, width, height, upscaler, gen.device, gen.dtype,
+                          decode=lambda z: decode_tensor(gen, z), encode=gen.encode_image)
 
 
 def hires_request(req, width: int, height: int):

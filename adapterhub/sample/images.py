@@ -6,6 +6,7 @@ diffusers does) and, where latents come out, the ``device`` and ``dtype`` the UN
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,13 +103,20 @@ def inpainting_conditioning(pipe, width: int, height: int, device, dtype, image=
     return torch.cat([small.to(device=device, dtype=dtype), masked], dim=1)
 
 
-def upscale(pipe, latents: torch.Tensor, width: int, height: int, upscaler: str, device, dtype) -> torch.Tensor:
+def upscale(pipe, latents: torch.Tensor, width: int, height: int, upscaler: str, device, dtype,
+            decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            encode: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
     """The hires fix's upscale to ``width`` x ``height`` (``sample_hr_pass``): a ``Latent …`` mode
     interpolates the latents; an image upscaler decodes them, makes 8-bit images as the webui does
     (``clamp((x + 1) / 2) x 255``, truncated), resizes them (:func:`resize_image`) and encodes them again (as
-    ``device`` / ``dtype`` latents)."""
+    ``device`` / ``dtype`` latents). ``decode`` (latents -> images in [-1, 1]) and ``encode`` (a PIL image ->
+    latents) default to :func:`decode_tensor` and :func:`encode_image`; the transformer families pass their
+    own (their VAE's shift)."""
     import numpy as np
     from PIL import Image
+
+    decode = decode or (lambda z: decode_tensor(pipe, z))
+    encode = encode or (lambda image: encode_image(pipe, image, device, dtype))
 
     upscaler = hires_upscaler(upscaler)
     scale = pipe.vae_scale_factor
@@ -116,11 +124,11 @@ def upscale(pipe, latents: torch.Tensor, width: int, height: int, upscaler: str,
         mode, antialias = LATENT_UPSCALERS[upscaler]
         return torch.nn.functional.interpolate(latents, size=(height // scale, width // scale), mode=mode,
                                                antialias=antialias)
-    decoded = torch.clamp((decode_tensor(pipe, latents).float() + 1.0) / 2.0, min=0.0, max=1.0)
+    decoded = torch.clamp((decode(latents).float() + 1.0) / 2.0, min=0.0, max=1.0)
     out = []
     for x in decoded:
         pixels = (255.0 * np.moveaxis(x.cpu().numpy(), 0, 2)).astype(np.uint8)
-        out.append(encode_image(pipe, resize_image(Image.fromarray(pixels), width, height, upscaler), device, dtype))
+        out.append(encode(resize_image(Image.fromarray(pixels), width, height, upscaler)))
     return torch.cat(out)
 
 
