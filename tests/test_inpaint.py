@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-SIZE = 64
+from inpaint_helpers import SIZE, init_image  # noqa: F401 (init_image: a fixture)
+from inpaint_helpers import embeds as _embeds, mask as _mask, request as _request
 
 
 @pytest.fixture(scope="module")
@@ -20,34 +20,6 @@ def gen(tiny_sd1):
     from adapterhub.sample.generator import Generator
 
     return Generator(tiny_sd1, model_name="tiny-sd1", model_hash="0123456789")
-
-
-@pytest.fixture(scope="module")
-def init_image():
-    from PIL import Image
-
-    pixels = np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
-def _mask(box=(8, 16, 40, 56), size=SIZE):
-    from PIL import Image, ImageDraw
-
-    mask = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=255)
-    return mask
-
-
-def _request(**kw):
-    from adapterhub.sample.generator import Request
-
-    kw = {"negative": "blurry", "seed": 11, "sampler": "Euler a", "steps": 4, "width": SIZE, "height": SIZE,
-          "denoising_strength": 0.5, "mask_blur": 0, "inpainting_fill": 1, **kw}
-    return Request("a red house", **kw)
-
-
-def _embeds(pipe, text):
-    return pipe.encode_prompt(text, "cpu", 1, False)[0]
 
 
 def _diffusers_inpaint(pipe, sampler, latents, latent_mask, steps, strength, seeds):
