@@ -222,17 +222,38 @@ def _simple(table, steps):
 
 
 def _beta(table, steps, alpha=0.6, beta=0.6):
-    """ComfyUI's beta_scheduler: indices rint(ppf(1 - linspace(0, 1, steps, endpoint=False)) x (len - 1)), a
-    repeated index dropped, then 0."""
+    """Forge's beta_scheduler (modules/sd_schedulers.py): ``sigma_min + ppf(x) (sigma_max - sigma_min)`` for
+    x in ``1 - linspace(0, 1, steps)``, then 0."""
     from scipy import stats
 
-    ts = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), alpha, beta) * (len(table) - 1))
-    sigs, last = [], -1
-    for t in ts:
-        if t != last:
-            sigs.append(float(table[int(t)]))
-        last = t
-    return torch.tensor(sigs + [0.0])
+    lo, hi = float(table[0]), float(table[-1])
+    return torch.FloatTensor([lo + stats.beta.ppf(x, alpha, beta) * (hi - lo)
+                              for x in 1 - np.linspace(0, 1, steps)] + [0.0])
+
+
+def _forge_maps(family, shift):
+    """Forge's predictors: PredictionFlux's timestep(sigma) = sigma = sigma(timestep); PredictionDiscreteFlow's
+    timestep(sigma) = 1000 sigma and sigma(t) = shift (t / 1000) / (1 + (shift - 1) t / 1000)."""
+    if family == "flux":
+        return (lambda s: s), (lambda t: t)
+    return (lambda s: s * 1000), (lambda t: shift * (t / 1000.0) / (1 + (shift - 1) * (t / 1000.0)))
+
+
+def _normal(table, steps, family, shift, sgm=False):
+    """Forge's normal_scheduler (SGM Uniform: sgm=True) through the predictor's maps, then 0."""
+    timestep, sigma = _forge_maps(family, shift)
+    start, end = timestep(torch.tensor(float(table[-1]))), timestep(torch.tensor(float(table[0])))
+    ts = torch.linspace(start, end, steps + 1)[:-1] if sgm else torch.linspace(start, end, steps)
+    return torch.FloatTensor([sigma(t) for t in ts] + [0.0])
+
+
+def _ddim(table, steps):
+    """Forge's ddim_scheduler: table entries 1, 1 + ss, ... (ss = max(len // steps, 1)), descending, then 0."""
+    sigs, ss, x = [], max(len(table) // steps, 1), 1
+    while x < len(table):
+        sigs.append(float(table[x]))
+        x += ss
+    return torch.FloatTensor(sigs[::-1] + [0.0])
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
@@ -248,7 +269,13 @@ def test_schedules_follow_their_definitions(request, k, family, steps):
         return flow_sigmas(name, steps, table, lambda n: pytest.fail("not the pipeline's"), discard)
 
     assert torch.equal(ours("Simple"), _simple(table, steps))
-    assert torch.equal(ours("Beta"), _beta(table, steps))
+    torch.testing.assert_close(ours("Beta"), _beta(table, steps), atol=0, rtol=1e-6)
+    shift = 1.0 if family == "flux" else float(pipe.scheduler.config.shift)
+    for name, sgm in (("Normal", False), ("SGM Uniform", True)):
+        mine = flow_sigmas(name, steps, table, lambda n: pytest.fail("not the pipeline's"), False, family, shift)
+        torch.testing.assert_close(mine, _normal(table, steps, family, shift, sgm), atol=0, rtol=1e-6)
+        assert len(mine) == steps + 1 and float(mine[-1]) == 0 and (mine[:-1] > 0).all() and (mine[:-1] <= 1).all()
+    assert torch.equal(ours("DDIM"), _ddim(table, steps))
     torch.testing.assert_close(ours("Karras"), k.sampling.get_sigmas_karras(steps, lo, hi), atol=0, rtol=1e-6)
     torch.testing.assert_close(ours("Exponential"), k.sampling.get_sigmas_exponential(steps, lo, hi), atol=0,
                                rtol=1e-6)
@@ -261,11 +288,46 @@ def test_schedules_follow_their_definitions(request, k, family, steps):
     torch.testing.assert_close(ours("Karras", discard=True), torch.cat([karras[:-2], karras[-1:]]), atol=0, rtol=1e-6)
 
 
-def test_beta_keeps_a_repeated_index_once():
+@pytest.mark.parametrize("family, name, schedule", [("flux", "Euler", "Normal"), ("sd3", "DPM++ 2M", "SGM Uniform"),
+                                                    ("flux", "Euler a", "DDIM"), ("sd3", "Euler", "Normal")])
+def test_forges_table_schedules_drive_k_diffusions_sampler(request, k, family, name, schedule):
+    """Normal, SGM Uniform and DDIM as Forge computes them on the model, run by k-diffusion's sampler."""
+    pipe = _pipe(request, family)
+    gen = _generator(pipe)
+    cfg = 1.0 if family == "flux" else 4.0
+    result = gen.generate(gen.request(_req("a red house", cfg=cfg, seed=5, sampler=name, schedule=schedule)),
+                          output="latent")
+    table = _table(pipe, family)
+    shift = 1.0 if family == "flux" else float(pipe.scheduler.config.shift)
+    sigmas = _ddim(table, STEPS) if schedule == "DDIM" else _normal(table, STEPS, family, shift,
+                                                                      schedule == "SGM Uniform")
+    theirs = _oracle(k, name, _oracle_denoiser(pipe, family, "a red house", "", cfg), sigmas, 5)
+    torch.testing.assert_close(result.latents, theirs, atol=1e-6, rtol=1e-6)
+    assert f"Sampler: {name}, Schedule type: {schedule}, " in result.infotexts[0]
+
+
+def test_from_png_warns_of_a_beta_setting_it_does_not_run(tmp_path):
+    from PIL import Image, PngImagePlugin
+
+    from adapterhub.sample.rerun import from_png
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 3, Sampler: Euler, Schedule type: Beta, CFG scale: 1, Seed: 1, "
+                                "Size: 64x64, Beta schedule alpha: 0.5, Beta schedule beta: 0.6, Version: f2.0.1")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png", pnginfo=info)
+    options, warnings = from_png(str(tmp_path / "a.png"), {"adapter_dirs": ()}, set())
+    assert options["schedule"] == "Beta"
+    assert [w for w in warnings if "Beta" in w] == [
+        "Beta schedule alpha 0.5: the Beta schedule runs with Forge's default 0.6, so the image will differ"]
+
+
+def test_beta_runs_from_the_tables_top_to_its_bottom():
     from adapterhub.sample.flow_samplers import beta_sigmas
 
-    table = torch.linspace(0.01, 1.0, 10)  # a short table: 12 steps land on repeated indices
-    assert torch.equal(beta_sigmas(12, table), _beta(table, 12)) and len(beta_sigmas(12, table)) < 13
+    table = torch.linspace(0.01, 1.0, 10)
+    sigmas = beta_sigmas(12, table)
+    assert len(sigmas) == 13 and float(sigmas[0]) == 1.0 and float(sigmas[-2]) == pytest.approx(0.01)
+    assert (sigmas[:-1].diff() < 0).all()  # Forge's: quantiles between the ends, no table positions repeated
 
 
 # -- img2img, infotext, --from-png, refusals ------------------------------------------------------------
@@ -315,6 +377,7 @@ def test_from_png_reruns_a_k_diffusion_sampler_pixel_for_pixel(capsys, tmp_path,
     (rerun,) = sorted(again.glob("*.png"))
     with Image.open(made) as a, Image.open(rerun) as b:
         assert "Steps: 3, Sampler: DPM++ 2M SDE, Schedule type: Beta, CFG scale: 7, " in a.info["parameters"]
+        assert ", Beta schedule alpha: 0.6, Beta schedule beta: 0.6, Version: " in a.info["parameters"]
         assert a.info["parameters"].replace("RNG: CPU, ", "") == b.info["parameters"].replace("RNG: CPU, ", "")
         assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
 
@@ -323,8 +386,11 @@ def test_from_png_reruns_a_k_diffusion_sampler_pixel_for_pixel(capsys, tmp_path,
     ("tiny-flux", ["--sampler", "DDIM"], "sampler 'DDIM': Flux is a flow-matching model; choose Euler, Euler a, "),
     ("tiny-sd3", ["--sampler", "UniPC"], "sampler 'UniPC': SD3 is a flow-matching model; choose Euler, Heun, "),
     ("tiny-flux", ["--schedule", "Align Your Steps"],
-     "schedule 'Align Your Steps': Flux samples on its shifted flow-matching sigmas; choose Automatic, Simple, Beta"),
-    ("tiny-sd3", ["--schedule", "Normal"], "schedule 'Normal': SD3 samples on its shifted flow-matching sigmas"),
+     "schedule 'Align Your Steps': Flux samples on its shifted flow-matching sigmas (its noise levels (14.6 .. "
+     "0.03) are SD1 / SDXL's); choose Automatic, Simple, Beta, Normal, SGM Uniform, DDIM, Karras"),
+    ("tiny-sd3", ["--schedule", "Uniform"], "schedule 'Uniform': SD3 samples on its shifted flow-matching sigmas "
+     "(Forge reads the model's 10 000 (Flux) / 1 000 (SD3) table positions as sigmas"),
+    ("tiny-sd3", ["--schedule", "align_your_steps"], "(its noise levels (14.6 .. 0.03) are SD1 / SDXL's); choose"),
 ])
 def test_what_the_families_cannot_run_is_refused_before_a_model_loads(capsys, tmp_path, monkeypatch, base, args,
                                                                       message):

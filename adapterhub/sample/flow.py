@@ -125,8 +125,10 @@ def check_flow_request(req: FlowRequest, family: str, guidance_embeds: bool | No
         raise AdapterhubError(f"sampler {req.sampler!r}: {name} is a flow-matching model; choose "
                               f"{', '.join(FLOW_SAMPLERS[family])}")
     if flow_samplers.schedule_name(req.schedule) is None:
-        raise AdapterhubError(f"schedule {req.schedule!r}: {name} samples on its shifted flow-matching sigmas; "
-                              f"choose {', '.join(FLOW_SCHEDULES)}")
+        why = next((why for label, why in flow_samplers.NOT_ON_FLOW.items()
+                    if label.lower() == str(req.schedule).strip().lower().replace("_", " ")), None)
+        raise AdapterhubError(f"schedule {req.schedule!r}: {name} samples on its shifted flow-matching sigmas"
+                              f"{f' ({why})' if why else ''}; choose {', '.join(FLOW_SCHEDULES)}")
     problem = flow_passes.mask_problem(req, flow_sampler(req.sampler, family))
     if problem:
         raise AdapterhubError(problem)
@@ -441,7 +443,8 @@ class FlowGenerator:
         table = flow_samplers.flow_table(self.pipe.scheduler.config, self.family, req.width, req.height, scale, patch)
         sigmas = flow_samplers.flow_sigmas(req.schedule, req.steps, table,
                                            lambda n: self._pipeline_sigmas(n, req.width, req.height),
-                                           sampler.discard_penultimate)
+                                           sampler.discard_penultimate, self.family,
+                                           float(self.pipe.scheduler.config.get("shift", 1.0)))
         full = sigmas
         if init is None:
             x = noise * sigmas[0]
@@ -592,12 +595,22 @@ class FlowGenerator:
                 "RNG": req.rng if req.rng != "GPU" else None,
                 "Lora hashes": fields_.pop("Lora hashes", None), "TI hashes": fields_.pop("TI hashes", None),
                 "Emphasis": flow_prompt.emphasis_field(req.prompt, req.negative, req.emphasis),
-                **fields_, "Version": f"adapterhub {__version__}"}, req)
+                **fields_, **beta_fields(req.schedule), "Version": f"adapterhub {__version__}"}, req)
 
     def close(self) -> None:
         """Take the applied stack off the pipeline (every tensor restored)."""
         self.stacks.remove()
         self.runner.close()
+
+
+def beta_fields(schedule: str) -> dict[str, str]:
+    """Forge's ``Beta schedule alpha`` / ``Beta schedule beta`` (its defaults, which we use) on the Beta schedule."""
+    from adapterhub.sample import infotext
+
+    if schedule != "Beta":
+        return {}
+    return {"Beta schedule alpha": infotext.number(flow_samplers.BETA_ALPHA),
+            "Beta schedule beta": infotext.number(flow_samplers.BETA_BETA)}
 
 
 def _step_counter(on_step: Callable[[int], None], sampler: str, steps: int):

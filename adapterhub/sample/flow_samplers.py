@@ -20,8 +20,10 @@ and drop the next-to-last sigma.
 
 Schedules (:data:`SCHEDULES`) are computed over the model's own shifted sigma table (:func:`flow_table`: the
 base scheduler config's shift, Flux-dev's by image size as diffusers computes it, which equals Forge's fixed
-``mu`` 1.15 at 1024 x 1024): ``Simple`` and ``Beta`` as ComfyUI / Forge define them (every (N / steps)-th entry
-from the top; entries at the Beta(0.6, 0.6) quantiles), Karras, Exponential, Polyexponential and KL Optimal by
+``mu`` 1.15 at 1024 x 1024): ``Simple`` (every (N / steps)-th entry from the top) and ``DDIM`` (every
+(N // steps)-th from the second) as Forge takes them from the table, ``Beta`` as Forge computes it (the
+Beta(0.6, 0.6) quantiles between the table's ends), ``Normal`` and ``SGM Uniform`` through Forge's predictor maps (linear in sigma on Flux; on SD3 linear
+in 1000 sigma, mapped back through the shift), Karras, Exponential, Polyexponential and KL Optimal by
 k-diffusion's formulas between the table's ends (:func:`adapterhub.sample.schedules.sigmas`). ``Automatic`` is
 the pipeline's own sigmas (what diffusers' ``FlowMatchEulerDiscreteScheduler`` runs).
 """
@@ -39,7 +41,7 @@ from adapterhub.sample.ksamplers import Sampler, ancestral_step, dpmpp_2s_ancest
 
 Noise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sigma, sigma_next) -> unit noise, k-diffusion's
 FLUX_TABLE = 10000  # Forge's PredictionFlux: the flow time in 10 000 steps; SD3: its num_train_timesteps
-BETA_ALPHA = BETA_BETA = 0.6  # ComfyUI's / Forge's Beta schedule parameters
+BETA_ALPHA = BETA_BETA = 0.6  # Forge's Beta schedule parameters (its defaults; written in the infotext)
 
 
 # -- the samplers (coroutines: yield (x, sigma, done), receive the denoised x) ----------------------------
@@ -308,21 +310,52 @@ def dynamic_shift(config: dict, tokens: int) -> float:
 
 
 def beta_sigmas(steps: int, table: torch.Tensor, alpha: float = BETA_ALPHA, beta: float = BETA_BETA) -> torch.Tensor:
-    """ComfyUI's / Forge's Beta schedule: the table entries at the Beta(alpha, beta) quantiles of
-    ``1 - k / steps`` (k = 0 .. steps-1), rounded to the nearest index, a repeated index kept once, then 0."""
+    """Forge's (and the webui's) Beta schedule: ``sigma_min + q (sigma_max - sigma_min)`` for q the Beta(alpha,
+    beta) quantiles of ``1 - k / (steps - 1)`` (k = 0 .. steps-1: the table's top first, its bottom last), then 0."""
     import numpy as np
     from scipy import stats
 
-    quantiles = stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), alpha, beta)
-    indices = np.rint(quantiles * (len(table) - 1)).astype(int)
-    kept = [int(k) for n, k in enumerate(indices) if n == 0 or k != indices[n - 1]]
-    return torch.cat([table[kept].float(), torch.zeros(1)])
+    lo, hi = float(table[0]), float(table[-1])
+    quantiles = [stats.beta.ppf(x, alpha, beta) for x in 1 - np.linspace(0, 1, steps)]
+    return torch.tensor([lo + q * (hi - lo) for q in quantiles] + [0.0], dtype=torch.float32)
+
+
+def _forge_timestep(sigma: torch.Tensor, family: str) -> torch.Tensor:
+    """Forge's predictor ``timestep(sigma)``: sigma itself for Flux (``PredictionFlux``), 1000 sigma for SD3
+    (``PredictionDiscreteFlow``)."""
+    return sigma if family == "flux" else sigma * 1000
+
+
+def _forge_sigma(t: torch.Tensor, family: str, shift: float) -> torch.Tensor:
+    """Forge's predictor ``sigma(timestep)``: the timestep itself for Flux, SD3's shift of ``t / 1000``. (Not the
+    inverse of :func:`_forge_timestep` on SD3: Forge's Normal and SGM Uniform end where this puts them.)"""
+    if family == "flux":
+        return t
+    t = t / 1000.0
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+
+def _forge_normal(steps: int, table: torch.Tensor, family: str, shift: float, sgm: bool) -> torch.Tensor:
+    """Forge's Normal / SGM Uniform on a flow model: the predictor's timesteps of the table's ends, linear between
+    (``steps`` points; SGM: ``steps + 1`` with the last dropped), each mapped back by its ``sigma``, then 0."""
+    start = _forge_timestep(torch.tensor(float(table[-1])), family)
+    end = _forge_timestep(torch.tensor(float(table[0])), family)
+    timesteps = torch.linspace(start, end, steps + 1)[:-1] if sgm else torch.linspace(start, end, steps)
+    return torch.tensor([float(_forge_sigma(t, family, shift)) for t in timesteps] + [0.0], dtype=torch.float32)
 
 
 # the schedule types offered, webui label -> adapterhub.sample.schedules key (None: computed here)
-SCHEDULES: dict[str, str | None] = {"Automatic": None, "Simple": "simple", "Beta": None, "Karras": "karras",
+SCHEDULES: dict[str, str | None] = {"Automatic": None, "Simple": "simple", "Beta": None, "Normal": None,
+                                    "SGM Uniform": None, "DDIM": "ddim", "Karras": "karras",
                                     "Exponential": "exponential", "Polyexponential": "polyexponential",
                                     "KL Optimal": "kl_optimal"}
+# the webui's schedule types Forge offers that have no meaning on a flow model, and why (refused before a load)
+NOT_ON_FLOW = {
+    "Uniform": "Forge reads the model's 10 000 (Flux) / 1 000 (SD3) table positions as sigmas and ends on a zero "
+               "step", "Turbo": "Forge reads the training timesteps as sigmas",
+    "Align Your Steps": "its noise levels (14.6 .. 0.03) are SD1 / SDXL's", "Align Your Steps GITS": "its noise "
+    "levels are SD1 / SDXL's", "Align Your Steps 11": "its noise levels are SD1 / SDXL's",
+    "Align Your Steps 32": "its noise levels are SD1 / SDXL's"}
 
 
 def schedule_name(name: str) -> str | None:
@@ -332,10 +365,11 @@ def schedule_name(name: str) -> str | None:
 
 
 def flow_sigmas(schedule: str, steps: int, table: torch.Tensor, automatic: Callable[[int], torch.Tensor],
-                discard_penultimate: bool = False) -> torch.Tensor:
+                discard_penultimate: bool = False, family: str = "flux", shift: float = 1.0) -> torch.Tensor:
     """The descending sigmas (float32, ending at 0 but for KL Optimal) of ``schedule`` for ``steps`` steps over
     the model's ``table``; ``automatic(n)`` gives the pipeline's own n-step sigmas. ``discard_penultimate``: the
-    webui's DPM2 / DPM2 a / DPM++ 3M SDE option, one step more and the next-to-last sigma dropped."""
+    webui's DPM2 / DPM2 a / DPM++ 3M SDE option, one step more and the next-to-last sigma dropped. ``family`` and
+    SD3's ``shift`` (its scheduler config's) give Forge's timestep <-> sigma maps for Normal and SGM Uniform."""
     from adapterhub.sample import schedules
 
     n = int(steps) + (1 if discard_penultimate else 0)
@@ -343,6 +377,8 @@ def flow_sigmas(schedule: str, steps: int, table: torch.Tensor, automatic: Calla
         out = automatic(n).float()
     elif schedule == "Beta":
         out = beta_sigmas(n, table)
+    elif schedule in ("Normal", "SGM Uniform"):
+        out = _forge_normal(n, table, family, shift, sgm=schedule == "SGM Uniform")
     else:
         out = schedules.sigmas(SCHEDULES[schedule], n, model=schedules.ModelSchedule(table.float()))
     if discard_penultimate:

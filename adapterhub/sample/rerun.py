@@ -55,7 +55,18 @@ def from_png(path: str, options: dict, given: set[str]) -> tuple[dict, list[str]
     if "hires_upscaler" not in given and "Hires upscaler" in params:
         options["hires_upscaler"] = _upscaler(path, params["Hires upscaler"], warnings)
     _networks(path, params, options, given, warnings)
+    for key in ("Beta schedule alpha", "Beta schedule beta"):  # Forge's setting; we run its default
+        if key in params and _float(params[key]) != 0.6:
+            warnings.append(f"{key} {params[key]}: the Beta schedule runs with Forge's default 0.6, so the image "
+                            "will differ")
     return options, warnings
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _networks(path: str, params: dict, options: dict, given: set[str], warnings: list[str]) -> None:
