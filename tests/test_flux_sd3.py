@@ -210,7 +210,9 @@ def test_ai_toolkit_flux_file_with_wrong_metadata_is_flux(tmp_path, capsys):
 def test_fused_module_of_another_kind_is_refused_in_one_line(tmp_path, capsys):
     gen = torch.Generator().manual_seed(0)
     name = "lora_unet_double_blocks_0_img_attn_qkv"
-    shapes = {"hada_w1_a": (96, 2), "hada_w1_b": (2, 32), "hada_w2_a": (96, 2), "hada_w2_b": (2, 32)}
+    # a LoHa with Tucker cores (a conv kernel): 2-D LoKr / LoHa / diffs split by rows (test_flux_fused_lycoris)
+    shapes = {"hada_w1_a": (2, 96), "hada_w1_b": (2, 32), "hada_w2_a": (2, 96), "hada_w2_b": (2, 32),
+              "hada_t1": (2, 2, 1, 1), "hada_t2": (2, 2, 1, 1)}
     sd = {f"{name}.{role}": torch.randn(shape, generator=gen) for role, shape in shapes.items()}
     save_file(sd, str(tmp_path / "loha.safetensors"))
     rc, out, err = _cli(capsys, "merge", str(tmp_path / "loha.safetensors"), "--base", "tiny-flux",

@@ -41,6 +41,7 @@ from adapterhub.keymaps import canonical
 from adapterhub.transformer_bases import BASE_WIDTHS, WIDTH_BASES
 from adapterhub.types import Adapter
 
+from .fused import row_patches
 from .keys import Grouped, ModuleKeys
 
 TRANSFORMER_FAMILIES = ("flux", "sd3")
@@ -207,8 +208,10 @@ def pieces_of(mod: ModuleKeys) -> list[Piece] | None:
     if len(targets) == 1 and not is_swapped(fused[0], _out_features(mod), _in_features(mod)):
         return [Piece(targets[0])]
     rows, width = _out_rows(mod), _in_width(mod)
+    if (rows is None or width is None) and splits_by_rows(mod):
+        rows, width = _out_features(mod), _in_features(mod)
     if rows is None or width is None:
-        return None  # not a low-rank LoRA: refused by the caller by name
+        return None  # neither a low-rank LoRA nor a 2-D LoKr / LoHa / diff: refused by the caller by name
     if len(targets) == 1:
         half = rows // 2
         return [Piece(targets[0], ((half, rows), (0, half)))]
@@ -231,6 +234,17 @@ def is_swapped(target: str, rows: int | None, width: int | None) -> bool:
     return target.endswith("norm1_context.linear") and rows is not None and width is not None and rows == 2 * width
 
 
+def splits_by_rows(mod: ModuleKeys) -> bool:
+    """Whether a module of another kind than LoRA can patch a fused module by rows (:mod:`.fused`): a LoKr or
+    LoHa of 2-D factors (no Tucker core, no conv kernel) or a 2-D full diff."""
+    shapes = mod.shapes
+    if mod.kind == "loha":
+        return "hada_t1" not in shapes
+    if mod.kind == "lokr":
+        return "lokr_t2" not in shapes and len(shapes.get("lokr_w2", (0, 0))) == 2
+    return mod.kind == "diff" and len(shapes.get("diff", ())) == 2
+
+
 def _out_rows(mod: ModuleKeys) -> int | None:
     up = mod.shapes.get("up")
     return up[0] if up is not None and len(up) == 2 and "mid" not in mod.roles else None
@@ -242,9 +256,9 @@ def _in_width(mod: ModuleKeys) -> int | None:
 
 
 def _out_features(mod: ModuleKeys) -> int | None:
-    """The output rows of any kind of module (LoRA, LoHa, LoKr), from the header shapes."""
+    """The output rows of any kind of module (LoRA, LoHa, LoKr, full diff), from the header shapes."""
     shapes = mod.shapes
-    shape = shapes.get("up") or shapes.get("hada_w1_a")
+    shape = shapes.get("up") or shapes.get("hada_w1_a") or shapes.get("diff")
     if shape is not None:
         return shape[0]
     w1 = shapes.get("lokr_w1") or shapes.get("lokr_w1_a")
@@ -253,8 +267,10 @@ def _out_features(mod: ModuleKeys) -> int | None:
 
 
 def _in_features(mod: ModuleKeys) -> int | None:
-    """The input width of any kind of module (LoRA, LoHa, LoKr), from the header shapes."""
+    """The input width of any kind of module (LoRA, LoHa, LoKr, full diff), from the header shapes."""
     shapes = mod.shapes
+    if "diff" in shapes:
+        return shapes["diff"][1] if len(shapes["diff"]) == 2 else None
     if "down" in shapes or "hada_w1_b" in shapes:
         shape = shapes.get("down") or shapes["hada_w1_b"]
         return shape[1] if len(shape) == 2 else None
@@ -343,7 +359,9 @@ def build_transformer_patches(file: AdapterFile, grouped: Grouped, family: str) 
     """Patches by target for a Flux / SD3 file; every module must be a transformer module or a text
     encoder one (``lora_te1_`` ...: translated as for Stable Diffusion, it names the pipeline's CLIP;
     ``lora_te3_``: the family's T5 encoder).
-    A fused module takes any LoRA; other kinds (LoHa, LoKr ...) only on unfused modules."""
+    A fused module takes any LoRA, and a 2-D LoKr, LoHa or full diff (their rows: :mod:`.fused`); a bias's
+    difference (``diff_b``, beside any kind, as ComfyUI's trainer writes it) patches the bias, by the same rows.
+    Patches are keyed by target (``target#bias`` for a bias)."""
     from .parse import _config_alpha, _make_patch, check_structure, peft_config
 
     check_structure(file, grouped)
@@ -354,9 +372,10 @@ def build_transformer_patches(file: AdapterFile, grouped: Grouped, family: str) 
         t = {role: tensors[key] for role, key in mod.roles.items()}
         alpha = float(t["alpha"].float().item()) if "alpha" in t else _config_alpha(cfg, name)[0]
         for patch in _module_patches(file, mod, t, alpha, cfg, _make_patch, family):
-            if patch.target in patches:
-                raise AdapterError(file.path, f"two modules target {patch.target}", name)
-            patches[patch.target] = patch
+            key = patch.target if patch.param == "weight" else f"{patch.target}#{patch.param}"
+            if key in patches:
+                raise AdapterError(file.path, f"two modules target {key}", name)
+            patches[key] = patch
     return patches
 
 
@@ -373,8 +392,15 @@ def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch, fami
         if not target.startswith(("text_encoder.", "text_encoder_2.", "text_encoder_3.")):
             raise AdapterError(file.path, f"module {mod.name} is not a Flux or SD3 module", first_key)
         pieces = [Piece(target)]
+    bias = _diff_patches(mod, t, pieces, "diff_b", "bias")  # beside any kind: ComfyUI's trainer writes one
+    if mod.kind == "diff":
+        return [*_diff_patches(mod, t, pieces, "diff", "weight"), *bias]
     if mod.kind not in ("lora", "loha", "lokr"):
         raise AdapterError(file.path, f"a {mod.kind} module is not supported on Flux / SD3 yet", first_key)
+    if mod.kind != "lora" and any(p.rows is not None for p in pieces):  # a LoKr / LoHa on a fused module
+        whole = make_patch(mod.kind, pieces[0].target, mod.name, t, alpha, cfg)
+        whole.file_keys = dict(mod.roles)
+        return [*row_patches(whole, pieces, (_out_features(mod), _in_features(mod))), *bias]
     blocks = _rank_blocks(t["up"], pieces) if mod.kind == "lora" and len(pieces) > 1 else None
     out = []
     for j, piece in enumerate(pieces):
@@ -388,6 +414,21 @@ def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch, fami
             patch._scale = alpha / t["down"].shape[0]
         patch.file_keys = dict(mod.roles)
         out.append(InputLoRAPatch.of(patch))  # on the x_embedder: a control model's wider input takes it too
+    return [*out, *bias]
+
+
+def _diff_patches(mod: ModuleKeys, t: dict, pieces: list[Piece], role: str, param: str) -> list:
+    """The full difference ``role`` (``diff`` / ``diff_b``) of ``param`` on each piece: whole on a plain module,
+    its rows on a fused one (a bias's rows are its fused weight's); none when the module has no ``role``."""
+    from .patches import DiffPatch
+
+    if role not in t:
+        return []
+    out = []
+    for piece in pieces:
+        patch = DiffPatch(piece.target, mod.name, {"diff": t[role]}, param=param)
+        patch.file_keys = {"diff": mod.roles[role]}
+        out.append(patch if piece.rows is None else row_patches(patch, [piece], tuple(t[role].shape))[0])
     return out
 
 

@@ -1,0 +1,111 @@
+"""Patches that hold their rows of a fused module's delta: a LoKr, LoHa or full diff on BFL's ``qkv`` / ``linear1``.
+
+BFL's Flux holds q, k and v (and a single block's MLP input) in one Linear whose rows diffusers keeps in
+separate modules. A LoRA's product splits into one LoRA per module (see :mod:`.transformer_keys`); a Kronecker
+or Hadamard product does not, so each diffusers module gets a :class:`RowsPatch`: the whole module's patch
+(``inner``), asked for its rows only. Merged, the result is the fused weight plus the inner delta, split by
+rows as diffusers' Flux single-file converter splits the weight (``torch.chunk`` / ``torch.split`` on dim 0).
+
+The rows are computed exactly without the fused delta where the algebra allows (a row of ``kron(L, R)`` is
+``outer(L[i // k], R[i % k])`` flattened; a row of a LoHa is the Hadamard product of its halves' rows); any
+other inner patch computes its full delta (float32, one at a time) and keeps the rows.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from adapterhub.types import Patch
+
+if TYPE_CHECKING:  # pragma: no cover - types only
+    import torch
+
+Rows = tuple[tuple[int, int], ...]  # (start, stop) ranges of the fused rows, concatenated in order
+
+
+class RowsPatch(Patch):
+    """``rows`` of ``inner``'s delta on a fused weight of ``fused_shape``, as the patch of ``target``.
+
+    Every fact is the inner patch's (kind, rank, alpha, scale, tensors, file keys) except the shape: the
+    target's weight is ``(len(rows), *fused_shape[1:])``. No low-rank factors (the algebra re-factorises by SVD)."""
+
+    def __init__(self, inner: Patch, target: str, rows: Rows, fused_shape: tuple[int, ...]):
+        self.inner = inner
+        super().__init__(target, inner.source, inner.tensors, inner.param)
+        self.rows, self.fused_shape = tuple(rows), tuple(fused_shape)
+        self.kind = inner.kind
+        self.file_keys = dict(getattr(inner, "file_keys", {}))
+
+    # the tensors are the inner patch's (a cast or a device move of one is a move of both)
+    @property
+    def tensors(self):
+        return self.inner.tensors
+
+    @tensors.setter
+    def tensors(self, value):
+        self.inner.tensors = value
+
+    @property
+    def rank(self):
+        return getattr(self.inner, "rank", None)
+
+    @property
+    def alpha(self):
+        return getattr(self.inner, "alpha", None)
+
+    @property
+    def scale(self):
+        return getattr(self.inner, "scale", 1.0)
+
+    @property
+    def out_features(self) -> int:
+        return sum(b - a for a, b in self.rows)
+
+    @property
+    def in_features(self) -> int | None:
+        return self.fused_shape[1] if len(self.fused_shape) > 1 else None
+
+    def expected_shape(self):
+        return (self.out_features, *self.fused_shape[1:])
+
+    def delta_bound(self) -> float:
+        """The inner patch's bound: ``max |rows of delta| <= max |delta|``."""
+        return self.inner.delta_bound()
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        index = torch.cat([torch.arange(a, b, device=weight.device) for a, b in self.rows])
+        found = _exact_rows(self.inner, index, weight.device)
+        if found is None:  # the fused delta, then its rows (a stand-in weight of the fused shape: no memory)
+            stand_in = torch.empty(1, device=weight.device).expand(self.fused_shape)
+            found = self.inner.delta(stand_in)[index]
+        return found.reshape(weight.shape)
+
+
+def _exact_rows(inner: Patch, index: torch.Tensor, device) -> torch.Tensor | None:
+    """The rows ``index`` of a 2-D LoKr / LoHa delta (scaled, float32) from its factors, or None for any
+    other patch (a Tucker core, a conv kernel, a full diff)."""
+    import torch
+
+    from . import math as lmath
+
+    t = {k: v.to(device) for k, v in inner.tensors.items()}
+    f32 = torch.float32
+    if inner.kind == "loha" and "hada_t1" not in t:
+        part = (t["hada_w1_a"][index].to(f32) @ t["hada_w1_b"].to(f32)) * (t["hada_w2_a"][index].to(f32)
+                                                                            @ t["hada_w2_b"].to(f32))
+        return part.mul_(inner.scale)
+    if inner.kind != "lokr" or "lokr_t2" in t or ("lokr_w2" in t and t["lokr_w2"].dim() != 2):
+        return None
+    left = t["lokr_w1"].to(f32) if "lokr_w1" in t else t["lokr_w1_a"].to(f32) @ t["lokr_w1_b"].to(f32)
+    right = t["lokr_w2"].to(f32) if "lokr_w2" in t else t["lokr_w2_a"].to(f32) @ t["lokr_w2_b"].to(f32)
+    k = right.shape[0]
+    # row i of kron(L, R) is outer(L[i // k], R[i % k]) flattened: the same products torch.kron forms
+    part = (left[index // k][:, :, None] * right[index % k][:, None, :]).reshape(len(index), -1)
+    return lmath.scaled(part, part.shape, inner.scale)
+
+
+def row_patches(inner: Patch, pieces, fused_shape: tuple[int, ...]) -> list[Patch]:
+    """One :class:`RowsPatch` per piece (``transformer_keys.Piece``: its target and rows) of ``inner``."""
+    whole = ((0, fused_shape[0]),)
+    return [RowsPatch(inner, p.target, p.rows or whole, fused_shape) for p in pieces]

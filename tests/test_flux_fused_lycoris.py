@@ -1,0 +1,327 @@
+"""LoKr, LoHa and full diffs on FLUX.1's fused BFL modules (``img_attn.qkv``, ``txt_attn.qkv``, ``linear1``).
+
+BFL's original model holds q, k and v (and, in a single block, the MLP's input) as one Linear whose rows
+diffusers keeps in separate modules. A LoKr / LoHa / full diff on such a module changes the fused weight; the
+result must equal applying that change to the fused weight and splitting it by rows as diffusers' Flux
+single-file converter does (``torch.chunk(3)`` for qkv, ``torch.split([h, h, h, mlp])`` for linear1).
+
+Oracle: lycoris-lora's own modules (``LokrModule`` / ``LohaModule``) on a standalone fused ``nn.Linear`` of
+tiny-flux's widths give the fused delta (their forward). ComfyUI's trainer (``comfy_extras/nodes_train.py``)
+and extract node (``comfy_extras/nodes_lora_extract.py``) naming is reproduced here with tiny tensors: every
+module's parameters under ``diffusion_model.<BFL module>.`` (``lokr_w1``, ``lokr_w2``, ``alpha``, the bias's
+``diff_b`` ...), checked against the formula.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from flux_helpers import state as _state
+
+# BFL module (dotted) -> the diffusers modules it fuses, in row order (BFL's layout, as diffusers' converter
+# splits it); written out here, not taken from the code under test
+FUSED = {
+    "double_blocks.0.img_attn.qkv": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                     "transformer_blocks.0.attn.to_v"],
+    "double_blocks.1.txt_attn.qkv": ["transformer_blocks.1.attn.add_q_proj", "transformer_blocks.1.attn.add_k_proj",
+                                     "transformer_blocks.1.attn.add_v_proj"],
+    "single_blocks.0.linear1": ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+                                "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp"],
+}
+# modules that are one diffusers module (the final modulation's (shift, scale) rows swapped: diffusers holds
+# (scale, shift))
+PLAIN = {"double_blocks.0.img_attn.proj": "transformer_blocks.0.attn.to_out.0",
+         "single_blocks.1.linear2": "single_transformer_blocks.1.proj_out", "img_in": "x_embedder"}
+SWAPPED = {"final_layer.adaLN_modulation.1": "norm_out.linear"}
+
+# LyCORIS settings: factor -1 (w1 whole, w2 low-rank), both halves low-rank, both whole (full matrix)
+LOKR = {"lokr": dict(lora_dim=4, alpha=2.0), "lokr-both": dict(lora_dim=1, alpha=3.0, decompose_both=True, factor=4),
+        "lokr-full": dict(lora_dim=100000, alpha=1.0, full_matrix=True)}
+LOHA = {"loha": dict(lora_dim=2, alpha=1.0)}
+VARIANTS = {**LOKR, **LOHA}
+
+
+def _modules(transformer) -> dict:
+    return dict(transformer.named_modules())
+
+
+def _fused_shape(transformer, bfl: str) -> tuple[int, int]:
+    modules = _modules(transformer)
+    parts = FUSED.get(bfl) or [PLAIN.get(bfl) or f"{SWAPPED[bfl]}"]
+    return sum(modules[p].weight.shape[0] for p in parts), modules[parts[0]].weight.shape[1]
+
+
+def _lycoris(variant: str, out_f: int, in_f: int, seed: int, device=None):
+    """LyCORIS' own module on a standalone fused ``nn.Linear(in_f, out_f)``, its factors random:
+    (its state dict, its fused delta at multiplier 1 as its forward applies it, float32)."""
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        linear = torch.nn.Linear(in_f, out_f)
+        cls = LohaModule if variant in LOHA else LokrModule
+        module = cls("m", linear, **VARIANTS[variant])
+    if device == "meta":
+        return {k: torch.zeros(v.shape) for k, v in module.state_dict().items()}, None
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        eye = torch.eye(in_f)
+        # LyCORIS' forward (what the file was trained with): its module's output minus the Linear's; its
+        # get_diff_weight / merge_to (4.1.3) apply alpha / rank twice, which only alpha == rank hides
+        delta = (module(eye) - linear(eye)).T.contiguous()
+    return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}, delta
+
+
+def _split(bfl: str, delta: torch.Tensor, transformer) -> dict[str, torch.Tensor]:
+    """diffusers target -> its rows of the fused delta (the single-file converter's split)."""
+    modules = _modules(transformer)
+    if bfl in SWAPPED:
+        half = delta.shape[0] // 2
+        return {SWAPPED[bfl]: torch.cat([delta[half:], delta[:half]])}
+    if bfl in PLAIN:
+        return {PLAIN[bfl]: delta}
+    sizes = [modules[p].weight.shape[0] for p in FUSED[bfl]]
+    return dict(zip(FUSED[bfl], torch.split(delta, sizes)))
+
+
+def _name(bfl: str, style: str) -> str:
+    return "diffusion_model." + bfl if style == "comfyui" else "lora_unet_" + bfl.replace(".", "_")
+
+
+def _lycoris_file(path, transformer, plan: dict[str, str], style: str, seed=0):
+    """A file of LyCORIS modules (``plan``: BFL module -> variant) and the expected delta per diffusers target."""
+    sd, expected = {}, {}
+    for i, (bfl, variant) in enumerate(plan.items()):
+        tensors, delta = _lycoris(variant, *_fused_shape(transformer, bfl), seed + i)
+        sd.update({f"{_name(bfl, style)}.{k}": v for k, v in tensors.items()})
+        expected.update(_split(bfl, delta, transformer))
+    save_file(sd, str(path))
+    return path, expected
+
+
+def _keys(path) -> set[str]:
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
+
+
+# ---------------------------------------------------------------------------------------------
+# each diffusers target's patch yields exactly its rows of LyCORIS' fused delta
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("bfl", sorted(FUSED))
+def test_patches_equal_lycoris_rows(tiny_flux, tmp_path, variant, bfl):
+    import adapterhub
+
+    transformer = tiny_flux.transformer
+    path, expected = _lycoris_file(tmp_path / "a.safetensors", transformer, {bfl: variant}, "kohya")
+    adapter = adapterhub.load(path)
+    assert set(adapter.patches) == {f"transformer.{t}" for t in FUSED[bfl]}
+    assert {k for p in adapter.patches.values() for k in p.file_keys.values()} == _keys(path)  # every key used
+    modules = _modules(transformer)
+    for target, rows in expected.items():
+        patch, weight = adapter.patches[f"transformer.{target}"], modules[target].weight.detach()
+        assert patch.kind == variant.split("-")[0] and patch.source == _name(bfl, "kohya")
+        assert tuple(patch.expected_shape()) == tuple(weight.shape) and patch.fits(tuple(weight.shape))
+        assert not patch.fits((weight.shape[0] + 1, weight.shape[1]))
+        assert (patch.out_features, patch.in_features) == tuple(weight.shape)
+        assert patch.low_rank_factors() is None  # the algebra re-factorises it by SVD
+        torch.testing.assert_close(patch.delta(weight.float()), rows, atol=1e-5, rtol=0, msg=target)
+        assert patch.squared_norm() == pytest.approx(float((rows.double() ** 2).sum()), rel=1e-5)
+        acc = torch.zeros(weight.shape)
+        patch.add_to(acc, 0.5)
+        torch.testing.assert_close(acc, 0.5 * rows, atol=1e-5, rtol=0)
+    ranks = {p.rank for p in adapter.patches.values()}
+    assert ranks == {None if variant == "lokr-full" else VARIANTS[variant]["lora_dim"]}
+
+
+PLAN = {"double_blocks.0.img_attn.qkv": "lokr", "double_blocks.1.txt_attn.qkv": "loha",
+        "single_blocks.0.linear1": "lokr-both", "double_blocks.0.img_attn.proj": "lokr-full",
+        "final_layer.adaLN_modulation.1": "lokr"}
+
+
+@pytest.mark.parametrize("style,layout", [("kohya", "lycoris"), ("comfyui", "comfyui")])
+def test_cli_merge_equals_the_rows_added(tiny_flux, tmp_path, capsys, style, layout):
+    from diffusers import DiffusionPipeline
+
+    from adapterhub.cli import main
+
+    path, expected = _lycoris_file(tmp_path / "a.safetensors", tiny_flux.transformer, PLAN, style)
+    rc = main(["inspect", "--json", "--no-hash", str(path)])
+    facts = json.loads(capsys.readouterr().out)
+    assert rc in (0, None)
+    assert (facts["type"], facts["format"], facts["family"], facts["base"]) == ("loha", layout, "flux", "tiny-flux")  # loha: the first of the kinds (keys.adapter_type_of)
+    assert facts["targets"] == len(expected) == 12
+    rc = main(["merge", str(path), "--base", "tiny-flux", "--out", str(tmp_path / "out")])
+    assert rc in (0, None), capsys.readouterr().err
+    merged = DiffusionPipeline.from_pretrained(str(tmp_path / "out"), local_files_only=True).transformer.state_dict()
+    base = _state(tiny_flux)
+    for key, value in base.items():
+        target = key.removesuffix(".weight")
+        want = value + expected[target] if key.endswith(".weight") and target in expected else value
+        torch.testing.assert_close(merged[key], want, atol=1e-5, rtol=0, msg=key)
+
+
+def test_attach_detach_is_bitwise_and_equals_merge(tiny_flux, tmp_path):
+    import adapterhub
+
+    path, _ = _lycoris_file(tmp_path / "a.safetensors", tiny_flux.transformer, PLAN, "comfyui")
+    before = _state(tiny_flux)
+    pipe = copy.deepcopy(tiny_flux)
+    handle = adapterhub.load(path).attach(pipe, 0.7)
+    attached = _state(pipe)
+    handle.detach()
+    assert all(torch.equal(v, before[k]) for k, v in _state(pipe).items())
+    merged = copy.deepcopy(tiny_flux)
+    adapterhub.load(path).merge_into(merged, 0.7)
+    assert all(torch.equal(attached[k], v) for k, v in _state(merged).items())
+    assert sum(not torch.equal(attached[k], before[k]) for k in before) == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX.1's real widths: every key binds with its exact shape (meta device)
+# ---------------------------------------------------------------------------------------------
+REAL = {"double_blocks.5.img_attn.qkv": (9216, 3072, {"lora_dim": 4, "alpha": 1.0, "factor": 16}),
+        "double_blocks.5.txt_attn.qkv": (9216, 3072, {"lora_dim": 4, "alpha": 1.0}),
+        "single_blocks.20.linear1": (21504, 3072, {"lora_dim": 4, "alpha": 1.0, "factor": 16}),
+        "single_blocks.21.linear1": (21504, 3072, {"lora_dim": 4, "alpha": 1.0})}
+
+
+@pytest.mark.parametrize("style,layout", [("kohya", "lycoris"), ("comfyui", "comfyui")])
+def test_real_widths_bind_to_the_flux_preset(tmp_path, style, layout):
+    import adapterhub
+    from adapterhub.api import describe
+    from adapterhub.transformer_bases import build_transformer_base
+    from adapterhub.weights import bind
+
+    sd = {}
+    for bfl, (out_f, in_f, kw) in REAL.items():
+        VARIANTS["real"] = kw
+        try:
+            tensors, _ = _lycoris("real", out_f, in_f, 0, device="meta")
+        finally:
+            del VARIANTS["real"]
+        sd.update({f"{_name(bfl, style)}.{k}": v for k, v in tensors.items()})
+    save_file(sd, str(tmp_path / "real.safetensors"))
+    adapter, _ = describe(tmp_path / "real.safetensors")
+    assert (adapter.type, adapter.format, adapter.family, adapter.base) == ("lokr", layout, "flux", "flux")
+    adapter = adapterhub.load(tmp_path / "real.safetensors")
+    assert {k for p in adapter.patches.values() for k in p.file_keys.values()} == set(sd)
+    bindings = bind(build_transformer_base("flux-dev"), adapter)
+    assert len(bindings) == len(adapter.patches) == 14
+    for b in bindings:
+        shape = tuple(b.param.shape)
+        assert tuple(b.patch.expected_shape()) == shape and b.patch.fits(shape), b.patch.target
+        assert (b.patch.out_features, b.patch.in_features) == shape
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI's own files: the trainer (TrainLoraNode + SaveLoRA) and the extract node (LoraSave)
+# ---------------------------------------------------------------------------------------------
+def _comfy_factorization(dimension: int, factor: int) -> tuple[int, int]:
+    """The (small, large) split ComfyUI's ``LoKrAdapter.create_train`` uses, as LyCORIS' ``factorization``."""
+    from lycoris.functional import factorization
+
+    return factorization(dimension, factor)
+
+
+def _comfy_trainer_file(path, transformer, algorithm: str, seed=0, rank=2):
+    """What ComfyUI's trainer saves for Flux: for every trained Linear ``n`` (``diffusion_model.`` + BFL's module
+    path) its adapter's parameters as ``n.<name>`` (LoRA ``lora_up.weight`` / ``lora_down.weight``, LoHa
+    ``hada_w1_a`` ..., LoKr ``lokr_w1`` / ``lokr_w2`` made whole by ``create_train``), ``n.alpha`` (1.0, a
+    parameter too) and the bias's difference ``n.diff_b``; everything in the LoRA dtype (bf16 by default).
+    Returns the file and the expected (weight delta, bias delta) per diffusers target."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: (torch.randn(*shape, generator=gen) * 0.3).to(torch.bfloat16)  # noqa: E731
+    sd, expected = {}, {}
+    for bfl in (*FUSED, *PLAIN, *SWAPPED):
+        out_f, in_f = _fused_shape(transformer, bfl)
+        name = f"diffusion_model.{bfl}"
+        if algorithm == "lokr":
+            (l, k), (m, n) = _comfy_factorization(out_f, rank), _comfy_factorization(in_f, rank)
+            w1, w2 = rand(l, m), rand(k, n)
+            sd[f"{name}.lokr_w1"], sd[f"{name}.lokr_w2"] = w1, w2
+            delta = torch.kron(w1.float(), w2.float())  # both whole: ComfyUI applies no alpha / rank
+        elif algorithm == "loha":
+            w1a, w1b, w2a, w2b = rand(out_f, rank), rand(rank, in_f), rand(out_f, rank), rand(rank, in_f)
+            sd.update({f"{name}.hada_w1_a": w1a, f"{name}.hada_w1_b": w1b, f"{name}.hada_w2_a": w2a,
+                       f"{name}.hada_w2_b": w2b})
+            delta = (w1a.float() @ w1b.float()) * (w2a.float() @ w2b.float()) / rank
+        else:
+            up, down = rand(out_f, rank), rand(rank, in_f)
+            sd[f"{name}.lora_up.weight"], sd[f"{name}.lora_down.weight"] = up, down
+            delta = up.float() @ down.float() / rank
+        sd[f"{name}.alpha"] = torch.tensor(1.0, dtype=torch.bfloat16)
+        bias = rand(out_f)
+        sd[f"{name}.diff_b"] = bias
+        for target, rows in _split(bfl, delta, transformer).items():
+            expected[target] = [rows, None]
+        for target, rows in _split(bfl, bias.float()[:, None], transformer).items():
+            expected[target][1] = rows[:, 0]
+    save_file(sd, str(path))
+    return path, expected
+
+
+def _comfy_extract_file(path, transformer, full_diff: bool, seed=0, rank=2):
+    """What ComfyUI's extract node (``LoraSave``) saves: ``diffusion_model.<module>.lora_up.weight`` /
+    ``lora_down.weight`` (fp16, no alpha), or with ``full_diff`` the whole ``.diff``; ``.diff_b`` for biases."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: (torch.randn(*shape, generator=gen) * 0.3).half()  # noqa: E731
+    sd, expected = {}, {}
+    for bfl in (*FUSED, *SWAPPED):
+        out_f, in_f = _fused_shape(transformer, bfl)
+        name = f"diffusion_model.{bfl}"
+        if full_diff:
+            sd[f"{name}.diff"] = diff = rand(out_f, in_f)
+            delta = diff.float()
+        else:
+            sd[f"{name}.lora_up.weight"], sd[f"{name}.lora_down.weight"] = up, down = rand(out_f, rank), rand(rank, in_f)
+            delta = up.float() @ down.float()
+        sd[f"{name}.diff_b"] = bias = rand(out_f)
+        for target, rows in _split(bfl, delta, transformer).items():
+            expected[target] = [rows, None]
+        for target, rows in _split(bfl, bias.float()[:, None], transformer).items():
+            expected[target][1] = rows[:, 0]
+    save_file(sd, str(path))
+    return path, expected
+
+
+def _assert_merged(tiny_flux, path, expected, changed):
+    import adapterhub
+
+    merged = copy.deepcopy(tiny_flux)
+    adapterhub.load(path).merge_into(merged)
+    ours, base = _state(merged), _state(tiny_flux)
+    for key, value in base.items():
+        target, param = key.rsplit(".", 1)
+        want = value
+        if target in expected and expected[target][param == "bias"] is not None:
+            want = value + expected[target][param == "bias"]
+        torch.testing.assert_close(ours[key], want, atol=1e-5, rtol=0, msg=key)
+    assert sum(not torch.equal(ours[k], base[k]) for k in base) == changed
+
+
+@pytest.mark.parametrize("algorithm", ["lokr", "loha", "lora"])
+def test_comfyui_trainer_file_reads_and_merges(tiny_flux, tmp_path, algorithm):
+    from adapterhub.api import describe
+
+    path, expected = _comfy_trainer_file(tmp_path / "trained.safetensors", tiny_flux.transformer, algorithm)
+    adapter, _ = describe(path)
+    assert (adapter.type, adapter.format, adapter.family, adapter.base) == (algorithm, "comfyui", "flux", "tiny-flux")
+    _assert_merged(tiny_flux, path, expected, 2 * len(expected))
+
+
+@pytest.mark.parametrize("full_diff", [False, True], ids=["standard", "full_diff"])
+def test_comfyui_extract_file_reads_and_merges(tiny_flux, tmp_path, full_diff):
+    from adapterhub.api import describe
+
+    path, expected = _comfy_extract_file(tmp_path / "extracted.safetensors", tiny_flux.transformer, full_diff)
+    adapter, _ = describe(path)
+    assert (adapter.format, adapter.family, adapter.base) == ("comfyui", "flux", "tiny-flux")
+    _assert_merged(tiny_flux, path, expected, 2 * len(expected))
