@@ -234,9 +234,13 @@ def test_non_sd_and_refused_variants_change_nothing(sd1, pristine, tmp_path):
     except AdapterError:  # refused at load: nothing to attach (a missing file is an error, not a skip)
         pass
     name = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    dora = _write({f"{name}.lora_down.weight": torch.randn(2, 32, 1, 1),
-                   f"{name}.lora_up.weight": torch.randn(32, 2, 1, 1),
-                   f"{name}.dora_scale": torch.randn(32, 1, 1, 1)}, tmp_path / "dora.safetensors")
+    oft = _write({f"{name}.oft_blocks": torch.randn(4, 8, 8)}, tmp_path / "oft.safetensors")
+    adapters.append((str(oft), adapterhub.load(oft)))
+    # a DoRA magnitude that fits neither the rows nor the input channels of the module it lands on (a LoHa's
+    # header does not tell the weight's width: refused when it is bound)
+    dora = _write({f"{name}.hada_w1_a": torch.randn(32, 2), f"{name}.hada_w1_b": torch.randn(2, 32),
+                   f"{name}.hada_w2_a": torch.randn(32, 2), f"{name}.hada_w2_b": torch.randn(2, 32),
+                   f"{name}.dora_scale": torch.rand(1, 7)}, tmp_path / "dora.safetensors")
     adapters.append((str(dora), adapterhub.load(dora)))
     for path, adapter in adapters:
         for err in _apply_all_ways(adapter, sd1, pristine):

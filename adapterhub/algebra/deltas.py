@@ -63,7 +63,8 @@ def _squeezed(shape: Shape) -> Shape:
 
 def check_adapter(adapter: Adapter) -> None:
     """Refuse what cannot become a LoRA: families without weight deltas we merge (Stable Diffusion, FLUX.1 and
-    SD3 have them), non-weight types, refused variants, biases."""
+    SD3 have them), non-weight types, refused variants, biases, and patches whose change depends on the base
+    weights (their ``algebra_refusal`` says why)."""
     from adapterhub.weights import WEIGHT_FAMILIES
 
     if adapter.family not in WEIGHT_FAMILIES:
@@ -78,6 +79,9 @@ def check_adapter(adapter: Adapter) -> None:
         if patch.param != "weight":
             raise AdapterError(adapter.path, f"changes {patch.target}.{patch.param}, which a LoRA cannot hold",
                                patch.source)
+        why = getattr(patch, "algebra_refusal", None)  # a change that depends on the base weights: its own words
+        if why:
+            raise AdapterError(adapter.path, why, patch.source)
 
 
 def check_bases(adapters: list[Adapter]) -> str:

@@ -32,9 +32,10 @@ SUFFIXES: dict[str, str] = {
     ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b", ".lokr_t1": "lokr_t1", ".lokr_t2": "lokr_t2",
     # full diffs and norms (LyCORIS full / train_norm)
     ".diff": "diff", ".diff_b": "diff_b", ".w_norm": "w_norm", ".b_norm": "b_norm",
-    # variants we recognise and refuse by name
+    # DoRA's magnitude beside any of the above (kohya / LyCORIS / OneTrainer; PEFT ``use_dora``)
     ".dora_scale": "dora_scale", ".lora_magnitude_vector": "dora_scale",
     ".lora_magnitude_vector.weight": "dora_scale",
+    # variants we recognise and refuse by name
     ".oft_blocks": "oft_blocks", ".oft_diag": "oft_blocks", ".rescale": "rescale",
     ".on_input": "on_input", ".ia3_l": "on_input", ".a1.weight": "glora", ".a2.weight": "glora", ".b1.weight": "glora",
     ".b2.weight": "glora", ".bm.weight": "glora",
@@ -50,7 +51,7 @@ KINDS: tuple[tuple[str, str], ...] = (
 )
 REFUSED = {
     "oft": "OFT/BOFT (oft_blocks)", "ia3": "(IA)^3 (on_input)", "glora": "GLoRA (a1/a2/b1/b2)",
-    "embedding-lora": "embedding LoRA (lora_embedding_A/B)", "dora": "DoRA (dora_scale)",
+    "embedding-lora": "embedding LoRA (lora_embedding_A/B)",
     "bundle_emb": "embeddings bundled in a LoRA (bundle_emb.*)",
 }
 # lora_te3_: sd-scripts' T5 encoder of Flux and SD3 (a file with it is as much kohya's as one without)
@@ -81,12 +82,23 @@ class ModuleKeys:
 
     @property
     def kind(self) -> str | None:
-        if "dora_scale" in self.roles:
-            return "dora"
+        """The module's kind from its roles; a DoRA magnitude (:attr:`dora`) does not change it."""
         for role, kind in KINDS:
             if role in self.roles:
                 return kind
         return None
+
+    @property
+    def dora(self) -> bool:
+        """Whether the module carries a DoRA magnitude (``dora_scale`` / ``lora_magnitude_vector``)."""
+        return "dora_scale" in self.roles
+
+    @property
+    def dora_side(self) -> str | None:
+        """``"output row"`` for PEFT's ``lora_magnitude_vector`` whatever its shape (``(out,)``, a conv's
+        ``(1, out, 1, 1)``); None where the magnitude's shape tells it (kohya / LyCORIS ``dora_scale``)."""
+        key = self.roles.get("dora_scale", "")
+        return "output row" if key.endswith((".lora_magnitude_vector", ".lora_magnitude_vector.weight")) else None
 
 
 @dataclass
@@ -134,7 +146,7 @@ def is_conv_kxk(mod: ModuleKeys) -> bool:
 
 def adapter_type_of(grouped: Grouped) -> str:
     """lora (linear and 1x1 only), locon (a kxk conv targeted), loha, lokr, adalora; or, when every
-    module is a variant we refuse, that variant's name (ia3, oft, glora, dora)."""
+    module is a variant we refuse, that variant's name (ia3, oft, glora). A DoRA magnitude changes no type."""
     kinds = set(kind_counts(grouped))
     if kinds and kinds <= set(REFUSED):
         return sorted(kinds)[0]

@@ -12,6 +12,7 @@ from adapterhub.io import AdapterFile
 from adapterhub.keymaps import canonical
 from adapterhub.types import Adapter, Patch
 
+from .dora import ROW, DoRAPatch, orientation
 from .keys import REFUSED, Grouped, ModuleKeys, adapter_type_of, group_keys, kind_counts, layout_of, split_key
 from .patches import AdaLoRAPatch, DiffPatch, LoHaPatch, LoKrPatch, LoRAPatch
 from .transformer_keys import parse_transformer
@@ -93,6 +94,27 @@ def _make_patch(kind: str, target: str, name: str, t: dict, alpha, cfg: dict) ->
             patch._scale = alpha / rank  # PEFT keeps alpha / r even when both factors are whole
         return patch
     raise AssertionError(kind)
+
+
+def with_dora(file: AdapterFile, mod: ModuleKeys, patch: Patch, t: dict, rows=None, parts: int = 1) -> Patch:
+    """``patch`` with the module's DoRA magnitude when it has one (else ``patch``). On one of the ``parts`` of a
+    fused module (``rows``: its output rows), that part's rows of a per-output-row magnitude, which splits exactly
+    (each row's norm is its own); one per input channel spans every part's rows and is refused (on a module whose
+    rows are only reordered, one part, it stays whole: a column's norm does not depend on the rows' order)."""
+    if not mod.dora:
+        return patch
+    magnitude = t["dora_scale"]
+    side = mod.dora_side or orientation(mod.shapes["dora_scale"])
+    if rows is not None and (side == ROW or parts > 1):
+        if side != ROW:
+            _refuse(file, mod, "dora_scale", f"a DoRA magnitude per input channel {tuple(mod.shapes['dora_scale'])} "
+                                             f"on the fused module {mod.name} does not split onto its parts (each "
+                                             "part's norm would need every part's rows); only one per output row does")
+        from .transformer_keys import _slice_rows
+
+        # PEFT's conv magnitude is (1, out, 1, 1): its rows are along its one long dimension
+        magnitude = _slice_rows(magnitude.reshape(-1) if mod.dora_side else magnitude, rows)
+    return DoRAPatch(patch, magnitude, mod.dora_side)
 
 
 def _diff_patches(target: str, name: str, t: dict, roles: dict[str, str]) -> list[Patch]:
@@ -225,6 +247,22 @@ def _check_lokr(file, mod) -> None:
         _low_rank(file, mod, "lokr_w2_a", "lokr_w2_b", "LoKr")
 
 
+def _check_dora(file, mod) -> None:
+    """A DoRA magnitude: beside a LoRA, LoCon, LoHa or LoKr; ``(out,)``, ``(out, 1, ...)`` or ``(1, in, ...)``;
+    where the factors tell the weight's rows and input width (a LoRA), of that size."""
+    shape = tuple(mod.shapes["dora_scale"])
+    if mod.kind not in ("lora", "loha", "lokr"):
+        _refuse(file, mod, "dora_scale", f"a DoRA magnitude on a {mod.kind} module is not supported")
+    side = mod.dora_side or orientation(shape)
+    if side is None:
+        _refuse(file, mod, "dora_scale", f"a DoRA magnitude must be (out,), (out, 1, ...) or (1, in, ...), not {shape}")
+    if mod.kind == "lora":
+        rows, width = mod.shapes["up"][0], mod.shapes["down"][1]
+        _agree(file, mod, "dora_scale", math.prod(shape) == (rows if side == ROW else width),
+               f"DoRA magnitude {shape} fits neither the {rows} output rows nor the {width} input channels of "
+               "its LoRA")
+
+
 CHECKS = {"lora": _check_lora, "adalora": _check_adalora, "loha": _check_loha, "lokr": _check_lokr}
 
 # What a tensor that joined no module was missing (``keys.group_keys`` drops modules of no kind).
@@ -241,6 +279,8 @@ def check_structure(file: AdapterFile, grouped: Grouped) -> None:
         check = CHECKS.get(mod.kind)
         if check is not None:
             check(file, mod)
+        if mod.dora:
+            _check_dora(file, mod)
     _refuse_orphans(file, grouped)
 
 
@@ -279,7 +319,7 @@ def build_patches(file: AdapterFile, grouped: Grouped) -> tuple[dict[str, Patch]
             new = _diff_patches(target, name, t, mod.roles)
         else:
             alpha = float(t["alpha"].float().item()) if "alpha" in t else _config_alpha(cfg, name)[0]
-            new = [_make_patch(kind, target, name, t, alpha, cfg)]
+            new = [with_dora(file, mod, _make_patch(kind, target, name, t, alpha, cfg), t)]
             new[0].file_keys = dict(mod.roles)  # role -> key in the file, to name a bad tensor
         for patch in new:
             key = patch.target if patch.param == "weight" else f"{patch.target}#{patch.param}"
@@ -352,7 +392,8 @@ def parse(file: AdapterFile, adapter_type: str | None = None) -> Adapter:
     kind = adapter_type or adapter_type_of(grouped)
     transformer = parse_transformer(file, grouped, kind, layout_of(file, grouped, kind))  # Flux / SD3 tables
     if transformer is not None:
-        transformer.extra.update(refused={}, kinds=kind_counts(grouped), stray_keys=grouped.stray)
+        transformer.extra.update(refused={}, kinds=kind_counts(grouped), stray_keys=grouped.stray,
+                                 dora=_dora_count(grouped))
         return transformer
     family = family_of(grouped)
     patches, refused = build_patches(file, grouped)
@@ -363,7 +404,13 @@ def parse(file: AdapterFile, adapter_type: str | None = None) -> Adapter:
     adapter.extra["refused"] = refused
     adapter.extra["kinds"] = kind_counts(grouped)
     adapter.extra["stray_keys"] = grouped.stray
+    adapter.extra["dora"] = _dora_count(grouped)
     return adapter
+
+
+def _dora_count(grouped: Grouped) -> int:
+    """How many of the file's modules carry a DoRA magnitude."""
+    return sum(1 for m in grouped.modules.values() if m.dora)
 
 
 def summary(adapter: Adapter) -> dict:
@@ -384,6 +431,12 @@ def summary(adapter: Adapter) -> dict:
     if unknown:  # PEFT keeps lora_alpha in adapter_config.json only
         facts["alpha_note"] = (f"unknown for {len(unknown)} modules: no adapter_config.json beside the weights "
                                "(merged as PEFT merges lora_alpha 0: scaling r)")
+    dora = [p for p in adapter.patches.values() if isinstance(p, DoRAPatch)]
+    if dora:  # the type stays the inner one's; the magnitude is a fact of the modules
+        sides = sorted({p.orientation or "unknown" for p in dora})
+        facts["dora"] = True
+        facts["decomposition"] = f"DoRA on {adapter.extra.get('dora') or len(dora)} modules (magnitude per " \
+                                 f"{' / '.join(sides)})"
     if adapter.extra.get("refused"):
         facts["unsupported"] = adapter.extra["refused"]
     if adapter.extra.get("stray_keys"):

@@ -45,6 +45,7 @@ from adapterhub.types import Adapter
 from adapterhub.weights import architecture_of
 
 from . import math as lmath
+from .dora import ROW, DoRAPatch
 from .patches import AdaLoRAPatch, DiffPatch, LoHaPatch, LoKrPatch, LoRAPatch
 from .targets import target_modules
 
@@ -91,6 +92,8 @@ def module_tensors(adapter: Adapter, name: str, patch) -> dict[str, torch.Tensor
     """One module's kohya / LyCORIS tensors under ``name``."""
     out: dict[str, torch.Tensor] = {}
     t = patch.tensors
+    if isinstance(patch, DoRAPatch):  # the inner module's tensors and the magnitude, as LyCORIS names it
+        return {**module_tensors(adapter, name, patch.inner), f"{name}.dora_scale": kohya_magnitude(patch)}
     if isinstance(patch, AdaLoRAPatch):
         out[f"{name}.lora_down.weight"] = (t["down"].float() * t["E"].float()).contiguous()
         out[f"{name}.lora_up.weight"] = t["up"]
@@ -112,6 +115,28 @@ def module_tensors(adapter: Adapter, name: str, patch) -> dict[str, torch.Tensor
     else:  # pragma: no cover - every family patch is listed above
         raise AdapterError(adapter.path, f"cannot write {type(patch).__name__} in the kohya layout")
     return out
+
+
+def kohya_magnitude(patch: DoRAPatch) -> torch.Tensor:
+    """The magnitude as kohya / LyCORIS files hold it: the file's own where its shape tells its side; PEFT's
+    per-row one (``(out,)``, a conv's ``(1, out, 1, 1)``) as LyCORIS' ``wd_on_out`` one, ``(out, 1, ...)`` with
+    the weight's number of dimensions (same values)."""
+    m = patch.magnitude
+    if patch.side is None:
+        return m
+    dims = len(patch.expected_shape() or (0, 0))
+    return m.reshape(-1).reshape(-1, *[1] * (dims - 1)).contiguous()
+
+
+def peft_magnitude(adapter: Adapter, patch: DoRAPatch) -> torch.Tensor:
+    """PEFT's ``lora_magnitude_vector``: per output row, ``(out,)`` for a Linear, ``(1, out, 1, 1)`` for a conv;
+    a per-input-channel magnitude (LyCORIS ``wd_on_out=False``, OneTrainer) has no PEFT form and is refused."""
+    shape = patch.expected_shape()
+    if patch.side_for(shape) != ROW:
+        raise AdapterError(adapter.path, "a DoRA magnitude per input channel has no peft layout (PEFT's "
+                                         "lora_magnitude_vector is per output row); write it as kohya", patch.source)
+    m = patch.magnitude.reshape(-1)
+    return (m.reshape(1, -1, 1, 1) if len(shape) == 4 else m).contiguous()
 
 
 def kohya_metadata(adapter: Adapter) -> dict[str, str]:
@@ -150,7 +175,11 @@ def _split_target(adapter: Adapter, patch) -> tuple[str, str]:
 def low_rank(adapter: Adapter, patch, layout: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(up, down, scale)`` in the shapes PEFT's LoRA layers hold: Linear up (out, r), down (r, in);
     conv up (out, r, 1, 1), down (r, in, kh, kw). The file's own tensors where they already are that
-    (dtype kept); a LoCon CP core folded into ``down`` and an AdaLoRA ``A * E``, float32."""
+    (dtype kept); a LoCon CP core folded into ``down`` and an AdaLoRA ``A * E``, float32. A DoRA module is
+    refused (its magnitude would be lost): the PEFT writer handles it (:func:`_lora_component`)."""
+    if isinstance(patch, DoRAPatch):
+        raise AdapterError(adapter.path, f"a DoRA module has no {layout} layout here (its magnitude would be lost); "
+                                         "write it as kohya or peft", patch.source)
     if isinstance(patch, LoRAPatch) and "mid" not in patch.tensors:
         return patch.tensors["up"], patch.tensors["down"], float(patch.scale)
     if isinstance(patch, (LoRAPatch, AdaLoRAPatch)):
@@ -230,17 +259,24 @@ def _lora_component(adapter: Adapter, patches: dict[str, object]):
     from peft import LoraConfig
 
     tensors, ranks, alphas = {}, {}, {}
+    dora = [p for p in patches.values() if isinstance(p, DoRAPatch)]
+    if dora and len(dora) != len(patches):  # PEFT's use_dora is one flag for the whole model
+        raise AdapterError(adapter.path, "a PEFT adapter has DoRA on every module or on none, and this one mixes "
+                                         "them; write it as kohya", dora[0].source)
     for path, patch in patches.items():
-        up, down, scale = low_rank(adapter, patch, "peft")
+        inner = patch.inner if isinstance(patch, DoRAPatch) else patch
+        up, down, scale = low_rank(adapter, inner, "peft")
         rank = int(down.shape[0])
-        exact = isinstance(patch, LoRAPatch) and patch._scale is None and patch.alpha is not None
-        ranks[path], alphas[path] = rank, float(patch.alpha) if exact else scale * rank
+        exact = isinstance(inner, LoRAPatch) and inner._scale is None and inner.alpha is not None
+        ranks[path], alphas[path] = rank, float(inner.alpha) if exact else scale * rank
         tensors[f"base_model.model.{path}.lora_A.weight"] = down.contiguous()
         tensors[f"base_model.model.{path}.lora_B.weight"] = up.contiguous()
+        if inner is not patch:
+            tensors[f"base_model.model.{path}.lora_magnitude_vector"] = peft_magnitude(adapter, patch)
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(patches), rank_pattern=_patterns(ranks, r),
-                        alpha_pattern=_patterns(alphas, alpha), init_lora_weights=True)
+                        alpha_pattern=_patterns(alphas, alpha), init_lora_weights=True, use_dora=bool(dora))
     return tensors, config
 
 

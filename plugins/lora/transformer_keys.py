@@ -381,6 +381,7 @@ def build_transformer_patches(file: AdapterFile, grouped: Grouped, family: str) 
 
 def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch, family: str) -> list:
     from .flux_control import InputLoRAPatch
+    from .parse import with_dora
 
     pieces = pieces_of(mod)
     first_key = next(iter(mod.roles.values()))
@@ -395,8 +396,11 @@ def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch, fami
     bias = _diff_patches(mod, t, pieces, "diff_b", "bias")  # beside any kind: ComfyUI's trainer writes one
     if mod.kind == "diff":
         return [*_diff_patches(mod, t, pieces, "diff", "weight"), *bias]
-    if mod.kind not in ("lora", "loha", "lokr"):
+    if mod.kind not in ("lora", "loha", "lokr"):  # with or without a DoRA magnitude (``parse.with_dora``)
         raise AdapterError(file.path, f"a {mod.kind} module is not supported on Flux / SD3 yet", first_key)
+    if mod.dora and mod.kind != "lora" and any(p.rows is not None for p in pieces):  # never dropped silently
+        raise AdapterError(file.path, f"a DoRA {mod.kind} on the fused module {mod.name} is not supported (only a "
+                                      "DoRA LoRA splits onto its parts)", mod.roles["dora_scale"])
     if mod.kind != "lora" and any(p.rows is not None for p in pieces):  # a LoKr / LoHa on a fused module
         whole = make_patch(mod.kind, pieces[0].target, mod.name, t, alpha, cfg)
         whole.file_keys = dict(mod.roles)
@@ -412,6 +416,7 @@ def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch, fami
         patch = make_patch(mod.kind, piece.target, mod.name, part, alpha, cfg)
         if blocks is not None and alpha is not None:
             patch._scale = alpha / t["down"].shape[0]
+        patch = with_dora(file, mod, patch, t, piece.rows, len(pieces))  # after the scale: it wraps the patch
         patch.file_keys = dict(mod.roles)
         out.append(InputLoRAPatch.of(patch))  # on the x_embedder: a control model's wider input takes it too
     return [*out, *bias]

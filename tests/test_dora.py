@@ -1,0 +1,399 @@
+"""DoRA (weight-decomposed LoRA): read, merge, attach, save, for Stable Diffusion and Flux.
+
+The oracles are the reference implementations themselves: lycoris-lora's own modules
+(``weight_decompose=True``, both ``wd_on_out``; their ``get_merged_weight``) and PEFT's
+``LoraConfig(use_dora=True)`` (``merge_and_unload``). A file is written with each tool's own state dict,
+read with ``adapterhub.load`` and merged; the result must equal the tool's merged weights (float32, 1e-5).
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import adapterhub
+from adapterhub.errors import AdapterError
+
+ATOL = 1e-5
+EPS = torch.finfo(torch.float32).eps  # what lycoris-lora 4.1.3 adds to the norm
+
+
+def _modules(model, names):
+    found = dict(model.named_modules())
+    return [found[n] for n in names]
+
+
+def _lycoris_module(algo: str, name: str, module, wd_on_out: bool, seed: int):
+    """A lycoris-lora module with DoRA on ``module``, every factor random (LyCORIS starts one at zero) and
+    the magnitude moved away from the base norm (else the result is the base's direction only)."""
+    from lycoris.modules.locon import LoConModule
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    cls = {"lora": LoConModule, "loha": LohaModule, "lokr": LokrModule}[algo]
+    extra = {"factor": 4} if algo == "lokr" else {}
+    # LoHa / LoKr at alpha = rank: lycoris-lora 4.1.3's LohaModule.get_diff_weight applies alpha / rank twice
+    # (once as get_weight's gamma, once more), which no loader does; the LoRA cases test the scale
+    alpha = 2 if algo == "lora" else 4
+    lyco = cls(name, module, 1.0, lora_dim=4, alpha=alpha, weight_decompose=True, wd_on_out=wd_on_out, **extra)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in lyco.named_parameters():
+            if pname == "dora_scale":
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
+            elif not pname.startswith("org_"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return lyco
+
+
+def _lycoris_file(path, model, names, prefix, algo="lora", wd_on_out=True, rename=None):
+    """``(file, {module name: lycoris' merged weight})``: the modules' own state dicts under ``prefix`` + the
+    module path joined by ``_`` (or ``rename(path)``)."""
+    tensors, merged = {}, {}
+    for i, (name, module) in enumerate(zip(names, _modules(model, names))):
+        key = rename(name) if rename else prefix + name.replace(".", "_")
+        lyco = _lycoris_module(algo, key, module, wd_on_out, seed=i)
+        tensors.update({f"{key}.{k}": v.detach().clone().contiguous() for k, v in lyco.state_dict().items()})
+        with torch.no_grad():
+            merged[name] = lyco.get_merged_weight(multiplier=1, shape=module.weight.shape)[0].detach().clone()
+    save_file(tensors, str(path))
+    return path, merged
+
+
+def _sd1_targets(unet):
+    """A Linear, a square Linear (the 1's position tells the orientation) and a 3x3 conv of the tiny UNet."""
+    names = [n for n, m in unet.named_modules()]
+    linear = next(n for n in names if n.endswith("attn2.to_k"))
+    square = next(n for n in names if n.endswith("attn1.to_q"))
+    conv = next(n for n in names if n.endswith("resnets.0.conv1"))
+    return [linear, square, conv]
+
+
+def _formula(w, delta, m, s=1.0):
+    """The DoRA definition (test-side): ``V = W + delta``, ``D = m V / ||V||`` per output row when ``m`` has
+    the output dim, per input channel when it is ``(1, in, ...)``; ``W + s (D - W)``."""
+    v = w + delta
+    if m.dim() == 1 or (m.shape[0] == w.shape[0] and m.numel() == w.shape[0]):
+        norm = v.reshape(v.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (v.dim() - 1))
+        m = m.reshape(norm.shape)
+    else:
+        norm = v.transpose(0, 1).reshape(v.shape[1], -1).norm(dim=1).reshape(1, -1, *[1] * (v.dim() - 2))
+    return w + s * (m * v / (norm + EPS) - w)
+
+
+# ---------------------------------------------------------------------------------------------
+# the oracles: lycoris-lora and PEFT
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("wd_on_out", [True, False])
+def test_lycoris_dora_merge_equals_lycoris(algo, wd_on_out, fresh_sd1, tmp_path):
+    names = _sd1_targets(fresh_sd1.unet)
+    path, merged = _lycoris_file(tmp_path / "dora.safetensors", fresh_sd1.unet, names, "lora_unet_", algo, wd_on_out)
+    adapter = adapterhub.load(path)
+    assert adapter.type == ("locon" if algo == "lora" else algo)
+    adapter.merge_into(fresh_sd1, 1.0)
+    for name, module in zip(names, _modules(fresh_sd1.unet, names)):
+        assert torch.allclose(module.weight, merged[name], atol=ATOL, rtol=0), name
+
+
+def test_peft_dora_on_the_sd1_unet_equals_merge_and_unload(fresh_sd1, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    unet = copy.deepcopy(fresh_sd1.unet)
+    peft = get_peft_model(unet, LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                           target_modules=["to_q", "to_k", "to_out.0", "proj_in", "conv1"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
+    peft.save_pretrained(str(tmp_path / "peft" / "unet"))
+    oracle = peft.merge_and_unload().state_dict()
+    adapter = adapterhub.load(tmp_path / "peft")
+    assert adapter.type == "locon" and adapter.format == "peft"
+    before = {k: v.clone() for k, v in fresh_sd1.unet.state_dict().items()}
+    adapter.merge_into(fresh_sd1, 1.0)
+    ours = fresh_sd1.unet.state_dict()
+    for key in oracle:
+        assert torch.allclose(ours[key], oracle[key], atol=ATOL, rtol=0), key
+    assert any(k.endswith("conv1.weight") and not torch.equal(ours[k], before[k]) for k in ours)  # a conv DoRA too
+
+
+@pytest.fixture
+def flux(tiny_flux):
+    return copy.deepcopy(tiny_flux)
+
+
+FLUX_TARGETS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0",
+                "single_transformer_blocks.0.proj_mlp", "transformer_blocks.0.ff.net.2"]
+
+
+def test_peft_dora_on_the_flux_transformer_equals_merge_and_unload(flux, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    transformer = copy.deepcopy(flux.transformer)
+    peft = get_peft_model(transformer, LoraConfig(r=4, lora_alpha=2, use_dora=True, target_modules=FLUX_TARGETS))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
+    peft.save_pretrained(str(tmp_path / "peft" / "transformer"))
+    oracle = peft.merge_and_unload().state_dict()
+    adapter = adapterhub.load(tmp_path / "peft")
+    assert adapter.family == "flux" and len(adapter.patches) == len(FLUX_TARGETS)
+    before = {k: v.clone() for k, v in flux.transformer.state_dict().items()}
+    adapter.merge_into(flux, 1.0)
+    ours = flux.transformer.state_dict()
+    assert sum(not torch.equal(ours[k], before[k]) for k in ours) == len(FLUX_TARGETS)
+    for key in oracle:
+        assert torch.allclose(ours[key], oracle[key], atol=ATOL, rtol=0), key
+
+
+@pytest.mark.parametrize("wd_on_out", [True, False])
+def test_lycoris_dora_on_the_flux_transformer_equals_lycoris(wd_on_out, flux, tmp_path):
+    """LyCORIS' wrapper names (SimpleTuner): ``lycoris_`` + the diffusers path joined by ``_``."""
+    path, merged = _lycoris_file(tmp_path / "dora.safetensors", flux.transformer, FLUX_TARGETS, "lycoris_",
+                                 "lora", wd_on_out)
+    adapterhub.load(path).merge_into(flux, 1.0)
+    for name, module in zip(FLUX_TARGETS, _modules(flux.transformer, FLUX_TARGETS)):
+        assert torch.allclose(module.weight, merged[name], atol=ATOL, rtol=0), name
+
+
+# ---------------------------------------------------------------------------------------------
+# OneTrainer's Flux DoRA names: lora_transformer_ + dora_scale (1, in), lora_te1_ CLIP, lora_te2_ T5
+# ---------------------------------------------------------------------------------------------
+ONETRAINER = {
+    "transformer": ("transformer", "single_transformer_blocks.0.attn.to_q",
+                    "lora_transformer_single_transformer_blocks_0_attn_to_q"),
+    "clip": ("text_encoder", "encoder.layers.0.mlp.fc1", "lora_te1_text_model_encoder_layers_0_mlp_fc1"),
+    "t5": ("text_encoder_2", "encoder.block.0.layer.0.SelfAttention.q", "lora_te2_encoder_block_0_layer_0_SelfAttention_q"),
+}
+
+
+def _onetrainer_file(path, pipe):
+    """OneTrainer's names over a lycoris ``wd_on_out=False`` module's tensors on each of ``pipe``'s modules;
+    ``{(component, module path): lycoris' merged weight}``."""
+    tensors, merged = {}, {}
+    for i, (component, module_path, key) in enumerate(ONETRAINER.values()):
+        module = dict(getattr(pipe, component).named_modules())[module_path]
+        lyco = _lycoris_module("lora", key, module, wd_on_out=False, seed=10 + i)
+        tensors.update({f"{key}.{k}": v.detach().clone().contiguous() for k, v in lyco.state_dict().items()})
+        with torch.no_grad():
+            merged[(component, module_path)] = lyco.get_merged_weight(multiplier=1, shape=module.weight.shape)[0].detach().clone()
+    save_file(tensors, str(path))
+    return path, merged
+
+
+def test_onetrainer_flux_dora_merges_as_lycoris(flux, tmp_path):
+    path, merged = _onetrainer_file(tmp_path / "onetrainer.safetensors", flux)
+    adapter = adapterhub.load(path)
+    assert adapter.family == "flux" and adapter.extra["dora"] == len(ONETRAINER)
+    adapter.merge_into(flux, 1.0)
+    for (component, module_path), expected in merged.items():
+        weight = dict(getattr(flux, component).named_modules())[module_path].weight
+        assert torch.allclose(weight, expected, atol=ATOL, rtol=0), module_path
+
+
+def test_onetrainer_flux_dora_binds_to_flux_dev_with_every_key(tmp_path):
+    """Shapes of FLUX.1-dev (3072 wide, CLIP-L 768, T5-XXL 4096), rank 1: every key used, every shape exact."""
+    from adapterhub.transformer_bases import build_transformer_base
+    from adapterhub.weights import bind
+
+    shapes = {"transformer": (3072, 3072), "clip": (3072, 768), "t5": (4096, 4096)}
+    tensors = {}
+    for part, (_, _, key) in ONETRAINER.items():
+        out_f, in_f = shapes[part]
+        tensors.update({f"{key}.lora_down.weight": torch.zeros(1, in_f), f"{key}.lora_up.weight": torch.zeros(out_f, 1),
+                        f"{key}.alpha": torch.tensor(1.0), f"{key}.dora_scale": torch.ones(1, in_f)})
+    save_file(tensors, str(tmp_path / "ot.safetensors"))
+    adapter = adapterhub.load(tmp_path / "ot.safetensors")
+    used = {k for patch in adapter.patches.values() for k in patch.file_keys.values()}
+    assert used == set(tensors)
+    bindings = bind(build_transformer_base("flux-dev"), adapter)
+    assert len(bindings) == len(ONETRAINER)
+    for b in bindings:
+        assert tuple(b.patch.expected_shape()) == tuple(b.param.shape), b.patch.target
+        assert tuple(b.patch.tensors["dora_scale"].shape) == (1, b.param.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# a fused BFL module: a per-row magnitude splits by rows, a per-column one does not
+# ---------------------------------------------------------------------------------------------
+def _fused_qkv_file(path, transformer, per_row: bool):
+    parts = [f"transformer_blocks.0.attn.to_{x}" for x in "qkv"]
+    weights = [m.weight.detach().clone() for m in _modules(transformer, parts)]
+    w = torch.cat(weights)
+    gen = torch.Generator().manual_seed(3)
+    up, down = torch.randn(w.shape[0], 4, generator=gen) * 0.2, torch.randn(4, w.shape[1], generator=gen) * 0.2
+    norm_dims = (w.shape[0], 1) if per_row else (1, w.shape[1])
+    m = torch.rand(norm_dims, generator=gen) + 0.5
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0),
+               f"{name}.dora_scale": m}, str(path))
+    expected = _formula(w, up @ down * 0.5, m)
+    return parts, expected.split([x.shape[0] for x in weights])
+
+
+def test_a_fused_qkv_dora_per_output_row_splits_exactly(flux, tmp_path):
+    parts, expected = _fused_qkv_file(tmp_path / "qkv.safetensors", flux.transformer, per_row=True)
+    adapterhub.load(tmp_path / "qkv.safetensors").merge_into(flux, 1.0)
+    for module, want in zip(_modules(flux.transformer, parts), expected):
+        assert torch.allclose(module.weight, want, atol=ATOL, rtol=0)
+
+
+def test_a_fused_qkv_dora_per_input_column_is_refused_in_one_line(flux, tmp_path):
+    _fused_qkv_file(tmp_path / "qkv.safetensors", flux.transformer, per_row=False)
+    with pytest.raises(AdapterError) as err:
+        adapterhub.load(tmp_path / "qkv.safetensors")
+    text = str(err.value)
+    assert "qkv.safetensors" in text and "DoRA" in text and "\n" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# attach / detach, the multiplier, the zero norm
+# ---------------------------------------------------------------------------------------------
+def test_attach_weights_and_detach_restores_bitwise(fresh_sd1, tmp_path):
+    names = _sd1_targets(fresh_sd1.unet)
+    path, merged = _lycoris_file(tmp_path / "dora.safetensors", fresh_sd1.unet, names, "lora_unet_", "lora", True)
+    modules = _modules(fresh_sd1.unet, names)
+    before = [m.weight.detach().clone() for m in modules]
+    adapter = adapterhub.load(path)
+    handle = adapter.attach(fresh_sd1, 1.0)
+    for module, name in zip(modules, names):
+        assert torch.allclose(module.weight, merged[name], atol=ATOL, rtol=0)
+    handle.set_weight(0.5)  # the webui's and ComfyUI's rule: W + s (D - W)
+    for module, name, w in zip(modules, names, before):
+        assert torch.allclose(module.weight, w + 0.5 * (merged[name] - w), atol=ATOL, rtol=0)
+    handle.set_weight(0.0)
+    assert all(torch.equal(m.weight, w) for m, w in zip(modules, before))
+    handle.set_weight(1.0)
+    handle.detach()
+    assert all(torch.equal(m.weight, w) for m, w in zip(modules, before))
+
+
+def test_a_zero_norm_column_gives_no_nan(tmp_path):
+    """A base row of zeros with no change on it: lycoris' epsilon keeps it zero (no NaN), as lycoris does."""
+    lin = torch.nn.Linear(8, 6)
+    with torch.no_grad():
+        lin.weight[2] = 0
+    lyco = _lycoris_module("lora", "lora_unet_x", lin, True, seed=0)
+    with torch.no_grad():
+        lyco.lora_up.weight[2] = 0
+        oracle = lyco.get_merged_weight(multiplier=1, shape=lin.weight.shape)[0]
+    from adapterhub_plugins.lora.dora import DoRAPatch
+    from adapterhub_plugins.lora.patches import LoRAPatch
+
+    sd = lyco.state_dict()
+    inner = LoRAPatch("unet.x", "x", {"up": sd["lora_up.weight"], "down": sd["lora_down.weight"]},
+                      alpha=float(sd["alpha"]))
+    patch = DoRAPatch(inner, sd["dora_scale"])
+    acc = lin.weight.detach().clone()
+    patch.add_to(acc, 1.0)
+    assert torch.isfinite(acc).all() and torch.equal(acc[2], torch.zeros(8))
+    assert torch.allclose(acc, oracle, atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# what needs no base refuses a DoRA: the algebra, the norm chart; inspect says DoRA
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def sd1_dora(fresh_sd1, tmp_path):
+    names = _sd1_targets(fresh_sd1.unet)
+    return _lycoris_file(tmp_path / "dora.safetensors", fresh_sd1.unet, names, "lora_unet_", "lora", True)[0]
+
+
+def test_the_lora_algebra_refuses_a_dora_in_one_line(sd1_dora):
+    from adapterhub.algebra import combine, resize
+
+    adapter = adapterhub.load(sd1_dora)
+    patch = next(iter(adapter.patches.values()))
+    assert patch.low_rank_factors() is None and patch.squared_norm() is None
+    for call in (lambda: resize(adapter, rank=2), lambda: combine([(adapter, 1.0)])):
+        with pytest.raises(AdapterError) as err:
+            call()
+        assert "dora.safetensors" in str(err.value) and "a DoRA module's change depends on the base weights" \
+            in str(err.value) and "\n" not in str(err.value)
+
+
+def test_inspect_keeps_the_type_and_says_dora(sd1_dora, capsys):
+    from adapterhub.cli import main
+
+    rc = main(["inspect", "--json", "--no-hash", str(sd1_dora)])
+    facts = json.loads(capsys.readouterr().out)
+    assert rc in (0, None) and facts["type"] == "locon" and facts["dora"] is True
+    assert "unsupported" not in facts
+    main(["inspect", "--no-hash", str(sd1_dora)])
+    assert "DoRA" in capsys.readouterr().out
+
+
+def test_cli_merge_of_a_dora_file(fresh_sd1, tmp_path):
+    from adapterhub.base import load_base
+    from adapterhub.cli import main
+
+    names = _sd1_targets(fresh_sd1.unet)
+    path, merged = _lycoris_file(tmp_path / "dora.safetensors", fresh_sd1.unet, names, "lora_unet_", "lora", False)
+    rc = main(["merge", "--base", "tiny-sd1", "--out", str(tmp_path / "merged"), f"{path}:1"])
+    assert rc in (0, None)
+    out = load_base(str(tmp_path / "merged"))
+    for name, module in zip(names, _modules(out.unet, names)):
+        assert torch.allclose(module.weight, merged[name], atol=ATOL, rtol=0), name
+
+
+# ---------------------------------------------------------------------------------------------
+# saving: the magnitude kept exactly, or a one-line refusal
+# ---------------------------------------------------------------------------------------------
+def _merged_unet(pipe, path):
+    mine = copy.deepcopy(pipe)
+    adapterhub.load(path).merge_into(mine, 1.0)
+    return mine.unet.state_dict()
+
+
+@pytest.mark.parametrize("wd_on_out", [True, False])
+def test_kohya_round_trip_keeps_the_magnitude(wd_on_out, tiny_sd1, tmp_path):
+    names = _sd1_targets(tiny_sd1.unet)
+    path, _ = _lycoris_file(tmp_path / "dora.safetensors", tiny_sd1.unet, names, "lora_unet_", "lora", wd_on_out)
+    adapterhub.load(path).save(tmp_path / "again.safetensors", "kohya")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(path)), load_file(str(tmp_path / "again.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith("dora_scale"))
+    assert {k for k in a if k.endswith("dora_scale")} == {k for k in b if k.endswith("dora_scale")}
+    ours, again = _merged_unet(tiny_sd1, path), _merged_unet(tiny_sd1, tmp_path / "again.safetensors")
+    assert all(torch.equal(ours[k], again[k]) for k in ours)
+
+
+def test_peft_layout_round_trip_and_refusals(tiny_sd1, tmp_path):
+    names = _sd1_targets(tiny_sd1.unet)
+    per_row, _ = _lycoris_file(tmp_path / "row.safetensors", tiny_sd1.unet, names, "lora_unet_", "lora", True)
+    adapterhub.load(per_row).save(tmp_path / "peft", "peft")
+    config = json.loads((tmp_path / "peft" / "unet" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    ours, again = _merged_unet(tiny_sd1, per_row), _merged_unet(tiny_sd1, tmp_path / "peft")
+    assert all(torch.allclose(ours[k], again[k], atol=ATOL, rtol=0) for k in ours)
+    # back from PEFT's (out,) to kohya's (out, 1, ...): the same values
+    adapterhub.load(tmp_path / "peft").save(tmp_path / "back.safetensors", "kohya")
+    back = _merged_unet(tiny_sd1, tmp_path / "back.safetensors")
+    assert all(torch.allclose(ours[k], back[k], atol=ATOL, rtol=0) for k in ours)
+    per_column, _ = _lycoris_file(tmp_path / "col.safetensors", tiny_sd1.unet, names, "lora_unet_", "lora", False)
+    for source, layout, out in ((per_column, "peft", tmp_path / "p2"), (per_row, "diffusers", tmp_path / "d.safetensors")):
+        with pytest.raises(AdapterError) as err:
+            adapterhub.load(source).save(out, layout)
+        assert source.name in str(err.value) and "DoRA" in str(err.value) and "\n" not in str(err.value)
+        assert not out.exists()
+
+
+def test_a_magnitude_of_the_wrong_shape_is_refused_in_one_line(tmp_path):
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{name}.lora_down.weight": torch.randn(2, 32), f"{name}.lora_up.weight": torch.randn(32, 2),
+               f"{name}.dora_scale": torch.randn(5, 1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(AdapterError) as err:
+        adapterhub.load(tmp_path / "bad.safetensors")
+    assert "bad.safetensors" in str(err.value) and "dora_scale" in str(err.value)
