@@ -461,7 +461,8 @@ def test_control_requests_a_control_model_cannot_run_are_refused(control_model, 
         FlowControlGenerator(tiny_flux)
     gen = FlowControlGenerator(control_model)
     for options, problem in (({}, "needs a control image"), ({"sampler": "DPM++ 2M"}, "samples with Euler"),
-                             ({"cfg": 3.0}, "distilled guidance only"), ({"init_image": _control_image()}, "img2img")):
+                             ({"cfg": 3.0}, "distilled guidance only"),
+                             ({"init_image": _control_image(), "mask": _control_image()}, "inpainting")):
         options = {"control_image": _control_image(), **options} if problem != "needs a control image" else options
         with pytest.raises(AdapterhubError, match=problem):
             gen("a castle", steps=1, width=32, height=32, **options)

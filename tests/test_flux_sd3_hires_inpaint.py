@@ -400,12 +400,12 @@ def test_a_sampler_the_sd_path_refuses_a_mask_is_refused_alike(tiny_flux, init_i
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_the_hires_fix_on_a_flux_control_model_is_refused_before_a_model_loads():
-    """A FLUX.1 control model's second pass would need its control image at the hires size: one line."""
+def test_inpainting_on_a_flux_control_model_is_refused_before_a_model_loads():
+    """A FLUX.1 control model takes img2img and the hires fix (tests/test_flux_control_passes.py), not a mask."""
     from adapterhub.errors import AdapterhubError
     from adapterhub.sample.flow import FlowRequest
     from adapterhub.sample.flow_control import check_control_request
 
-    with pytest.raises(AdapterhubError, match=r"^the hires fix on a FLUX.1 control model is not supported"):
-        check_control_request(FlowRequest("a cat", sampler="Euler", cfg=1.0, hr_scale=2.0))
-    check_control_request(FlowRequest("a cat", sampler="Euler", cfg=1.0))
+    with pytest.raises(AdapterhubError, match=r"^inpainting on a FLUX.1 control model is not supported"):
+        check_control_request(FlowRequest("a cat", sampler="Euler", cfg=1.0, init_image="a.png", mask="m.png"))
+    check_control_request(FlowRequest("a cat", sampler="Euler", cfg=1.0, hr_scale=2.0))

@@ -13,8 +13,11 @@ Everything else is :class:`~adapterhub.sample.flow.FlowGenerator`'s: each image'
 stack switched in through the weight engine, Forge's infotext. With the same noise and generators the latents
 equal ``FluxControlPipeline``'s bit for bit.
 
-The pipeline's loop runs it: Euler on the schedule "Automatic", distilled guidance, no real CFG, no img2img (one
+The pipeline's loop runs it: Euler on the schedule "Automatic", distilled guidance, no real CFG, no inpainting (one
 line each, before anything runs); a plain :class:`FlowGenerator` refuses a control model (it needs an image).
+img2img (``init_image``) runs the webui's last steps of the schedule from the init image's latents noised with each
+image's noise, as ``FluxControlImg2ImgPipeline`` runs them; the hires fix's second pass is such an img2img at the
+hires size, the control image resized to it (as the pipeline resizes it to the size it samples).
 """
 from __future__ import annotations
 
@@ -56,15 +59,11 @@ def refuse_control_model(pipe, base) -> None:
 
 
 def check_control_request(req: FlowRequest) -> None:
-    """What ``FluxControlPipeline``'s loop cannot run, in one line: img2img, the hires fix, another sampler or
-    schedule, CFG."""
+    """What ``FluxControlPipeline``'s loop cannot run, in one line: inpainting, another sampler or schedule, CFG."""
     from adapterhub.sample.flow import flow_sampler
 
-    if req.init_image is not None:
-        raise AdapterhubError("img2img on a FLUX.1 control model is not supported (its input is the control image)")
-    if req.hr_scale is not None:  # its second pass would need the control image at the hires size
-        raise AdapterhubError("the hires fix on a FLUX.1 control model is not supported (its control image is at the "
-                              "first pass's size)")
+    if req.mask is not None:
+        raise AdapterhubError("inpainting on a FLUX.1 control model is not supported (img2img and the hires fix are)")
     if flow_sampler(req.sampler, "flux") != "Euler" or req.schedule != FLOW_SCHEDULES[0]:
         raise AdapterhubError(f"sampler {req.sampler} / schedule {req.schedule}: a FLUX.1 control model samples "
                               f"with Euler on the schedule {FLOW_SCHEDULES[0]} (FluxControlPipeline's)")
