@@ -397,3 +397,24 @@ def test_a_magnitude_of_the_wrong_shape_is_refused_in_one_line(tmp_path):
     with pytest.raises(AdapterError) as err:
         adapterhub.load(tmp_path / "bad.safetensors")
     assert "bad.safetensors" in str(err.value) and "dora_scale" in str(err.value)
+
+
+def test_a_fused_dora_is_written_back_to_its_fused_kohya_module(flux, tiny_flux, tmp_path):
+    """Read split by rows, written joined: the magnitudes stacked by rows as the parts' LoRAs are; the same merge."""
+    parts, expected = _fused_qkv_file(tmp_path / "qkv.safetensors", flux.transformer, per_row=True)
+    adapter = adapterhub.load(tmp_path / "qkv.safetensors")
+    adapter.save(tmp_path / "again.safetensors", "kohya")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "qkv.safetensors")), load_file(str(tmp_path / "again.safetensors"))
+    key = "lora_unet_double_blocks_0_img_attn_qkv.dora_scale"
+    assert torch.equal(a[key], b[key])
+    adapterhub.load(tmp_path / "again.safetensors").merge_into(flux, 1.0)
+    for module, want in zip(_modules(flux.transformer, parts), expected):
+        assert torch.allclose(module.weight, want, atol=ATOL, rtol=0)
+    # one part without its DoRA: the fused module's magnitude would need that part's base norms
+    del adapter.patches[f"transformer.{parts[1]}"]
+    with pytest.raises(AdapterError) as err:
+        adapter.save(tmp_path / "part.safetensors", "kohya")
+    assert "qkv.safetensors" in str(err.value) and "DoRA" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "part.safetensors").exists()

@@ -23,6 +23,10 @@
   Text-encoder paths are written without ``text_model.`` (transformers 5 flattens ``CLIPTextModel``; the
   patterns still match the older nesting, whose names end the same way).
 
+A DoRA module (:mod:`.dora`) keeps its magnitude exactly: ``dora_scale`` in the kohya layouts (as read; PEFT's
+per-row ``(out,)`` as LyCORIS' ``(out, 1, ...)``), ``lora_magnitude_vector`` with ``use_dora`` in the peft one
+(per output row only: PEFT has no per-input-channel form); the diffusers layout has none and refuses it.
+
 LoRA, LoCon (a CP/Tucker ``lora_mid`` core is folded into ``lora_A`` exactly) and AdaLoRA (PEFT AdaLoRA in
 the ``peft`` layout, its default; elsewhere the LoRA it equals, ``A * E``, which reads back as a ``lora``) have
 every layout; LoHa has the LyCORIS and PEFT ones; LoKr and full

@@ -13,6 +13,8 @@ Patches on the parts of one fused module become one LoRA on it:
   ``n * r``. diffusers' kohya converter and our reader recognise the block structure and give each
   part back its own rank-``r`` LoRA.
 
+DoRA parts join too when every part has a per-output-row magnitude: the magnitudes stacked by the same rows.
+
 BFL's and SAI's final modulation (and SD3's last context modulation) hold (shift, scale) where diffusers
 holds (scale, shift): their rows are swapped back. Text encoders as sd-scripts names them: ``lora_te1_`` /
 ``lora_te2_`` for the CLIP encoders, ``lora_te3_`` for T5.
@@ -27,6 +29,7 @@ from adapterhub.errors import AdapterError
 from adapterhub.keymaps import kohya_name
 from adapterhub.types import Adapter
 
+from .dora import ROW, DoRAPatch
 from .patches import AdaLoRAPatch, LoRAPatch
 from .transformer_keys import DOUBLE, JOINT, SD3_TOP, SINGLE, T5_COMPONENT, T5_PREFIX, TOP, is_swapped
 
@@ -129,6 +132,8 @@ def _alpha(value: float) -> torch.Tensor:
 
 
 def _fused_module(adapter: Adapter, name: str, parts: tuple[str, ...], patches: list) -> dict[str, torch.Tensor]:
+    if any(isinstance(p, DoRAPatch) for p in patches):
+        return _fused_dora(adapter, name, parts, patches)
     factors = [None if p is None else _factors(adapter, name, p) for p in patches]
     present = [f for f in factors if f is not None]
     up0, down0, scale0 = present[0]
@@ -145,6 +150,30 @@ def _fused_module(adapter: Adapter, name: str, parts: tuple[str, ...], patches: 
         return {f"{name}.lora_down.weight": down0, f"{name}.lora_up.weight": torch.cat(ups),
                 f"{name}.alpha": _alpha(scale0 * down0.shape[0])}
     return _block_diagonal(name, parts, factors)
+
+
+def _fused_dora(adapter: Adapter, name: str, parts: tuple[str, ...], patches: list) -> dict[str, torch.Tensor]:
+    """DoRA on every part of a fused module, each magnitude per output row: the inner LoRAs joined as any parts
+    are and the magnitudes stacked by the same rows, ``(out, 1)`` (each row's norm is its own: the fused module's
+    DoRA is exactly its parts'). A part without DoRA (its rows would need the base's norms) or a magnitude per
+    input channel split across parts is refused. A swapped module (one part) has its rows swapped back."""
+    for patch, part in zip(patches, parts):
+        ok = isinstance(patch, DoRAPatch) and (len(parts) == 1 or patch.side_for(patch.expected_shape()) == ROW)
+        if not ok:
+            first = next(p for p in patches if isinstance(p, DoRAPatch))
+            has = "one per input channel" if isinstance(patch, DoRAPatch) else "no DoRA magnitude"
+            raise AdapterError(adapter.path, f"the DoRA parts of the fused kohya module {name} cannot be joined: "
+                                             f"{part} has {has}; write it as peft", first.source)
+    out = _fused_module(adapter, name, parts, [p.inner for p in patches])
+    if len(parts) == 1 and patches[0].side_for(patches[0].expected_shape()) != ROW:
+        magnitude = patches[0].magnitude  # a column's norm does not depend on the rows' order
+    else:
+        rows = torch.cat([p.magnitude.reshape(-1) for p in patches])
+        if len(parts) == 1:  # (scale, shift) back to BFL's / SAI's (shift, scale), as the factors' rows
+            half = rows.shape[0] // 2
+            rows = torch.cat([rows[half:], rows[:half]])
+        magnitude = rows.reshape(-1, 1)
+    return {**out, f"{name}.dora_scale": magnitude.contiguous()}
 
 
 def _block_diagonal(name: str, parts: tuple[str, ...], factors: list) -> dict[str, torch.Tensor]:
