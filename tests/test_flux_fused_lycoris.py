@@ -274,7 +274,7 @@ def _comfy_extract_file(path, transformer, full_diff: bool, seed=0, rank=2):
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: (torch.randn(*shape, generator=gen) * 0.3).half()  # noqa: E731
     sd, expected = {}, {}
-    for bfl in (*FUSED, *SWAPPED):
+    for bfl in (*FUSED, *PLAIN, *SWAPPED):
         out_f, in_f = _fused_shape(transformer, bfl)
         name = f"diffusion_model.{bfl}"
         if full_diff:
@@ -325,3 +325,43 @@ def test_comfyui_extract_file_reads_and_merges(tiny_flux, tmp_path, full_diff):
     adapter, _ = describe(path)
     assert (adapter.format, adapter.family, adapter.base) == ("comfyui", "flux", "tiny-flux")
     _assert_merged(tiny_flux, path, expected, 2 * len(expected))
+
+
+# ---------------------------------------------------------------------------------------------
+# what cannot be written or read: one line naming the file, exit 2, nothing written
+# ---------------------------------------------------------------------------------------------
+def _one_error_line(capsys, argv, path) -> str:
+    from adapterhub.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert path.name in errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers", "peft", "a1111"])
+@pytest.mark.parametrize("maker", ["lycoris", "trainer"])
+def test_writers_refuse_rows_and_bias_patches_in_one_line(tiny_flux, tmp_path, capsys, layout, maker):
+    """A LoKr / LoHa on a fused module is no stack of rows, and no Flux layout we write holds a bias difference."""
+    if maker == "lycoris":
+        path, _ = _lycoris_file(tmp_path / "a.safetensors", tiny_flux.transformer, PLAN, "comfyui")
+    else:
+        path, _ = _comfy_trainer_file(tmp_path / "a.safetensors", tiny_flux.transformer, "lora")
+    out = tmp_path / "out.safetensors"
+    line = _one_error_line(capsys, ["convert", str(path), "--to", layout, "--out", str(out)], path)
+    assert not out.exists() and not (tmp_path / "out").exists()
+    if maker == "trainer" and layout in ("kohya", "a1111"):
+        assert "the bias difference of transformer." in line  # not the weight: that one has a kohya name
+
+
+def test_a_lokr_whose_rows_do_not_fit_the_model_is_refused_before_any_change(tiny_flux, tmp_path, capsys):
+    """A LoKr on qkv of 90 rows (tiny-flux's qkv has 96): each part would be 30 rows; the model's are 32."""
+    gen = torch.Generator().manual_seed(0)
+    name = "diffusion_model.double_blocks.0.img_attn.qkv"
+    sd = {f"{name}.lokr_w1": torch.randn(6, 4, generator=gen), f"{name}.lokr_w2": torch.randn(15, 8, generator=gen)}
+    save_file(sd, str(tmp_path / "narrow.safetensors"))
+    line = _one_error_line(capsys, ["merge", str(tmp_path / "narrow.safetensors"), "--base", "tiny-flux",
+                                    "--out", str(tmp_path / "out")], tmp_path / "narrow.safetensors")
+    assert "to_q" in line and not (tmp_path / "out").exists()

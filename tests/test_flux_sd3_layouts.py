@@ -382,18 +382,20 @@ def test_xlabs_converts_to_kohya_compactly_and_back_bit_for_bit(tiny_flux, tmp_p
     assert_bitwise_same_deltas(adapterhub.load(src), adapterhub.load(tmp_path / "kohya.safetensors"))
 
 
-def test_loha_on_sd3_last_context_modulation_is_refused_not_applied_unswapped(tiny_sd3, tmp_path, capsys):
-    """SAI's last context modulation holds (shift, scale), diffusers' (scale, shift): a LoHa there cannot be
-    split by rows as a LoRA is, so it is refused by name (one line) rather than merged onto the wrong rows."""
-    from adapterhub.cli import main
+def test_loha_on_sd3_last_context_modulation_is_applied_with_its_rows_swapped(tiny_sd3, tmp_path):
+    """SAI's last context modulation holds (shift, scale), diffusers' (scale, shift): a LoHa there is no stack of
+    rows to swap factor by factor, so diffusers' module takes the rows of its delta, swapped (as a LoRA's are)."""
+    import adapterhub
 
     gen = torch.Generator().manual_seed(2)
     name = "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1"  # tiny-sd3's last block: 2 x 48 rows
     shapes = {"hada_w1_a": (96, 2), "hada_w1_b": (2, 48), "hada_w2_a": (96, 2), "hada_w2_b": (2, 48)}
     sd = {f"{name}.{role}": torch.randn(shape, generator=gen) for role, shape in shapes.items()}
-    sd[f"{name}.alpha"] = torch.tensor(2.0)
+    sd[f"{name}.alpha"] = torch.tensor(2.0)  # scale alpha / rank = 1
     save_file(sd, str(tmp_path / "loha.safetensors"))
-    rc = main(["merge", str(tmp_path / "loha.safetensors"), "--base", "tiny-sd3", "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert rc == 2 and name in err and "not supported" in err, err
-    assert not (tmp_path / "out").exists()
+    delta = (sd[f"{name}.hada_w1_a"] @ sd[f"{name}.hada_w1_b"]) * (sd[f"{name}.hada_w2_a"] @ sd[f"{name}.hada_w2_b"])
+    pipe = copy.deepcopy(tiny_sd3)
+    adapterhub.load(tmp_path / "loha.safetensors").merge_into(pipe)
+    key = "transformer_blocks.1.norm1_context.linear.weight"
+    before, after = tiny_sd3.transformer.state_dict()[key], pipe.transformer.state_dict()[key]
+    torch.testing.assert_close(after, before + torch.cat([delta[48:], delta[:48]]), atol=1e-5, rtol=0)

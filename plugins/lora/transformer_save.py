@@ -92,7 +92,8 @@ def kohya_tensors(adapter: Adapter, module_tensors) -> dict[str, torch.Tensor]:
             continue
         found = namer(patch.target) if patch.param == "weight" else None
         if found is None:
-            raise AdapterError(adapter.path, f"{patch.target} has no kohya name for {adapter.family}", patch.source)
+            what = patch.target if patch.param == "weight" else f"the {patch.param} difference of {patch.target}"
+            raise AdapterError(adapter.path, f"{what} has no kohya name for {adapter.family}", patch.source)
         name, parts, index = found
         if len(parts) == 1 and not is_swapped(parts[0], *_out_in(patch)):
             out.update(module_tensors(name, patch))
