@@ -365,3 +365,46 @@ def test_a_lokr_whose_rows_do_not_fit_the_model_is_refused_before_any_change(tin
     line = _one_error_line(capsys, ["merge", str(tmp_path / "narrow.safetensors"), "--base", "tiny-flux",
                                     "--out", str(tmp_path / "out")], tmp_path / "narrow.safetensors")
     assert "to_q" in line and not (tmp_path / "out").exists()
+
+
+def test_stack_switch_and_remove_restore_bitwise(tiny_flux, tmp_path):
+    """A stack of a fused LoKr / LoHa file and a ComfyUI trainer file (bias differences), switched to the first
+    alone (only what changes is rewritten), then removed: every weight and bias back bit for bit."""
+    import adapterhub
+
+    lyco, _ = _lycoris_file(tmp_path / "a.safetensors", tiny_flux.transformer, PLAN, "comfyui")
+    trained, _ = _comfy_trainer_file(tmp_path / "b.safetensors", tiny_flux.transformer, "lokr")
+    pipe, before = copy.deepcopy(tiny_flux), _state(tiny_flux)
+    both = adapterhub.Stack([(str(lyco), 0.6), (str(trained), 0.5)]).apply(pipe)
+    expected = copy.deepcopy(tiny_flux)
+    adapterhub.load(lyco).merge_into(expected, 0.6)
+    adapterhub.load(trained).merge_into(expected, 0.5)
+    for k, v in _state(expected).items():
+        torch.testing.assert_close(_state(pipe)[k], v, atol=1e-6, rtol=0, msg=k)
+    one = adapterhub.Stack([(str(lyco), 0.6)]).apply(pipe, replace=True)
+    alone = copy.deepcopy(tiny_flux)
+    adapterhub.load(lyco).merge_into(alone, 0.6)
+    for k, v in _state(alone).items():
+        torch.testing.assert_close(_state(pipe)[k], v, atol=1e-6, rtol=0, msg=k)
+    one.remove()
+    assert both is not one and all(torch.equal(v, before[k]) for k, v in _state(pipe).items())
+
+
+def test_resize_refactorises_the_rows_by_svd(tiny_flux, tmp_path, capsys):
+    """No low-rank factors: ``lora resize`` takes each target's best rank-k approximation of its rows."""
+    from adapterhub.cli import main
+
+    path, expected = _lycoris_file(tmp_path / "a.safetensors", tiny_flux.transformer,
+                                   {"double_blocks.0.img_attn.qkv": "loha", "single_blocks.0.linear1": "lokr"}, "kohya")
+    out = tmp_path / "small.safetensors"
+    rc = main(["lora", "resize", str(path), "--rank", "2", "--out", str(out)])
+    assert rc in (0, None), capsys.readouterr().err
+    import adapterhub
+
+    small = adapterhub.load(out)
+    modules = _modules(tiny_flux.transformer)
+    for target, rows in expected.items():
+        u, s, vh = torch.linalg.svd(rows.double(), full_matrices=False)
+        best = ((u[:, :2] * s[:2]) @ vh[:2]).float()
+        got = small.patches[f"transformer.{target}"].delta(modules[target].weight.detach().float())
+        torch.testing.assert_close(got, best, atol=1e-5, rtol=0, msg=target)
