@@ -418,3 +418,57 @@ def test_a_fused_dora_is_written_back_to_its_fused_kohya_module(flux, tiny_flux,
         adapter.save(tmp_path / "part.safetensors", "kohya")
     assert "qkv.safetensors" in str(err.value) and "DoRA" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "part.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_a_stack_with_a_dora_restores_bitwise_and_reweights(dtype, tmp_path):
+    """Beside a plain LoRA on the same modules: the DoRA decomposes what the stack holds before it; weight 0
+    is the stack without it (bitwise), and remove restores every tensor bitwise."""
+    from adapterhub.base import build_preset
+    from adapterhub.plugins import adapter_type
+    from adapterhub.stack import Entry, Stack
+
+    def model():
+        return build_preset("tiny-sd1", device="cpu", components=("unet", "text_encoder"), seed=11, dtype=dtype)
+
+    def snapshot(m):
+        return {f"{c}.{k}": v.detach().clone() for c in ("unet", "text_encoder")
+                for k, v in getattr(m, c).state_dict().items()}
+
+    base = model()
+    lora = adapterhub.load(adapter_type("lora").example(base, tmp_path / "style.safetensors", seed=1))
+    f32 = build_preset("tiny-sd1", device="cpu", components=("unet", "text_encoder"), seed=11)
+    dora = adapterhub.load(_lycoris_file(tmp_path / "dora.safetensors", f32.unet, _sd1_targets(f32.unet),
+                                         "lora_unet_", "lora", False)[0])
+    original = snapshot(base)
+    stack = Stack([Entry(lora, 0.8), Entry(dora, 0.7)])
+    stack.apply(base)
+    changed = snapshot(base)
+    target = next(k for k in changed if k.endswith("attn1.to_q.weight"))
+    assert not torch.equal(changed[target], original[target])
+    stack.set_weights([0.8, 0.0])
+    only_lora = model()
+    Stack([Entry(lora, 0.8)]).apply(only_lora)
+    ours, expected = snapshot(base), snapshot(only_lora)
+    assert all(torch.equal(ours[k], expected[k]) for k in ours)
+    stack.set_weights([0.8, 0.7])
+    assert all(torch.equal(snapshot(base)[k], changed[k]) for k in changed)
+    stack.remove()
+    now = snapshot(base)
+    assert all(torch.equal(now[k], original[k]) for k in original)
+
+
+def test_cli_convert_keeps_the_magnitude_or_refuses_in_one_line(sd1_dora, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from adapterhub.cli import main
+
+    out = tmp_path / "kohya.safetensors"
+    assert main(["convert", str(sd1_dora), "--to", "kohya", "--out", str(out)]) in (0, None)
+    a, b = load_file(str(sd1_dora)), load_file(str(out))
+    assert [k for k in a if k.endswith("dora_scale")] and all(torch.equal(a[k], b[k]) for k in a if "dora" in k)
+    capsys.readouterr()
+    rc = main(["convert", str(sd1_dora), "--to", "diffusers", "--out", str(tmp_path / "d.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "dora.safetensors" in err[0] and "DoRA" in err[0]
+    assert not (tmp_path / "d.safetensors").exists()

@@ -55,6 +55,7 @@ class DoRAPatch(Patch):
     writers read); the facts inspect shows (rank, alpha, shape) are the inner patch's."""
 
     kind = "dora"
+    linear_in_multiplier = False  # D depends on what the accumulator holds before it, not only on the multiplier
     algebra_refusal = ("a DoRA module's change depends on the base weights: it has no low-rank factors to combine, "
                        "resize or chart (merge it into a base instead)")
 
