@@ -472,3 +472,39 @@ def test_cli_convert_keeps_the_magnitude_or_refuses_in_one_line(sd1_dora, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "dora.safetensors" in err[0] and "DoRA" in err[0]
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_a_nan_magnitude_is_refused_naming_its_key_and_the_model_untouched(fresh_sd1, tmp_path):
+    from safetensors.torch import load_file
+
+    names = _sd1_targets(fresh_sd1.unet)
+    path, _ = _lycoris_file(tmp_path / "dora.safetensors", fresh_sd1.unet, names, "lora_unet_", "lora", True)
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("dora_scale"))
+    tensors[key][0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"))
+    before = {k: v.clone() for k, v in fresh_sd1.unet.state_dict().items()}
+    with pytest.raises(AdapterError) as err:
+        adapterhub.load(tmp_path / "nan.safetensors").merge_into(fresh_sd1, 1.0)
+    assert "nan.safetensors" in str(err.value) and key in str(err.value) and "\n" not in str(err.value)
+    assert all(torch.equal(v, before[k]) for k, v in fresh_sd1.unet.state_dict().items())
+
+
+def test_a_magnitude_that_overflows_the_saved_dtype_is_refused(fresh_sd1, tmp_path):
+    """No cheap bound holds for ``D - W`` without the weight: the exact result is checked (here for float16)."""
+    from safetensors.torch import load_file
+
+    from adapterhub.weights import merge
+
+    names = _sd1_targets(fresh_sd1.unet)
+    path, _ = _lycoris_file(tmp_path / "dora.safetensors", fresh_sd1.unet, names, "lora_unet_", "lora", True)
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("dora_scale"))
+    tensors[key] = tensors[key] * 1e6
+    save_file(tensors, str(tmp_path / "big.safetensors"))
+    before = {k: v.clone() for k, v in fresh_sd1.unet.state_dict().items()}
+    adapter = adapterhub.load(tmp_path / "big.safetensors")
+    with pytest.raises(AdapterError) as err:
+        merge(fresh_sd1, [(adapter, 1.0)], dtype=torch.float16)
+    assert "big.safetensors" in str(err.value) and "overflows float16" in str(err.value)
+    assert all(torch.equal(v, before[k]) for k, v in fresh_sd1.unet.state_dict().items())
