@@ -33,6 +33,18 @@ FUSED = {
     "single_blocks.0.linear1": ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
                                 "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp"],
 }
+
+
+def _parts(bfl: str) -> list[str]:
+    """The diffusers modules of any block's fused BFL module (``double_blocks.N.img_attn.qkv`` ...), in row order."""
+    root, index, rest = bfl.split(".", 2)
+    if root == "single_blocks":
+        return [f"single_transformer_blocks.{index}.{t}" for t in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+    names = ("to_q", "to_k", "to_v") if rest == "img_attn.qkv" else ("add_q_proj", "add_k_proj", "add_v_proj")
+    return [f"transformer_blocks.{index}.attn.{t}" for t in names]
+
+
+assert all(_parts(bfl) == parts for bfl, parts in FUSED.items())
 # modules that are one diffusers module (the final modulation's (shift, scale) rows swapped: diffusers holds
 # (scale, shift))
 PLAIN = {"double_blocks.0.img_attn.proj": "transformer_blocks.0.attn.to_out.0",
@@ -52,7 +64,7 @@ def _modules(transformer) -> dict:
 
 def _fused_shape(transformer, bfl: str) -> tuple[int, int]:
     modules = _modules(transformer)
-    parts = FUSED.get(bfl) or [PLAIN.get(bfl) or f"{SWAPPED[bfl]}"]
+    parts = [PLAIN[bfl]] if bfl in PLAIN else [SWAPPED[bfl]] if bfl in SWAPPED else _parts(bfl)
     return sum(modules[p].weight.shape[0] for p in parts), modules[parts[0]].weight.shape[1]
 
 
@@ -87,8 +99,8 @@ def _split(bfl: str, delta: torch.Tensor, transformer) -> dict[str, torch.Tensor
         return {SWAPPED[bfl]: torch.cat([delta[half:], delta[:half]])}
     if bfl in PLAIN:
         return {PLAIN[bfl]: delta}
-    sizes = [modules[p].weight.shape[0] for p in FUSED[bfl]]
-    return dict(zip(FUSED[bfl], torch.split(delta, sizes)))
+    sizes = [modules[p].weight.shape[0] for p in _parts(bfl)]
+    return dict(zip(_parts(bfl), torch.split(delta, sizes)))
 
 
 def _name(bfl: str, style: str) -> str:
@@ -408,3 +420,58 @@ def test_resize_refactorises_the_rows_by_svd(tiny_flux, tmp_path, capsys):
         best = ((u[:, :2] * s[:2]) @ vh[:2]).float()
         got = small.patches[f"transformer.{target}"].delta(modules[target].weight.detach().float())
         torch.testing.assert_close(got, best, atol=1e-5, rtol=0, msg=target)
+
+
+# ---------------------------------------------------------------------------------------------
+# LyCORIS' own wrapper on BFL's module names (``lycoris_double_blocks_0_img_attn_qkv``)
+# ---------------------------------------------------------------------------------------------
+def _bfl_toy(transformer):
+    """BFL's Flux module tree (the Linears LoRAs patch) at the transformer's widths: double blocks' ``img_attn`` /
+    ``txt_attn`` (``qkv``, ``proj``) and single blocks' ``linear1`` / ``linear2``."""
+    from torch import nn
+
+    cfg = transformer.config
+    h = cfg.num_attention_heads * cfg.attention_head_dim
+    mlp = _modules(transformer)["single_transformer_blocks.0.proj_mlp"].weight.shape[0]
+
+    def attn():
+        return nn.ModuleDict({"qkv": nn.Linear(h, 3 * h), "proj": nn.Linear(h, h)})
+
+    double = nn.ModuleList(nn.ModuleDict({"img_attn": attn(), "txt_attn": attn()}) for _ in range(cfg.num_layers))
+    single = nn.ModuleList(nn.ModuleDict({"linear1": nn.Linear(h, 3 * h + mlp), "linear2": nn.Linear(h + mlp, h)})
+                           for _ in range(cfg.num_single_layers))
+    return nn.ModuleDict({"double_blocks": double, "single_blocks": single})
+
+
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_lycoris_wrapper_on_bfl_names_merges_its_rows(tiny_flux, tmp_path, monkeypatch, algo):
+    """``create_lycoris`` on BFL's module tree and its ``save_weights`` write the file; each module's forward gives
+    the fused delta (the oracle), split by rows as diffusers' converter splits the weight."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    from adapterhub.api import describe
+
+    for attr in ("TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "USE_FNMATCH"):  # a class-wide preset: restored
+        monkeypatch.setattr(LycorisNetwork, attr, getattr(LycorisNetwork, attr))
+    LycorisNetwork.apply_preset({"target_module": [], "target_name": ["*qkv", "*linear1"], "use_fnmatch": True})
+    torch.manual_seed(0)
+    model = _bfl_toy(tiny_flux.transformer)
+    network = create_lycoris(model, 1.0, linear_dim=2, linear_alpha=1.0, algo=algo)
+    network.apply_to()
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    expected = {}
+    for module in network.loras:
+        bfl = module.lora_name.removeprefix("lycoris_").replace("_attn_", "_attn.").replace("_blocks_", "_blocks.")
+        bfl = bfl.replace("_img_attn", ".img_attn").replace("_txt_attn", ".txt_attn").replace("_linear1", ".linear1")
+        eye = torch.eye(module.shape[1])
+        with torch.no_grad():
+            expected.update(_split(bfl, (module(eye) - module.org_forward(eye)).T, tiny_flux.transformer))
+    path = tmp_path / "wrapped.safetensors"
+    network.save_weights(str(path), torch.float32, None)
+    assert "lycoris_double_blocks_0_img_attn_qkv.alpha" in _keys(path)
+    adapter, _ = describe(path)
+    assert (adapter.type, adapter.format, adapter.family, adapter.base) == (algo, "lycoris", "flux", "tiny-flux")
+    assert len(expected) == 3 * 2 * tiny_flux.transformer.config.num_layers + 4 * tiny_flux.transformer.config.num_single_layers
+    _assert_merged(tiny_flux, path, {t: [rows, None] for t, rows in expected.items()}, len(expected))

@@ -5,7 +5,8 @@ Every layout is translated to one target naming, the diffusers module path under
 
 * diffusers / PEFT (Flux and SD3): ``transformer.<path>`` or ``base_model.model.<path>``: already it (also
   under ai-toolkit's ``diffusion_model.``, or bare);
-* kohya sd-scripts Flux: ``lora_unet_double_blocks_0_img_attn_qkv``, BFL's module names joined by ``_``;
+* kohya sd-scripts Flux: ``lora_unet_double_blocks_0_img_attn_qkv``, BFL's module names joined by ``_`` (LyCORIS'
+  own wrapper on BFL's model: the same under ``lycoris_``);
 * ComfyUI-native Flux: ``diffusion_model.double_blocks.0.img_attn.qkv``, the same BFL names dotted;
 * sd-scripts SD3: ``lora_unet_joint_blocks_0_x_block_attn_qkv``, SAI's MMDiT names joined by ``_``;
 * XLabs Flux: ``double_blocks.0.processor.qkv_lora1`` (image qkv; ``qkv_lora2`` text, ``proj_lora1/2``);
@@ -99,7 +100,8 @@ SD3_TOP = {
     "final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear",
 }
 SWAPPED = ("norm_out.linear",)  # BFL / SAI (shift, scale) -> diffusers (scale, shift)
-BFL_PREFIXES = ("lora_unet_", "diffusion_model.", "lora_transformer_")
+# ``lycoris_``: LyCORIS' own wrapper on BFL's model; its names of diffusers paths fall through to diffusers_target
+BFL_PREFIXES = ("lora_unet_", "diffusion_model.", "lora_transformer_", "lycoris_")
 _BLOCK = re.compile(r"(double|single)_blocks_(\d+)_(.+)$")
 _JOINT_BLOCK = re.compile(r"joint_blocks_(\d+)_(.+)$")
 SD3_ONLY = ("joint_blocks_", "t_embedder_", "y_embedder_", "x_embedder_proj")  # SAI names Flux does not have
