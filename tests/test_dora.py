@@ -508,3 +508,32 @@ def test_a_magnitude_that_overflows_the_saved_dtype_is_refused(fresh_sd1, tmp_pa
         merge(fresh_sd1, [(adapter, 1.0)], dtype=torch.float16)
     assert "big.safetensors" in str(err.value) and "overflows float16" in str(err.value)
     assert all(torch.equal(v, before[k]) for k, v in fresh_sd1.unet.state_dict().items())
+
+
+@pytest.mark.parametrize("wd_on_output", [True, False])
+def test_lycoris_wrapper_file_on_the_flux_transformer_equals_its_merge_to(wd_on_output, flux, tmp_path):
+    """lycoris-lora's own network (``create_lycoris(..., dora_wd=True)``) and writer (``save_weights``) on every
+    Linear of the tiny Flux transformer; the oracle is the network's own ``merge_to(1.0)``."""
+    from lycoris import create_lycoris
+
+    transformer = copy.deepcopy(flux.transformer)
+    net = create_lycoris(transformer, 1.0, linear_dim=4, linear_alpha=2, algo="lora", dora_wd=True,
+                         wd_on_output=wd_on_output, warn_on_unmatched=False)
+    net.apply_to()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for lora in net.loras:
+            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=gen) * 0.2)
+            lora.dora_scale.mul_(1 + 0.3 * torch.rand(lora.dora_scale.shape, generator=gen))
+    net.save_weights(str(tmp_path / "lycoris.safetensors"), torch.float32, None)
+    net.restore()
+    net.merge_to(1.0)
+    oracle = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    adapter = adapterhub.load(tmp_path / "lycoris.safetensors")
+    assert (adapter.family, adapter.extra["dora"]) == ("flux", len(net.loras))
+    before = {k: v.clone() for k, v in flux.transformer.state_dict().items()}
+    adapter.merge_into(flux, 1.0)
+    ours = flux.transformer.state_dict()
+    assert sum(not torch.equal(ours[k], before[k]) for k in ours) == len(net.loras)  # every Linear changed
+    for key in ours:
+        assert torch.allclose(ours[key], oracle[key], atol=ATOL, rtol=0), key
