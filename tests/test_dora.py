@@ -174,7 +174,8 @@ ONETRAINER = {
     "transformer": ("transformer", "single_transformer_blocks.0.attn.to_q",
                     "lora_transformer_single_transformer_blocks_0_attn_to_q"),
     "clip": ("text_encoder", "encoder.layers.0.mlp.fc1", "lora_te1_text_model_encoder_layers_0_mlp_fc1"),
-    "t5": ("text_encoder_2", "encoder.block.0.layer.0.SelfAttention.q", "lora_te2_encoder_block_0_layer_0_SelfAttention_q"),
+    "t5": ("text_encoder_2", "encoder.block.0.layer.0.SelfAttention.q",
+           "lora_te2_encoder_block_0_layer_0_SelfAttention_q"),
 }
 
 
@@ -187,7 +188,7 @@ def _onetrainer_file(path, pipe):
         lyco = _lycoris_module("lora", key, module, wd_on_out=False, seed=10 + i)
         tensors.update({f"{key}.{k}": v.detach().clone().contiguous() for k, v in lyco.state_dict().items()})
         with torch.no_grad():
-            merged[(component, module_path)] = lyco.get_merged_weight(multiplier=1, shape=module.weight.shape)[0].detach().clone()
+            merged[(component, module_path)] = lyco.get_merged_weight(multiplier=1, shape=module.weight.shape)[0]
     save_file(tensors, str(path))
     return path, merged
 
@@ -383,7 +384,8 @@ def test_peft_layout_round_trip_and_refusals(tiny_sd1, tmp_path):
     back = _merged_unet(tiny_sd1, tmp_path / "back.safetensors")
     assert all(torch.allclose(ours[k], back[k], atol=ATOL, rtol=0) for k in ours)
     per_column, _ = _lycoris_file(tmp_path / "col.safetensors", tiny_sd1.unet, names, "lora_unet_", "lora", False)
-    for source, layout, out in ((per_column, "peft", tmp_path / "p2"), (per_row, "diffusers", tmp_path / "d.safetensors")):
+    for source, layout, out in ((per_column, "peft", tmp_path / "p2"),
+                                (per_row, "diffusers", tmp_path / "d.safetensors")):
         with pytest.raises(AdapterError) as err:
             adapterhub.load(source).save(out, layout)
         assert source.name in str(err.value) and "DoRA" in str(err.value) and "\n" not in str(err.value)
