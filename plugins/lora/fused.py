@@ -6,9 +6,10 @@ or Hadamard product does not, so each diffusers module gets a :class:`RowsPatch`
 (``inner``), asked for its rows only. Merged, the result is the fused weight plus the inner delta, split by
 rows as diffusers' Flux single-file converter splits the weight (``torch.chunk`` / ``torch.split`` on dim 0).
 
-The rows are computed exactly without the fused delta where the algebra allows (a row of ``kron(L, R)`` is
-``outer(L[i // k], R[i % k])`` flattened; a row of a LoHa is the Hadamard product of its halves' rows); any
-other inner patch computes its full delta (float32, one at a time) and keeps the rows.
+The rows are computed exactly without the fused delta where the algebra allows (rows ``a .. b`` of
+``kron(L, R)``, ``R`` of ``k`` rows, are in ``kron(L[a // k : ceil(b / k)], R)``; a row of a LoHa is the Hadamard
+product of its halves' rows); any other inner patch computes its full delta (float32, one at a time) and
+keeps the rows.
 """
 from __future__ import annotations
 
@@ -74,17 +75,16 @@ class RowsPatch(Patch):
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         import torch
 
-        index = torch.cat([torch.arange(a, b, device=weight.device) for a, b in self.rows])
-        found = _exact_rows(self.inner, index, weight.device)
+        found = _exact_rows(self.inner, self.rows, weight.device)
         if found is None:  # the fused delta, then its rows (a stand-in weight of the fused shape: no memory)
-            stand_in = torch.empty(1, device=weight.device).expand(self.fused_shape)
-            found = self.inner.delta(stand_in)[index]
+            full = self.inner.delta(torch.empty(1, device=weight.device).expand(self.fused_shape))
+            found = _joined([full[a:b] for a, b in self.rows])
         return found.reshape(weight.shape)
 
 
-def _exact_rows(inner: Patch, index: torch.Tensor, device) -> torch.Tensor | None:
-    """The rows ``index`` of a 2-D LoKr / LoHa delta (scaled, float32) from its factors, or None for any
-    other patch (a Tucker core, a conv kernel, a full diff)."""
+def _exact_rows(inner: Patch, rows: Rows, device) -> torch.Tensor | None:
+    """The ``rows`` of a 2-D LoKr / LoHa delta (scaled, float32) from its factors, bit for bit the rows of the
+    fused delta; None for any other patch (a Tucker core, a conv kernel, a full diff)."""
     import torch
 
     from . import math as lmath
@@ -92,17 +92,25 @@ def _exact_rows(inner: Patch, index: torch.Tensor, device) -> torch.Tensor | Non
     t = {k: v.to(device) for k, v in inner.tensors.items()}
     f32 = torch.float32
     if inner.kind == "loha" and "hada_t1" not in t:
-        part = (t["hada_w1_a"][index].to(f32) @ t["hada_w1_b"].to(f32)) * (t["hada_w2_a"][index].to(f32)
-                                                                            @ t["hada_w2_b"].to(f32))
+        part = _joined([(t["hada_w1_a"][a:b].to(f32) @ t["hada_w1_b"].to(f32))
+                        * (t["hada_w2_a"][a:b].to(f32) @ t["hada_w2_b"].to(f32)) for a, b in rows])
         return part.mul_(inner.scale)
     if inner.kind != "lokr" or "lokr_t2" in t or ("lokr_w2" in t and t["lokr_w2"].dim() != 2):
         return None
     left = t["lokr_w1"].to(f32) if "lokr_w1" in t else t["lokr_w1_a"].to(f32) @ t["lokr_w1_b"].to(f32)
     right = t["lokr_w2"].to(f32) if "lokr_w2" in t else t["lokr_w2_a"].to(f32) @ t["lokr_w2_b"].to(f32)
     k = right.shape[0]
-    # row i of kron(L, R) is outer(L[i // k], R[i % k]) flattened: the same products torch.kron forms
-    part = (left[index // k][:, :, None] * right[index % k][:, None, :]).reshape(len(index), -1)
+    # rows a..b of kron(L, R) lie in L's rows a // k .. ceil(b / k): their Kronecker product, trimmed (at most
+    # 2 x k rows more than asked for, where a part's boundary falls inside one of R's blocks)
+    part = _joined([torch.kron(left[a // k: -(-b // k)], right)[a - a // k * k: b - a // k * k] for a, b in rows])
     return lmath.scaled(part, part.shape, inner.scale)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` concatenated by rows; one part as it is (no copy: a part's rows are already contiguous)."""
+    import torch
+
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def row_patches(inner: Patch, pieces, fused_shape: tuple[int, ...]) -> list[Patch]:
