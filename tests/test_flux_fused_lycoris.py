@@ -475,3 +475,17 @@ def test_lycoris_wrapper_on_bfl_names_merges_its_rows(tiny_flux, tmp_path, monke
     assert (adapter.type, adapter.format, adapter.family, adapter.base) == (algo, "lycoris", "flux", "tiny-flux")
     assert len(expected) == 3 * 2 * tiny_flux.transformer.config.num_layers + 4 * tiny_flux.transformer.config.num_single_layers
     _assert_merged(tiny_flux, path, {t: [rows, None] for t, rows in expected.items()}, len(expected))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_rows_are_the_fused_deltas_rows_bit_for_bit(tiny_flux, tmp_path, variant):
+    """The parts' rows come from the factors without the fused delta, and are its rows exactly (the final
+    modulation's two swapped ranges too)."""
+    import adapterhub
+
+    plan = {"single_blocks.0.linear1": variant, "final_layer.adaLN_modulation.1": variant}
+    path, _ = _lycoris_file(tmp_path / "a.safetensors", tiny_flux.transformer, plan, "comfyui")
+    for patch in adapterhub.load(path).patches.values():
+        full = patch.inner.delta(torch.zeros(patch.fused_shape))
+        rows = torch.cat([full[a:b] for a, b in patch.rows])
+        assert torch.equal(patch.delta(torch.zeros(patch.expected_shape())), rows), patch.target
