@@ -539,3 +539,17 @@ def test_lycoris_wrapper_file_on_the_flux_transformer_equals_its_merge_to(wd_on_
     assert sum(not torch.equal(ours[k], before[k]) for k in ours) == len(net.loras)  # every Linear changed
     for key in ours:
         assert torch.allclose(ours[key], oracle[key], atol=ATOL, rtol=0), key
+
+
+def test_a_dora_in_a_flux_control_lora_is_refused_not_dropped(flux, tmp_path):
+    """A control LoRA's reader splits plain LoRA pairs only: a magnitude there is refused by name, never lost."""
+    w = flux.transformer.transformer_blocks[0].attn.to_q.weight
+    norm = flux.transformer.transformer_blocks[0].attn.norm_q.weight
+    name = "transformer.transformer_blocks.0.attn.to_q"
+    save_file({f"{name}.lora_A.weight": torch.randn(2, w.shape[1]), f"{name}.lora_B.weight": torch.randn(w.shape[0], 2),
+               f"{name}.lora_magnitude_vector": torch.rand(w.shape[0]) + 0.5,
+               "transformer.transformer_blocks.0.attn.norm_q.weight": torch.ones_like(norm)},
+              str(tmp_path / "control.safetensors"))
+    with pytest.raises(AdapterError) as err:
+        adapterhub.load(tmp_path / "control.safetensors")
+    assert "control.safetensors" in str(err.value) and "DoRA" in str(err.value) and "\n" not in str(err.value)

@@ -390,6 +390,7 @@ def parse(file: AdapterFile, adapter_type: str | None = None) -> Adapter:
     if not grouped.modules:
         raise AdapterError(file.path, "no LoRA-family tensors found")
     kind = adapter_type or adapter_type_of(grouped)
+    _refuse_control_dora(file, grouped)
     transformer = parse_transformer(file, grouped, kind, layout_of(file, grouped, kind))  # Flux / SD3 tables
     if transformer is not None:
         transformer.extra.update(refused={}, kinds=kind_counts(grouped), stray_keys=grouped.stray,
@@ -406,6 +407,19 @@ def parse(file: AdapterFile, adapter_type: str | None = None) -> Adapter:
     adapter.extra["stray_keys"] = grouped.stray
     adapter.extra["dora"] = _dora_count(grouped)
     return adapter
+
+
+def _refuse_control_dora(file: AdapterFile, grouped: Grouped) -> None:
+    """A Flux control LoRA's reader (:mod:`.flux_control`) splits plain LoRA pairs: a DoRA magnitude there is
+    refused by name rather than lost."""
+    dora = next((m for m in grouped.modules.values() if m.dora), None)
+    if dora is None:
+        return
+    from .flux_control import is_control
+
+    if is_control(grouped):
+        raise AdapterError(file.path, "a DoRA magnitude in a Flux control LoRA is not supported",
+                           dora.roles["dora_scale"])
 
 
 def _dora_count(grouped: Grouped) -> int:
