@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from adapterhub.io import AdapterFile, TensorInfo
 
+from .dora import ROW  # torch-free, as these tables are
+
 SUFFIXES: dict[str, str] = {
     # kohya / LyCORIS LoRA and LoCon
     ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid",
@@ -95,10 +97,10 @@ class ModuleKeys:
 
     @property
     def dora_side(self) -> str | None:
-        """``"output row"`` for PEFT's ``lora_magnitude_vector`` whatever its shape (``(out,)``, a conv's
+        """Per output row (``dora.ROW``) for PEFT's ``lora_magnitude_vector`` whatever its shape (``(out,)``, a conv's
         ``(1, out, 1, 1)``); None where the magnitude's shape tells it (kohya / LyCORIS ``dora_scale``)."""
         key = self.roles.get("dora_scale", "")
-        return "output row" if key.endswith((".lora_magnitude_vector", ".lora_magnitude_vector.weight")) else None
+        return ROW if key.endswith((".lora_magnitude_vector", ".lora_magnitude_vector.weight")) else None
 
 
 @dataclass
