@@ -168,7 +168,8 @@ def test_cli_merge_equals_the_rows_added(tiny_flux, tmp_path, capsys, style, lay
     rc = main(["inspect", "--json", "--no-hash", str(path)])
     facts = json.loads(capsys.readouterr().out)
     assert rc in (0, None)
-    assert (facts["type"], facts["format"], facts["family"], facts["base"]) == ("loha", layout, "flux", "tiny-flux")  # loha: the first of the kinds (keys.adapter_type_of)
+    # the type: loha, the first of the kinds the file holds (keys.adapter_type_of)
+    assert (facts["type"], facts["format"], facts["family"], facts["base"]) == ("loha", layout, "flux", "tiny-flux")
     assert facts["targets"] == len(expected) == 12
     rc = main(["merge", str(path), "--base", "tiny-flux", "--out", str(tmp_path / "out")])
     assert rc in (0, None), capsys.readouterr().err
@@ -293,7 +294,8 @@ def _comfy_extract_file(path, transformer, full_diff: bool, seed=0, rank=2):
             sd[f"{name}.diff"] = diff = rand(out_f, in_f)
             delta = diff.float()
         else:
-            sd[f"{name}.lora_up.weight"], sd[f"{name}.lora_down.weight"] = up, down = rand(out_f, rank), rand(rank, in_f)
+            up, down = rand(out_f, rank), rand(rank, in_f)
+            sd[f"{name}.lora_up.weight"], sd[f"{name}.lora_down.weight"] = up, down
             delta = up.float() @ down.float()
         sd[f"{name}.diff_b"] = bias = rand(out_f)
         for target, rows in _split(bfl, delta, transformer).items():
@@ -404,6 +406,7 @@ def test_stack_switch_and_remove_restore_bitwise(tiny_flux, tmp_path):
 
 def test_resize_refactorises_the_rows_by_svd(tiny_flux, tmp_path, capsys):
     """No low-rank factors: ``lora resize`` takes each target's best rank-k approximation of its rows."""
+    import adapterhub
     from adapterhub.cli import main
 
     path, expected = _lycoris_file(tmp_path / "a.safetensors", tiny_flux.transformer,
@@ -411,8 +414,6 @@ def test_resize_refactorises_the_rows_by_svd(tiny_flux, tmp_path, capsys):
     out = tmp_path / "small.safetensors"
     rc = main(["lora", "resize", str(path), "--rank", "2", "--out", str(out)])
     assert rc in (0, None), capsys.readouterr().err
-    import adapterhub
-
     small = adapterhub.load(out)
     modules = _modules(tiny_flux.transformer)
     for target, rows in expected.items():
@@ -473,7 +474,8 @@ def test_lycoris_wrapper_on_bfl_names_merges_its_rows(tiny_flux, tmp_path, monke
     assert "lycoris_double_blocks_0_img_attn_qkv.alpha" in _keys(path)
     adapter, _ = describe(path)
     assert (adapter.type, adapter.format, adapter.family, adapter.base) == (algo, "lycoris", "flux", "tiny-flux")
-    assert len(expected) == 3 * 2 * tiny_flux.transformer.config.num_layers + 4 * tiny_flux.transformer.config.num_single_layers
+    cfg = tiny_flux.transformer.config
+    assert len(expected) == 3 * 2 * cfg.num_layers + 4 * cfg.num_single_layers
     _assert_merged(tiny_flux, path, {t: [rows, None] for t, rows in expected.items()}, len(expected))
 
 
@@ -489,3 +491,26 @@ def test_rows_are_the_fused_deltas_rows_bit_for_bit(tiny_flux, tmp_path, variant
         full = patch.inner.delta(torch.zeros(patch.fused_shape))
         rows = torch.cat([full[a:b] for a, b in patch.rows])
         assert torch.equal(patch.delta(torch.zeros(patch.expected_shape())), rows), patch.target
+
+
+@pytest.mark.parametrize("algorithm", ["lokr", "loha"])
+def test_inspect_reads_no_tensor_and_shows_the_torch_paths_facts(tiny_flux, tmp_path, monkeypatch, algorithm):
+    """inspect's header-only reading (``StoredTensor``) shows what the tensors read by torch show, NaN included."""
+    from safetensors.torch import load_file
+
+    from adapterhub import api
+    from adapterhub.io import StoredTensor
+
+    path, _ = _comfy_trainer_file(tmp_path / "t.safetensors", tiny_flux.transformer, algorithm)
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith((".lokr_w2", ".hada_w2_a")) and "linear1" in k)
+    tensors[key][1, 0] = float("nan")
+    save_file(tensors, str(path))
+    light = api.inspect(path)
+    adapter, _ = api.describe(path)
+    assert all(isinstance(t, StoredTensor) for p in adapter.patches.values() for t in p.tensors.values())
+    with monkeypatch.context() as m:
+        m.setattr(api, "stored_view", lambda file: file)
+        heavy = api.inspect(path)
+    assert json.dumps(light, sort_keys=True, default=str) == json.dumps(heavy, sort_keys=True, default=str)
+    assert light["format"] == "comfyui" and key in json.dumps(light)
