@@ -553,3 +553,30 @@ def test_a_dora_in_a_flux_control_lora_is_refused_not_dropped(flux, tmp_path):
     with pytest.raises(AdapterError) as err:
         adapterhub.load(tmp_path / "control.safetensors")
     assert "control.safetensors" in str(err.value) and "DoRA" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_flux_dora_files_convert_to_kohya_and_peft_and_merge_the_same(tiny_flux, tmp_path):
+    """A per-input-channel file on modules sd-scripts keeps apart as kohya, a per-row one as a PEFT folder
+    (``transformer/``, ``use_dora``): each reads back to the same merge. OneTrainer's to_q of a single block is one
+    part of sd-scripts' fused ``linear1``, which one part's magnitude cannot fill: refused in one line."""
+    unfused = ["transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.ff.net.2"]
+    per_column, _ = _lycoris_file(tmp_path / "col.safetensors", tiny_flux.transformer, unfused, "lycoris_",
+                                  wd_on_out=False)
+    per_row, _ = _lycoris_file(tmp_path / "row.safetensors", tiny_flux.transformer, FLUX_TARGETS, "lycoris_")
+
+    def merged(path):
+        pipe = copy.deepcopy(tiny_flux)
+        adapterhub.load(path).merge_into(pipe, 1.0)
+        return {k: v for k, v in pipe.transformer.state_dict().items()}
+
+    for source, layout, out in ((per_column, "kohya", tmp_path / "col_kohya.safetensors"),
+                                (per_row, "peft", tmp_path / "row_peft")):
+        adapterhub.load(source).save(out, layout)
+        assert adapterhub.load(out).extra["dora"] == adapterhub.load(source).extra["dora"]
+        a, b = merged(source), merged(out)
+        assert all(torch.allclose(a[k], b[k], atol=ATOL, rtol=0) for k in a), (source.name, layout)
+    onetrainer, _ = _onetrainer_file(tmp_path / "onetrainer.safetensors", tiny_flux)
+    with pytest.raises(AdapterError) as err:
+        adapterhub.load(onetrainer).save(tmp_path / "ot.safetensors", "kohya")
+    assert "onetrainer.safetensors" in str(err.value) and "DoRA" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "ot.safetensors").exists()
