@@ -133,28 +133,38 @@ class DoRAPatch(Patch):
         return pymath.inf
 
     # -- the math ----------------------------------------------------------------------------
-    def decomposed(self, weight: torch.Tensor) -> torch.Tensor:
-        """``D = m * V / (||V|| + eps)`` with ``V = weight + inner delta`` (float32, ``weight``'s shape)."""
+    def _factor(self, v: torch.Tensor) -> torch.Tensor:
+        """``m / (||V|| + eps)``, per row or per input channel of ``V``, shaped to broadcast over it."""
         import torch
 
-        w = weight.float()
-        v = w + self.inner.delta(w).reshape(w.shape)
         m = self.magnitude.to(device=v.device, dtype=torch.float32)
         if self.side_for(tuple(v.shape)) == ROW:
             norm = v.reshape(v.shape[0], -1).norm(dim=1).reshape(v.shape[0], *[1] * (v.dim() - 1))
         else:  # per input channel: over the output rows and the kernel taps
             norm = v.transpose(0, 1).reshape(v.shape[1], -1).norm(dim=1).reshape(1, v.shape[1], *[1] * (v.dim() - 2))
-        # the scale first, then the product: the order lycoris-lora and PEFT compute it in
-        return v * (m.reshape(norm.shape) / (norm + EPS))
+        return m.reshape(norm.shape) / (norm + EPS)
+
+    def decomposed(self, weight: torch.Tensor) -> torch.Tensor:
+        """``D = m * V / (||V|| + eps)`` with ``V = weight + inner delta`` (float32, ``weight``'s shape)."""
+        import torch
+
+        v = weight.to(dtype=torch.float32, copy=True)
+        self.inner.add_to(v, 1.0)  # V = W + delta, in the inner patch's fused form where it has one (a LoRA's addmm)
+        # the factor first, then the product: the order lycoris-lora and PEFT compute it in
+        return v.mul_(self._factor(v))
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         """``D(weight) - weight``: the change at multiplier 1 to this base weight."""
         return self.decomposed(weight) - weight.float()
 
     def add_to(self, acc: torch.Tensor, multiplier: float) -> None:
-        """``acc <- acc + s * (D(acc) - acc)``; at ``s = 1`` exactly ``D(acc)``."""
-        d = self.decomposed(acc).reshape(acc.shape)
+        """``acc <- acc + s * (D(acc) - acc)`` in place, with no temporary of the weight's size: with
+        ``V = acc + delta`` and ``c = m / (||V|| + eps)``, that is ``V * ((1 - s) + s * c) - (1 - s) * delta``;
+        at ``s = 1`` exactly ``V * c``, lycoris-lora's and PEFT's product."""
+        self.inner.add_to(acc, 1.0)  # acc = V
+        factor = self._factor(acc)
         if multiplier == 1:
-            acc.copy_(d)
-        else:
-            acc.add_(d.sub_(acc), alpha=multiplier)
+            acc.mul_(factor)
+            return
+        acc.mul_(factor.mul_(multiplier).add_(1 - multiplier))
+        self.inner.add_to(acc, -(1 - multiplier))
