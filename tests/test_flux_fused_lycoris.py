@@ -165,6 +165,7 @@ def test_cli_merge_equals_the_rows_added(tiny_flux, tmp_path, capsys, style, lay
     from adapterhub.cli import main
 
     path, expected = _lycoris_file(tmp_path / "a.safetensors", tiny_flux.transformer, PLAN, style)
+    capsys.readouterr()  # LyCORIS' log lines (it prints a warning for a full-matrix LoKr)
     rc = main(["inspect", "--json", "--no-hash", str(path)])
     facts = json.loads(capsys.readouterr().out)
     assert rc in (0, None)
@@ -347,6 +348,7 @@ def test_comfyui_extract_file_reads_and_merges(tiny_flux, tmp_path, full_diff):
 def _one_error_line(capsys, argv, path) -> str:
     from adapterhub.cli import main
 
+    capsys.readouterr()  # what came before (LyCORIS' log lines)
     rc = main(argv)
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error")]
@@ -355,10 +357,11 @@ def _one_error_line(capsys, argv, path) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("layout", ["kohya", "diffusers", "peft", "a1111"])
-@pytest.mark.parametrize("maker", ["lycoris", "trainer"])
+@pytest.mark.parametrize("layout,maker", [("diffusers", "lycoris"), ("peft", "lycoris"), ("kohya", "trainer"),
+                                          ("diffusers", "trainer"), ("peft", "trainer"), ("a1111", "trainer")])
 def test_writers_refuse_rows_and_bias_patches_in_one_line(tiny_flux, tmp_path, capsys, layout, maker):
-    """A LoKr / LoHa on a fused module is no stack of rows, and no Flux layout we write holds a bias difference."""
+    """diffusers / PEFT hold a LoKr / LoHa per diffusers module (a fused one's rows are no such module), and no
+    Flux layout we write holds a bias difference."""
     if maker == "lycoris":
         path, _ = _lycoris_file(tmp_path / "a.safetensors", tiny_flux.transformer, PLAN, "comfyui")
     else:
@@ -514,3 +517,44 @@ def test_inspect_reads_no_tensor_and_shows_the_torch_paths_facts(tiny_flux, tmp_
         heavy = api.inspect(path)
     assert json.dumps(light, sort_keys=True, default=str) == json.dumps(heavy, sort_keys=True, default=str)
     assert light["format"] == "comfyui" and key in json.dumps(light)
+
+
+@pytest.mark.parametrize("layout", ["kohya", "a1111"])
+def test_kohya_writes_a_fused_lokr_loha_back_on_its_fused_module(tiny_flux, tmp_path, layout):
+    """The parts' rows of one LoKr / LoHa are that module's again in sd-scripts' names (``lora_unet_double_blocks_0_
+    img_attn_qkv.lokr_w1`` ...: what ComfyUI and LyCORIS' kohya loader read), its tensors as the file has them;
+    read back, every target's delta is the same bit for bit."""
+    import adapterhub
+    from adapterhub.convert import convert
+
+    path, _ = _lycoris_file(tmp_path / "a.safetensors", tiny_flux.transformer, PLAN, "comfyui")
+    convert(path, layout, tmp_path / "kohya.safetensors")
+    source = {f"{_name(bfl, 'kohya')}.{k.rsplit('.', 1)[1]}": v
+              for k, v in safe_load(path).items() for bfl in PLAN if k.startswith(_name(bfl, "comfyui") + ".")}
+    written = safe_load(tmp_path / "kohya.safetensors")
+    assert written.keys() == source.keys() and all(torch.equal(written[k], v) for k, v in source.items())
+    before, after = adapterhub.load(path).patches, adapterhub.load(tmp_path / "kohya.safetensors").patches
+    modules = _modules(tiny_flux.transformer)
+    assert before.keys() == after.keys()
+    for target, patch in before.items():
+        weight = modules[target.removeprefix("transformer.")].weight.detach()
+        assert torch.equal(after[target].delta(weight), patch.delta(weight)), target
+
+
+def test_kohya_refuses_a_fused_lokr_with_a_part_missing(tiny_flux, tmp_path):
+    import adapterhub
+    from adapterhub.errors import AdapterError
+
+    path, _ = _lycoris_file(tmp_path / "a.safetensors", tiny_flux.transformer,
+                            {"double_blocks.0.img_attn.qkv": "lokr"}, "comfyui")
+    adapter = adapterhub.load(path)
+    del adapter.patches["transformer.transformer_blocks.0.attn.to_k"]
+    with pytest.raises(AdapterError, match="a.safetensors: .*lokr on .*img_attn_qkv"):
+        adapter.save(tmp_path / "kohya.safetensors", "kohya")
+    assert not (tmp_path / "kohya.safetensors").exists()
+
+
+def safe_load(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -14,6 +14,7 @@ Patches on the parts of one fused module become one LoRA on it:
   part back its own rank-``r`` LoRA.
 
 DoRA parts join too when every part has a per-output-row magnitude: the magnitudes stacked by the same rows.
+A LoKr / LoHa / full diff read from a fused module (each part its rows of it) is written back whole, as read.
 
 BFL's and SAI's final modulation (and SD3's last context modulation) hold (shift, scale) where diffusers
 holds (scale, shift): their rows are swapped back. Text encoders as sd-scripts names them: ``lora_te1_`` /
@@ -100,8 +101,22 @@ def kohya_tensors(adapter: Adapter, module_tensors) -> dict[str, torch.Tensor]:
         else:
             fused.setdefault(name, (parts, [None] * len(parts)))[1][index] = patch
     for name, (parts, patches) in fused.items():
-        out.update(_fused_module(adapter, name, parts, patches))
+        whole = _whole_module(patches)
+        out.update(module_tensors(name, whole) if whole is not None else _fused_module(adapter, name, parts, patches))
     return out
+
+
+def _whole_module(patches: list) -> object | None:
+    """The patch of the whole fused module when the parts are its rows (a LoKr / LoHa / full diff read from a
+    fused module: :class:`.fused.RowsPatch`), every row once: written back as the file had it; else None."""
+    from .fused import RowsPatch
+
+    if not all(isinstance(p, RowsPatch) and p.inner is patches[0].inner for p in patches):
+        return None
+    ranges = sorted(r for p in patches for r in p.rows)
+    bounds = [0, *(b for _, b in ranges)]
+    complete = [a for a, _ in ranges] == bounds[:-1] and bounds[-1] == patches[0].fused_shape[0]
+    return patches[0].inner if complete else None
 
 
 def _out_in(patch) -> tuple[int | None, int | None]:
