@@ -558,3 +558,31 @@ def safe_load(path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+@pytest.mark.parametrize("variant", ["lokr", "loha"])
+def test_sd3_fused_qkv_takes_its_rows_too(tiny_sd3, tmp_path, variant):
+    """sd-scripts' SD3 names fuse the same way (SAI's ``x_block.attn.qkv``, ``context_block.attn.qkv``)."""
+    import adapterhub
+
+    modules = _modules(tiny_sd3.transformer)
+    fused = {"lora_unet_joint_blocks_0_x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+             "lora_unet_joint_blocks_1_context_block_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj",
+                                                                 "attn.add_v_proj")}
+    sd, expected = {}, {}
+    for i, (name, parts) in enumerate(fused.items()):
+        block = name.split("_")[4]
+        targets = [f"transformer_blocks.{block}.{p}" for p in parts]
+        width = modules[targets[0]].weight.shape[1]
+        tensors, delta = _lycoris(variant, 3 * width, width, i)
+        sd.update({f"{name}.{k}": v for k, v in tensors.items()})
+        expected.update(zip(targets, torch.split(delta, width)))
+    save_file(sd, str(tmp_path / "sd3.safetensors"))
+    adapter = adapterhub.load(tmp_path / "sd3.safetensors")
+    assert (adapter.family, adapter.base) == ("sd3", "tiny-sd3")
+    merged = copy.deepcopy(tiny_sd3)
+    adapter.merge_into(merged)
+    ours, base = merged.transformer.state_dict(), tiny_sd3.transformer.state_dict()
+    for target, rows in expected.items():
+        torch.testing.assert_close(ours[f"{target}.weight"], base[f"{target}.weight"] + rows, atol=1e-5, rtol=0)
+    assert sum(not torch.equal(ours[k], base[k]) for k in base) == 6
