@@ -580,3 +580,16 @@ def test_flux_dora_files_convert_to_kohya_and_peft_and_merge_the_same(tiny_flux,
         adapterhub.load(onetrainer).save(tmp_path / "ot.safetensors", "kohya")
     assert "onetrainer.safetensors" in str(err.value) and "DoRA" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "ot.safetensors").exists()
+
+
+def test_a_dora_lokr_on_a_fused_module_is_refused_not_dropped(flux, tmp_path):
+    """A LoKr on a fused module patches its parts by rows of its delta; the magnitude has no such split there."""
+    w = torch.cat([m.weight for m in _modules(flux.transformer, [f"transformer_blocks.0.attn.to_{x}" for x in "qkv"])])
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    out_f, in_f = w.shape
+    save_file({f"{name}.lokr_w1": torch.randn(4, 4), f"{name}.lokr_w2": torch.randn(out_f // 4, in_f // 4) * 0.1,
+               f"{name}.alpha": torch.tensor(1.0), f"{name}.dora_scale": torch.rand(out_f, 1) + 0.5},
+              str(tmp_path / "lokr.safetensors"))
+    with pytest.raises(AdapterError) as err:
+        adapterhub.load(tmp_path / "lokr.safetensors")
+    assert "lokr.safetensors" in str(err.value) and "DoRA" in str(err.value) and "\n" not in str(err.value)
