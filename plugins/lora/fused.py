@@ -85,24 +85,15 @@ class RowsPatch(Patch):
 def _exact_rows(inner: Patch, rows: Rows, device) -> torch.Tensor | None:
     """The ``rows`` of a 2-D LoKr / LoHa delta (scaled, float32) from its factors, bit for bit the rows of the
     fused delta; None for any other patch (a Tucker core, a conv kernel, a full diff)."""
-    import torch
-
     from . import math as lmath
 
     t = {k: v.to(device) for k, v in inner.tensors.items()}
-    f32 = torch.float32
     if inner.kind == "loha" and "hada_t1" not in t:
-        part = _joined([(t["hada_w1_a"][a:b].to(f32) @ t["hada_w1_b"].to(f32))
-                        * (t["hada_w2_a"][a:b].to(f32) @ t["hada_w2_b"].to(f32)) for a, b in rows])
+        part = lmath.loha_rows(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], rows)
         return part.mul_(inner.scale)
     if inner.kind != "lokr" or "lokr_t2" in t or ("lokr_w2" in t and t["lokr_w2"].dim() != 2):
         return None
-    left = t["lokr_w1"].to(f32) if "lokr_w1" in t else t["lokr_w1_a"].to(f32) @ t["lokr_w1_b"].to(f32)
-    right = t["lokr_w2"].to(f32) if "lokr_w2" in t else t["lokr_w2_a"].to(f32) @ t["lokr_w2_b"].to(f32)
-    k = right.shape[0]
-    # rows a..b of kron(L, R) lie in L's rows a // k .. ceil(b / k): their Kronecker product, trimmed (at most
-    # 2 x k rows more than asked for, where a part's boundary falls inside one of R's blocks)
-    part = _joined([torch.kron(left[a // k: -(-b // k)], right)[a - a // k * k: b - a // k * k] for a, b in rows])
+    part = lmath.lokr_rows(rows, **{k.removeprefix("lokr_"): v for k, v in t.items() if k.startswith("lokr_")})
     return lmath.scaled(part, part.shape, inner.scale)
 
 

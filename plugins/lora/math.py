@@ -92,6 +92,27 @@ def lokr(w1=None, w1_a=None, w1_b=None, w2=None, w2_a=None, w2_b=None, t2=None) 
     return torch.kron(left, flat(right).contiguous())  # kron views its inputs; a Tucker rebuild is strided
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` concatenated by rows; one part as it is (its rows are already contiguous)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def loha_rows(w1_a, w1_b, w2_a, w2_b, rows) -> torch.Tensor:
+    """The rows ``rows`` ((start, stop) pairs, in order) of a 2-D :func:`loha` product, unscaled, bit for bit those
+    of the whole product, without forming the others: each row is its own row of both factors' products."""
+    return _joined([(w1_a[a:b].to(F32) @ w1_b.to(F32)) * (w2_a[a:b].to(F32) @ w2_b.to(F32)) for a, b in rows])
+
+
+def lokr_rows(rows, w1=None, w1_a=None, w1_b=None, w2=None, w2_a=None, w2_b=None) -> torch.Tensor:
+    """The rows ``rows`` of a 2-D :func:`lokr` product, unscaled, bit for bit those of the whole product: rows
+    a..b of ``kron(L, R)`` lie in L's rows ``a // k .. ceil(b / k)`` (k = R's rows), so the Kronecker product of
+    those, trimmed (at most 2 k rows more than asked for, where a boundary falls inside one of R's blocks)."""
+    left = w1.to(F32) if w1 is not None else w1_a.to(F32) @ w1_b.to(F32)
+    right = w2.to(F32) if w2 is not None else w2_a.to(F32) @ w2_b.to(F32)
+    k = right.shape[0]
+    return _joined([torch.kron(left[a // k: -(-b // k)], right)[a - a // k * k: b - a // k * k] for a, b in rows])
+
+
 def adalora(lora_a: torch.Tensor, lora_e: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
     """AdaLoRA (PEFT): ``B @ (A * E)`` (SVD-form triplet; the scale is applied by the caller)."""
     return lora_b.to(F32) @ (lora_a.to(F32) * lora_e.to(F32))

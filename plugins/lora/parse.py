@@ -117,6 +117,9 @@ def with_dora(file: AdapterFile, mod: ModuleKeys, patch: Patch, t: dict, rows=No
     return DoRAPatch(patch, magnitude, mod.dora_side)
 
 
+BIAS_ROLES = ("diff_b", "b_norm")  # a bias's difference, beside any kind of weight patch
+
+
 def _diff_patches(target: str, name: str, t: dict, roles: dict[str, str]) -> list[Patch]:
     out = []
     for role, param in (("diff", "weight"), ("w_norm", "weight"), ("diff_b", "bias"), ("b_norm", "bias")):
@@ -320,7 +323,9 @@ def build_patches(file: AdapterFile, grouped: Grouped) -> tuple[dict[str, Patch]
         else:
             alpha = float(t["alpha"].float().item()) if "alpha" in t else _config_alpha(cfg, name)[0]
             new = [with_dora(file, mod, _make_patch(kind, target, name, t, alpha, cfg), t)]
-            new[0].file_keys = dict(mod.roles)  # role -> key in the file, to name a bad tensor
+            new[0].file_keys = {r: k for r, k in mod.roles.items() if r not in BIAS_ROLES}  # to name a bad tensor
+            # a bias difference beside it (ComfyUI's trainer / extract node, LyCORIS): the module's bias
+            new += _diff_patches(target, name, {r: t[r] for r in BIAS_ROLES if r in t}, mod.roles)
         for patch in new:
             key = patch.target if patch.param == "weight" else f"{patch.target}#{patch.param}"
             if key in patches:
