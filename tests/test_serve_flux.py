@@ -257,5 +257,5 @@ def test_lists_offer_what_the_family_runs(flux, sd3):
         ["Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2M", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE",
          "DPM++ 3M SDE"]) == sorted(FLOW_SAMPLERS["flux"])
     assert sorted(names(flux, "schedulers", "label")) == sorted(names(sd3, "schedulers", "label")) == sorted(
-        FLOW_SCHEDULES) == sorted(["Automatic", "Simple", "Beta", "Karras", "Exponential", "Polyexponential",
-                                   "KL Optimal"])
+        FLOW_SCHEDULES) == sorted(["Automatic", "Simple", "Beta", "Normal", "SGM Uniform", "DDIM", "Karras",
+                                   "Exponential", "Polyexponential", "KL Optimal"])
