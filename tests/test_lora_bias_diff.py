@@ -3,6 +3,8 @@ trainer and extract node and LyCORIS write one for every module with a bias. It 
 weight multiplier applies, as ComfyUI adds ``strength x diff_b``), never dropped silently."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -40,3 +42,16 @@ def test_a_bias_difference_beside_a_lora_patches_the_bias(fresh_sd1, tmp_path, k
     adapter.merge_into(fresh_sd1, weight=0.5)
     torch.testing.assert_close(module.bias.detach(), bias + 0.5 * sd[f"{MODULE}.{role}"], rtol=0, atol=1e-6)
     assert not torch.equal(module.weight.detach(), weight)
+
+
+@pytest.mark.parametrize("w2_shape, expected", [((16, 8), "(32, 16)"), ((16, 8, 3, 3), "(32, 16, 3, 3)")])
+def test_a_lokr_that_does_not_fit_names_its_shape(fresh_sd1, tmp_path, w2_shape, expected):
+    """The refusal names the LoKr's product shape (kron of (2, 2) and w2), not "?"."""
+    import adapterhub
+    from adapterhub.errors import AdapterError
+
+    gen = torch.Generator().manual_seed(0)
+    save_file({f"{MODULE}.lokr_w1": torch.randn(2, 2, generator=gen),
+               f"{MODULE}.lokr_w2": torch.randn(*w2_shape, generator=gen)}, str(tmp_path / "k.safetensors"))
+    with pytest.raises(AdapterError, match=re.escape(f"shape {expected} does not fit")):
+        adapterhub.load(tmp_path / "k.safetensors").merge_into(fresh_sd1)

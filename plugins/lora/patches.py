@@ -262,6 +262,16 @@ class LoKrPatch(ScaledPatch):
         (l, m), (k, n) = self._factor_dims()
         return shape[0] == l * k and _prod(shape[1:]) == m * n
 
+    def expected_shape(self):
+        """``kron(W1, W2)``'s shape where a whole ``w2`` tells it: (l k, m n) for a 2-D one (a Linear), (l k, m c,
+        kh, kw) for a 4-D one (a conv); None for a low-rank ``w2`` (its flat ``w2_b`` may hold a conv kernel, whose
+        layout the model tells: :meth:`fits` checks the sizes)."""
+        w2 = self.tensors.get("lokr_w2")
+        if w2 is None:
+            return None
+        (l, m), (k, n) = self._factor_dims()
+        return (l * k, m * n) if w2.dim() == 2 else (l * k, m * w2.shape[1], *w2.shape[2:])
+
     def factor(self, weight):
         from . import math as lmath
 
