@@ -87,6 +87,34 @@ def _formula(w, delta, m, s=1.0):
 # ---------------------------------------------------------------------------------------------
 # the oracles: lycoris-lora and PEFT
 # ---------------------------------------------------------------------------------------------
+SD3_TARGETS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+               "transformer_blocks.0.ff.net.2", "transformer_blocks.0.norm1.linear"]
+
+
+def test_peft_dora_on_the_sd3_transformer_equals_merge_and_unload(tiny_sd3, tmp_path):
+    """The same on SD3's MMDiT (its joint blocks' image and context projections, the feed-forward, a modulation)."""
+    from peft import LoraConfig, get_peft_model
+
+    pipe = copy.deepcopy(tiny_sd3)
+    peft = get_peft_model(copy.deepcopy(pipe.transformer),
+                          LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=SD3_TARGETS))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
+    peft.save_pretrained(str(tmp_path / "peft" / "transformer"))
+    oracle = peft.merge_and_unload().state_dict()
+    adapter = adapterhub.load(tmp_path / "peft")
+    assert adapter.family == "sd3" and len(adapter.patches) == len(SD3_TARGETS)
+    adapter.merge_into(pipe, 1.0)
+    ours = pipe.transformer.state_dict()
+    for key in oracle:
+        assert torch.allclose(ours[key], oracle[key], atol=ATOL, rtol=0), key
+
+
 @pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
 @pytest.mark.parametrize("wd_on_out", [True, False])
 def test_lycoris_dora_merge_equals_lycoris(algo, wd_on_out, fresh_sd1, tmp_path):
