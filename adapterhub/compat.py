@@ -48,7 +48,8 @@ def parse_version(text: str) -> tuple[int, ...]:
 
 # transformers' floor for peft in its PEFT integration (its ``MIN_PEFT_VERSION``), by the transformers
 # release that raised it. Used for versions other than the installed one (whose floor is read from its
-# source); 5.24 raised it from 0.20 to 0.22, before any peft 0.22 was released.
+# source); 5.24 raised it from 0.20 to 0.22 (before peft 0.22.0 was released: a fresh install then paired
+# transformers 5.24+ with peft 0.21, which the tested set now avoids with peft 0.22.0).
 PEFT_FLOORS = (("5.0", "0.20"), ("5.24", "0.22"))
 PEFT_USERS = "diffusers + PEFT LoRA loading (load_lora_weights on text encoders, the bench's LoRA reference)"
 
@@ -70,6 +71,13 @@ def transformers_peft_floor(transformers_version: str) -> str | None:
     return floor
 
 
+def _same_version(a: str, b: str) -> bool:
+    """``0.22`` and ``0.22.0`` alike (transformers' source writes its floor with the patch number, the table not)."""
+    x, y = parse_version(a), parse_version(b)
+    width = max(len(x), len(y))
+    return x + (0,) * (width - len(x)) == y + (0,) * (width - len(y))
+
+
 def installed_versions(names=REPORTED) -> dict[str, str | None]:
     return {name: version_of(name) for name in names}
 
@@ -82,7 +90,7 @@ def conflicts(versions: dict[str, str | None] | None = None) -> list[str]:
     transformers, peft = versions.get("transformers"), versions.get("peft")
     floor = transformers and peft and transformers_peft_floor(transformers)
     if floor and parse_version(peft) < parse_version(floor):
-        raised = next((since for since, minimum in PEFT_FLOORS if minimum == floor), None)
+        raised = next((since for since, minimum in PEFT_FLOORS if _same_version(minimum, floor)), None)
         older = f"'transformers<{raised}' (the tested set: pip install -c constraints.txt ...) or " if raised else ""
         found.append(f"transformers {transformers} requires peft >= {floor} (installed: {peft}), so {PEFT_USERS} "
                      f"fails; install {older}'peft>={floor}'")

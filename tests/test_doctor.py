@@ -52,9 +52,19 @@ def test_doctor_explains_the_transformers_peft_mismatch(monkeypatch):
     _pretend(monkeypatch, transformers="5.25.0", peft="0.21.2")
     result = CliRunner().invoke(cli, ["doctor"], terminal_width=200)
     assert result.exit_code == 1, result.output
-    assert "transformers 5.25.0 requires peft >= 0.22 (installed: 0.21.2)" in result.output
-    assert "'transformers<5.24'" in result.output and "'peft>=0.22'" in result.output
+    assert "transformers 5.25.0 requires peft >= 0.22 (installed: 0.21.2)" in result.output \
+        or "transformers 5.25.0 requires peft >= 0.22.0 (installed: 0.21.2)" in result.output
+    assert "'transformers<5.24'" in result.output
+    assert "'peft>=0.22'" in result.output or "'peft>=0.22.0'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_older_transformers_is_suggested_whatever_way_the_floor_is_written(monkeypatch):
+    """transformers' own source writes its floor ``0.22.0`` (what doctor reads for the installed release), our
+    table ``0.22``: either way the release that raised it is named."""
+    monkeypatch.setattr(compat, "transformers_peft_floor", lambda version: "0.22.0")
+    (line,) = compat.conflicts({"transformers": "5.25.0", "peft": "0.21.2"})
+    assert "requires peft >= 0.22.0" in line and "'transformers<5.24'" in line and "'peft>=0.22.0'" in line
 
 
 def test_doctor_json_names_versions_device_and_compiler():
