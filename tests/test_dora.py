@@ -87,26 +87,32 @@ def _formula(w, delta, m, s=1.0):
 # ---------------------------------------------------------------------------------------------
 # the oracles: lycoris-lora and PEFT
 # ---------------------------------------------------------------------------------------------
-SD3_TARGETS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
-               "transformer_blocks.0.ff.net.2", "transformer_blocks.0.norm1.linear"]
-
-
-def test_peft_dora_on_the_sd3_transformer_equals_merge_and_unload(tiny_sd3, tmp_path):
-    """The same on SD3's MMDiT (its joint blocks' image and context projections, the feed-forward, a modulation)."""
+def _peft_dora(model, folder, targets, alpha, seed) -> dict:
+    """A PEFT ``use_dora`` LoRA (rank 4) on a copy of ``model`` with random ``lora_B`` and magnitudes off their
+    initial norms, saved with PEFT's own ``save_pretrained`` to ``folder``; PEFT's ``merge_and_unload`` state."""
     from peft import LoraConfig, get_peft_model
 
-    pipe = copy.deepcopy(tiny_sd3)
-    peft = get_peft_model(copy.deepcopy(pipe.transformer),
-                          LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=SD3_TARGETS))
-    gen = torch.Generator().manual_seed(2)
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=alpha, use_dora=True,
+                                                           target_modules=targets))
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
-    peft.save_pretrained(str(tmp_path / "peft" / "transformer"))
-    oracle = peft.merge_and_unload().state_dict()
+    peft.save_pretrained(str(folder))
+    return peft.merge_and_unload().state_dict()
+
+
+SD3_TARGETS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+               "transformer_blocks.0.ff.net.2", "transformer_blocks.0.norm1.linear"]
+
+
+def test_peft_dora_on_the_sd3_transformer_equals_merge_and_unload(tiny_sd3, tmp_path):
+    """The same on SD3's MMDiT (its joint blocks' image and context projections, the feed-forward, a modulation)."""
+    pipe = copy.deepcopy(tiny_sd3)
+    oracle = _peft_dora(pipe.transformer, tmp_path / "peft" / "transformer", SD3_TARGETS, 8, 2)
     adapter = adapterhub.load(tmp_path / "peft")
     assert adapter.family == "sd3" and len(adapter.patches) == len(SD3_TARGETS)
     adapter.merge_into(pipe, 1.0)
@@ -128,20 +134,8 @@ def test_lycoris_dora_merge_equals_lycoris(algo, wd_on_out, fresh_sd1, tmp_path)
 
 
 def test_peft_dora_on_the_sd1_unet_equals_merge_and_unload(fresh_sd1, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    unet = copy.deepcopy(fresh_sd1.unet)
-    peft = get_peft_model(unet, LoraConfig(r=4, lora_alpha=8, use_dora=True,
-                                           target_modules=["to_q", "to_k", "to_out.0", "proj_in", "conv1"]))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
-    peft.save_pretrained(str(tmp_path / "peft" / "unet"))
-    oracle = peft.merge_and_unload().state_dict()
+    oracle = _peft_dora(fresh_sd1.unet, tmp_path / "peft" / "unet", ["to_q", "to_k", "to_out.0", "proj_in", "conv1"],
+                        8, 0)
     adapter = adapterhub.load(tmp_path / "peft")
     assert adapter.type == "locon" and adapter.format == "peft"
     before = {k: v.clone() for k, v in fresh_sd1.unet.state_dict().items()}
@@ -162,19 +156,7 @@ FLUX_TARGETS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_
 
 
 def test_peft_dora_on_the_flux_transformer_equals_merge_and_unload(flux, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    transformer = copy.deepcopy(flux.transformer)
-    peft = get_peft_model(transformer, LoraConfig(r=4, lora_alpha=2, use_dora=True, target_modules=FLUX_TARGETS))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=gen))
-    peft.save_pretrained(str(tmp_path / "peft" / "transformer"))
-    oracle = peft.merge_and_unload().state_dict()
+    oracle = _peft_dora(flux.transformer, tmp_path / "peft" / "transformer", FLUX_TARGETS, 2, 1)
     adapter = adapterhub.load(tmp_path / "peft")
     assert adapter.family == "flux" and len(adapter.patches) == len(FLUX_TARGETS)
     before = {k: v.clone() for k, v in flux.transformer.state_dict().items()}
