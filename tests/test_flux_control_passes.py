@@ -9,24 +9,11 @@ the loop) is the pipeline's. The latents must be equal bit for bit.
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from test_flux_control_lora import _cli, _control_image, control_file
+from test_flux_control_lora import _cli, _control_image, control_file, control_model  # noqa: F401 (a fixture)
 
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def control_model(tiny_flux, tmp_path_factory):
-    """tiny-flux with a control LoRA merged (its x_embedder takes the control image's latents too)."""
-    import adapterhub
-
-    path = control_file(tmp_path_factory.mktemp("control") / "flux1-canny-dev-lora.safetensors", tiny_flux.transformer)
-    pipe = copy.deepcopy(tiny_flux)
-    adapterhub.load(path).merge_into(pipe)
-    return pipe
 
 
 def _oracle(pipe, init, noise, control, prompt, seeds, size, steps, strength, guidance=3.5):
