@@ -245,6 +245,14 @@ def _comfy_factorization(dimension: int, factor: int) -> tuple[int, int]:
     return factorization(dimension, factor)
 
 
+def _expect(expected: dict, bfl: str, delta, bias, transformer) -> None:
+    """``expected[target] = [weight rows, bias rows]`` of a fused module's ``delta`` and bias difference."""
+    for target, rows in _split(bfl, delta, transformer).items():
+        expected[target] = [rows, None]
+    for target, rows in _split(bfl, bias.float()[:, None], transformer).items():
+        expected[target][1] = rows[:, 0]
+
+
 def _comfy_trainer_file(path, transformer, algorithm: str, seed=0, rank=2):
     """What ComfyUI's trainer saves for Flux: for every trained Linear ``n`` (``diffusion_model.`` + BFL's module
     path) its adapter's parameters as ``n.<name>`` (LoRA ``lora_up.weight`` / ``lora_down.weight``, LoHa
@@ -274,10 +282,7 @@ def _comfy_trainer_file(path, transformer, algorithm: str, seed=0, rank=2):
         sd[f"{name}.alpha"] = torch.tensor(1.0, dtype=torch.bfloat16)
         bias = rand(out_f)
         sd[f"{name}.diff_b"] = bias
-        for target, rows in _split(bfl, delta, transformer).items():
-            expected[target] = [rows, None]
-        for target, rows in _split(bfl, bias.float()[:, None], transformer).items():
-            expected[target][1] = rows[:, 0]
+        _expect(expected, bfl, delta, bias, transformer)
     save_file(sd, str(path))
     return path, expected
 
@@ -299,10 +304,7 @@ def _comfy_extract_file(path, transformer, full_diff: bool, seed=0, rank=2):
             sd[f"{name}.lora_up.weight"], sd[f"{name}.lora_down.weight"] = up, down
             delta = up.float() @ down.float()
         sd[f"{name}.diff_b"] = bias = rand(out_f)
-        for target, rows in _split(bfl, delta, transformer).items():
-            expected[target] = [rows, None]
-        for target, rows in _split(bfl, bias.float()[:, None], transformer).items():
-            expected[target][1] = rows[:, 0]
+        _expect(expected, bfl, delta, bias, transformer)
     save_file(sd, str(path))
     return path, expected
 
