@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 from adapterhub.types import Patch
 
+from .patches import InnerPatch
+
 if TYPE_CHECKING:  # pragma: no cover - types only
     import torch
 
@@ -48,7 +50,7 @@ def orientation(magnitude_shape, weight_shape=None) -> str | None:
     return None
 
 
-class DoRAPatch(Patch):
+class DoRAPatch(InnerPatch):
     """``inner`` (a LoRA-family patch) with the magnitude ``dora_scale``; see the module docstring.
 
     ``tensors`` holds the inner patch's tensors and ``dora_scale`` (what the finiteness checks and the
@@ -62,27 +64,13 @@ class DoRAPatch(Patch):
     def __init__(self, inner: Patch, magnitude, side: str | None = None):
         """``side``: ``ROW`` where the file's layout fixes it (PEFT's ``lora_magnitude_vector``, a conv's held as
         ``(1, out, 1, 1)``); None: the magnitude's shape tells it (:func:`orientation`)."""
-        super().__init__(inner.target, inner.source, {**inner.tensors, "dora_scale": magnitude}, param=inner.param)
-        self.inner = inner
+        super().__init__(inner, inner.target, {**inner.tensors, "dora_scale": magnitude})
         self.side = side
-        self.file_keys: dict[str, str] = dict(getattr(inner, "file_keys", {}))
 
-    # -- the inner patch's facts ------------------------------------------------------------
+    # -- the inner patch's facts (rank, alpha, scale: InnerPatch) ------------------------------
     @property
     def inner_kind(self) -> str:
         return self.inner.kind
-
-    @property
-    def rank(self):
-        return self.inner.rank
-
-    @property
-    def alpha(self):
-        return self.inner.alpha
-
-    @property
-    def scale(self):
-        return self.inner.scale
 
     @property
     def in_features(self):

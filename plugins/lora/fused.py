@@ -17,24 +17,24 @@ from typing import TYPE_CHECKING
 
 from adapterhub.types import Patch
 
+from .patches import InnerPatch
+
 if TYPE_CHECKING:  # pragma: no cover - types only
     import torch
 
 Rows = tuple[tuple[int, int], ...]  # (start, stop) ranges of the fused rows, concatenated in order
 
 
-class RowsPatch(Patch):
+class RowsPatch(InnerPatch):
     """``rows`` of ``inner``'s delta on a fused weight of ``fused_shape``, as the patch of ``target``.
 
     Every fact is the inner patch's (kind, rank, alpha, scale, tensors, file keys) except the shape: the
     target's weight is ``(len(rows), *fused_shape[1:])``. No low-rank factors (the algebra re-factorises by SVD)."""
 
     def __init__(self, inner: Patch, target: str, rows: Rows, fused_shape: tuple[int, ...]):
-        self.inner = inner
-        super().__init__(target, inner.source, inner.tensors, inner.param)
+        super().__init__(inner, target, inner.tensors)
         self.rows, self.fused_shape = tuple(rows), tuple(fused_shape)
         self.kind = inner.kind
-        self.file_keys = dict(getattr(inner, "file_keys", {}))
 
     # the tensors are the inner patch's (a cast or a device move of one is a move of both)
     @property
@@ -44,18 +44,6 @@ class RowsPatch(Patch):
     @tensors.setter
     def tensors(self, value):
         self.inner.tensors = value
-
-    @property
-    def rank(self):
-        return getattr(self.inner, "rank", None)
-
-    @property
-    def alpha(self):
-        return getattr(self.inner, "alpha", None)
-
-    @property
-    def scale(self):
-        return getattr(self.inner, "scale", 1.0)
 
     @property
     def out_features(self) -> int:

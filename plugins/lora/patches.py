@@ -287,6 +287,28 @@ class LoKrPatch(ScaledPatch):
                                 t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2"))
 
 
+class InnerPatch(Patch):
+    """A patch that answers for another, ``inner`` (a DoRA's, a fused module's rows): the rank, alpha, scale and
+    file keys inspect and the writers read are the inner patch's."""
+
+    def __init__(self, inner: Patch, target: str, tensors: dict):
+        self.inner = inner  # first: a subclass's ``tensors`` may be the inner patch's own
+        super().__init__(target, inner.source, tensors, param=inner.param)
+        self.file_keys: dict[str, str] = dict(getattr(inner, "file_keys", {}))
+
+    @property
+    def rank(self):
+        return getattr(self.inner, "rank", None)
+
+    @property
+    def alpha(self):
+        return getattr(self.inner, "alpha", None)
+
+    @property
+    def scale(self):
+        return getattr(self.inner, "scale", 1.0)
+
+
 class DiffPatch(Patch):
     """A full difference (LyCORIS ``full``: ``diff``/``diff_b``; ``train_norm``: ``w_norm``/``b_norm``)."""
 
