@@ -125,8 +125,7 @@ def check_flow_request(req: FlowRequest, family: str, guidance_embeds: bool | No
         raise AdapterhubError(f"sampler {req.sampler!r}: {name} is a flow-matching model; choose "
                               f"{', '.join(FLOW_SAMPLERS[family])}")
     if flow_samplers.schedule_name(req.schedule) is None:
-        why = next((why for label, why in flow_samplers.NOT_ON_FLOW.items()
-                    if label.lower() == str(req.schedule).strip().lower().replace("_", " ")), None)
+        why = flow_samplers.why_not_on_flow(req.schedule)
         raise AdapterhubError(f"schedule {req.schedule!r}: {name} samples on its shifted flow-matching sigmas"
                               f"{f' ({why})' if why else ''}; choose {', '.join(FLOW_SCHEDULES)}")
     problem = flow_passes.mask_problem(req, flow_sampler(req.sampler, family))

@@ -358,10 +358,21 @@ NOT_ON_FLOW = {
     "Align Your Steps 32": "its noise levels are SD1 / SDXL's"}
 
 
+def _label(name: str, labels) -> str | None:
+    """The label among ``labels`` that ``name`` spells (any case, spaces or underscores), else None."""
+    key = str(name).strip().lower().replace("_", " ")
+    return next((k for k in labels if k.lower() == key), None)
+
+
 def schedule_name(name: str) -> str | None:
     """The canonical label of schedule ``name`` (any case, spaces or underscores), else None."""
-    key = str(name).strip().lower().replace("_", " ")
-    return next((k for k in SCHEDULES if k.lower() == key), None)
+    return _label(name, SCHEDULES)
+
+
+def why_not_on_flow(name: str) -> str | None:
+    """Why schedule ``name`` has no meaning on a flow model (:data:`NOT_ON_FLOW`), else None."""
+    label = _label(name, NOT_ON_FLOW)
+    return NOT_ON_FLOW[label] if label else None
 
 
 def flow_sigmas(schedule: str, steps: int, table: torch.Tensor, automatic: Callable[[int], torch.Tensor],
