@@ -253,7 +253,7 @@ def _expect(expected: dict, bfl: str, delta, bias, transformer) -> None:
         expected[target][1] = rows[:, 0]
 
 
-def _comfy_trainer_file(path, transformer, algorithm: str, seed=0, rank=2):
+def _comfy_trainer_file(path, transformer, algorithm: str, seed=0, rank=2, bias_role="diff_b"):
     """What ComfyUI's trainer saves for Flux: for every trained Linear ``n`` (``diffusion_model.`` + BFL's module
     path) its adapter's parameters as ``n.<name>`` (LoRA ``lora_up.weight`` / ``lora_down.weight``, LoHa
     ``hada_w1_a`` ..., LoKr ``lokr_w1`` / ``lokr_w2`` made whole by ``create_train``), ``n.alpha`` (1.0, a
@@ -281,7 +281,7 @@ def _comfy_trainer_file(path, transformer, algorithm: str, seed=0, rank=2):
             delta = up.float() @ down.float() / rank
         sd[f"{name}.alpha"] = torch.tensor(1.0, dtype=torch.bfloat16)
         bias = rand(out_f)
-        sd[f"{name}.diff_b"] = bias
+        sd[f"{name}.{bias_role}"] = bias
         _expect(expected, bfl, delta, bias, transformer)
     save_file(sd, str(path))
     return path, expected
@@ -332,6 +332,46 @@ def test_comfyui_trainer_file_reads_and_merges(tiny_flux, tmp_path, algorithm):
     adapter, _ = describe(path)
     assert (adapter.type, adapter.format, adapter.family, adapter.base) == (algorithm, "comfyui", "flux", "tiny-flux")
     _assert_merged(tiny_flux, path, expected, 2 * len(expected))
+
+
+@pytest.mark.parametrize("algorithm", ["lora", "lokr"])
+def test_b_norm_beside_a_module_patches_the_bias_as_diff_b_does(tiny_flux, tmp_path, algorithm):
+    """LyCORIS / ComfyUI name a bias's difference ``b_norm`` as well as ``diff_b`` (ComfyUI reads both the same way):
+    beside a LoRA or LoKr, on fused and plain modules alike, it patches the bias, never dropped."""
+    import adapterhub
+
+    path, expected = _comfy_trainer_file(tmp_path / "b.safetensors", tiny_flux.transformer, algorithm,
+                                         bias_role="b_norm")
+    adapter = adapterhub.load(path)
+    used = {k for patch in adapter.patches.values() for k in patch.file_keys.values()}
+    with safe_open(str(path), "pt") as f:
+        assert used == set(f.keys())  # every key read: no b_norm left over
+    _assert_merged(tiny_flux, path, expected, 2 * len(expected))
+
+
+def test_train_norm_on_the_text_encoder_patches_its_layer_norm(tiny_flux, tmp_path):
+    """LyCORIS train_norm beside a Flux LoRA: ``lora_te1_..._layer_norm1.w_norm`` / ``.b_norm`` change CLIP-L's
+    LayerNorm weight and bias by exactly those tensors (times the weight)."""
+    import adapterhub
+
+    path, _ = _comfy_trainer_file(tmp_path / "a.safetensors", tiny_flux.transformer, "lora")
+    sd = dict(_read(path))
+    path_of = next(p for p, _ in tiny_flux.text_encoder.named_modules() if p.endswith("layers.0.layer_norm1"))
+    norm = tiny_flux.text_encoder.get_submodule(path_of)
+    gen = torch.Generator().manual_seed(3)
+    name = "lora_te1_text_model_encoder_layers_0_layer_norm1"
+    sd[f"{name}.w_norm"], sd[f"{name}.b_norm"] = (torch.randn(norm.weight.shape, generator=gen) for _ in range(2))
+    save_file(sd, str(path))
+    merged = copy.deepcopy(tiny_flux)
+    adapterhub.load(path).merge_into(merged, 0.5)
+    got = merged.text_encoder.get_submodule(path_of)
+    torch.testing.assert_close(got.weight, norm.weight + 0.5 * sd[f"{name}.w_norm"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.bias, norm.bias + 0.5 * sd[f"{name}.b_norm"], atol=1e-6, rtol=0)
+
+
+def _read(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 @pytest.mark.parametrize("full_diff", [False, True], ids=["standard", "full_diff"])

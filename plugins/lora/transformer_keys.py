@@ -362,7 +362,8 @@ def build_transformer_patches(file: AdapterFile, grouped: Grouped, family: str) 
     encoder one (``lora_te1_`` ...: translated as for Stable Diffusion, it names the pipeline's CLIP;
     ``lora_te3_``: the family's T5 encoder).
     A fused module takes any LoRA, and a 2-D LoKr, LoHa or full diff (their rows: :mod:`.fused`); a bias's
-    difference (``diff_b``, beside any kind, as ComfyUI's trainer writes it) patches the bias, by the same rows.
+    difference (``diff_b`` / ``b_norm``, beside any kind, as ComfyUI's trainer writes it) patches the bias, by the
+    same rows; a norm's (``w_norm`` / ``b_norm`` alone: LyCORIS train_norm) its weight and bias.
     Patches are keyed by target (``target#bias`` for a bias)."""
     from .parse import _config_alpha, _make_patch, check_structure, peft_config
 
@@ -383,7 +384,7 @@ def build_transformer_patches(file: AdapterFile, grouped: Grouped, family: str) 
 
 def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch, family: str) -> list:
     from .flux_control import InputLoRAPatch
-    from .parse import with_dora
+    from .parse import BIAS_ROLES, with_dora
 
     pieces = pieces_of(mod)
     first_key = next(iter(mod.roles.values()))
@@ -395,9 +396,11 @@ def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch, fami
         if not target.startswith(("text_encoder.", "text_encoder_2.", "text_encoder_3.")):
             raise AdapterError(file.path, f"module {mod.name} is not a Flux or SD3 module", first_key)
         pieces = [Piece(target)]
-    bias = _diff_patches(mod, t, pieces, "diff_b", "bias")  # beside any kind: ComfyUI's trainer writes one
-    if mod.kind == "diff":
-        return [*_diff_patches(mod, t, pieces, "diff", "weight"), *bias]
+    # beside any kind (ComfyUI's trainer writes ``diff_b``; ``b_norm`` is read the same way)
+    bias = [p for role in BIAS_ROLES for p in _diff_patches(mod, t, pieces, role, "bias")]
+    if mod.kind in ("diff", "norm"):  # a full difference, or LyCORIS train_norm's w_norm / b_norm
+        return [*_diff_patches(mod, t, pieces, "diff", "weight"), *_diff_patches(mod, t, pieces, "w_norm", "weight"),
+                *bias]
     if mod.kind not in ("lora", "loha", "lokr"):  # with or without a DoRA magnitude (``parse.with_dora``)
         raise AdapterError(file.path, f"a {mod.kind} module is not supported on Flux / SD3 yet", first_key)
     if mod.dora and mod.kind != "lora" and any(p.rows is not None for p in pieces):  # never dropped silently
@@ -425,7 +428,7 @@ def _module_patches(file, mod: ModuleKeys, t: dict, alpha, cfg, make_patch, fami
 
 
 def _diff_patches(mod: ModuleKeys, t: dict, pieces: list[Piece], role: str, param: str) -> list:
-    """The full difference ``role`` (``diff`` / ``diff_b``) of ``param`` on each piece: whole on a plain module,
+    """The full difference ``role`` (``diff`` / ``diff_b`` / ``w_norm`` / ``b_norm``) of ``param`` on each piece: whole on a plain module,
     its rows on a fused one (a bias's rows are its fused weight's); none when the module has no ``role``."""
     from .patches import DiffPatch
 
