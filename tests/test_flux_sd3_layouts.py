@@ -208,6 +208,14 @@ def test_lora_transformer_names_merge_equals_diffusers(tiny_flux, tmp_path):
     save_file(sd, str(tmp_path / "mixture.safetensors"))
     path = tmp_path / "mixture.safetensors"
     assert_same(ours_merged(tiny_flux, path), diffusers_fused(tiny_flux, path), state(tiny_flux), len(MIXTURE))
+    from adapterhub.api import describe
+    from adapterhub.convert import convert
+
+    assert describe(path)[0].format == "onetrainer"  # named for the tool that writes it, not "diffusers"
+    done = convert(path, "diffusers", tmp_path / "d.safetensors")  # read-only: written as the layouts we write
+    assert (done["from"], done["format"]) == ("onetrainer", "diffusers")
+    assert_same(diffusers_fused(tiny_flux, tmp_path / "d.safetensors"), diffusers_fused(tiny_flux, path),
+                state(tiny_flux), len(MIXTURE))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ from adapterhub.types import Adapter, AdapterType, PromptTag, Sniff, TrainOption
 # the methods that use them, so that registering the types (``adapterhub plugins``) stays light.
 from . import keys
 
-# xlabs and comfyui are read-only layouts of Flux (and SD3: ComfyUI's names) files, written as kohya or diffusers;
+# xlabs, comfyui and onetrainer are read-only layouts of Flux (and SD3: ComfyUI's and OneTrainer's names) files,
+# written as kohya or diffusers;
 # bfl-control (BFL's FLUX.1 control LoRAs) is read only too, written as diffusers (``flux_control``)
-LAYOUTS = ("kohya", "lycoris", "diffusers", "diffusers-attnproc", "peft", "xlabs", "comfyui", "bfl-control")
+LAYOUTS = ("kohya", "lycoris", "diffusers", "diffusers-attnproc", "peft", "xlabs", "comfyui", "onetrainer",
+           "bfl-control")
 # ``adapterhub convert`` targets (``save`` writes each): a low-rank product has every layout; LoHa and LoKr
 # declare fewer (diffusers' loader reads neither)
 LOW_RANK_TARGETS = ("kohya", "a1111", "diffusers", "peft")

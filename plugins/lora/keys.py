@@ -161,7 +161,8 @@ def adapter_type_of(grouped: Grouped) -> str:
 
 
 def layout_of(file: AdapterFile, grouped: Grouped, adapter_type: str) -> str:
-    """kohya, lycoris, diffusers, diffusers-attnproc or peft; for Flux / SD3 also xlabs and comfyui."""
+    """kohya, lycoris, diffusers, diffusers-attnproc or peft; for Flux / SD3 also xlabs, comfyui, onetrainer and
+    bfl-control."""
     from .transformer_keys import transformer_layout  # here: that module imports this one
 
     named = transformer_layout(grouped)

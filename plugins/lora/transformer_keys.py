@@ -293,9 +293,10 @@ def is_transformer_file(grouped: Grouped) -> bool:
 
 def transformer_layout(grouped: Grouped) -> str | None:
     """The layout named after the tool that writes it, where the generic classification would misname it:
-    ``xlabs`` (x-flux's attention processors: they look like diffusers' old attention-processor files) and
+    ``xlabs`` (x-flux's attention processors: they look like diffusers' old attention-processor files),
     ``comfyui`` (the original model's module names, dotted, under ``diffusion_model.``: every transformer
-    module; ComfyUI's text-encoder names may sit beside them). None: the generic layout stands (ai-toolkit's
+    module; ComfyUI's text-encoder names may sit beside them) and ``onetrainer`` (``lora_transformer_`` + the
+    diffusers path joined by ``_``, its encoders as ``lora_te1_`` / ``lora_te2_``). None: the generic layout stands (ai-toolkit's
     diffusers paths under ``diffusion_model.`` are the diffusers layout, sd-scripts' names kohya)."""
     from .flux_control import control_layout  # here: that module imports this one
 
@@ -309,6 +310,9 @@ def transformer_layout(grouped: Grouped) -> str | None:
     if names and all(n.startswith("diffusion_model.") and bfl_targets(n) for n in names) and \
             all(n.startswith(tuple(COMFY_TEXT_ENCODERS)) for n in others):
         return "comfyui"
+    if names and all(n.startswith("lora_transformer_") for n in names) and \
+            all(n.startswith(("lora_te1_", "lora_te2_", "lora_te3_")) for n in others):
+        return "onetrainer"
     return None
 
 
