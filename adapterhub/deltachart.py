@@ -6,11 +6,14 @@ weights, so its rendered images are noise whatever the adapters do).
 
 Blocks are the "LoRA Block Weight" slots of :mod:`adapterhub.blocks` (``BASE`` for the text encoders,
 ``IN00``..``IN11``, ``MID``, ``OUT00``..``OUT11``), plus ``other`` for modules in no block (``conv_in``,
-``time_embedding`` ...). A block's norm is the Frobenius norm of all its deltas together at multiplier 1:
+``time_embedding`` ...). A transformer (FLUX.1, SD3) has a bar per block instead: ``D00``.. its double-stream
+blocks (SD3: ``J00``.. its joint blocks; diffusers' ``transformer_blocks.N``), then ``S00``.. Flux's single-stream
+blocks (``single_transformer_blocks.N``), ``other`` for the embedders and the final layer. A block's norm is the Frobenius norm of all its deltas together at multiplier 1:
 ``sqrt(sum over its modules of ||delta||^2)``, the change ``merge`` makes to those weights.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,11 +24,30 @@ from adapterhub.errors import AdapterError
 ORDER = (*SLOTS, "other")
 
 
-def slot_of(target: str) -> str:
-    """The block of a canonical target path: ``BASE`` for a text encoder, ``other`` outside every block."""
+_TRANSFORMER_BLOCK = re.compile(r"transformer\.(single_transformer_blocks|transformer_blocks)\.(\d+)\.")
+
+
+def slot_of(target: str, family: str | None = None) -> str:
+    """The block of a canonical target path: ``BASE`` for a text encoder, ``other`` outside every block; a
+    transformer's ``D``/``J``/``S`` + its block number (``J`` for ``family`` ``sd3``'s joint blocks)."""
     if target.startswith("text_encoder"):
         return "BASE"
+    found = _TRANSFORMER_BLOCK.match(target)
+    if found is not None:
+        letter = "S" if found[1].startswith("single") else "J" if family == "sd3" else "D"
+        return f"{letter}{int(found[2]):02d}"
+    if target.startswith("transformer."):
+        return "other"
     return block_of(target) or "other"
+
+
+def _model_order(slot: str) -> tuple:
+    """UNet slots in :data:`ORDER`; transformer blocks after ``BASE``, double / joint before single, by number."""
+    if slot in ORDER[:-1]:
+        return (0, ORDER.index(slot), 0)
+    if slot == "other":
+        return (3, 0, 0)
+    return (1 if slot[0] in "DJ" else 2, 0, int(slot[1:]))
 
 
 def block_norms(adapter) -> dict[str, float]:
@@ -37,12 +59,13 @@ def block_norms(adapter) -> dict[str, float]:
         raise AdapterError(adapter.path, f"a {adapter.type} has no weight deltas to plot per block (it is attached "
                                          "at run time, not merged)")
     squares: dict[str, float] = {}
+    family = getattr(adapter, "family", None)
     for patch in adapter.patches.values():
         value = patch.squared_norm()  # the patch's own (Patch.squared_norm): no type's formula here
         if value is not None:
-            slot = slot_of(patch.target)
+            slot = slot_of(patch.target, family)
             squares[slot] = squares.get(slot, 0.0) + value
-    return {slot: squares[slot] ** 0.5 for slot in ORDER if squares.get(slot, 0.0) > 0.0}
+    return {slot: squares[slot] ** 0.5 for slot in sorted(squares, key=_model_order) if squares[slot] > 0.0}
 
 
 def _font(size: int):
@@ -60,7 +83,7 @@ def draw_chart(rows: Sequence[tuple[str, dict[str, float] | str]], title: str = 
     in place of bars (an adapter with nothing to measure)."""
     from PIL import Image, ImageDraw
 
-    used = [s for s in ORDER if any(isinstance(n, dict) and s in n for _, n in rows)] or list(ORDER[:1])
+    used = sorted({s for _, n in rows if isinstance(n, dict) for s in n}, key=_model_order) or list(ORDER[:1])
     label_w, bar_w, row_h, top, bottom = 210, 30, 70, 52, 34
     width = max(label_w + bar_w * len(used) + 20, 640)
     image = Image.new("RGB", (width, top + row_h * max(len(rows), 1) + bottom), "white")

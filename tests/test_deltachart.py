@@ -86,3 +86,41 @@ def test_lokr_block_norms_equal_the_norms_of_the_attached_change(fresh_sd1, tmp_
     change = sum(float(((after[k] - before[k]) ** 2).sum()) for k in before) ** 0.5
     ours = block_norms(adapter)
     assert list(ours) == ["IN01"] and ours["IN01"] == pytest.approx(change, rel=1e-4)
+
+
+@pytest.mark.parametrize("base, first", [("tiny_flux", "D"), ("tiny_sd3", "J")])
+def test_transformer_block_norms_are_per_block(base, first, request, tmp_path, capsys):
+    """A Flux / SD3 LoRA's chart has a bar per transformer block (Flux: ``D00``.. double then ``S00``.. single
+    blocks; SD3: ``J00``.. joint blocks), each the norm of what attaching the file changes in that block."""
+    import copy
+    import json
+    import re
+
+    from flux_helpers import peft_file
+
+    import adapterhub
+    from adapterhub.cli import main
+    from adapterhub.deltachart import block_norms
+
+    pipe = copy.deepcopy(request.getfixturevalue(base))
+    transformer = pipe.transformer
+    paths = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    path = peft_file(tmp_path / "t.safetensors", transformer, paths)
+    before = {k: v.detach().double().clone() for k, v in transformer.state_dict().items()}
+    adapter = adapterhub.load(path)
+    with adapter.attach(pipe, 1.0):
+        after = {k: v.detach().double().clone() for k, v in transformer.state_dict().items()}
+    squares: dict[str, float] = {}
+    for key in before:  # written out here: the block of each parameter from its diffusers path
+        m = re.match(r"(single_transformer_blocks|transformer_blocks)\.(\d+)\.", key)
+        slot = "other" if m is None else f"{'S' if m[1].startswith('single') else first}{int(m[2]):02d}"
+        squares[slot] = squares.get(slot, 0.0) + float(((after[key] - before[key]) ** 2).sum())
+    theirs = {slot: s ** 0.5 for slot, s in squares.items() if s > 0}
+    ours = block_norms(adapter)
+    assert ours.keys() == theirs.keys() and len(ours) >= 3
+    assert list(ours) == sorted(ours, key=lambda s: (s == "other", s[0] == "S", s))  # model order
+    for slot in theirs:
+        assert ours[slot] == pytest.approx(theirs[slot], rel=1e-4), slot
+    plot = tmp_path / "chart.png"
+    assert main(["inspect", str(path), "--json", "--no-hash", "--plot", str(plot)]) == 0
+    assert json.loads(capsys.readouterr().out)["block_norms"].keys() == ours.keys() and plot.stat().st_size > 0

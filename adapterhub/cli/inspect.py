@@ -21,8 +21,9 @@ def _render(facts: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (type, format, base, rank, alpha, targets, metadata, sha256).")
 @click.option("--no-hash", is_flag=True, help="Skip the sha256 of the file.")
 @click.option("--plot", "plot", default=None, type=click.Path(dir_okay=False),
-              help="Draw the norm of the adapter's weight changes per UNet block into this PNG (weight-space "
-                   "types: LoRA, LoCon, LoHa, LoKr ...); --json adds the numbers as block_norms.")
+              help="Draw the norm of the adapter's weight changes per block (UNet blocks; a Flux / SD3 transformer's "
+                   "blocks) into this PNG (weight-space types: LoRA, LoCon, LoHa, LoKr ...); --json adds the "
+                   "numbers as block_norms.")
 def inspect_cmd(file: str, as_json: bool, no_hash: bool, plot: str | None):
     """Identify an adapter file and show its type, layout, base, rank, targets and metadata."""
     import adapterhub
