@@ -337,8 +337,8 @@ def test_sd3_negative_of_another_length_runs_apart(tiny_sd3):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-def test_and_still_warned(tiny_flux):
-    """``AND`` is not applied to these families yet: one warning says so; emphasis no longer warns."""
+def test_and_and_emphasis_are_not_warned(tiny_flux):
+    """``AND`` is applied (tests/test_flow_and.py) and emphasis too: neither warns."""
     gen = _generator(tiny_flux)
-    assert any("AND" in w for w in _latents(gen, "a cat AND a dog", steps=1).warnings)
+    assert _latents(gen, "a cat AND a dog", steps=1).warnings == []
     assert _latents(gen, "a (cat:1.2)", steps=1).warnings == []

@@ -26,9 +26,9 @@ Guidance: Flux-dev's distilled guidance is the model's guidance embedding (``dis
 ``Distilled CFG Scale``, default 3.5); real CFG with the negative prompt runs only above ``cfg`` 1 (Forge's
 default for Flux is 1: one transformer call per step). SD3 / SD3.5 use CFG with the negative prompt.
 
-The prompt's emphasis, ``BREAK``, prompt editing and alternation are applied as Forge applies them
+The prompt's emphasis, ``BREAK``, prompt editing, alternation and ``AND`` are applied as Forge applies them
 (:mod:`adapterhub.sample.flow_prompt`): the weighted embeddings are handed to the pipeline; a prompt that changes by
-step runs the k-diffusion loop below.
+step or has ``AND`` sub-prompts runs the k-diffusion loop below.
 
 Samplers and schedules (:data:`FLOW_SAMPLERS`, :data:`FLOW_SCHEDULES`): Euler on the schedule "Automatic" (and
 Heun on SD3) is the pipeline's own loop above. Every other sampler of the webui's that Forge offers these families
@@ -131,6 +131,10 @@ def check_flow_request(req: FlowRequest, family: str, guidance_embeds: bool | No
     problem = flow_passes.mask_problem(req, flow_sampler(req.sampler, family))
     if problem:
         raise AdapterhubError(problem)
+    cfg = FAMILY_DEFAULTS[family]["cfg"] if req.cfg is None else req.cfg
+    problem = flow_prompt.composition_problem(_untagged(req.prompt), cfg)
+    if problem:
+        raise AdapterhubError(problem)
     if int(req.clip_skip) != 1:
         raise AdapterhubError(f"clip skip {req.clip_skip}: not available for {name} models (their text "
                               "encoders' last layers are used as trained)")
@@ -141,6 +145,13 @@ def check_flow_request(req: FlowRequest, family: str, guidance_embeds: bool | No
                                   "use the CFG scale")
         if not float(req.distilled_cfg) >= 0 or float(req.distilled_cfg) == float("inf"):
             raise AdapterhubError(f"distilled CFG {req.distilled_cfg}: must be a finite number, 0 or more")
+
+
+def _untagged(prompt: str) -> str:
+    """``prompt`` without its extra-network tags (``<lora:…>``), as the sampler reads it."""
+    from adapterhub.stack import TAG
+
+    return TAG.sub("", prompt)
 
 
 class CompiledTransformer(Runner):
@@ -335,7 +346,7 @@ class FlowGenerator:
         texts = flow_infotexts(req, seeds, self.parameters(req, stack))
         from adapterhub.sample.rng import later_draws_note
 
-        warnings = [*self.stacks.notes, *flow_prompt.prompt_warnings(prompt, req.negative)]
+        warnings = list(self.stacks.notes)
         if later_draws_note(req.rng, req.sampler) is not None:
             warnings.append(later_draws_note(req.rng, req.sampler))
         return Result(images, texts, seeds, torch.cat(latents_out) if latents_out else None, warnings, req)
@@ -368,8 +379,10 @@ class FlowGenerator:
         (B, C, H/8, W/8). A sampler or schedule the pipeline does not run: :meth:`k_denoise`."""
         from adapterhub.sample.request import img2img_steps
 
-        # a text whose schedule has one entry over this pass is that entry's text; the others change by model call
-        prompt = flow_passes.pass_text(prompt, req)
+        # a text whose schedule has one entry over this pass is that entry's text; the others change by model call.
+        # AND sub-prompts (or one weighted) are composed by model call, each on its own schedule: left as written
+        single = flow_prompt.single_prompt(prompt)
+        prompt = prompt if single is None else flow_passes.pass_text(single, req)
         req = replace(req, negative=flow_passes.pass_text(req.negative, req))
         steps, first = flow_passes.prompt_steps(req)  # model calls: a second-order sampler's steps count twice
         if (req.schedule != FLOW_SCHEDULES[0] or req.sampler not in PIPELINE_SAMPLERS[self.family]

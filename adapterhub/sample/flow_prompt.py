@@ -44,10 +44,10 @@ import torch
 
 from adapterhub.sample.conditioning import _pad_after_end, apply_emphasis
 from adapterhub.sample.prompt import (
-    RE_AND,
     fragments,
     prompt_schedule,
     schedule_index,
+    split_and,
     tokenize_prompt,
     vocabulary_of,
 )
@@ -91,12 +91,22 @@ def is_scheduled(text: str, steps: int, first_steps: int | None = None) -> bool:
     return len(pass_schedule(text, steps, first_steps)) > 1
 
 
-def prompt_warnings(prompt: str, negative: str) -> list[str]:
-    """What is still not applied to Flux / SD3 prompts, in one line each."""
-    if RE_AND.search(prompt) or RE_AND.search(negative):
-        return ["AND (composable prompts) is not applied to Flux / SD3 prompts yet: the text encoders read it "
-                "as written"]
-    return []
+def single_prompt(prompt: str) -> str | None:
+    """The text of a prompt that is one ``AND`` sub-prompt of weight 1 (the webui's split,
+    :func:`~adapterhub.sample.prompt.split_and`: ``a cat :1`` is "a cat"), else None (sub-prompts to compose)."""
+    parts = split_and(prompt)
+    return parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else None
+
+
+def composition_problem(prompt: str, cfg: float) -> str | None:
+    """Why ``prompt``'s sub-prompts cannot be composed at ``cfg``, in one line, else None: without CFG (1 or less)
+    they are averaged by their weights, which must not sum to 0."""
+    weights = [weight for _, weight in split_and(prompt)]
+    if float(cfg) <= 1 and single_prompt(prompt) is None and abs(sum(weights)) < 1e-6:
+        return (f"prompt {prompt!r}: its AND weights ({', '.join(f'{w:g}' for w in weights)}) sum to 0; without "
+                "CFG (a scale of 1) the sub-prompts are averaged by their weights: use other weights or a CFG scale "
+                "above 1")
+    return None
 
 
 def emphasis_field(prompt: str, negative: str, emphasis: str) -> str | None:
@@ -291,28 +301,46 @@ def cond_of(pipe, family: str, pos: tuple[torch.Tensor, torch.Tensor],
 
 
 class ScheduledDenoiser:
-    """A :class:`~adapterhub.sample.flow_samplers.FlowDenoiser` whose conditioning follows the prompt's and the
-    negative prompt's schedules: at its n-th call (0-based) the entries the webui's ``reconstruct_cond_batch``
-    picks for step n. Each schedule's texts are encoded before sampling, as one batch (:func:`encode_texts`).
-    ``first_steps``: the hires pass's schedules, counted on from a first pass of that many (:func:`pass_schedule`)."""
+    """A :class:`~adapterhub.sample.flow_samplers.FlowDenoiser` whose conditioning follows the prompt's ``AND``
+    sub-prompts' and the negative prompt's schedules: at its n-th call (0-based) the entries the webui's
+    ``reconstruct_multicond_batch`` / ``reconstruct_cond_batch`` pick for step n, each sub-prompt on its own
+    schedule. Each schedule's texts are encoded before sampling, as one batch (:func:`encode_texts`). A prompt of
+    one sub-prompt of weight 1 is one conditioning, as the plain denoiser's; else a
+    :class:`~adapterhub.sample.flow_samplers.Composed` one. ``first_steps``: the hires pass's schedules, counted on
+    from a first pass of that many (:func:`pass_schedule`)."""
 
     def __init__(self, denoiser, pipe, family: str, prompt: str, negative: str, steps: int, emphasis: str,
                  batch: int, cfg: float, first_steps: int | None = None):
         self.denoiser, self.calls = denoiser, 0
-        self.schedule = pass_schedule(prompt, steps, first_steps)
+        self.pipe, self.family, self.batch = pipe, family, batch
+        parts = split_and(prompt)
+        self.weights = tuple(weight for _, weight in parts)
+        self.schedules = [pass_schedule(text, steps, first_steps) for text, _ in parts]
         self.negative = pass_schedule(negative, steps, first_steps) if cfg > 1 else [(steps, negative)]
-        pos = encode_texts(pipe, family, [text for _, text in self.schedule], emphasis)
-        neg = encode_texts(pipe, family, [text for _, text in self.negative], emphasis) if cfg > 1 else None
-        self.conds = {(i, j): cond_of(pipe, family, pos[i], neg[j] if neg else None, batch)
-                      for i in range(len(self.schedule)) for j in range(len(self.negative))}
+        self.pos = [encode_texts(pipe, family, [text for _, text in s], emphasis) for s in self.schedules]
+        self.neg = encode_texts(pipe, family, [text for _, text in self.negative], emphasis) if cfg > 1 else None
+        self.conds: dict[tuple, Any] = {}  # by the calls' schedule entries (made on first use: few of them occur)
 
-    def entries(self, call: int) -> tuple[int, int]:
-        """The (prompt, negative) schedule entries of model call ``call``."""
-        return (schedule_index([end for end, _ in self.schedule], call),
+    def entries(self, call: int) -> tuple[tuple[int, ...], int]:
+        """The sub-prompts' and the negative prompt's schedule entries of model call ``call``."""
+        return (tuple(schedule_index([end for end, _ in s], call) for s in self.schedules),
                 schedule_index([end for end, _ in self.negative], call))
 
+    def cond(self, key: tuple[tuple[int, ...], int]):
+        """The denoiser's conditioning for the schedule entries ``key`` (:meth:`entries`)."""
+        if key not in self.conds:
+            neg = self.neg[key[1]] if self.neg else None
+            conds = tuple(cond_of(self.pipe, self.family, pos[i], neg, self.batch) for pos, i in zip(self.pos, key[0]))
+            if len(conds) == 1 and self.weights == (1.0,):
+                self.conds[key] = conds[0]
+            else:
+                from adapterhub.sample.flow_samplers import Composed
+
+                self.conds[key] = Composed(conds, self.weights)
+        return self.conds[key]
+
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        self.denoiser.cond = self.conds[self.entries(self.calls)]
+        self.denoiser.cond = self.cond(self.entries(self.calls))
         self.calls += 1
         return self.denoiser(x, sigma)
 
@@ -320,12 +348,14 @@ class ScheduledDenoiser:
 def k_denoiser(pipe, family: str, prompt: str, negative: str, steps: int, emphasis: str, batch: int, cfg: float,
                guidance: float | None, width: int, height: int, first_steps: int | None = None):
     """The flow denoiser for the k-diffusion loop: the plain :class:`FlowDenoiser` on the pipeline's encoding
-    when neither text needs the engines nor changes during sampling (as before this module), else weighted
-    and/or scheduled (:class:`ScheduledDenoiser`). ``first_steps``: the hires pass (:func:`pass_schedule`)."""
+    when the prompt is one text (:func:`single_prompt`) and neither text needs the engines nor changes during
+    sampling (as before this module), else weighted, scheduled and/or composed (:class:`ScheduledDenoiser`).
+    ``first_steps``: the hires pass (:func:`pass_schedule`)."""
     from adapterhub.sample.flow_samplers import FlowDenoiser
 
-    if not any(is_scheduled(t, steps, first_steps) for t in (prompt, negative)):
-        cond = flow_cond(pipe, family, prompt, negative, emphasis, batch, cfg)
+    single = single_prompt(prompt)
+    if single is not None and not any(is_scheduled(t, steps, first_steps) for t in (single, negative)):
+        cond = flow_cond(pipe, family, single, negative, emphasis, batch, cfg)
         return FlowDenoiser(pipe, family, cond, cfg, guidance, width, height)
     denoiser = FlowDenoiser(pipe, family, {}, cfg, guidance, width, height)
     return ScheduledDenoiser(denoiser, pipe, family, prompt, negative, steps, emphasis, batch, cfg, first_steps)
@@ -333,9 +363,11 @@ def k_denoiser(pipe, family: str, prompt: str, negative: str, steps: int, emphas
 
 def on_own_loop(prompt: str, negative: str, steps: int, cfg: float, family: str,
                 first_steps: int | None = None) -> bool:
-    """Whether a prompt must leave the pipeline's loop for the k-diffusion one: prompt editing or alternation in
-    the prompt (or in the negative prompt where CFG reads it). ``first_steps``: the hires pass
-    (:func:`pass_schedule`)."""
+    """Whether a prompt must leave the pipeline's loop for the k-diffusion one: ``AND`` sub-prompts (or one weighted
+    sub-prompt: :func:`single_prompt`), prompt editing or alternation in the prompt (or in the negative prompt where
+    CFG reads it). ``first_steps``: the hires pass (:func:`pass_schedule`)."""
+    if single_prompt(prompt) is None:
+        return True
     texts: Sequence[str] = (prompt, negative) if cfg > 1 else (prompt,)
     return any(is_scheduled(t, steps, first_steps) for t in texts)
 

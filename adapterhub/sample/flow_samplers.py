@@ -433,13 +433,22 @@ class BrownianNoise:
 
 
 # -- the denoiser and the loop ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Composed:
+    """A prompt's ``AND`` sub-prompts for :class:`FlowDenoiser`: one conditioning each (as :meth:`FlowDenoiser.encode`
+    makes them, every one with the negative prompt where CFG runs) and their weights."""
+
+    conds: tuple[dict[str, Any], ...]
+    weights: tuple[float, ...]
+
+
 class FlowDenoiser:
     """A Flux or SD3 transformer as k-diffusion's denoiser: ``self(x, sigma) -> x - sigma v`` (float32), ``x``
     the unpacked latents (B, C, H/8, W/8), ``sigma`` a scalar or one per image. ``cond``: the encoded prompt
-    (:meth:`encode`); ``cfg``: CFG with the negative prompt above 1 (SD3; Flux's true CFG); ``guidance``: Flux-dev's
-    distilled guidance (None on a model without its embedding)."""
+    (:meth:`encode`), or a :class:`Composed` prompt's sub-prompts; ``cfg``: CFG with the negative prompt above 1 (SD3;
+    Flux's true CFG); ``guidance``: Flux-dev's distilled guidance (None on a model without its embedding)."""
 
-    def __init__(self, pipe, family: str, cond: dict[str, Any], cfg: float, guidance: float | None,
+    def __init__(self, pipe, family: str, cond: dict[str, Any] | Composed, cfg: float, guidance: float | None,
                  width: int, height: int):
         self.pipe, self.family, self.cond, self.cfg = pipe, family, cond, float(cfg)
         self.guidance, self.width, self.height = guidance, width, height
@@ -468,24 +477,49 @@ class FlowDenoiser:
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The (guided) velocity at ``x``, sigma ``sigma`` (B,), in the transformer's dtype; the timestep and every
         argument as the pipelines pass them (``1000 sigma``; Flux's divided by 1000 again, its attention kwargs
-        ``{}``), so a compiled transformer's guards hold for both loops."""
-        transformer, c = self.pipe.transformer, self.cond
+        ``{}``), so a compiled transformer's guards hold for both loops. A :class:`Composed` conditioning: one
+        call per sub-prompt, each of a plain call's shapes, combined by :meth:`compose`."""
+        if not isinstance(self.cond, Composed):
+            v, v_u = self._predict(x, sigma, self.cond, True)
+            return v if v_u is None else v_u + self.cfg * (v - v_u)
+        preds = [self._predict(x, sigma, c, k == 0) for k, c in enumerate(self.cond.conds)]
+        return self.compose([v for v, _ in preds], preds[0][1], self.cond.weights)
+
+    def compose(self, conds: Sequence[torch.Tensor], uncond: torch.Tensor | None,
+                weights: Sequence[float]) -> torch.Tensor:
+        """The sub-prompts' velocities ``conds`` combined: with CFG (``uncond``, the negative's) the webui's
+        ``combine_denoised``, ``u + sum_i (c_i - u) (w_i cfg)``, which is Forge's ``u + (c - u) cfg sum(w)`` for c
+        the weighted average (``calc_cond_uncond_batch``); without, the weighted average ``sum_i w_i c_i / sum(w)``
+        (Forge returns ``sum(w) c`` there, its uncond being 0: twice a clean estimate for ``a AND b``; the two agree
+        when the weights sum to 1). Affine with weights on differences, so on velocities as on clean estimates."""
+        if uncond is None:
+            total = float(sum(weights))
+            return sum(c * (w / total) for c, w in zip(conds, weights))
+        v = uncond
+        for c, w in zip(conds, weights):
+            v = v + (c - uncond) * (w * self.cfg)
+        return v
+
+    def _predict(self, x: torch.Tensor, sigma: torch.Tensor, c: dict[str, Any],
+                 uncond: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The velocities of conditioning ``c``: the prompt's and, with CFG, the negative prompt's (None without
+        CFG; not asked of Flux, nor of SD3's separate negative, when ``uncond`` is False: a later sub-prompt's).
+        SD3's batch of negative and prompt runs whole (the plain call's shapes); Flux's are unpacked."""
+        transformer = self.pipe.transformer
         dtype, batch = transformer.dtype, x.shape[0]
         t = sigma.float() * 1000  # the schedulers' timesteps (float32); FluxPipeline casts them to the latents' dtype
         if self.family == "sd3":
+            def call(hidden: torch.Tensor, prefix: str) -> torch.Tensor:
+                return transformer(hidden_states=hidden.to(dtype), timestep=t.repeat(hidden.shape[0] // batch),
+                                   encoder_hidden_states=c[prefix + "embeds"], pooled_projections=c[prefix + "pooled"],
+                                   joint_attention_kwargs=None, return_dict=False)[0]
+
             if "neg_embeds" in c:  # a negative prompt of another length (adapterhub.sample.flow_prompt): two calls
-                v_c, v_u = (transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=c[p + "embeds"],
-                                        pooled_projections=c[p + "pooled"], joint_attention_kwargs=None,
-                                        return_dict=False)[0] for p in ("", "neg_"))
-                return v_u + self.cfg * (v_c - v_u)
-            hidden = torch.cat([x, x]) if self.cfg > 1 else x
-            v = transformer(hidden_states=hidden.to(dtype), timestep=t.repeat(hidden.shape[0] // batch),
-                            encoder_hidden_states=c["embeds"], pooled_projections=c["pooled"],
-                            joint_attention_kwargs=None, return_dict=False)[0]
+                return call(x, ""), call(x, "neg_") if uncond else None
             if self.cfg > 1:
-                v_u, v_c = v.chunk(2)
-                v = v_u + self.cfg * (v_c - v_u)
-            return v
+                v_u, v_c = call(torch.cat([x, x]), "").chunk(2)
+                return v_c, v_u
+            return call(x, ""), None
         rows, cols = x.shape[-2:]
         packed = self.pipe._pack_latents(x.to(dtype), batch, x.shape[1], rows, cols)
         ids = self.pipe._prepare_latent_image_ids(batch, rows // 2, cols // 2, x.device, dtype)
@@ -494,16 +528,12 @@ class FlowDenoiser:
             guidance = torch.full([1], self.guidance, device=x.device, dtype=torch.float32).expand(batch)
 
         def call(prefix: str) -> torch.Tensor:
-            return transformer(hidden_states=packed, timestep=t.to(dtype) / 1000, guidance=guidance,
-                               pooled_projections=c[prefix + "pooled"], encoder_hidden_states=c[prefix + "embeds"],
-                               txt_ids=c[prefix + "ids"], img_ids=ids, joint_attention_kwargs={},
-                               return_dict=False)[0]
+            v = transformer(hidden_states=packed, timestep=t.to(dtype) / 1000, guidance=guidance,
+                            pooled_projections=c[prefix + "pooled"], encoder_hidden_states=c[prefix + "embeds"],
+                            txt_ids=c[prefix + "ids"], img_ids=ids, joint_attention_kwargs={}, return_dict=False)[0]
+            return self.pipe._unpack_latents(v, self.height, self.width, self.pipe.vae_scale_factor)
 
-        v = call("")
-        if self.cfg > 1:
-            v_u = call("neg_")
-            v = v_u + self.cfg * (v - v_u)
-        return self.pipe._unpack_latents(v, self.height, self.width, self.pipe.vae_scale_factor)
+        return call(""), call("neg_") if self.cfg > 1 and uncond else None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
