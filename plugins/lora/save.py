@@ -25,7 +25,12 @@
 
 A DoRA module (:mod:`.dora`) keeps its magnitude exactly: ``dora_scale`` in the kohya layouts (as read; PEFT's
 per-row ``(out,)`` as LyCORIS' ``(out, 1, ...)``), ``lora_magnitude_vector`` with ``use_dora`` in the peft one
-(per output row only: PEFT has no per-input-channel form); the diffusers layout has none and refuses it.
+(per output row only: PEFT has no per-input-channel form). In the diffusers layout a component with DoRA is
+written in the PEFT form diffusers' ``save_lora_weights`` writes for a ``use_dora`` model, every module of it
+(the UNet's too: the older UNet forms have no magnitude key): ``<component>.<module path>.lora_A.weight`` /
+``lora_B.weight`` (alpha baked in, as above) / ``lora_magnitude_vector.weight`` (per output row only, as PEFT).
+diffusers turns DoRA on per component when its keys hold a magnitude, so a component has it on every module or
+on none (a mix is refused).
 
 LoRA, LoCon (a CP/Tucker ``lora_mid`` core is folded into ``lora_A`` exactly) and AdaLoRA (PEFT AdaLoRA in
 the ``peft`` layout, its default; elsewhere the LoRA it equals, ``A * E``, which reads back as a ``lora``) have
@@ -132,12 +137,13 @@ def kohya_magnitude(patch: DoRAPatch) -> torch.Tensor:
     return m.reshape(-1).reshape(-1, *[1] * (dims - 1)).contiguous()
 
 
-def peft_magnitude(adapter: Adapter, patch: DoRAPatch) -> torch.Tensor:
-    """PEFT's ``lora_magnitude_vector``: per output row, ``(out,)`` for a Linear, ``(1, out, 1, 1)`` for a conv;
-    a per-input-channel magnitude (LyCORIS ``wd_on_out=False``, OneTrainer) has no PEFT form and is refused."""
+def peft_magnitude(adapter: Adapter, patch: DoRAPatch, layout: str = "peft") -> torch.Tensor:
+    """PEFT's ``lora_magnitude_vector`` (also diffusers', which loads it with PEFT): per output row, ``(out,)`` for
+    a Linear, ``(1, out, 1, 1)`` for a conv; a per-input-channel magnitude (LyCORIS ``wd_on_out=False``,
+    OneTrainer) has no PEFT form and is refused, naming ``layout``."""
     shape = patch.expected_shape()
     if patch.side_for(shape) != ROW:
-        raise AdapterError(adapter.path, "a DoRA magnitude per input channel has no peft layout (PEFT's "
+        raise AdapterError(adapter.path, f"a DoRA magnitude per input channel has no {layout} layout (PEFT's "
                                          "lora_magnitude_vector is per output row); write it as kohya", patch.source)
     m = patch.magnitude.reshape(-1)
     return (m.reshape(1, -1, 1, 1) if len(shape) == 4 else m).contiguous()
@@ -180,10 +186,11 @@ def low_rank(adapter: Adapter, patch, layout: str) -> tuple[torch.Tensor, torch.
     """``(up, down, scale)`` in the shapes PEFT's LoRA layers hold: Linear up (out, r), down (r, in);
     conv up (out, r, 1, 1), down (r, in, kh, kw). The file's own tensors where they already are that
     (dtype kept); a LoCon CP core folded into ``down`` and an AdaLoRA ``A * E``, float32. A DoRA module is
-    refused (its magnitude would be lost): the PEFT writer handles it (:func:`_lora_component`)."""
+    refused (its magnitude would be lost): its writers pass its inner patch and write the magnitude themselves
+    (:func:`_lora_component`, :func:`diffusers_dora`)."""
     if isinstance(patch, DoRAPatch):
         raise AdapterError(adapter.path, f"a DoRA module has no {layout} layout here (its magnitude would be lost); "
-                                         "write it as kohya or peft", patch.source)
+                                         "write it as kohya", patch.source)
     if isinstance(patch, LoRAPatch) and "mid" not in patch.tensors:
         return patch.tensors["up"], patch.tensors["down"], float(patch.scale)
     if isinstance(patch, (LoRAPatch, AdaLoRAPatch)):
@@ -223,13 +230,51 @@ def diffusers_key_stems(target: str) -> tuple[str, str]:
 
 def diffusers_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
+    dora_components(adapter)  # a mix is refused before anything is built
     for patch in adapter.patches.values():
         _split_target(adapter, patch)
+        if isinstance(patch, DoRAPatch):
+            out.update(diffusers_dora(adapter, patch))
+            continue
         up, down, scale = low_rank(adapter, patch, "diffusers")
         down_key, up_key = diffusers_key_stems(patch.target)
         out[down_key] = down.contiguous()
         out[up_key] = baked(up, scale).contiguous()
     return out
+
+
+def dora_components(adapter: Adapter) -> set[str]:
+    """The components whose modules all carry DoRA. diffusers builds one PEFT config per component and turns
+    ``use_dora`` on for all of it when any of its keys holds a magnitude: a plain module beside a DoRA one would
+    get a magnitude of PEFT's making (its base norm, so not the LoRA written), hence a mix is refused."""
+    grouped: dict[str, list] = {}
+    for patch in adapter.patches.values():
+        grouped.setdefault(patch.target.partition(".")[0], []).append(patch)
+    dora = set()
+    for component, patches in grouped.items():
+        plain = [p for p in patches if not isinstance(p, DoRAPatch)]
+        if len(plain) == len(patches):
+            continue
+        if plain:
+            raise AdapterError(adapter.path, f"diffusers reads DoRA on every module of a component or on none, and "
+                                             f"this {component} mixes them ({plain[0].target} has no magnitude); "
+                                             "write it as kohya", plain[0].source)
+        dora.add(component)
+    return dora
+
+
+def diffusers_dora(adapter: Adapter, patch: DoRAPatch) -> dict[str, torch.Tensor]:
+    """One DoRA module as diffusers' ``save_lora_weights`` writes a PEFT ``use_dora`` one, under its target
+    (``unet.<module path>`` too: diffusers' older UNet forms have no magnitude, and it reads the PEFT form for
+    the whole UNet when the UNet's first key is in it): ``lora_A.weight``, ``lora_B.weight`` with alpha baked
+    in (diffusers reads no alpha here) and the magnitude (:func:`peft_magnitude`) as
+    ``lora_magnitude_vector.weight``, the parameter's own name: PEFT's loader (the UNet, the transformer) takes it
+    with or without ``.weight``, transformers 5's (the text encoders) only with it. The norm is taken of
+    ``W + up @ down`` either way, so baking the scale into ``up`` keeps the result."""
+    up, down, scale = low_rank(adapter, patch.inner, "diffusers")
+    return {f"{patch.target}.lora_A.weight": down.contiguous(),
+            f"{patch.target}.lora_B.weight": baked(up, scale).contiguous(),
+            f"{patch.target}.lora_magnitude_vector.weight": peft_magnitude(adapter, patch, "diffusers")}
 
 
 def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
