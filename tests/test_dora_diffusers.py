@@ -118,6 +118,9 @@ def test_diffusers_to_kohya_to_diffusers_keeps_every_tensor(tmp_path):
     a, b = load_file(str(first)), load_file(str(again))
     assert a.keys() == b.keys() and any(k.endswith(MAGNITUDE) for k in a)
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    # and the diffusers file reads back (adapterhub.load) to the source's merge
+    assert_same_weights(ours_merged("tiny-sd1", [(first, 1.0)]), ours_merged("tiny-sd1", [(source, 1.0)]),
+                        original=weights(parts("tiny-sd1")), atol=ATOL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,8 +200,9 @@ def test_flux_dora_to_diffusers_is_fused_by_diffusers_as_we_merge(source_kind, t
     if source_kind == "fused-qkv":
         assert written == {f"transformer.transformer_blocks.0.attn.to_{x}" for x in "qkv"}
     before = _state(tiny_flux, components)
-    oracle = _fused_by_diffusers(tiny_flux, out, components)
-    assert_same_weights(_ours(tiny_flux, source, components), oracle, original=before, atol=ATOL)
+    oracle, ours = _fused_by_diffusers(tiny_flux, out, components), _ours(tiny_flux, source, components)
+    assert_same_weights(ours, oracle, original=before, atol=ATOL)
+    assert_same_weights(_ours(tiny_flux, out, components), ours, original=before, atol=ATOL)  # read back by us
 
 
 def test_sd3_peft_dora_to_diffusers_is_fused_by_diffusers_as_we_merge(tiny_sd3, tmp_path):
