@@ -446,6 +446,10 @@ class FlowGenerator:
         from adapterhub.sample.request import img2img_steps
         from adapterhub.sample.rng import initial_noise
 
+        if self.takes_control_image:  # its control latents go beside the noise in FluxControlPipeline's loop only
+            raise AdapterhubError("a FLUX.1 control model samples on FluxControlPipeline's own loop: AND, prompt "
+                                  "editing and alternation (the conditioning changed by model call) are not "
+                                  "available on it")
         sampler = flow_samplers.SAMPLERS[req.sampler]
         scale, channels = self.pipe.vae_scale_factor, int(self.pipe.vae.config.latent_channels)
         noise, generators = initial_noise(req.rng, seeds, (channels, req.height // scale, req.width // scale),

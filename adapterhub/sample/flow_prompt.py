@@ -32,8 +32,19 @@ denoiser the entry of the current model call (counted over the denoiser's calls,
 sampler's steps count twice) for the prompt and for the negative prompt. Those prompts therefore run the
 k-diffusion loop (:mod:`adapterhub.sample.flow_samplers`), also for Euler on "Automatic", on the pipeline's own
 sigmas. In the hires fix's second pass the schedules are the webui's hires schedules (:func:`pass_schedule`:
-counted on from the first pass's steps, over the hires pass's). ``AND`` (composable prompts) is not applied:
-:func:`prompt_warnings` says so.
+counted on from the first pass's steps, over the hires pass's).
+
+``AND`` (composable prompts, the webui's :func:`~adapterhub.sample.prompt.split_and`: ``a cat AND a dog :0.5``)
+runs the k-diffusion loop too: :class:`ScheduledDenoiser` gives each sub-prompt its own schedule (as the webui's
+``get_multicond_learned_conditioning``) and the flow denoiser calls the transformer once per sub-prompt, each call
+of a plain call's shapes (a compiled transformer's graph holds), the batch of images unchanged
+(:class:`~adapterhub.sample.flow_samplers.Composed`). The negative prompt is not split (nor is it by the webui or
+Forge). Forge (``calc_cond_uncond_batch``, ``sampling_function_inner``) averages the sub-prompts' estimates by
+weight and returns ``u + (avg - u) cfg sum(w)``, i.e. the webui's ``u + sum_i (c_i - u) w_i cfg``: that is applied
+with CFG. Without CFG (scale 1: no negative pass) Forge's uncond is 0 and it returns ``sum(w) avg`` (for
+``a AND b`` twice a clean estimate: a broken image); here it is the average by weight, the same whenever the
+weights sum to 1 (weights summing to 0 are refused: :func:`composition_problem`). A prompt of one sub-prompt of
+weight 1 (:func:`single_prompt`: ``a cat :1`` is "a cat") is sampled as a plain prompt, on whichever loop it takes.
 """
 from __future__ import annotations
 
