@@ -30,7 +30,8 @@ written in the PEFT form diffusers' ``save_lora_weights`` writes for a ``use_dor
 (the UNet's too: the older UNet forms have no magnitude key): ``<component>.<module path>.lora_A.weight`` /
 ``lora_B.weight`` (alpha baked in, as above) / ``lora_magnitude_vector.weight`` (per output row only, as PEFT).
 diffusers turns DoRA on per component when its keys hold a magnitude, so a component has it on every module or
-on none (a mix is refused).
+on none (a mix is refused). ComfyUI's loader reads a DoRA magnitude only as ``dora_scale``: for it and the webui a
+DoRA file is written as kohya.
 
 LoRA, LoCon (a CP/Tucker ``lora_mid`` core is folded into ``lora_A`` exactly) and AdaLoRA (PEFT AdaLoRA in
 the ``peft`` layout, its default; elsewhere the LoRA it equals, ``A * E``, which reads back as a ``lora``) have
@@ -230,7 +231,7 @@ def diffusers_key_stems(target: str) -> tuple[str, str]:
 
 def diffusers_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    dora_components(adapter)  # a mix is refused before anything is built
+    refuse_dora_mix(adapter)  # before anything is built
     for patch in adapter.patches.values():
         _split_target(adapter, patch)
         if isinstance(patch, DoRAPatch):
@@ -243,24 +244,20 @@ def diffusers_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     return out
 
 
-def dora_components(adapter: Adapter) -> set[str]:
-    """The components whose modules all carry DoRA. diffusers builds one PEFT config per component and turns
-    ``use_dora`` on for all of it when any of its keys holds a magnitude: a plain module beside a DoRA one would
-    get a magnitude of PEFT's making (its base norm, so not the LoRA written), hence a mix is refused."""
+def refuse_dora_mix(adapter: Adapter) -> None:
+    """Refuse a component (``unet``, ``text_encoder``, ``transformer``, ...) with DoRA on some modules only.
+    diffusers builds one PEFT config per component and turns ``use_dora`` on for all of it when any of its keys
+    holds a magnitude: a plain module there would get a magnitude of PEFT's making (its base weight's norm), so
+    not the LoRA written."""
     grouped: dict[str, list] = {}
     for patch in adapter.patches.values():
         grouped.setdefault(patch.target.partition(".")[0], []).append(patch)
-    dora = set()
     for component, patches in grouped.items():
         plain = [p for p in patches if not isinstance(p, DoRAPatch)]
-        if len(plain) == len(patches):
-            continue
-        if plain:
+        if plain and len(plain) < len(patches):
             raise AdapterError(adapter.path, f"diffusers reads DoRA on every module of a component or on none, and "
                                              f"this {component} mixes them ({plain[0].target} has no magnitude); "
                                              "write it as kohya", plain[0].source)
-        dora.add(component)
-    return dora
 
 
 def diffusers_dora(adapter: Adapter, patch: DoRAPatch) -> dict[str, torch.Tensor]:
