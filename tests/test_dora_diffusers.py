@@ -82,8 +82,9 @@ def test_kohya_dora_to_diffusers_is_fused_by_diffusers_as_we_merge(arch, tmp_pat
     expected = {f"{c}.{p}" for c, p in names.values()}
     assert {m.replace("text_model.", "") for m in _magnitude_modules(out)} == {m.replace("text_model.", "")
                                                                               for m in expected}
-    ours = ours_merged(arch, [(source, 1.0)])
-    assert_same_weights(ours, diffusers_fused(arch, [(out, 1.0)]), original=weights(parts(arch)), atol=ATOL)
+    ours, original = ours_merged(arch, [(source, 1.0)]), weights(parts(arch))
+    assert_same_weights(ours, diffusers_fused(arch, [(out, 1.0)]), original=original, atol=ATOL)
+    assert_same_weights(ours_merged(arch, [(out, 1.0)]), ours, original=original, atol=ATOL)  # read back by us
 
 
 def test_peft_dora_to_diffusers_is_fused_by_diffusers_as_we_merge(tmp_path):
