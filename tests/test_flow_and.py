@@ -97,7 +97,7 @@ def _euler(k, denoiser, sigmas, seed, init=None):
     return k.sampling.sample_euler(denoiser, noise * sigmas[0], sigmas, disable=True)
 
 
-CASES = [("sd3", 3.0, ""), ("flux", 1.0, ""), ("flux", 2.5, "ugly")]
+CASES = [("sd3", 3.0, "blurry AND dark"), ("flux", 1.0, ""), ("flux", 2.5, "ugly")]  # the negative: as written
 
 
 @pytest.mark.parametrize(("family", "cfg", "negative"), CASES)
@@ -243,26 +243,28 @@ def test_cli_writes_the_prompt_as_written_and_warns_of_nothing(capsys, tmp_path,
     assert not (tmp_path / "refused").exists()
 
 
-def test_compiled_backend_composes_without_recompiling(tiny_flux, monkeypatch):
-    """An AND prompt (CFG 1 and true CFG) after a plain one: the same compiled graph, images equal the eager ones."""
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_compiled_backend_composes_without_recompiling(request, family, monkeypatch):
+    """An AND prompt after a plain one (Flux: CFG 1, then true CFG; SD3: CFG, each sub-prompt's call batched with
+    the negative prompt as the plain call is): the same compiled graph, images equal the eager ones."""
     from dataclasses import replace
 
     from adapterhub.sample.flow import FlowGenerator
 
     monkeypatch.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")
-    req = _req("a cat", seed=4, sampler="Euler a", schedule="Karras", steps=2)
-    runs = [("a cat AND a dog :0.5", 1.0, ""), ("a cat AND a dog :0.5", 2.0, "ugly")]
-    eager = _generator(tiny_flux)
-    expected = [eager.generate(eager.request(replace(req, prompt=p, cfg=c, negative=n)), output="latent").latents
-                for p, c, n in runs]
-    gen = FlowGenerator(copy.deepcopy(tiny_flux), backend="compiled", model_name="tiny", hash_model=False)
+    pipe = _pipe(request, family)
+    req = _req("a cat", seed=4, sampler="Euler a", schedule="Karras", steps=2, negative="ugly")
+    runs = [("a cat AND a dog :0.5", 1.0 if family == "flux" else 5.0), ("a [cat:bird:1] AND a dog :0.5", 2.0)]
+    eager = _generator(pipe)
+    expected = [eager.generate(eager.request(replace(req, prompt=p, cfg=c)), output="latent").latents
+                for p, c in runs]
+    gen = FlowGenerator(copy.deepcopy(pipe), backend="compiled", model_name="tiny", hash_model=False)
     torch._dynamo.reset()
     gen.generate(gen.request(req), output="latent")  # compiles
     assert gen.runner.stats()["graphs"] == 1
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for (prompt, cfg, negative), want in zip(runs, expected):
-            got = gen.generate(gen.request(replace(req, prompt=prompt, cfg=cfg, negative=negative)),
-                               output="latent").latents
+        for (prompt, cfg), want in zip(runs, expected):
+            got = gen.generate(gen.request(replace(req, prompt=prompt, cfg=cfg)), output="latent").latents
             assert torch.equal(got, want), (prompt, cfg)
     assert gen.runner.stats()["graphs"] == 1
     gen.close()
