@@ -115,8 +115,8 @@ def composition_problem(prompt: str, cfg: float) -> str | None:
     weights = [weight for _, weight in split_and(prompt)]
     if float(cfg) <= 1 and single_prompt(prompt) is None and abs(sum(weights)) < 1e-6:
         return (f"prompt {prompt!r}: its AND weights ({', '.join(f'{w:g}' for w in weights)}) sum to 0; without "
-                "CFG (a scale of 1) the sub-prompts are averaged by their weights: use other weights or a CFG scale "
-                "above 1")
+                f"CFG (scale {float(cfg):g}: no negative pass) the sub-prompts are averaged by their weights: use "
+                "other weights or a CFG scale above 1")
     return None
 
 
