@@ -98,6 +98,8 @@ def test_a_types_options_are_converted_completed_and_read_as_attributes(stub):
 
 @pytest.mark.parametrize("options, message", [
     ({"type": "lora", "num_vectors": 2}, "num_vectors is an option of textual_inversion, not of lora (lora takes "
+                                         "dora)"),
+    ({"type": "loha", "num_vectors": 2}, "num_vectors is an option of textual_inversion, not of loha (loha takes "
                                          "no options of its own)"),
     ({"type": "textual_inversion", "num_vectorz": 2}, "unknown option 'num_vectorz' (did you mean 'num_vectors'?)"),
     ({"type": "textual_inversion", "num_vectors": 0}, "--num-vectors must be at least 1, not 0"),
@@ -171,8 +173,7 @@ def test_another_types_flag_is_refused_in_one_line(capsys, tmp_path):
     rc, _, err = cli(capsys, "--type", "lora", "--base", "tiny-sd1", "--dataset", tmp_path, "--out",
                      tmp_path / "o.safetensors", "--num-vectors", 2)
     assert rc == 2
-    assert error_line(err) == ("error: --num-vectors is an option of textual_inversion, not of lora (lora takes no "
-                               "options of its own)")
+    assert error_line(err) == "error: --num-vectors is an option of textual_inversion, not of lora (lora takes --dora)"
     rc, _, err = cli(capsys, "--type", "hypernetwork", "--adalora-tinit", 2, "--print-config")
     assert rc == 2 and "--adalora-tinit is an option of adalora, not of hypernetwork (hypernetwork takes " \
                        "--hn-layer-structure, --hn-activation" in error_line(err)
@@ -204,7 +205,8 @@ hn_widths = [32]
 
 
 @pytest.mark.parametrize("kind, own", [
-    ("lora", {}),
+    ("lora", {"dora": False}),
+    ("loha", {}),
     ("textual_inversion", {"token": None, "init_word": "cat", "num_vectors": 2}),
     ("t2i_adapter", {"t2i_channels": (), "t2i_adapter_type": "full_adapter"}),
     ("hypernetwork", {"hn_layer_structure": "1,2,1", "hn_activation": "linear", "hn_layer_norm": False,
@@ -285,7 +287,7 @@ def test_third_party_option_is_a_flag_and_a_section(plugin_site):
     refused = _adapterhub(plugin_site, "--type", "lora", "--shift-init", "0.25", "--print-config")
     assert refused.returncode == 2
     assert refused.stderr.strip() == ("error: --shift-init is an option of residual-shift, not of lora (lora takes "
-                                      "no options of its own)")
+                                      "--dora)")
 
 
 @pytest.fixture

@@ -109,9 +109,15 @@ class LoRAFamilyType(AdapterType):
         return Adapter(type=self.name, format="kohya", patches=patches, metadata=dict(metadata or {}), base=base)
 
 
+# PEFT ``use_dora`` on the LoRA / LoCon layers; written with LyCORIS' ``dora_scale`` (per output row)
+DORA = TrainOption("dora", bool, False, "DoRA: train a weight-decomposed LoRA (a magnitude per output row beside the "
+                                       "factors, PEFT use_dora), written with LyCORIS' dora_scale")
+
+
 class LoRAType(LoRAFamilyType):
     name = "lora"
     capabilities = LoRAFamilyType.capabilities + ("train",)
+    train_options = (DORA,)
     description = "LoRA: low-rank deltas on linear and 1x1 conv layers (kohya, diffusers, PEFT)"
     factor_modules = frozenset({"linear"})  # the LoRA algebra's results without kxk convs are LoRAs
     # the webui's Lora tags; ``<lyco:…>`` (the LyCORIS extension's) loads any file of the family as ``<lora:…>`` does
@@ -124,6 +130,7 @@ class LoConType(LoRAFamilyType):
     description = "LoCon: LoRA that also targets 3x3 convs (kohya conv_dim, LyCORIS, CP/Tucker lora_mid)"
     conv = True
     factor_modules = frozenset({"linear", "conv"})  # ... and those with kxk convs LoCons
+    train_options = (DORA,)
 
 
 class LoHaType(LoRAFamilyType):

@@ -63,6 +63,7 @@ from adapterhub.weights import architecture_of, component
 
 from . import math as lmath
 from . import save as lora_save
+from .dora import ROW, DoRAPatch
 from .patches import LoHaPatch, LoKrPatch, LoRAPatch
 from . import transformer_train
 from .targets import target_modules
@@ -108,7 +109,8 @@ def _peft_config(kind: str, names: list[str], kxk: list[str], config):
         return LoKrConfig(r=rank, alpha=alpha, target_modules=names, rank_pattern=ranks, alpha_pattern=alphas,
                           module_dropout=float(config.dropout or 0.0), init_weights="lycoris")
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, rank_pattern=ranks, alpha_pattern=alphas,
-                      lora_dropout=float(config.dropout or 0.0), init_lora_weights=True)
+                      lora_dropout=float(config.dropout or 0.0), init_lora_weights=True,
+                      use_dora=bool(getattr(config, "dora", False)))
 
 
 def _refuse_options(kind: str, config) -> None:
@@ -116,6 +118,9 @@ def _refuse_options(kind: str, config) -> None:
         label = {"loha": "LoHa", "lokr": "LoKr"}[kind]
         raise AdapterhubError(f"{kind}: --loraplus-lr-ratio is not defined for {label} (LoRA+ scales the up "
                               f"matrices, lora_up; {label} has none); use lora or locon")
+    if getattr(config, "max_norm", None) and getattr(config, "dora", False):
+        raise AdapterhubError(f"{kind}: --max-norm is not defined for DoRA (a DoRA module's change is set by its "
+                              "magnitude, not by the norm of its factors' product); train without one of them")
     if getattr(config, "max_norm", None) and kind == "adalora":
         raise AdapterhubError("adalora: --max-norm is not supported (it is defined for kohya LoRA and LyCORIS "
                               "modules); use lora, locon, loha or lokr")
@@ -237,6 +242,9 @@ class LoRATrainable(Trainable):
                 down = layer.lora_A[ADAPTER].weight.detach().float().clone()
                 up = layer.lora_B[ADAPTER].weight.detach().float().clone()
                 patches[target] = LoRAPatch(target, target, {"up": up, "down": down}, alpha=alpha)
+                if layer.use_dora.get(ADAPTER):  # PEFT's magnitude, per output row ((out,) / a conv's (1, out, 1, 1))
+                    magnitude = layer.lora_magnitude_vector[ADAPTER].weight.detach().float().reshape(-1).clone()
+                    patches[target] = DoRAPatch(patches[target], magnitude, ROW)
         return Adapter(type=self.kind, format="lycoris" if self.kind in LYCORIS_KINDS else "kohya",
                        patches=patches, metadata={}, base=self.base, family=self.family)
 
@@ -253,13 +261,16 @@ class LoRATrainable(Trainable):
 def network_metadata(kind: str, config, has_conv: bool) -> dict[str, str]:
     rank, alpha, conv_rank, conv_alpha = _ranks(kind, config)
     args: dict[str, str] = {"algo": kind} if kind in LYCORIS_KINDS else {}
+    if getattr(config, "dora", False):  # LyCORIS' network args for a DoRA (weight-decomposed) LoRA / LoCon
+        args.update({"algo": kind, "dora_wd": "True", "wd_on_out": "True"})
     if kind == "lokr":  # LyCORIS' network args for the factorisation it was trained with
         args.update({"factor": "-1", "decompose_both": "False", "use_tucker": "False"})
     if has_conv:
         args.update({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)})
     if getattr(config, "loraplus_lr_ratio", None):
         args["loraplus_lr_ratio"] = _ratio_text(config.loraplus_lr_ratio)
-    meta = {"ss_network_module": lora_save.NETWORK_MODULE[kind], "ss_network_dim": str(rank),
+    module = "lycoris.kohya" if getattr(config, "dora", False) else lora_save.NETWORK_MODULE[kind]
+    meta = {"ss_network_module": module, "ss_network_dim": str(rank),
             "ss_network_alpha": str(alpha), "ss_network_dropout": str(config.dropout or 0.0),
             "ss_scale_weight_norms": str(getattr(config, "max_norm", None)), "modelspec.architecture": "lora"}
     if args:
