@@ -222,3 +222,18 @@ def test_a_flux_magnitude_per_input_channel_is_refused_in_one_line(tiny_flux, tm
 
     source, _ = _onetrainer_file(tmp_path / "onetrainer.safetensors", tiny_flux)
     _refused(source, tmp_path / "d.safetensors", capsys, "DoRA", "input channel")
+
+
+def test_a_dora_on_one_part_of_a_fused_flux_module_goes_to_diffusers_not_kohya(tiny_flux, tmp_path, capsys):
+    """PEFT DoRA on ``to_q`` alone: sd-scripts' fused ``img_attn_qkv`` would need ``to_k`` / ``to_v``'s norms, so kohya
+    refuses and says which layouts carry it; diffusers keeps the modules apart and takes it (its loader the oracle)."""
+    _peft_dora(tiny_flux.transformer, tmp_path / "peft" / "transformer", ["transformer_blocks.0.attn.to_q"], 4, 5)
+    capsys.readouterr()
+    assert _convert(tmp_path / "peft", tmp_path / "k.safetensors", to="kohya") == 2
+    line = capsys.readouterr().err.strip()
+    assert "to_k" in line and "diffusers" in line and "\n" not in line and not (tmp_path / "k.safetensors").exists()
+    out = tmp_path / "diffusers.safetensors"
+    assert _convert(tmp_path / "peft", out) == 0
+    before = _state(tiny_flux, ("transformer",))
+    oracle = _fused_by_diffusers(tiny_flux, out, ("transformer",))
+    assert_same_weights(_ours(tiny_flux, tmp_path / "peft", ("transformer",)), oracle, original=before, atol=ATOL)

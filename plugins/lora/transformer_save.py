@@ -172,14 +172,18 @@ def _fused_dora(adapter: Adapter, name: str, parts: tuple[str, ...], patches: li
     """DoRA on every part of a fused module, each magnitude per output row: the inner LoRAs joined as any parts
     are and the magnitudes stacked by the same rows, ``(out, 1)`` (each row's norm is its own: the fused module's
     DoRA is exactly its parts'). A part without DoRA (its rows would need the base's norms) or a magnitude per
-    input channel split across parts is refused. A swapped module (one part) has its rows swapped back."""
+    input channel split across parts is refused, naming where it goes instead: a missing part, to the layouts that
+    keep diffusers' modules apart (peft, diffusers); a plain LoRA part or a per-column magnitude, which those
+    refuse too (:func:`.save.refuse_dora_mix`, :func:`.save.peft_magnitude`), to its own layout.
+    A swapped module (one part) has its rows swapped back."""
     for patch, part in zip(patches, parts):
         ok = isinstance(patch, DoRAPatch) and (len(parts) == 1 or patch.side_for(patch.expected_shape()) == ROW)
         if not ok:
             first = next(p for p in patches if isinstance(p, DoRAPatch))
             has = "one per input channel" if isinstance(patch, DoRAPatch) else "no DoRA magnitude"
+            where = "write it as peft or diffusers" if patch is None else "keep it in its own layout"
             raise AdapterError(adapter.path, f"the DoRA parts of the fused kohya module {name} cannot be joined: "
-                                             f"{part} has {has}; write it as peft", first.source)
+                                             f"{part} has {has}; {where}", first.source)
     out = _fused_module(adapter, name, parts, [p.inner for p in patches])
     if len(parts) == 1 and patches[0].side_for(patches[0].expected_shape()) != ROW:
         magnitude = patches[0].magnitude  # a column's norm does not depend on the rows' order
