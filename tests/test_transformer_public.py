@@ -143,3 +143,59 @@ def test_the_catalog_records_family_base_and_trigger_words(case, tmp_path, capsy
         (entry,) = json.loads(capsys.readouterr().out)
         assert (entry["base"], entry["format"]) == (want["base"], want["layout"])
         assert triggers <= set(entry["trigger_words"])
+
+
+# ---------------------------------------------------------------------------------------------
+# key lists of real files kept by other projects' test suites (InvokeAI's
+# ``tests/backend/patches/lora_conversions/lora_state_dicts/``: every key and shape of a real Flux file, as a
+# Python module ``state_dict_keys = {key: shape}``), where ``ADAPTERHUB_KEYLISTS`` names a folder holding them;
+# nothing of them is kept here. Read with ``ast.literal_eval`` (never executed), rebuilt with seeded values.
+# ---------------------------------------------------------------------------------------------
+KEYLISTS = {  # module name -> the layout it is (each module's header names the real file it lists)
+    "flux_lora_kohya_format": "kohya", "flux_lora_kohya_with_te1_format": "kohya",
+    "flux_lora_diffusers_format": "diffusers", "flux_lora_diffusers_no_proj_mlp_format": "diffusers",
+    "flux_lora_diffusers_base_model_format": "peft", "flux_lora_aitoolkit_format": "comfyui",
+    "flux_lora_xlabs_format": "xlabs", "flux_dora_onetrainer_format": "onetrainer",
+    "flux_control_lora_format": "bfl-control",
+}
+
+
+def keylist_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """``state_dict_keys`` of a key-list module, read as a literal (the module is never run)."""
+    import ast
+
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "state_dict_keys" for t in node.targets):
+            return {k: tuple(v) for k, v in ast.literal_eval(node.value).items()}
+    raise AssertionError(f"{path}: no state_dict_keys")
+
+
+@pytest.mark.parametrize("name", sorted(KEYLISTS))
+def test_a_real_files_key_list_reads_and_binds_to_flux_dev(name, tmp_path):
+    import adapterhub
+    from safetensors.torch import save_file
+
+    from adapterhub.api import describe
+    from adapterhub.transformer_bases import build_transformer_base
+    from adapterhub.weights import bind
+
+    folder = os.environ.get("ADAPTERHUB_KEYLISTS")
+    source = Path(folder) / f"{name}.py" if folder else None
+    if source is None or not source.is_file():
+        pytest.skip("ADAPTERHUB_KEYLISTS names no folder holding this key list")
+    shapes = keylist_shapes(source)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {k: ((torch.rand(s, generator=gen) - 0.5) * 0.02).to(torch.bfloat16) if s else torch.tensor(8.0)
+               for k, s in shapes.items()}
+    path = tmp_path / f"{name}.safetensors"
+    save_file(tensors, str(path))
+    adapter, _ = describe(path)
+    assert (adapter.family, adapter.format) == ("flux", KEYLISTS[name])
+    loaded = adapterhub.load(path)
+    assert {k for patch in loaded.patches.values() for k in patch.file_keys.values()} == set(shapes)
+    if KEYLISTS[name] == "bfl-control":  # a control LoRA widens x_embedder: merged, never bound in place
+        return
+    bindings = bind(build_transformer_base("flux-dev"), loaded)
+    assert len(bindings) == len(loaded.patches)
+    for b in bindings:
+        assert b.patch.fits(tuple(b.param.shape)), b.patch.target
