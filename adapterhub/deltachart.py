@@ -55,17 +55,26 @@ def block_norms(adapter) -> dict[str, float]:
 
     Raises :class:`AdapterError` naming the file for a type that is no weight delta (textual inversion,
     hypernetwork, ControlNet ...: attached at run time, nothing to measure per block)."""
+    return measure(adapter)[0]
+
+
+def measure(adapter) -> tuple[dict[str, float], int]:
+    """(:func:`block_norms`, how many patches have no norm of their own: a change that depends on the base weights,
+    or a shape the file leaves open; those are not drawn)."""
     if not adapter.plugin.weight_space:
         raise AdapterError(adapter.path, f"a {adapter.type} has no weight deltas to plot per block (it is attached "
                                          "at run time, not merged)")
     squares: dict[str, float] = {}
-    family = getattr(adapter, "family", None)
+    family, unmeasured = getattr(adapter, "family", None), 0
     for patch in adapter.patches.values():
         value = patch.squared_norm()  # the patch's own (Patch.squared_norm): no type's formula here
-        if value is not None:
+        if value is None:
+            unmeasured += 1
+        else:
             slot = slot_of(patch.target, family)
             squares[slot] = squares.get(slot, 0.0) + value
-    return {slot: squares[slot] ** 0.5 for slot in sorted(squares, key=_model_order) if squares[slot] > 0.0}
+    norms = {slot: squares[slot] ** 0.5 for slot in sorted(squares, key=_model_order) if squares[slot] > 0.0}
+    return norms, unmeasured
 
 
 def _font(size: int):

@@ -124,3 +124,22 @@ def test_transformer_block_norms_are_per_block(base, first, request, tmp_path, c
     plot = tmp_path / "chart.png"
     assert main(["inspect", str(path), "--json", "--no-hash", "--plot", str(plot)]) == 0
     assert json.loads(capsys.readouterr().out)["block_norms"].keys() == ours.keys() and plot.stat().st_size > 0
+
+
+def test_a_dora_file_says_why_it_has_no_bars(tmp_path, capsys):
+    """A DoRA module's change depends on the base weights: no bar, and the chart and the JSON say so."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from adapterhub.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lora_down.weight": torch.randn(2, 32, generator=g),
+               f"{name}.lora_up.weight": torch.randn(32, 2, generator=g), f"{name}.alpha": torch.tensor(2.0),
+               f"{name}.dora_scale": torch.rand(32, 1, generator=g) + 0.5}, str(tmp_path / "dora.safetensors"))
+    plot = tmp_path / "chart.png"
+    assert main(["inspect", str(tmp_path / "dora.safetensors"), "--json", "--no-hash", "--plot", str(plot)]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["block_norms"] == {} and facts["not_drawn"] == 1 and plot.is_file()

@@ -31,9 +31,18 @@ def inspect_cmd(file: str, as_json: bool, no_hash: bool, plot: str | None):
     path = resolve_adapter(file)
     facts = adapterhub.inspect(path, with_hash=not no_hash)
     if plot is not None:
-        from adapterhub.deltachart import block_norms, save_chart
+        from adapterhub.deltachart import measure, save_chart
 
-        norms = block_norms(adapterhub.load(path))  # a type with no weight deltas fails here, nothing written
-        save_chart([(facts.get("name") or path.stem, norms)], plot, title=f"{path.name}: weight change per block")
+        adapter = adapterhub.load(path)
+        norms, unmeasured = measure(adapter)  # a type with no weight deltas fails here, nothing written
+        label = facts.get("name") or path.stem
+        row = norms if norms or not unmeasured else \
+            f"no bars: the change of its {unmeasured} modules depends on the base weights"
+        title = f"{path.name}: weight change per block"
+        if norms and unmeasured:
+            title += f" ({unmeasured} of {len(adapter.patches)} modules not drawn: their change depends on the base)"
+        save_chart([(label, row)], plot, title=title)
         facts["block_norms"], facts["plot"] = norms, str(plot)
+        if unmeasured:
+            facts["not_drawn"] = unmeasured
     output.emit(facts, as_json, _render)
