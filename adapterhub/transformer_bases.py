@@ -3,6 +3,8 @@
 * ``tiny-sd3`` / ``tiny-flux``: pipelines shaped like the real ones (the same module names: joint
   blocks with the context stream, SD3.5's dual attention, Flux's double and single stream blocks and
   guidance embedding) with tiny widths, built offline from :data:`TINY_SEED` in well under a second.
+  ``tiny-flux-fill``: tiny-flux with FLUX.1 Fill's input (a ``FluxFillPipeline``: the packed latents, the
+  masked image's latents and the packed mask side by side).
 * ``sd3.5-medium`` / ``sd3.5-large`` / ``flux-dev`` / ``flux-schnell``: the published transformer
   configurations written out in code, built with random weights; on the meta device by default
   (shapes and parameter counts, no memory), as the UNet presets in :mod:`adapterhub.base` are.
@@ -94,7 +96,12 @@ TINY_FLUX = {"patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_la
              "num_attention_heads": 2, "joint_attention_dim": 40, "pooled_projection_dim": 32,
              "guidance_embeds": True, "axes_dims_rope": [4, 6, 6]}
 
-SD3_PIPELINE, FLUX_PIPELINE = "StableDiffusion3Pipeline", "FluxPipeline"
+# FLUX.1 Fill's transformer takes the packed noise latents, the masked image's latents (as wide) and the mask packed
+# the same way (vae_scale**2 values a latent pixel, 2 x 2 pixels a token): tiny-flux's 16 + 16 + 4 x 2 x 2 (its
+# VAE scales by 2), FLUX.1 Fill dev's 64 + 64 + 4 x 8 x 8 = 384; the output stays the latents' width
+TINY_FLUX_FILL = {**TINY_FLUX, "in_channels": 48, "out_channels": 16}
+
+SD3_PIPELINE, FLUX_PIPELINE, FLUX_FILL_PIPELINE = "StableDiffusion3Pipeline", "FluxPipeline", "FluxFillPipeline"
 _SD3_CLIPS = (("CLIPTextModelWithProjection", CLIP_L), ("CLIPTextModelWithProjection", CLIP_G))
 _TINY_SD3_CLIPS = (("CLIPTextModelWithProjection", TINY_CLIP), ("CLIPTextModelWithProjection", TINY_CLIP))
 
@@ -109,8 +116,10 @@ TRANSFORMER_PRESETS: dict[str, TransformerRecipe] = {
                                   SCHEDULER_SD3),
     "tiny-flux": TransformerRecipe("flux", FLUX_PIPELINE, TINY_FLUX, TINY_VAE, (("CLIPTextModel", TINY_CLIP),),
                                    _tiny_t5(40), SCHEDULER_FLUX),
+    "tiny-flux-fill": TransformerRecipe("flux", FLUX_FILL_PIPELINE, TINY_FLUX_FILL, TINY_VAE,
+                                        (("CLIPTextModel", TINY_CLIP),), _tiny_t5(40), SCHEDULER_FLUX),
 }
-TINY_TRANSFORMER_BASES = ("tiny-sd3", "tiny-flux")
+TINY_TRANSFORMER_BASES = ("tiny-sd3", "tiny-flux", "tiny-flux-fill")
 # hidden width -> (family, the base an adapter of that width is reported for); every LoRA-visible shape of
 # FLUX.1 dev and schnell is the same ("flux"); SD3 Medium and SD3.5 Medium share 1536 (SD3.5 adds attn2)
 WIDTH_BASES = {3072: ("flux", "flux"), 32: ("flux", "tiny-flux"), 1536: ("sd3", "sd3-medium"),
@@ -204,6 +213,75 @@ def _checkpoint_facts(path: Path) -> tuple[str, int | None] | None:
             if pattern.search(key) and shape and len(shape) == 2:  # Flux's patterns come first: it has joint blocks too
                 return family, int(shape[1])
     return None
+
+
+# what a Flux transformer takes beside the noise latents, told from its pipeline class where the files name one
+PIPELINE_INPUTS = {FLUX_FILL_PIPELINE: "fill", "FluxControlPipeline": "control"}
+FILE_VAE_SCALE = 8  # a single-file Flux transformer carries no VAE: FLUX.1's (8 px a latent)
+# single files: the input layer (its input width) and the output layer (its output: the packed latents' width)
+_INPUT_KEYS = (re.compile(r"(^|\.)img_in\.weight$"), re.compile(r"^(transformer\.)?x_embedder\.weight$"))
+_OUTPUT_KEYS = (re.compile(r"(^|\.)final_layer\.linear\.weight$"), re.compile(r"^(transformer\.)?proj_out\.weight$"))
+
+
+def flux_input_kind(in_features: int, latent_width: int, vae_scale: int) -> str | None:
+    """What a Flux transformer whose input layer takes ``in_features`` takes beside the ``latent_width`` packed
+    noise latents (4 x the VAE's channels): ``"fill"`` (FLUX.1 Fill: the masked image's latents, as wide, and the
+    mask, ``vae_scale**2`` values a latent pixel, packed 2 x 2), ``"control"`` (any other extra: a control image's
+    latents, FLUX.1 Canny / Depth) or None (the noise only). The one rule for loaded models and for files."""
+    extra = int(in_features) - int(latent_width)
+    if extra <= 0:
+        return None
+    return "fill" if extra == int(latent_width) + 4 * int(vae_scale) ** 2 else "control"
+
+
+def transformer_input(spec: str) -> str | None:
+    """``"fill"``, ``"control"`` or None (:func:`flux_input_kind`) for the Flux base ``spec`` names, from its files
+    without building it: a preset's recipe, a diffusers folder's ``model_index.json`` (FluxFillPipeline,
+    FluxControlPipeline) else its transformer's and VAE's configs, a safetensors file's input and output layers
+    (``img_in`` / ``final_layer.linear``, or diffusers' ``x_embedder`` / ``proj_out``). None for anything else."""
+    facts = transformer_base_facts(spec)
+    if not facts or facts[0] != "flux":
+        return None
+    if spec in TRANSFORMER_PRESETS:
+        rec = TRANSFORMER_PRESETS[spec]
+        return PIPELINE_INPUTS.get(rec.pipeline) or _config_input(rec.transformer, rec.vae)
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir():
+            index = path / "model_index.json"
+            pipeline = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+            if pipeline in PIPELINE_INPUTS:
+                return PIPELINE_INPUTS[pipeline]
+            return _config_input(*(json.loads((path / part / "config.json").read_text())
+                                   for part in ("transformer", "vae")))
+        if path.is_file():
+            return _checkpoint_input(path)
+    except (OSError, ValueError, AdapterhubError):
+        pass
+    return None
+
+
+def _config_input(transformer: dict, vae: dict) -> str | None:
+    inputs = transformer.get("in_channels")
+    latent_width = transformer.get("out_channels") or inputs
+    blocks = vae.get("block_out_channels") or [0] * 4
+    return flux_input_kind(inputs, latent_width, 2 ** (len(blocks) - 1)) if isinstance(inputs, int) else None
+
+
+def _checkpoint_input(path: Path) -> str | None:
+    from adapterhub.io import read_safetensors_header
+
+    header, _, _ = read_safetensors_header(path)
+
+    def width(patterns, axis: int) -> int | None:
+        for key, entry in header.items():
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if shape and len(shape) == 2 and any(p.search(key) for p in patterns):
+                return int(shape[axis])
+        return None
+
+    inputs, latent_width = width(_INPUT_KEYS, 1), width(_OUTPUT_KEYS, 0)
+    return flux_input_kind(inputs, latent_width, FILE_VAE_SCALE) if inputs and latent_width else None
 
 
 def t5_tokenizer():

@@ -62,7 +62,8 @@ from adapterhub.errors import AdapterhubError
 from adapterhub.sample import flow_passes, flow_prompt, flow_samplers
 from adapterhub.sample.request import DTYPES, Request, Result, normalized
 
-FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+# FluxFillPipeline: a FLUX.1 Fill model, which only adapterhub.sample.flow_fill samples (the others refuse it)
+FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "FluxFillPipeline": "flux"}
 # per family, the samplers the pipeline itself runs on its own schedule ("Automatic") -> diffusers' scheduler class.
 # Euler is the pipelines' own; Heun (second order, the last step Euler as k-diffusion's) only where the pipeline can
 # drive it: FluxPipeline hands the scheduler its dynamically shifted sigmas, which FlowMatchHeunDiscreteScheduler
@@ -198,6 +199,7 @@ class FlowGenerator:
     ``generate`` as :class:`adapterhub.sample.generator.Generator`."""
 
     takes_control_image = False  # FLUX.1 control models: adapterhub.sample.flow_control.FlowControlGenerator
+    model_input: str | None = None  # what the model takes beside the noise: "control", "fill" (flow_fill)
 
     def __init__(self, base="tiny-flux", backend: str = "eager", dtype: str | torch.dtype | None = None,
                  device: str | None = None, adapter_dirs: Sequence[str | Path] = (), model_name: str | None = None,
@@ -230,13 +232,12 @@ class FlowGenerator:
         else:
             self.pipe, self.base_path = base, None
             self.model_name = model_name or Path(str(getattr(base.config, "_name_or_path", "") or "model")).name
-        if type(self.pipe).__name__ not in FLOW_PIPELINES:  # Fill, Kontext, ControlNet ... want more than a prompt
-            raise AdapterhubError(f"{base}: a {type(self.pipe).__name__}; text-to-image sampling takes a "
+        if type(self.pipe).__name__ not in FLOW_PIPELINES:  # Kontext, ControlNet ... want more than a prompt
+            raise AdapterhubError(f"{base}: a {type(self.pipe).__name__}; sampling takes a "
                                   f"{' or '.join(FLOW_PIPELINES)} base")
-        if not self.takes_control_image:  # a FLUX.1 control model cannot run without its image
-            from adapterhub.sample.flow_control import refuse_control_model
+        from adapterhub.sample.flow_control import refuse_control_model
 
-            refuse_control_model(self.pipe, base)
+        refuse_control_model(self.pipe, base, self.model_input)  # a control / Fill model: its own generator only
         self.pipe.set_progress_bar_config(disable=True)
         self.device, self.dtype = self.pipe.transformer.device, self.pipe.transformer.dtype
         self.guidance_embeds = bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))

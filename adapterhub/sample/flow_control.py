@@ -14,7 +14,9 @@ stack switched in through the weight engine, Forge's infotext. With the same noi
 equal ``FluxControlPipeline``'s bit for bit.
 
 The pipeline's loop runs it: Euler on the schedule "Automatic", distilled guidance, no real CFG, no inpainting (one
-line each, before anything runs); a plain :class:`FlowGenerator` refuses a control model (it needs an image).
+line each, before anything runs); a plain :class:`FlowGenerator` refuses a control model (it needs an image), and this
+generator a FLUX.1 Fill model (:mod:`adapterhub.sample.flow_fill`), told apart by the width of the extra input
+(:func:`model_input`).
 img2img (``init_image``) runs the webui's last steps of the schedule from the init image's latents noised with each
 image's noise, as ``FluxControlImg2ImgPipeline`` runs them; the hires fix's second pass is such an img2img at the
 hires size, the control image resized to it (as the pipeline resizes it to the size it samples).
@@ -38,24 +40,40 @@ class FlowControlRequest(FlowRequest):
     control_image: Any = None
 
 
-def control_width(pipe) -> int | None:
-    """How many more input features than the packed latents the transformer takes (the control image's), or
-    None for a plain text-to-image Flux model."""
+def model_input(pipe) -> str | None:
+    """What the pipeline's Flux transformer takes beside the packed noise latents: ``"control"`` (a control image's
+    latents), ``"fill"`` (FLUX.1 Fill: the masked image's latents and the packed mask) or None (a text-to-image
+    model, or not a Flux pipeline), told by the width of the extra input
+    (:func:`adapterhub.transformer_bases.flux_input_kind`, the rule files are read with too)."""
+    from adapterhub.transformer_bases import flux_input_kind
+
     transformer = getattr(pipe, "transformer", None)
     embedder = getattr(transformer, "x_embedder", None)
     vae = getattr(pipe, "vae", None)
     if embedder is None or vae is None or not hasattr(pipe, "_pack_latents"):
         return None
-    extra = int(embedder.in_features) - 4 * int(vae.config.latent_channels)  # 2 x 2 latents a token
-    return extra if extra > 0 else None
+    return flux_input_kind(embedder.in_features, 4 * int(vae.config.latent_channels),  # 2 x 2 latents a token
+                           pipe.vae_scale_factor)
 
 
-def refuse_control_model(pipe, base) -> None:
-    """One line for a control model given to text-to-image sampling: it cannot run without its image."""
-    if control_width(pipe) is not None:
+def refuse_control_model(pipe, base, wants: str | None = None) -> None:
+    """One line for a model given to a generator of another kind: a control model needs its control image, a Fill
+    model an init image and a mask (each has its own generator); ``wants`` is the kind the generator samples
+    (None: text-to-image), which a model of no such input is refused for too."""
+    kind = model_input(pipe)
+    if kind == wants:
+        return
+    if kind == "control":
         raise AdapterhubError(f"{base}: a FLUX.1 control model (its transformer takes a control image's latents "
                               "beside the noise); sample it with a control image (adapterhub.sample.flow_control."
                               "FlowControlGenerator, or diffusers' FluxControlPipeline)")
+    if kind == "fill":
+        raise AdapterhubError(f"{base}: a FLUX.1 Fill model (inpainting: its transformer takes the masked image and "
+                              "the mask beside the noise) needs an init image and a mask (adapterhub sample "
+                              "--init-image --mask, or adapterhub.sample.flow_fill.FlowFillGenerator)")
+    what = {"control": "control model (its transformer takes no control image)",
+            "fill": "Fill model (its transformer takes no masked image and mask)"}[wants]
+    raise AdapterhubError(f"{base}: not a FLUX.1 {what}")
 
 
 def check_control_request(req: FlowRequest) -> None:
@@ -92,11 +110,10 @@ class FlowControlGenerator(FlowGenerator):
     """A :class:`FlowGenerator` for a FLUX.1 control model; every request carries its ``control_image``."""
 
     takes_control_image = True
+    model_input = "control"
 
     def __init__(self, base, **options):
-        super().__init__(base, **options)
-        if self.family != "flux" or control_width(self.pipe) is None:
-            raise AdapterhubError(f"{base}: not a FLUX.1 control model (its transformer takes no control image)")
+        super().__init__(base, **options)  # refuses any other kind of model (refuse_control_model)
         from diffusers import FluxControlPipeline
 
         parts = {name: getattr(self.pipe, name) for name in ("scheduler", "vae", "text_encoder", "tokenizer",

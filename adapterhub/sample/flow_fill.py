@@ -1,0 +1,212 @@
+"""Sampling FLUX.1 Fill (Black Forest Labs' inpainting model) with an init image and a mask.
+
+    gen = FlowFillGenerator("FLUX.1-Fill-dev")         # a diffusers folder (FluxFillPipeline), or tiny-flux-fill
+    result = gen("a castle", init_image="photo.png", mask="mask.png", seed=42, steps=20)
+
+A Fill model's transformer takes, beside the packed noise latents, the latents of the init image with the masked
+area blanked out and the mask itself (``vae_scale**2`` values a latent pixel, packed as the latents are): FLUX.1
+Fill dev's 64 + 64 + 256 inputs (:func:`adapterhub.sample.flow_control.model_input` tells it from a control model
+by that width). Each request runs diffusers' ``FluxFillPipeline`` loop, built on the base's own modules (so stacks
+and the compiled backend reach it): Euler on the schedule "Automatic", distilled guidance (default 30, the
+pipeline's), no real CFG. What this module adds is the webui's side, as for the other Flux passes
+(:mod:`adapterhub.sample.flow`): each image n its own noise (seed + n, the request's RNG) and its own generator
+(seeded with its seed) for the masked image's VAE sample, the adapter stack switched in through the weight engine,
+the mask made as the webui makes it (:func:`adapterhub.sample.images.prepare_mask`: ``mask_blur``, inverted with
+``inpainting_mask_invert``, "Just resize" to the request's size; the pipeline then takes it as binary) and the
+result laid under the webui's overlay (the original pixels outside the blurred mask), and Forge's infotext
+(``Denoising strength``, ``Mask blur``, ``Distilled CFG Scale``). With the same noise and generators the latents
+equal ``FluxFillPipeline``'s bit for bit.
+
+``denoising_strength`` is the pipeline's ``strength`` (default 1: the masked area from pure noise; below 1 the
+pipeline's last ``steps x strength`` steps from the init image's latents, the VAE posterior's mean as our img2img
+takes it, noised with the image's noise to the first of them).
+
+Refused in one line, before anything runs: no init image or mask; another sampler or schedule, CFG above 1; the
+hires fix; "only masked" (``inpaint_full_res``, its padding): a Fill model takes the whole image and its mask;
+another "masked content" than original (the model sees the masked area blank and starts it from noise); a noise
+multiplier or an inpainting mask weight (inputs of the webui's SD inpainting, not of this pipeline); ``AND``,
+prompt editing and alternation (they need the k-diffusion loop, which has no Fill inputs).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from adapterhub.errors import AdapterhubError
+from adapterhub.sample.flow import FLOW_SCHEDULES, FlowGenerator, FlowRequest, flow_request, flow_sampler
+from adapterhub.sample.request import Request
+
+FILL_GUIDANCE = 30.0  # FluxFillPipeline's default guidance_scale (BFL's for FLUX.1 Fill dev)
+FILL_STRENGTH = 1.0  # FluxFillPipeline's default strength: the masked area from pure noise
+
+
+@dataclass
+class FlowFillRequest(FlowRequest):
+    """A :class:`FlowRequest` for a FLUX.1 Fill model: ``init_image`` and ``mask`` required,
+    ``denoising_strength`` the pipeline's ``strength`` (default 1)."""
+
+    denoising_strength: float = FILL_STRENGTH
+
+
+def is_fill_base(base) -> bool:
+    """Whether ``base`` (a name or a path) is a FLUX.1 Fill model, told from its files without building it."""
+    from adapterhub.transformer_bases import transformer_input
+
+    return transformer_input(str(base)) == "fill"
+
+
+def check_fill_request(req: Request) -> None:
+    """What ``FluxFillPipeline``'s loop cannot run, in one line (see the module doc)."""
+    if req.init_image is None or req.mask is None:
+        raise AdapterhubError("a FLUX.1 Fill model needs an init image and a mask (--init-image, --mask: it repaints "
+                              "where the mask is white)")
+    if flow_sampler(req.sampler, "flux") != "Euler" or req.schedule != FLOW_SCHEDULES[0]:
+        raise AdapterhubError(f"sampler {req.sampler} / schedule {req.schedule}: a FLUX.1 Fill model samples with "
+                              f"Euler on the schedule {FLOW_SCHEDULES[0]} (FluxFillPipeline's)")
+    if req.cfg is not None and req.cfg > 1:
+        raise AdapterhubError(f"CFG scale {req.cfg:g}: a FLUX.1 Fill model runs distilled guidance only (CFG scale 1; "
+                              "FluxFillPipeline has no negative prompt)")
+    if req.hr_scale is not None:
+        raise AdapterhubError("hires fix: not on a FLUX.1 Fill model (it repaints the init image at one size: "
+                              "sample at the size you want)")
+    if req.inpaint_full_res:
+        raise AdapterhubError("--inpaint-full-res (only masked): a FLUX.1 Fill model takes the whole image and its "
+                              "mask (it sees everything around the masked area)")
+    if int(req.inpainting_fill) != 1:
+        raise AdapterhubError("--inpainting-fill (masked content): a FLUX.1 Fill model sees the masked area blank and "
+                              "starts it from noise; only 'original' applies")
+    if float(req.initial_noise_multiplier) != 1.0:
+        raise AdapterhubError("noise multiplier: not on a FLUX.1 Fill model (FluxFillPipeline's noise as drawn)")
+    if float(req.inpainting_mask_weight) != 1.0:
+        raise AdapterhubError("inpainting mask weight: not on a FLUX.1 Fill model (it takes the masked image whole)")
+
+
+def fill_request(request: Request, many: bool = False, strength_given: bool = False) -> FlowFillRequest:
+    """The run's request for a Fill base (``adapterhub sample --base <fill> --init-image --mask``), checked before
+    the model loads; ``strength_given``: ``--denoise`` was set (else the pipeline's 1)."""
+    if many:
+        raise AdapterhubError("a FLUX.1 Fill model takes one --prompt (not --prompts or a plot's axes)")
+    flow = request if isinstance(request, FlowRequest) else flow_request(request, "flux")
+    strength = flow.denoising_strength if strength_given else FILL_STRENGTH
+    fill = FlowFillRequest(**{**vars(flow), "denoising_strength": strength})
+    check_fill_request(fill)
+    return fill
+
+
+class FlowFillGenerator(FlowGenerator):
+    """A :class:`FlowGenerator` for a FLUX.1 Fill model; every request carries ``init_image`` and ``mask``."""
+
+    model_input = "fill"
+
+    def __init__(self, base, **options):
+        super().__init__(base, **options)  # refuses any other kind of model (refuse_control_model)
+        parts = {name: getattr(self.pipe, name) for name in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                               "text_encoder_2", "tokenizer_2", "transformer")}
+        self.fill_pipe = _fill_pipeline(parts)  # the same modules: stacks and compiled runs reach it
+        self.fill_pipe.set_progress_bar_config(disable=True)
+
+    def __call__(self, prompt: str, **options):
+        """``options`` as :class:`FlowFillRequest`'s fields; those left out take the Fill model's defaults."""
+        given = set(options)
+        req = flow_request(FlowRequest(prompt, **options), self.family, given)
+        strength = options.get("denoising_strength", FILL_STRENGTH)
+        return self.generate(FlowFillRequest(**{**vars(req), "denoising_strength": strength}))
+
+    def request(self, req: Request) -> FlowFillRequest:
+        """``req`` checked as :meth:`FlowGenerator.request` does, what the Fill pipeline cannot run refused, the
+        distilled guidance the pipeline's 30 unless set."""
+        check_fill_request(req)  # before the images are read
+        checked = super().request(req)
+        if checked.distilled_cfg is None:
+            checked = replace(checked, distilled_cfg=FILL_GUIDANCE)
+        return checked
+
+    def denoise(self, req: FlowRequest, prompt: str, seeds: Sequence[int],
+                on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``FluxFillPipeline``'s loop for the images of ``seeds``: each one's noise (strength below 1: ``init``,
+        the init image's latents, noised with it) and generator (seeded with its seed: its masked image's VAE
+        sample); the final latents (B, C, H/8, W/8). ``mask``, the latent mask the webui's blend would use, is not
+        used: the pipeline takes the mask in pixels."""
+        from adapterhub.sample import flow_passes, flow_prompt
+        from adapterhub.sample.flow import _step_counter
+
+        single = flow_prompt.single_prompt(prompt)
+        prompt = prompt if single is None else flow_passes.pass_text(single, req)
+        steps, first = flow_passes.prompt_steps(req)
+        if flow_prompt.on_own_loop(prompt, req.negative, steps, req.cfg, self.family, first):
+            raise AdapterhubError("a FLUX.1 Fill model samples on FluxFillPipeline's own loop: AND, prompt editing "
+                                  "and alternation (the conditioning changed by model call) are not available on it")
+        pipe = self.fill_pipe
+        image, pixel_mask = self._images(req)
+        noise = self.noise(seeds, req.width, req.height, req.rng)
+        batch, channels, rows, cols = noise.shape
+        kwargs: dict[str, Any] = {
+            "prompt": prompt, "image": image, "mask_image": pixel_mask, "height": req.height, "width": req.width,
+            "strength": float(req.denoising_strength), "num_inference_steps": req.steps,
+            "guidance_scale": float(req.distilled_cfg), "num_images_per_prompt": batch, "output_type": "latent",
+            "latents": pipe._pack_latents(self._start(req, noise, init), batch, channels, rows, cols),
+            "generator": [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]}
+        if flow_prompt.needs_engines(prompt, req.negative, req.emphasis):  # emphasis, BREAK: Forge's engines
+            kwargs.pop("prompt")
+            kwargs.update(flow_prompt.pipeline_embeds(self.pipe, self.family, prompt, req.negative, req.emphasis,
+                                                      batch, False), num_images_per_prompt=1)
+        if on_step is not None:
+            kwargs["callback_on_step_end"] = _step_counter(on_step, "Euler", req.steps)
+        scheduler = self._scheduler("FlowMatchEulerDiscreteScheduler")
+        if self.step_hook is not None:
+            self._watch(scheduler, req.width, req.height)
+        own = pipe.scheduler
+        pipe.scheduler = scheduler
+        try:
+            latents = pipe(**kwargs).images
+        finally:
+            pipe.scheduler = own
+        return pipe._unpack_latents(latents, req.height, req.width, pipe.vae_scale_factor)
+
+    def k_denoise(self, *args, **kwargs):
+        raise AdapterhubError("a FLUX.1 Fill model samples on FluxFillPipeline's own loop only")
+
+    def _images(self, req: FlowRequest):
+        """The init image and the mask at the request's size, the mask made as the webui makes it (binary,
+        inverted if asked, blurred, "Just resize"); the pipeline takes it binary again (``do_binarize``)."""
+        from adapterhub.sample.images import prepare_inpaint
+
+        prepared = prepare_inpaint(req)
+        return prepared.init, prepared.mask
+
+    def _start(self, req: FlowRequest, noise: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
+        """The latents the loop starts from (B, C, H/8, W/8): the noise at strength 1; below, ``init`` noised
+        with it to the first step the pipeline runs (its ``get_timesteps``: the last ``steps x strength``)."""
+        strength = float(req.denoising_strength)
+        if strength >= 1.0 or init is None:
+            return noise
+        scheduler = self._scheduler("FlowMatchEulerDiscreteScheduler")
+        self._set_timesteps(scheduler, req.steps, req.width, req.height)
+        skipped = int(max(req.steps - min(req.steps * strength, req.steps), 0))  # the pipeline's t_start
+        return scheduler.scale_noise(init, scheduler.timesteps[skipped:skipped + 1], noise)
+
+
+def _fill_pipeline(parts: dict[str, Any]):
+    """``FluxFillPipeline`` on ``parts`` whose masked-image latents are drawn per image, each with its own
+    generator: given one image and a list of generators, the pipeline itself would encode the masked image once,
+    with the first generator, and repeat that over the batch (an image's result would then depend on the batch it
+    ran in); here the image and mask are repeated first, as the pipeline takes a list of images, so its own
+    ``prepare_mask_latents`` draws row i with generator i."""
+    from diffusers import FluxFillPipeline
+
+    class PerImageFill(FluxFillPipeline):
+        def prepare_mask_latents(self, mask, masked_image, batch_size, num_channels_latents, num_images_per_prompt,
+                                 height, width, dtype, device, generator):
+            if isinstance(generator, list) and masked_image.shape[0] < len(generator):
+                # cat, not repeat: it keeps the preprocessed images' memory layout (channels last), which the
+                # VAE's convolutions round by, as a list of images gives it to the pipeline
+                repeats = len(generator) // masked_image.shape[0]
+                masked_image, mask = torch.cat([masked_image] * repeats), torch.cat([mask] * repeats)
+            return super().prepare_mask_latents(mask, masked_image, batch_size, num_channels_latents,
+                                                num_images_per_prompt, height, width, dtype, device, generator)
+
+    return PerImageFill(**parts)
