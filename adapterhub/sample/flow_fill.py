@@ -84,11 +84,16 @@ def check_fill_request(req: Request) -> None:
         raise AdapterhubError("inpainting mask weight: not on a FLUX.1 Fill model (it takes the masked image whole)")
 
 
-def fill_request(request: Request, many: bool = False, strength_given: bool = False) -> FlowFillRequest:
+def fill_request(request: Request, many: bool = False, strength_given: bool = False,
+                 padding_given: bool = False) -> FlowFillRequest:
     """The run's request for a Fill base (``adapterhub sample --base <fill> --init-image --mask``), checked before
-    the model loads; ``strength_given``: ``--denoise`` was set (else the pipeline's 1)."""
+    the model loads; ``strength_given``: ``--denoise`` was set (else the pipeline's 1); ``padding_given``:
+    ``--inpaint-padding`` was (an "only masked" option: refused)."""
     if many:
         raise AdapterhubError("a FLUX.1 Fill model takes one --prompt (not --prompts or a plot's axes)")
+    if padding_given:
+        raise AdapterhubError("--inpaint-padding (only masked): a FLUX.1 Fill model takes the whole image and its "
+                              "mask (it sees everything around the masked area)")
     flow = request if isinstance(request, FlowRequest) else flow_request(request, "flux")
     strength = flow.denoising_strength if strength_given else FILL_STRENGTH
     fill = FlowFillRequest(**{**vars(flow), "denoising_strength": strength})

@@ -139,11 +139,22 @@ def plan_run(options: SampleOptions) -> Plan:
         from adapterhub.sample.flow_control import control_request
 
         plan.request = control_request(request, options.base, options.control_image, plan.many)
+    elif _fill_base(options.base):  # a FLUX.1 Fill model: an init image and a mask, its own checks
+        from adapterhub.sample.flow_fill import fill_request
+
+        plan.request = fill_request(request, plan.many, options.denoise is not None,
+                                    "inpaint_padding" in options.given)
     if plan.many:
         plan.jobs, plan.plots = _jobs(options, request, dirs)
         _check_family_jobs(options, plan.jobs, plan.plots)
     _check_fits(options.base, _all_requests(plan), dirs)
     return plan
+
+
+def _fill_base(base: str) -> bool:
+    from adapterhub.sample.flow_fill import is_fill_base
+
+    return is_fill_base(base)
 
 
 def _all_requests(plan: Plan) -> list[Request]:
@@ -377,6 +388,8 @@ class SampleRun:
 
         if options.control_image is not None:  # a FLUX.1 control model: its own generator (one line if it is none)
             from adapterhub.sample.flow_control import FlowControlGenerator as Generator
+        elif _fill_base(options.base):  # a FLUX.1 Fill model (told from its files): its own generator
+            from adapterhub.sample.flow_fill import FlowFillGenerator as Generator
         self.generator = Generator(options.base, backend=options.backend, dtype=options.dtype, device=device,
                                    adapter_dirs=self.plan.dirs)
         if not self.plan.many:
