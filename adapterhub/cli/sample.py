@@ -93,10 +93,12 @@ def _table(summary: dict, many: bool):
 @click.option("--control-image", "control_image", default=None, metavar="FILE",
               help="A FLUX.1 control model's control image (canny edges, a depth map), for a base a Flux control "
                    "LoRA was merged into; resized to --size.")
-@click.option("--denoise", default=None, type=float, help="img2img denoising strength, in (0, 1] (default 0.75).")
+@click.option("--denoise", default=None, type=float,
+              help="img2img denoising strength, in (0, 1] (default 0.75; 1 on a FLUX.1 Fill base).")
 @click.option("--mask", default=None, metavar="FILE",
               help="Inpainting (with --init-image): repaint where this image is white (a transparent image: where "
-                   "it is opaque); resized to the init image's size.")
+                   "it is opaque); resized to the init image's size. A FLUX.1 Fill base (tiny-flux-fill, BFL's "
+                   "FLUX.1 Fill dev) needs both and inpaints with its own pipeline.")
 @click.option("--mask-blur", default=4, show_default=True, type=int, help="Gaussian blur of the mask, in pixels.")
 @click.option("--inpainting-fill", default="original", show_default=True,
               type=click.Choice(["fill", "original", "latent-noise", "latent-nothing", "0", "1", "2", "3"]),
