@@ -208,6 +208,47 @@ def test_fill_with_a_flux_lora_on_the_stack_equals_the_pipeline_on_the_merged_mo
     assert all(torch.equal(v, before[k]) for k, v in state(pipe).items())
 
 
+def test_the_result_is_laid_under_the_original_outside_the_blurred_mask(tiny_fill):
+    """As the webui lays every inpainting result: the original's pixels where the blurred mask is black, the
+    model's where it is white; the model itself is given the webui's mask (blurred, then binary in the pipeline)."""
+    from adapterhub.sample.flow_fill import FlowFillGenerator
+    from adapterhub.sample.images import prepare_mask
+
+    gen = FlowFillGenerator(tiny_fill, model_name="tiny", hash_model=False)
+    result = gen.generate(_request(seed=1, mask_blur=4))
+    out, original = np.asarray(result.images[0].convert("RGB")), np.asarray(_image())
+    assert np.array_equal(out[:4, :4], original[:4, :4])  # far from the mask
+    assert not np.array_equal(out[14:18, 26:30], original[14:18, 26:30])  # inside it
+    prepared = prepare_mask(_mask(), SIZE, SIZE, blur=4, init=_image())
+    ref = _reference(tiny_fill)
+    noise = gen.noise([1], SIZE, SIZE)
+    latents = ref(prompt="a castle", image=_image(), mask_image=prepared.mask, height=SIZE, width=SIZE,
+                  num_inference_steps=STEPS, latents=ref._pack_latents(noise, *noise.shape),
+                  generator=torch.Generator().manual_seed(1), output_type="latent").images
+    ours = gen.generate(_request(seed=1, mask_blur=4), output="latent").latents
+    assert torch.equal(ours, ref._unpack_latents(latents, SIZE, SIZE, ref.vae_scale_factor))
+
+
+def test_emphasis_reaches_the_fill_loop_as_embeddings(tiny_fill):
+    """``(castle:1.3)``: the prompt encoded by Forge's engines (as on any Flux base) and handed to the pipeline as
+    embeddings; its loop then runs as given them, for each image of a batch."""
+    from adapterhub.sample.flow_fill import FlowFillGenerator
+    from adapterhub.sample.flow_prompt import encode_text
+
+    gen = FlowFillGenerator(tiny_fill, model_name="tiny", hash_model=False)
+    result = gen.generate(_request(prompt="a (castle:1.3)", seed=5, images=2), output="latent")
+    plain = gen.generate(_request(seed=5, images=2), output="latent")
+    assert not torch.equal(result.latents, plain.latents)
+    ref = _reference(tiny_fill)
+    embeds, pooled = encode_text(tiny_fill, "flux", "a (castle:1.3)")
+    for i, seed in enumerate((5, 6)):
+        noise = gen.noise([seed], SIZE, SIZE)
+        out = ref(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=_image(), mask_image=_mask(), height=SIZE,
+                  width=SIZE, num_inference_steps=STEPS, latents=ref._pack_latents(noise, *noise.shape),
+                  generator=torch.Generator().manual_seed(seed), output_type="latent").images
+        assert torch.equal(result.latents[i:i + 1], ref._unpack_latents(out, SIZE, SIZE, ref.vae_scale_factor))
+
+
 def test_compiled_backend_reaches_the_fill_loop(tiny_fill, monkeypatch):
     """``backend="compiled"``: the Fill pipeline calls the transformer compiled in place (dynamo's ``aot_eager``:
     one graph captured), and its latents equal the eager generator's bit for bit."""
