@@ -380,6 +380,8 @@ def test_cli_fill_problems_are_one_line_before_a_model_loads(tmp_path, capsys, m
                         *options, "--out", str(tmp_path / "out"))
     errors = [line for line in err.splitlines() if line.startswith("error")]
     assert rc == 2 and problem in err and len(errors) == 1 and "Traceback" not in err, err
+    if "init image" in problem:
+        assert errors[0].startswith("error: tiny-flux-fill: a FLUX.1 Fill model needs")
     assert not (tmp_path / "out").exists()
 
 

@@ -58,11 +58,13 @@ def is_fill_base(base) -> bool:
     return transformer_input(str(base)) == "fill"
 
 
-def check_fill_request(req: Request) -> None:
-    """What ``FluxFillPipeline``'s loop cannot run, in one line (see the module doc)."""
+def check_fill_request(req: Request, base=None) -> None:
+    """What ``FluxFillPipeline``'s loop cannot run, in one line (see the module doc); ``base``, when given, named
+    where an image is missing."""
     if req.init_image is None or req.mask is None:
-        raise AdapterhubError("a FLUX.1 Fill model needs an init image and a mask (--init-image, --mask: it repaints "
-                              "where the mask is white)")
+        model = f"{base}: a FLUX.1 Fill model" if base is not None else "a FLUX.1 Fill model"
+        raise AdapterhubError(f"{model} needs an init image and a mask (--init-image, --mask: it repaints where the "
+                              "mask is white)")
     if flow_sampler(req.sampler, "flux") != "Euler" or req.schedule != FLOW_SCHEDULES[0]:
         raise AdapterhubError(f"sampler {req.sampler} / schedule {req.schedule}: a FLUX.1 Fill model samples with "
                               f"Euler on the schedule {FLOW_SCHEDULES[0]} (FluxFillPipeline's)")
@@ -84,10 +86,10 @@ def check_fill_request(req: Request) -> None:
         raise AdapterhubError("inpainting mask weight: not on a FLUX.1 Fill model (it takes the masked image whole)")
 
 
-def fill_request(request: Request, many: bool = False, strength_given: bool = False,
+def fill_request(request: Request, base, many: bool = False, strength_given: bool = False,
                  padding_given: bool = False) -> FlowFillRequest:
-    """The run's request for a Fill base (``adapterhub sample --base <fill> --init-image --mask``), checked before
-    the model loads; ``strength_given``: ``--denoise`` was set (else the pipeline's 1); ``padding_given``:
+    """The run's request for the Fill base ``base`` (``adapterhub sample --base <fill> --init-image --mask``),
+    checked before the model loads; ``strength_given``: ``--denoise`` was set (else the pipeline's 1); ``padding_given``:
     ``--inpaint-padding`` was (an "only masked" option: refused)."""
     if many:
         raise AdapterhubError("a FLUX.1 Fill model takes one --prompt (not --prompts or a plot's axes)")
@@ -97,7 +99,7 @@ def fill_request(request: Request, many: bool = False, strength_given: bool = Fa
     flow = request if isinstance(request, FlowRequest) else flow_request(request, "flux")
     strength = flow.denoising_strength if strength_given else FILL_STRENGTH
     fill = FlowFillRequest(**{**vars(flow), "denoising_strength": strength})
-    check_fill_request(fill)
+    check_fill_request(fill, base)
     return fill
 
 
@@ -123,7 +125,7 @@ class FlowFillGenerator(FlowGenerator):
     def request(self, req: Request) -> FlowFillRequest:
         """``req`` checked as :meth:`FlowGenerator.request` does, what the Fill pipeline cannot run refused, the
         distilled guidance the pipeline's 30 unless set."""
-        check_fill_request(req)  # before the images are read
+        check_fill_request(req, self.model_name)  # before the images are read
         checked = super().request(req)
         if checked.distilled_cfg is None:
             checked = replace(checked, distilled_cfg=FILL_GUIDANCE)

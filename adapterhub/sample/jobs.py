@@ -142,7 +142,7 @@ def plan_run(options: SampleOptions) -> Plan:
     elif _fill_base(options.base):  # a FLUX.1 Fill model: an init image and a mask, its own checks
         from adapterhub.sample.flow_fill import fill_request
 
-        plan.request = fill_request(request, plan.many, options.denoise is not None,
+        plan.request = fill_request(request, options.base, plan.many, options.denoise is not None,
                                     "inpaint_padding" in options.given)
     if plan.many:
         plan.jobs, plan.plots = _jobs(options, request, dirs)
