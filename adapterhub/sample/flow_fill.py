@@ -89,8 +89,8 @@ def check_fill_request(req: Request, base=None) -> None:
 def fill_request(request: Request, base, many: bool = False, strength_given: bool = False,
                  padding_given: bool = False) -> FlowFillRequest:
     """The run's request for the Fill base ``base`` (``adapterhub sample --base <fill> --init-image --mask``),
-    checked before the model loads; ``strength_given``: ``--denoise`` was set (else the pipeline's 1); ``padding_given``:
-    ``--inpaint-padding`` was (an "only masked" option: refused)."""
+    checked before the model loads; ``strength_given``: ``--denoise`` was set (else the pipeline's 1);
+    ``padding_given``: ``--inpaint-padding`` was (an "only masked" option: refused)."""
     if many:
         raise AdapterhubError("a FLUX.1 Fill model takes one --prompt (not --prompts or a plot's axes)")
     if padding_given:
