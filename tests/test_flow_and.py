@@ -16,7 +16,6 @@ import math
 
 import pytest
 import torch
-from test_flux_control_lora import control_model  # noqa: F401 (a fixture)
 from test_flux_sd3_samplers import LATENT, SIZE, _generator, _karras, _req
 
 STEPS = 3
@@ -268,17 +267,3 @@ def test_compiled_backend_composes_without_recompiling(request, family, monkeypa
             assert torch.equal(got, want), (prompt, cfg)
     assert gen.runner.stats()["graphs"] == 1
     gen.close()
-
-
-@pytest.mark.parametrize("prompt", ["a cat AND a dog", "a [cat:dog:1] sat"])
-def test_a_flux_control_model_refuses_what_changes_its_conditioning_by_call(request, prompt):
-    """A FLUX.1 control model samples on FluxControlPipeline's own loop (its control latents beside the noise):
-    sub-prompts and prompt schedules, which need the k-diffusion loop, are refused in one line."""
-    from test_flux_control_lora import _control_image
-
-    from adapterhub.errors import AdapterhubError
-    from adapterhub.sample.flow_control import FlowControlGenerator
-
-    gen = FlowControlGenerator(request.getfixturevalue("control_model"))
-    with pytest.raises(AdapterhubError, match="control model"):
-        gen(prompt, control_image=_control_image(32), steps=2, width=32, height=32)

@@ -443,14 +443,10 @@ class FlowGenerator:
         img2img the last ``int(min(d, 0.999) x steps) + 1`` steps of the schedule from
         ``sigma noise + (1 - sigma) init`` (the flow model's noise scaling); with a ``mask`` the denoised latents
         outside it are ``init`` (:func:`~adapterhub.sample.flow_passes.masked_denoiser`), and so are the final ones.
+        A control or Fill model's input beside the noise (:meth:`model_extra`) goes to every transformer call.
         The final latents (B, C, H/8, W/8)."""
-        from adapterhub.sample.request import img2img_steps
         from adapterhub.sample.rng import initial_noise
 
-        if self.takes_control_image:  # its control latents go beside the noise in FluxControlPipeline's loop only
-            raise AdapterhubError("a FLUX.1 control model samples on FluxControlPipeline's own loop: AND, prompt "
-                                  "editing and alternation (the conditioning changed by model call) are not "
-                                  "available on it")
         sampler = flow_samplers.SAMPLERS[req.sampler]
         scale, channels = self.pipe.vae_scale_factor, int(self.pipe.vae.config.latent_channels)
         noise, generators = initial_noise(req.rng, seeds, (channels, req.height // scale, req.width // scale),
@@ -466,7 +462,7 @@ class FlowGenerator:
         if init is None:
             x = noise * sigmas[0]
         else:
-            run = img2img_steps(req.steps, req.denoising_strength)[1]
+            run = self.img2img_run(req)
             sigmas = sigmas[len(sigmas) - 1 - run:]  # the webui's sigma_sched: the schedule's last ``run`` steps
             if float(req.initial_noise_multiplier) != 1.0:
                 noise = noise * float(req.initial_noise_multiplier)
@@ -482,7 +478,8 @@ class FlowGenerator:
             guidance = DISTILLED_CFG if req.distilled_cfg is None else float(req.distilled_cfg)
         steps, first = flow_passes.prompt_steps(req)  # the hires pass's schedule counts on from the first pass
         denoiser = flow_prompt.k_denoiser(self.pipe, self.family, prompt, req.negative, steps, req.emphasis,
-                                          len(seeds), req.cfg, guidance, req.width, req.height, first)
+                                          len(seeds), req.cfg, guidance, req.width, req.height, first,
+                                          self.model_extra(req, seeds))
 
         def stepped(i: int, latents: torch.Tensor, denoised: torch.Tensor) -> None:
             if self.step_hook is not None:
@@ -496,6 +493,20 @@ class FlowGenerator:
         if mask is not None:  # and the webui's last blend, for a sampler whose last step is not the denoised latents
             latents = init.float() * (1 - mask.float()) + mask.float() * latents
         return latents.to(self.dtype)
+
+    def model_extra(self, req: FlowRequest, seeds: Sequence[int]) -> torch.Tensor | None:
+        """What the transformer takes beside the packed noise latents for the images of ``seeds``, packed as the
+        model's pipeline packs it (B, tokens, channels): None for a text-to-image model; a control or Fill model's
+        generator gives its control image's or masked image's latents (:mod:`adapterhub.sample.flow_control`,
+        :mod:`adapterhub.sample.flow_fill`)."""
+        return None
+
+    def img2img_run(self, req: FlowRequest) -> int:
+        """The steps an img2img pass of the k-diffusion loop runs at the end of its schedule: the webui's
+        ``int(min(d, 0.999) x steps) + 1`` (:func:`~adapterhub.sample.request.img2img_steps`)."""
+        from adapterhub.sample.request import img2img_steps
+
+        return img2img_steps(req.steps, req.denoising_strength)[1]
 
     def _pipeline_sigmas(self, steps: int, width: int, height: int) -> torch.Tensor:
         """The pipeline's own ``steps``-step sigmas for this size (its scheduler's, the final 0 included), CPU."""

@@ -13,12 +13,17 @@ Everything else is :class:`~adapterhub.sample.flow.FlowGenerator`'s: each image'
 stack switched in through the weight engine, Forge's infotext. With the same noise and generators the latents
 equal ``FluxControlPipeline``'s bit for bit.
 
-The pipeline's loop runs it: Euler on the schedule "Automatic", distilled guidance, no real CFG, no inpainting (one
-line each, before anything runs); a plain :class:`FlowGenerator` refuses a control model (it needs an image), and this
+Euler on the schedule "Automatic" is the pipeline's loop. Every other sampler and schedule, prompt editing,
+alternation and ``AND`` run the k-diffusion loop of :meth:`FlowGenerator.k_denoise`, the control image's latents
+made as the pipeline makes them (:func:`control_latents`, each image's generator) and concatenated to the packed
+latents at every transformer call (:class:`~adapterhub.sample.flow_samplers.FlowDenoiser`'s ``extra``). Refused
+(one line each, before anything runs): CFG above 1 (a distilled model: the pipeline has no negative prompt) and
+inpainting. A plain :class:`FlowGenerator` refuses a control model (it needs an image), and this
 generator a FLUX.1 Fill model (:mod:`adapterhub.sample.flow_fill`), told apart by the width of the extra input
 (:func:`model_input`).
 img2img (``init_image``) runs the webui's last steps of the schedule from the init image's latents noised with each
-image's noise, as ``FluxControlImg2ImgPipeline`` runs them; the hires fix's second pass is such an img2img at the
+image's noise, as ``FluxControlImg2ImgPipeline`` runs them (on the k-diffusion loop: as plain Flux's img2img); the
+hires fix's second pass is such an img2img at the
 hires size, the control image resized to it (as the pipeline resizes it to the size it samples).
 """
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 import torch
 
 from adapterhub.errors import AdapterhubError
-from adapterhub.sample.flow import FLOW_SCHEDULES, FlowGenerator, FlowRequest, flow_request
+from adapterhub.sample.flow import FlowGenerator, FlowRequest, flow_request
 from adapterhub.sample.request import Request
 
 
@@ -77,14 +82,11 @@ def refuse_control_model(pipe, base, wants: str | None = None) -> None:
 
 
 def check_control_request(req: FlowRequest) -> None:
-    """What ``FluxControlPipeline``'s loop cannot run, in one line: inpainting, another sampler or schedule, CFG."""
-    from adapterhub.sample.flow import flow_sampler
-
+    """What a control model cannot run, in one line: inpainting, CFG above 1 (a distilled model: neither
+    ``FluxControlPipeline`` nor BFL's reference has a negative prompt). Every sampler and schedule runs (another
+    than Euler on "Automatic": the k-diffusion loop, the control latents beside the noise at every call)."""
     if req.mask is not None:
         raise AdapterhubError("inpainting on a FLUX.1 control model is not supported (img2img and the hires fix are)")
-    if flow_sampler(req.sampler, "flux") != "Euler" or req.schedule != FLOW_SCHEDULES[0]:
-        raise AdapterhubError(f"sampler {req.sampler} / schedule {req.schedule}: a FLUX.1 control model samples "
-                              f"with Euler on the schedule {FLOW_SCHEDULES[0]} (FluxControlPipeline's)")
     if req.cfg is not None and req.cfg > 1:
         raise AdapterhubError(f"CFG scale {req.cfg:g}: a FLUX.1 control model runs distilled guidance only "
                               "(CFG scale 1; FluxControlPipeline has no negative prompt)")
@@ -104,6 +106,20 @@ def control_request(request: Request, base, image, many: bool = False) -> FlowCo
     flow = request if isinstance(request, FlowRequest) else flow_request(request, "flux")
     check_control_request(flow)
     return FlowControlRequest(**{**vars(flow), "control_image": _load_image(image, "control image")})
+
+
+def control_latents(pipe, image, width: int, height: int, generators) -> torch.Tensor:
+    """``FluxControlPipeline``'s control input for a batch of ``len(generators)`` images, made as its ``__call__``
+    makes it: ``prepare_image`` (resized to ``width`` x ``height``, repeated over the batch), a sample of the VAE's
+    posterior (row i drawn with generator i), shifted, scaled and packed 2 x 2: (B, tokens, 4 C)."""
+    batch = len(generators)
+    pixels = pipe.prepare_image(image=image, width=width, height=height, batch_size=batch, num_images_per_prompt=1,
+                                device=pipe._execution_device, dtype=pipe.vae.dtype)
+    vae = pipe.vae
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample(generator=generators)
+    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    return pipe._pack_latents(latents, batch, latents.shape[1], *latents.shape[2:])
 
 
 class FlowControlGenerator(FlowGenerator):
@@ -146,6 +162,12 @@ class FlowControlGenerator(FlowGenerator):
             return super().denoise(req, prompt, seeds, on_step, init, mask)
         finally:
             self._control = None
+
+    def model_extra(self, req: FlowRequest, seeds) -> torch.Tensor:
+        """The control image's packed latents for the k-diffusion loop, as ``FluxControlPipeline`` makes them for
+        this batch (:func:`control_latents`, each image's generator as :meth:`denoise` seeded it)."""
+        image, generators = self._control
+        return control_latents(self.control_pipe, image, req.width, req.height, generators)
 
     def _run(self, kwargs: dict[str, Any], scheduler):
         """``FluxControlPipeline`` on the base's modules, called with ``kwargs`` and the control image."""

@@ -6,12 +6,14 @@
 A Fill model's transformer takes, beside the packed noise latents, the latents of the init image with the masked
 area blanked out and the mask itself (``vae_scale**2`` values a latent pixel, packed as the latents are): FLUX.1
 Fill dev's 64 + 64 + 256 inputs (:func:`adapterhub.sample.flow_control.model_input` tells it from a control model
-by that width). Each request runs diffusers' ``FluxFillPipeline`` loop, built on the base's own modules (so stacks
-and the compiled backend reach it): Euler on the schedule "Automatic", distilled guidance (default 30, the
-pipeline's), no real CFG. What this module adds is the webui's side, as for the other Flux passes
-(:mod:`adapterhub.sample.flow`): each image n its own noise (seed + n, the request's RNG) and its own generator
-(seeded with its seed) for the masked image's VAE sample, the adapter stack switched in through the weight engine,
-the mask made as the webui makes it (:func:`adapterhub.sample.images.prepare_mask`: ``mask_blur``, inverted with
+by that width). Euler on the schedule "Automatic" runs diffusers' ``FluxFillPipeline`` loop, built on the base's own
+modules (so stacks and the compiled backend reach it), distilled guidance (default 30, the pipeline's), no real CFG.
+Every other sampler and schedule, prompt editing, alternation and ``AND`` run the k-diffusion loop
+(:meth:`FlowFillGenerator.k_denoise`): the same input beside the noise (:func:`fill_latents`, the pipeline's own
+preparation) at every transformer call, the masked area repainted by the model (nothing blended). What this module
+adds is the webui's side, as for the other Flux passes (:mod:`adapterhub.sample.flow`): each image n its own noise
+(seed + n, the request's RNG) and its own generator (seeded with its seed) for the masked image's VAE sample, the
+adapter stack switched in through the weight engine, the mask made as the webui makes it (:func:`adapterhub.sample.images.prepare_mask`: ``mask_blur``, inverted with
 ``inpainting_mask_invert``, "Just resize" to the request's size; the pipeline then takes it as binary) and the
 result laid under the webui's overlay (the original pixels outside the blurred mask), and Forge's infotext
 (``Denoising strength``, ``Mask blur``, ``Distilled CFG Scale``). With the same noise and generators the latents
@@ -21,11 +23,10 @@ equal ``FluxFillPipeline``'s bit for bit.
 pipeline's last ``steps x strength`` steps from the init image's latents, the VAE posterior's mean as our img2img
 takes it, noised with the image's noise to the first of them).
 
-Refused in one line, before anything runs: no init image or mask; another sampler or schedule, CFG above 1; the
-hires fix; "only masked" (``inpaint_full_res``, its padding): a Fill model takes the whole image and its mask;
-another "masked content" than original (the model sees the masked area blank and starts it from noise); a noise
-multiplier or an inpainting mask weight (inputs of the webui's SD inpainting, not of this pipeline); ``AND``,
-prompt editing and alternation (they need the k-diffusion loop, which has no Fill inputs).
+Refused in one line, before anything runs: no init image or mask; CFG above 1 (a distilled model: the pipeline has no
+negative prompt); the hires fix; "only masked" (``inpaint_full_res``, its padding): a Fill model takes the whole image
+and its mask; another "masked content" than original (the model sees the masked area blank and starts it from
+noise); a noise multiplier or an inpainting mask weight (inputs of the webui's SD inpainting, not of this pipeline).
 """
 from __future__ import annotations
 
@@ -65,9 +66,6 @@ def check_fill_request(req: Request, base=None) -> None:
         model = f"{base}: a FLUX.1 Fill model" if base is not None else "a FLUX.1 Fill model"
         raise AdapterhubError(f"{model} needs an init image and a mask (--init-image, --mask: it repaints where the "
                               "mask is white)")
-    if flow_sampler(req.sampler, "flux") != "Euler" or req.schedule != FLOW_SCHEDULES[0]:
-        raise AdapterhubError(f"sampler {req.sampler} / schedule {req.schedule}: a FLUX.1 Fill model samples with "
-                              f"Euler on the schedule {FLOW_SCHEDULES[0]} (FluxFillPipeline's)")
     if req.cfg is not None and req.cfg > 1:
         raise AdapterhubError(f"CFG scale {req.cfg:g}: a FLUX.1 Fill model runs distilled guidance only (CFG scale 1; "
                               "FluxFillPipeline has no negative prompt)")
@@ -144,9 +142,9 @@ class FlowFillGenerator(FlowGenerator):
         single = flow_prompt.single_prompt(prompt)
         prompt = prompt if single is None else flow_passes.pass_text(single, req)
         steps, first = flow_passes.prompt_steps(req)
-        if flow_prompt.on_own_loop(prompt, req.negative, steps, req.cfg, self.family, first):
-            raise AdapterhubError("a FLUX.1 Fill model samples on FluxFillPipeline's own loop: AND, prompt editing "
-                                  "and alternation (the conditioning changed by model call) are not available on it")
+        if (req.schedule != FLOW_SCHEDULES[0] or flow_sampler(req.sampler, self.family) != "Euler"
+                or flow_prompt.on_own_loop(prompt, req.negative, steps, req.cfg, self.family, first)):
+            return self.k_denoise(req, prompt, seeds, on_step, init, mask)  # the Fill input beside the noise
         pipe = self.fill_pipe
         image, pixel_mask = self._images(req)
         noise = self.noise(seeds, req.width, req.height, req.rng)
@@ -174,8 +172,27 @@ class FlowFillGenerator(FlowGenerator):
             pipe.scheduler = own
         return pipe._unpack_latents(latents, req.height, req.width, pipe.vae_scale_factor)
 
-    def k_denoise(self, *args, **kwargs):
-        raise AdapterhubError("a FLUX.1 Fill model samples on FluxFillPipeline's own loop only")
+    def k_denoise(self, req: FlowRequest, prompt: str, seeds: Sequence[int],
+                  on_step: Callable[[int], None] | None = None, init: torch.Tensor | None = None,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`FlowGenerator.k_denoise` with the Fill input beside the noise at every call (:meth:`model_extra`).
+        The model repaints inside its mask itself, so nothing is blended (as ``FluxFillPipeline``: ``mask`` is not
+        used); strength 1 starts from pure noise, below 1 from ``init`` noised to the first of the pipeline's
+        last ``steps x strength`` steps (:meth:`img2img_run`)."""
+        start = init if float(req.denoising_strength) < 1.0 else None
+        return super().k_denoise(req, prompt, seeds, on_step, start, None)
+
+    def model_extra(self, req: FlowRequest, seeds: Sequence[int]) -> torch.Tensor:
+        """The masked image's packed latents and the packed mask (B, tokens, 4 C + 64 on FLUX.1 Fill), as
+        ``FluxFillPipeline`` makes them: :func:`fill_latents`, each image's generator seeded with its seed."""
+        image, pixel_mask = self._images(req)
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        return fill_latents(self.fill_pipe, image, pixel_mask, req.width, req.height, generators)
+
+    def img2img_run(self, req: FlowRequest) -> int:
+        """The pipeline's count (its ``get_timesteps``): the last ``int(steps x strength)`` steps, as on its loop."""
+        skipped = int(max(req.steps - min(req.steps * float(req.denoising_strength), req.steps), 0))
+        return req.steps - skipped
 
     def _images(self, req: FlowRequest):
         """The init image and the mask at the request's size, the mask made as the webui makes it (binary,
@@ -195,6 +212,24 @@ class FlowFillGenerator(FlowGenerator):
         self._set_timesteps(scheduler, req.steps, req.width, req.height)
         skipped = int(max(req.steps - min(req.steps * strength, req.steps), 0))  # the pipeline's t_start
         return scheduler.scale_noise(init, scheduler.timesteps[skipped:skipped + 1], noise)
+
+
+def fill_latents(pipe, image, mask, width: int, height: int, generators) -> torch.Tensor:
+    """``FluxFillPipeline``'s input beside the noise for ``len(generators)`` images, made as its ``__call__`` makes
+    it: the init image and the mask preprocessed at ``width`` x ``height`` (the mask binarized), the image blanked
+    where the mask is, ``prepare_mask_latents`` (:func:`_fill_pipeline`'s: row i's VAE sample drawn with
+    generator i) and the packed masked latents and mask concatenated."""
+    device = pipe._execution_device
+    encoder = getattr(pipe, "text_encoder_2", None)
+    dtype = encoder.dtype if encoder is not None else pipe.transformer.dtype  # the prompt embeddings' dtype
+    init = pipe.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+    pixel_mask = pipe.mask_processor.preprocess(mask, height=height, width=width)
+    masked = (init * (1 - pixel_mask)).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        packed_mask, latents = pipe.prepare_mask_latents(
+            pixel_mask, masked, 1, int(pipe.vae.config.latent_channels), len(generators), *init.shape[-2:], dtype,
+            device, generators)
+    return torch.cat((latents, packed_mask), dim=-1)
 
 
 def _fill_pipeline(parts: dict[str, Any]):

@@ -357,18 +357,20 @@ class ScheduledDenoiser:
 
 
 def k_denoiser(pipe, family: str, prompt: str, negative: str, steps: int, emphasis: str, batch: int, cfg: float,
-               guidance: float | None, width: int, height: int, first_steps: int | None = None):
+               guidance: float | None, width: int, height: int, first_steps: int | None = None,
+               extra: torch.Tensor | None = None):
     """The flow denoiser for the k-diffusion loop: the plain :class:`FlowDenoiser` on the pipeline's encoding
     when the prompt is one text (:func:`single_prompt`) and neither text needs the engines nor changes during
     sampling (as before this module), else weighted, scheduled and/or composed (:class:`ScheduledDenoiser`).
-    ``first_steps``: the hires pass (:func:`pass_schedule`)."""
+    ``first_steps``: the hires pass (:func:`pass_schedule`); ``extra``: a control / Fill model's packed input
+    beside the noise (:class:`~adapterhub.sample.flow_samplers.FlowDenoiser`), the same for every sub-prompt."""
     from adapterhub.sample.flow_samplers import FlowDenoiser
 
     single = single_prompt(prompt)
     if single is not None and not any(is_scheduled(t, steps, first_steps) for t in (single, negative)):
         cond = flow_cond(pipe, family, single, negative, emphasis, batch, cfg)
-        return FlowDenoiser(pipe, family, cond, cfg, guidance, width, height)
-    denoiser = FlowDenoiser(pipe, family, {}, cfg, guidance, width, height)
+        return FlowDenoiser(pipe, family, cond, cfg, guidance, width, height, extra)
+    denoiser = FlowDenoiser(pipe, family, {}, cfg, guidance, width, height, extra)
     return ScheduledDenoiser(denoiser, pipe, family, prompt, negative, steps, emphasis, batch, cfg, first_steps)
 
 

@@ -446,12 +446,16 @@ class FlowDenoiser:
     """A Flux or SD3 transformer as k-diffusion's denoiser: ``self(x, sigma) -> x - sigma v`` (float32), ``x``
     the unpacked latents (B, C, H/8, W/8), ``sigma`` a scalar or one per image. ``cond``: the encoded prompt
     (:meth:`encode`), or a :class:`Composed` prompt's sub-prompts; ``cfg``: CFG with the negative prompt above 1 (SD3;
-    Flux's true CFG); ``guidance``: Flux-dev's distilled guidance (None on a model without its embedding)."""
+    Flux's true CFG); ``guidance``: Flux-dev's distilled guidance (None on a model without its embedding);
+    ``extra``: what a FLUX.1 control or Fill model takes beside the noise (B, tokens, channels), already packed as
+    its pipeline packs it (:meth:`adapterhub.sample.flow.FlowGenerator.model_extra`), concatenated to the packed
+    latents on the channel dim at every transformer call as ``FluxControlPipeline`` / ``FluxFillPipeline`` do (one
+    shape for every call: a compiled transformer is not compiled again)."""
 
     def __init__(self, pipe, family: str, cond: dict[str, Any] | Composed, cfg: float, guidance: float | None,
-                 width: int, height: int):
+                 width: int, height: int, extra: torch.Tensor | None = None):
         self.pipe, self.family, self.cond, self.cfg = pipe, family, cond, float(cfg)
-        self.guidance, self.width, self.height = guidance, width, height
+        self.guidance, self.width, self.height, self.extra = guidance, width, height, extra
 
     @staticmethod
     def encode(pipe, family: str, prompt: str, negative: str, batch: int, cfg: float) -> dict[str, Any]:
@@ -522,6 +526,8 @@ class FlowDenoiser:
             return call(x, ""), None
         rows, cols = x.shape[-2:]
         packed = self.pipe._pack_latents(x.to(dtype), batch, x.shape[1], rows, cols)
+        if self.extra is not None:  # a control / Fill model: its input beside the noise, as its pipeline's loop
+            packed = torch.cat([packed, self.extra.to(dtype)], dim=2)
         ids = self.pipe._prepare_latent_image_ids(batch, rows // 2, cols // 2, x.device, dtype)
         guidance = None
         if self.guidance is not None:

@@ -1,0 +1,190 @@
+"""FLUX.1 control and Fill models on the k-diffusion loop: every sampler and schedule, prompt editing and ``AND``.
+
+The oracle: the model's input beside the noise as its own diffusers pipeline makes it, read off the transformer
+call of a one-step ``FluxControlPipeline`` / ``FluxFillPipeline`` run (the control image's packed latents; the
+masked image's packed latents and the packed mask), each image's generator seeded with its seed; the transformer
+called with ``torch.cat([packed_latents, extra], dim=2)`` as those pipelines call it (``x - sigma v``, the
+velocity unpacked), stepped by k-diffusion's own ``sample_*`` on the same sigmas and noise as ours (the
+scaffolding of tests/test_flux_sd3_samplers.py). Euler on "Automatic" stays the pipelines' own loop, bit for bit.
+fp32 on CPU, 64 px, 2-3 steps.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_flux_control_lora import _control_image, control_file, control_model  # noqa: F401 (a fixture)
+from test_flux_fill import _image, _mask, tiny_fill  # noqa: F401 (a fixture)
+from test_flux_sd3_samplers import SIZE, _karras, _oracle
+
+STEPS = 3
+PARTS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+pytestmark = pytest.mark.filterwarnings("ignore:Should have ta>=t0:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def k():
+    from test_sample_ksamplers import load_kdiffusion  # k-diffusion's sampling module without its training deps
+
+    module = load_kdiffusion()
+    if module is None:
+        pytest.skip("the oracle k-diffusion is not installed")
+    return module
+
+
+def _pipeline(kind, pipe):
+    from diffusers import FluxControlPipeline, FluxFillPipeline
+
+    ref = (FluxControlPipeline if kind == "control" else FluxFillPipeline)(**{k: getattr(pipe, k) for k in PARTS})
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def _inputs(kind):
+    """The pipeline's images for ``kind`` at 64 px."""
+    if kind == "control":
+        return {"control_image": _control_image(SIZE)}
+    return {"image": _image(size=SIZE), "mask_image": _mask(SIZE)}
+
+
+def _extra(kind, pipe, seed):
+    """The pipeline's input beside the noise for image ``seed``: what its transformer is called with past the
+    packed latents' channels, read off its first call (the latents handed to it, as ours hands them: the pipeline
+    draws none from the generator)."""
+    ref = _pipeline(kind, pipe)
+    width = 4 * int(pipe.vae.config.latent_channels)
+    rows = SIZE // pipe.vae_scale_factor
+    latents = ref._pack_latents(torch.zeros(1, width // 4, rows, rows), 1, width // 4, rows, rows)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append(kwargs["hidden_states"][..., width:].clone()), with_kwargs=True)
+    try:
+        ref("x", height=SIZE, width=SIZE, num_inference_steps=1, generator=torch.Generator().manual_seed(seed),
+            latents=latents, output_type="latent", **_inputs(kind))
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def _denoiser(pipe, extra, parts, guidance):
+    """k-diffusion's denoiser over the transformer as the control / Fill pipeline calls it (the extra input
+    concatenated on the channel dim); ``parts``: one entry per model call (the last repeated) of
+    ``[(text, weight), ...]``, the clean estimates of the sub-prompts averaged by weight (CFG 1)."""
+    encoded = {}
+    rows = SIZE // pipe.vae_scale_factor
+    img_ids = pipe._prepare_latent_image_ids(1, rows // 2, rows // 2, "cpu", torch.float32)
+    calls = []
+
+    def clean(x, sigma, text):
+        if text not in encoded:
+            encoded[text] = pipe.encode_prompt(text, prompt_2=None, device="cpu")
+        pe, pooled, ids = encoded[text]
+        packed = pipe._pack_latents(x, 1, x.shape[1], rows, rows)
+        v = pipe.transformer(hidden_states=torch.cat([packed, extra], dim=2), timestep=sigma,
+                             guidance=torch.full([1], guidance), pooled_projections=pooled, encoder_hidden_states=pe,
+                             txt_ids=ids, img_ids=img_ids, return_dict=False)[0]
+        return x - sigma.reshape(-1, 1, 1, 1) * pipe._unpack_latents(v, SIZE, SIZE, pipe.vae_scale_factor)
+
+    def denoiser(x, sigma):
+        subs = parts[min(len(calls), len(parts) - 1)]
+        calls.append(sigma)
+        with torch.no_grad():
+            return sum(clean(x, sigma, t) * w for t, w in subs) / sum(w for _, w in subs)
+    return denoiser
+
+
+def _automatic(pipe, steps=STEPS):
+    """The pipeline's own sigmas at 64 px (diffusers' scheduler, Flux's shift by image size)."""
+    import diffusers
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    c = pipe.scheduler.config
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(c)
+    mu = calculate_shift((SIZE // pipe.vae_scale_factor // 2) ** 2, c.base_image_seq_len, c.max_image_seq_len,
+                         c.base_shift, c.max_shift)
+    scheduler.set_timesteps(sigmas=[1.0 - i / steps for i in range(steps)], mu=mu)
+    return scheduler.sigmas.float()
+
+
+def _generate(kind, pipe, prompt, **options):
+    """Our latents for ``kind``'s generator and request (64 px, seed 7 unless given)."""
+    from adapterhub.sample.flow_control import FlowControlGenerator, FlowControlRequest
+    from adapterhub.sample.flow_fill import FlowFillGenerator, FlowFillRequest
+
+    common = {"seed": 7, "steps": STEPS, "width": SIZE, "height": SIZE, "cfg": 1.0, **options}
+    if kind == "control":
+        gen = FlowControlGenerator(pipe, model_name="tiny", hash_model=False)
+        req = FlowControlRequest(prompt, control_image=_control_image(SIZE), **common)
+    else:
+        gen = FlowFillGenerator(pipe, model_name="tiny", hash_model=False)
+        req = FlowFillRequest(prompt, init_image=_image(size=SIZE), mask=_mask(SIZE), mask_blur=0, **common)
+    return gen, gen.generate(req, output="latent")
+
+
+GUIDANCE = {"control": 3.5, "fill": 30.0}  # the pipelines' defaults (Forge's Distilled CFG Scale)
+
+
+@pytest.mark.parametrize("kind", ["control", "fill"])
+def test_euler_on_automatic_stays_the_pipelines_own_loop(request, kind, monkeypatch):
+    from adapterhub.sample.flow import FlowGenerator
+
+    pipe = request.getfixturevalue("control_model" if kind == "control" else "tiny_fill")
+    monkeypatch.setattr(FlowGenerator, "k_denoise", lambda *a, **k: pytest.fail("left the pipeline's loop"))
+    gen, result = _generate(kind, pipe, "a castle", sampler="Euler", steps=2)
+    ref = _pipeline(kind, pipe)
+    noise = gen.noise([7], SIZE, SIZE)
+    out = ref("a castle", height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=GUIDANCE[kind],
+              latents=ref._pack_latents(noise, *noise.shape), generator=torch.Generator().manual_seed(7),
+              output_type="latent", **_inputs(kind)).images
+    assert torch.equal(result.latents, ref._unpack_latents(out, SIZE, SIZE, ref.vae_scale_factor))
+
+
+@pytest.mark.parametrize("kind", ["control", "fill"])
+@pytest.mark.parametrize(("sampler", "schedule"), [("DPM++ 2M", "Karras"), ("Euler a", "Karras"),
+                                                   ("Heun", "Automatic")])
+def test_other_samplers_and_schedules_equal_k_diffusion_over_the_pipelines_input(request, k, kind, sampler,
+                                                                                 schedule):
+    pipe = request.getfixturevalue("control_model" if kind == "control" else "tiny_fill")
+    _, result = _generate(kind, pipe, "a castle", sampler=sampler, schedule=schedule)
+    sigmas = _karras(k, pipe, "flux", STEPS) if schedule == "Karras" else _automatic(pipe)
+    denoiser = _denoiser(pipe, _extra(kind, pipe, 7), [[("a castle", 1.0)]], GUIDANCE[kind])
+    with torch.no_grad():
+        theirs = _oracle(k, sampler, denoiser, sigmas, 7)
+    torch.testing.assert_close(result.latents, theirs, atol=1e-5, rtol=1e-5)
+    assert f"Sampler: {sampler}, Schedule type: {schedule}, " in result.infotexts[0]
+
+
+@pytest.mark.parametrize("kind", ["control", "fill"])
+def test_each_image_of_a_batch_takes_its_own_extra_input(request, k, kind):
+    """Two images in one batch: row i's control / masked-image latents drawn with image i's generator."""
+    pipe = request.getfixturevalue("control_model" if kind == "control" else "tiny_fill")
+    _, result = _generate(kind, pipe, "a castle", sampler="DPM++ 2M", schedule="Karras", images=2, batch=2)
+    sigmas = _karras(k, pipe, "flux", STEPS)
+    for i, seed in enumerate((7, 8)):
+        denoiser = _denoiser(pipe, _extra(kind, pipe, seed), [[("a castle", 1.0)]], GUIDANCE[kind])
+        with torch.no_grad():
+            theirs = _oracle(k, "DPM++ 2M", denoiser, sigmas, seed)
+        torch.testing.assert_close(result.latents[i:i + 1], theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("prompt", "parts"), [
+    ("a [cat:dog:1] sat", [[("a cat sat", 1.0)]] * 2 + [[("a dog sat", 1.0)]]),
+    ("a cat AND a dog :0.5", [[("a cat", 1.0), (" a dog", 0.5)]]),
+])
+def test_prompt_editing_and_and_on_a_control_model(k, control_model, prompt, parts):  # noqa: F811
+    """Euler on "Automatic" leaves the pipeline's loop for the k-diffusion one (the conditioning changes by call):
+    the control latents go beside the noise at every call, each sub-prompt's and each schedule entry's."""
+    _, result = _generate("control", control_model, prompt, sampler="Euler")
+    denoiser = _denoiser(control_model, _extra("control", control_model, 7), parts, GUIDANCE["control"])
+    with torch.no_grad():
+        theirs = _oracle(k, "Euler", denoiser, _automatic(control_model), 7)
+    torch.testing.assert_close(result.latents, theirs, atol=1e-5, rtol=1e-5)
+    assert result.infotexts[0].startswith(prompt + "\n")
+
+
+def test_prompt_editing_on_a_fill_model(k, tiny_fill):  # noqa: F811
+    _, result = _generate("fill", tiny_fill, "a [castle:tower:1]", sampler="Euler")
+    parts = [[("a castle", 1.0)]] * 2 + [[("a tower", 1.0)]]
+    denoiser = _denoiser(tiny_fill, _extra("fill", tiny_fill, 7), parts, GUIDANCE["fill"])
+    with torch.no_grad():
+        theirs = _oracle(k, "Euler", denoiser, _automatic(tiny_fill), 7)
+    torch.testing.assert_close(result.latents, theirs, atol=1e-5, rtol=1e-5)
