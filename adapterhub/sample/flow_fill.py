@@ -13,9 +13,9 @@ Every other sampler and schedule, prompt editing, alternation and ``AND`` run th
 preparation) at every transformer call, the masked area repainted by the model (nothing blended). What this module
 adds is the webui's side, as for the other Flux passes (:mod:`adapterhub.sample.flow`): each image n its own noise
 (seed + n, the request's RNG) and its own generator (seeded with its seed) for the masked image's VAE sample, the
-adapter stack switched in through the weight engine, the mask made as the webui makes it (:func:`adapterhub.sample.images.prepare_mask`: ``mask_blur``, inverted with
-``inpainting_mask_invert``, "Just resize" to the request's size; the pipeline then takes it as binary) and the
-result laid under the webui's overlay (the original pixels outside the blurred mask), and Forge's infotext
+adapter stack switched in through the weight engine, the mask made as the webui makes it
+(:func:`adapterhub.sample.images.prepare_mask`: ``mask_blur``, inverted with ``inpainting_mask_invert``, "Just
+resize" to the request's size; the pipeline then takes it as binary) and the result laid under the webui's overlay (the original pixels outside the blurred mask), and Forge's infotext
 (``Denoising strength``, ``Mask blur``, ``Distilled CFG Scale``). With the same noise and generators the latents
 equal ``FluxFillPipeline``'s bit for bit.
 
