@@ -15,9 +15,9 @@ adds is the webui's side, as for the other Flux passes (:mod:`adapterhub.sample.
 (seed + n, the request's RNG) and its own generator (seeded with its seed) for the masked image's VAE sample, the
 adapter stack switched in through the weight engine, the mask made as the webui makes it
 (:func:`adapterhub.sample.images.prepare_mask`: ``mask_blur``, inverted with ``inpainting_mask_invert``, "Just
-resize" to the request's size; the pipeline then takes it as binary) and the result laid under the webui's overlay (the original pixels outside the blurred mask), and Forge's infotext
-(``Denoising strength``, ``Mask blur``, ``Distilled CFG Scale``). With the same noise and generators the latents
-equal ``FluxFillPipeline``'s bit for bit.
+resize" to the request's size; the pipeline then takes it as binary) and the result laid under the webui's overlay
+(the original pixels outside the blurred mask), and Forge's infotext (``Denoising strength``, ``Mask blur``,
+``Distilled CFG Scale``). With the same noise and generators the latents equal ``FluxFillPipeline``'s bit for bit.
 
 ``denoising_strength`` is the pipeline's ``strength`` (default 1: the masked area from pure noise; below 1 the
 pipeline's last ``steps x strength`` steps from the init image's latents, the VAE posterior's mean as our img2img
