@@ -105,19 +105,25 @@ def _automatic(pipe, steps=STEPS):
     return scheduler.sigmas.float()
 
 
-def _generate(kind, pipe, prompt, **options):
-    """Our latents for ``kind``'s generator and request (64 px, seed 7 unless given)."""
-    from adapterhub.sample.flow_control import FlowControlGenerator, FlowControlRequest
-    from adapterhub.sample.flow_fill import FlowFillGenerator, FlowFillRequest
+def _request(kind, prompt="a castle", **options):
+    """``kind``'s request: 64 px, seed 7 unless given, its images."""
+    from adapterhub.sample.flow_control import FlowControlRequest
+    from adapterhub.sample.flow_fill import FlowFillRequest
 
     common = {"seed": 7, "steps": STEPS, "width": SIZE, "height": SIZE, "cfg": 1.0, **options}
     if kind == "control":
-        gen = FlowControlGenerator(pipe, model_name="tiny", hash_model=False)
-        req = FlowControlRequest(prompt, control_image=_control_image(SIZE), **common)
-    else:
-        gen = FlowFillGenerator(pipe, model_name="tiny", hash_model=False)
-        req = FlowFillRequest(prompt, init_image=_image(size=SIZE), mask=_mask(SIZE), mask_blur=0, **common)
-    return gen, gen.generate(req, output="latent")
+        return FlowControlRequest(prompt, control_image=_control_image(SIZE), **common)
+    return FlowFillRequest(prompt, init_image=_image(size=SIZE), mask=_mask(SIZE), mask_blur=0, **common)
+
+
+def _generate(kind, pipe, prompt, backend="eager", **options):
+    """``kind``'s generator on ``pipe`` and its latents for :func:`_request`."""
+    from adapterhub.sample.flow_control import FlowControlGenerator
+    from adapterhub.sample.flow_fill import FlowFillGenerator
+
+    generator = FlowControlGenerator if kind == "control" else FlowFillGenerator
+    gen = generator(pipe, model_name="tiny", hash_model=False, backend=backend)
+    return gen, gen.generate(_request(kind, prompt, **options), output="latent")
 
 
 GUIDANCE = {"control": 3.5, "fill": 30.0}  # the pipelines' defaults (Forge's Distilled CFG Scale)
@@ -188,3 +194,53 @@ def test_prompt_editing_on_a_fill_model(k, tiny_fill):  # noqa: F811
     with torch.no_grad():
         theirs = _oracle(k, "Euler", denoiser, _automatic(tiny_fill), 7)
     torch.testing.assert_close(result.latents, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_samples_a_control_model_with_another_sampler_and_schedule(tiny_flux, tmp_path, capsys):
+    """``adapterhub sample --control-image --sampler "DPM++ 2M" --schedule Karras``: the Python API's image for the
+    same request, pixel for pixel, and the infotext's Sampler / Schedule type as for plain Flux."""
+    import numpy as np
+    from PIL import Image
+    from test_flux_control_lora import _cli
+
+    from adapterhub.sample.flow_control import FlowControlGenerator
+
+    path = control_file(tmp_path / "control.safetensors", tiny_flux.transformer)
+    assert _cli(capsys, "merge", str(path), "--base", "tiny-flux", "--out", str(tmp_path / "merged"))[0] == 0
+    _control_image(SIZE).save(tmp_path / "edges.png")
+    rc, out, err = _cli(capsys, "sample", "--base", str(tmp_path / "merged"), "--prompt", "a castle", "--steps", "2",
+                        "--size", f"{SIZE}x{SIZE}", "--seed", "7", "--sampler", "DPM++ 2M", "--schedule", "Karras",
+                        "--control-image", str(tmp_path / "edges.png"), "--out", str(tmp_path / "images"))
+    assert rc == 0, err
+    (written,) = sorted((tmp_path / "images").glob("*.png"))
+    expected = FlowControlGenerator(str(tmp_path / "merged"))(
+        "a castle", steps=2, width=SIZE, height=SIZE, seed=7, sampler="DPM++ 2M", schedule="Karras",
+        control_image=str(tmp_path / "edges.png")).images[0]
+    image = Image.open(written)
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected.convert("RGB")))
+    assert "Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 1, Distilled CFG Scale: 3.5" \
+        in image.info["parameters"]
+
+
+@pytest.mark.parametrize("kind", ["control", "fill"])
+def test_compiled_backend_serves_both_loops_without_recompiling(request, kind, monkeypatch):
+    """``backend="compiled"`` (dynamo's ``aot_eager``): DPM++ 2M on Karras, Euler a, then the pipeline's Euler; the
+    extra input of one shape at every call, so one graph serves both loops, each image the eager one's."""
+    import copy
+
+    monkeypatch.setenv("ADAPTERHUB_COMPILE_BACKEND", "aot_eager")
+    pipe = request.getfixturevalue("control_model" if kind == "control" else "tiny_fill")
+    runs = [("DPM++ 2M", "Karras"), ("Euler a", "Karras"), ("Euler", "Automatic")]
+    expected = [_generate(kind, pipe, "a castle", sampler=a, schedule=b, steps=2)[1].latents for a, b in runs]
+    compiled = copy.deepcopy(pipe)
+    torch._dynamo.reset()
+    gen, first = _generate(kind, compiled, "a castle", sampler=runs[0][0], schedule=runs[0][1], steps=2,
+                           backend="compiled")
+    assert torch.equal(first.latents, expected[0]) and gen.runner.stats()["graphs"] == 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for (sampler, schedule), want in zip(runs[1:], expected[1:]):
+            got = gen.generate(gen.request(_request(kind, sampler=sampler, schedule=schedule, steps=2)),
+                               output="latent").latents
+            assert torch.equal(got, want), sampler
+    assert gen.runner.stats()["graphs"] == 1
+    gen.close()

@@ -481,8 +481,9 @@ class FlowDenoiser:
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The (guided) velocity at ``x``, sigma ``sigma`` (B,), in the transformer's dtype; the timestep and every
         argument as the pipelines pass them (``1000 sigma``; Flux's divided by 1000 again, its attention kwargs
-        ``{}``), so a compiled transformer's guards hold for both loops. A :class:`Composed` conditioning: one
-        call per sub-prompt, each of a plain call's shapes, combined by :meth:`compose`."""
+        ``{}``, None on a control or Fill model as their pipelines), so a compiled transformer's guards hold for both
+        loops. A :class:`Composed` conditioning: one call per sub-prompt, each of a plain call's shapes, combined by
+        :meth:`compose`."""
         if not isinstance(self.cond, Composed):
             v, v_u = self._predict(x, sigma, self.cond, True)
             return v if v_u is None else v_u + self.cfg * (v - v_u)
@@ -533,10 +534,15 @@ class FlowDenoiser:
         if self.guidance is not None:
             guidance = torch.full([1], self.guidance, device=x.device, dtype=torch.float32).expand(batch)
 
+        # FluxPipeline passes {} as its attention kwargs, the control and Fill pipelines None: a compiled
+        # transformer guards on the type, so each model's loops call it alike
+        attention = {} if self.extra is None else None
+
         def call(prefix: str) -> torch.Tensor:
             v = transformer(hidden_states=packed, timestep=t.to(dtype) / 1000, guidance=guidance,
                             pooled_projections=c[prefix + "pooled"], encoder_hidden_states=c[prefix + "embeds"],
-                            txt_ids=c[prefix + "ids"], img_ids=ids, joint_attention_kwargs={}, return_dict=False)[0]
+                            txt_ids=c[prefix + "ids"], img_ids=ids, joint_attention_kwargs=attention,
+                            return_dict=False)[0]
             return self.pipe._unpack_latents(v, self.height, self.width, self.pipe.vae_scale_factor)
 
         return call(""), call("neg_") if self.cfg > 1 and uncond else None
