@@ -39,14 +39,14 @@ def _pipeline(kind, pipe):
     return ref
 
 
-def _inputs(kind):
-    """The pipeline's images for ``kind`` at 64 px."""
+def _inputs(kind, picture=None):
+    """The pipeline's images for ``kind`` at 64 px (``picture``: the Fill model's init image, if not the default)."""
     if kind == "control":
         return {"control_image": _control_image(SIZE)}
-    return {"image": _image(size=SIZE), "mask_image": _mask(SIZE)}
+    return {"image": picture or _image(size=SIZE), "mask_image": _mask(SIZE)}
 
 
-def _extra(kind, pipe, seed):
+def _extra(kind, pipe, seed, picture=None):
     """The pipeline's input beside the noise for image ``seed``: what its transformer is called with past the
     packed latents' channels, read off its first call (the latents handed to it, as ours hands them: the pipeline
     draws none from the generator)."""
@@ -59,7 +59,7 @@ def _extra(kind, pipe, seed):
         lambda _m, _a, kwargs: seen.append(kwargs["hidden_states"][..., width:].clone()), with_kwargs=True)
     try:
         ref("x", height=SIZE, width=SIZE, num_inference_steps=1, generator=torch.Generator().manual_seed(seed),
-            latents=latents, output_type="latent", **_inputs(kind))
+            latents=latents, output_type="latent", **_inputs(kind, picture))
     finally:
         hook.remove()
     return seen[0]
@@ -113,7 +113,7 @@ def _request(kind, prompt="a castle", **options):
     common = {"seed": 7, "steps": STEPS, "width": SIZE, "height": SIZE, "cfg": 1.0, **options}
     if kind == "control":
         return FlowControlRequest(prompt, control_image=_control_image(SIZE), **common)
-    return FlowFillRequest(prompt, init_image=_image(size=SIZE), mask=_mask(SIZE), mask_blur=0, **common)
+    return FlowFillRequest(prompt, **{"init_image": _image(size=SIZE), "mask": _mask(SIZE), "mask_blur": 0, **common})
 
 
 def _generate(kind, pipe, prompt, backend="eager", **options):
@@ -244,3 +244,24 @@ def test_compiled_backend_serves_both_loops_without_recompiling(request, kind, m
             assert torch.equal(got, want), sampler
     assert gen.runner.stats()["graphs"] == 1
     gen.close()
+
+
+@pytest.mark.parametrize("kind", ["control", "fill"])
+def test_img2img_runs_the_schedules_last_steps_from_the_init_latents(request, k, kind):
+    """DPM++ 2M on Karras from an init image at strength 0.5 of 4 steps: a control model as plain Flux (the webui's
+    ``int(0.5 x 4) + 1`` = 3 last steps), a Fill model as its pipeline counts them (the last ``4 x 0.5`` = 2), from
+    ``sigma noise + (1 - sigma) init``, the init image's latents the VAE posterior's mean."""
+    from test_flux_control_passes import _image_latents
+
+    pipe = request.getfixturevalue("control_model" if kind == "control" else "tiny_fill")
+    picture = _image(seed=9, size=SIZE)
+    _, result = _generate(kind, pipe, "a castle", sampler="DPM++ 2M", schedule="Karras", steps=4,
+                          denoising_strength=0.5, init_image=picture)
+    full = _karras(k, pipe, "flux", 4)
+    run = 3 if kind == "control" else 2
+    init = _image_latents(pipe, picture, SIZE)
+    denoiser = _denoiser(pipe, _extra(kind, pipe, 7, picture), [[("a castle", 1.0)]], GUIDANCE[kind])
+    with torch.no_grad():
+        theirs = _oracle(k, "DPM++ 2M", denoiser, full, 7, init=(full[len(full) - 1 - run:], init))
+    torch.testing.assert_close(result.latents, theirs, atol=1e-5, rtol=1e-5)
+    assert "Denoising strength: 0.5" in result.infotexts[0]
