@@ -265,3 +265,114 @@ def test_img2img_runs_the_schedules_last_steps_from_the_init_latents(request, k,
         theirs = _oracle(k, "DPM++ 2M", denoiser, full, 7, init=(full[len(full) - 1 - run:], init))
     torch.testing.assert_close(result.latents, theirs, atol=1e-5, rtol=1e-5)
     assert "Denoising strength: 0.5" in result.infotexts[0]
+
+
+@pytest.fixture(scope="module")
+def merged_control(tiny_flux, tmp_path_factory):
+    """A control model as ``adapterhub merge`` writes it, and its control image file."""
+    from adapterhub.cli import main
+
+    folder = tmp_path_factory.mktemp("merged_control")
+    path = control_file(folder / "control.safetensors", tiny_flux.transformer)
+    assert main(["merge", str(path), "--base", "tiny-flux", "--out", str(folder / "merged")]) == 0
+    _control_image(SIZE).save(folder / "edges.png")
+    return folder / "merged", folder / "edges.png"
+
+
+def _pixels(image):
+    import numpy as np
+
+    return np.asarray(image.convert("RGB"))
+
+
+def test_cli_prompt_file_on_a_control_model_takes_the_control_image_on_every_line(merged_control, tmp_path, capsys):
+    """``--prompts`` with ``--control-image``: each line (its own sampler and schedule) the Python API's image."""
+    import numpy as np
+    from PIL import Image
+    from test_flux_control_lora import _cli
+
+    from adapterhub.sample.flow_control import FlowControlGenerator
+
+    merged, edges = merged_control
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a castle\n--prompt "a tower" --sampler "Euler a" --schedule Karras --seed 9\n')
+    rc, out, err = _cli(capsys, "sample", "--base", str(merged), "--prompts", str(prompts), "--steps", "2", "--size",
+                        f"{SIZE}x{SIZE}", "--seed", "7", "--control-image", str(edges), "--out", str(tmp_path / "o"))
+    assert rc == 0, err
+    written = sorted((tmp_path / "o").glob("*.png"))
+    assert len(written) == 2
+    gen = FlowControlGenerator(str(merged))
+    common = {"steps": 2, "width": SIZE, "height": SIZE, "control_image": str(edges)}
+    expected = [gen("a castle", seed=7, **common).images[0],
+                gen("a tower", seed=9, sampler="Euler a", schedule="Karras", **common).images[0]]
+    for path, want in zip(written, expected):
+        assert np.array_equal(_pixels(Image.open(path)), _pixels(want)), path.name
+    assert "Sampler: Euler a, Schedule type: Karras" in Image.open(written[1]).info["parameters"]
+
+
+def test_cli_plot_on_a_control_model_runs_each_cell_with_the_control_image(merged_control, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    from test_flux_control_lora import _cli
+
+    from adapterhub.sample.flow_control import FlowControlGenerator
+
+    merged, edges = merged_control
+    rc, out, err = _cli(capsys, "sample", "--base", str(merged), "--prompt", "a castle", "--steps", "2", "--size",
+                        f"{SIZE}x{SIZE}", "--seed", "7", "--control-image", str(edges), "--x",
+                        "sampler=Euler,DPM++ 2M", "--out", str(tmp_path / "o"))
+    assert rc == 0, err
+    cells = sorted(p for p in (tmp_path / "o").glob("*.png") if not p.name.startswith("xyz"))
+    assert len(cells) == 2
+    gen = FlowControlGenerator(str(merged))
+    for path, sampler in zip(cells, ("Euler", "DPM++ 2M")):
+        want = gen("a castle", seed=7, steps=2, width=SIZE, height=SIZE, sampler=sampler,
+                   control_image=str(edges)).images[0]
+        assert np.array_equal(_pixels(Image.open(path)), _pixels(want)), sampler
+
+
+@pytest.mark.parametrize("options,problem", [
+    (("--prompts", "PROMPTS"), "prompts.txt:1: CFG scale 3: a FLUX.1 control model runs distilled guidance only"),
+    (("--prompt", "a castle", "--x", "cfg=1,3"), "plot cell CFG Scale: 3.0: CFG scale 3: a FLUX.1 control model"),
+])
+def test_cli_a_line_or_cell_a_control_model_cannot_run_is_one_line_before_a_model_loads(tmp_path, capsys,
+                                                                                        monkeypatch, options,
+                                                                                        problem):
+    from test_flux_control_lora import _cli
+
+    from adapterhub.sample import flow_control
+
+    monkeypatch.setattr(flow_control.FlowControlGenerator, "__init__", lambda *a, **k: pytest.fail("a model loaded"))
+    (tmp_path / "prompts.txt").write_text('--prompt "a castle" --cfg 3\n')
+    _control_image(SIZE).save(tmp_path / "edges.png")
+    options = tuple(str(tmp_path / "prompts.txt") if o == "PROMPTS" else o for o in options)
+    rc, out, err = _cli(capsys, "sample", "--base", "tiny-flux", *options, "--steps", "1", "--control-image",
+                        str(tmp_path / "edges.png"), "--out", str(tmp_path / "out"))
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert rc == 2 and len(errors) == 1 and problem in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_prompt_file_on_a_fill_model(tmp_path, capsys):
+    """``--prompts`` on a Fill base: every line inpaints the one init image and mask (Heun on one line)."""
+    import numpy as np
+    from PIL import Image
+    from test_flux_control_lora import _cli
+
+    from adapterhub.sample.flow_fill import FlowFillGenerator
+
+    _image(size=SIZE).save(tmp_path / "photo.png")
+    _mask(SIZE).save(tmp_path / "mask.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a castle\n--prompt "a tower" --sampler Heun\n')
+    rc, out, err = _cli(capsys, "sample", "--base", "tiny-flux-fill", "--prompts", str(prompts), "--steps", "2",
+                        "--seed", "7", "--init-image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png"),
+                        "--out", str(tmp_path / "o"))
+    assert rc == 0, err
+    written = sorted((tmp_path / "o").glob("*.png"))
+    assert len(written) == 2
+    gen = FlowFillGenerator("tiny-flux-fill")
+    common = {"steps": 2, "seed": 7, "init_image": str(tmp_path / "photo.png"), "mask": str(tmp_path / "mask.png")}
+    for path, (prompt, sampler) in zip(written, (("a castle", "Euler"), ("a tower", "Heun"))):
+        want = gen(prompt, sampler=sampler, **common).images[0]
+        assert np.array_equal(_pixels(Image.open(path)), _pixels(want)), prompt

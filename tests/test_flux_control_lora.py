@@ -479,7 +479,7 @@ def test_cli_sampling_a_merged_control_model_without_its_image_is_refused(tiny_f
 
 def test_cli_samples_a_control_model_with_its_control_image(tiny_flux, tmp_path, capsys):
     """``adapterhub sample --control-image``: the image the Python API gives for the same request, pixel for pixel;
-    a control image for a model without a control input, or with a prompt file, is one line, nothing written."""
+    a control image for a model without a control input is one line, nothing written."""
     import numpy as np
     from PIL import Image
 
@@ -504,18 +504,15 @@ def test_cli_samples_a_control_model_with_its_control_image(tiny_flux, tmp_path,
 
 
 @pytest.mark.parametrize("options,problem", [(("--cfg", "3"), "distilled guidance only"),
-                                             (("--prompts", "PROMPTS"), "takes one --prompt"),
                                              ((), "control image")])
 def test_cli_control_image_problems_are_refused_before_a_model_loads(tmp_path, capsys, monkeypatch, options,
                                                                      problem):
     from adapterhub.sample import flow_control
 
     monkeypatch.setattr(flow_control.FlowControlGenerator, "__init__", lambda *a, **k: pytest.fail("a model loaded"))
-    (tmp_path / "PROMPTS").write_text("a castle\n")
     image = tmp_path / ("edges.png" if problem != "control image" else "missing.png")
     if problem != "control image":
         _control_image().save(image)
-    options = tuple(str(tmp_path / o) if o == "PROMPTS" else o for o in options)
     rc, out, err = _cli(capsys, "sample", "--base", "tiny-flux", "--prompt", "a castle", "--steps", "1", *options,
                         "--control-image", str(image), "--out", str(tmp_path / "out"))
     assert rc == 2 and problem in err and "Traceback" not in err

@@ -361,7 +361,6 @@ def test_cli_samples_a_fill_model_with_its_init_image_and_mask(tmp_path, capsys)
     (("--init-image", "PHOTO"), "needs an init image and a mask"),
     (("--init-image", "PHOTO", "--mask", "MASK", "--inpaint-full-res"), "whole image"),
     (("--init-image", "PHOTO", "--mask", "MASK", "--inpaint-padding", "8"), "whole image"),
-    (("--init-image", "PHOTO", "--mask", "MASK", "--prompts", "PROMPTS"), "takes one --prompt"),
 ])
 def test_cli_fill_problems_are_one_line_before_a_model_loads(tmp_path, capsys, monkeypatch, options, problem):
     from adapterhub.sample import flow

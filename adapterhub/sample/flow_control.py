@@ -92,17 +92,15 @@ def check_control_request(req: FlowRequest) -> None:
                               "(CFG scale 1; FluxControlPipeline has no negative prompt)")
 
 
-def control_request(request: Request, base, image, many: bool = False) -> FlowControlRequest:
+def control_request(request: Request, base, image) -> FlowControlRequest:
     """The run's request with its control image (``adapterhub sample --control-image``), the image read now: a bad
-    file, a base of another family, or a prompt file / plot (one image for many prompts is not taken yet) is one
-    line before a model loads. Whether the base is a control model, loading tells."""
+    file or a base of another family is one line before a model loads. Whether the base is a control model, loading
+    tells. A prompt file's lines and a plot's cells are made from this request: each takes the one control image."""
     from adapterhub.sample.flow import flow_family
     from adapterhub.sample.request import _load_image
 
     if flow_family(base) != "flux":
         raise AdapterhubError(f"--control-image is a FLUX.1 control model's input: the base {base} is not a Flux model")
-    if many:
-        raise AdapterhubError("--control-image takes one --prompt (not --prompts or a plot's axes)")
     flow = request if isinstance(request, FlowRequest) else flow_request(request, "flux")
     check_control_request(flow)
     return FlowControlRequest(**{**vars(flow), "control_image": _load_image(image, "control image")})

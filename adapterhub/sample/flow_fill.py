@@ -84,13 +84,11 @@ def check_fill_request(req: Request, base=None) -> None:
         raise AdapterhubError("inpainting mask weight: not on a FLUX.1 Fill model (it takes the masked image whole)")
 
 
-def fill_request(request: Request, base, many: bool = False, strength_given: bool = False,
-                 padding_given: bool = False) -> FlowFillRequest:
+def fill_request(request: Request, base, strength_given: bool = False, padding_given: bool = False) -> FlowFillRequest:
     """The run's request for the Fill base ``base`` (``adapterhub sample --base <fill> --init-image --mask``),
     checked before the model loads; ``strength_given``: ``--denoise`` was set (else the pipeline's 1);
-    ``padding_given``: ``--inpaint-padding`` was (an "only masked" option: refused)."""
-    if many:
-        raise AdapterhubError("a FLUX.1 Fill model takes one --prompt (not --prompts or a plot's axes)")
+    ``padding_given``: ``--inpaint-padding`` was (an "only masked" option: refused). A prompt file's lines and a
+    plot's cells are made from this request (the same init image and mask)."""
     if padding_given:
         raise AdapterhubError("--inpaint-padding (only masked): a FLUX.1 Fill model takes the whole image and its "
                               "mask (it sees everything around the masked area)")

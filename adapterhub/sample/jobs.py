@@ -138,14 +138,14 @@ def plan_run(options: SampleOptions) -> Plan:
     if options.control_image is not None:
         from adapterhub.sample.flow_control import control_request
 
-        plan.request = control_request(request, options.base, options.control_image, plan.many)
+        plan.request = control_request(request, options.base, options.control_image)
     elif _fill_base(options.base):  # a FLUX.1 Fill model: an init image and a mask, its own checks
         from adapterhub.sample.flow_fill import fill_request
 
-        plan.request = fill_request(request, options.base, plan.many, options.denoise is not None,
+        plan.request = fill_request(request, options.base, options.denoise is not None,
                                     "inpaint_padding" in options.given)
-    if plan.many:
-        plan.jobs, plan.plots = _jobs(options, request, dirs)
+    if plan.many:  # from the model's request: a control / Fill model's images go to every line and cell
+        plan.jobs, plan.plots = _jobs(options, plan.request, dirs)
         _check_family_jobs(options, plan.jobs, plan.plots)
     _check_fits(options.base, _all_requests(plan), dirs)
     return plan
@@ -213,14 +213,31 @@ def _check_family_jobs(options: SampleOptions, jobs: list, plots: dict) -> None:
     family = flow_family(options.base)
     if family is None:
         return
+    model_check = _model_check(options)
     for job in jobs:
         where = f"{options.prompts_file}:{job.line}: " if options.prompts_file else ""
         cells = plots[job.index].cells if job.index in plots else []
         for request, label in [(job.request, ""), *((c.request, ", ".join(x for x in c.labels if x)) for c in cells)]:
             try:
                 check_flow_request(request, family)
+                if model_check is not None:
+                    model_check(request)
             except AdapterhubError as err:
                 raise AdapterhubError(f"{where}{f'plot cell {label}: ' if label else ''}{err}") from None
+
+
+def _model_check(options: SampleOptions) -> Callable[[Request], None] | None:
+    """What a FLUX.1 control model (``--control-image``) or Fill base cannot run, as one request's check (the
+    generator's own, so a prompt file's line or a plot's cell is refused before a model loads); None for others."""
+    if options.control_image is not None:
+        from adapterhub.sample.flow_control import check_control_request
+
+        return check_control_request
+    if _fill_base(options.base):
+        from adapterhub.sample.flow_fill import check_fill_request
+
+        return lambda request: check_fill_request(request, options.base)
+    return None
 
 
 def _as_dict(options: SampleOptions) -> dict:
