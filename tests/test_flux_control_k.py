@@ -42,35 +42,35 @@ def _pipeline(kind, pipe):
 def _inputs(kind, picture=None):
     """The pipeline's images for ``kind`` at 64 px (``picture``: the Fill model's init image, if not the default)."""
     if kind == "control":
-        return {"control_image": _control_image(SIZE)}
+        return {"control_image": _control_image(SIZE)}  # resized by the pipeline to the size it samples
     return {"image": picture or _image(size=SIZE), "mask_image": _mask(SIZE)}
 
 
-def _extra(kind, pipe, seed, picture=None):
+def _extra(kind, pipe, seed, picture=None, size=SIZE):
     """The pipeline's input beside the noise for image ``seed``: what its transformer is called with past the
     packed latents' channels, read off its first call (the latents handed to it, as ours hands them: the pipeline
     draws none from the generator)."""
     ref = _pipeline(kind, pipe)
     width = 4 * int(pipe.vae.config.latent_channels)
-    rows = SIZE // pipe.vae_scale_factor
+    rows = size // pipe.vae_scale_factor
     latents = ref._pack_latents(torch.zeros(1, width // 4, rows, rows), 1, width // 4, rows, rows)
     seen = []
     hook = pipe.transformer.register_forward_pre_hook(
         lambda _m, _a, kwargs: seen.append(kwargs["hidden_states"][..., width:].clone()), with_kwargs=True)
     try:
-        ref("x", height=SIZE, width=SIZE, num_inference_steps=1, generator=torch.Generator().manual_seed(seed),
+        ref("x", height=size, width=size, num_inference_steps=1, generator=torch.Generator().manual_seed(seed),
             latents=latents, output_type="latent", **_inputs(kind, picture))
     finally:
         hook.remove()
     return seen[0]
 
 
-def _denoiser(pipe, extra, parts, guidance):
+def _denoiser(pipe, extra, parts, guidance, size=SIZE):
     """k-diffusion's denoiser over the transformer as the control / Fill pipeline calls it (the extra input
     concatenated on the channel dim); ``parts``: one entry per model call (the last repeated) of
     ``[(text, weight), ...]``, the clean estimates of the sub-prompts averaged by weight (CFG 1)."""
     encoded = {}
-    rows = SIZE // pipe.vae_scale_factor
+    rows = size // pipe.vae_scale_factor
     img_ids = pipe._prepare_latent_image_ids(1, rows // 2, rows // 2, "cpu", torch.float32)
     calls = []
 
@@ -82,7 +82,7 @@ def _denoiser(pipe, extra, parts, guidance):
         v = pipe.transformer(hidden_states=torch.cat([packed, extra], dim=2), timestep=sigma,
                              guidance=torch.full([1], guidance), pooled_projections=pooled, encoder_hidden_states=pe,
                              txt_ids=ids, img_ids=img_ids, return_dict=False)[0]
-        return x - sigma.reshape(-1, 1, 1, 1) * pipe._unpack_latents(v, SIZE, SIZE, pipe.vae_scale_factor)
+        return x - sigma.reshape(-1, 1, 1, 1) * pipe._unpack_latents(v, size, size, pipe.vae_scale_factor)
 
     def denoiser(x, sigma):
         subs = parts[min(len(calls), len(parts) - 1)]
@@ -366,7 +366,8 @@ def test_cli_prompt_file_on_a_fill_model(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('a castle\n--prompt "a tower" --sampler Heun\n')
     rc, out, err = _cli(capsys, "sample", "--base", "tiny-flux-fill", "--prompts", str(prompts), "--steps", "2",
-                        "--seed", "7", "--init-image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png"),
+                        "--seed", "7", "--init-image", str(tmp_path / "photo.png"), "--mask",
+                        str(tmp_path / "mask.png"),
                         "--out", str(tmp_path / "o"))
     assert rc == 0, err
     written = sorted((tmp_path / "o").glob("*.png"))
@@ -376,3 +377,32 @@ def test_cli_prompt_file_on_a_fill_model(tmp_path, capsys):
     for path, (prompt, sampler) in zip(written, (("a castle", "Euler"), ("a tower", "Heun"))):
         want = gen(prompt, sampler=sampler, **common).images[0]
         assert np.array_equal(_pixels(Image.open(path)), _pixels(want)), prompt
+
+
+def test_the_hires_fix_on_a_control_model_runs_its_second_pass_on_the_k_diffusion_loop(k, control_model):  # noqa: F811
+    """DPM++ 2M on Karras with ``hr_scale`` 2: the first pass's latents upscaled (Latent: bilinear), then the webui's
+    hires pass (3 steps of an ``int(3 / 0.6)`` = 5-step schedule) from ``sigma noise + (1 - sigma) init``, the noise
+    the seed's at the hires size, the control image's latents made at the hires size."""
+    import math
+
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    options = {"sampler": "DPM++ 2M", "schedule": "Karras", "steps": 2}
+    gen, first = _generate("control", control_model, "a tower", **options)
+    result = gen.generate(_request("control", "a tower", hr_scale=2.0, hr_steps=3, hr_denoise=0.6, **options),
+                          output="latent")
+    upscaled = torch.nn.functional.interpolate(first.latents, scale_factor=2, mode="bilinear")
+    big = 2 * SIZE
+    c = control_model.scheduler.config  # the table's lower end shifts by the hires size's tokens
+    mu = calculate_shift((big // control_model.vae_scale_factor // 2) ** 2, c.base_image_seq_len, c.max_image_seq_len,
+                         c.base_shift, c.max_shift)
+    full = k.sampling.get_sigmas_karras(5, math.exp(mu) / (math.exp(mu) + (1 / 1e-4 - 1)), 1.0)
+    sigmas = full[len(full) - 1 - 3:]
+    noise = torch.randn(upscaled.shape, generator=torch.Generator().manual_seed(7))
+    denoiser = _denoiser(control_model, _extra("control", control_model, 7, size=big), [[("a tower", 1.0)]],
+                         GUIDANCE["control"], size=big)
+    with torch.no_grad():
+        theirs = k.sampling.sample_dpmpp_2m(denoiser, sigmas[0] * noise + (1 - sigmas[0]) * upscaled, sigmas,
+                                            disable=True)
+    torch.testing.assert_close(result.latents, theirs, atol=1e-5, rtol=1e-5)
+    assert "Hires upscale: 2, Hires steps: 3, Hires upscaler: Latent" in result.infotexts[0]
