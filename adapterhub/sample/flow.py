@@ -37,7 +37,9 @@ another schedule) runs as Forge runs it: k-diffusion's sampler over the flow mod
 (``x0 = x - sigma v``), on the schedule's sigmas over the model's shifted sigma table (Simple, Beta, Karras,
 Exponential, Polyexponential, KL Optimal; "Automatic": the pipeline's own sigmas), from ``sigma_0 x noise``
 (img2img: the schedule's last steps from ``sigma noise + (1 - sigma) init``), each image's later noise its own
-(:meth:`FlowGenerator.k_denoise`, :mod:`adapterhub.sample.flow_samplers`). ``--backend compiled`` compiles the
+(:meth:`FlowGenerator.k_denoise`, :mod:`adapterhub.sample.flow_samplers`); a FLUX.1 control or Fill model's input
+beside the noise goes to every transformer call there as its pipeline passes it (:meth:`FlowGenerator.model_extra`;
+:mod:`adapterhub.sample.flow_control`, :mod:`adapterhub.sample.flow_fill`). ``--backend compiled`` compiles the
 transformer in place (:class:`CompiledTransformer`), which both loops call. Not here yet (refused in one line,
 before a model loads): DDIM, PLMS, UniPC, LCM, DPM fast / adaptive, Restart and the other schedule types,
 clip skip, other backends.
@@ -198,7 +200,6 @@ class FlowGenerator:
     """A Flux or SD3 pipeline built once; call it per request (see module doc). The same constructor and
     ``generate`` as :class:`adapterhub.sample.generator.Generator`."""
 
-    takes_control_image = False  # FLUX.1 control models: adapterhub.sample.flow_control.FlowControlGenerator
     model_input: str | None = None  # what the model takes beside the noise: "control", "fill" (flow_fill)
 
     def __init__(self, base="tiny-flux", backend: str = "eager", dtype: str | torch.dtype | None = None,

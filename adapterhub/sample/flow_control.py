@@ -123,7 +123,6 @@ def control_latents(pipe, image, width: int, height: int, generators) -> torch.T
 class FlowControlGenerator(FlowGenerator):
     """A :class:`FlowGenerator` for a FLUX.1 control model; every request carries its ``control_image``."""
 
-    takes_control_image = True
     model_input = "control"
 
     def __init__(self, base, **options):
