@@ -7,10 +7,22 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 RANK = 4
+
+
+@pytest.fixture(scope="module")
+def k():
+    """k-diffusion's sampling module, the samplers' oracle (a test module imports this fixture by name)."""
+    from test_sample_ksamplers import load_kdiffusion  # k-diffusion's sampling module without its training deps
+
+    module = load_kdiffusion()
+    if module is None:
+        pytest.skip("the oracle k-diffusion is not installed")
+    return module
 
 
 def flow_generator(pipe, **kwargs):

@@ -17,18 +17,11 @@ import math
 import pytest
 import torch
 from test_flux_sd3_samplers import LATENT, SIZE, _generator, _karras, _req
+from flux_helpers import k  # noqa: F401  (the k-diffusion fixture)
 
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def k():
-    from test_sample_ksamplers import load_kdiffusion  # k-diffusion's sampling module without its training deps
-
-    module = load_kdiffusion()
-    if module is None:
-        pytest.skip("the oracle k-diffusion is not installed")
-    return module
 
 
 def _pipe(request, family):

@@ -15,20 +15,13 @@ import torch
 from test_flux_control_lora import _control_image, control_file, control_model  # noqa: F401 (a fixture)
 from test_flux_fill import _image, _mask, tiny_fill  # noqa: F401 (a fixture)
 from test_flux_sd3_samplers import SIZE, _karras, _oracle
+from flux_helpers import k  # noqa: F401  (the k-diffusion fixture)
 
 STEPS = 3
 PARTS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
 pytestmark = pytest.mark.filterwarnings("ignore:Should have ta>=t0:UserWarning")
 
 
-@pytest.fixture(scope="module")
-def k():
-    from test_sample_ksamplers import load_kdiffusion  # k-diffusion's sampling module without its training deps
-
-    module = load_kdiffusion()
-    if module is None:
-        pytest.skip("the oracle k-diffusion is not installed")
-    return module
 
 
 def _pipeline(kind, pipe):

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from flux_helpers import k  # noqa: F401  (the k-diffusion fixture)
 
 SIZE, STEPS, LATENT = 64, 3, (1, 4, 32, 32)
 SAMPLERS = {"Euler": "euler", "Euler a": "euler_ancestral", "Heun": "heun", "DPM2": "dpm_2",
@@ -26,14 +27,6 @@ BROWNIAN = {"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"}  # the webui's brownian
 pytestmark = pytest.mark.filterwarnings("ignore:Should have ta>=t0:UserWarning")
 
 
-@pytest.fixture(scope="module")
-def k():
-    from test_sample_ksamplers import load_kdiffusion  # k-diffusion's sampling module without its training deps
-
-    module = load_kdiffusion()
-    if module is None:
-        pytest.skip("the oracle k-diffusion is not installed")
-    return module
 
 
 def _pipe(request, family):

@@ -120,6 +120,17 @@ def control_latents(pipe, image, width: int, height: int, generators) -> torch.T
     return pipe._pack_latents(latents, batch, latents.shape[1], *latents.shape[2:])
 
 
+FLUX_PARTS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+
+
+def sibling_pipeline(pipe, cls):
+    """A ``cls`` pipeline (``FluxControlPipeline``, ``FluxFillPipeline`` ...) on ``pipe``'s own modules, so stacks and
+    compiled runs reach it; its progress bar off (ours reports)."""
+    sibling = cls(**{name: getattr(pipe, name) for name in FLUX_PARTS})
+    sibling.set_progress_bar_config(disable=True)
+    return sibling
+
+
 class FlowControlGenerator(FlowGenerator):
     """A :class:`FlowGenerator` for a FLUX.1 control model; every request carries its ``control_image``."""
 
@@ -129,10 +140,7 @@ class FlowControlGenerator(FlowGenerator):
         super().__init__(base, **options)  # refuses any other kind of model (refuse_control_model)
         from diffusers import FluxControlPipeline
 
-        parts = {name: getattr(self.pipe, name) for name in ("scheduler", "vae", "text_encoder", "tokenizer",
-                                                               "text_encoder_2", "tokenizer_2", "transformer")}
-        self.control_pipe = FluxControlPipeline(**parts)  # the same modules: stacks and compiled runs reach it
-        self.control_pipe.set_progress_bar_config(disable=True)
+        self.control_pipe = sibling_pipeline(self.pipe, FluxControlPipeline)
         self._control = None
 
     def __call__(self, prompt: str, **options):

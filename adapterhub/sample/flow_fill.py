@@ -38,6 +38,7 @@ import torch
 
 from adapterhub.errors import AdapterhubError
 from adapterhub.sample.flow import FLOW_SCHEDULES, FlowGenerator, FlowRequest, flow_request, flow_sampler
+from adapterhub.sample.flow_control import sibling_pipeline
 from adapterhub.sample.request import Request
 
 FILL_GUIDANCE = 30.0  # FluxFillPipeline's default guidance_scale (BFL's for FLUX.1 Fill dev)
@@ -106,10 +107,7 @@ class FlowFillGenerator(FlowGenerator):
 
     def __init__(self, base, **options):
         super().__init__(base, **options)  # refuses any other kind of model (refuse_control_model)
-        parts = {name: getattr(self.pipe, name) for name in ("scheduler", "vae", "text_encoder", "tokenizer",
-                                                               "text_encoder_2", "tokenizer_2", "transformer")}
-        self.fill_pipe = _fill_pipeline(parts)  # the same modules: stacks and compiled runs reach it
-        self.fill_pipe.set_progress_bar_config(disable=True)
+        self.fill_pipe = sibling_pipeline(self.pipe, _fill_pipeline())
 
     def __call__(self, prompt: str, **options):
         """``options`` as :class:`FlowFillRequest`'s fields; those left out take the Fill model's defaults."""
@@ -230,8 +228,8 @@ def fill_latents(pipe, image, mask, width: int, height: int, generators) -> torc
     return torch.cat((latents, packed_mask), dim=-1)
 
 
-def _fill_pipeline(parts: dict[str, Any]):
-    """``FluxFillPipeline`` on ``parts`` whose masked-image latents are drawn per image, each with its own
+def _fill_pipeline():
+    """``FluxFillPipeline``'s class, its masked-image latents drawn per image, each with its own
     generator: given one image and a list of generators, the pipeline itself would encode the masked image once,
     with the first generator, and repeat that over the batch (an image's result would then depend on the batch it
     ran in); here the image and mask are repeated first, as the pipeline takes a list of images, so its own
@@ -249,4 +247,4 @@ def _fill_pipeline(parts: dict[str, Any]):
             return super().prepare_mask_latents(mask, masked_image, batch_size, num_channels_latents,
                                                 num_images_per_prompt, height, width, dtype, device, generator)
 
-    return PerImageFill(**parts)
+    return PerImageFill
