@@ -386,3 +386,17 @@ def test_cli_control_image_on_a_fill_model_is_one_line(tmp_path, capsys):
                         "--control-image", str(tmp_path / "edges.png"), "--out", str(tmp_path / "out"))
     assert rc == 2 and "FLUX.1 Fill model" in err and "init image and a mask" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_generator_picks_the_generator_of_the_models_kind(tiny_fill, control_model, adapterhub_cache):
+    """``Generator(base)`` gives the generator the base needs: FlowFillGenerator for a Fill model (by name or as a
+    pipeline), FlowControlGenerator for a control model, FlowGenerator for a text-to-image one."""
+    from adapterhub.sample import Generator
+    from adapterhub.sample.flow import FlowGenerator
+    from adapterhub.sample.flow_control import FlowControlGenerator
+    from adapterhub.sample.flow_fill import FlowFillGenerator
+
+    assert type(Generator("tiny-flux-fill", hash_model=False)) is FlowFillGenerator
+    assert type(Generator(tiny_fill, hash_model=False)) is FlowFillGenerator
+    assert type(Generator(control_model, hash_model=False)) is FlowControlGenerator
+    assert type(Generator("tiny-flux", hash_model=False)) is FlowGenerator

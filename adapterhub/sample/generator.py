@@ -59,16 +59,30 @@ from adapterhub.sample.stacks import (  # noqa: F401 - importable from here
 )
 
 
+def _flow_generator(base) -> type:
+    """The generator class a Flux / SD3 base needs: FLUX.1 Fill and control models take their images beside the
+    prompt (told from the files, or the pipeline, without building anything more)."""
+    from adapterhub.sample.flow import FlowGenerator
+    from adapterhub.sample.flow_control import FlowControlGenerator, model_input
+    from adapterhub.sample.flow_fill import FlowFillGenerator
+    from adapterhub.transformer_bases import transformer_input
+
+    kind = transformer_input(str(base)) if isinstance(base, (str, Path)) else model_input(base)
+    return {"fill": FlowFillGenerator, "control": FlowControlGenerator}.get(kind, FlowGenerator)
+
+
 class Generator:
     """A base pipeline and a sampling backend, built once; call it per request (see module doc). A Flux or SD3
-    base gives a :class:`adapterhub.sample.flow.FlowGenerator` (the same calls, flow-matching sampling)."""
+    base gives a :class:`adapterhub.sample.flow.FlowGenerator` (the same calls, flow-matching sampling); a FLUX.1
+    Fill or control model its :class:`~adapterhub.sample.flow_fill.FlowFillGenerator` /
+    :class:`~adapterhub.sample.flow_control.FlowControlGenerator`."""
 
     def __new__(cls, base="tiny-sd1", *args, **kwargs):
         if cls is Generator:
             from adapterhub.sample.flow import FlowGenerator, flow_family
 
             if flow_family(base) is not None:
-                return FlowGenerator(base, *args, **kwargs)
+                return _flow_generator(base)(base, *args, **kwargs)
         return super().__new__(cls)
 
     def __init__(self, base="tiny-sd1", backend: str = "eager", dtype: str | torch.dtype | None = None,
