@@ -400,3 +400,16 @@ def test_generator_picks_the_generator_of_the_models_kind(tiny_fill, control_mod
     assert type(Generator(tiny_fill, hash_model=False)) is FlowFillGenerator
     assert type(Generator(control_model, hash_model=False)) is FlowControlGenerator
     assert type(Generator("tiny-flux", hash_model=False)) is FlowGenerator
+
+
+def test_progress_counts_the_steps_a_fill_pass_runs(tiny_fill):
+    """Below strength 1 the pipeline's count runs (the last int(steps x strength) steps): the progress total is that,
+    and it reaches it; the CLI's total (``sampling_steps``) is the same."""
+    from adapterhub.sample.flow_fill import FlowFillGenerator
+    from adapterhub.sample.request import sampling_steps
+
+    gen = FlowFillGenerator(tiny_fill, model_name="tiny", hash_model=False)
+    steps = []
+    req = _request(seed=2, steps=4, denoising_strength=0.5)
+    gen.generate(req, output="latent", progress=lambda done, total: steps.append((done, total)))
+    assert steps == [(1, 2), (2, 2)] and sampling_steps(gen.request(req)) == 2

@@ -52,6 +52,12 @@ class FlowFillRequest(FlowRequest):
 
     denoising_strength: float = FILL_STRENGTH
 
+    def denoised_steps(self) -> int:
+        """The steps one image runs: the pipeline's count (its ``get_timesteps``), the last ``int(steps x
+        strength)`` (:func:`~adapterhub.sample.request.sampling_steps` and the progress count it)."""
+        skipped = int(max(self.steps - min(self.steps * float(self.denoising_strength), self.steps), 0))
+        return self.steps - skipped
+
 
 def is_fill_base(base) -> bool:
     """Whether ``base`` (a name or a path) is a FLUX.1 Fill model, told from its files without building it."""
@@ -186,9 +192,8 @@ class FlowFillGenerator(FlowGenerator):
         return fill_latents(self.fill_pipe, image, pixel_mask, req.width, req.height, generators)
 
     def img2img_run(self, req: FlowRequest) -> int:
-        """The pipeline's count (its ``get_timesteps``): the last ``int(steps x strength)`` steps, as on its loop."""
-        skipped = int(max(req.steps - min(req.steps * float(req.denoising_strength), req.steps), 0))
-        return req.steps - skipped
+        """The pipeline's count (:meth:`FlowFillRequest.denoised_steps`), as on its loop."""
+        return req.denoised_steps()
 
     def _images(self, req: FlowRequest):
         """The init image and the mask at the request's size, the mask made as the webui makes it (binary,

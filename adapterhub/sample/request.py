@@ -218,7 +218,11 @@ def img2img_steps(steps: int, strength: float, fixed: bool = False) -> tuple[int
 
 
 def sampling_steps(req: Request) -> int:
-    """The steps one image of ``req`` is denoised for (both passes of a hires fix)."""
+    """The steps one image of ``req`` is denoised for (both passes of a hires fix); a request whose model counts
+    its own (a FLUX.1 Fill request: ``denoised_steps``) says so."""
+    own = getattr(req, "denoised_steps", None)
+    if own is not None:
+        return own()
     if req.init_image is not None:
         return img2img_steps(req.steps, req.denoising_strength)[1]
     if req.hr_scale is not None:
