@@ -290,7 +290,6 @@ def test_each_generator_refuses_the_other_kinds_of_model(tiny_fill, tiny_flux, c
     ({"init_image": None, "mask": None}, "needs an init image and a mask"),
     ({"cfg": 3.0}, "distilled guidance only"),
     ({"hr_scale": 2.0}, "hires fix"),
-    ({"inpaint_full_res": True}, "whole image"),
     ({"inpainting_fill": 2}, "masked content"),
     ({"initial_noise_multiplier": 0.5}, "noise multiplier"),
 ])
@@ -359,8 +358,7 @@ def test_cli_samples_a_fill_model_with_its_init_image_and_mask(tmp_path, capsys)
 @pytest.mark.parametrize("options,problem", [
     ((), "needs an init image and a mask"),
     (("--init-image", "PHOTO"), "needs an init image and a mask"),
-    (("--init-image", "PHOTO", "--mask", "MASK", "--inpaint-full-res"), "whole image"),
-    (("--init-image", "PHOTO", "--mask", "MASK", "--inpaint-padding", "8"), "whole image"),
+    (("--init-image", "PHOTO", "--mask", "MASK", "--inpainting-fill", "latent-noise"), "masked content"),
 ])
 def test_cli_fill_problems_are_one_line_before_a_model_loads(tmp_path, capsys, monkeypatch, options, problem):
     from adapterhub.sample import flow
@@ -413,3 +411,34 @@ def test_progress_counts_the_steps_a_fill_pass_runs(tiny_fill):
     req = _request(seed=2, steps=4, denoising_strength=0.5)
     gen.generate(req, output="latent", progress=lambda done, total: steps.append((done, total)))
     assert steps == [(1, 2), (2, 2)] and sampling_steps(gen.request(req)) == 2
+
+
+@pytest.mark.parametrize("fill", [1, 0], ids=["original", "fill"])
+def test_only_masked_runs_the_fill_model_on_the_padded_crop(tiny_fill, fill):
+    """"Only masked" (the webui API's default): the crop around the mask and its padding, at the request's size,
+    repainted by FluxFillPipeline (its latents equal the pipeline's on that crop and its mask, bit for bit), then
+    laid back into the original; the infotext says Inpaint area / Masked area padding as the webui writes them."""
+    from PIL import Image
+
+    from adapterhub.sample.flow_fill import FlowFillGenerator
+    from adapterhub.sample.images import prepare_inpaint
+
+    gen = FlowFillGenerator(tiny_fill, model_name="tiny", hash_model=False)
+    original = _image().resize((96, 96))
+    mask = Image.new("L", (96, 96), 0)
+    mask.paste(255, (60, 20, 80, 40))
+    req = _request(seed=3, init_image=original, mask=mask, inpaint_full_res=True, inpaint_full_res_padding=8,
+                   inpainting_fill=fill)  # the webui API's defaults: only masked, masked content "fill"
+    prepared = prepare_inpaint(gen.request(req))
+    assert prepared.crop is not None and prepared.init.size == (SIZE, SIZE)
+    ref = _reference(tiny_fill)
+    noise = gen.noise([3], SIZE, SIZE)
+    latents = ref(prompt="a castle", image=prepared.init, mask_image=prepared.mask, height=SIZE, width=SIZE,
+                  num_inference_steps=STEPS, latents=ref._pack_latents(noise, *noise.shape),
+                  generator=torch.Generator().manual_seed(3), output_type="latent").images
+    assert torch.equal(gen.generate(req, output="latent").latents,
+                       ref._unpack_latents(latents, SIZE, SIZE, ref.vae_scale_factor))
+    result = gen.generate(req)
+    out = np.asarray(result.images[0].convert("RGB"))
+    assert out.shape == (96, 96, 3) and np.array_equal(out[:16, :16], np.asarray(original)[:16, :16])
+    assert "Inpaint area: Only masked, Masked area padding: 8" in result.infotexts[0]

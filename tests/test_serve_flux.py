@@ -70,6 +70,15 @@ def _decoded(response):
     return [Image.open(io.BytesIO(base64.b64decode(b))) for b in response.json()["images"]]
 
 
+def _b64(image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def _refused(response, detail):
     assert response.status_code == 422, response.text
     body = response.json()
@@ -259,3 +268,30 @@ def test_lists_offer_what_the_family_runs(flux, sd3):
     assert sorted(names(flux, "schedulers", "label")) == sorted(names(sd3, "schedulers", "label")) == sorted(
         FLOW_SCHEDULES) == sorted(["Automatic", "Simple", "Beta", "Normal", "SGM Uniform", "DDIM", "Karras",
                                    "Exponential", "Polyexponential", "KL Optimal"])
+
+
+@pytest.fixture(scope="module")
+def flux_fill(adapterhub_cache):
+    yield from _served("tiny-flux-fill")
+
+
+def test_flux_fill_inpainting_with_the_clients_defaults_equals_adapterhub_sample(flux_fill, tmp_path):
+    """A FLUX.1 Fill base behind the API: the real client's img2img defaults (only masked, padding 0, masked
+    content "fill", mask blur 4, strength 0.75) but CFG 1 give the image and infotext ``adapterhub sample`` writes
+    with the same options; CFG 7 (the client's default) is refused in one line."""
+    from PIL import Image
+
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (24, 16, 48, 40))
+    init.save(tmp_path / "init.png")
+    mask.save(tmp_path / "mask.png")
+    result = _api(flux_fill).img2img(images=[init], mask_image=mask, prompt="a door", seed=4, cfg_scale=1, **SMALL)
+    ours = _sample(tmp_path, "tiny-flux-fill", "--prompt", "a door", "--seed", 4, "--cfg", 1, "--init-image",
+                   tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--denoise", 0.75, "--inpaint-full-res",
+                   "--inpaint-padding", 0, "--inpainting-fill", "fill")
+    assert np.array_equal(_pixels(result.image), _pixels(ours[0]))
+    assert result.image.info["parameters"] == infotext.read_png(ours[0].filename)
+    assert "Inpaint area: Only masked" in result.image.info["parameters"]
+    _refused(_post(flux_fill, "img2img", init_images=[_b64(init)], mask=_b64(mask), prompt="a door", **SMALL),
+             "distilled guidance only")

@@ -23,10 +23,15 @@ resize" to the request's size; the pipeline then takes it as binary) and the res
 pipeline's last ``steps x strength`` steps from the init image's latents, the VAE posterior's mean as our img2img
 takes it, noised with the image's noise to the first of them).
 
+"Only masked" (``inpaint_full_res`` with its padding, the webui API's default) runs the model on the crop around the
+mask and its padding at the request's size, then lays the result back into the original, as the webui does for any
+inpainting model.
+
 Refused in one line, before anything runs: no init image or mask; CFG above 1 (a distilled model: the pipeline has no
-negative prompt); the hires fix; "only masked" (``inpaint_full_res``, its padding): a Fill model takes the whole image
-and its mask; another "masked content" than original (the model sees the masked area blank and starts it from
-noise); a noise multiplier or an inpainting mask weight (inputs of the webui's SD inpainting, not of this pipeline).
+negative prompt); the hires fix; "masked content" latent noise or latent nothing (the model sees the masked area
+blank and starts it from noise; "fill", the API's default, fills the init image's masked area in pixels, which only a
+strength below 1 starts from); a noise multiplier or an inpainting mask weight (inputs of the webui's SD inpainting, not of
+this pipeline).
 """
 from __future__ import annotations
 
@@ -79,26 +84,19 @@ def check_fill_request(req: Request, base=None) -> None:
     if req.hr_scale is not None:
         raise AdapterhubError("hires fix: not on a FLUX.1 Fill model (it repaints the init image at one size: "
                               "sample at the size you want)")
-    if req.inpaint_full_res:
-        raise AdapterhubError("--inpaint-full-res (only masked): a FLUX.1 Fill model takes the whole image and its "
-                              "mask (it sees everything around the masked area)")
-    if int(req.inpainting_fill) != 1:
-        raise AdapterhubError("--inpainting-fill (masked content): a FLUX.1 Fill model sees the masked area blank and "
-                              "starts it from noise; only 'original' applies")
+    if int(req.inpainting_fill) not in (0, 1):
+        raise AdapterhubError("--inpainting-fill (masked content) latent noise / latent nothing: a FLUX.1 Fill model "
+                              "sees the masked area blank and starts it from noise; 'original' or 'fill' apply")
     if float(req.initial_noise_multiplier) != 1.0:
         raise AdapterhubError("noise multiplier: not on a FLUX.1 Fill model (FluxFillPipeline's noise as drawn)")
     if float(req.inpainting_mask_weight) != 1.0:
         raise AdapterhubError("inpainting mask weight: not on a FLUX.1 Fill model (it takes the masked image whole)")
 
 
-def fill_request(request: Request, base, strength_given: bool = False, padding_given: bool = False) -> FlowFillRequest:
+def fill_request(request: Request, base, strength_given: bool = False) -> FlowFillRequest:
     """The run's request for the Fill base ``base`` (``adapterhub sample --base <fill> --init-image --mask``),
-    checked before the model loads; ``strength_given``: ``--denoise`` was set (else the pipeline's 1);
-    ``padding_given``: ``--inpaint-padding`` was (an "only masked" option: refused). A prompt file's lines and a
-    plot's cells are made from this request (the same init image and mask)."""
-    if padding_given:
-        raise AdapterhubError("--inpaint-padding (only masked): a FLUX.1 Fill model takes the whole image and its "
-                              "mask (it sees everything around the masked area)")
+    checked before the model loads; ``strength_given``: ``--denoise`` was set (else the pipeline's 1). A prompt
+    file's lines and a plot's cells are made from this request (the same init image and mask)."""
     flow = request if isinstance(request, FlowRequest) else flow_request(request, "flux")
     strength = flow.denoising_strength if strength_given else FILL_STRENGTH
     fill = FlowFillRequest(**{**vars(flow), "denoising_strength": strength})

@@ -142,8 +142,7 @@ def plan_run(options: SampleOptions) -> Plan:
     elif _fill_base(options.base):  # a FLUX.1 Fill model: an init image and a mask, its own checks
         from adapterhub.sample.flow_fill import fill_request
 
-        plan.request = fill_request(request, options.base, options.denoise is not None,
-                                    "inpaint_padding" in options.given)
+        plan.request = fill_request(request, options.base, options.denoise is not None)
     if plan.many:  # from the model's request: a control / Fill model's images go to every line and cell
         plan.jobs, plan.plots = _jobs(options, plan.request, dirs)
         _check_family_jobs(options, plan.jobs, plan.plots)
