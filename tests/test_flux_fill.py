@@ -442,3 +442,21 @@ def test_only_masked_runs_the_fill_model_on_the_padded_crop(tiny_fill, fill):
     out = np.asarray(result.images[0].convert("RGB"))
     assert out.shape == (96, 96, 3) and np.array_equal(out[:16, :16], np.asarray(original)[:16, :16])
     assert "Inpaint area: Only masked, Masked area padding: 8" in result.infotexts[0]
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+def test_a_plain_flow_request_is_taken_as_a_fill_request(tiny_fill, sampler):
+    """A :class:`FlowRequest` (what the server plans) below strength 1 runs as the same FlowFillRequest does, on the
+    pipeline's loop and on the k-diffusion one: the same latents, the pipeline's step count."""
+    from dataclasses import fields
+
+    from adapterhub.sample.flow import FlowRequest
+    from adapterhub.sample.flow_fill import FlowFillGenerator
+
+    gen = FlowFillGenerator(tiny_fill, model_name="tiny", hash_model=False)
+    fill = _request(seed=6, steps=4, denoising_strength=0.5, sampler=sampler)
+    plain = FlowRequest(**{f.name: getattr(fill, f.name) for f in fields(FlowRequest)})
+    steps = []
+    got = gen.generate(plain, output="latent", progress=lambda done, total: steps.append((done, total)))
+    assert torch.equal(got.latents, gen.generate(fill, output="latent").latents)
+    assert steps[-1] == (2, 2)

@@ -122,9 +122,12 @@ class FlowFillGenerator(FlowGenerator):
 
     def request(self, req: Request) -> FlowFillRequest:
         """``req`` checked as :meth:`FlowGenerator.request` does, what the Fill pipeline cannot run refused, the
-        distilled guidance the pipeline's 30 unless set."""
+        distilled guidance the pipeline's 30 unless set; always a :class:`FlowFillRequest` (a plain request, as the
+        server plans one, keeps its fields), whose step count the loops and the progress read."""
         check_fill_request(req, self.model_name)  # before the images are read
         checked = super().request(req)
+        if not isinstance(checked, FlowFillRequest):
+            checked = FlowFillRequest(**vars(checked))
         if checked.distilled_cfg is None:
             checked = replace(checked, distilled_cfg=FILL_GUIDANCE)
         return checked
@@ -209,7 +212,7 @@ class FlowFillGenerator(FlowGenerator):
             return noise
         scheduler = self._scheduler("FlowMatchEulerDiscreteScheduler")
         self._set_timesteps(scheduler, req.steps, req.width, req.height)
-        skipped = int(max(req.steps - min(req.steps * strength, req.steps), 0))  # the pipeline's t_start
+        skipped = req.steps - req.denoised_steps()  # the pipeline's t_start
         return scheduler.scale_noise(init, scheduler.timesteps[skipped:skipped + 1], noise)
 
 
