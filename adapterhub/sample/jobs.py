@@ -139,21 +139,16 @@ def plan_run(options: SampleOptions) -> Plan:
         from adapterhub.sample.flow_control import control_request
 
         plan.request = control_request(request, options.base, options.control_image)
-    elif _fill_base(options.base):  # a FLUX.1 Fill model: an init image and a mask, its own checks
-        from adapterhub.sample.flow_fill import fill_request
+    else:
+        from adapterhub.sample.flow_fill import fill_request, is_fill_base
 
-        plan.request = fill_request(request, options.base, options.denoise is not None)
+        if is_fill_base(options.base):  # a FLUX.1 Fill model: an init image and a mask, its own checks
+            plan.request = fill_request(request, options.base, options.denoise is not None)
     if plan.many:  # from the model's request: a control / Fill model's images go to every line and cell
         plan.jobs, plan.plots = _jobs(options, plan.request, dirs)
-        _check_family_jobs(options, plan.jobs, plan.plots)
+        _check_family_jobs(options, plan.jobs, plan.plots, plan.request)
     _check_fits(options.base, _all_requests(plan), dirs)
     return plan
-
-
-def _fill_base(base: str) -> bool:
-    from adapterhub.sample.flow_fill import is_fill_base
-
-    return is_fill_base(base)
 
 
 def _all_requests(plan: Plan) -> list[Request]:
@@ -203,7 +198,7 @@ def _family_request(options: SampleOptions, request: Request, chosen: set[str]) 
     return request
 
 
-def _check_family_jobs(options: SampleOptions, jobs: list, plots: dict) -> None:
+def _check_family_jobs(options: SampleOptions, jobs: list, plots: dict, model_request: Request) -> None:
     """A prompt file's lines and a plot's cells on a Flux or SD3 base: each request (the family's defaults, then the
     line's options and the cell's axis values) checked against what the family can do; an error names the file and
     line, or the cell."""
@@ -212,7 +207,7 @@ def _check_family_jobs(options: SampleOptions, jobs: list, plots: dict) -> None:
     family = flow_family(options.base)
     if family is None:
         return
-    model_check = _model_check(options)
+    model_check = _model_check(options, model_request)
     for job in jobs:
         where = f"{options.prompts_file}:{job.line}: " if options.prompts_file else ""
         cells = plots[job.index].cells if job.index in plots else []
@@ -225,16 +220,17 @@ def _check_family_jobs(options: SampleOptions, jobs: list, plots: dict) -> None:
                 raise AdapterhubError(f"{where}{f'plot cell {label}: ' if label else ''}{err}") from None
 
 
-def _model_check(options: SampleOptions) -> Callable[[Request], None] | None:
-    """What a FLUX.1 control model (``--control-image``) or Fill base cannot run, as one request's check (the
-    generator's own, so a prompt file's line or a plot's cell is refused before a model loads); None for others."""
+def _model_check(options: SampleOptions, model_request: Request) -> Callable[[Request], None] | None:
+    """What a FLUX.1 control model (``--control-image``) or Fill base (its run's ``model_request`` is a Fill one)
+    cannot run, as one request's check (the generator's own, so a prompt file's line or a plot's cell is refused
+    before a model loads); None for others."""
     if options.control_image is not None:
         from adapterhub.sample.flow_control import check_control_request
 
         return check_control_request
-    if _fill_base(options.base):
-        from adapterhub.sample.flow_fill import check_fill_request
+    from adapterhub.sample.flow_fill import FlowFillRequest, check_fill_request
 
+    if isinstance(model_request, FlowFillRequest):
         return lambda request: check_fill_request(request, options.base)
     return None
 
@@ -402,10 +398,9 @@ class SampleRun:
         self._start = time.perf_counter()
         from adapterhub.sample.generator import Generator
 
+        # a FLUX.1 Fill model gets its own generator from Generator itself (told from its files)
         if options.control_image is not None:  # a FLUX.1 control model: its own generator (one line if it is none)
             from adapterhub.sample.flow_control import FlowControlGenerator as Generator
-        elif _fill_base(options.base):  # a FLUX.1 Fill model (told from its files): its own generator
-            from adapterhub.sample.flow_fill import FlowFillGenerator as Generator
         self.generator = Generator(options.base, backend=options.backend, dtype=options.dtype, device=device,
                                    adapter_dirs=self.plan.dirs)
         if not self.plan.many:
