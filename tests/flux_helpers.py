@@ -25,6 +25,15 @@ def k():
     return module
 
 
+def cli(capsys, *argv):
+    """``adapterhub ARGV...`` through the console entry point (each argument as text): (rc, stdout, stderr)."""
+    from adapterhub.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def flow_generator(pipe, **kwargs):
     """A Generator on a tiny Flux / SD3 pipeline (a FlowGenerator), named ``tiny``, the model not hashed."""
     from adapterhub.sample import Generator

@@ -18,6 +18,7 @@ import pytest
 import torch
 from test_flux_sd3_samplers import LATENT, SIZE, _generator, _karras, _req
 from flux_helpers import k  # noqa: F401  (the k-diffusion fixture)
+from flux_helpers import cli as _cli
 
 STEPS = 3
 
@@ -208,14 +209,6 @@ def test_weights_summing_to_0_at_cfg_1_are_refused_before_sampling(tiny_flux):
     with pytest.raises(AdapterhubError, match=r"AND weights .*sum to 0"):
         gen.generate(gen.request(_req("a cat :1 AND a dog :-1", cfg=1.0)), output="latent")
     check_flow_request(_req("a cat :1 AND a dog :-1", cfg=3.0), "flux")  # with CFG: u + cfg (c_1 - c_2)
-
-
-def _cli(capsys, *argv):
-    from adapterhub.cli import main
-
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_cli_writes_the_prompt_as_written_and_warns_of_nothing(capsys, tmp_path, tiny_flux):

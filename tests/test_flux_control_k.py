@@ -194,7 +194,7 @@ def test_cli_samples_a_control_model_with_another_sampler_and_schedule(tiny_flux
     same request, pixel for pixel, and the infotext's Sampler / Schedule type as for plain Flux."""
     import numpy as np
     from PIL import Image
-    from test_flux_control_lora import _cli
+    from flux_helpers import cli as _cli
 
     from adapterhub.sample.flow_control import FlowControlGenerator
 
@@ -282,7 +282,7 @@ def test_cli_prompt_file_on_a_control_model_takes_the_control_image_on_every_lin
     """``--prompts`` with ``--control-image``: each line (its own sampler and schedule) the Python API's image."""
     import numpy as np
     from PIL import Image
-    from test_flux_control_lora import _cli
+    from flux_helpers import cli as _cli
 
     from adapterhub.sample.flow_control import FlowControlGenerator
 
@@ -306,7 +306,7 @@ def test_cli_prompt_file_on_a_control_model_takes_the_control_image_on_every_lin
 def test_cli_plot_on_a_control_model_runs_each_cell_with_the_control_image(merged_control, tmp_path, capsys):
     import numpy as np
     from PIL import Image
-    from test_flux_control_lora import _cli
+    from flux_helpers import cli as _cli
 
     from adapterhub.sample.flow_control import FlowControlGenerator
 
@@ -331,7 +331,7 @@ def test_cli_plot_on_a_control_model_runs_each_cell_with_the_control_image(merge
 def test_cli_a_line_or_cell_a_control_model_cannot_run_is_one_line_before_a_model_loads(tmp_path, capsys,
                                                                                         monkeypatch, options,
                                                                                         problem):
-    from test_flux_control_lora import _cli
+    from flux_helpers import cli as _cli
 
     from adapterhub.sample import flow_control
 
@@ -350,7 +350,7 @@ def test_cli_prompt_file_on_a_fill_model(tmp_path, capsys):
     """``--prompts`` on a Fill base: every line inpaints the one init image and mask (Heun on one line)."""
     import numpy as np
     from PIL import Image
-    from test_flux_control_lora import _cli
+    from flux_helpers import cli as _cli
 
     from adapterhub.sample.flow_fill import FlowFillGenerator
 

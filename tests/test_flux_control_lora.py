@@ -24,6 +24,7 @@ import pytest
 import torch
 from flux_helpers import bfl_modules, state
 from safetensors.torch import load_file, save_file
+from flux_helpers import cli as _cli
 
 RANK = 4
 NORMS = ("query_norm", "key_norm")
@@ -86,14 +87,6 @@ def diffusers_control(pipe, path, scale=1.0):
     ref.transformer._transformer_norm_layers = None  # keep the norms loaded (unload would put the old ones back)
     ref.unload_lora_weights()
     return ref
-
-
-def _cli(capsys, *argv):
-    from adapterhub.cli import main
-
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 SWAPPED = "norm_out.linear.weight"  # diffusers reads BFL's final modulation differently: see the module doc

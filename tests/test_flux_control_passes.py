@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_flux_control_lora import _cli, _control_image, control_file, control_model  # noqa: F401 (a fixture)
+from flux_helpers import cli as _cli
+from test_flux_control_lora import _control_image, control_file, control_model  # noqa: F401 (a fixture)
 
 SIZE = 32
 

@@ -16,6 +16,7 @@ import torch
 from flux_helpers import peft_file
 from PIL import Image
 from safetensors.torch import save_file
+from flux_helpers import cli as _cli
 
 SIZE, STEPS = 32, 2
 LORA_PATHS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.1.ff.net.2",
@@ -74,14 +75,6 @@ def _pipeline_latents(ref, gen, seed, latents=None, strength=1.0, guidance=30.0,
               guidance_scale=guidance, strength=strength, latents=packed,
               generator=torch.Generator().manual_seed(seed), output_type="latent").images
     return ref._unpack_latents(out, SIZE, SIZE, ref.vae_scale_factor)
-
-
-def _cli(capsys, *argv):
-    from adapterhub.cli import main
-
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from flux_helpers import RANK, bfl_file as _bfl_file, lora_pair as _lora, peft_file as _peft_file
 from flux_helpers import assert_same as _assert_same, diffusers_fused as _diffusers_fused, ours_merged as _ours_merged
 from flux_helpers import state as _state
+from flux_helpers import cli as _cli
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,14 +129,6 @@ def test_flux_kohya_attach_detach_is_bitwise_and_equals_merge(tiny_flux, tmp_pat
 # ---------------------------------------------------------------------------------------------
 # inspect: family and base from shapes; merge from the command line; bad input
 # ---------------------------------------------------------------------------------------------
-def _cli(capsys, *argv):
-    from adapterhub.cli import main
-
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def _header_file(path, modules, metadata=None):
     """A rank-1 LoRA with the given ``{module name: (out, in)}`` widths (real widths cost little at rank 1)."""
     sd = {}

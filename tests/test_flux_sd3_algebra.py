@@ -13,19 +13,12 @@ import json
 import pytest
 import torch
 from flux_helpers import bfl_file, diffusers_fused, ours_merged, peft_file, state
+from flux_helpers import cli as _cli
 
 SD3_PATHS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
              "transformer_blocks.1.ff.net.0.proj", "transformer_blocks.0.attn.to_out.0"]
 FLUX_PATHS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_v_proj",
               "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.1.proj_out"]
-
-
-def _cli(capsys, *argv):
-    from adapterhub.cli import main
-
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _two_files(pipe, family, tmp_path):

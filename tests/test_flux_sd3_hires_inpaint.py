@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from flux_helpers import flow_generator as _generator, quiet_pipe
+from flux_helpers import cli as _cli
 
 SIZE, STEPS = 64, 3
 SMALL = 32  # SD3 at 32 px: the tiny SD3 embeds positions up to 64 px, where its hires passes land
@@ -157,14 +158,6 @@ def test_hires_on_a_k_diffusion_sampler_runs_the_schedules_last_steps(tiny_sd3):
     x = sigmas[0] * noise + (1 - sigmas[0]) * upscaled
     x = k_sampling.sampling.sample_dpmpp_2m(denoiser, x, sigmas, disable=True)
     assert torch.allclose(result.latents, x, atol=1e-5, rtol=0)
-
-
-def _cli(capsys, *argv):
-    from adapterhub.cli import main
-
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_cli_hires_on_flux_and_from_png_reruns_it(capsys, tmp_path, tiny_flux):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flux_helpers import flow_generator as _generator
+from flux_helpers import cli as _cli
 
 SIZE, SMALL, STEPS = 64, 32, 3
 
@@ -121,14 +122,6 @@ def test_sd3_hires_pass_with_a_prompt_over_before_it_is_its_last_text(tiny_sd3):
     upscaled = flow_passes.upscale(gen, first, width, height, req.hr_upscaler)
     by_hand = gen.denoise(flow_passes.hires_request(req, width, height), "a night castle", [4], None, upscaled)
     assert torch.equal(result, by_hand)
-
-
-def _cli(capsys, *argv):
-    from adapterhub.cli import main
-
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_cli_samples_the_hires_fix_with_prompt_editing(capsys, tmp_path, tiny_flux):

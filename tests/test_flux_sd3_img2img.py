@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flux_helpers import flow_generator as _generator
+from flux_helpers import cli as _cli
 
 SIZE, STEPS = 64, 4
 DENOISE, STRENGTH = 0.5, 0.75  # the webui runs int(0.5 x 4) + 1 = 3 of 4 steps; diffusers' strength for 3 of 4
@@ -139,14 +140,6 @@ def test_a_mask_without_an_init_image_is_refused_in_one_line(tiny_flux, init_ima
     gen = _generator(tiny_flux)
     with pytest.raises(AdapterhubError, match="mask: give an init image too"):
         gen.request(_request("a cat", None, mask=init_image.convert("L")))
-
-
-def _cli(capsys, *argv):
-    from adapterhub.cli import main
-
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_cli_img2img_on_tiny_flux_equals_the_pipeline(capsys, tmp_path, tiny_flux, init_image):

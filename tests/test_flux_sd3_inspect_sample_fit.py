@@ -9,14 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-
-
-def _cli(capsys, *argv):
-    from adapterhub.cli import main
-
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
+from flux_helpers import cli as _cli
 
 
 class BaseLoaded(Exception):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flux_helpers import flow_generator as _generator, peft_file, state
+from flux_helpers import cli as _cli
 
 FLUX_LORA_PATHS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v",
                    "single_transformer_blocks.1.proj_out", "transformer_blocks.1.ff.net.2"]
@@ -156,14 +157,6 @@ def test_size_off_the_token_grid_is_refused(tiny_flux, monkeypatch):
     monkeypatch.setattr(FlowGenerator, "size_multiple", property(lambda self: 16))
     with pytest.raises(AdapterhubError, match="size 72x64: this flux base needs width and height in multiples of 16"):
         gen.request(_flux_req("a cat", width=72))
-
-
-def _cli(capsys, *argv):
-    from adapterhub.cli import main
-
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_cli_samples_tiny_flux_with_forges_infotext(capsys, tmp_path, tiny_flux):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from flux_helpers import k  # noqa: F401  (the k-diffusion fixture)
+from flux_helpers import cli as _cli
 
 SIZE, STEPS, LATENT = 64, 3, (1, 4, 32, 32)
 SAMPLERS = {"Euler": "euler", "Euler a": "euler_ancestral", "Heun": "heun", "DPM2": "dpm_2",
@@ -347,14 +348,6 @@ def test_img2img_runs_the_webuis_last_steps_of_the_schedule(request, k, family, 
     torch.testing.assert_close(result.latents, theirs, atol=1e-6, rtol=1e-6)
     assert seen == [1, 2, 3]
     assert "Denoising strength: 0.5" in result.infotexts[0] and f"Schedule type: {schedule}" in result.infotexts[0]
-
-
-def _cli(capsys, *argv):
-    from adapterhub.cli import main
-
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_from_png_reruns_a_k_diffusion_sampler_pixel_for_pixel(capsys, tmp_path, tiny_sd3):
